@@ -1,0 +1,12 @@
+"""Test configuration shared by the whole suite."""
+
+import os
+
+# Deterministic, quiet CPU runs: tests never need an accelerator.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import hypothesis  # noqa: E402
+
+hypothesis.settings.register_profile('ci', max_examples=25, deadline=None, derandomize=True)
+hypothesis.settings.register_profile('dev', max_examples=25, deadline=None)
+hypothesis.settings.load_profile('ci' if os.environ.get('CI') else 'dev')
