@@ -8,3 +8,13 @@ References:
   Kleiman et al, `Soup to go: mitigating forgetting during continual learning with model averaging
   <https://arxiv.org/abs/2501.05559>`_, 2025
 """
+
+from sfa_jax.transforms import EWCState
+from sfa_jax.transforms import L2State
+from sfa_jax.transforms import SFAState
+from sfa_jax.transforms import averaging_period
+from sfa_jax.transforms import ewc
+from sfa_jax.transforms import is_averaging_step
+from sfa_jax.transforms import l2
+from sfa_jax.transforms import reanchor
+from sfa_jax.transforms import sfa
