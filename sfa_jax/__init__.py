@@ -18,3 +18,5 @@ from sfa_jax.transforms import is_averaging_step
 from sfa_jax.transforms import l2
 from sfa_jax.transforms import reanchor
 from sfa_jax.transforms import sfa
+from sfa_jax.fisher import diagonal_fisher
+from sfa_jax.fisher import online_fisher

@@ -1,0 +1,321 @@
+r"""Diagonal Fisher information estimates for EWC, and their online accumulation across tasks.
+
+For a classifier :math:`p(y \mid x; \theta) = \mathrm{softmax}(f_\theta(x))_y` the diagonal of the
+Fisher information over a data set :math:`\{x_i, y_i\}_{i=1}^N` is estimated from *per-example*
+gradients :math:`g_i(y) = \nabla_\theta \log p(y \mid x_i; \theta)`, squared entrywise:
+
+* ``'empirical'``: the observed labels, :math:`\frac{1}{N}\sum_i g_i(y_i)^2`;
+* ``'sampled'``: labels drawn from the model,
+  :math:`\frac{1}{NS}\sum_i\sum_{s=1}^S g_i(\hat y_{is})^2`, with
+  :math:`\hat y_{is} \sim p(\cdot \mid x_i; \theta)`;
+* ``'expected'``: the exact expectation over the classes,
+  :math:`\frac{1}{N}\sum_i\sum_c p(c \mid x_i; \theta)\, g_i(c)^2`, of which ``'sampled'`` is an
+  unbiased Monte Carlo estimate.
+
+Convention: the square is taken per example, as in Kirkpatrick et al and most papers. Avalanche
+squares the gradient of each *mini-batch* mean loss instead: cross terms between examples enter,
+and near a minimum, where the mean gradient is small, the estimate shrinks by about the batch size.
+Its numbers (and so its EWC strengths) are not comparable with ours.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sfa_jax import _validation
+
+
+_KINDS = ('empirical', 'sampled', 'expected')
+
+
+def diagonal_fisher(
+    logits_fn: Callable[[Any, Any], jax.Array],
+    params: chex.ArrayTree,
+    inputs: chex.ArrayTree,
+    labels: chex.Array | None = None,
+    *,
+    kind: str = 'empirical',
+    key: chex.PRNGKey | None = None,
+    batch_size: int = 256,
+    num_samples: int = 1,
+) -> chex.ArrayTree:
+  r"""The diagonal Fisher information of a softmax classifier, from per-example gradients.
+
+  With :math:`g_i(y) = \nabla_\theta \log \mathrm{softmax}(f_\theta(x_i))_y`, one gradient per
+  example (``jax.vmap`` over the examples of a ``jax.vjp``), the estimate is
+
+  * ``kind='empirical'``: :math:`F = \frac{1}{N}\sum_i g_i(y_i)^2`, with the given labels;
+  * ``kind='sampled'``: :math:`F = \frac{1}{NS}\sum_i\sum_{s=1}^{S} g_i(\hat y_{is})^2`, with
+    :math:`S` = ``num_samples`` labels :math:`\hat y_{is} \sim \mathrm{softmax}(f_\theta(x_i))`
+    drawn from ``jax.random.fold_in(key, i)``, so the draws do not depend on ``batch_size``;
+  * ``kind='expected'``: :math:`F = \frac{1}{N}\sum_i\sum_c p(c \mid x_i)\, g_i(c)^2`, exact over
+    the classes; it costs one backward pass per class and example, so it suits few classes.
+
+  The data set is walked in chunks of ``batch_size`` examples. Every chunk has the same shape (the
+  last one is padded, and its padding masked out), so the jitted chunk function compiles once per
+  ``(logits_fn, kind, num_samples, batch_size)``, input shapes and dtypes, whatever ``N``; pass the
+  same ``logits_fn`` object from call to call to reuse that compilation. Memory grows with
+  ``batch_size`` times the number of parameters (the per-example gradients), not with ``N``. Sums
+  are accumulated in float32 and the result is cast back to each leaf's dtype. Sharded params and
+  inputs are used where they lie: nothing is moved to a chosen device (meshes with explicit axis
+  types, ``jax.sharding.AxisType.Explicit``, are not supported yet).
+
+  Only the floating-point leaves of ``params`` are differentiated; integer, boolean and PRNG-key
+  leaves get zeros of their own dtype, so that the result matches ``params`` leaf for leaf.
+
+  Args:
+    logits_fn: ``logits_fn(params, x_batch)`` returns logits of shape ``(batch, classes)``, e.g.
+      ``lambda p, x: model.apply(p, x)`` for a Flax model in inference mode. It is a static argument
+      of the jitted chunk function: it must be hashable.
+    params: the parameters θ at which the Fisher is estimated; a pytree of arrays.
+    inputs: the examples, an array of shape ``(N, ...)`` or a pytree of such arrays sharing ``N``;
+      each chunk is passed to ``logits_fn`` with the same structure.
+    labels: int array of shape ``(N,)``, class indices in ``[0, classes)``; needed by
+      ``'empirical'``, ignored by ``'sampled'`` and ``'expected'``.
+    kind: ``'empirical'``, ``'sampled'`` or ``'expected'``.
+    key: a PRNG key, needed by ``'sampled'`` and ignored otherwise.
+    batch_size: the number of examples per chunk, at least 1.
+    num_samples: the labels drawn per example by ``'sampled'``, at least 1.
+
+  Returns:
+    A pytree with the structure, shapes and dtypes of ``params``, non-negative.
+
+  Raises:
+    ValueError: on an unknown ``kind``, a missing ``labels`` or ``key``, labels not of shape
+      ``(N,)`` or not integers, inputs without examples or of unequal lengths, ``batch_size`` or
+      ``num_samples`` below 1, and (``'empirical'``) labels outside ``[0, classes)``.
+
+  Example:
+    >>> import jax.numpy as jnp, sfa_jax.fisher
+    >>> logits_fn = lambda params, x: x @ params['w']
+    >>> params = {'w': jnp.zeros((2, 2)), 'step': jnp.int32(3)}
+    >>> inputs, labels = jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.array([0, 1])
+    >>> fisher = sfa_jax.fisher.diagonal_fisher(logits_fn, params, inputs, labels)
+    >>> fisher['w']
+    Array([[0.125, 0.125],
+           [0.5  , 0.5  ]], dtype=float32)
+    >>> fisher['step']
+    Array(0, dtype=int32)
+
+  References:
+    Kirkpatrick et al, `Overcoming catastrophic forgetting in neural networks
+    <https://arxiv.org/abs/1612.00796>`_, 2017
+
+    Kunstner et al, `Limitations of the empirical Fisher approximation for natural gradient descent
+    <https://arxiv.org/abs/1905.12558>`_, 2019
+  """
+  if kind not in _KINDS:
+    raise ValueError(f"kind must be 'empirical', 'sampled' or 'expected'; got {kind!r}.")
+  _validation.check_positive_int('batch_size', batch_size)
+  _validation.check_positive_int('num_samples', num_samples)
+  num_examples = _num_examples(inputs)
+  if kind == 'empirical':
+    if labels is None:
+      raise ValueError(
+          "kind='empirical' needs the labels, an int array of shape (N,); without labels use "
+          "kind='sampled' (with a key) or kind='expected'."
+      )
+    _check_labels(labels, num_examples)
+  else:
+    labels = None
+  if kind == 'sampled':
+    if key is None:
+      raise ValueError(
+          "kind='sampled' needs a PRNG key to draw the labels, e.g. key=jax.random.key(0)."
+      )
+  else:
+    key = None
+
+  batch_size, num_samples = int(batch_size), int(num_samples)
+  leaves, treedef = jax.tree.flatten(params)
+  sums = [jnp.zeros_like(leaf, jnp.float32) for leaf in leaves if _validation.is_float_leaf(leaf)]
+  carry = (sums, jnp.zeros((), jnp.int32))
+  for start in range(0, num_examples, batch_size):
+    carry = _accumulate(
+        carry,
+        params,
+        _chunk(inputs, start, batch_size),
+        None if labels is None else _chunk(labels, start, batch_size),
+        np.arange(batch_size) < num_examples - start,
+        np.int32(start),
+        key,
+        logits_fn=logits_fn,
+        kind=kind,
+        num_samples=num_samples,
+    )
+  sums, num_bad_labels = carry
+  if int(num_bad_labels):
+    raise ValueError(
+        f'{int(num_bad_labels)} labels lie outside [0, classes), where classes is the last '
+        'dimension of the logits of logits_fn.'
+    )
+  sums = iter(sums)
+  return treedef.unflatten([
+      (next(sums) / num_examples).astype(jnp.result_type(leaf))
+      if _validation.is_float_leaf(leaf)
+      else jnp.zeros_like(leaf)
+      for leaf in leaves
+  ])
+
+
+def online_fisher(
+    previous: chex.ArrayTree, current: chex.ArrayTree, gamma: chex.Numeric
+) -> chex.ArrayTree:
+  r"""Online EWC's running Fisher: :math:`\gamma F_{\mathrm{previous}} + F_{\mathrm{current}}`.
+
+  After each task :math:`t`, :math:`F^*_t = \gamma F^*_{t-1} + F_t` (Schwarz et al), with
+  :math:`F^*_1 = F_1`: :math:`\gamma = 1` sums the Fisher of all tasks, :math:`\gamma = 0` keeps
+  only the latest. The sum is computed in float32 and cast to ``current``'s dtypes; non-float
+  leaves are taken from ``current``. Works under ``jit`` (a traced ``gamma`` is not checked).
+
+  Args:
+    previous: the running Fisher :math:`F^*_{t-1}`.
+    current: the Fisher :math:`F_t` of the task just finished, e.g. from :func:`diagonal_fisher`;
+      same structure, shapes and dtypes as ``previous``.
+    gamma: the decay :math:`\gamma \in [0, 1]`.
+
+  Returns:
+    :math:`F^*_t`, a pytree like ``current``.
+
+  Raises:
+    ValueError: if ``gamma`` lies outside ``[0, 1]`` or the trees do not match.
+
+  Example:
+    >>> import jax.numpy as jnp, sfa_jax.fisher
+    >>> previous, current = {'w': jnp.array([2.0, 4.0])}, {'w': jnp.array([1.0, 0.0])}
+    >>> sfa_jax.fisher.online_fisher(previous, current, gamma=0.5)
+    {'w': Array([2., 2.], dtype=float32)}
+
+  References:
+    Schwarz et al, `Progress & Compress: A scalable framework for continual learning
+    <https://arxiv.org/abs/1805.06370>`_, 2018
+  """
+  _validation.check_in_interval('gamma', gamma, 0.0, 1.0)
+  _validation.check_matching_tree(
+      previous, current, reference_name='previous', other_name='current'
+  )
+
+  def combine(old: chex.Array, new: chex.Array) -> chex.Array:
+    if not _validation.is_float_leaf(new):
+      return new
+    total = gamma * jnp.asarray(old, jnp.float32) + jnp.asarray(new, jnp.float32)
+    return total.astype(jnp.result_type(new))
+
+  return jax.tree.map(combine, previous, current)
+
+
+def _num_examples(inputs: chex.ArrayTree) -> int:
+  """The shared leading dimension ``N`` of the leaves of ``inputs``, checked to be at least 1."""
+  shapes = [np.shape(leaf) for leaf in jax.tree.leaves(inputs)]
+  if not shapes or any(len(shape) == 0 for shape in shapes):
+    raise ValueError(
+        'inputs must be an array of shape (N, ...) or a pytree of such arrays; '
+        f'got shapes {shapes}.'
+    )
+  if len({shape[0] for shape in shapes}) > 1:
+    raise ValueError(f'the leaves of inputs have different numbers of examples: shapes {shapes}.')
+  if shapes[0][0] == 0:
+    raise ValueError('inputs has no examples (N == 0): the Fisher is a mean over examples.')
+  return shapes[0][0]
+
+
+def _check_labels(labels: chex.Array, num_examples: int) -> None:
+  shape = np.shape(labels)
+  if len(shape) != 1:
+    raise ValueError(
+        f'labels must have shape (N,), one class index per example; got shape {shape}.'
+    )
+  if shape[0] != num_examples:
+    raise ValueError(f'labels has {shape[0]} entries but inputs has {num_examples} examples.')
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise ValueError(f'labels must be integer class indices; got dtype {jnp.result_type(labels)}.')
+
+
+def _chunk(tree: chex.ArrayTree, start: int, size: int) -> chex.ArrayTree:
+  """Rows ``start`` to ``start + size`` of every leaf, zero-padded to ``size`` rows at the end."""
+
+  def rows(leaf: chex.Array) -> chex.Array:
+    part = leaf[start : start + size]
+    missing = size - part.shape[0]
+    if missing:
+      part = jnp.pad(part, [(0, missing)] + [(0, 0)] * (part.ndim - 1))
+    return part
+
+  return jax.tree.map(rows, tree)
+
+
+@functools.partial(
+    jax.jit, static_argnames=('logits_fn', 'kind', 'num_samples'), donate_argnums=0
+)
+def _accumulate(
+    carry: tuple[list[chex.Array], chex.Array],
+    params: chex.ArrayTree,
+    inputs: chex.ArrayTree,
+    labels: chex.Array | None,
+    valid: chex.Array,
+    offset: chex.Array,
+    key: chex.PRNGKey | None,
+    *,
+    logits_fn: Callable[[Any, Any], jax.Array],
+    kind: str,
+    num_samples: int,
+) -> tuple[list[chex.Array], chex.Array]:
+  """Adds one chunk's per-example squared gradients (valid rows only) to the float32 sums.
+
+  ``carry`` is (the sums, one per float leaf of ``params`` in flattening order; the count of
+  out-of-range labels). ``valid`` masks the padding rows, ``offset`` is the chunk's first example's
+  index in the data set.
+  """
+  sums, num_bad_labels = carry
+  leaves, treedef = jax.tree.flatten(params)
+  is_float = [_validation.is_float_leaf(leaf) for leaf in leaves]
+  float_leaves = [leaf for leaf, flt in zip(leaves, is_float) if flt]
+
+  def log_probs_fn(differentiated: list[chex.Array], x: chex.ArrayTree) -> chex.Array:
+    replaced = iter(differentiated)
+    full = treedef.unflatten(
+        [next(replaced) if flt else leaf for leaf, flt in zip(leaves, is_float)]
+    )
+    logits = logits_fn(full, jax.tree.map(lambda leaf: leaf[None], x))
+    if jnp.ndim(logits) != 2:
+      raise ValueError(
+          f'logits_fn must return logits of shape (batch, classes); got shape {jnp.shape(logits)} '
+          'for a batch of one example.'
+      )
+    return jax.nn.log_softmax(logits[0].astype(jnp.float32))
+
+  def per_example(x, y, index):
+    log_probs, pullback = jax.vjp(lambda p: log_probs_fn(p, x), float_leaves)
+    num_classes = log_probs.shape[-1]
+    if kind == 'empirical':
+      classes, weights = y[None], jnp.ones(1)
+      bad_label = (y < 0) | (y >= num_classes)
+    elif kind == 'sampled':
+      sample_key = jax.random.fold_in(key, index)
+      classes = jax.random.categorical(sample_key, log_probs, shape=(num_samples,))
+      weights, bad_label = jnp.full(num_samples, 1.0 / num_samples), False
+    else:
+      classes, weights, bad_label = jnp.arange(num_classes), jnp.exp(log_probs), False
+
+    def add(j, total):
+      (grads,) = pullback(jax.nn.one_hot(classes[j], num_classes, dtype=jnp.float32))
+      return [t + weights[j] * jnp.square(g.astype(jnp.float32)) for t, g in zip(total, grads)]
+
+    zeros = [jnp.zeros(jnp.shape(leaf), jnp.float32) for leaf in float_leaves]
+    return jax.lax.fori_loop(0, classes.shape[0], add, zeros), bad_label
+
+  indices = offset + jnp.arange(valid.shape[0], dtype=jnp.int32)
+  squares, bad_labels = jax.vmap(per_example)(inputs, labels, indices)
+
+  def masked_sum(square: chex.Array) -> chex.Array:
+    mask = valid.reshape(valid.shape + (1,) * (square.ndim - 1))
+    return jnp.sum(jnp.where(mask, square, 0.0), axis=0)
+
+  sums = [s + masked_sum(square) for s, square in zip(sums, squares)]
+  return sums, num_bad_labels + jnp.sum(valid & bad_labels, dtype=jnp.int32)
