@@ -20,3 +20,8 @@ from sfa_jax.transforms import reanchor
 from sfa_jax.transforms import sfa
 from sfa_jax.fisher import diagonal_fisher
 from sfa_jax.fisher import online_fisher
+from sfa_jax.merging import interpolate
+from sfa_jax.merging import task_arithmetic
+from sfa_jax.merging import task_vectors
+from sfa_jax.merging import ties
+from sfa_jax.merging import trim_by_magnitude

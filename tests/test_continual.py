@@ -1,0 +1,160 @@
+"""The sequence trainer on a tiny real stream (scikit-learn's 8x8 digits): every method, compile-once,
+the SFA schedule inside a run, replay batches, and resume after SIGKILL bit for bit."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sfa_jax import continual
+from sfa_jax import tasks
+from sfa_jax.checkpoint import CheckpointError
+from sfa_jax.checkpoint import Checkpointer
+
+CONFIG = continual.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128)
+
+
+@pytest.fixture(scope='module')
+def pair():
+  return tasks.make_stream('mnist-pair', source='digits')
+
+
+@pytest.mark.parametrize('name', continual.METHODS)
+def test_every_method_runs_and_fills_the_accuracy_matrix(pair, name):
+  result = continual.run_sequence(pair, continual.make_method(name), CONFIG)
+  matrix = np.asarray(result.accuracy_matrix)
+  assert matrix.shape == (2, 2)
+  assert np.all((matrix >= 0) & (matrix <= 1))
+  assert matrix[0, 0] > 0.9  # task 0 is plain training for every method
+  assert matrix[0, 1] == 0.0  # class-incremental: the odd digits were never seen
+  summary = result.summary()
+  assert summary['average_accuracy'] == pytest.approx(matrix[-1].mean())
+  json.dumps(result.to_json())
+
+
+def test_methods_differ_as_the_paper_says(pair):
+  """Fine-tuning forgets task A; SFA, L2, replay and joint training keep some of it."""
+  final = {
+      name: np.asarray(continual.run_sequence(pair, continual.make_method(name), CONFIG).accuracy_matrix)[-1]
+      for name in ('finetune', 'sfa', 'replay', 'joint')
+  }
+  assert final['finetune'][0] < 0.05 and final['finetune'][1] > 0.9
+  for name in ('sfa', 'replay', 'joint'):
+    assert final[name][0] > 0.3, name
+    assert final[name].mean() > final['finetune'].mean() + 0.1, name
+
+
+def test_train_step_compiles_once_per_run(pair, caplog):
+  """Two tasks, a replay batch mix, re-anchoring and new hyper-parameters: one train-step compile."""
+  for name in ('sfa', 'replay', 'ewc'):
+    caplog.clear()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+      continual.run_sequence(pair, continual.make_method(name), CONFIG)
+    step_compiles = [r for r in caplog.records if 'Finished XLA compilation of jit(step)' in r.getMessage()]
+    assert len(step_compiles) <= 1, (name, [r.getMessage() for r in step_compiles])
+
+
+def test_sfa_averages_where_the_schedule_says(pair):
+  result = continual.run_sequence(pair, continual.make_method('sfa', p=0.25, beta=0.5), CONFIG)
+  first, total = result.steps_per_task
+  expected = [first + t for t in range(1, total + 1) if continual.transforms.is_averaging_step(t, 0.25, total)]
+  assert result.averaging_steps == expected
+  assert len(expected) == 4  # p = 0.25: every quarter of the task, the last one at its end
+
+
+def test_sfa_with_beta_zero_is_finetuning_and_beta_one_keeps_task_a(pair):
+  finetune = continual.run_sequence(pair, continual.make_method('finetune'), CONFIG).accuracy_matrix
+  beta0 = continual.run_sequence(pair, continual.make_method('sfa', beta=0.0), CONFIG).accuracy_matrix
+  beta1 = continual.run_sequence(pair, continual.make_method('sfa', p=1.0, beta=1.0), CONFIG).accuracy_matrix
+  np.testing.assert_allclose(beta0, finetune, atol=1e-6)
+  assert beta1[1] == beta1[0]  # the end-of-task average with beta = 1 returns to the anchor exactly
+
+
+def test_replay_batches_mix_memory_and_current_task(pair):
+  plan = continual._plan_task(continual.make_method('replay', fraction=0.5, ratio=0.25), CONFIG, list(pair), 1)
+  assert plan.replay_size == 8 and plan.current_size == 24
+  assert set(np.unique(plan.replay.task_ids)) == {0}
+  memory_counts = np.bincount(plan.replay.split.y)
+  full_counts = np.bincount(pair[0].train.y)
+  np.testing.assert_allclose(memory_counts[memory_counts > 0], np.round(0.5 * full_counts[full_counts > 0]), atol=1)
+
+
+def test_task_incremental_uses_one_head_per_task():
+  stream = tasks.make_stream('split-mnist', source='digits', setting='task-incremental', num_tasks=5)
+  result = continual.run_sequence(stream, continual.make_method('finetune'), continual.TrainConfig(epochs_per_task=1, batch_size=32))
+  matrix = np.asarray(result.accuracy_matrix)
+  # With the task id given, old tasks stay well above chance (0.5) even under fine-tuning.
+  assert matrix.shape == (5, 5) and matrix[-1].mean() > 0.7
+
+
+def test_bad_methods_and_configs_are_refused():
+  with pytest.raises(ValueError, match='unknown method'):
+    continual.make_method('sgd-magic')
+  with pytest.raises(ValueError, match='p must lie'):
+    continual.make_method('sfa', p=0.0)
+  with pytest.raises(ValueError, match="takes no hyper-parameter \\['p'\\]"):
+    continual.make_method('l2', p=0.5)
+  with pytest.raises(ValueError, match='optimizer must be one of'):
+    continual.TrainConfig(optimizer='lbfgs')
+  with pytest.raises(ValueError, match='batch_size must be an integer'):
+    continual.TrainConfig(batch_size=0)
+
+
+def test_mismatched_or_corrupt_checkpoint_is_an_error(pair, tmp_path):
+  ckpt_dir = tmp_path / 'ckpt'
+  continual.run_sequence(pair, continual.make_method('sfa'), CONFIG, checkpointer=Checkpointer(ckpt_dir, every_steps=20))
+  with pytest.raises(CheckpointError, match='another run configuration'):
+    continual.run_sequence(pair, continual.make_method('l2'), CONFIG, checkpointer=Checkpointer(ckpt_dir))
+  latest = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+  for path in (ckpt_dir / str(latest) / 'record').rglob('*'):
+    if path.is_file():
+      path.write_text('{ not json')
+  with pytest.raises(CheckpointError, match='cannot read the checkpoint'):
+    continual.run_sequence(pair, continual.make_method('sfa'), CONFIG, checkpointer=Checkpointer(ckpt_dir))
+
+
+_KILLABLE_RUN = textwrap.dedent(
+    """
+    import json, sys, time
+    from sfa_jax import continual, tasks
+    from sfa_jax.checkpoint import Checkpointer
+    stream = tasks.make_stream('mnist-pair', source='digits')
+    config = continual.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128, eval_every=9)
+    slow = lambda event: time.sleep(0.05) if event.get('task') == 1 and 'step' in event else None
+    result = continual.run_sequence(stream, continual.make_method(sys.argv[2]), config,
+                                    progress=slow, checkpointer=Checkpointer(sys.argv[1], every_steps=5))
+    print(json.dumps(result.to_json()['accuracy_matrix']))
+    """
+)
+
+
+@pytest.mark.parametrize('name', ['sfa', 'ewc'])
+def test_sigkill_mid_task_then_resume_is_bit_exact(pair, tmp_path, name):
+  ckpt_dir = str(tmp_path / 'ckpt')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen([sys.executable, '-c', _KILLABLE_RUN, ckpt_dir, name], env=env, stdout=subprocess.PIPE)
+  # Wait for a checkpoint inside task 1 (task 0 has 44 steps: a step number above 50), then kill.
+  deadline = time.time() + 120
+  while time.time() < deadline:
+    steps = [int(p) for p in os.listdir(ckpt_dir) if p.isdigit()] if os.path.isdir(ckpt_dir) else []
+    if any(s > 50 for s in steps):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+  resumed = subprocess.run(
+      [sys.executable, '-c', _KILLABLE_RUN, ckpt_dir, name], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  config = continual.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128, eval_every=9)
+  uninterrupted = continual.run_sequence(pair, continual.make_method(name), config).accuracy_matrix
+  assert json.loads(resumed.stdout.strip().splitlines()[-1]) == uninterrupted
