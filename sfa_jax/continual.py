@@ -159,7 +159,8 @@ class TrainConfig:
     learning_rate: the optimizer's learning rate.
     optimizer: ``'adam'`` or ``'sgd'``.
     seed: seeds the model's initialisation, the data order and the replay memory.
-    eval_every: also evaluate every task every this many steps (0: only at task ends).
+    eval_every: also evaluate every task every this many steps, and (SFA) just before and after
+      each averaging step (0: only at task ends).
     eval_batch_size: examples per evaluation batch.
     reset_optimizer: re-initialise the optimizer state (e.g. Adam's moments) at each task start.
   """
@@ -561,6 +562,7 @@ def run_sequence(
     plan = _plan_task(method, config, all_tasks, k)
     if pos.step_in_task == 0:
       _start_task(method, config, arrays, k, plan.total_steps, init_state)
+    averages = functools.partial(_sfa_averages, method, k, plan.total_steps)
     begin = time.perf_counter()
     while pos.epoch < config.epochs_per_task:
       order, _ = tasks_lib.epoch_indices(len(plan.data.split.y), plan.current_size, seed=_task_seed(config, k), epoch=pos.epoch)
@@ -577,11 +579,14 @@ def run_sequence(
         pos.batch += 1
         pos.step_in_task += 1
         pos.global_step += 1
-        if method.name == 'sfa' and k > 0 and transforms.is_averaging_step(pos.step_in_task, method['p'], plan.total_steps):
+        averaged = averages(pos.step_in_task)
+        if averaged:
           record['averaging_steps'].append(pos.global_step)
         report({'task': k, 'step': pos.step_in_task, 'steps': plan.total_steps, 'loss': loss, 'accuracy': accuracy})
         last_step = pos.step_in_task == plan.total_steps
-        if config.eval_every and pos.global_step % config.eval_every == 0 and not last_step:
+        # With curves on, also evaluate just before and after each average, to show its jump.
+        around_average = averaged or averages(pos.step_in_task + 1)
+        if config.eval_every and (pos.global_step % config.eval_every == 0 or around_average) and not last_step:
           seconds['train'] += time.perf_counter() - begin
           evaluate_all(k)
           begin = time.perf_counter()
@@ -611,6 +616,11 @@ def run_sequence(
       averaging_steps=record['averaging_steps'],
       seconds=seconds,
   )
+
+
+def _sfa_averages(method: Method, task_index: int, total_steps: int, step: int) -> bool:
+  """Whether SFA averages after step ``step`` of task ``task_index`` (never on task 0)."""
+  return method.name == 'sfa' and task_index > 0 and bool(transforms.is_averaging_step(step, method['p'], total_steps))
 
 
 def _restore(checkpointer, arrays, record, run_id, report):
