@@ -158,3 +158,18 @@ def test_sigkill_mid_task_then_resume_is_bit_exact(pair, tmp_path, name):
   config = continual.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128, eval_every=9)
   uninterrupted = continual.run_sequence(pair, continual.make_method(name), config).accuracy_matrix
   assert json.loads(resumed.stdout.strip().splitlines()[-1]) == uninterrupted
+
+
+def test_cnn_through_the_trainer(pair):
+  config = continual.TrainConfig(model='cnn', epochs_per_task=1, batch_size=32, eval_batch_size=128)
+  result = continual.run_sequence(pair, continual.make_method('sfa', p=0.5, beta=0.25), config)
+  assert np.asarray(result.accuracy_matrix)[0, 0] > 0.5
+
+
+@pytest.mark.slow
+def test_resnet18_batchnorm_state_through_the_trainer_and_merges(pair):
+  """BatchNorm statistics are trained (model state), untouched by SFA, merged by WiSE-FT."""
+  config = continual.TrainConfig(model='resnet18', epochs_per_task=1, batch_size=32, eval_batch_size=128)
+  for name in ('sfa', 'wise-ft'):
+    result = continual.run_sequence(pair, continual.make_method(name), config)
+    assert np.asarray(result.accuracy_matrix)[0, 0] > 0.5
