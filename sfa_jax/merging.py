@@ -1,239 +1,499 @@
-"""Post-hoc model merges over pytrees: WiSE-FT interpolation, task arithmetic and TIES.
+"""Post-hoc model merges over pytrees: interpolation (WiSE-FT), task arithmetic and TIES.
 
-Every merge is a pure function of pytrees, computed leaf by leaf in float32 and cast back to each
-leaf's dtype, and works under ``jax.jit`` (``beta`` and ``scaling`` may be traced; TIES's
-``density`` and ``trim`` are static). Only floating-point leaves are merged: integer and PRNG-key
-leaves are taken unchanged from the most recent model (``params`` for :func:`interpolate`, the last
-fine-tuned model for :func:`task_arithmetic` and :func:`ties`).
+Every merge is a pure function of parameter trees, applied leaf by leaf, that runs eagerly or under
+``jax.jit``. The weights ``beta`` and ``scaling`` may be traced arrays, so that a sweep can ``vmap``
+over them; ``density`` and ``trim`` of TIES set how many entries are kept and must be static.
+Element-wise maths keeps the sharding of the inputs; the only cross-entry work is what the maths
+needs: the reductions that find the TIES magnitude threshold, per tensor or over the whole model.
 
-Trees must match in structure, shapes and dtypes; a mismatch raises ``ValueError`` naming the leaf.
+Conventions shared by all merges:
+
+* The fine-tuned models are a ``list`` or ``tuple`` of parameter trees, each with the structure,
+  shapes and dtypes of the base (a mismatch raises ``ValueError`` naming the leaf path).
+* Only floating leaves are merged. Integer, boolean and PRNG-key leaves are never averaged: they are
+  taken unchanged from the most recent model, ``params`` for :func:`interpolate` and the last
+  fine-tuned model for :func:`task_arithmetic` and :func:`ties`.
+* Each result leaf keeps its dtype; leaves narrower than float32 (bfloat16, float16) are computed in
+  float32 and rounded once at the end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from sfa_jax import _validation
+
 
 TRIM_SCOPES = ('per_tensor', 'global')
 
 
-def _merge_float_leaves(fn, reference: Any, *trees: Any) -> Any:
-  """``fn(*float32 leaves)`` cast to the reference leaf's dtype; other leaves from the last tree."""
+def interpolate(anchor: optax.Params, params: optax.Params, beta: chex.Numeric) -> optax.Params:
+  """Linear interpolation between an anchor (the base) and fine-tuned params: WiSE-FT.
 
-  def leaf_fn(ref_leaf, *leaves):
-    if not _validation.is_float_leaf(ref_leaf):
-      return leaves[-1]
-    result = fn(*(jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)) for x in leaves))
-    return result.astype(jnp.asarray(ref_leaf).dtype)
+  .. math::
 
-  return jax.tree.map(leaf_fn, reference, *trees)
+    \\theta = \\beta \\, \\theta_{anchor} + (1 - \\beta) \\, \\theta_{params}
 
-
-def _check_models(base: Any, models: Sequence[Any], name: str) -> list[Any]:
-  if isinstance(models, dict) or not isinstance(models, Sequence):
-    raise ValueError(f'{name} must be a list or tuple of pytrees; got {type(models).__name__}.')
-  if not models:
-    raise ValueError(f'{name} is empty: give at least one fine-tuned model.')
-  for i, model in enumerate(models):
-    _validation.check_matching_tree(base, model, reference_name='base', other_name=f'{name}[{i}]')
-  return list(models)
-
-
-def interpolate(anchor: Any, params: Any, beta: chex.Numeric) -> Any:
-  r"""WiSE-FT: the weighted average :math:`\beta\,\theta_{anchor} + (1-\beta)\,\theta`.
-
-  ``beta`` is the weight of the anchor (the base, or the model before fine-tuning), as SFA's
-  ``beta``; WiSE-FT's :math:`\alpha`, the weight of the fine-tuned model, is ``1 - beta``. SFA with
-  ``p = 1`` applies exactly this at the end of each task.
+  ``beta`` is the weight of the *anchor*, as in SFA's average ``θ ← β·θ_o + (1−β)·θ``, so SFA with
+  ``p = 1`` ends its task on ``interpolate(θ_o, θ_T, beta)``. WiSE-FT writes the same mix with the
+  weight ``α`` of the fine-tuned model: ``α = 1 − β``. ``beta = 0`` returns ``params`` and
+  ``beta = 1`` returns ``anchor`` exactly (for finite values).
 
   Args:
-    anchor: the base or previous model.
-    params: the fine-tuned model; same structure, shapes and dtypes.
-    beta: in [0, 1]; may be traced.
+    anchor: the base (zero-shot, pre-trained or previous-task) parameters.
+    params: the fine-tuned parameters; same structure, shapes and dtypes as ``anchor``.
+    beta: the weight of ``anchor``, in [0, 1]; a Python number or a (possibly traced) scalar array.
 
   Returns:
-    The interpolated tree.
+    The interpolated tree; non-floating leaves are those of ``params``.
+
+  Raises:
+    ValueError: when ``beta`` is outside [0, 1] or the trees do not match (the path is named).
 
   Example:
     >>> import jax.numpy as jnp
     >>> from sfa_jax import merging
-    >>> merging.interpolate({'w': jnp.zeros(2)}, {'w': jnp.array([2.0, 4.0])}, 0.25)['w']
-    Array([1.5, 3. ], dtype=float32)
+    >>> anchor = {'w': jnp.array([0.0, 4.0]), 'step': jnp.array(1)}
+    >>> params = {'w': jnp.array([2.0, 0.0]), 'step': jnp.array(7)}
+    >>> merged = merging.interpolate(anchor, params, beta=0.25)
+    >>> merged['w'].tolist(), int(merged['step'])
+    ([1.5, 1.0], 7)
 
   References:
-    Wortsman et al, `Robust fine-tuning of zero-shot models <https://arxiv.org/abs/2109.01903>`_, 2022
+    Wortsman et al, `Robust fine-tuning of zero-shot models
+    <https://arxiv.org/abs/2109.01903>`_, 2022
   """
   _validation.check_in_interval('beta', beta, 0.0, 1.0)
-  _validation.check_matching_tree(anchor, params, reference_name='anchor', other_name='params')
-  return _merge_float_leaves(lambda a, p: beta * a + (1 - beta) * p, anchor, anchor, params)
+  _validation.check_matching_tree(params, anchor, reference_name='params', other_name='anchor')
+
+  def mix(anchor_leaf, params_leaf, dtype):
+    weight = jnp.asarray(beta, dtype)
+    return weight * anchor_leaf + (1 - weight) * params_leaf
+
+  return _map_float_leaves(mix, anchor, params)
 
 
-def task_vectors(base: Any, finetuned_models: Sequence[Any]) -> list[Any]:
-  r"""The task vectors :math:`\tau_k = \theta_k - \theta_{base}` (float leaves; others from :math:`\theta_k`).
+def task_vectors(
+    base: optax.Params, finetuned_models: Sequence[optax.Params]
+) -> list[optax.Params]:
+  """The task vectors ``τ_k = θ_k − θ_base`` of fine-tuned models.
 
   Args:
-    base: the model all fine-tuned models started from.
-    finetuned_models: a list of models with the base's structure, shapes and dtypes.
+    base: the parameters the models were fine-tuned from.
+    finetuned_models: a non-empty ``list`` or ``tuple`` of fine-tuned parameter trees, each matching
+      ``base`` in structure, shapes and dtypes.
 
   Returns:
-    A list of trees, one per model.
+    A list with one tree per model, in each leaf's dtype; non-floating leaves are the model's.
+
+  Raises:
+    TypeError: when ``finetuned_models`` is not a list or tuple.
+    ValueError: when ``finetuned_models`` is empty or a model does not match ``base``.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from sfa_jax import merging
-    >>> merging.task_vectors({'w': jnp.ones(2)}, [{'w': jnp.array([3.0, 0.0])}])[0]['w']
-    Array([ 2., -1.], dtype=float32)
-  """
-  models = _check_models(base, finetuned_models, 'finetuned_models')
-  return [_merge_float_leaves(lambda b, m: m - b, base, base, model) for model in models]
-
-
-def task_arithmetic(base: Any, finetuned_models: Sequence[Any], scaling: chex.Numeric) -> Any:
-  r"""Task arithmetic: :math:`\theta_{base} + \lambda\sum_k(\theta_k - \theta_{base})`.
-
-  Args:
-    base: the model all fine-tuned models started from.
-    finetuned_models: a list of fine-tuned models.
-    scaling: :math:`\lambda \ge 0`; may be traced.
-
-  Returns:
-    The merged tree.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from sfa_jax import merging
-    >>> models = [{'w': jnp.array([1.0, 0.0])}, {'w': jnp.array([0.0, 3.0])}]
-    >>> merging.task_arithmetic({'w': jnp.zeros(2)}, models, 0.5)['w']
-    Array([0.5, 1.5], dtype=float32)
+    >>> merging.task_vectors({'w': jnp.ones(2)}, [{'w': jnp.array([3.0, 0.0])}])[0]['w'].tolist()
+    [2.0, -1.0]
 
   References:
     Ilharco et al, `Editing models with task arithmetic <https://arxiv.org/abs/2212.04089>`_, 2023
   """
-  _validation.check_non_negative('scaling', scaling)
-  models = _check_models(base, finetuned_models, 'finetuned_models')
-  return _merge_float_leaves(
-      lambda b, *ms: b + scaling * sum(m - b for m in ms), base, base, *models
-  )
+  _check_models(base, finetuned_models)
+  return [
+      _map_float_leaves(lambda base_leaf, leaf, dtype: leaf - base_leaf, base, model)
+      for model in finetuned_models
+  ]
 
 
-def _keep_count(size: int, density: float) -> int:
-  """Entries kept out of ``size`` at ``density``: ``floor(density·size)``, at least 1."""
-  return max(1, int(density * size))
+def task_arithmetic(
+    base: optax.Params,
+    finetuned_models: Sequence[optax.Params],
+    scaling: chex.Numeric,
+) -> optax.Params:
+  """Adds the scaled sum of the task vectors to the base: task arithmetic.
 
+  With task vectors ``τ_k = θ_k − θ_base``:
 
-def _top_magnitude_mask(values: jax.Array, density: float) -> jax.Array:
-  """True on the ``_keep_count`` entries of largest magnitude (ties to the lower flat index)."""
-  flat = jnp.abs(values).reshape(-1)
-  keep = _keep_count(flat.size, density)
-  if keep >= flat.size:
-    return jnp.ones(values.shape, bool)
-  _, indices = jax.lax.top_k(flat, keep)
-  return jnp.zeros(flat.size, bool).at[indices].set(True).reshape(values.shape)
+  .. math::
 
-
-def trim_by_magnitude(vector: Any, density: float, *, trim: str = 'per_tensor') -> Any:
-  """Zeroes all but the ``density`` fraction of largest-magnitude entries of a (task) vector.
-
-  ``trim='per_tensor'`` keeps ``max(1, floor(density·n))`` entries of each float leaf of ``n``
-  entries, as mergekit's ``magnitude`` sparsification does (mergekit refuses a tensor where that
-  count is 0; here it keeps 1). ``trim='global'`` ranks the entries of all float leaves together, as
-  the TIES paper does: large layers can then keep more than ``density`` of their entries and small
-  ones less. Magnitude ties at the threshold are broken toward the lower flat index, so exactly the
-  stated count is kept (the global ranking gathers every leaf: it is not sharding-transparent).
+    \\theta = \\theta_{base} + \\lambda \\sum_k \\tau_k
 
   Args:
-    vector: a pytree, e.g. a task vector.
-    density: the fraction kept, in (0, 1]; 1 keeps everything. Static.
-    trim: ``'per_tensor'`` or ``'global'``.
+    base: the parameters the models were fine-tuned from.
+    finetuned_models: a non-empty ``list`` or ``tuple`` of fine-tuned parameter trees, each matching
+      ``base`` in structure, shapes and dtypes.
+    scaling: ``λ``, any real number (a negative one subtracts the tasks: "forgetting via negation");
+      a Python number or a (possibly traced) scalar array.
 
   Returns:
-    The trimmed tree (non-float leaves unchanged).
+    The merged tree; non-floating leaves are those of the last fine-tuned model.
+
+  Raises:
+    TypeError: when ``finetuned_models`` is not a list or tuple.
+    ValueError: when ``finetuned_models`` is empty or a model does not match ``base``.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from sfa_jax import merging
-    >>> merging.trim_by_magnitude({'w': jnp.array([0.1, -3.0, 2.0, -0.5])}, 0.5)['w']
-    Array([ 0., -3.,  2.,  0.], dtype=float32)
+    >>> base = {'w': jnp.array([1.0, 1.0])}
+    >>> models = [{'w': jnp.array([3.0, 1.0])}, {'w': jnp.array([1.0, -3.0])}]
+    >>> merging.task_arithmetic(base, models, scaling=0.5)['w'].tolist()
+    [2.0, -1.0]
+
+  References:
+    Ilharco et al, `Editing models with task arithmetic <https://arxiv.org/abs/2212.04089>`_, 2023
   """
-  _validation.check_in_interval('density', density, 0.0, 1.0, low_open=True)
-  if _validation.concrete_float(density) is None:
-    raise ValueError('density must be a concrete number: it sets how many entries are kept.')
-  if trim not in TRIM_SCOPES:
-    raise ValueError(f'trim must be one of {list(TRIM_SCOPES)}; got {trim!r}.')
-  if trim == 'per_tensor':
-    return jax.tree.map(
-        lambda v: jnp.where(_top_magnitude_mask(v, density), v, 0) if _validation.is_float_leaf(v) else v, vector
-    )
+  _check_models(base, finetuned_models)
+
+  def merge(base_leaf, *model_leaves, dtype):
+    total = sum(leaf - base_leaf for leaf in model_leaves)
+    return base_leaf + jnp.asarray(scaling, dtype) * total
+
+  return _map_float_leaves(merge, base, *finetuned_models)
+
+
+def trim_by_magnitude(vector: optax.Params, density: float, *, trim: str = 'per_tensor') -> Any:
+  """Zeroes the entries of a (task) vector below its top-``density`` magnitudes: TIES's trim step.
+
+  The threshold ``t`` is the ``n``-th largest magnitude, counted with multiplicity, with
+
+  .. math::
+
+    n = \\max(1, \\lfloor \\mathrm{density} \\cdot N \\rfloor), \\qquad
+    \\hat v_i = v_i \\, [\\, |v_i| \\ge t \\,]
+
+  where ``N`` is the number of entries ranked together: each floating leaf alone with
+  ``trim='per_tensor'`` (mergekit's ``magnitude`` sparsification), all floating leaves together with
+  ``trim='global'`` (the TIES paper), where large layers may keep more than ``density`` of their
+  entries and small ones less. The floor is Python's ``int`` of the float64 product, as in mergekit
+  (``density = 0.29, N = 100`` keeps 28). ``density = 1`` keeps everything.
+
+  Entries tied in magnitude with the threshold are all kept, so more than ``n`` entries survive when
+  the ``n``-th and ``(n+1)``-th largest magnitudes are equal and non-zero. mergekit keeps exactly
+  ``n`` there, choosing among the tied entries in whatever order ``torch`` sorts them; elsewhere the
+  two agree, and mergekit fails where ``density · N < 1`` while this keeps one entry.
+
+  The threshold is found exactly by bisection over the bits of the magnitudes (31 counting passes
+  for float32), each a reduction: on a sharded model, the only cross-device traffic is one
+  all-reduce of a few counts per pass; nothing is sorted or gathered.
+
+  Args:
+    vector: a tree, e.g. one of :func:`task_vectors`.
+    density: the fraction of entries kept, in (0, 1]; a concrete number (static under ``jit``).
+    trim: ``'per_tensor'`` or ``'global'``.
+
+  Returns:
+    The trimmed tree; non-floating leaves are unchanged.
+
+  Raises:
+    TypeError: when ``density`` is traced.
+    ValueError: when ``density`` is outside (0, 1], ``trim`` is unknown, a leaf is complex, or more
+      entries are ranked together than the default integer type counts (about 2·10⁹ without
+      ``jax_enable_x64``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax import merging
+    >>> vector = {'big': jnp.array([4.0, -3.0, 2.0, 1.0]), 'small': jnp.array([0.5, -0.1])}
+    >>> merging.trim_by_magnitude(vector, 0.5)['small'].tolist()
+    [0.5, 0.0]
+    >>> merging.trim_by_magnitude(vector, 0.5, trim='global')['small'].tolist()
+    [0.0, 0.0]
+  """
+  _check_density_and_trim(density, trim)
   leaves, treedef = jax.tree.flatten(vector)
-  floats = [i for i, leaf in enumerate(leaves) if _validation.is_float_leaf(leaf)]
-  flat = jnp.concatenate([jnp.ravel(leaves[i]).astype(jnp.float32) for i in floats])
-  mask = _top_magnitude_mask(flat, density)
-  offset = 0
-  for i in floats:
-    size = leaves[i].size
-    leaves[i] = jnp.where(mask[offset : offset + size].reshape(leaves[i].shape), leaves[i], 0)
-    offset += size
-  return jax.tree.unflatten(treedef, leaves)
+  floats = _real_float_leaf_indices(vector, 'vector')
+  ranks = _keep_counts([jnp.size(leaves[i]) for i in floats], float(density), trim)
+  if ranks is not None:
+    trimmed = _trim_to_ranks([jnp.asarray(leaves[i])[None] for i in floats], ranks, trim)
+    for i, leaf in zip(floats, trimmed):
+      leaves[i] = leaf[0]
+  return treedef.unflatten(leaves)
 
 
 def ties(
-    base: Any,
-    finetuned_models: Sequence[Any],
+    base: optax.Params,
+    finetuned_models: Sequence[optax.Params],
     density: float,
     scaling: chex.Numeric = 1.0,
     *,
     trim: str = 'per_tensor',
-) -> Any:
-  r"""TIES merging: trim, elect sign, disjoint mean, then add to the base.
+) -> optax.Params:
+  """TIES-Merging: trim each task vector, elect a sign per entry, average the agreeing entries.
 
-  1. Task vectors :math:`\tau_k = \theta_k - \theta_{base}`, each trimmed to its ``density``
-     fraction of largest magnitudes (:func:`trim_by_magnitude`, per tensor by default).
-  2. Elected sign per entry: the sign of :math:`\sum_k \hat\tau_k`; a zero sum counts as ``+``
-     (as in mergekit).
-  3. Disjoint mean per entry: the mean of the :math:`\hat\tau_k` that are non-zero and have the
-     elected sign (0 where none does).
-  4. :math:`\theta = \theta_{base} + \lambda\cdot\text{mean}`.
+  With task vectors ``τ_k = θ_k − θ_base`` (computed in float32 or wider), for every entry:
 
-  With ``density = 1`` and one model this is task arithmetic with the same ``scaling``. Where the
-  definitions meet (per-tensor magnitude trimming, ``consensus_method='sum'``, unit weights,
-  ``normalize=True``) it gives mergekit's numbers.
+  1. *Trim*: ``τ̂_k`` keeps the top-``density`` magnitudes of ``τ_k``, per tensor or over the whole
+     model, with the count and tie rule of :func:`trim_by_magnitude`.
+  2. *Elect*: ``γ = +1`` if ``Σ_k τ̂_k ≥ 0`` else ``−1`` (a zero sum goes to ``+``, as in mergekit).
+  3. *Disjoint mean*: with ``A = {k : sign(τ̂_k) = γ}`` (zero entries, trimmed or not, never
+     agree), ``τ_m = Σ_{k∈A} τ̂_k / |A|``, and ``τ_m = 0`` where ``A`` is empty.
+
+  .. math::
+
+    \\theta = \\theta_{base} + \\lambda \\, \\tau_m
+
+  ``density = 1`` skips the trim; with a single model, TIES is then task arithmetic with the same
+  ``λ``. With ``trim='per_tensor'`` and ``λ = 1`` this is mergekit's ``ties`` (equal ``weight``\\ s,
+  ``normalize: true``, no ``rescale``) wherever the trims agree (see :func:`trim_by_magnitude`), up
+  to float rounding: mergekit subtracts in the checkpoint's dtype (bfloat16 for most LLMs), this in
+  float32. The TIES paper ranks over the whole flattened model (``trim='global'``); its reference
+  code keeps ``|τ|`` at or above the ``(N − n)``-th smallest magnitude (one entry more than ``n``)
+  and sends zero sums to the sign of the whole tensor's sum rather than to ``+``.
 
   Args:
-    base: the model all fine-tuned models started from.
-    finetuned_models: a list of fine-tuned models.
-    density: the fraction of each task vector kept, in (0, 1]. Static.
-    scaling: :math:`\lambda \ge 0`; may be traced.
-    trim: ``'per_tensor'`` (mergekit) or ``'global'`` (the TIES paper).
+    base: the parameters the models were fine-tuned from.
+    finetuned_models: a non-empty ``list`` or ``tuple`` of ``K`` fine-tuned parameter trees, each
+      matching ``base`` in structure, shapes and dtypes.
+    density: the fraction of each task vector kept, in (0, 1]; a concrete number (static under
+      ``jit``).
+    scaling: ``λ``, the weight of the merged task vector; a Python number or a (possibly traced)
+      scalar array.
+    trim: ``'per_tensor'`` (rank each leaf of each task vector alone, as mergekit does) or
+      ``'global'`` (rank all floating leaves of a task vector together, as the TIES paper does).
 
   Returns:
-    The merged tree.
+    The merged tree; non-floating leaves are those of the last fine-tuned model.
+
+  Raises:
+    TypeError: when ``finetuned_models`` is not a list or tuple, or ``density`` is traced.
+    ValueError: when ``finetuned_models`` is empty, a model does not match ``base``, ``density`` is
+      outside (0, 1], ``trim`` is unknown, a leaf is complex, or too many entries are ranked
+      together (see :func:`trim_by_magnitude`).
 
   Example:
     >>> import jax.numpy as jnp
     >>> from sfa_jax import merging
-    >>> models = [{'w': jnp.array([2.0, 1.0, -1.0])}, {'w': jnp.array([4.0, -3.0, 1.0])}]
-    >>> merging.ties({'w': jnp.zeros(3)}, models, density=1.0)['w']
-    Array([ 3., -3.,  1.], dtype=float32)
+    >>> base = {'w': jnp.zeros(4)}
+    >>> models = [{'w': jnp.array([3.0, -1.0, 2.0, 0.5])},
+    ...           {'w': jnp.array([1.0, -4.0, -3.0, 0.25])}]
+    >>> merging.ties(base, models, density=1.0)['w'].tolist()
+    [2.0, -2.5, -3.0, 0.375]
+    >>> merging.ties(base, models, density=0.5)['w'].tolist()
+    [3.0, -4.0, -3.0, 0.0]
 
   References:
     Yadav et al, `TIES-Merging: resolving interference when merging models
     <https://arxiv.org/abs/2306.01708>`_, 2023
   """
-  _validation.check_non_negative('scaling', scaling)
-  vectors = [trim_by_magnitude(v, density, trim=trim) for v in task_vectors(base, finetuned_models)]
+  _check_models(base, finetuned_models)
+  _check_density_and_trim(density, trim)
+  base_leaves, treedef = jax.tree.flatten(base)
+  model_leaves = [jax.tree.leaves(model) for model in finetuned_models]
+  floats = _real_float_leaf_indices(base, 'base')
+  ranks = _keep_counts([jnp.size(base_leaves[i]) for i in floats], float(density), trim)
+  merged_floats = _ties_float_leaves(
+      [base_leaves[i] for i in floats],
+      [[leaves[i] for i in floats] for leaves in model_leaves],
+      scaling,
+      ranks,
+      trim,
+  )
+  merged = list(model_leaves[-1])
+  for i, leaf in zip(floats, merged_floats):
+    merged[i] = leaf
+  return treedef.unflatten(merged)
 
-  def merge(b, *taus):
-    stacked = jnp.stack(taus)
-    elected = jnp.where(stacked.sum(0) >= 0, 1.0, -1.0)
-    agrees = (jnp.sign(stacked) == elected) & (stacked != 0)
-    count = agrees.sum(0)
-    mean = jnp.where(agrees, stacked, 0).sum(0) / jnp.maximum(count, 1)
-    return b + scaling * mean
 
-  return _merge_float_leaves(merge, base, base, *vectors)
+@functools.partial(jax.jit, static_argnames='trim')
+def _ties_float_leaves(
+    base_leaves: list[chex.Array],
+    model_leaves: list[list[chex.Array]],
+    scaling: chex.Numeric,
+    ranks: chex.Array | None,
+    trim: str,
+) -> list[chex.Array]:
+  """TIES on the floating leaves; jitted so that an eager call is one compiled program.
+
+  Args:
+    base_leaves: the base's floating leaves.
+    model_leaves: per model, the same leaves of that model.
+    scaling: ``λ``.
+    ranks: the keep counts of :func:`_keep_counts`, or ``None`` for no trimming.
+    trim: ``'per_tensor'`` or ``'global'``.
+
+  Returns:
+    The merged leaves, in the base's dtypes.
+  """
+  deltas = []
+  for i, base_leaf in enumerate(base_leaves):
+    dtype = _compute_dtype(base_leaf)
+    stacked = jnp.stack([leaves[i].astype(dtype) for leaves in model_leaves])
+    deltas.append(stacked - base_leaf.astype(dtype))
+  if ranks is not None:
+    deltas = _trim_to_ranks(deltas, ranks, trim)
+  return [
+      (base_leaf.astype(delta.dtype) + scaling * _disjoint_mean(delta)).astype(base_leaf.dtype)
+      for base_leaf, delta in zip(base_leaves, deltas)
+  ]
+
+
+def _compute_dtype(leaf: chex.Array) -> Any:
+  """The dtype the merge maths runs in: the leaf's, widened to at least float32."""
+  return jnp.promote_types(leaf.dtype, jnp.float32)
+
+
+def _map_float_leaves(fn: Callable[..., chex.Array], *trees: Any) -> Any:
+  """``fn(*leaves, dtype=dtype)`` on floating leaves, in the compute dtype and cast back.
+
+  Non-floating leaves are taken from the last tree.
+  """
+
+  def leaf_fn(*leaves):
+    if not _validation.is_float_leaf(leaves[0]):
+      return leaves[-1]
+    arrays = [jnp.asarray(leaf) for leaf in leaves]
+    dtype = _compute_dtype(arrays[0])
+    return fn(*(array.astype(dtype) for array in arrays), dtype=dtype).astype(arrays[0].dtype)
+
+  return jax.tree.map(leaf_fn, *trees)
+
+
+def _check_models(base: optax.Params, finetuned_models: Sequence[optax.Params]) -> None:
+  """Raises unless ``finetuned_models`` is a non-empty list or tuple of trees matching ``base``."""
+  if not isinstance(finetuned_models, (list, tuple)):
+    raise TypeError(
+        'finetuned_models must be a list or tuple of parameter trees; got '
+        f'{type(finetuned_models).__name__}. To merge a single model, pass [model].'
+    )
+  if not finetuned_models:
+    raise ValueError('finetuned_models is empty: pass at least one fine-tuned parameter tree.')
+  for k, model in enumerate(finetuned_models):
+    _validation.check_matching_tree(
+        base, model, reference_name='base', other_name=f'finetuned_models[{k}]'
+    )
+
+
+def _check_density_and_trim(density: Any, trim: str) -> None:
+  """Raises unless ``density`` is a concrete number in (0, 1] and ``trim`` a known scope."""
+  if _validation.is_traced(density):
+    raise TypeError(
+        'density must be a concrete number, since it sets how many entries are kept; under jit, '
+        'make it static, e.g. jax.jit(merging.ties, static_argnames=("density", "trim")).'
+    )
+  _validation.check_in_interval('density', density, 0.0, 1.0, low_open=True)
+  if trim not in TRIM_SCOPES:
+    raise ValueError(f'trim must be one of {TRIM_SCOPES}; got {trim!r}.')
+
+
+def _real_float_leaf_indices(tree: Any, name: str) -> list[int]:
+  """Positions of the floating leaves of ``tree``; raises ``ValueError`` on a complex leaf."""
+  indices = []
+  for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
+    if _validation.is_float_leaf(leaf):
+      if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+        raise ValueError(
+            f'magnitude trimming and sign election need real leaves; {name}'
+            f'{jax.tree_util.keystr(path)} is {jnp.result_type(leaf)}.'
+        )
+      indices.append(i)
+  return indices
+
+
+def _keep_counts(sizes: list[int], density: float, trim: str) -> chex.Array | None:
+  """The number of entries kept per group, ``n = max(1, int(density · N))``.
+
+  Args:
+    sizes: the number of entries of each floating leaf.
+    density: the fraction kept, in (0, 1].
+    trim: ``'per_tensor'`` (each leaf is a group) or ``'global'`` (all leaves are one group).
+
+  Returns:
+    One count per group, or ``None`` when nothing is trimmed (``density = 1`` or no leaves).
+  """
+  if density >= 1.0 or not sizes:
+    return None
+  count_dtype = jax.dtypes.canonicalize_dtype(jnp.int64)
+  group_sizes = [sum(sizes[j] for j in group) for group in _groups(len(sizes), trim)]
+  if max(group_sizes) > jnp.iinfo(count_dtype).max:
+    raise ValueError(
+        f'{max(group_sizes)} entries are ranked together, more than {count_dtype} counts; enable '
+        'jax_enable_x64, or trim per tensor.'
+    )
+  return jnp.asarray([max(1, int(density * size)) for size in group_sizes], count_dtype)
+
+
+def _groups(num_arrays: int, trim: str) -> list[list[int]]:
+  """The positions of the arrays ranked together: all at once, or each alone."""
+  return [list(range(num_arrays))] if trim == 'global' else [[j] for j in range(num_arrays)]
+
+
+@functools.partial(jax.jit, static_argnames='trim')
+def _trim_to_ranks(deltas: list[chex.Array], ranks: chex.Array, trim: str) -> list[chex.Array]:
+  """Zeroes, per model, the entries below the ``ranks[g]``-th largest magnitude of their group.
+
+  The threshold is the largest bit pattern ``t`` with ``#{entries ≥ t} ≥ n``: non-negative floats
+  order like their bit patterns read as signed integers. It is built bit by bit from the top, one
+  counting pass per bit, all groups in the same loop. Jitted, with the counts as data, so that eager
+  calls compile once per shape whatever the density; under an outer ``jit`` it is inlined.
+
+  Args:
+    deltas: arrays of shape ``(K, ...)``.
+    ranks: the number of entries kept per model in each group, ``n``.
+    trim: the grouping (see :func:`_groups`).
+
+  Returns:
+    ``deltas`` with ``0`` where ``|τ| < t``.
+  """
+  search_dtype = jnp.promote_types(jnp.result_type(*deltas), jnp.float32)
+  bits_dtype = jnp.int64 if jnp.dtype(search_dtype).itemsize == 8 else jnp.int32
+  bits = [
+      jax.lax.bitcast_convert_type(jnp.abs(delta).astype(search_dtype), bits_dtype)
+      for delta in deltas
+  ]
+  groups = _groups(len(bits), trim)
+  num_bits = jnp.iinfo(bits_dtype).bits - 1  # a magnitude's sign bit is 0
+
+  def count_at_least(threshold, group):
+    return sum(
+        jnp.sum(
+            bits[j] >= _per_model(threshold, bits[j].ndim),
+            axis=tuple(range(1, bits[j].ndim)),
+            dtype=ranks.dtype,
+        )
+        for j in group
+    )
+
+  def set_next_bit(i, thresholds):
+    bit = jnp.left_shift(jnp.ones((), bits_dtype), (num_bits - 1 - i).astype(bits_dtype))
+    return tuple(
+        jnp.where(count_at_least(threshold | bit, group) >= ranks[g], threshold | bit, threshold)
+        for g, (threshold, group) in enumerate(zip(thresholds, groups))
+    )
+
+  start = tuple(jnp.zeros(bits[0].shape[:1], bits_dtype) for _ in groups)
+  thresholds = jax.lax.fori_loop(0, num_bits, set_next_bit, start)
+  trimmed = list(deltas)
+  for threshold, group in zip(thresholds, groups):
+    for j in group:
+      trimmed[j] = jnp.where(bits[j] >= _per_model(threshold, bits[j].ndim), deltas[j], 0)
+  return trimmed
+
+
+def _per_model(values: chex.Array, ndim: int) -> chex.Array:
+  """``(K,)`` values reshaped to broadcast against a ``(K, ...)`` array of ``ndim`` dimensions."""
+  return values.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _disjoint_mean(trimmed: chex.Array) -> chex.Array:
+  """Elects a sign per entry from the sum over models and averages the models that agree with it.
+
+  Args:
+    trimmed: the trimmed task vectors, shape ``(K, ...)``.
+
+  Returns:
+    The merged task vector, shape ``(...)``; ``0`` where no model agrees with the elected sign.
+  """
+  elected = jnp.where(jnp.sum(trimmed, axis=0) >= 0, 1, -1).astype(trimmed.dtype)
+  agree = jnp.sign(trimmed) == elected
+  total = jnp.sum(jnp.where(agree, trimmed, 0), axis=0)
+  count = jnp.sum(agree, axis=0)
+  return total / jnp.maximum(count, 1).astype(trimmed.dtype)
