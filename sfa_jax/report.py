@@ -22,6 +22,14 @@ def accuracy_heatmap(result: dict[str, Any], path: str) -> None:
   Args:
     result: a run's JSON (needs ``accuracy_matrix``, ``task_names``, ``method``).
     path: where the PNG goes.
+
+  Example:
+    >>> import os, tempfile
+    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'accuracy_matrix': [[0.98, 0.0], [0.7, 0.9]]}
+    >>> path = os.path.join(tempfile.mkdtemp(), 'matrix.png')
+    >>> accuracy_heatmap(run, path)
+    >>> os.path.getsize(path) > 0
+    True
   """
   matrix = np.asarray(result['accuracy_matrix'])
   names = result['task_names']
@@ -49,8 +57,19 @@ def accuracy_curves(result: dict[str, Any], path: str) -> None:
   past tasks' accuracy jumps.
 
   Args:
-    result: a run's JSON (needs ``curve``, ``steps_per_task``, ``averaging_steps``, ``task_names``).
+    result: a run's JSON (needs ``curve``, ``steps_per_task``, ``averaging_steps``, ``task_names``,
+      ``method``).
     path: where the PNG goes.
+
+  Example:
+    >>> import os, tempfile
+    >>> points = [(4, 0, [0.98, 0.0]), (5, 1, [0.5, 0.6]), (6, 1, [0.8, 0.5]), (8, 1, [0.7, 0.9])]
+    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'steps_per_task': [4, 4], 'averaging_steps': [6, 8],
+    ...        'curve': [{'step': s, 'task': t, 'accuracies': a} for s, t, a in points]}
+    >>> path = os.path.join(tempfile.mkdtemp(), 'curves.png')
+    >>> accuracy_curves(run, path)
+    >>> os.path.getsize(path) > 0
+    True
   """
   steps = [point['step'] for point in result['curve']]
   accuracies = np.asarray([point['accuracies'] for point in result['curve']])
@@ -116,13 +135,21 @@ def summarize_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown_table(rows: Sequence[dict[str, Any]], task_names: Sequence[str]) -> str:
   """A markdown table of :func:`summarize_runs` rows: mean ± std over seeds.
 
-  Per-task columns are shown for streams of up to 5 tasks.
+  Columns: the final accuracy on each task (for streams of up to 5 tasks), the mean accuracy over
+  all tasks after the last one (in bold), forgetting, backward transfer, training seconds.
+
+  Args:
+    rows: from :func:`summarize_runs` (in the order to show).
+    task_names: the stream's task names, for the per-task columns.
+
+  Returns:
+    The table, without a final newline.
 
   Example:
     >>> row = {'method': 'm', 'seeds': 2, 'final_accuracy': [(0.5, 0.1)], 'average_accuracy': (0.5, 0.1),
     ...        'forgetting': (0.2, 0.0), 'backward_transfer': (-0.2, 0.0), 'train_seconds': (1.0, 0.0)}
     >>> print(markdown_table([row], ['t0']).splitlines()[2])
-    | m | 2 | 0.500 ± 0.100 | **0.500 ± 0.100** | 0.200 ± 0.000 | -0.200 ± 0.000 | 1.0 |
+    | m | 2 | 0.500 ± 0.100 | **0.500 ± 0.100** | 0.200 ± 0.000 | -0.200 ± 0.000 | 1.0 ± 0.0 |
   """
   show_tasks = len(task_names) <= 5
   header = ['method', 'seeds'] + ([f'acc. {name}' for name in task_names] if show_tasks else [])
@@ -134,6 +161,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], task_names: Sequence[str]) ->
     if show_tasks:
       cells += [cell(pair) for pair in row['final_accuracy']]
     cells += [f"**{cell(row['average_accuracy'])}**", cell(row['forgetting']), cell(row['backward_transfer'])]
-    cells.append(f"{row['train_seconds'][0]:.1f}")
+    cells.append('{:.1f} ± {:.1f}'.format(*row['train_seconds']))
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
