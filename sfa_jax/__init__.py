@@ -18,6 +18,8 @@ from sfa_jax.transforms import is_averaging_step
 from sfa_jax.transforms import l2
 from sfa_jax.transforms import reanchor
 from sfa_jax.transforms import sfa
+from sfa_jax.adaptive import AdaptiveSFAState
+from sfa_jax.adaptive import adaptive_sfa
 from sfa_jax.fisher import diagonal_fisher
 from sfa_jax.fisher import online_fisher
 from sfa_jax.merging import interpolate

@@ -78,6 +78,37 @@ class EWCState(NamedTuple):
 AnchoredState = SFAState | L2State | EWCState
 _ANCHORED_STATES = (SFAState, L2State, EWCState)
 
+# Anchored states defined outside this module (e.g. sfa_jax.adaptive): state type -> rule
+# ``(state, params) -> state`` giving the state for the next task. See register_anchored_state.
+_REANCHOR_RULES: dict[type, Callable[[Any, optax.Params], Any]] = {}
+
+
+def register_anchored_state(state_type: type, rule: Callable[[Any, optax.Params], Any]) -> None:
+  """Teaches :func:`reanchor` a new anchored state: ``rule(state, params)`` gives the next task's state.
+
+  ``state_type`` must be a ``NamedTuple`` with an ``anchor`` field like the params; :func:`reanchor`
+  checks ``params`` against that anchor before calling ``rule``, wherever the state sits.
+
+  Args:
+    state_type: the state's class.
+    rule: ``(state, params) -> new state`` of the same structure; it should store a copy of
+      ``params`` (so params and state can both be donated).
+
+  Raises:
+    TypeError: when ``state_type`` is not a class with an ``anchor`` field.
+
+  Example:
+    >>> import jax.numpy as jnp, sfa_jax
+    >>> from sfa_jax import adaptive  # registers AdaptiveSFAState
+    >>> state = adaptive.adaptive_sfa(threshold=0.1, total_steps=10).init({'w': jnp.zeros(2)})
+    >>> new_state = sfa_jax.reanchor(state, {'w': jnp.full(2, 2.0, jnp.float32)})
+    >>> new_state.anchor['w'], new_state.anchor_norm
+    (Array([2., 2.], dtype=float32), Array(2.828427, dtype=float32))
+  """
+  if not isinstance(state_type, type) or 'anchor' not in getattr(state_type, '_fields', ()):
+    raise TypeError(f'state_type must be a NamedTuple class with an anchor field; got {state_type!r}.')
+  _REANCHOR_RULES[state_type] = rule
+
 
 def averaging_period(p: chex.Numeric, total_steps: chex.Numeric) -> chex.Array:
   """The number of steps ``k`` between two SFA averages: ``max(1, floor(p·T + 1/2))``.
@@ -155,6 +186,50 @@ def _float_leaves_map(fn: Callable[..., Any], first: Any, *rest: Any) -> Any:
       first,
       *rest,
   )
+
+
+def averaged_updates(
+    updates: optax.Updates,
+    params: optax.Params,
+    anchor: optax.Params,
+    average_now: chex.Array,
+    beta: chex.Numeric,
+) -> optax.Updates:
+  r"""SFA's update rewrite: ``u + m·(θ_o − θ − u)`` with ``m = β`` when ``average_now``, else 0.
+
+  ``optax.apply_updates(params, ·)`` of the result lands on :math:`\beta\theta_o + (1-\beta)(\theta
+  + u)` when ``average_now`` is true and on :math:`\theta + u` otherwise. Written branchless, as a
+  multiply-add that XLA fuses into the optimizer's own elementwise loop (see :func:`sfa`); the
+  arithmetic is done in at least float32 and cast back to each update's dtype. Integer and
+  PRNG-key leaves pass through unchanged. Shared by :func:`sfa` and the transforms built on it
+  (:func:`sfa_jax.adaptive.adaptive_sfa`).
+
+  Args:
+    updates: the incoming updates :math:`u`.
+    params: the current parameters :math:`\theta`.
+    anchor: the anchor :math:`\theta_o`; same structure as ``params``.
+    average_now: a boolean scalar (possibly traced): whether to average at this step.
+    beta: the weight of the anchor in the average, in [0, 1] (possibly traced).
+
+  Returns:
+    The new updates, with the dtypes of ``updates``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax import transforms
+    >>> u = transforms.averaged_updates({'w': jnp.ones(2)}, {'w': jnp.zeros(2)}, {'w': jnp.full(2, 4.0)},
+    ...                                 jnp.bool_(True), 0.5)
+    >>> u['w']  # lands on 0.5 * 4 + 0.5 * (0 + 1)
+    Array([2.5, 2.5], dtype=float32)
+  """
+
+  def blend(update, param, anchor_leaf):
+    dtype = jnp.promote_types(update.dtype, jnp.float32)
+    weight = jnp.asarray(average_now).astype(dtype) * jnp.asarray(beta, dtype)
+    update_, param_, anchor_ = (x.astype(dtype) for x in (update, param, anchor_leaf))
+    return (update_ + weight * (anchor_ - param_ - update_)).astype(update.dtype)
+
+  return _float_leaves_map(blend, updates, params, anchor)
 
 
 def sfa(
@@ -251,15 +326,7 @@ def sfa(
       raise ValueError(_NO_PARAMS_MSG)
     count = optax.safe_increment(state.count)
     average_now = is_averaging_step(count, p, total_steps)
-    def blend(update, param, anchor_leaf):
-      # u + m·(θ_o − θ − u) with m = β at an averaging step and 0 otherwise: a multiply-add
-      # that XLA fuses into the optimizer's own elementwise loop (see the docstring).
-      dtype = jnp.promote_types(update.dtype, jnp.float32)
-      weight = average_now.astype(dtype) * jnp.asarray(beta, dtype)
-      update_, param_, anchor_ = (x.astype(dtype) for x in (update, param, anchor_leaf))
-      return (update_ + weight * (anchor_ - param_ - update_)).astype(update.dtype)
-
-    new_updates = _float_leaves_map(blend, updates, params, state.anchor)
+    new_updates = averaged_updates(updates, params, state.anchor, average_now, beta)
     return new_updates, SFAState(count=count, anchor=state.anchor)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -410,7 +477,8 @@ def _penalty_transform(
 def reanchor(opt_state: Any, params: optax.Params, *, fisher: optax.Params | None = None) -> Any:
   """The optimizer state for the next task: every anchor becomes a copy of ``params``.
 
-  Finds every :class:`SFAState`, :class:`L2State` and :class:`EWCState` anywhere inside
+  Finds every :class:`SFAState`, :class:`L2State` and :class:`EWCState` (and every state taught by
+  :func:`register_anchored_state`, such as :class:`sfa_jax.adaptive.AdaptiveSFAState`) anywhere inside
   ``opt_state`` (inside ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
   ``optax.multi_transform`` and any other NamedTuple, tuple, list or dict state) and sets its
   anchor to a copy of ``params``; SFA's step counter restarts at 0. Optimizer moments and other
@@ -439,12 +507,15 @@ def reanchor(opt_state: Any, params: optax.Params, *, fisher: optax.Params | Non
     (Array([1., 1.], dtype=float32), 0)
   """
   found = []
+  anchored = _ANCHORED_STATES + tuple(_REANCHOR_RULES)
 
   def replace(node: Any) -> Any:
-    if not isinstance(node, _ANCHORED_STATES):
+    if not isinstance(node, anchored):
       return node
     found.append(type(node).__name__)
     _validation.check_matching_tree(node.anchor, params, reference_name='anchor', other_name='params')
+    if type(node) in _REANCHOR_RULES:
+      return _REANCHOR_RULES[type(node)](node, params)
     if isinstance(node, SFAState):
       return SFAState(count=jnp.zeros_like(node.count), anchor=_validation.copy_tree(params))
     if isinstance(node, EWCState):
@@ -456,7 +527,7 @@ def reanchor(opt_state: Any, params: optax.Params, *, fisher: optax.Params | Non
       return EWCState(anchor=_validation.copy_tree(params), fisher=new_fisher)
     return L2State(anchor=_validation.copy_tree(params))
 
-  new_state = jax.tree.map(replace, opt_state, is_leaf=lambda x: isinstance(x, _ANCHORED_STATES))
+  new_state = jax.tree.map(replace, opt_state, is_leaf=lambda x: isinstance(x, anchored))
   if not found:
     raise ValueError('reanchor found no SFAState, L2State or EWCState inside opt_state.')
   if fisher is not None and 'EWCState' not in found:
