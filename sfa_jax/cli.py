@@ -2,10 +2,12 @@
 
   sfa-jax run --stream mnist-pair --method sfa --p 0.25 --beta 0.25 --out outputs/sfa
   sfa-jax compare --stream split-mnist --methods finetune,sfa,replay --hp sfa.p=0.5 --seeds 0,1,2
+  sfa-jax sweep --stream mnist-pair --method sfa --p 0.1,0.25,0.5,1 --beta 0.25 --seeds 0,1,2 --out outputs/sweep
   sfa-jax demo [--quick]
 
-Each writes into its output folder ``results.json``, ``results.md`` (the table, also printed on
-stdout), and, for the first seed of each method, ``accuracy_matrix_<method>.png`` and
+``sweep`` trains every combination of the values and seeds as one compiled program
+(:mod:`sfa_jax.sweep`); the others train one run at a time. Each writes into its output folder
+``results.json``, ``results.md`` (the table, also printed on stdout), and, for the first seed of each method, ``accuracy_matrix_<method>.png`` and
 ``accuracy_curves_<method>.png``. ``results.json`` holds: ``command``; ``stream`` (``name``,
 ``setting``, ``source``, ``tasks``); ``config`` (the :class:`~sfa_jax.continual.TrainConfig`
 fields); ``methods`` (labels such as ``'sfa(beta=0.25, p=0.25)'``); ``seeds``; ``environment``
@@ -33,10 +35,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from sfa_jax import compile_cache
 from sfa_jax import continual
+from sfa_jax import distributed
 from sfa_jax import report
+from sfa_jax import sweep
 from sfa_jax import tasks
 from sfa_jax.checkpoint import CheckpointError
 from sfa_jax.checkpoint import Checkpointer
@@ -67,6 +72,7 @@ _DESCRIPTION = """Continual learning with Sequential Fine-tuning with Averaging 
 
   sfa-jax run --stream mnist-pair --method sfa --p 0.25 --beta 0.25 --out outputs/sfa
   sfa-jax compare --stream split-mnist --methods finetune,sfa,replay --hp sfa.p=0.5 --seeds 0,1,2
+  sfa-jax sweep --stream mnist-pair --method sfa --p 0.1,0.25,0.5,1 --beta 0.25 --seeds 0,1,2 --out outputs/sweep
   sfa-jax demo [--quick]
 
 Outputs in --out: results.json (config, every run, the table), results.md (the table, also
@@ -95,6 +101,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--optimizer', default='adam', help='adam or sgd')
   parser.add_argument('--seeds', default='0', help='comma-separated seeds, e.g. 0,1,2')
   parser.add_argument('--eval-every', type=int, default=0, help='also evaluate every N steps (for the curves)')
+  parser.add_argument('--mesh', help="train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.distributed)")
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser, default_out: str | None) -> None:
@@ -135,6 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
   compare.add_argument('--hp', action='append', default=[], metavar='METHOD.NAME=VALUE', help='e.g. --hp sfa.p=0.25 (repeatable)')
   _add_output_arguments(compare, None)
 
+  sweep_parser = commands.add_parser(
+      'sweep',
+      help='one method, a grid of hyper-parameters and seeds, as one compiled program',
+      description=(
+          'Trains every combination of the given hyper-parameter values and seeds side by side, as one '
+          'vectorised program (sfa_jax.sweep): e.g. --method sfa --p 0.1,0.25,0.5,1 --beta 0.25 --seeds 0,1,2. '
+          'Each result equals its own `run`. Not checkpointed. Replay\'s --ratio takes one value.'
+      ),
+  )
+  _add_training_arguments(sweep_parser)
+  sweep_parser.add_argument('--method', required=True, help=', '.join(continual.METHODS))
+  for name in HYPERPARAMS:
+    sweep_parser.add_argument(f'--{name}', help=f"comma-separated values of the method's {name}, e.g. 0.1,0.5")
+  sweep_parser.add_argument('--out', required=True, help='output folder')
+  sweep_parser.add_argument('--no-compile-cache', action='store_true', help="don't use JAX's persistent compilation cache")
+  sweep_parser.set_defaults(resume=False, checkpoint_every=0)
+
   demo = commands.add_parser(
       'demo',
       help='the offline demo: finetune, SFA, L2, EWC, replay on mnist-pair',
@@ -155,6 +179,16 @@ def _seeds(text: str) -> tuple[int, ...]:
   if len(set(seeds)) != len(seeds):
     raise UsageError(f'--seeds repeats a seed: {text!r}')
   return seeds
+
+
+def _values(name: str, text: str) -> tuple[float, ...]:
+  try:
+    values = tuple(float(v) for v in text.split(',') if v.strip())
+  except ValueError:
+    raise UsageError(f'--{name} must be comma-separated numbers, e.g. 0.1,0.25; got {text!r}') from None
+  if not values or len(set(values)) != len(values):
+    raise UsageError(f'--{name} must list each value once, e.g. 0.1,0.25; got {text!r}')
+  return values
 
 
 def _compare_methods(methods: str, hp: Sequence[str]) -> list[continual.Method]:
@@ -202,6 +236,9 @@ def _plan(args: argparse.Namespace):
   if args.command == 'run':
     given = {name: getattr(args, name) for name in HYPERPARAMS if getattr(args, name) is not None}
     methods = [continual.make_method(args.method, **given)]
+  elif args.command == 'sweep':
+    values = {name: _values(name, getattr(args, name)) for name in HYPERPARAMS if getattr(args, name) is not None}
+    methods = [method for method, _ in sweep.grid(args.method, **values)]
   else:
     methods = _compare_methods(args.methods, args.hp)
   return stream, methods, config, _seeds(args.seeds)
@@ -250,7 +287,7 @@ class _Progress:
     filled = int(20 * step / steps)
     line = (
         f'{self.label} task {event["task"]}: [{"#" * filled}{"." * (20 - filled)}] {step}/{steps} '
-        f'loss {float(event["loss"]):.3f} acc {float(event["accuracy"]):.3f}'
+        f'loss {float(np.mean(event["loss"])):.3f} acc {float(np.mean(event["accuracy"])):.3f}'
     )
     if self.tty:
       # Back to the line's start, the new text, then clear what a longer line left behind.
@@ -282,29 +319,44 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
       'runs': [],
   }
   started = time.perf_counter()
-  for method in methods:
-    for seed in seeds:
-      run_config = dataclasses.replace(config, seed=seed)
-      label = f'{method.label} seed {seed}'
-      checkpointer = Checkpointer(os.path.join(checkpoints, _slug(f'{method.label}-seed{seed}')), every_steps=args.checkpoint_every)
-      try:
-        result = continual.run_sequence(stream, method, run_config, progress=_Progress(label), checkpointer=checkpointer)
-      finally:
-        checkpointer.close()
-      run = result.to_json() | {'seed': seed}
-      results['runs'].append(run)
-      if seed == seeds[0]:
-        report.accuracy_heatmap(run, os.path.join(args.out, f'accuracy_matrix_{_slug(method.label)}.png'))
-        report.accuracy_curves(run, os.path.join(args.out, f'accuracy_curves_{_slug(method.label)}.png'))
-      results['table'] = report.summarize_runs(results['runs'])
-      results['wall_seconds'] = time.perf_counter() - started
-      _write_json(results, os.path.join(args.out, 'results.json'))  # after every run: nothing lost
+  for method, seed, result in _runs(args, stream, methods, config, seeds, checkpoints):
+    run = result.to_json() | {'seed': seed}
+    results['runs'].append(run)
+    if seed == seeds[0]:
+      report.accuracy_heatmap(run, os.path.join(args.out, f'accuracy_matrix_{_slug(method.label)}.png'))
+      report.accuracy_curves(run, os.path.join(args.out, f'accuracy_curves_{_slug(method.label)}.png'))
+    results['table'] = report.summarize_runs(results['runs'])
+    results['wall_seconds'] = time.perf_counter() - started
+    _write_json(results, os.path.join(args.out, 'results.json'))  # after every run: nothing lost
   table = report.markdown_table(results['table'], stream.task_names)
   with open(os.path.join(args.out, 'results.md'), 'w') as f:
     f.write(table + '\n')
   print(table)
   print(f'\n{len(results["runs"])} runs in {results["wall_seconds"]:.1f} s; outputs in {args.out}', file=sys.stderr)
   return results
+
+
+def _runs(args, stream, methods, config, seeds, checkpoints):
+  """``(method, seed, result)`` of every method and seed: one checkpointed run each, or one sweep."""
+  mesh = distributed.make_mesh(args.mesh) if getattr(args, 'mesh', None) else None
+  if mesh is not None and args.command == 'sweep':
+    raise UsageError('--mesh is for run and compare; sweep trains on one device')
+  if args.command == 'sweep':
+    configurations = [(method, dataclasses.replace(config, seed=seed)) for method in methods for seed in seeds]
+    label = f'sweep of {len(configurations)} {methods[0].name} (mean over configurations)'
+    results = sweep.run_sweep(stream, configurations, progress=_Progress(label))
+    yield from ((method, run_config.seed, result) for (method, run_config), result in zip(configurations, results))
+    return
+  for method in methods:
+    for seed in seeds:
+      run_config = dataclasses.replace(config, seed=seed)
+      label = f'{method.label} seed {seed}'
+      checkpointer = Checkpointer(os.path.join(checkpoints, _slug(f'{method.label}-seed{seed}')), every_steps=args.checkpoint_every)
+      try:
+        result = continual.run_sequence(stream, method, run_config, progress=_Progress(label), checkpointer=checkpointer, mesh=mesh)
+      finally:
+        checkpointer.close()
+      yield method, seed, result
 
 
 def _write_json(data: dict[str, Any], path: str) -> None:

