@@ -1,0 +1,137 @@
+"""The text domains and the language-model sequence trainer, on a tiny random Llama with byte tokens."""
+
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from sfa_jax import continual
+from sfa_jax import lm
+from sfa_jax.models.llama import Llama
+from sfa_jax.models.llama import LlamaConfig
+from sfa_jax.models.tokenizer import ByteTokenizer
+from sfa_jax.tasks import text
+
+TOK = ByteTokenizer()
+
+
+def test_arithmetic_problems_are_seeded_and_correct():
+  problems = text.arithmetic_problems(40, seed=3)
+  assert problems == text.arithmetic_problems(40, seed=3)
+  assert problems != text.arithmetic_problems(40, seed=4)
+  for p in problems:
+    a, b = (int(v) for v in re.findall(r'\d+', p.prompt)[:2])
+    if 'buys' in p.prompt:
+      assert p.answer == a + b
+    elif 'gave' in p.prompt:
+      assert p.answer == a - b and p.answer > 0
+    elif 'box holds' in p.prompt:
+      assert p.answer == a * b
+    else:
+      assert p.answer * b == a
+  with pytest.raises(ValueError, match='count'):
+    text.arithmetic_problems(0, seed=0)
+
+
+def test_windows_and_exact_match_set():
+  cut = text.windows(['abcdefg', 'hi'], TOK, seq_len=4)
+  assert cut.tolist() == [[97, 98, 99, 100, 101], [102, 103, 256, 104, 105]]
+  problems = [text.Problem('Q: 2+2?\nAnswer:', 4), text.Problem('Q: 10+10?\nAnswer:', 20)]
+  s = text.exact_match_set(problems, TOK)
+  assert s.tokens.shape == (2, len('Q: 10+10?\nAnswer: 20\n'))
+  assert TOK.decode(s.tokens[0][s.answer_mask[0]]) == ' 4\n'
+  assert (s.tokens[0][~s.answer_mask[0]][len('Q: 2+2?\nAnswer:'):] == TOK.eos_id).all()
+
+
+@pytest.mark.skipif(not os.path.isdir(text.LAW_DIR), reason='needs Debian common-licenses')
+def test_make_text_domains_is_deterministic_and_disjoint():
+  kwargs = dict(train_sequences=16, heldout_sequences=4, num_problems=6, math_train_problems=200, strict=False)
+  domains = text.make_text_domains(TOK, 24, **kwargs)
+  again = text.make_text_domains(TOK, 24, **kwargs)
+  assert [d.name for d in domains] == ['math', 'law', 'code']
+  for d, e in zip(domains, again):
+    assert d.train.shape == (16, 25) and d.heldout.shape == (4, 25)
+    np.testing.assert_array_equal(d.train, e.train)
+    assert not {r.tobytes() for r in d.train} & {r.tobytes() for r in d.heldout}
+  assert 'licen' in TOK.decode(np.concatenate(domains[1].train).tolist()).lower()
+  with pytest.raises(ValueError, match='windows'):
+    text.make_text_domains(TOK, 24, **(kwargs | {'train_sequences': 10**6}))
+
+
+def test_champ_documents():
+  pytest.importorskip('champ_dataset')
+  docs, sources = text.champ_documents()
+  assert len(docs) == 270 and 'Answer:' in docs[0] and '270' in sources[0]
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  rng = np.random.default_rng(0)
+  # Three synthetic domains (no file needed): random byte windows with different statistics.
+  domains = []
+  for i, name in enumerate(['math', 'law', 'code']):
+    low = 32 + 20 * i
+    data = rng.integers(low, low + 12, size=(20, 17)).astype(np.int32)
+    problems = text.exact_match_set(text.arithmetic_problems(4, seed=i), TOK) if name == 'math' else None
+    domains.append(text.TextDomain(name, data[:16], data[16:], problems, ('synthetic',)))
+  model = Llama(LlamaConfig.tiny(vocab_size=TOK.vocab_size))
+  params = jax.jit(model.init)(jax.random.key(0), domains[0].train[:1, :-1])['params']
+  return model, params, domains
+
+
+def test_exact_match_equals_greedy_decoding(tiny):
+  model, params, _ = tiny
+  # Completions that are the model's own greedy continuation (hits) or one token off (misses).
+  prompts = [[65, 66, 67], [70, 71, 72], [80, 81, 82]]
+  rows, masks = [], []
+  for i, prompt in enumerate(prompts):
+    completion = lm.greedy_generate(model, params, prompt, 3)
+    if i == 1:
+      completion[-1] = (completion[-1] + 1) % TOK.vocab_size
+    rows.append(prompt + completion + [0])
+    masks.append([False] * 3 + [True] * 3 + [False])
+  problems = text.ExactMatchSet(np.asarray(rows, np.int32), np.asarray(masks))
+  _, exact_match = lm.make_evaluator(model, batch_size=2)
+  assert exact_match(params, problems) == pytest.approx(2 / 3)
+
+
+@pytest.mark.slow  # about 60 s of CPU at load 19: over this file's share of the default-suite budget
+def test_run_lm_sequences_methods(tiny):
+  model, params, domains = tiny
+  names = [('finetune', {}), ('sfa', {'p': 0.5, 'beta': 0.5}), ('task-arithmetic', {}), ('replay', {'fraction': 0.25}),
+           ('ewc', {'strength': 10.0})]
+  methods = [continual.make_method(n, **h) for n, h in names]
+  config = lm.LMConfig(steps_per_domain=(3, 2, 2), batch_size=2, learning_rate=3e-3, fisher_sequences=2)
+  before = jax.tree.map(np.asarray, params)
+  results = lm.run_lm_sequences(model, params, domains, methods, config)
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, params))  # untouched
+  by_name = {r.method.split('(')[0]: r for r in results}
+  for r in results:
+    assert r.stages == ['initial', 'math', 'law', 'code']
+    assert np.asarray(r.loss_matrix).shape == (4, 3) and np.isfinite(r.loss_matrix).all()
+    assert r.loss_matrix[:2] == results[0].loss_matrix[:2]  # the shared first domain
+    assert len(r.exact_match['math']) == 4
+    assert [len(x) for x in r.train_losses] == [3, 2, 2]
+  ft = by_name['finetune']
+  assert ft.loss_matrix[1][0] < ft.loss_matrix[0][0]  # learning math lowers its loss
+  assert ft.loss_matrix[2][1] < ft.loss_matrix[1][1]
+  assert by_name['sfa'].averaging_steps == [4, 5, 6, 7]  # p·T = 1 step on each of law and code
+  for name in ('sfa', 'task-arithmetic', 'replay', 'ewc'):
+    assert by_name[name].loss_matrix[2:] != ft.loss_matrix[2:], name
+  summary = ft.summary()
+  assert summary['mean_final_loss'] == pytest.approx(np.mean(ft.loss_matrix[-1]))
+  assert 'math exact match' in lm.markdown_table(results)
+
+
+def test_run_lm_sequences_rejects_bad_input(tiny):
+  model, params, domains = tiny
+  with pytest.raises(ValueError, match='not supported'):
+    lm.run_lm_sequences(model, params, domains, [continual.make_method('adaptive-sfa')])
+  with pytest.raises(ValueError, match='steps_per_domain'):
+    lm.run_lm_sequences(model, params, domains, [], lm.LMConfig(steps_per_domain=(1, 2)))
+  with pytest.raises(ValueError, match='batch_size'):
+    lm.LMConfig(batch_size=0)
+  with pytest.raises(ValueError, match='optimizer'):
+    lm.LMConfig(optimizer='rmsprop')
