@@ -71,23 +71,45 @@ def accuracy_curves(result: dict[str, Any], path: str) -> None:
     >>> os.path.getsize(path) > 0
     True
   """
+  fig, ax = plt.subplots(figsize=(8, 4))
+  draw_curves(ax, result)
+  ax.set_title(f"{result['method']}: accuracy on every task during the run")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def draw_curves(ax: Any, result: dict[str, Any], legend: bool = True) -> None:
+  """Draws :func:`accuracy_curves`'s lines on the matplotlib axes ``ax``, titled by the method.
+
+  Args:
+    ax: matplotlib axes.
+    result: a run's JSON, as for :func:`accuracy_curves`.
+    legend: whether to draw the task legend on ``ax``.
+
+  Example:
+    >>> fig, ax = plt.subplots()
+    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'steps_per_task': [4, 4], 'averaging_steps': [8],
+    ...        'curve': [{'step': 4, 'task': 0, 'accuracies': [0.9, 0.0]}, {'step': 8, 'task': 1, 'accuracies': [0.7, 0.8]}]}
+    >>> draw_curves(ax, run)
+    >>> len(ax.get_lines())  # a task boundary, an average, two tasks
+    4
+    >>> plt.close(fig)
+  """
   steps = [point['step'] for point in result['curve']]
   accuracies = np.asarray([point['accuracies'] for point in result['curve']])
-  fig, ax = plt.subplots(figsize=(8, 4))
   for step in result['averaging_steps']:
     ax.axvline(step, color='0.85', linestyle=':', linewidth=0.8)
   for boundary in np.cumsum(result['steps_per_task'])[:-1]:
     ax.axvline(boundary, color='0.4', linestyle='--', linewidth=1)
   for j, name in enumerate(result['task_names']):
-    ax.plot(steps, accuracies[:, j], marker='.', label=name)
+    ax.plot(steps, accuracies[:, j], marker='.', markersize=3, label=name)
   ax.set_ylim(-0.02, 1.02)
   ax.set_xlabel('optimizer steps')
   ax.set_ylabel('test accuracy')
-  ax.set_title(f"{result['method']}: accuracy on every task during the run")
-  ax.legend(fontsize=8, loc='best', ncol=max(1, len(result['task_names']) // 10))
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  ax.set_title(result['method'], fontsize=9)
+  if legend:
+    ax.legend(fontsize=8, loc='best', ncol=max(1, len(result['task_names']) // 10))
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -1,0 +1,86 @@
+"""The paper's Figures 7-8: can the averaging weight beta at p = 1 recover what averaging often (p < 1) gives?
+
+On the long stream of `p_ablation.py` (default: permuted MNIST, 10 tasks, domain-incremental), 3 seeds:
+
+  p = 1       beta in {0.1, 0.25, 0.5, 0.75, 0.9}    (one average per task, at its end: WiSE-FT-like)
+  p < 1       p in {0.25, 0.5} x beta in {0.25, 0.5, 0.75}
+  finetune    (beta = 0)
+
+Each configuration gives a stability-plasticity point (final accuracy on the past tasks, accuracy on each
+task right after training it); the two groups' Pareto frontiers and their areas answer the question, as does
+the best final average accuracy of each group.
+
+  python experiments/beta_ablation.py              # full run
+  python experiments/beta_ablation.py --quick      # digits 8x8, 3 tasks, one seed
+
+Writes experiments/results/beta_ablation.{json,md,png} and beta_ablation_average.png.
+"""
+
+import dataclasses
+import os
+import time
+
+from sfa_jax import compile_cache
+from sfa_jax import experiment
+from sfa_jax import report
+
+GRID = (
+    experiment.grid('sfa', p=(1.0,), beta=(0.1, 0.25, 0.5, 0.75, 0.9))
+    + experiment.grid('sfa', p=(0.25, 0.5), beta=(0.25, 0.5, 0.75))
+    + [('finetune', {})]
+)
+QUICK_GRID = experiment.grid('sfa', p=(1.0, 0.5), beta=(0.5,))
+
+
+def _group(run):
+  """p = 1 or p < 1; fine-tuning is p = 1 with beta = 0, so it joins the p = 1 group."""
+  if run['method_name'] == 'finetune' or run['hyperparams']['p'] == 1.0:
+    return 'p = 1'
+  return 'p < 1'
+
+
+def main(argv=None) -> None:
+  parser = experiment.experiment_parser(__doc__)
+  experiment.add_stream_arguments(parser)
+  args = parser.parse_args(argv)
+  compile_cache.enable_compilation_cache()
+  start = time.perf_counter()
+  stream, config = experiment.long_stream(args)
+  seeds = experiment.seeds_of(args)
+  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds)
+
+  groups = experiment.tradeoff_points(runs, point=experiment.stability_plasticity, family=_group)
+  areas = experiment.family_areas(groups)
+  best = experiment.best_per_family(runs, family=_group)
+  name = 'beta_ablation_quick' if args.quick else 'beta_ablation'
+  os.makedirs(args.out, exist_ok=True)
+  experiment.tradeoff_plot(groups, os.path.join(args.out, f'{name}.png'),
+                           axis_labels=('final accuracy on the past tasks (stability)',
+                                        'accuracy on each task right after training it (plasticity)'),
+                           title=f'{stream.name}, {len(stream)} tasks: beta at p = 1 vs p < 1')
+  experiment.average_accuracy_plot(runs, os.path.join(args.out, f'{name}_average.png'),
+                                   title=f'{stream.name} ({len(stream)} tasks): beta at p = 1 vs p < 1')
+  rows = sorted(report.summarize_runs(runs), key=lambda row: -row['average_accuracy'][0])
+  best_lines = '\n'.join(f"| {row['family']} | {row['method']} | {row['average_accuracy'][0]:.3f} ± "
+                         f"{row['average_accuracy'][1]:.3f} | {areas[row['family']]:.3f} |" for row in best)
+  points = '\n'.join(f"| {p['label']} | {p['mean'][0]:.3f} ± {p['std'][0]:.3f} | {p['mean'][1]:.3f} ± {p['std'][1]:.3f} |"
+                     for group in groups.values() for p in group)
+  markdown = (
+      f'# beta at p = 1 against p < 1: {stream.name}, {len(stream)} tasks, {stream.setting}\n\n'
+      '| group | best configuration | its final average accuracy | frontier area (stability x plasticity) |\n'
+      f'|---|---|---:|---:|\n{best_lines}\n\n'
+      f'![stability-plasticity]({name}.png)\n\n![average accuracy]({name}_average.png)\n\n'
+      '## Stability and plasticity of each configuration\n\n'
+      '| configuration | past tasks at the end | each task right after training it |\n|---|---:|---:|\n'
+      f'{points}\n\n## Every configuration\n\n{report.markdown_table(rows, stream.task_names)}'
+  )
+  payload = {'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': len(stream)},
+             'seeds': list(seeds), 'config': dataclasses.asdict(config), 'groups': groups, 'frontier_areas': areas,
+             'best': best, 'table': rows, 'runs': runs}
+  experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),
+                           time.perf_counter() - start)
+  print(markdown)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,81 @@
+"""SFA against model merging (WiSE-FT, Task Arithmetic, TIES) and the classical baselines on a long stream.
+
+On the long stream of `p_ablation.py` (default: permuted MNIST, 10 tasks, domain-incremental), 3 seeds,
+each method with its own small hyper-parameter search:
+
+  sfa               p in {0.25, 0.5} x beta in {0.25, 0.5, 0.75}
+  wise-ft           beta in {0.25, 0.5, 0.75}                        (SFA's p = 1)
+  task-arithmetic   scaling in {0.3, 0.5, 0.7, 1.0}                  (task vectors from the task-0 model)
+  ties              density in {0.1, 0.2, 0.5} x scaling in {0.5, 1.0}
+  l2                strength in {0.1, 1, 10}
+  replay            5 % and 10 % of each past task kept (half of each batch from the memory)
+  finetune, joint   (lower and upper reference)
+
+EWC is left out: its diagonal Fisher (per-example gradients, once per task) costs about 45 s per task
+on this 2-CPU machine, 9 per run; it is compared on the MNIST pair (mnist_pair_tradeoff.py).
+
+Each family is represented by its best configuration (highest mean final average accuracy). There is no
+validation split: the choice is made on the test accuracies, alike for every family.
+
+  python experiments/merges_vs_sfa.py              # full run
+  python experiments/merges_vs_sfa.py --quick      # digits 8x8, 3 tasks, one seed, one config each
+
+Writes experiments/results/merges_vs_sfa.{json,md} and merges_vs_sfa_average.png.
+"""
+
+import dataclasses
+import os
+import time
+
+from sfa_jax import compile_cache
+from sfa_jax import experiment
+from sfa_jax import report
+
+GRID = (
+    experiment.grid('sfa', p=(0.25, 0.5), beta=(0.25, 0.5, 0.75))
+    + experiment.grid('wise-ft', beta=(0.25, 0.5, 0.75))
+    + experiment.grid('task-arithmetic', scaling=(0.3, 0.5, 0.7, 1.0))
+    + experiment.grid('ties', density=(0.1, 0.2, 0.5), scaling=(0.5, 1.0))
+    + experiment.grid('l2', strength=(0.1, 1.0, 10.0))
+    + experiment.grid('replay', fraction=(0.05, 0.1))
+    + [('finetune', {}), ('joint', {})]
+)
+QUICK_GRID = [
+    ('sfa', {'p': 0.5, 'beta': 0.5}), ('wise-ft', {'beta': 0.5}), ('ties', {'density': 0.2, 'scaling': 1.0}),
+    ('replay', {'fraction': 0.1}),
+]
+
+
+def main(argv=None) -> None:
+  parser = experiment.experiment_parser(__doc__)
+  experiment.add_stream_arguments(parser)
+  args = parser.parse_args(argv)
+  compile_cache.enable_compilation_cache()
+  start = time.perf_counter()
+  stream, config = experiment.long_stream(args)
+  seeds = experiment.seeds_of(args)
+  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds)
+
+  best = experiment.best_per_family(runs)
+  rows = sorted(report.summarize_runs(runs), key=lambda row: -row['average_accuracy'][0])
+  name = 'merges_vs_sfa_quick' if args.quick else 'merges_vs_sfa'
+  os.makedirs(args.out, exist_ok=True)
+  best_labels = {row['method'] for row in best}
+  experiment.average_accuracy_plot([run for run in runs if run['method'] in best_labels],
+                                   os.path.join(args.out, f'{name}_average.png'),
+                                   title=f'{stream.name} ({len(stream)} tasks): best configuration of each family')
+  markdown = (
+      f'# SFA against merges and baselines: {stream.name}, {len(stream)} tasks, {stream.setting}\n\n'
+      '## Best configuration of each family (by final average accuracy)\n\n'
+      f'{report.markdown_table(best, stream.task_names)}\n\n![average accuracy]({name}_average.png)\n\n'
+      f'## Every configuration\n\n{report.markdown_table(rows, stream.task_names)}'
+  )
+  payload = {'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': len(stream)},
+             'seeds': list(seeds), 'config': dataclasses.asdict(config), 'best': best, 'table': rows, 'runs': runs}
+  experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),
+                           time.perf_counter() - start)
+  print(markdown)
+
+
+if __name__ == '__main__':
+  main()

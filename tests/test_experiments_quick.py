@@ -1,0 +1,101 @@
+"""The experiment scripts' quick modes: each runs in-process and writes results of the expected shape."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments')
+
+
+def _main(script):
+  spec = importlib.util.spec_from_file_location(script, os.path.join(EXPERIMENTS, f'{script}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.main
+
+
+def _load(tmp_path, name, pngs=()):
+  assert (tmp_path / f'{name}.md').read_text().count('Command: `python experiments/') == 1
+  for png in pngs:
+    assert (tmp_path / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', png
+  data = json.loads((tmp_path / f'{name}.json').read_text())
+  assert data['command'].endswith('--quick --out ' + str(tmp_path)) and data['wall_seconds'] > 0
+  for run in data.get('runs', []):
+    assert {'seed', 'method_name', 'hyperparams', 'accuracy_matrix', 'metrics'} <= set(run)
+    assert all(0.0 <= a <= 1.0 for row in run['accuracy_matrix'] for a in row)
+  return data
+
+
+@pytest.mark.slow  # its quick mode trains on the full MNIST pair (unchanged since it chose the demo's defaults)
+def test_mnist_pair_sweep_quick(tmp_path):
+  _main('mnist_pair_sweep')(['--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'mnist_pair_sweep_quick')
+  assert [row['method'] for row in data['table']] != [] and len(data['runs']) == 3
+
+
+def test_mnist_pair_tradeoff_quick(tmp_path):
+  _main('mnist_pair_tradeoff')(['--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'mnist_pair_tradeoff_quick', ['mnist_pair_tradeoff_quick.png'])
+  assert data['source'].startswith('digits')
+  assert set(data['families']) == {'sfa', 'l2', 'replay', 'finetune'}
+  assert set(data['frontier_areas']) == {'sfa', 'l2', 'replay', 'finetune', 'sfa (p = 1)', 'sfa (p < 1)'}
+  assert all(0.0 <= area <= 1.0 for area in data['frontier_areas'].values())
+  # SFA's area is at least that of either of its two halves.
+  assert data['frontier_areas']['sfa'] >= max(data['frontier_areas']['sfa (p = 1)'], data['frontier_areas']['sfa (p < 1)'])
+  point = data['families']['sfa'][0]
+  assert set(point) == {'label', 'hyperparams', 'mean', 'std'} and len(point['mean']) == 2
+
+
+def test_long_stream_scripts_quick(tmp_path):
+  # The three scripts on the same tiny stream (permuted 8x8 digits, 3 tasks): one test, so the
+  # stream's data and the compiled steps are shared.
+  _main('p_ablation')(['--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'p_ablation_quick', ['p_ablation_quick_curves.png', 'p_ablation_quick_average.png'])
+  assert data['stream']['name'] == 'permuted-mnist' and data['stream']['tasks'] == 3
+  assert data['stream']['setting'] == 'domain-incremental' and data['stream']['source'].startswith('digits')
+  assert data['beta'] == 0.5 and len(data['beta_probe']) == 1
+  assert [run['method'] for run in data['runs']] == ['sfa(beta=0.5, p=0.5)', 'sfa(beta=0.5, p=1)', 'finetune']
+  assert all(len(run['curve']) > 3 for run in data['runs'])  # evaluated during the run
+
+  _main('beta_ablation')(['--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'beta_ablation_quick', ['beta_ablation_quick.png', 'beta_ablation_quick_average.png'])
+  assert set(data['groups']) == set(data['frontier_areas']) == {'p = 1', 'p < 1'}
+  assert {row['family'] for row in data['best']} == {'p = 1', 'p < 1'}
+
+  _main('merges_vs_sfa')(['--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'merges_vs_sfa_quick', ['merges_vs_sfa_quick_average.png'])
+  assert [row['family'] for row in data['best']] != []
+  assert {row['family'] for row in data['best']} == {run['method_name'] for run in data['runs']}
+
+
+def test_long_stream_needs_data_for_image_streams(tmp_path):
+  with pytest.raises(ValueError, match='--data-dir'):
+    _main('p_ablation')(['--quick', '--stream', 'split-cifar100', '--out', str(tmp_path)])
+
+
+def test_adaptive_p_quick(tmp_path):
+  _main('adaptive_p')(['--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'adaptive_p_quick', ['adaptive_p_quick.png'])
+  assert set(data['families']) == {'sfa', 'adaptive-sfa'}
+  assert all(0.0 <= area <= 1.0 for area in data['frontier_areas'].values())
+  by_label = {run['method']: run for run in data['runs']}
+  adaptive = by_label['adaptive-sfa(beta=0.5, min_p=0.05, threshold=0.1)']
+  start, total = adaptive['steps_per_task']
+  stats = data['averaging'][adaptive['method']]
+  assert stats['averages'] == len(adaptive['averaging_steps']) >= 1
+  assert adaptive['averaging_steps'][-1] == start + total  # always at the end of task B
+  assert stats['first_at'] == (adaptive['averaging_steps'][0] - start) / total
+
+
+def test_many_tasks_quick(tmp_path):
+  _main('many_tasks')(['--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'many_tasks_quick', ['many_tasks_quick.png', 'many_tasks_quick_10.png'])
+  assert data['long']['tasks'] == 4 and data['short']['tasks'] == 3 and data['setting'] == 'domain-incremental'
+  assert [row['method'] for row in data['long']['summary']] == ['finetune', 'multi-anchor-sfa(beta=0.25, p=0.5)']
+  for row in data['long']['summary']:
+    assert 0.0 <= row['average_accuracy'] <= 1.0 and -1.0 <= row['forgetting'] <= 1.0
+  for run in data['long']['runs']:
+    assert len(run['accuracy_matrix']) == 4 and 'curve' not in run
+  assert {row['method'] for row in data['short']['table']} == {'sfa(beta=0.25, p=0.5)', 'replay(fraction=0.1, ratio=0.5)'}
