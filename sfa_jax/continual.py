@@ -49,12 +49,12 @@ by SFA, L2 or EWC; the merges (WiSE-FT, task arithmetic, TIES) apply to it like 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -287,10 +287,25 @@ def method_transform(method: Method, optimizer: optax.GradientTransformation, pa
   if method.name == 'l2':
     return optax.chain(optax.inject_hyperparams(transforms.l2, hyperparam_dtype=jnp.float32)(strength=0.0), optimizer)
   if method.name == 'ewc':
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    ewc = optax.inject_hyperparams(functools.partial(transforms.ewc, zeros), hyperparam_dtype=jnp.float32)
+    ewc = optax.inject_hyperparams(_ewc_from_zero_fisher, hyperparam_dtype=jnp.float32)
     return optax.chain(ewc(strength=0.0), optimizer)
   return optimizer
+
+
+def _ewc_from_zero_fisher(strength: chex.Numeric) -> optax.GradientTransformationExtraArgs:
+  """:func:`sfa_jax.transforms.ewc` whose Fisher starts at zero and then lives only in its state.
+
+  ``init`` makes the zeros (no params-sized tree is held by the transform or baked into a compiled
+  ``init`` as a constant); :func:`configure_task` puts each task's Fisher into the state.
+  """
+
+  def init(params):
+    return transforms.ewc(jax.tree.map(jnp.zeros_like, params), strength).init(params)
+
+  def update(updates, state, params=None, **extra_args):
+    return transforms.ewc(state.fisher, strength).update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def configure_task(
