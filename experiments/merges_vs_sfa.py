@@ -11,14 +11,15 @@ each method with its own small hyper-parameter search:
   replay            5 % and 10 % of each past task kept (half of each batch from the memory)
   finetune, joint   (lower and upper reference)
 
-EWC is left out: its diagonal Fisher (per-example gradients, once per task) costs about 45 s per task
-on this 2-CPU machine, 9 per run; it is compared on the MNIST pair (mnist_pair_tradeoff.py).
+EWC runs separately, with --ewc (strength in {1e2, 1e3, 1e4}; writes merges_vs_sfa_ewc.*): its
+diagonal Fisher (per-example gradients, once per task, 9 per run) costs far more than training here.
 
 Each family is represented by its best configuration (highest mean final average accuracy). There is no
 validation split: the choice is made on the test accuracies, alike for every family.
 
   python experiments/merges_vs_sfa.py              # full run
   python experiments/merges_vs_sfa.py --quick      # digits 8x8, 3 tasks, one seed, one config each
+  python experiments/merges_vs_sfa.py --ewc        # the EWC family alone
 
 Writes experiments/results/merges_vs_sfa.{json,md} and merges_vs_sfa_average.png.
 """
@@ -44,21 +45,24 @@ QUICK_GRID = [
     ('sfa', {'p': 0.5, 'beta': 0.5}), ('wise-ft', {'beta': 0.5}), ('ties', {'density': 0.2, 'scaling': 1.0}),
     ('replay', {'fraction': 0.1}),
 ]
+EWC_GRID = experiment.grid('ewc', strength=(1e2, 1e3, 1e4))
 
 
 def main(argv=None) -> None:
   parser = experiment.experiment_parser(__doc__)
   experiment.add_stream_arguments(parser)
+  parser.add_argument('--ewc', action='store_true', help='run the EWC family alone (merges_vs_sfa_ewc.*)')
   args = parser.parse_args(argv)
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
   stream, config = experiment.long_stream(args)
   seeds = experiment.seeds_of(args)
-  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds)
+  grid = EWC_GRID if args.ewc else (QUICK_GRID if args.quick else GRID)
+  runs = experiment.run_grid(stream, grid[:1] if args.quick and args.ewc else grid, config, seeds)
 
   best = experiment.best_per_family(runs)
   rows = sorted(report.summarize_runs(runs), key=lambda row: -row['average_accuracy'][0])
-  name = 'merges_vs_sfa_quick' if args.quick else 'merges_vs_sfa'
+  name = 'merges_vs_sfa' + ('_ewc' if args.ewc else '') + ('_quick' if args.quick else '')
   os.makedirs(args.out, exist_ok=True)
   best_labels = {row['method'] for row in best}
   experiment.average_accuracy_plot([run for run in runs if run['method'] in best_labels],

@@ -69,6 +69,10 @@ def test_long_stream_scripts_quick(tmp_path):
   assert [row['family'] for row in data['best']] != []
   assert {row['family'] for row in data['best']} == {run['method_name'] for run in data['runs']}
 
+  _main('merges_vs_sfa')(['--ewc', '--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'merges_vs_sfa_ewc_quick', ['merges_vs_sfa_ewc_quick_average.png'])
+  assert [run['method'] for run in data['runs']] == ['ewc(gamma=1, strength=100)']
+
 
 def test_long_stream_needs_data_for_image_streams(tmp_path):
   with pytest.raises(ValueError, match='--data-dir'):
