@@ -74,16 +74,11 @@ def _markdown(families, areas, stats, png_name, seeds):
   for name, area in sorted(areas.items(), key=lambda item: -item[1]):
     count = len(families[name]) if name in families else name.split('all ')[-1].rstrip(')')
     lines.append(f'| {name} | {count} | {area:.3f} |')
-  lines += ['', '## Every configuration', '',
-            '| configuration | task A | task B | mean | averages on B | first average at (fraction of B) |',
-            '|---|---:|---:|---:|---:|---:|']
-  for points in families.values():
-    for p in points:
-      (a, b), (sa, sb) = p['mean'], p['std']
-      s = stats[p['label']]
-      first = '—' if s['first_at'] is None else f"{s['first_at']:.2f}"
-      lines.append(f"| {p['label']} | {a:.3f} ± {sa:.3f} | {b:.3f} ± {sb:.3f} | {(a + b) / 2:.3f} | "
-                   f"{s['averages']:.1f} | {first} |")
+  first_at = lambda label: '—' if stats[label]['first_at'] is None else f"{stats[label]['first_at']:.2f}"
+  lines += ['', '## Every configuration', ''] + experiment.tradeoff_rows(families, {
+      'averages on B': lambda label: f"{stats[label]['averages']:.1f}",
+      'first average at (fraction of B)': first_at,
+  })
   return '\n'.join(lines)
 
 

@@ -60,11 +60,7 @@ def _markdown(families, areas, split_areas, png_name):
   for name, area in sorted(areas.items() | split_areas.items(), key=lambda item: -item[1]):
     count = len(families[name]) if name in families else '—'
     lines.append(f'| {name} | {count} | {area:.3f} |')
-  lines += ['', '## Every configuration', '', '| configuration | task A | task B | mean |', '|---|---:|---:|---:|']
-  for points in families.values():
-    for p in points:
-      (a, b), (sa, sb) = p['mean'], p['std']
-      lines.append(f"| {p['label']} | {a:.3f} ± {sa:.3f} | {b:.3f} ± {sb:.3f} | {(a + b) / 2:.3f} |")
+  lines += ['', '## Every configuration', ''] + experiment.tradeoff_rows(families)
   return '\n'.join(lines)
 
 

@@ -366,6 +366,35 @@ def tradeoff_points(
   return families
 
 
+def tradeoff_rows(
+    families: Mapping[str, Sequence[dict[str, Any]]],
+    extra_columns: Mapping[str, Callable[[str], str]] | None = None,
+) -> list[str]:
+  """A markdown table of every configuration's trade-off point: task A, task B (mean ± std), their mean.
+
+  Args:
+    families: from :func:`tradeoff_points`.
+    extra_columns: more columns, ``{header: cell(label)}``, after the mean.
+
+  Returns:
+    The table's lines (header, rule, one row per configuration in the families' order).
+
+  Example:
+    >>> rows = tradeoff_rows({'l2': [{'label': 'l2(strength=1)', 'mean': [0.5, 0.7], 'std': [0.1, 0.0]}]})
+    >>> rows[-1]
+    '| l2(strength=1) | 0.500 ± 0.100 | 0.700 ± 0.000 | 0.600 |'
+  """
+  extra_columns = extra_columns or {}
+  lines = ['| configuration | task A | task B | mean |' + ''.join(f' {h} |' for h in extra_columns),
+           '|---|---:|---:|---:|' + '---:|' * len(extra_columns)]
+  for points in families.values():
+    for point in points:
+      (a, b), (sa, sb) = point['mean'], point['std']
+      extra = ''.join(f' {cell(point["label"])} |' for cell in extra_columns.values())
+      lines.append(f"| {point['label']} | {a:.3f} ± {sa:.3f} | {b:.3f} ± {sb:.3f} | {(a + b) / 2:.3f} |{extra}")
+  return lines
+
+
 def family_areas(families: Mapping[str, Sequence[dict[str, Any]]], reference: Sequence[float] = (0.0, 0.0)) -> dict[str, float]:
   """:func:`frontier_area` of each family's mean points (from :func:`tradeoff_points`).
 
