@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfa_jax import continual
-from sfa_jax import models
 from sfa_jax import tasks as tasks_lib
 
 Configuration = tuple[continual.Method, continual.TrainConfig]
@@ -196,13 +195,9 @@ def run_sweep(
   shared, count = configs[0], len(configurations)
   all_tasks = [stream[i] for i in range(len(stream))]
   model = continual.build_model(stream, shared)
-  sample = all_tasks[0].train.x[:1]
-  arrays = []  # each configuration's arrays between tasks, as run_sequence holds them
-  for config in configs:
-    params, model_state = models.split_variables(
-        model.init(jax.random.key(config.seed), sample, task_id=np.zeros(1, np.int32), train=False)
-    )
-    arrays.append({'params': params, 'model_state': model_state})
+  init = continual.initializer(model, all_tasks[0].train.x[:1])
+  # Each configuration's arrays between tasks, as run_sequence holds them.
+  arrays = [dict(zip(('params', 'model_state'), init(config.seed))) for config in configs]
   optimizer = continual._OPTIMIZERS[shared.optimizer](shared.learning_rate)
   # One transform per configuration for its initial state (its constructor's hyper-parameters);
   # they share one update rule, which reads the hyper-parameters from the state. Their inits run
