@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sfa_jax import _dense_fisher
 from sfa_jax import _validation
+from sfa_jax import models
 from sfa_jax import fisher as fisher_lib
 
 NUM_FEATURES, NUM_CLASSES, NUM_EXAMPLES = 3, 4, 50
@@ -155,10 +158,12 @@ def test_chunk_function_compiles_once_whatever_the_number_of_examples():
     traces.append(x.shape)
     return linear_logits(params, x)
 
+  traces_per_compilation = None
   for num_examples in (50, 23, 16, 7, 1, 64):
     params, inputs, labels = make_problem(num_examples=num_examples)
     fisher_lib.diagonal_fisher(counting_logits, params, inputs, labels, batch_size=16)
-  assert len(traces) == 1, traces
+    traces_per_compilation = traces_per_compilation or len(traces)
+  assert len(traces) == traces_per_compilation, traces
 
 
 def test_padding_rows_never_reach_the_sum():
@@ -207,6 +212,98 @@ def test_flax_mlp_matches_a_direct_vmap_of_grad():
   chex.assert_trees_all_close(fisher, reference, rtol=1e-5, atol=1e-8)
 
 
+class _TwoUses(nn.Module):
+  """A dense layer applied twice per example (shared weights): no closed form for it."""
+
+  @nn.compact
+  def __call__(self, x):
+    shared = nn.Dense(x.shape[-1])
+    return nn.Dense(NUM_CLASSES)(shared(jnp.tanh(shared(x))))
+
+
+class _Sequence(nn.Module):
+  """A dense layer on (batch, time, features): one example has several rows, no closed form."""
+
+  @nn.compact
+  def __call__(self, x):
+    hidden = nn.Dense(4)(x.reshape(x.shape[0], 2, -1))
+    return nn.Dense(NUM_CLASSES)(hidden.reshape(x.shape[0], -1))
+
+
+class _Normalised(nn.Module):
+  """NaN logits on all-zero rows, such as the padding of the last chunk."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(NUM_CLASSES)(x / jnp.linalg.norm(x, axis=-1, keepdims=True))
+
+
+def _flax_models():
+  """name -> (model, heads): heads is None for models that take no task_id."""
+  return {
+      'mlp': (models.make_model('mlp', NUM_CLASSES, hidden=(8, 8)), 1),
+      'mlp-heads': (models.make_model('mlp', NUM_CLASSES, num_heads=3, hidden=(8,)), 3),
+      'cnn': (models.make_model('cnn', NUM_CLASSES, features=(2,), hidden=8), 1),
+      'shared': (_TwoUses(), None),
+      'sequence': (_Sequence(), None),
+      'normalised': (_Normalised(), None),
+  }
+
+
+@pytest.mark.parametrize(
+    'name, kind',
+    [(name, 'empirical') for name in _flax_models()] + [('mlp-heads', 'sampled'), ('cnn', 'expected')],
+)
+def test_dense_closed_form_equals_the_per_example_loop(name, kind):
+  model, heads = _flax_models()[name]
+  rng = np.random.default_rng(11)
+  inputs = rng.normal(size=(21, 4, 4, 1) if name == 'cnn' else (21, 6)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, size=21)
+  task_ids = np.arange(21) % (heads or 1)
+  if heads is None:
+    logits_fn = lambda params, x: model.apply(params, x[0])
+    params = model.init(jax.random.key(1), inputs[:1])
+  else:
+    logits_fn = lambda params, x: model.apply(params, x[0], task_id=x[1])
+    params = model.init(jax.random.key(1), inputs[:1], task_id=task_ids[:1])
+
+  def run(closed_form):
+    return fisher_lib.diagonal_fisher(
+        logits_fn, params, (inputs, task_ids), labels, kind=kind, key=jax.random.key(2),
+        batch_size=8, dense_closed_form=closed_form,
+    )
+
+  closed, looped = run(True), run(False)
+  chex.assert_tree_all_finite(closed)
+  chex.assert_trees_all_close(closed, looped, rtol=2e-5, atol=1e-9)
+
+
+def test_which_layers_take_the_closed_form():
+  """Only layers called once per example, on (batch, features) rows, with their own leaves."""
+  inputs = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+  for model, expected in [
+      (models.make_model('mlp', NUM_CLASSES, hidden=(8, 8)), [('Dense_0',), ('Dense_1',), ('head',)]),
+      (_TwoUses(), [('Dense_1',)]),
+      (_Sequence(), [('Dense_1',)]),
+  ]:
+    params = model.init(jax.random.key(0), inputs[:1])
+    leaves, treedef = jax.tree.flatten(params)
+    apply = lambda differentiated, x: model.apply(treedef.unflatten(differentiated), x)
+    calls, logits_shape = _dense_fisher.find_affine_calls(apply, leaves, inputs)
+    assert [call.path for call in calls] == expected
+    assert logits_shape == (4, NUM_CLASSES)
+
+
+def test_out_of_range_labels_are_caught_when_every_leaf_takes_the_closed_form():
+  model = models.make_model('mlp', NUM_CLASSES, hidden=(8,))
+  _, inputs, labels = make_problem(num_examples=9)
+  params = model.init(jax.random.key(0), inputs[:1])
+  labels = labels.copy()
+  labels[4] = NUM_CLASSES
+  with pytest.raises(ValueError, match='1 labels lie outside'):
+    fisher_lib.diagonal_fisher(model.apply, params, inputs, labels, batch_size=4)
+
+
 def test_bf16_params_give_bf16_fisher_and_non_float_leaves_zeros():
   params, inputs, labels = make_problem(seed=8)
   reference = numpy_reference(params, inputs, labels)['empirical']
@@ -246,6 +343,19 @@ def test_sharded_params_and_inputs_keep_their_sharding():
         result = fisher_lib.diagonal_fisher(logits_fn, sharded, data, labels, batch_size=4)
         assert result['w'].sharding.is_equivalent_to(sharding, 2), result['w'].sharding
         np.testing.assert_allclose(result['w'], plain['w'], rtol=1e-6)
+      # The dense closed form (a Flax layer) keeps the sharding too.
+      import flax.linen as nn
+      dense = nn.Dense(6)
+      variables = dense.init(jax.random.key(0), inputs[:1])
+      plain = fisher_lib.diagonal_fisher(dense.apply, variables, inputs, labels, batch_size=4)
+      sharding = NamedSharding(mesh, P(None, 'd'))
+      sharded = {'params': {'kernel': jax.device_put(variables['params']['kernel'], sharding),
+                            'bias': variables['params']['bias']}}
+      data = jax.device_put(inputs, NamedSharding(mesh, P('d')))
+      result = fisher_lib.diagonal_fisher(dense.apply, sharded, data, labels, batch_size=4)
+      kernel = result['params']['kernel']
+      assert kernel.sharding.is_equivalent_to(sharding, 2), kernel.sharding
+      np.testing.assert_allclose(kernel, plain['params']['kernel'], rtol=1e-6)
       print('ok')
   """)
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
