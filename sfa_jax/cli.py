@@ -46,7 +46,7 @@ from sfa_jax import tasks
 from sfa_jax.checkpoint import CheckpointError
 from sfa_jax.checkpoint import Checkpointer
 
-HYPERPARAMS = ('p', 'beta', 'strength', 'gamma', 'fraction', 'ratio', 'scaling', 'density')
+HYPERPARAMS = ('p', 'beta', 'strength', 'gamma', 'fraction', 'ratio', 'scaling', 'density', 'threshold', 'min_p')
 
 # The offline demo: the paper's MNIST task pair (even digits, then odd digits, one shared head).
 # Hyper-parameters from the sweep in experiments/mnist_pair_sweep.py (mean accuracy over both tasks
@@ -111,6 +111,11 @@ def _add_output_arguments(parser: argparse.ArgumentParser, default_out: str | No
   parser.add_argument('--no-compile-cache', action='store_true', help="don't use JAX's persistent compilation cache")
 
 
+def _flag(hyperparam: str) -> str:
+  """The option of a hyper-parameter: ``min_p`` is ``--min-p``."""
+  return '--' + hyperparam.replace('_', '-')
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The argument parser of ``sfa-jax``."""
   parser = argparse.ArgumentParser(prog='sfa-jax', description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_training_arguments(run)
   run.add_argument('--method', required=True, help=', '.join(continual.METHODS))
   for name in HYPERPARAMS:
-    run.add_argument(f'--{name}', type=float, help=f"the method's {name} (only for methods that take it)")
+    run.add_argument(_flag(name), dest=name, type=float, help=f"the method's {name} (only for methods that take it)")
   _add_output_arguments(run, None)
 
   compare = commands.add_parser(
@@ -154,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_training_arguments(sweep_parser)
   sweep_parser.add_argument('--method', required=True, help=', '.join(continual.METHODS))
   for name in HYPERPARAMS:
-    sweep_parser.add_argument(f'--{name}', help=f"comma-separated values of the method's {name}, e.g. 0.1,0.5")
+    sweep_parser.add_argument(_flag(name), dest=name, help=f"comma-separated values of the method's {name}, e.g. 0.1,0.5")
   sweep_parser.add_argument('--out', required=True, help='output folder')
   sweep_parser.add_argument('--no-compile-cache', action='store_true', help="don't use JAX's persistent compilation cache")
   sweep_parser.set_defaults(resume=False, checkpoint_every=0)

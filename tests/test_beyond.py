@@ -14,6 +14,9 @@ import optax
 import pytest
 
 import sfa_jax
+from _optax_helpers import quadratic_problem
+from _optax_helpers import run_optax
+from _optax_helpers import tree_params
 from sfa_jax import adaptive
 from sfa_jax import continual
 from sfa_jax import tasks
@@ -47,31 +50,11 @@ def numpy_adaptive_trajectory(optimizer, lr, threshold, beta, min_p, total_steps
   return np.stack(trajectory), averaged
 
 
-def quadratic_problem(seed, size=5):
-  rng = np.random.default_rng(seed)
-  return rng.uniform(0.5, 2.0, size), rng.normal(size=size), rng.normal(size=size), rng.normal(size=size)
-
-
-def run_optax(tx, params, grad_fn, num_steps, step_wrapper=lambda f: f):
+def run_adaptive(tx, params, grad_fn, num_steps, step_wrapper=lambda f: f):
   """Params after every step, the steps after which adaptive SFA averaged, and the final state."""
-  state = tx.init(params)
-
-  def step(params, state):
-    updates, state = tx.update(grad_fn(params), state, params)
-    return optax.apply_updates(params, updates), state
-
-  step = step_wrapper(step)
-  trajectory, averaged = [], []
-  for t in range(1, num_steps + 1):
-    params, state = step(params, state)
-    trajectory.append(params)
-    if int(adaptive.find_state(state).last_average) == t:
-      averaged.append(t)
-  return trajectory, averaged, state
-
-
-def _params(dtype=jnp.float32):
-  return {'a': -jnp.ones((2, 3), dtype), 'b': {'c': jnp.ones((2, 5, 2), dtype)}}
+  trajectory, states = run_optax(tx, params, grad_fn, num_steps, step_wrapper)
+  averaged = [t for t, state in enumerate(states, 1) if int(adaptive.find_state(state).last_average) == t]
+  return trajectory, averaged, states[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +82,7 @@ class AdaptiveTrajectoryTest(chex.TestCase):
       base = optax.sgd(lr) if optimizer == 'sgd' else optax.adam(lr)
       tx = optax.chain(base, adaptive.adaptive_sfa({'w': anchor}, threshold, beta, min_p, total_steps=total_steps))
       grad_fn = lambda params: {'w': curvature * (params['w'] - target)}
-      trajectory, averaged, state = run_optax(tx, {'w': theta0}, grad_fn, total_steps + 3, self.variant)
+      trajectory, averaged, state = run_adaptive(tx, {'w': theta0}, grad_fn, total_steps + 3, self.variant)
       np.testing.assert_allclose(np.stack([p['w'] for p in trajectory]), expected, rtol=2e-4, atol=2e-5)
       # A drift within float rounding of the threshold could flip a decision; the draws avoid it.
       assert averaged == expected_steps
@@ -114,7 +97,7 @@ def test_averages_where_the_drift_crosses_the_threshold():
   params = {'w': jnp.array([10.0, 0.0])}
   tx = optax.chain(optax.sgd(1.0), adaptive.adaptive_sfa(threshold=0.25, beta=0.5, min_p=0.1, total_steps=12))
   grad_fn = lambda params: {'w': jnp.array([0.0, -1.0])}
-  trajectory, averaged, state = run_optax(tx, params, grad_fn, 14)
+  trajectory, averaged, state = run_adaptive(tx, params, grad_fn, 14)
   # Steps start at drift 0, 1, 2, 3 (>= 2.5: lands on 4, averaged to 2), 2, 3 (averaged), ...; and at T = 12.
   assert averaged == [4, 6, 8, 10, 12]
   chex.assert_trees_all_close(trajectory[3]['w'], jnp.array([10.0, 2.0]))
@@ -160,7 +143,7 @@ def test_integer_and_key_leaves_pass_through_and_do_not_count_in_the_drift():
 
 
 def test_inject_hyperparams_and_changing_the_threshold():
-  params = _params()
+  params = tree_params()
   grads = jax.tree.map(lambda x: 0.3 * jnp.ones_like(x), params)
   factory = functools.partial(adaptive.adaptive_sfa, total_steps=6)
   hyper = {'threshold': 0.2, 'beta': 0.5, 'min_p': 0.2}
@@ -187,7 +170,7 @@ def test_inject_hyperparams_and_changing_the_threshold():
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
 def test_dtypes_preserved_and_state_stable(dtype):
-  params = _params(dtype)
+  params = tree_params(dtype)
   tx = optax.chain(optax.adam(1e-2), adaptive.adaptive_sfa(threshold=0.005, beta=0.5, min_p=0.25, total_steps=4))
   state = tx.init(params)
   initial = jax.tree.map(lambda x: (x.shape, x.dtype), state)
@@ -201,7 +184,7 @@ def test_dtypes_preserved_and_state_stable(dtype):
 
 
 def test_params_and_state_can_be_donated_also_after_reanchor():
-  params = _params()
+  params = tree_params()
   tx = optax.chain(optax.adam(1e-2), optax.inject_hyperparams(adaptive.adaptive_sfa)(threshold=0.1, total_steps=4))
 
   def step_fn(params, state):
@@ -222,7 +205,7 @@ def test_params_and_state_can_be_donated_also_after_reanchor():
 
 
 def test_reanchor_sets_the_anchor_and_its_norm_and_restarts_the_counters():
-  params = _params()
+  params = tree_params()
   tx = optax.MultiSteps(
       optax.chain(optax.adam(1e-2), optax.inject_hyperparams(adaptive.adaptive_sfa)(threshold=0.0, total_steps=4)),
       every_k_schedule=1,
@@ -252,9 +235,9 @@ def test_reanchor_sets_the_anchor_and_its_norm_and_restarts_the_counters():
         (lambda: adaptive.adaptive_sfa(None, 0.1), TypeError, 'needs total_steps'),
         (lambda: adaptive.adaptive_sfa(total_steps=3), TypeError, 'needs threshold'),
         (lambda: adaptive.adaptive_sfa(None, lambda count: 0.1, total_steps=3), TypeError, 'inject_hyperparams'),
-        (lambda: adaptive.find_state(optax.adam(1e-3).init(_params())), ValueError, 'no AdaptiveSFAState'),
+        (lambda: adaptive.find_state(optax.adam(1e-3).init(tree_params())), ValueError, 'no AdaptiveSFAState'),
         (lambda: adaptive.adaptive_sfa(threshold=0.1, total_steps=3).init(None), ValueError, 'params'),
-        (lambda: adaptive.adaptive_sfa({'a': jnp.ones(2)}, 0.1, total_steps=3).init(_params()), ValueError, 'anchor'),
+        (lambda: adaptive.adaptive_sfa({'a': jnp.ones(2)}, 0.1, total_steps=3).init(tree_params()), ValueError, 'anchor'),
         (lambda: sfa_jax.transforms.register_anchored_state(dict, lambda s, p: s), TypeError, 'anchor field'),
         (lambda: continual.make_method('adaptive-sfa', threshold=-1.0), ValueError, 'threshold must lie'),
         (lambda: continual.make_method('multi-anchor-sfa', threshold=0.1), ValueError, 'takes no hyper-parameter'),

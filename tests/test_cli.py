@@ -83,6 +83,7 @@ def test_resume_skips_finished_runs(tmp_path, capsys):
         (['run', '--method', 'sfa', '--stream', 'split-fashion-mnist', '--data-dir', '/nonexistent'], 'not found'),
         (['run', '--method', 'sfa', '--source', 'nowhere'], "got source='nowhere'"),
         (['compare', '--methods', 'sfa,l2', '--hp', 'l2.p=0.5'], "'l2' takes no hyper-parameter"),
+        (['run', '--method', 'adaptive-sfa', '--min-p', '2'], 'min_p must lie in'),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
@@ -144,3 +145,13 @@ def test_quick_demo_sfa_beats_finetuning(tmp_path):
   assert len(sfa['averaging_steps']) == 4 and len(sfa['curve']) > 2 * len(sfa['averaging_steps'])
   assert (out / 'results.md').read_text().strip() in result.stdout
   assert any(cache.iterdir()), 'the persistent compilation cache stayed empty'
+
+
+def test_adaptive_sfa_knobs_on_the_command_line():
+  parser = cli.build_parser()
+  common = ['--stream', 'mnist-pair', '--source', 'digits', '--out', 'unused']
+  run = parser.parse_args(['run', '--method', 'adaptive-sfa', '--threshold', '0.2', '--min-p', '0.3'] + common)
+  (method,) = cli._plan(run)[1]
+  assert (method['threshold'], method['min_p']) == (0.2, 0.3)
+  sweep_args = parser.parse_args(['sweep', '--method', 'adaptive-sfa', '--threshold', '0.05,0.2'] + common)
+  assert [m['threshold'] for m in cli._plan(sweep_args)[1]] == [0.05, 0.2]

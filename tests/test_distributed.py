@@ -47,6 +47,27 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
     if not CHECK_STEPS:
       raise SystemExit(print('DISTRIBUTED OK'))
 
+    # Checkpoints of a sharded run: stopped mid-task and resumed on the mesh, the same matrix.
+    import tempfile
+    from sfa_jax.checkpoint import Checkpointer
+
+    class Stop(Exception):
+      pass
+
+    def stop_mid_task_1(event):
+      if event.get('task') == 1 and event.get('step') == event['steps'] // 2 + 1:
+        raise Stop
+
+    with tempfile.TemporaryDirectory() as folder:
+      try:
+        continual.run_sequence(stream, method, config, mesh=mesh, progress=stop_mid_task_1,
+                               checkpointer=Checkpointer(folder, every_steps=4))
+        raise AssertionError('the run was to stop in the middle of task 1')
+      except Stop:
+        pass
+      resumed = continual.run_sequence(stream, method, config, mesh=mesh, checkpointer=Checkpointer(folder))
+    np.testing.assert_allclose(resumed.accuracy_matrix, sharded.accuracy_matrix, atol=1e-6)
+
     # The state keeps its sharding across steps; the step compiles once; the transforms alone do
     # not communicate.
     task = stream[0]

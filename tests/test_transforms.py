@@ -14,6 +14,9 @@ import optax
 import pytest
 
 import sfa_jax
+from _optax_helpers import quadratic_problem
+from _optax_helpers import run_optax
+from _optax_helpers import tree_params
 
 # ---------------------------------------------------------------------------------------------
 # A plain NumPy reference of SFA, written without sfa_jax's helpers.
@@ -23,16 +26,6 @@ def reference_averaging_steps(p, total_steps):
   """Steps (1-based) after which SFA averages: every round(p*T) steps (half up, >= 1) and at T."""
   period = max(1, int(np.floor(np.float32(p) * np.float32(total_steps) + np.float32(0.5))))
   return {t for t in range(1, total_steps + 1) if t % period == 0} | {total_steps}
-
-
-def quadratic_problem(seed, size=5):
-  """Loss 0.5 * sum(a * (theta - c)^2): gradient a * (theta - c)."""
-  rng = np.random.default_rng(seed)
-  curvature = rng.uniform(0.5, 2.0, size)
-  target = rng.normal(size=size)
-  theta0 = rng.normal(size=size)
-  anchor = rng.normal(size=size)
-  return curvature, target, theta0, anchor
 
 
 def numpy_sfa_trajectory(optimizer, lr, p, beta, total_steps, extra_steps, problem):
@@ -53,21 +46,6 @@ def numpy_sfa_trajectory(optimizer, lr, p, beta, total_steps, extra_steps, probl
       theta = beta * anchor + (1 - beta) * theta
     trajectory.append(theta.copy())
   return np.stack(trajectory)
-
-
-def run_optax(tx, params, grad_fn, num_steps, step_wrapper=lambda f: f):
-  state = tx.init(params)
-
-  def step(params, state):
-    updates, state = tx.update(grad_fn(params), state, params)
-    return optax.apply_updates(params, updates), state
-
-  step = step_wrapper(step)
-  trajectory = []
-  for _ in range(num_steps):
-    params, state = step(params, state)
-    trajectory.append(params)
-  return trajectory, state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,13 +242,9 @@ def _transforms_under_test(params):
   }
 
 
-def _params(dtype=jnp.float32):
-  return {'a': -jnp.ones((2, 3), dtype), 'b': {'c': jnp.ones((2, 5, 2), dtype)}}
-
-
 @pytest.mark.parametrize('name', ['sfa', 'l2', 'ewc'])
 def test_extra_args_pass_through_without_recompiling(name):
-  params = _params()
+  params = tree_params()
   tx = _transforms_under_test(params)[name]
   traces = []
 
@@ -297,7 +271,7 @@ def test_extra_args_pass_through_without_recompiling(name):
     ],
 )
 def test_inject_hyperparams(factory, hyperparams, changed):
-  params = _params()
+  params = tree_params()
   grads = jax.tree.map(lambda x: 0.3 * jnp.ones_like(x), params)
   plain = factory(**hyperparams)
   injected = optax.inject_hyperparams(factory)(**hyperparams)
@@ -327,7 +301,7 @@ def test_inject_hyperparams(factory, hyperparams, changed):
 @pytest.mark.parametrize('name', ['sfa', 'l2', 'ewc'])
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
 def test_dtypes_preserved_and_state_stable(name, dtype):
-  params = _params(dtype)
+  params = tree_params(dtype)
   tx = _transforms_under_test(params)[name]
   state = tx.init(params)
   initial = jax.tree.map(lambda x: (x.shape, x.dtype), state)
@@ -337,14 +311,14 @@ def test_dtypes_preserved_and_state_stable(name, dtype):
     updates, state = step(grads, state, params)
     chex.assert_trees_all_equal_dtypes(updates, params)
     params = optax.apply_updates(params, updates)
-    chex.assert_trees_all_equal_dtypes(params, _params(dtype))
+    chex.assert_trees_all_equal_dtypes(params, tree_params(dtype))
     assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == initial
 
 
 @pytest.mark.parametrize('name', ['sfa', 'l2', 'ewc'])
 def test_multisteps_accumulation(name):
   """MultiSteps(tx, k) on grads g1..gk equals tx on their mean; SFA counts real (outer) steps."""
-  params = _params()
+  params = tree_params()
   tx = _transforms_under_test(params)[name]
   accumulating = optax.MultiSteps(tx, every_k_schedule=3)
   rng = np.random.default_rng(0)
@@ -366,7 +340,7 @@ def test_multisteps_accumulation(name):
 
 @pytest.mark.parametrize('name', ['sfa', 'l2', 'ewc'])
 def test_params_and_state_can_be_donated(name):
-  params = _params()
+  params = tree_params()
   tx = _transforms_under_test(params)[name]
   state = tx.init(params)  # the anchor is a copy, so donating params does not donate the anchor
 
@@ -391,7 +365,7 @@ def test_params_and_state_can_be_donated(name):
 
 
 def test_reanchor_finds_states_in_wrappers_and_restarts_the_counter():
-  params = _params()
+  params = tree_params()
   fisher = jax.tree.map(jnp.ones_like, params)
   tx = optax.MultiSteps(
       optax.chain(
@@ -418,7 +392,7 @@ def test_reanchor_finds_states_in_wrappers_and_restarts_the_counter():
 
 
 def test_reanchor_errors():
-  params = _params()
+  params = tree_params()
   with pytest.raises(ValueError, match='found no SFAState'):
     sfa_jax.reanchor(optax.adam(1e-3).init(params), params)
   state = optax.chain(optax.adam(1e-3), sfa_jax.sfa(p=0.5, total_steps=3)).init(params)
@@ -429,7 +403,7 @@ def test_reanchor_errors():
 
 
 def test_anchor_none_means_a_copy_of_the_params_at_init():
-  params = _params()
+  params = tree_params()
   state = sfa_jax.sfa(p=0.5, total_steps=2).init(params)
   chex.assert_trees_all_equal(state.anchor, params)
   assert state.anchor['a'] is not params['a']
@@ -472,7 +446,7 @@ def test_bad_hyperparameters(make, error, match):
     ],
 )
 def test_mismatched_anchor_or_fisher_names_the_leaf(bad_tree, match):
-  params = _params()
+  params = tree_params()
   for tx, name in (
       (sfa_jax.sfa(bad_tree, 0.5, total_steps=3), 'anchor'),
       (sfa_jax.l2(1.0, anchor=bad_tree), 'anchor'),
@@ -487,7 +461,7 @@ def test_mismatched_anchor_or_fisher_names_the_leaf(bad_tree, match):
 
 @pytest.mark.parametrize('name', ['sfa', 'l2', 'ewc'])
 def test_params_none_is_refused(name):
-  params = _params()
+  params = tree_params()
   tx = _transforms_under_test(params)[name]
   state = tx.init(params)
   with pytest.raises(ValueError, match='params'):
