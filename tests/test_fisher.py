@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfa_jax import _dense_fisher
+from sfa_jax import _layerwise_fisher
 from sfa_jax import _validation
 from sfa_jax import models
 from sfa_jax import fisher as fisher_lib
@@ -230,6 +230,17 @@ class _Sequence(nn.Module):
     return nn.Dense(NUM_CLASSES)(hidden.reshape(x.shape[0], -1))
 
 
+class _Convolutions(nn.Module):
+  """Strided VALID and dilated SAME convolutions (closed form), and a grouped one (the loop)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(3, (3, 3), strides=2, padding='VALID')(x))
+    x = jnp.tanh(nn.Conv(4, (2, 2), kernel_dilation=2)(x))
+    x = jnp.tanh(nn.Conv(4, (1, 1), feature_group_count=2)(x))
+    return nn.Dense(NUM_CLASSES)(x.reshape(x.shape[0], -1))
+
+
 class _Normalised(nn.Module):
   """NaN logits on all-zero rows, such as the padding of the last chunk."""
 
@@ -247,6 +258,7 @@ def _flax_models():
       'shared': (_TwoUses(), None),
       'sequence': (_Sequence(), None),
       'normalised': (_Normalised(), None),
+      'convolutions': (_Convolutions(), None),
   }
 
 
@@ -254,10 +266,11 @@ def _flax_models():
     'name, kind',
     [(name, 'empirical') for name in _flax_models()] + [('mlp-heads', 'sampled'), ('cnn', 'expected')],
 )
-def test_dense_closed_form_equals_the_per_example_loop(name, kind):
+def test_layerwise_equals_the_per_example_loop(name, kind):
   model, heads = _flax_models()[name]
   rng = np.random.default_rng(11)
-  inputs = rng.normal(size=(21, 4, 4, 1) if name == 'cnn' else (21, 6)).astype(np.float32)
+  shape = {'cnn': (21, 4, 4, 1), 'convolutions': (21, 9, 9, 2)}.get(name, (21, 6))
+  inputs = rng.normal(size=shape).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, size=21)
   task_ids = np.arange(21) % (heads or 1)
   if heads is None:
@@ -270,7 +283,7 @@ def test_dense_closed_form_equals_the_per_example_loop(name, kind):
   def run(closed_form):
     return fisher_lib.diagonal_fisher(
         logits_fn, params, (inputs, task_ids), labels, kind=kind, key=jax.random.key(2),
-        batch_size=8, dense_closed_form=closed_form,
+        batch_size=8, layerwise=closed_form,
     )
 
   closed, looped = run(True), run(False)
@@ -279,17 +292,19 @@ def test_dense_closed_form_equals_the_per_example_loop(name, kind):
 
 
 def test_which_layers_take_the_closed_form():
-  """Only layers called once per example, on (batch, features) rows, with their own leaves."""
-  inputs = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
-  for model, expected in [
-      (models.make_model('mlp', NUM_CLASSES, hidden=(8, 8)), [('Dense_0',), ('Dense_1',), ('head',)]),
-      (_TwoUses(), [('Dense_1',)]),
-      (_Sequence(), [('Dense_1',)]),
+  """Dense layers called once per example on (batch, features) rows, plain 2-D convolutions."""
+  rng = np.random.default_rng(0)
+  rows, images = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=(4, 9, 9, 2)).astype(np.float32)
+  for model, inputs, expected in [
+      (models.make_model('mlp', NUM_CLASSES, hidden=(8, 8)), rows, [('Dense_0',), ('Dense_1',), ('head',)]),
+      (_TwoUses(), rows, [('Dense_1',)]),
+      (_Sequence(), rows, [('Dense_1',)]),
+      (_Convolutions(), images, [('Conv_0',), ('Conv_1',), ('Dense_0',)]),
   ]:
     params = model.init(jax.random.key(0), inputs[:1])
     leaves, treedef = jax.tree.flatten(params)
     apply = lambda differentiated, x: model.apply(treedef.unflatten(differentiated), x)
-    calls, logits_shape = _dense_fisher.find_affine_calls(apply, leaves, inputs)
+    calls, logits_shape = _layerwise_fisher.find_affine_calls(apply, leaves, inputs)
     assert [call.path for call in calls] == expected
     assert logits_shape == (4, NUM_CLASSES)
 
