@@ -34,8 +34,18 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
     except ValueError as error:
       assert 'multiple of 8' in str(error)
 
-    # The same accuracy matrix on one device and on the 2x4 mesh.
+    # The params are created sharded (FSDP), with the values of the one-device init.
     stream = tasks.make_stream('mnist-pair', source='digits')
+    init_model = continual.build_model(stream, continual.TrainConfig(model_kwargs=(('hidden', (64,)),)))
+    sample = stream[0].train.x[:1]
+    sharded_init = continual.initializer(init_model, sample, mesh)(3)
+    for got, want, sharding in zip(jax.tree.leaves(sharded_init), jax.tree.leaves(continual.initializer(init_model, sample)(3)),
+                                   jax.tree.leaves(distributed.tree_shardings(sharded_init, mesh))):
+      assert got.sharding.is_equivalent_to(sharding, got.ndim), (got.sharding, sharding)
+      np.testing.assert_array_equal(got, want)
+    assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(sharded_init))
+
+    # The same accuracy matrix on one device and on the 2x4 mesh.
     config = continual.TrainConfig(epochs_per_task=1, batch_size=32, model_kwargs=(('hidden', (32,)),))
     for name in ACCURACY_METHODS:
       method = continual.make_method(name)
