@@ -196,3 +196,17 @@ def test_only_wise_ft_keeps_a_copy_of_the_task_start(pair, name, keeps_start):
   arrays = {'params': params, 'model_state': model_state, 'opt_state': tx.init(params)}
   continual._start_task(method, CONFIG, arrays, 1, 10, tx.init)
   assert ('anchor' in arrays) == keeps_start
+
+
+def test_runs_of_one_process_reuse_the_compiled_step(pair, caplog):
+  """Another p reuses the step compiled for the first run, and gives the numbers of a fresh one."""
+  continual._REUSED.clear()
+  fresh = continual.run_sequence(pair, continual.make_method('sfa', p=0.5, beta=0.5), CONFIG).accuracy_matrix
+  continual._REUSED.clear()
+  continual.run_sequence(pair, continual.make_method('sfa', p=0.25, beta=0.25), CONFIG)
+  caplog.clear()
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    reused = continual.run_sequence(pair, continual.make_method('sfa', p=0.5, beta=0.5), CONFIG).accuracy_matrix
+  compiles = [r.getMessage() for r in caplog.records if 'Finished XLA compilation of jit(step)' in r.getMessage()]
+  assert compiles == []
+  assert reused == fresh
