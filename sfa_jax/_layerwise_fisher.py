@@ -79,7 +79,7 @@ def _conv_settings(module: nn.Conv, x) -> tuple | None:
   return (strides, module.padding, dilation)
 
 
-def _match(module: nn.Module, args: tuple, kwargs: dict, leaf_index: dict[int, int]) -> AffineCall | None:
+def _match(module: nn.Module, args: tuple, leaf_index: dict[int, int]) -> AffineCall | None:
   """The :class:`AffineCall` of this module call (output shape not yet known), or ``None``."""
   if not args or not hasattr(args[0], 'shape') or args[0].dtype != jnp.float32:
     return None
@@ -133,7 +133,7 @@ def find_affine_calls(
       if context.method_name != '__call__':
         return next_fun(*args, **kwargs)
       paths[context.module.path] += 1
-      call = _match(context.module, args, kwargs, leaf_index)
+      call = _match(context.module, args, leaf_index)
       out = next_fun(*args, **kwargs)
       if call is not None and args[0].shape[0] == batch and getattr(out, 'shape', (None,))[0] == batch:
         seen.append(call._replace(out_shape=tuple(out.shape)))

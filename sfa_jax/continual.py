@@ -406,11 +406,12 @@ def _reused(key: tuple, build: Callable[[], Any]) -> Any:
   compilation cache) compiles anew: ~0.5 s a run for the MLP, several seconds cold.
   """
   try:
-    if key not in _REUSED:
-      _REUSED[key] = build()
-    return _REUSED[key]
+    hash(key)
   except TypeError:  # a model with an unhashable field
     return build()
+  if key not in _REUSED:
+    _REUSED[key] = build()
+  return _REUSED[key]
 
 
 def make_train_step(model, tx: optax.GradientTransformation):

@@ -63,11 +63,12 @@ def diagonal_fisher(
   last one is padded, and its padding masked out), so the jitted chunk function compiles once per
   ``(logits_fn, kind, num_samples, batch_size)``, input shapes and dtypes, whatever ``N``; pass the
   same ``logits_fn`` object from call to call to reuse that compilation. Memory is the float32 sums,
-  one gradient, and one chunk's inputs and dense-layer activations: it grows with ``batch_size``
-  only through activations, never with ``N`` or ``batch_size`` times the parameters; the result
-  depends on ``batch_size`` only through float rounding. Sums are accumulated in float32 and the result is cast back to each leaf's dtype. Sharded params and
-  inputs are used where they lie: nothing is moved to a chosen device (meshes with explicit axis
-  types, ``jax.sharding.AxisType.Explicit``, are not supported yet).
+  one gradient, one chunk's inputs and activations, and (convolutions) one chunk's per-example
+  kernel gradients, at most ``_layerwise_fisher.MAX_CONV_GRADIENT_FLOATS`` floats: never ``N`` or
+  ``batch_size`` times all the parameters. The result depends on ``batch_size`` only through float
+  rounding. Sums are accumulated in float32 and the result is cast back to each leaf's dtype.
+  Sharded params and inputs are used where they lie: nothing is moved to a chosen device (meshes
+  with explicit axis types, ``jax.sharding.AxisType.Explicit``, are not supported yet).
 
   How the per-example gradients are had: the parameters of Flax dense and convolution layers
   (``nn.Dense``, :class:`sfa_jax.models.heads.OutputHead`, plain 2-D ``nn.Conv``) that ``logits_fn``
@@ -293,10 +294,10 @@ def _accumulate(
 
   With ``layerwise``, the leaves of qualifying dense and convolution layers get their sums from
   one batched backward pass (:mod:`sfa_jax._layerwise_fisher`). The other leaves are walked one
-  example at a time by a loop that adds each squared gradient straight into the sums, rather than by a ``vmap`` that
-  materialises a ``(batch, parameters)`` array and reduces it over the leading axis: on XLA:CPU that
-  reduction is poorly vectorised and dominated the cost (see ``benchmarks/fisher_speed.py``), and
-  the loop's memory does not grow with the chunk size.
+  example at a time by a loop that adds each squared gradient straight into the sums, rather than
+  by a ``vmap`` that materialises a ``(batch, parameters)`` array and reduces it over the leading
+  axis: on XLA:CPU that reduction is poorly vectorised and dominated the cost (see
+  ``benchmarks/fisher_speed.py``), and the loop's memory does not grow with the chunk size.
   """
   sums, num_bad_labels = carry
   leaves, treedef = jax.tree.flatten(params)
@@ -323,7 +324,10 @@ def _accumulate(
       return classes, jnp.full(num_samples, 1.0 / num_samples)
     return jnp.arange(log_probs.shape[-1]), jnp.exp(log_probs)
 
-  calls, logits_shape = _layerwise_fisher.find_affine_calls(apply, float_leaves, inputs)
+  if layerwise:
+    calls, logits_shape = _layerwise_fisher.find_affine_calls(apply, float_leaves, inputs)
+  else:
+    calls, logits_shape = [], jax.eval_shape(apply, float_leaves, inputs).shape
   num_classes = logits_shape[-1]
   if labels is None:
     labels = jnp.zeros(rows.shape, jnp.int32)
@@ -332,7 +336,7 @@ def _accumulate(
     num_bad_labels = num_bad_labels + jnp.sum(bad, dtype=jnp.int32)
   indices = offset + jnp.arange(rows.shape[0], dtype=jnp.int32)
 
-  if layerwise and calls:
+  if calls:
     forward = _layerwise_fisher.tapped_log_probs(apply, calls, float_leaves, inputs)
     taps = {call.path: jnp.zeros(call.out_shape) for call in calls}
     log_probs, pullback, layer_inputs = jax.vjp(forward, taps, has_aux=True)
@@ -343,8 +347,6 @@ def _accumulate(
       return _layerwise_fisher.add_squared_gradients(sums, calls, layer_inputs, deltas, weights[:, j], rows)
 
     sums = jax.lax.fori_loop(0, classes.shape[1], add_target, sums)
-  else:
-    calls = []
 
   closed_form = {i for call in calls for i in (call.kernel, call.bias) if i is not None}
   looped = [i for i in range(len(float_leaves)) if i not in closed_form]
