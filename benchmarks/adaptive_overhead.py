@@ -32,9 +32,7 @@ def adaptive_landing(threshold: float, beta: float, total_steps: int) -> optax.G
   """The rejected rule: average when ``‖θ + u − θ_o‖ >= threshold·‖θ_o‖`` (same numbers otherwise)."""
 
   def init_fn(params):
-    anchor = jax.tree.map(jnp.copy, params)
-    zero = jnp.zeros([], jnp.int32)
-    return adaptive.AdaptiveSFAState(zero, zero + 0, zero + 0, jnp.zeros([], jnp.float32), adaptive.float_norm(anchor), anchor)
+    return adaptive.adaptive_sfa(threshold=threshold, beta=beta, min_p=0.1, total_steps=total_steps).init(params)
 
   def update_fn(updates, state, params):
     count = state.count + 1

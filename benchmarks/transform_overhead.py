@@ -50,7 +50,7 @@ def sfa_rejected(select: str, p: float, beta: float, total_steps: int) -> optax.
   """
 
   def init_fn(params):
-    return transforms.SFAState(count=jnp.zeros([], jnp.int32), anchor=jax.tree.map(jnp.copy, params))
+    return sfa_jax.sfa(p=p, beta=beta, total_steps=total_steps).init(params)
 
   def averaged(updates, params, anchor):
     return jax.tree.map(lambda u, prm, a: beta * (a - prm) + (1 - beta) * u, updates, params, anchor)
@@ -64,7 +64,7 @@ def sfa_rejected(select: str, p: float, beta: float, total_steps: int) -> optax.
     else:
       new_updates = jax.tree.map(lambda avg, u: jnp.where(now, avg, u),
                                  averaged(updates, params, state.anchor), updates)
-    return new_updates, transforms.SFAState(count=count, anchor=state.anchor)
+    return new_updates, state._replace(count=count, averaged=now)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

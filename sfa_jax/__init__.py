@@ -16,8 +16,13 @@ from sfa_jax.transforms import averaging_period
 from sfa_jax.transforms import ewc
 from sfa_jax.transforms import is_averaging_step
 from sfa_jax.transforms import l2
-from sfa_jax.transforms import reanchor
 from sfa_jax.transforms import sfa
+from sfa_jax.anchors import check_placement
+from sfa_jax.anchors import find_state
+from sfa_jax.anchors import find_states
+from sfa_jax.anchors import reanchor
+from sfa_jax.anchors import register_anchored_state
+from sfa_jax.anchors import set_hyperparams
 from sfa_jax.adaptive import AdaptiveSFAState
 from sfa_jax.adaptive import adaptive_sfa
 from sfa_jax.fisher import diagonal_fisher

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def is_traced(value: Any) -> bool:
@@ -21,14 +22,44 @@ def is_traced(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
-def concrete_float(value: Any) -> float | None:
-  """``value`` as a Python float, or ``None`` when it is traced or not a scalar."""
-  if is_traced(value) or callable(value):
-    return None
-  array = np.asarray(value)
-  if array.ndim != 0:
-    return None
-  return float(array)
+INT32_MAX = 2**31 - 1
+
+
+def _describe(value: Any) -> str:
+  """``value`` for an error message: its repr, or its shape and dtype when it is an array."""
+  if hasattr(value, 'shape') and hasattr(value, 'dtype') and np.ndim(value) > 0:
+    return f'an array of shape {tuple(np.shape(value))} and dtype {value.dtype}'
+  return repr(value)
+
+
+def concrete_float(name: str, value: Any) -> float | None:
+  """``value`` as a Python float, or ``None`` when it is traced (its value is unknown yet).
+
+  Accepts a Python ``int`` or ``float``, a NumPy number, or a 0-d NumPy / JAX array of a real
+  numeric dtype; a tracer must be 0-d too (its shape is known even when its value is not).
+
+  Args:
+    name: the argument's name, used in the message.
+    value: the value to check.
+
+  Raises:
+    TypeError: when ``value`` is a string, a bool, ``None``, a complex number or any other
+      non-number, or an array with one or more dimensions.
+  """
+  dtype = getattr(value, 'dtype', None)
+  if isinstance(value, bool) or (dtype is not None and np.dtype(dtype) == np.bool_):
+    raise TypeError(f'{name} must be a number; got the bool {value!r}.')
+  if dtype is not None:
+    if np.ndim(value) != 0:
+      raise TypeError(f'{name} must be a scalar (a 0-d number); got {_describe(value)}.')
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+      raise TypeError(f'{name} must be a real number; got dtype {dtype}.')
+    if is_traced(value):
+      return None
+    return float(np.asarray(value))
+  if isinstance(value, (int, float)):
+    return float(value)
+  raise TypeError(f'{name} must be a number; got {type(value).__name__} {value!r}.')
 
 
 def check_in_interval(
@@ -40,17 +71,21 @@ def check_in_interval(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-  """Raises ``ValueError`` unless ``value`` lies in the interval from ``low`` to ``high``.
+  """Raises unless ``value`` is a scalar number in the interval from ``low`` to ``high``.
 
   Args:
     name: the argument's name, used in the message.
-    value: a number, a 0-d array, a traced value (not checked) or a schedule (not checked).
+    value: a number or a 0-d array; a traced value is checked for its shape only.
     low: lower bound.
     high: upper bound.
     low_open: whether ``low`` itself is excluded.
     high_open: whether ``high`` itself is excluded.
+
+  Raises:
+    TypeError: when ``value`` is not a scalar number (see :func:`concrete_float`).
+    ValueError: when it lies outside the interval or is NaN.
   """
-  number = concrete_float(value)
+  number = concrete_float(name, value)
   if number is None:
     return
   left = '(' if low_open else '['
@@ -62,17 +97,68 @@ def check_in_interval(
 
 
 def check_non_negative(name: str, value: Any) -> None:
-  """Raises ``ValueError`` if ``value`` is negative or NaN (traced values are not checked)."""
+  """Raises unless ``value`` is a finite scalar number >= 0 (traced values: shape only)."""
   check_in_interval(name, value, 0.0, math.inf, high_open=True)
 
 
+def check_finite(name: str, value: Any) -> None:
+  """Raises unless ``value`` is a finite scalar number (traced values: shape only)."""
+  number = concrete_float(name, value)
+  if number is not None and not math.isfinite(number):
+    raise ValueError(f'{name} must be a finite number; got {value!r}.')
+
+
 def check_positive_int(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value`` is an integer >= 1 (traced values are not checked)."""
-  number = concrete_float(value)
+  """Raises unless ``value`` is an integer in [1, 2**31 - 1] (the int32 step counters' range).
+
+  Traced values are checked for their shape only.
+  """
+  number = concrete_float(name, value)
   if number is None:
     return
-  if not float(number).is_integer() or number < 1:
+  if not number.is_integer() or number < 1:
     raise ValueError(f'{name} must be an integer >= 1; got {value!r}.')
+  if number > INT32_MAX:
+    raise ValueError(f'{name} must be at most 2**31 - 1 = {INT32_MAX} (int32 step counters); got {value!r}.')
+
+
+def check_full_precision(name: str, value: Any) -> None:
+  """Raises when ``value`` is a floating array narrower than float32 (bfloat16, float16).
+
+  A period such as ``p`` rounded to bfloat16 changes where the averages fall (0.35 becomes 0.3496:
+  ``p·T = 3.496`` rounds to 3 instead of 4), so the schedule would depend on the params' dtype.
+  ``optax.inject_hyperparams`` casts hyper-parameters to the params' dtype unless told otherwise.
+  """
+  dtype = getattr(value, 'dtype', None)
+  if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and np.dtype(dtype).itemsize < 4:
+    raise ValueError(
+        f'{name} arrived as {np.dtype(dtype).name}, which moves the averaging schedule ({name} sets where '
+        'the averages fall). Under optax.inject_hyperparams pass hyperparam_dtype=jnp.float32, or '
+        f"static_args=('{name}',)."
+    )
+
+
+def check_finite_tree(tree: Any, name: str, *, non_negative: bool = False) -> None:
+  """Raises ``ValueError`` naming the first floating leaf with a NaN or infinite entry.
+
+  Checked once, eagerly, on device (one reduction a leaf, no host copy of the arrays); traced
+  leaves (inside ``jit``) are skipped.
+
+  Args:
+    tree: a pytree of arrays (an anchor, a Fisher estimate, a model to merge).
+    name: how ``tree`` is called in the message.
+    non_negative: also refuse negative entries (a Fisher estimate).
+  """
+  leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if not is_traced(leaf) and is_float_leaf(leaf)]
+  with jax.ensure_compile_time_eval():  # also when called inside a trace on concrete leaves
+    flags = [(~jnp.all(jnp.isfinite(leaf)), non_negative and jnp.any(jnp.asarray(leaf) < 0)) for _, leaf in leaves]
+  for (path, _), (bad, negative) in zip(leaves, jax.device_get(flags)):  # one transfer for all leaves
+    where = jax.tree_util.keystr(path) or '<root>'
+    if bad:
+      raise ValueError(f'{name}{where} has NaN or infinite entries.')
+    if negative:
+      raise ValueError(f'{name}{where} has negative entries.')
 
 
 def is_float_leaf(leaf: Any) -> bool:
@@ -143,6 +229,25 @@ def check_matching_tree(
             f'{other_name}{where} has dtype {other_dtype}, but {reference_name}{where} '
             f'has dtype {ref_dtype}.'
         )
+
+
+def fit_to(reference: Any, other: Any, *, reference_name: str, other_name: str) -> Any:
+  """``other`` cut to the structure of ``reference``, then checked as :func:`check_matching_tree` does.
+
+  Where ``reference`` has an ``optax.MaskedNode`` (a leaf or sub-tree that ``optax.masked`` or
+  ``optax.multi_transform`` left out of a group), ``other`` gets one too: a full params tree then
+  fits the state of a masked group.
+
+  Returns:
+    The cut tree.
+  """
+  is_masked = lambda node: isinstance(node, optax.MaskedNode)
+  try:
+    other = jax.tree.map(lambda node, leaf: node if is_masked(node) else leaf, reference, other, is_leaf=is_masked)
+  except (ValueError, TypeError):
+    pass  # the check below names what does not match
+  check_matching_tree(reference, other, reference_name=reference_name, other_name=other_name)
+  return other
 
 
 def _dtype(leaf: Any) -> Any:

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from sfa_jax import _validation
+from sfa_jax import anchors
 from sfa_jax import transforms
 
 
@@ -51,6 +52,12 @@ class AdaptiveSFAState(NamedTuple):
 
   Attributes:
     count: int32 scalar, the number of updates done in this task (saturates at the int32 maximum).
+    threshold: float32 scalar, :math:`\\tau`.
+    beta: float32 scalar, the weight of the anchor in the average.
+    min_p: float32 scalar, the smallest fraction of the task between two averages.
+    total_steps: int32 scalar, ``T``.
+    active: bool scalar; while false the updates pass through (see ``wait_for_anchor``).
+    averaged: bool scalar, whether the latest update averaged.
     last_average: int32 scalar, the step (1-based, within the task) of the latest average; 0 before
       the first average of the task.
     num_averages: int32 scalar, the number of averages done in this task.
@@ -61,6 +68,12 @@ class AdaptiveSFAState(NamedTuple):
   """
 
   count: chex.Array
+  threshold: chex.Array
+  beta: chex.Array
+  min_p: chex.Array
+  total_steps: chex.Array
+  active: chex.Array
+  averaged: chex.Array
   last_average: chex.Array
   num_averages: chex.Array
   drift: chex.Array
@@ -95,18 +108,6 @@ def float_norm(tree: Any) -> chex.Array:
 
   squares = [squared_norm(leaf) for leaf in jax.tree.leaves(tree) if _validation.is_float_leaf(leaf)]
   return jnp.sqrt(sum(squares, jnp.zeros([], jnp.float32)))
-
-
-def _fresh_state(anchor: optax.Params, drift: chex.Array, count_like: chex.Array | None = None) -> AdaptiveSFAState:
-  dtype = jnp.int32 if count_like is None else count_like.dtype
-  return AdaptiveSFAState(  # three distinct buffers, so the state can be donated
-      count=jnp.zeros([], dtype),
-      last_average=jnp.zeros([], dtype),
-      num_averages=jnp.zeros([], dtype),
-      drift=drift,
-      anchor_norm=float_norm(anchor),
-      anchor=anchor,
-  )
 
 
 def is_adaptive_averaging_step(
@@ -158,6 +159,7 @@ def adaptive_sfa(
     min_p: chex.Numeric = 0.1,
     *,
     total_steps: chex.Numeric | None = None,
+    wait_for_anchor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SFA that averages when the params drift far from the anchor, instead of every ``p·T`` steps.
 
@@ -189,7 +191,12 @@ def adaptive_sfa(
     beta: the weight of the anchor in the average, in [0, 1].
     min_p: the smallest fraction of the task between two averages, in (0, 1]: the rule never
       averages more often than ``sfa(p=min_p)`` would.
-    total_steps: ``T``, the number of optimizer steps in the task. Required.
+    total_steps: ``T``, the number of optimizer steps in the task. Required; the next task's is
+      set by ``reanchor(state, params, total_steps=T_next)``.
+    wait_for_anchor: start inactive until :func:`sfa_jax.reanchor` sets the first anchor.
+
+  The hyper-parameters live in the state, as :func:`sfa_jax.sfa`'s do (same rules for
+  ``inject_hyperparams``, :func:`sfa_jax.set_hyperparams` and placement).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`AdaptiveSFAState`.
@@ -201,7 +208,7 @@ def adaptive_sfa(
       not match the params, or ``params`` is ``None`` (at ``init``).
 
   Example:
-    >>> import jax.numpy as jnp, optax
+    >>> import jax.numpy as jnp, optax, sfa_jax
     >>> from sfa_jax import adaptive
     >>> params = {'w': jnp.array([1.0, 0.0])}  # the anchor: norm 1
     >>> tx = optax.chain(optax.sgd(0.1), adaptive.adaptive_sfa(threshold=0.25, beta=0.5, min_p=0.1,
@@ -210,7 +217,7 @@ def adaptive_sfa(
     >>> for step in range(1, 11):
     ...   updates, state = tx.update({'w': jnp.array([0.0, -1.0])}, state, params)
     ...   params = optax.apply_updates(params, updates)
-    ...   if int(state[1].last_average) == step:
+    ...   if sfa_jax.find_state(state).averaged:
     ...     averaged.append(step)
     >>> averaged  # the drift grows by 0.1 a step; steps starting 0.25 or more away average (and T)
     [4, 6, 8, 10]
@@ -223,15 +230,26 @@ def adaptive_sfa(
     raise TypeError('adaptive_sfa needs threshold, the drift that triggers an average relative to ||anchor||.')
   if total_steps is None:
     raise TypeError('adaptive_sfa needs total_steps=T, the number of optimizer steps in the task.')
-  transforms._check_not_schedule(threshold=threshold, beta=beta, min_p=min_p)
-  _validation.check_in_interval('threshold', threshold, 0.0, float('inf'))
-  _validation.check_in_interval('beta', beta, 0.0, 1.0)
-  _validation.check_in_interval('min_p', min_p, 0.0, 1.0, low_open=True)
-  _validation.check_positive_int('total_steps', total_steps)
+  transforms.check_hyperparams(threshold=threshold, beta=beta, min_p=min_p, total_steps=total_steps)
+  _validation.check_full_precision('min_p', min_p)
 
   def init_fn(params: optax.Params) -> AdaptiveSFAState:
     anchor_copy = transforms._anchor_at_init(params, anchor)
-    return _fresh_state(anchor_copy, float_norm(transforms._float_leaves_map(_offset, params, anchor_copy)))
+    zero = lambda: jnp.zeros([], jnp.int32)
+    return AdaptiveSFAState(
+        count=zero(),
+        threshold=transforms.scalar(threshold, jnp.float32),
+        beta=transforms.scalar(beta, jnp.float32),
+        min_p=transforms.scalar(min_p, jnp.float32),
+        total_steps=transforms.scalar(total_steps, jnp.int32),
+        active=transforms.scalar(not wait_for_anchor, jnp.bool_),
+        averaged=jnp.zeros([], jnp.bool_),
+        last_average=zero(),
+        num_averages=zero(),
+        drift=float_norm(transforms.map_float_params(lambda _, p, a: _offset(p, a), params, params, anchor_copy)),
+        anchor_norm=float_norm(anchor_copy),
+        anchor=anchor_copy,
+    )
 
   def update_fn(
       updates: optax.Updates,
@@ -243,20 +261,26 @@ def adaptive_sfa(
     if params is None:
       raise ValueError(transforms._NO_PARAMS_MSG)
     count = optax.safe_increment(state.count)
-    average_now = is_adaptive_averaging_step(
-        count, state.last_average, state.drift, state.anchor_norm, threshold, min_p, total_steps
+    hyper = {
+        'threshold': transforms.current(threshold, state.threshold),
+        'beta': transforms.current(beta, state.beta),
+        'min_p': transforms.current(min_p, state.min_p),
+        'total_steps': transforms.current(total_steps, state.total_steps),
+    }
+    average_now = state.active & is_adaptive_averaging_step(
+        count, state.last_average, state.drift, state.anchor_norm, hyper['threshold'], hyper['min_p'], hyper['total_steps']
     )
-    new_updates = transforms.averaged_updates(updates, params, state.anchor, average_now, beta)
+    new_updates = transforms.averaged_updates(updates, params, state.anchor, average_now, hyper['beta'])
     # The drift of the next step's params θ + u': it reads what the multiply-add reads, so XLA
     # computes both in one pass.
-    drift = float_norm(transforms._float_leaves_map(_offset, params, state.anchor, new_updates))
-    return new_updates, AdaptiveSFAState(
+    drift = float_norm(transforms.map_float_params(lambda u, p, a: _offset(p, a, u), new_updates, params, state.anchor))
+    return new_updates, state._replace(
         count=count,
+        **hyper,
+        averaged=average_now,
         last_average=jnp.where(average_now, count, state.last_average),
         num_averages=state.num_averages + average_now.astype(state.num_averages.dtype),
         drift=drift,
-        anchor_norm=state.anchor_norm,
-        anchor=state.anchor,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -275,35 +299,18 @@ def _offset(param: chex.Array, anchor_leaf: chex.Array, update: chex.Array | Non
 
 def _reanchor(state: AdaptiveSFAState, params: optax.Params) -> AdaptiveSFAState:
   """The next task's state: anchor at a copy of ``params``, its norm recomputed, counters and drift at 0."""
-  return _fresh_state(_validation.copy_tree(params), jnp.zeros([], jnp.float32), state.count)
+  anchor = _validation.copy_tree(params)
+  return state._replace(
+      count=jnp.zeros_like(state.count),
+      averaged=jnp.zeros_like(state.averaged),
+      last_average=jnp.zeros_like(state.last_average),
+      num_averages=jnp.zeros_like(state.num_averages),
+      drift=jnp.zeros_like(state.drift),
+      anchor_norm=float_norm(anchor),
+      anchor=anchor,
+  )
 
 
-transforms.register_anchored_state(AdaptiveSFAState, _reanchor)
-
-
-def find_state(opt_state: Any) -> AdaptiveSFAState:
-  """The :class:`AdaptiveSFAState` inside ``opt_state`` (in chains, ``inject_hyperparams``, ...).
-
-  Read its ``num_averages``, ``last_average`` and ``drift`` to follow the rule's decisions.
-
-  Args:
-    opt_state: the state of a transformation containing :func:`adaptive_sfa`.
-
-  Returns:
-    The state (the first one, in tree order, if there are several).
-
-  Raises:
-    ValueError: when ``opt_state`` holds no :class:`AdaptiveSFAState`.
-
-  Example:
-    >>> import jax.numpy as jnp, optax
-    >>> from sfa_jax import adaptive
-    >>> tx = optax.chain(optax.adam(1e-3), adaptive.adaptive_sfa(threshold=0.1, total_steps=10))
-    >>> int(adaptive.find_state(tx.init({'w': jnp.ones(3)})).num_averages)
-    0
-  """
-  is_state = lambda node: isinstance(node, AdaptiveSFAState)
-  found = [node for node in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(node)]
-  if not found:
-    raise ValueError('find_state found no AdaptiveSFAState inside opt_state.')
-  return found[0]
+anchors.register_anchored_state(AdaptiveSFAState, _reanchor, averaging=True)
+transforms.register_hyperparam('threshold', lambda name, v: _validation.check_in_interval(name, v, 0.0, float('inf')))
+transforms.register_hyperparam('min_p', lambda name, v: _validation.check_in_interval(name, v, 0.0, 1.0, low_open=True))

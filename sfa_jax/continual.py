@@ -63,6 +63,7 @@ import optax
 
 from sfa_jax import _validation
 from sfa_jax import adaptive
+from sfa_jax import anchors
 from sfa_jax import distributed
 from sfa_jax import fisher as fisher_lib
 from sfa_jax import merging
@@ -378,11 +379,11 @@ def configure_task(
     return opt_state
   on = task_index > 0
   if method.name in ('sfa', 'adaptive-sfa', 'multi-anchor-sfa'):
-    opt_state = transforms.reanchor(opt_state, params if anchor is None else anchor)
+    opt_state = anchors.reanchor(opt_state, params if anchor is None else anchor)
     inject = opt_state[1]
     hyper = dict(inject.hyperparams, beta=jnp.float32(method['beta'] if on else 0.0), total_steps=jnp.int32(total_steps))
     return (opt_state[0], inject._replace(hyperparams=hyper))
-  opt_state = transforms.reanchor(opt_state, params, fisher=fisher if method.name == 'ewc' else None)
+  opt_state = anchors.reanchor(opt_state, params, fisher=fisher if method.name == 'ewc' else None)
   inject = opt_state[0]
   hyper = dict(inject.hyperparams, strength=jnp.float32(method['strength'] if on else 0.0))
   return (inject._replace(hyperparams=hyper),) + tuple(opt_state[1:])
@@ -767,7 +768,7 @@ def _adaptive_averaged(method: Method, task_index: int, opt_state: Any, step: in
 
   Its averages are decided on the device, so :func:`averaging_schedule` cannot list them ahead.
   """
-  return method.name == 'adaptive-sfa' and task_index > 0 and int(adaptive.find_state(opt_state).last_average) == step
+  return method.name == 'adaptive-sfa' and task_index > 0 and int(anchors.find_state(opt_state, adaptive.AdaptiveSFAState).last_average) == step
 
 
 def _restore(checkpointer, arrays, record, run_id, report):

@@ -203,7 +203,8 @@ def online_fisher(
     :math:`F^*_t`, a pytree like ``current``.
 
   Raises:
-    ValueError: if ``gamma`` lies outside ``[0, 1]`` or the trees do not match.
+    ValueError: if ``gamma`` lies outside ``[0, 1]``, the trees do not match, or a leaf holds a
+      negative, NaN or infinite entry (the leaf is named).
 
   Example:
     >>> import jax.numpy as jnp, sfa_jax.fisher
@@ -219,6 +220,8 @@ def online_fisher(
   _validation.check_matching_tree(
       previous, current, reference_name='previous', other_name='current'
   )
+  _validation.check_finite_tree(previous, 'previous', non_negative=True)
+  _validation.check_finite_tree(current, 'current', non_negative=True)
 
   def combine(old: chex.Array, new: chex.Array) -> chex.Array:
     if not _validation.is_float_leaf(new):

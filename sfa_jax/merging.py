@@ -72,6 +72,8 @@ def interpolate(anchor: optax.Params, params: optax.Params, beta: chex.Numeric) 
   """
   _validation.check_in_interval('beta', beta, 0.0, 1.0)
   _validation.check_matching_tree(params, anchor, reference_name='params', other_name='anchor')
+  _validation.check_finite_tree(anchor, 'anchor')
+  _validation.check_finite_tree(params, 'params')
 
   def mix(anchor_leaf, params_leaf, dtype):
     weight = jnp.asarray(beta, dtype)
@@ -152,6 +154,7 @@ def task_arithmetic(
     Ilharco et al, `Editing models with task arithmetic <https://arxiv.org/abs/2212.04089>`_, 2023
   """
   _check_models(base, finetuned_models)
+  _validation.check_finite('scaling', scaling)
 
   def merge(base_leaf, *model_leaves, dtype):
     total = sum(leaf - base_leaf for leaf in model_leaves)
@@ -209,6 +212,7 @@ def trim_by_magnitude(vector: optax.Params, density: float, *, trim: str = 'per_
     [0.0, 0.0]
   """
   _check_density_and_trim(density, trim)
+  _validation.check_finite_tree(vector, 'vector')
   leaves, treedef = jax.tree.flatten(vector)
   floats = _real_float_leaf_indices(vector, 'vector')
   ranks = _keep_counts([jnp.size(leaves[i]) for i in floats], float(density), trim)
@@ -286,6 +290,7 @@ def ties(
   """
   _check_models(base, finetuned_models)
   _check_density_and_trim(density, trim)
+  _validation.check_finite('scaling', scaling)
   base_leaves, treedef = jax.tree.flatten(base)
   model_leaves = [jax.tree.leaves(model) for model in finetuned_models]
   floats = _real_float_leaf_indices(base, 'base')
@@ -366,10 +371,12 @@ def _check_models(base: optax.Params, finetuned_models: Sequence[optax.Params]) 
     )
   if not finetuned_models:
     raise ValueError('finetuned_models is empty: pass at least one fine-tuned parameter tree.')
+  _validation.check_finite_tree(base, 'base')
   for k, model in enumerate(finetuned_models):
     _validation.check_matching_tree(
         base, model, reference_name='base', other_name=f'finetuned_models[{k}]'
     )
+    _validation.check_finite_tree(model, f'finetuned_models[{k}]')
 
 
 def _check_density_and_trim(density: Any, trim: str) -> None:

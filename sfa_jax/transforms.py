@@ -44,12 +44,27 @@ _NO_PARAMS_MSG = (
 class SFAState(NamedTuple):
   """State of :func:`sfa`.
 
+  The hyper-parameters live here, so one transform serves a whole task sequence (the task boundary
+  sets the next task's ``T`` with ``reanchor(state, params, total_steps=T)``) and a checkpoint of
+  the state restores its schedule.
+
   Attributes:
     count: int32 scalar, the number of updates done in this task (saturates at the int32 maximum).
+    p: float32 scalar, the fraction of the task between two averages.
+    beta: float32 scalar, the weight of the anchor in the average.
+    total_steps: int32 scalar, ``T``, the task's number of optimizer steps.
+    active: bool scalar; while false the updates pass through unchanged (see ``wait_for_anchor``).
+    averaged: bool scalar, whether the latest update averaged (as ``optax.MultiSteps`` has
+      ``has_updated``).
     anchor: the checkpoint θ_o the parameters are pulled toward; same structure as the params.
   """
 
   count: chex.Array
+  p: chex.Array
+  beta: chex.Array
+  total_steps: chex.Array
+  active: chex.Array
+  averaged: chex.Array
   anchor: optax.Params
 
 
@@ -57,9 +72,13 @@ class L2State(NamedTuple):
   """State of :func:`l2`.
 
   Attributes:
+    strength: float32 scalar, λ.
+    active: bool scalar; while false the penalty is off (see ``wait_for_anchor``).
     anchor: the parameters θ_o the penalty pulls toward; same structure as the params.
   """
 
+  strength: chex.Array
+  active: chex.Array
   anchor: optax.Params
 
 
@@ -67,47 +86,16 @@ class EWCState(NamedTuple):
   """State of :func:`ewc`.
 
   Attributes:
+    strength: float32 scalar, λ.
+    active: bool scalar; while false the penalty is off (see ``wait_for_anchor``).
     anchor: the parameters θ* at the end of the previous task(s); same structure as the params.
     fisher: the diagonal Fisher information F; same structure as the params.
   """
 
+  strength: chex.Array
+  active: chex.Array
   anchor: optax.Params
   fisher: optax.Params
-
-
-AnchoredState = SFAState | L2State | EWCState
-_ANCHORED_STATES = (SFAState, L2State, EWCState)
-
-# Anchored states defined outside this module (e.g. sfa_jax.adaptive): state type -> rule
-# ``(state, params) -> state`` giving the state for the next task. See register_anchored_state.
-_REANCHOR_RULES: dict[type, Callable[[Any, optax.Params], Any]] = {}
-
-
-def register_anchored_state(state_type: type, rule: Callable[[Any, optax.Params], Any]) -> None:
-  """Teaches :func:`reanchor` a new anchored state: ``rule(state, params)`` gives the next task's state.
-
-  ``state_type`` must be a ``NamedTuple`` with an ``anchor`` field like the params; :func:`reanchor`
-  checks ``params`` against that anchor before calling ``rule``, wherever the state sits.
-
-  Args:
-    state_type: the state's class.
-    rule: ``(state, params) -> new state`` of the same structure; it should store a copy of
-      ``params`` (so params and state can both be donated).
-
-  Raises:
-    TypeError: when ``state_type`` is not a class with an ``anchor`` field.
-
-  Example:
-    >>> import jax.numpy as jnp, sfa_jax
-    >>> from sfa_jax import adaptive  # registers AdaptiveSFAState
-    >>> state = adaptive.adaptive_sfa(threshold=0.1, total_steps=10).init({'w': jnp.zeros(2)})
-    >>> new_state = sfa_jax.reanchor(state, {'w': jnp.full(2, 2.0, jnp.float32)})
-    >>> new_state.anchor['w'], new_state.anchor_norm
-    (Array([2., 2.], dtype=float32), Array(2.828427, dtype=float32))
-  """
-  if not isinstance(state_type, type) or 'anchor' not in getattr(state_type, '_fields', ()):
-    raise TypeError(f'state_type must be a NamedTuple class with an anchor field; got {state_type!r}.')
-  _REANCHOR_RULES[state_type] = rule
 
 
 def averaging_period(p: chex.Numeric, total_steps: chex.Numeric) -> chex.Array:
@@ -166,26 +154,72 @@ def is_averaging_step(step: chex.Numeric, p: chex.Numeric, total_steps: chex.Num
   return in_task & ((step % period == 0) | (step == total_steps))
 
 
-def _check_anchor_like(params: optax.Params, tree: Any, name: str) -> None:
-  if tree is not None:
-    _validation.check_matching_tree(params, tree, reference_name='params', other_name=name)
-
-
 def _anchor_at_init(params: optax.Params, anchor: optax.Params | None) -> optax.Params:
-  """Validates ``anchor`` against ``params`` and returns a copy of it (or of ``params``)."""
+  """Validates ``anchor`` against ``params`` (structure, shapes, dtypes, finite) and returns a copy."""
   if params is None:
     raise ValueError(_NO_PARAMS_MSG)
-  _check_anchor_like(params, anchor, 'anchor')
+  if anchor is not None:
+    anchor = _validation.fit_to(params, anchor, reference_name='params', other_name='anchor')
+    _validation.check_finite_tree(anchor, 'anchor')
   return _validation.copy_tree(params if anchor is None else anchor)
 
 
-def _float_leaves_map(fn: Callable[..., Any], first: Any, *rest: Any) -> Any:
-  """``jax.tree.map(fn, first, *rest)`` on floating leaves; other leaves of ``first`` pass through."""
+def map_float_params(fn: Callable[..., Any], updates: Any, params: Any, *rest: Any) -> Any:
+  """``fn(update, param, *rest)`` on the leaves whose *param* is floating; other updates pass through.
+
+  Whether a leaf is averaged or penalised is decided by the param's dtype, not the update's:
+  optimizers emit float updates for integer params (``optax.adam`` of an int32 counter gives
+  float32 zeros), and those params must stay as they are.
+
+  Args:
+    fn: ``(update, param, *rest_leaves) -> new update``.
+    updates: the incoming updates.
+    params: the params, which decide; same structure as ``updates``.
+    *rest: further trees of that structure (anchors, Fisher estimates).
+
+  Returns:
+    The new updates.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax import transforms
+    >>> updates = {'w': jnp.ones(2), 'step': jnp.zeros((), jnp.float32)}
+    >>> params = {'w': jnp.zeros(2), 'step': jnp.array(7)}
+    >>> new = transforms.map_float_params(lambda u, p: u * 2, updates, params)
+    >>> new['w'], new['step']
+    (Array([2., 2.], dtype=float32), Array(0., dtype=float32))
+  """
   return jax.tree.map(
-      lambda leaf, *others: fn(leaf, *others) if _validation.is_float_leaf(leaf) else leaf,
-      first,
+      lambda update, param, *others: fn(update, param, *others) if _validation.is_float_leaf(param) else update,
+      updates,
+      params,
       *rest,
   )
+
+
+def current(argument: Any, stored: chex.Array) -> chex.Array:
+  """The value of a hyper-parameter for this update: the factory's argument or the state's field.
+
+  A ``jax.Array`` argument (what ``optax.inject_hyperparams`` passes at every update, and a value
+  traced under ``vmap`` or ``jit``) is read at every update, so schedules and edits of
+  ``inject_hyperparams``' state take effect. A Python or NumPy number is only the initial value of
+  the state's field, which :func:`sfa_jax.reanchor` and :func:`sfa_jax.set_hyperparams` change.
+
+  Args:
+    argument: what the factory was called with.
+    stored: the state's field (its dtype is kept).
+
+  Returns:
+    A scalar array with the dtype of ``stored``.
+  """
+  if isinstance(argument, jax.Array):
+    return jnp.asarray(argument).astype(stored.dtype)
+  return stored
+
+
+def scalar(value: Any, dtype: Any) -> chex.Array:
+  """A fresh scalar array (its own buffer, so states can be donated) of ``value`` in ``dtype``."""
+  return jnp.array(value, dtype)
 
 
 def averaged_updates(
@@ -200,9 +234,9 @@ def averaged_updates(
   ``optax.apply_updates(params, ·)`` of the result lands on :math:`\beta\theta_o + (1-\beta)(\theta
   + u)` when ``average_now`` is true and on :math:`\theta + u` otherwise. Written branchless, as a
   multiply-add that XLA fuses into the optimizer's own elementwise loop (see :func:`sfa`); the
-  arithmetic is done in at least float32 and cast back to each update's dtype. Integer and
-  PRNG-key leaves pass through unchanged. Shared by :func:`sfa` and the transforms built on it
-  (:func:`sfa_jax.adaptive.adaptive_sfa`).
+  arithmetic is done in at least float32 and cast back to each update's dtype. Leaves whose param
+  is an integer or a PRNG key pass through unchanged. Shared by :func:`sfa` and the transforms
+  built on it (:func:`sfa_jax.adaptive.adaptive_sfa`).
 
   Args:
     updates: the incoming updates :math:`u`.
@@ -229,7 +263,7 @@ def averaged_updates(
     update_, param_, anchor_ = (x.astype(dtype) for x in (update, param, anchor_leaf))
     return (update_ + weight * (anchor_ - param_ - update_)).astype(update.dtype)
 
-  return _float_leaves_map(blend, updates, params, anchor)
+  return map_float_params(blend, updates, params, anchor)
 
 
 def sfa(
@@ -238,6 +272,7 @@ def sfa(
     beta: chex.Numeric = 0.5,
     *,
     total_steps: chex.Numeric | None = None,
+    wait_for_anchor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sequential Fine-tuning with Averaging: pulls the params back toward an anchor every ``p·T`` steps.
 
@@ -261,6 +296,23 @@ def sfa(
   ``benchmarks/RESULTS.md``). Non-finite params or anchors are not masked out (``0·inf`` is NaN):
   a diverged run stays visibly diverged.
 
+  ``p``, ``beta`` and ``T`` live in the state (:class:`SFAState`): the arguments given here are
+  their initial values, changed by :func:`sfa_jax.reanchor` (``total_steps=``) and
+  :func:`sfa_jax.set_hyperparams`. Wrapped in ``optax.inject_hyperparams`` the injected values
+  (``jax.Array``\ s) are read at every update instead, so schedules work as in optax; pass
+  ``hyperparam_dtype=jnp.float32`` there for low-precision params (a bfloat16 ``p`` is refused: it
+  would move the averages).
+
+  Where it may sit: **last** in its chain (``optax.chain(optimizer, sfa(...))``), relative to the
+  params it is handed. Inside ``optax.MultiSteps`` (wrapping the whole chain) it counts outer
+  steps, which is right; chained *after* ``MultiSteps`` it would count micro-steps, and anything
+  chained after it changes the update that lands on the average: :func:`sfa_jax.check_placement`
+  refuses both. Inside ``optax.lookahead`` it averages the fast weights, and with
+  ``reset_state=True`` its anchor and counter are wiped at every sync; after
+  ``optax.contrib.schedule_free`` the evaluation params are not the averaged ones: it warns of
+  both. Inside ``optax.masked`` / ``optax.multi_transform`` only the selected leaves are averaged
+  (SFA on a model's body only), and :func:`sfa_jax.reanchor` re-anchors each group.
+
   Args:
     anchor: the checkpoint :math:`\theta_o` (a pytree like the params); ``None`` means the params
       passed to ``init``. A copy is stored in the state, so params and state can both be donated.
@@ -269,10 +321,14 @@ def sfa(
     p: the fraction of the task between two averages, in (0, 1]. ``p = 1`` averages once, at the
       end of the task.
     beta: the weight of the anchor in the average, in [0, 1] (the paper's typical value is 0.5).
-      ``beta = 0`` is plain fine-tuning. To schedule or sweep it, wrap the factory in
-      ``optax.inject_hyperparams`` (with ``hyperparam_dtype=jnp.float32`` for low-precision params).
+      ``beta = 0`` is plain fine-tuning.
     total_steps: ``T``, the number of optimizer steps in the task. Required: there is no sensible
-      default, since it sets where the averages fall.
+      default, since it sets where the averages fall. The next task's ``T`` is set at the task
+      boundary, ``reanchor(state, params, total_steps=T_next)``, so one transform (and one
+      compilation) serves tasks of any length.
+    wait_for_anchor: start inactive: the updates pass through unchanged until :func:`sfa_jax.reanchor`
+      sets the first anchor (a loop that uses one transform for every task, whose first task has
+      nothing to average toward).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`SFAState`.
@@ -307,13 +363,19 @@ def sfa(
     raise TypeError('sfa needs p, the fraction of the task between two averages, in (0, 1].')
   if total_steps is None:
     raise TypeError(_NO_TOTAL_STEPS_MSG)
-  _check_not_schedule(beta=beta)
-  _validation.check_in_interval('p', p, 0.0, 1.0, low_open=True)
-  _validation.check_in_interval('beta', beta, 0.0, 1.0)
-  _validation.check_positive_int('total_steps', total_steps)
+  check_hyperparams(p=p, beta=beta, total_steps=total_steps)
+  _validation.check_full_precision('p', p)
 
   def init_fn(params: optax.Params) -> SFAState:
-    return SFAState(count=jnp.zeros([], jnp.int32), anchor=_anchor_at_init(params, anchor))
+    return SFAState(
+        count=jnp.zeros([], jnp.int32),
+        p=scalar(p, jnp.float32),
+        beta=scalar(beta, jnp.float32),
+        total_steps=scalar(total_steps, jnp.int32),
+        active=scalar(not wait_for_anchor, jnp.bool_),
+        averaged=jnp.zeros([], jnp.bool_),
+        anchor=_anchor_at_init(params, anchor),
+    )
 
   def update_fn(
       updates: optax.Updates,
@@ -325,28 +387,39 @@ def sfa(
     if params is None:
       raise ValueError(_NO_PARAMS_MSG)
     count = optax.safe_increment(state.count)
-    average_now = is_averaging_step(count, p, total_steps)
-    new_updates = averaged_updates(updates, params, state.anchor, average_now, beta)
-    return new_updates, SFAState(count=count, anchor=state.anchor)
+    p_now, beta_now, steps_now = current(p, state.p), current(beta, state.beta), current(total_steps, state.total_steps)
+    average_now = state.active & is_averaging_step(count, p_now, steps_now)
+    new_updates = averaged_updates(updates, params, state.anchor, average_now, beta_now)
+    new_state = SFAState(count, p_now, beta_now, steps_now, state.active, average_now, state.anchor)
+    return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def l2(strength: chex.Numeric, anchor: optax.Params | None = None) -> optax.GradientTransformationExtraArgs:
+def l2(
+    strength: chex.Numeric,
+    anchor: optax.Params | None = None,
+    *,
+    wait_for_anchor: bool = False,
+) -> optax.GradientTransformationExtraArgs:
   r"""Adds the gradient of an L2 penalty toward an anchor: ``u + strength·(θ − θ_o)``.
 
   The penalty is :math:`\frac{\lambda}{2}\lVert\theta - \theta_o\rVert^2`, whose gradient
   :math:`\lambda(\theta - \theta_o)` is added to the incoming gradients. Chain it *before* the
   optimizer, as ``optax.add_decayed_weights`` (which is this transform with :math:`\theta_o = 0`).
+  Leaves whose param is an integer or a PRNG key are not penalised.
 
   With SGD of learning rate :math:`\eta`, one step is
   :math:`\theta' = (1-\eta\lambda)\theta + \eta\lambda\,\theta_o - \eta\nabla L`: SFA averaging
   every step with :math:`\beta = \eta\lambda` has the same form (the paper's L2 correspondence).
 
   Args:
-    strength: :math:`\lambda \ge 0`. To schedule or sweep it, wrap the factory in
-      ``optax.inject_hyperparams``.
+    strength: :math:`\lambda \ge 0`, the initial value of the state's ``strength``
+      (:func:`sfa_jax.set_hyperparams` changes it; under ``optax.inject_hyperparams`` the injected
+      value is read at every update).
     anchor: the parameters :math:`\theta_o` to pull toward; ``None`` means the params at ``init``.
+    wait_for_anchor: start inactive (no penalty) until :func:`sfa_jax.reanchor` sets the first
+      anchor.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`L2State`.
@@ -364,15 +437,20 @@ def l2(strength: chex.Numeric, anchor: optax.Params | None = None) -> optax.Grad
     Kirkpatrick et al, `Overcoming catastrophic forgetting in neural networks
     <https://arxiv.org/abs/1612.00796>`_, 2017 (the L2 baseline)
   """
-  _check_not_schedule(strength=strength)
-  _validation.check_non_negative('strength', strength)
-  return _penalty_transform(strength, lambda params: L2State(_anchor_at_init(params, anchor)))
+  check_hyperparams(strength=strength)
+
+  def make_state(params: optax.Params) -> L2State:
+    return L2State(scalar(strength, jnp.float32), scalar(not wait_for_anchor, jnp.bool_), _anchor_at_init(params, anchor))
+
+  return _penalty_transform(strength, make_state)
 
 
 def ewc(
     fisher: optax.Params,
     strength: chex.Numeric,
     anchor: optax.Params | None = None,
+    *,
+    wait_for_anchor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Elastic Weight Consolidation: adds ``strength·F⊙(θ − θ*)`` to the gradients.
 
@@ -381,14 +459,17 @@ def ewc(
   :math:`\lambda F\odot(\theta-\theta^*)` is added to the incoming gradients (Avalanche writes the
   penalty without the 1/2, so its :math:`\lambda` is half of ours). Chain it *before* the optimizer.
   ``F`` is a diagonal Fisher estimate, e.g. from :func:`sfa_jax.fisher.diagonal_fisher`; for online
-  EWC accumulate it across tasks and pass the new one to :func:`reanchor`.
+  EWC accumulate it across tasks and pass the new one to :func:`reanchor`. Leaves whose param is an
+  integer or a PRNG key are not penalised.
 
   Args:
     fisher: the diagonal Fisher, a pytree with the params' structure, shapes and dtypes and
-      non-negative values. A copy is stored in the state.
-    strength: :math:`\lambda \ge 0`. To schedule or sweep it, wrap the factory in
-      ``optax.inject_hyperparams``.
+      finite, non-negative values. A copy is stored in the state.
+    strength: :math:`\lambda \ge 0`, the initial value of the state's ``strength`` (see
+      :func:`l2`).
     anchor: :math:`\theta^*`; ``None`` means the params at ``init``.
+    wait_for_anchor: start inactive (no penalty) until :func:`sfa_jax.reanchor` sets the first
+      anchor (and Fisher).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`EWCState`.
@@ -406,16 +487,17 @@ def ewc(
     Kirkpatrick et al, `Overcoming catastrophic forgetting in neural networks
     <https://arxiv.org/abs/1612.00796>`_, 2017
   """
-  _check_not_schedule(strength=strength)
-  _validation.check_non_negative('strength', strength)
+  check_hyperparams(strength=strength)
   if fisher is None:
     raise ValueError('ewc needs a Fisher estimate with the structure of the params; got None.')
-  _check_non_negative_tree(fisher, 'fisher')
+  _validation.check_finite_tree(fisher, 'fisher', non_negative=True)
 
   def make_state(params: optax.Params) -> EWCState:
     anchor_copy = _anchor_at_init(params, anchor)
-    _check_anchor_like(params, fisher, 'fisher')
-    return EWCState(anchor=anchor_copy, fisher=_validation.copy_tree(fisher))
+    fitted = _validation.fit_to(params, fisher, reference_name='params', other_name='fisher')
+    return EWCState(
+        scalar(strength, jnp.float32), scalar(not wait_for_anchor, jnp.bool_), anchor_copy, _validation.copy_tree(fitted)
+    )
 
   return _penalty_transform(strength, make_state)
 
@@ -429,15 +511,41 @@ def _check_not_schedule(**hyperparams: Any) -> None:
       )
 
 
-def _check_non_negative_tree(tree: Any, name: str) -> None:
-  """Raises ``ValueError`` naming the first leaf with a negative or NaN entry (on device, no copy)."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if _validation.is_traced(leaf) or not _validation.is_float_leaf(leaf):
-      continue
-    with jax.ensure_compile_time_eval():  # also when a factory is called inside a trace
-      bad = bool(jnp.any(~(jnp.asarray(leaf) >= 0)))
-    if bad:
-      raise ValueError(f'{name}{jax.tree_util.keystr(path)} has negative or NaN entries.')
+_RANGES: dict[str, Callable[[str, Any], None]] = {
+    'p': lambda name, v: _validation.check_in_interval(name, v, 0.0, 1.0, low_open=True),
+    'beta': lambda name, v: _validation.check_in_interval(name, v, 0.0, 1.0),
+    'total_steps': _validation.check_positive_int,
+    'strength': _validation.check_non_negative,
+}
+
+
+def register_hyperparam(name: str, check: Callable[[str, Any], None]) -> None:
+  """Teaches :func:`check_hyperparams` (and so :func:`sfa_jax.set_hyperparams`) a hyper-parameter.
+
+  Args:
+    name: the state field's name (e.g. ``'threshold'``).
+    check: ``(name, value) -> None``, raising ``TypeError`` / ``ValueError`` for a bad value.
+  """
+  _RANGES[name] = check
+
+
+def check_hyperparams(**values: Any) -> None:
+  """Checks each named hyper-parameter: a 0-d number (or traced 0-d value) in its range.
+
+  Args:
+    **values: ``p``, ``beta``, ``total_steps``, ``strength`` and those taught by
+      :func:`register_hyperparam`.
+
+  Raises:
+    TypeError: for a schedule, a string, a bool, ``None`` or an array with dimensions; and for a
+      name no transform knows.
+    ValueError: for a value out of range; the message names the argument.
+  """
+  for name, value in values.items():
+    if name not in _RANGES:
+      raise TypeError(f'unknown hyper-parameter {name!r}; known: {sorted(_RANGES)}.')
+    _check_not_schedule(**{name: value})
+    _RANGES[name](name, value)
 
 
 def _penalty_transform(
@@ -445,9 +553,6 @@ def _penalty_transform(
     make_state: Callable[[optax.Params], L2State | EWCState],
 ) -> optax.GradientTransformationExtraArgs:
   """A transform adding ``strength·w⊙(θ − anchor)`` to the updates, with ``w`` = 1 (L2) or F (EWC)."""
-
-  def init_fn(params: optax.Params) -> L2State | EWCState:
-    return make_state(params)
 
   def update_fn(
       updates: optax.Updates,
@@ -458,78 +563,18 @@ def _penalty_transform(
     del extra_args
     if params is None:
       raise ValueError(_NO_PARAMS_MSG)
+    strength_now = current(strength, state.strength)
+    weight_now = jnp.where(state.active, strength_now, 0.0)
+
     def add_penalty(update, param, anchor_leaf, weight=None):
       dtype = jnp.promote_types(update.dtype, jnp.float32)
       pull = param.astype(dtype) - anchor_leaf.astype(dtype)
       if weight is not None:
         pull = weight.astype(dtype) * pull
-      return (update.astype(dtype) + jnp.asarray(strength, dtype) * pull).astype(update.dtype)
+      return (update.astype(dtype) + weight_now.astype(dtype) * pull).astype(update.dtype)
 
-    if isinstance(state, EWCState):
-      new_updates = _float_leaves_map(add_penalty, updates, params, state.anchor, state.fisher)
-    else:
-      new_updates = _float_leaves_map(add_penalty, updates, params, state.anchor)
-    return new_updates, state
+    extra = (state.fisher,) if isinstance(state, EWCState) else ()
+    new_updates = map_float_params(add_penalty, updates, params, state.anchor, *extra)
+    return new_updates, state._replace(strength=strength_now)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def reanchor(opt_state: Any, params: optax.Params, *, fisher: optax.Params | None = None) -> Any:
-  """The optimizer state for the next task: every anchor becomes a copy of ``params``.
-
-  Finds every :class:`SFAState`, :class:`L2State` and :class:`EWCState` (and every state taught by
-  :func:`register_anchored_state`, such as :class:`sfa_jax.adaptive.AdaptiveSFAState`) anywhere inside
-  ``opt_state`` (inside ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
-  ``optax.multi_transform`` and any other NamedTuple, tuple, list or dict state) and sets its
-  anchor to a copy of ``params``; SFA's step counter restarts at 0. Optimizer moments and other
-  state are left as they are. Call it outside ``jit``, between tasks.
-
-  Args:
-    opt_state: the state of a transformation containing SFA, L2 or EWC.
-    params: the parameters at the end of the finished task: the new anchor.
-    fisher: for EWC, the new (e.g. online-accumulated) Fisher estimate; ``None`` keeps the old one.
-
-  Returns:
-    The new state, with the same structure as ``opt_state``.
-
-  Raises:
-    ValueError: when ``opt_state`` holds none of these states, or ``params`` / ``fisher`` do not
-      match the anchors' structure, shapes and dtypes.
-
-  Example:
-    >>> import jax.numpy as jnp, optax, sfa_jax
-    >>> params = {'w': jnp.zeros(2)}
-    >>> tx = optax.chain(optax.adam(1e-3), sfa_jax.sfa(p=0.5, beta=0.5, total_steps=10))
-    >>> state = tx.init(params)
-    >>> new_params = {'w': jnp.ones(2)}
-    >>> state = sfa_jax.reanchor(state, new_params)
-    >>> state[1].anchor['w'], int(state[1].count)
-    (Array([1., 1.], dtype=float32), 0)
-  """
-  found = []
-  anchored = _ANCHORED_STATES + tuple(_REANCHOR_RULES)
-
-  def replace(node: Any) -> Any:
-    if not isinstance(node, anchored):
-      return node
-    found.append(type(node).__name__)
-    _validation.check_matching_tree(node.anchor, params, reference_name='anchor', other_name='params')
-    if type(node) in _REANCHOR_RULES:
-      return _REANCHOR_RULES[type(node)](node, params)
-    if isinstance(node, SFAState):
-      return SFAState(count=jnp.zeros_like(node.count), anchor=_validation.copy_tree(params))
-    if isinstance(node, EWCState):
-      new_fisher = node.fisher
-      if fisher is not None:
-        _validation.check_matching_tree(node.fisher, fisher, reference_name='fisher', other_name='new fisher')
-        _check_non_negative_tree(fisher, 'fisher')
-        new_fisher = _validation.copy_tree(fisher)
-      return EWCState(anchor=_validation.copy_tree(params), fisher=new_fisher)
-    return L2State(anchor=_validation.copy_tree(params))
-
-  new_state = jax.tree.map(replace, opt_state, is_leaf=lambda x: isinstance(x, anchored))
-  if not found:
-    raise ValueError('reanchor found no SFAState, L2State or EWCState inside opt_state.')
-  if fisher is not None and 'EWCState' not in found:
-    raise ValueError('reanchor got a fisher, but opt_state holds no EWCState.')
-  return new_state
+  return optax.GradientTransformationExtraArgs(make_state, update_fn)

@@ -53,7 +53,7 @@ def numpy_adaptive_trajectory(optimizer, lr, threshold, beta, min_p, total_steps
 def run_adaptive(tx, params, grad_fn, num_steps, step_wrapper=lambda f: f):
   """Params after every step, the steps after which adaptive SFA averaged, and the final state."""
   trajectory, states = run_optax(tx, params, grad_fn, num_steps, step_wrapper)
-  averaged = [t for t, state in enumerate(states, 1) if int(adaptive.find_state(state).last_average) == t]
+  averaged = [t for t, state in enumerate(states, 1) if int(sfa_jax.find_state(state, adaptive.AdaptiveSFAState).last_average) == t]
   return trajectory, averaged, states[-1]
 
 
@@ -214,8 +214,8 @@ def test_reanchor_sets_the_anchor_and_its_norm_and_restarts_the_counters():
   for _ in range(3):
     updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     params = optax.apply_updates(params, updates)
-  assert int(adaptive.find_state(state).num_averages) > 0
-  new = adaptive.find_state(sfa_jax.reanchor(state, params))
+  assert int(sfa_jax.find_state(state, adaptive.AdaptiveSFAState).num_averages) > 0
+  new = sfa_jax.find_state(sfa_jax.reanchor(state, params), adaptive.AdaptiveSFAState)
   chex.assert_trees_all_equal(new.anchor, params)
   assert new.anchor['a'] is not params['a']
   assert float(new.anchor_norm) == pytest.approx(float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(params)))))
@@ -235,10 +235,10 @@ def test_reanchor_sets_the_anchor_and_its_norm_and_restarts_the_counters():
         (lambda: adaptive.adaptive_sfa(None, 0.1), TypeError, 'needs total_steps'),
         (lambda: adaptive.adaptive_sfa(total_steps=3), TypeError, 'needs threshold'),
         (lambda: adaptive.adaptive_sfa(None, lambda count: 0.1, total_steps=3), TypeError, 'inject_hyperparams'),
-        (lambda: adaptive.find_state(optax.adam(1e-3).init(tree_params())), ValueError, 'no AdaptiveSFAState'),
+        (lambda: sfa_jax.find_state(optax.adam(1e-3).init(tree_params()), adaptive.AdaptiveSFAState), ValueError, 'no AdaptiveSFAState'),
         (lambda: adaptive.adaptive_sfa(threshold=0.1, total_steps=3).init(None), ValueError, 'params'),
         (lambda: adaptive.adaptive_sfa({'a': jnp.ones(2)}, 0.1, total_steps=3).init(tree_params()), ValueError, 'anchor'),
-        (lambda: sfa_jax.transforms.register_anchored_state(dict, lambda s, p: s), TypeError, 'anchor field'),
+        (lambda: sfa_jax.register_anchored_state(dict, lambda s, p: s), TypeError, 'anchor field'),
         (lambda: continual.make_method('adaptive-sfa', threshold=-1.0), ValueError, 'threshold must lie'),
         (lambda: continual.make_method('multi-anchor-sfa', threshold=0.1), ValueError, 'takes no hyper-parameter'),
     ],

@@ -115,7 +115,7 @@ class _NNXMLP(nnx.Module):
 
 
 def test_flax_nnx_optimizer_and_reanchor():
-  """nnx.Optimizer drives SFA unchanged; reanchor works on its (pure) state."""
+  """nnx.Optimizer drives SFA unchanged; reanchor(optimizer, model) re-anchors it in place."""
   x, y = _toy_data()
   model = _NNXMLP(nnx.Rngs(0))
   start = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
@@ -138,9 +138,8 @@ def test_flax_nnx_optimizer_and_reanchor():
   # Next task: anchor the params reached after one more step; the counter restarts.
   train_step(model, optimizer)
   moved = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
-  new_opt_state = sfa_jax.reanchor(nnx.as_pure(optimizer.opt_state), nnx.as_pure(moved))
-  nnx.update(optimizer.opt_state, nnx.state(new_opt_state))
-  assert int(optimizer.opt_state[1].count[...]) == 0
+  sfa_jax.reanchor(optimizer, model)
+  assert int(sfa_jax.find_state(optimizer).count) == 0
   train_step(model, optimizer)
   train_step(model, optimizer)
   chex.assert_trees_all_close(nnx.as_pure(nnx.state(model, nnx.Param)), nnx.as_pure(moved), atol=1e-7)

@@ -1,0 +1,445 @@
+"""The anchored states inside an optimizer state: re-anchor them, set their hyper-parameters, find them.
+
+An optimizer state is a tree of states: ``optax.chain`` makes a tuple, ``optax.inject_hyperparams``
+a ``NamedTuple`` around the inner state, ``optax.masked`` and ``optax.multi_transform`` a state per
+group whose params are masked (``optax.MaskedNode`` where a leaf is left out), and ``flax.nnx``
+wraps every array in a ``Variable``. The functions here find every anchored state
+(:class:`~sfa_jax.transforms.SFAState`, :class:`~sfa_jax.transforms.L2State`,
+:class:`~sfa_jax.transforms.EWCState`, and those taught by :func:`register_anchored_state`)
+wherever it sits, and fit the params to each one's own sub-tree, so users never index the chain
+(``opt_state[1].count``).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sfa_jax import _validation
+from sfa_jax import transforms
+from sfa_jax.transforms import EWCState
+from sfa_jax.transforms import L2State
+from sfa_jax.transforms import SFAState
+
+# State type -> rule ``(state, params) -> state`` giving the next task's state (anchor at a copy of
+# ``params``, counters restarted). Fields named ``active`` and ``total_steps`` are set by reanchor.
+_RULES: dict[type, Callable[[Any, optax.Params], Any]] = {
+    SFAState: lambda state, params: state._replace(
+        count=jnp.zeros_like(state.count), averaged=jnp.zeros_like(state.averaged), anchor=_validation.copy_tree(params)
+    ),
+    L2State: lambda state, params: state._replace(anchor=_validation.copy_tree(params)),
+    EWCState: lambda state, params: state._replace(anchor=_validation.copy_tree(params)),
+}
+# The states whose transform rewrites the final update (they must sit last in their chain).
+_AVERAGING: set[type] = {SFAState}
+
+
+def register_anchored_state(state_type: type, rule: Callable[[Any, optax.Params], Any], *, averaging: bool = False) -> None:
+  """Teaches :func:`reanchor` (and :func:`find_states`, :func:`set_hyperparams`) a new anchored state.
+
+  ``state_type`` must be a ``NamedTuple`` with an ``anchor`` field like the params; :func:`reanchor`
+  fits ``params`` to that anchor before calling ``rule``, wherever the state sits, and then sets
+  its ``active`` and ``total_steps`` fields when it has them.
+
+  Args:
+    state_type: the state's class.
+    rule: ``(state, params) -> new state`` of the same structure; it should store a copy of
+      ``params`` (so params and state can both be donated).
+    averaging: whether the transform rewrites the final update (as SFA does), so that
+      :func:`check_placement` requires it last in its chain.
+
+  Raises:
+    TypeError: when ``state_type`` is not a class with an ``anchor`` field.
+
+  Example:
+    >>> import jax.numpy as jnp, sfa_jax
+    >>> from sfa_jax import adaptive  # registers AdaptiveSFAState
+    >>> state = adaptive.adaptive_sfa(threshold=0.1, total_steps=10).init({'w': jnp.zeros(2)})
+    >>> new_state = sfa_jax.reanchor(state, {'w': jnp.full(2, 2.0, jnp.float32)})
+    >>> new_state.anchor['w'], new_state.anchor_norm
+    (Array([2., 2.], dtype=float32), Array(2.828427, dtype=float32))
+  """
+  if not isinstance(state_type, type) or 'anchor' not in getattr(state_type, '_fields', ()):
+    raise TypeError(f'state_type must be a NamedTuple class with an anchor field; got {state_type!r}.')
+  _RULES[state_type] = rule
+  if averaging:
+    _AVERAGING.add(state_type)
+
+
+def _is_anchored(node: Any) -> bool:
+  return type(node) in _RULES
+
+
+def _is_inject_state(node: Any) -> bool:
+  return isinstance(node, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
+
+
+def _is_masked_node(node: Any) -> bool:
+  return isinstance(node, optax.MaskedNode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flax NNX: arrays wrapped in Variables, changed in place.
+
+
+def _nnx():
+  """``flax.nnx`` if the user imported it (an NNX object can only exist then), else ``None``."""
+  return sys.modules.get('flax.nnx')
+
+
+def _is_variable(node: Any) -> bool:
+  nnx = _nnx()
+  return nnx is not None and isinstance(node, nnx.Variable)
+
+
+def _unwrap(tree: Any) -> Any:
+  """``tree`` with every ``nnx.Variable`` replaced by its value (the tree itself without NNX)."""
+  if _nnx() is None:
+    return tree
+  return jax.tree.map(lambda node: node.get_value() if _is_variable(node) else node, tree, is_leaf=_is_variable)
+
+
+def _write_back(tree: Any, new_values: Any) -> Any:
+  """``new_values`` put into ``tree``: into its Variables in place (NNX), elsewhere as new leaves."""
+  if _nnx() is None:
+    return new_values
+
+  def put(node, value):
+    if _is_variable(node):
+      node.set_value(value)
+      return node
+    return value
+
+  return jax.tree.map(put, tree, new_values, is_leaf=_is_variable)
+
+
+def _nnx_target(opt_state: Any, params: Any) -> tuple[Any, Any]:
+  """``(opt_state, params)`` as trees: an ``nnx.Optimizer`` and a model become their states."""
+  nnx = _nnx()
+  if nnx is not None and isinstance(opt_state, nnx.Optimizer):
+    if isinstance(params, nnx.Module):
+      params = nnx.state(params, opt_state.wrt)
+    return opt_state.opt_state, params
+  if nnx is not None and isinstance(params, nnx.Module):
+    raise TypeError('reanchor got an nnx.Module as params: pass the nnx.Optimizer with it, '
+                    'reanchor(optimizer, model), or nnx.state(model, nnx.Param).')
+  return opt_state, params
+
+
+# ---------------------------------------------------------------------------------------------
+# Walking the state.
+
+
+def _children(node: Any) -> list[Any]:
+  """The immediate children of a pytree node (none for a leaf)."""
+  if _is_anchored(node) or _is_masked_node(node) or isinstance(node, (jax.Array, float, int)) or node is None:
+    return []
+  children = jax.tree_util.tree_leaves(node, is_leaf=lambda child: child is not node)
+  return [] if len(children) == 1 and children[0] is node else children
+
+
+def _walk(node: Any, ancestors: tuple = ()):
+  """Yields ``(state, ancestors)`` for every anchored state, ``ancestors`` outermost first.
+
+  Each ancestor is ``(container, index)``: the container and the index of the child on the way.
+  """
+  if _is_anchored(node):
+    yield node, ancestors
+    return
+  for index, child in enumerate(_children(node)):
+    yield from _walk(child, ancestors + ((node, index),))
+
+
+def find_states(opt_state: Any, state_type: type | None = None) -> list[Any]:
+  """Every anchored state inside ``opt_state``, in tree order.
+
+  Args:
+    opt_state: an optimizer state (any chain or wrapper; an ``nnx.Optimizer`` or its
+      ``opt_state`` too, whose Variables are read as their values).
+    state_type: keep only states of this class (e.g. ``sfa_jax.SFAState``).
+
+  Returns:
+    A list of states (NamedTuples of arrays).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> params = {'body': jnp.zeros(2), 'head': jnp.zeros(3)}
+    >>> tx = optax.multi_transform(
+    ...     {'body': optax.chain(optax.sgd(0.1), sfa_jax.sfa(p=0.5, beta=0.5, total_steps=4)),
+    ...      'head': optax.chain(optax.sgd(0.1), sfa_jax.sfa(p=1.0, beta=0.5, total_steps=4))},
+    ...     {'body': 'body', 'head': 'head'})
+    >>> [float(s.p) for s in sfa_jax.find_states(tx.init(params))]
+    [0.5, 1.0]
+  """
+  opt_state, _ = _nnx_target(opt_state, None)
+  found = [state for state, _ in _walk(_unwrap(opt_state))]
+  if state_type is not None:
+    found = [state for state in found if isinstance(state, state_type)]
+  return found
+
+
+def find_state(opt_state: Any, state_type: type | None = None) -> Any:
+  """The one anchored state inside ``opt_state``: read ``count``, ``averaged``, ``p``, ... from it.
+
+  Args:
+    opt_state: an optimizer state (see :func:`find_states`).
+    state_type: look only for states of this class.
+
+  Returns:
+    The state.
+
+  Raises:
+    ValueError: when there is none, or several (then use :func:`find_states`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> params = {'w': jnp.ones(2)}
+    >>> tx = optax.chain(optax.sgd(0.1), sfa_jax.sfa(p=1.0, beta=0.5, total_steps=2))
+    >>> state = tx.init(params)
+    >>> for _ in range(2):
+    ...   updates, state = tx.update({'w': jnp.ones(2)}, state, params)
+    ...   print(int(sfa_jax.find_state(state).count), bool(sfa_jax.find_state(state).averaged))
+    1 False
+    2 True
+  """
+  found = find_states(opt_state, state_type)
+  kind = 'anchored state' if state_type is None else state_type.__name__
+  if not found:
+    raise ValueError(f'find_state found no {kind} inside opt_state.')
+  if len(found) > 1:
+    raise ValueError(f'find_state found {len(found)} of {kind} inside opt_state; use sfa_jax.find_states.')
+  return found[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement.
+
+
+def _class_named(module: str, name: str) -> type | None:
+  """``module.name`` if the module is imported (a state of it can only exist then)."""
+  loaded = sys.modules.get(module)
+  return getattr(loaded, name, None) if loaded is not None else None
+
+
+def check_placement(opt_state: Any) -> None:
+  """Refuses placements of SFA that cannot land on the average, and warns of doubtful ones.
+
+  SFA rewrites the *final* update relative to the params it is handed, so:
+
+  * it must be last in its chain: a transformation after it changes what lands
+    (``UserWarning``; a masked group of other leaves after it is fine);
+  * chained after ``optax.MultiSteps`` it counts micro-steps (``ValueError``); inside
+    ``MultiSteps`` it counts outer steps, which is right;
+  * inside ``optax.lookahead`` it averages the fast weights, and with ``reset_state=True`` its
+    anchor and counter are wiped at every sync (``UserWarning``);
+  * after (or inside) ``optax.contrib.schedule_free`` the evaluation params are not averaged
+    (``UserWarning``).
+
+  :func:`reanchor` runs this check; call it once after ``init`` to hear of a bad placement before
+  the first task's end.
+
+  Args:
+    opt_state: an optimizer state.
+
+  Raises:
+    ValueError: for SFA chained after ``optax.MultiSteps``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> tx = optax.chain(optax.MultiSteps(optax.adam(1e-3), 4), sfa_jax.sfa(p=0.5, total_steps=8))
+    >>> sfa_jax.check_placement(tx.init({'w': jnp.zeros(2)}))
+    Traceback (most recent call last):
+    ...
+    ValueError: SFAState is chained after optax.MultiSteps, so it counts micro-steps ...
+  """
+  opt_state, _ = _nnx_target(opt_state, None)
+  lookahead = _class_named('optax', 'LookaheadState')
+  schedule_free = _class_named('optax.contrib', 'ScheduleFreeState')
+  for state, ancestors in _walk(_unwrap(opt_state)):
+    if type(state) not in _AVERAGING:
+      continue
+    name = type(state).__name__
+    for container, index in ancestors:
+      if lookahead is not None and isinstance(container, lookahead):
+        warnings.warn(f'{name} sits inside optax.lookahead: it averages the fast weights, and with '
+                      'reset_state=True its anchor and counter are wiped at every sync.', stacklevel=2)
+      if schedule_free is not None and isinstance(container, schedule_free):
+        warnings.warn(f'{name} sits inside optax.contrib.schedule_free: the evaluation params are not '
+                      'the averaged ones.', stacklevel=2)
+      if type(container) is not tuple:  # optax.chain's state is a plain tuple
+        continue
+      before, after = container[:index], container[index + 1:]
+      if any(isinstance(node, optax.MultiStepsState) for node in before):
+        raise ValueError(f'{name} is chained after optax.MultiSteps, so it counts micro-steps and averages '
+                         'between accumulations: put it inside, optax.MultiSteps(optax.chain(opt, sfa(...)), k).')
+      if schedule_free is not None and any(isinstance(node, schedule_free) for node in before):
+        warnings.warn(f'{name} is chained after optax.contrib.schedule_free: it averages the training '
+                      'params, but the evaluation params (schedule_free_eval_params) are not averaged.', stacklevel=2)
+      if any(not isinstance(node, optax.MaskedState) for node in after):
+        warnings.warn(f'{name} is not the last transformation of its chain: what follows it changes the '
+                      'update, so the params do not land on the average. Chain it last.', stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Changing the anchored states.
+
+
+def _with_fields(state: Any, **values: Any) -> Any:
+  """``state`` with the named fields set to fresh arrays of their own dtype and shape."""
+  return state._replace(**{
+      name: jnp.full(jnp.shape(getattr(state, name)), value, getattr(state, name).dtype) for name, value in values.items()
+  })
+
+
+def _set_injected(node: Any, values: dict[str, Any]) -> Any:
+  """Sets ``values`` in every ``inject_hyperparams`` state holding them around an anchored state."""
+
+  def visit(child):
+    if not _is_inject_state(child):
+      return child
+    inner = jax.tree.map(visit, child.inner_state, is_leaf=_is_inject_state)
+    if not list(_walk(inner)):
+      return child._replace(inner_state=inner)
+    hyper = dict(child.hyperparams)
+    for name, value in values.items():
+      if name in hyper:
+        hyper[name] = jnp.full(jnp.shape(hyper[name]), value, jnp.asarray(hyper[name]).dtype)
+    return child._replace(hyperparams=hyper, inner_state=inner)
+
+  return jax.tree.map(visit, node, is_leaf=_is_inject_state)
+
+
+def _replace_states(opt_state: Any, replace: Callable[[Any], Any]) -> Any:
+  """``opt_state`` with every anchored state ``s`` replaced by ``replace(s)`` (NNX: in place)."""
+  pure = _unwrap(opt_state)
+  new = jax.tree.map(lambda node: replace(node) if _is_anchored(node) else node, pure, is_leaf=_is_anchored)
+  return new
+
+
+def reanchor(
+    opt_state: Any,
+    params: Any,
+    *,
+    fisher: optax.Params | None = None,
+    total_steps: int | None = None,
+) -> Any:
+  """The optimizer state for the next task: every anchor becomes a copy of ``params``.
+
+  Finds every anchored state (SFA, L2, EWC, adaptive SFA, and those taught by
+  :func:`register_anchored_state`) anywhere inside ``opt_state`` (chains, ``inject_hyperparams``,
+  ``MultiSteps``, ``masked``, ``multi_transform``, any NamedTuple, tuple, list or dict) and sets its
+  anchor to a copy of ``params``, cut to that state's own sub-tree (so SFA on a masked group, or
+  two SFA groups of a ``multi_transform``, each get their leaves); SFA's step counter restarts at
+  0 and every state becomes active (see ``wait_for_anchor``). Optimizer moments and other state
+  are left as they are. Call it outside ``jit``, between tasks. It also runs
+  :func:`check_placement`.
+
+  With Flax NNX, ``reanchor(optimizer, model)`` changes the optimizer in place (and returns it);
+  ``reanchor(optimizer.opt_state, nnx.state(model, nnx.Param))`` does the same to that state.
+
+  Args:
+    opt_state: the state of a transformation containing SFA, L2 or EWC; or an ``nnx.Optimizer``.
+    params: the parameters at the end of the finished task: the new anchor (finite values); or,
+      with an ``nnx.Optimizer``, the ``nnx.Module``.
+    fisher: for EWC, the new (e.g. online-accumulated) Fisher estimate; ``None`` keeps the old one.
+    total_steps: the next task's ``T`` for the states that have one (SFA, adaptive SFA); ``None``
+      keeps the current one. ``inject_hyperparams`` states around them get it too.
+
+  Returns:
+    The new state, with the same structure as ``opt_state`` (the same object, changed in place,
+    for NNX).
+
+  Raises:
+    ValueError: when ``opt_state`` holds none of these states, ``params`` / ``fisher`` do not
+      match the anchors' structure, shapes and dtypes or hold NaN / infinite values, or
+      ``total_steps`` is given but no state has one.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> params = {'w': jnp.zeros(2)}
+    >>> tx = optax.chain(optax.adam(1e-3), sfa_jax.sfa(p=0.5, beta=0.5, total_steps=10, wait_for_anchor=True))
+    >>> state = tx.init(params)
+    >>> state = sfa_jax.reanchor(state, {'w': jnp.ones(2)}, total_steps=20)
+    >>> sfa = sfa_jax.find_state(state)
+    >>> sfa.anchor['w'], int(sfa.count), int(sfa.total_steps), bool(sfa.active)
+    (Array([1., 1.], dtype=float32), 0, 20, True)
+  """
+  optimizer = opt_state
+  opt_state, params = _nnx_target(opt_state, params)
+  params, fisher = _unwrap(params), _unwrap(fisher)
+  if total_steps is not None:
+    transforms.check_hyperparams(total_steps=total_steps)
+  states = [state for state, _ in _walk(_unwrap(opt_state))]
+  if not states:
+    raise ValueError('reanchor found no SFAState, L2State, EWCState or other anchored state inside opt_state.')
+  if fisher is not None and not any(isinstance(state, EWCState) for state in states):
+    raise ValueError('reanchor got a fisher, but opt_state holds no EWCState.')
+  if total_steps is not None and not any('total_steps' in state._fields for state in states):
+    raise ValueError('reanchor got total_steps, but no state inside opt_state has a total_steps (only SFA does).')
+  _validation.check_finite_tree(params, 'params')
+  if fisher is not None:
+    _validation.check_finite_tree(fisher, 'fisher', non_negative=True)
+  check_placement(opt_state)
+
+  def replace(state):
+    fitted = _validation.fit_to(state.anchor, params, reference_name='anchor', other_name='params')
+    new = _RULES[type(state)](state, fitted)
+    if isinstance(new, EWCState) and fisher is not None:
+      new = new._replace(fisher=_validation.copy_tree(_validation.fit_to(state.fisher, fisher, reference_name="the state's fisher", other_name='fisher')))
+    fields = {'active': True} if 'active' in new._fields else {}
+    if total_steps is not None and 'total_steps' in new._fields:
+      fields['total_steps'] = total_steps
+    return _with_fields(new, **fields)
+
+  new_state = _replace_states(opt_state, replace)
+  if total_steps is not None:
+    new_state = _set_injected(new_state, {'total_steps': total_steps})
+  new_state = _write_back(opt_state, new_state)
+  return optimizer if optimizer is not opt_state else new_state
+
+
+def set_hyperparams(opt_state: Any, **values: Any) -> Any:
+  """The state with hyper-parameters changed in every anchored state that has them.
+
+  SFA's ``p``, ``beta`` and ``total_steps``, the penalties' ``strength`` and adaptive SFA's
+  ``threshold`` and ``min_p`` live in the state; this sets them (checked as the factories check
+  them), and in the ``inject_hyperparams`` states around them. It works inside ``jit`` too (traced
+  values are checked for their shape only). For NNX the state is changed in place.
+
+  Args:
+    opt_state: an optimizer state, or an ``nnx.Optimizer``.
+    **values: hyper-parameter names and their new (0-d) values.
+
+  Returns:
+    The new state (for NNX the same object, changed in place).
+
+  Raises:
+    TypeError / ValueError: for a bad value, or a name that no anchored state inside has.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> tx = optax.chain(optax.sgd(0.1), sfa_jax.sfa(p=0.5, beta=0.5, total_steps=10))
+    >>> state = sfa_jax.set_hyperparams(tx.init({'w': jnp.zeros(2)}), beta=0.25)
+    >>> float(sfa_jax.find_state(state).beta)
+    0.25
+  """
+  transforms.check_hyperparams(**values)
+  optimizer = opt_state
+  opt_state, _ = _nnx_target(opt_state, None)
+  missing = set(values)
+
+  def replace(state):
+    names = {name: value for name, value in values.items() if name in state._fields}
+    missing.difference_update(names)
+    return _with_fields(state, **names)
+
+  new_state = _replace_states(opt_state, replace)
+  if missing:
+    raise ValueError(f'set_hyperparams: no anchored state inside opt_state has {sorted(missing)}.')
+  new_state = _write_back(opt_state, _set_injected(new_state, values))
+  return optimizer if optimizer is not opt_state else new_state
