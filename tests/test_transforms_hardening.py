@@ -276,9 +276,11 @@ def test_nnx_reanchor_in_place_and_on_the_state_agree():
   chex.assert_trees_all_equal(in_place, assigned)
 
 
-def test_nnx_module_without_its_optimizer_is_refused():
+def test_nnx_set_hyperparams_in_place_and_module_without_its_optimizer_is_refused():
   model = _NNXNet(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.chain(optax.sgd(0.1), sfa_jax.sfa(p=0.5, total_steps=4)), wrt=nnx.Param)
+  assert sfa_jax.set_hyperparams(optimizer, beta=0.125) is optimizer
+  assert float(sfa_jax.find_state(optimizer.opt_state).beta) == 0.125
   with pytest.raises(TypeError, match=r'reanchor\(optimizer, model\)'):
     sfa_jax.reanchor(optimizer.opt_state, model)
 

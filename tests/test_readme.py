@@ -1,0 +1,22 @@
+"""The README's runnable examples run as written."""
+
+import pathlib
+import re
+
+import sfa_jax
+
+README = pathlib.Path(__file__).resolve().parent.parent / 'README.md'
+
+
+def _block_after(heading: str) -> str:
+  """The first ```python block after ``heading`` in the README."""
+  text = README.read_text()
+  section = text[text.index(heading):]
+  return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+
+
+def test_the_nnx_example_runs_and_averages():
+  namespace: dict = {}
+  exec(compile(_block_after('### Flax NNX'), 'README.md (Flax NNX)', 'exec'), namespace)
+  state = sfa_jax.find_state(namespace['optimizer'])
+  assert int(state.count) == 20 and bool(state.active) and bool(namespace['averaged'])  # step T averages
