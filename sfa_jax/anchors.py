@@ -118,8 +118,15 @@ def _write_back(tree: Any, new_values: Any) -> Any:
   return jax.tree.map(put, tree, new_values, is_leaf=_is_variable)
 
 
-def _nnx_target(opt_state: Any, params: Any) -> tuple[Any, Any]:
-  """``(opt_state, params)`` as trees: an ``nnx.Optimizer`` and a model become their states."""
+def _is_train_state(node: Any) -> bool:
+  """A Flax ``TrainState``-like object: ``.params``, ``.opt_state`` and a ``.replace`` method."""
+  return all(hasattr(node, name) for name in ('params', 'opt_state', 'replace')) and not _is_anchored(node)
+
+
+def _target(opt_state: Any, params: Any) -> tuple[Any, Any]:
+  """``(opt_state, params)`` as trees: an ``nnx.Optimizer`` and a model, or a ``TrainState``, give theirs."""
+  if _is_train_state(opt_state):
+    return opt_state.opt_state, opt_state.params if params is None else params
   nnx = _nnx()
   if nnx is not None and isinstance(opt_state, nnx.Optimizer):
     if isinstance(params, nnx.Module):
@@ -160,7 +167,7 @@ def find_states(opt_state: Any, state_type: type | None = None) -> list[Any]:
 
   Args:
     opt_state: an optimizer state (any chain or wrapper; an ``nnx.Optimizer`` or its
-      ``opt_state`` too, whose Variables are read as their values).
+      ``opt_state`` too, whose Variables are read as their values; a Flax ``TrainState``).
     state_type: keep only states of this class (e.g. ``sfa_jax.SFAState``).
 
   Returns:
@@ -176,7 +183,7 @@ def find_states(opt_state: Any, state_type: type | None = None) -> list[Any]:
     >>> [float(s.p) for s in sfa_jax.find_states(tx.init(params))]
     [0.5, 1.0]
   """
-  opt_state, _ = _nnx_target(opt_state, None)
+  opt_state, _ = _target(opt_state, None)
   found = [state for state, _ in _walk(_unwrap(opt_state))]
   if state_type is not None:
     found = [state for state in found if isinstance(state, state_type)]
@@ -257,7 +264,7 @@ def check_placement(opt_state: Any) -> None:
     ...
     ValueError: SFAState is chained after optax.MultiSteps, so it counts micro-steps ...
   """
-  opt_state, _ = _nnx_target(opt_state, None)
+  opt_state, _ = _target(opt_state, None)
   lookahead = _class_named('optax', 'LookaheadState')
   schedule_free = _class_named('optax.contrib', 'ScheduleFreeState')
   for state, ancestors in _walk(_unwrap(opt_state)):
@@ -314,6 +321,14 @@ def _set_injected(node: Any, values: dict[str, Any]) -> Any:
   return jax.tree.map(visit, node, is_leaf=_is_inject_state)
 
 
+def _give_back(holder: Any, opt_state: Any, new_state: Any) -> Any:
+  """The result for what the user passed: the new state, the ``TrainState`` with it, or the optimizer."""
+  new_state = _write_back(opt_state, new_state)
+  if _is_train_state(holder):
+    return holder.replace(opt_state=new_state)
+  return holder if holder is not opt_state else new_state
+
+
 def _replace_states(opt_state: Any, replace: Callable[[Any], Any]) -> Any:
   """``opt_state`` with every anchored state ``s`` replaced by ``replace(s)`` (NNX: in place)."""
   pure = _unwrap(opt_state)
@@ -323,7 +338,7 @@ def _replace_states(opt_state: Any, replace: Callable[[Any], Any]) -> Any:
 
 def reanchor(
     opt_state: Any,
-    params: Any,
+    params: Any = None,
     *,
     fisher: optax.Params | None = None,
     total_steps: int | None = None,
@@ -340,19 +355,22 @@ def reanchor(
   :func:`check_placement`.
 
   With Flax NNX, ``reanchor(optimizer, model)`` changes the optimizer in place (and returns it);
-  ``reanchor(optimizer.opt_state, nnx.state(model, nnx.Param))`` does the same to that state.
+  ``reanchor(optimizer.opt_state, nnx.state(model, nnx.Param))`` does the same to that state. With a
+  Flax ``TrainState`` (Linen), ``reanchor(train_state)`` returns it with its optimizer state
+  re-anchored at its own params.
 
   Args:
-    opt_state: the state of a transformation containing SFA, L2 or EWC; or an ``nnx.Optimizer``.
-    params: the parameters at the end of the finished task: the new anchor (finite values); or,
-      with an ``nnx.Optimizer``, the ``nnx.Module``.
+    opt_state: the state of a transformation containing SFA, L2 or EWC; or an ``nnx.Optimizer``;
+      or a ``TrainState``.
+    params: the parameters at the end of the finished task: the new anchor (finite values); with
+      an ``nnx.Optimizer``, the ``nnx.Module``; with a ``TrainState``, ``None`` means its params.
     fisher: for EWC, the new (e.g. online-accumulated) Fisher estimate; ``None`` keeps the old one.
     total_steps: the next task's ``T`` for the states that have one (SFA, adaptive SFA); ``None``
       keeps the current one. ``inject_hyperparams`` states around them get it too.
 
   Returns:
     The new state, with the same structure as ``opt_state`` (the same object, changed in place,
-    for NNX).
+    for NNX; the new ``TrainState`` for a ``TrainState``).
 
   Raises:
     ValueError: when ``opt_state`` holds none of these states, ``params`` / ``fisher`` do not
@@ -369,8 +387,10 @@ def reanchor(
     >>> sfa.anchor['w'], int(sfa.count), int(sfa.total_steps), bool(sfa.active)
     (Array([1., 1.], dtype=float32), 0, 20, True)
   """
-  optimizer = opt_state
-  opt_state, params = _nnx_target(opt_state, params)
+  holder = opt_state
+  opt_state, params = _target(opt_state, params)
+  if params is None:
+    raise TypeError('reanchor needs params, the new anchor: reanchor(opt_state, params).')
   params, fisher = _unwrap(params), _unwrap(fisher)
   if total_steps is not None:
     transforms.check_hyperparams(total_steps=total_steps)
@@ -399,8 +419,7 @@ def reanchor(
   new_state = _replace_states(opt_state, replace)
   if total_steps is not None:
     new_state = _set_injected(new_state, {'total_steps': total_steps})
-  new_state = _write_back(opt_state, new_state)
-  return optimizer if optimizer is not opt_state else new_state
+  return _give_back(holder, opt_state, new_state)
 
 
 def set_hyperparams(opt_state: Any, **values: Any) -> Any:
@@ -429,8 +448,8 @@ def set_hyperparams(opt_state: Any, **values: Any) -> Any:
     0.25
   """
   transforms.check_hyperparams(**values)
-  optimizer = opt_state
-  opt_state, _ = _nnx_target(opt_state, None)
+  holder = opt_state
+  opt_state, _ = _target(opt_state, None)
   missing = set(values)
 
   def replace(state):
@@ -441,5 +460,4 @@ def set_hyperparams(opt_state: Any, **values: Any) -> Any:
   new_state = _replace_states(opt_state, replace)
   if missing:
     raise ValueError(f'set_hyperparams: no anchored state inside opt_state has {sorted(missing)}.')
-  new_state = _write_back(opt_state, _set_injected(new_state, values))
-  return optimizer if optimizer is not opt_state else new_state
+  return _give_back(holder, opt_state, _set_injected(new_state, values))

@@ -464,3 +464,17 @@ def test_bf16_p_under_inject_hyperparams_is_refused_and_float32_hyperparams_keep
       flags.append(bool(sfa_jax.find_state(state).averaged))
     assert [t for t, flag in enumerate(flags, 1) if flag] == [4, 8, 10]
     assert sfa_jax.find_state(state).p.dtype == jnp.float32
+
+
+def test_linen_train_state_reanchor_and_find_state():
+  from flax.training import train_state
+
+  params = {'w': jnp.arange(3.0)}
+  tx = optax.chain(optax.adam(0.1), sfa_jax.sfa(p=0.5, beta=0.5, total_steps=4, wait_for_anchor=True))
+  state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+  state = state.apply_gradients(grads={'w': jnp.ones(3)})
+  assert not bool(sfa_jax.find_state(state).active)
+  state = sfa_jax.reanchor(state, total_steps=6)
+  sfa_state = sfa_jax.find_state(state)
+  chex.assert_trees_all_equal(sfa_state.anchor, state.params)
+  assert bool(sfa_state.active) and int(sfa_state.total_steps) == 6 and int(sfa_state.count) == 0
