@@ -21,6 +21,8 @@ Its numbers (and so its EWC strengths) are not comparable with ours.
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
 from typing import Any, Callable
 
 import chex
@@ -28,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfa_jax import _layerwise_fisher
 from sfa_jax import _validation
 
 
@@ -64,7 +65,7 @@ def diagonal_fisher(
   ``(logits_fn, kind, num_samples, batch_size)``, input shapes and dtypes, whatever ``N``; pass the
   same ``logits_fn`` object from call to call to reuse that compilation. Memory is the float32 sums,
   one gradient, one chunk's inputs and activations, and (convolutions) one chunk's per-example
-  kernel gradients, at most ``_layerwise_fisher.MAX_CONV_GRADIENT_FLOATS`` floats: never ``N`` or
+  kernel gradients, at most ``sfa_jax._layerwise_fisher.MAX_CONV_GRADIENT_FLOATS`` floats: never ``N`` or
   ``batch_size`` times all the parameters. The result depends on ``batch_size`` only through float
   rounding. Sums are accumulated in float32 and the result is cast back to each leaf's dtype.
   Sharded params and inputs are used where they lie: nothing is moved to a chosen device (meshes
@@ -327,8 +328,11 @@ def _accumulate(
       return classes, jnp.full(num_samples, 1.0 / num_samples)
     return jnp.arange(log_probs.shape[-1]), jnp.exp(log_probs)
 
-  if layerwise:
-    calls, logits_shape = _layerwise_fisher.find_affine_calls(apply, float_leaves, inputs)
+  # A Flax layer can only be in the model when the user imported flax.linen: only then is the
+  # batched pass (and flax with it) loaded, so that ``import sfa_jax`` stays the core alone.
+  layers = importlib.import_module('sfa_jax._layerwise_fisher') if layerwise and 'flax.linen' in sys.modules else None
+  if layers is not None:
+    calls, logits_shape = layers.find_affine_calls(apply, float_leaves, inputs)
   else:
     calls, logits_shape = [], jax.eval_shape(apply, float_leaves, inputs).shape
   num_classes = logits_shape[-1]
@@ -340,14 +344,14 @@ def _accumulate(
   indices = offset + jnp.arange(rows.shape[0], dtype=jnp.int32)
 
   if calls:
-    forward = _layerwise_fisher.tapped_log_probs(apply, calls, float_leaves, inputs)
+    forward = layers.tapped_log_probs(apply, calls, float_leaves, inputs)
     taps = {call.path: jnp.zeros(call.out_shape) for call in calls}
     log_probs, pullback, layer_inputs = jax.vjp(forward, taps, has_aux=True)
     classes, weights = jax.vmap(targets)(log_probs, labels, indices)
 
     def add_target(j, sums):
       (deltas,) = pullback(jax.nn.one_hot(classes[:, j], num_classes, dtype=jnp.float32))
-      return _layerwise_fisher.add_squared_gradients(sums, calls, layer_inputs, deltas, weights[:, j], rows)
+      return layers.add_squared_gradients(sums, calls, layer_inputs, deltas, weights[:, j], rows)
 
     sums = jax.lax.fori_loop(0, classes.shape[1], add_target, sums)
 
