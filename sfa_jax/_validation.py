@@ -238,9 +238,15 @@ def fit_to(reference: Any, other: Any, *, reference_name: str, other_name: str) 
   ``optax.multi_transform`` left out of a group), ``other`` gets one too: a full params tree then
   fits the state of a masked group.
 
+  Where ``reference`` is one vector and ``other`` a tree (the state of a transformation inside
+  ``optax.flatten``), ``other`` is flattened as ``optax.flatten`` does: its leaves raveled and
+  concatenated in tree order.
+
   Returns:
     The cut tree.
   """
+  if isinstance(reference, jax.Array) and reference.ndim == 1 and jax.tree.structure(other).num_nodes > 1:
+    other = jnp.concatenate([jnp.reshape(leaf, -1) for leaf in jax.tree.leaves(other)])
   is_masked = lambda node: isinstance(node, optax.MaskedNode)
   try:
     other = jax.tree.map(lambda node, leaf: node if is_masked(node) else leaf, reference, other, is_leaf=is_masked)

@@ -206,6 +206,25 @@ def test_reanchor_two_sfa_groups_with_different_masks_in_multi_transform():
   assert [int(s.total_steps) for s in (body, head)] == [6, 6] and [float(s.p) for s in (body, head)] == [0.5, 1.0]
 
 
+@pytest.mark.parametrize('wrap', [
+    lambda tx: optax.apply_if_finite(tx, 3),
+    optax.flatten,
+    lambda tx: optax.inject_hyperparams(lambda learning_rate: tx)(learning_rate=0.1),
+    lambda tx: optax.named_chain(('inner', tx)),
+], ids=['apply_if_finite', 'flatten', 'inject_outer', 'named_chain'])
+def test_reanchor_inside_other_wrappers(wrap):
+  params = _body_head()
+  tx = wrap(optax.chain(optax.adam(0.1), sfa_jax.sfa(p=0.5, beta=0.5, total_steps=4)))
+  _, state = _run(tx, params, _ones, 2)
+  new_params = _shift(params, 2.0)
+  state = sfa_jax.reanchor(state, new_params, total_steps=3)
+  sfa_state = sfa_jax.find_state(state)
+  assert int(sfa_state.count) == 0 and int(sfa_state.total_steps) == 3
+  flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+  np.testing.assert_array_equal(flat(sfa_state.anchor), flat(new_params))
+  _run(tx, new_params, _ones, 3, state)  # the state still fits the transformation
+
+
 def test_reanchor_l2_and_ewc_inside_masked():
   params = _body_head()
   mask = {'body': False, 'head': True}
