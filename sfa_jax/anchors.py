@@ -330,10 +330,8 @@ def _give_back(holder: Any, opt_state: Any, new_state: Any) -> Any:
 
 
 def _replace_states(opt_state: Any, replace: Callable[[Any], Any]) -> Any:
-  """``opt_state`` with every anchored state ``s`` replaced by ``replace(s)`` (NNX: in place)."""
-  pure = _unwrap(opt_state)
-  new = jax.tree.map(lambda node: replace(node) if _is_anchored(node) else node, pure, is_leaf=_is_anchored)
-  return new
+  """``opt_state``'s values with every anchored state ``s`` replaced by ``replace(s)`` (see :func:`_write_back`)."""
+  return jax.tree.map(lambda node: replace(node) if _is_anchored(node) else node, _unwrap(opt_state), is_leaf=_is_anchored)
 
 
 def reanchor(

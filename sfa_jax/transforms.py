@@ -287,14 +287,15 @@ def sfa(
   chain and emits, at an averaging step, :math:`u'_t = \beta(\theta_o - \theta_t) + (1-\beta)u_t`,
   so that ``optax.apply_updates(params, u')`` lands exactly on the average; between averaging steps
   it returns :math:`u_t` unchanged. The optimizer's own state (e.g. Adam's moments) is kept across
-  an averaging step. Integer and PRNG-key leaves are never averaged.
+  an averaging step. Leaves whose *param* is an integer or a PRNG key are never averaged.
 
   It is written branchless, as the multiply-add :math:`u + m(\theta_o - \theta - u)` with
   :math:`m = \beta` at an averaging step and 0 otherwise, which XLA fuses into the optimizer's own
   elementwise loop. ``benchmarks/transform_overhead.py`` chose it over ``jax.lax.cond`` on the
   update tree and over a ``jnp.where`` select, both much slower between averaging steps (see
-  ``benchmarks/RESULTS.md``). Non-finite params or anchors are not masked out (``0·inf`` is NaN):
-  a diverged run stays visibly diverged.
+  ``benchmarks/RESULTS.md``). A concrete anchor is checked for NaN / infinite values once, at
+  ``init`` (and by :func:`sfa_jax.reanchor`); inside the step nothing is masked out (``0·inf`` is
+  NaN): a run that diverges stays visibly diverged.
 
   ``p``, ``beta`` and ``T`` live in the state (:class:`SFAState`): the arguments given here are
   their initial values, changed by :func:`sfa_jax.reanchor` (``total_steps=``) and
@@ -334,10 +335,12 @@ def sfa(
     An ``optax.GradientTransformationExtraArgs`` with state :class:`SFAState`.
 
   Raises:
-    TypeError: when ``p`` or ``total_steps`` is missing.
-    ValueError: when ``p``, ``beta`` or ``total_steps`` is out of range (at construction), or when
-      ``anchor`` does not match the params in structure, shape or dtype, or ``params`` is ``None``
-      (at ``init``).
+    TypeError: when ``p`` or ``total_steps`` is missing, or a hyper-parameter is not a 0-d number
+      (a string, a bool, an array with dimensions, a schedule).
+    ValueError: when ``p``, ``beta`` or ``total_steps`` is out of range (``T`` at most 2**31 - 1)
+      or ``p`` is bfloat16 / float16 (at construction), or when ``anchor`` does not match the
+      params in structure, shape or dtype or holds NaN / infinite values, or ``params`` is
+      ``None`` (at ``init``).
 
   Example:
     >>> import jax.numpy as jnp, optax, sfa_jax
