@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sfa_jax
+
 from sfa_jax.models import MLP
 from sfa_jax.models import OutputHead
 from sfa_jax.models import ResNet18
 from sfa_jax.models import SmallCNN
-from sfa_jax.models import average_model_state
 from sfa_jax.models import make_model
 from sfa_jax.models import merge_variables
 from sfa_jax.models import split_variables
@@ -303,33 +304,33 @@ def test_split_and_merge_variables_reject_misplaced_params():
     merge_variables({}, {'params': {}})
 
 
-def test_average_model_state_is_sfa_average_on_float_leaves():
+def test_interpolate_averages_model_state_on_float_leaves():
   anchor = {'mean': jnp.array([0.0, 2.0]), 'half': jnp.ones(2, jnp.bfloat16), 'count': jnp.array(1)}
   state = {'mean': jnp.array([1.0, 4.0]), 'half': jnp.zeros(2, jnp.bfloat16), 'count': jnp.array(5)}
-  averaged = average_model_state(anchor, state, beta=0.25)
+  averaged = sfa_jax.interpolate(anchor, state, beta=0.25)
   np.testing.assert_allclose(averaged['mean'], [0.75, 3.5])
   np.testing.assert_allclose(averaged['half'].astype(jnp.float32), [0.25, 0.25])
   assert averaged['half'].dtype == jnp.bfloat16
   assert int(averaged['count']) == 5
-  chex.assert_trees_all_equal(average_model_state(anchor, state, 0.0), state)
-  chex.assert_trees_all_close(average_model_state(anchor, state, 1.0)['mean'], anchor['mean'])
-  jitted = jax.jit(average_model_state)(anchor, state, jnp.float32(0.25))
+  chex.assert_trees_all_equal(sfa_jax.interpolate(anchor, state, 0.0), state)
+  chex.assert_trees_all_close(sfa_jax.interpolate(anchor, state, 1.0)['mean'], anchor['mean'])
+  jitted = jax.jit(sfa_jax.interpolate)(anchor, state, jnp.float32(0.25))
   chex.assert_trees_all_close(jitted, averaged)
 
 
-def test_average_model_state_on_resnet_batch_stats(resnet):
+def test_interpolate_averages_resnet_batch_stats(resnet):
   variables, _, _, _ = resnet
   _, state = split_variables(variables)
   shifted = jax.tree.map(lambda leaf: leaf + 1.0, state)
-  averaged = average_model_state(state, shifted, beta=0.5)
+  averaged = sfa_jax.interpolate(state, shifted, beta=0.5)
   chex.assert_trees_all_close(averaged, jax.tree.map(lambda leaf: leaf + 0.5, state))
 
 
-def test_average_model_state_rejects_bad_arguments():
+def test_interpolate_rejects_bad_model_states():
   state = {'batch_stats': {'mean': jnp.zeros(2)}}
   with pytest.raises(ValueError, match='beta'):
-    average_model_state(state, state, beta=1.5)
-  with pytest.raises(ValueError, match=r"anchor_state\['batch_stats'\]\['mean'\] has shape"):
-    average_model_state({'batch_stats': {'mean': jnp.zeros(3)}}, state, beta=0.5)
+    sfa_jax.interpolate(state, state, beta=1.5)
+  with pytest.raises(ValueError, match=r"anchor\['batch_stats'\]\['mean'\] has shape"):
+    sfa_jax.interpolate({'batch_stats': {'mean': jnp.zeros(3)}}, state, beta=0.5)
   with pytest.raises(ValueError, match='tree structure'):
-    average_model_state({'batch_stats': {}}, state, beta=0.5)
+    sfa_jax.interpolate({'batch_stats': {}}, state, beta=0.5)

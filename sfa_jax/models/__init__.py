@@ -15,6 +15,5 @@ from sfa_jax.models.heads import OutputHead
 from sfa_jax.models.mlp import MLP
 from sfa_jax.models.registry import make_model
 from sfa_jax.models.resnet import ResNet18
-from sfa_jax.models.state import average_model_state
 from sfa_jax.models.state import merge_variables
 from sfa_jax.models.state import split_variables

@@ -11,7 +11,8 @@ How the methods treat them:
 * **BatchNorm statistics are not averaged by SFA by default.** After an SFA average the running
   statistics are those the model gathered while training, which were computed with the unaveraged
   weights. To average them the same way at each averaging step, call
-  ``average_model_state(anchor_state, model_state, beta)`` with the model state saved at the
+  ``sfa_jax.interpolate(anchor_state, model_state, beta)`` (the one interpolation, for params and
+  model state alike) with the model state saved at the
   anchor (the start of the task); the mean of two running variances is an approximation of the
   variance of the averaged network, not its exact value. Re-estimating the statistics with a few
   forward passes in training mode after averaging is the other option.
@@ -30,11 +31,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import chex
 import jax
 import jax.numpy as jnp
 
-from sfa_jax import _validation
 
 PARAMS = 'params'
 
@@ -88,45 +87,3 @@ def merge_variables(params: Any, model_state: Mapping[str, Any]) -> dict[str, An
   if PARAMS in model_state:
     raise ValueError("model_state must not hold a 'params' collection: pass the params separately.")
   return {PARAMS: params, **model_state}
-
-
-def average_model_state(anchor_state: Any, model_state: Any, beta: chex.Numeric) -> Any:
-  """``β·anchor_state + (1−β)·model_state`` on floating leaves, as SFA averages the params.
-
-  Integer and PRNG-key leaves (counters) keep the values of ``model_state``. Dtypes are kept.
-  ``beta`` may be a traced value, so this runs inside ``jit``.
-
-  Args:
-    anchor_state: the model state at the anchor (e.g. the start of the task).
-    model_state: the current model state; same tree structure, shapes and dtypes.
-    beta: the weight of the anchor, in [0, 1], the ``beta`` given to ``sfa``.
-
-  Returns:
-    The averaged model state.
-
-  Raises:
-    ValueError: if ``beta`` is outside [0, 1] or the trees do not match (the message names the
-      leaf).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from sfa_jax.models import average_model_state
-    >>> anchor = {'batch_stats': {'mean': jnp.array([0.0, 2.0])}}
-    >>> current = {'batch_stats': {'mean': jnp.array([1.0, 4.0])}}
-    >>> average_model_state(anchor, current, beta=0.5)['batch_stats']['mean']
-    Array([0.5, 3. ], dtype=float32)
-  """
-  _validation.check_in_interval('beta', beta, 0.0, 1.0)
-  _validation.check_matching_tree(
-      model_state, anchor_state, reference_name='model_state', other_name='anchor_state'
-  )
-
-  def average(anchor_leaf: Any, leaf: Any) -> Any:
-    if not _validation.is_float_leaf(leaf):
-      return leaf
-    dtype = jnp.promote_types(jnp.result_type(leaf), jnp.float32)
-    anchor_, leaf_ = jnp.asarray(anchor_leaf, dtype), jnp.asarray(leaf, dtype)
-    weight = jnp.asarray(beta, dtype)
-    return (weight * anchor_ + (1 - weight) * leaf_).astype(jnp.result_type(leaf))
-
-  return jax.tree.map(average, anchor_state, model_state)
