@@ -25,12 +25,11 @@ average of each task and was not chosen.
 
 Cost. The drift of :math:`\\theta_t` is computed by step :math:`t-1`, as the norm of what that step
 lands on, and stored in the state: that reduction reads what SFA's multiply-add and
-``optax.apply_updates`` read, so XLA can compute it in the same loop. ``benchmarks/adaptive_overhead.py`` on CPU (an Adam
-step on 4M float32 params, medians of interleaved rounds, 2 cores at load average 3): Adam 8.6 ms,
-with SFA 9.6 ms (×1.12), with this rule 12.1 ms (×1.40); deciding on the drift of
+``optax.apply_updates`` read, so XLA can compute it in the same loop. Deciding on the drift of
 :math:`\\theta_t + u_t` instead (where the current step lands, one step earlier) needs the
-reduction *before* the multiply-add, a second pass over the params: 19.2 ms (×2.24), so it was not
-chosen. The price is a one-step lag.
+reduction *before* the multiply-add, a second pass over the params; ``benchmarks/adaptive_overhead.py``
+measured it much slower (figures in ``benchmarks/RESULTS.md``), so it was not chosen. The price is a
+one-step lag.
 """
 
 from __future__ import annotations
@@ -290,7 +289,7 @@ def _offset(param: chex.Array, anchor_leaf: chex.Array, update: chex.Array | Non
   """``θ − θ_o``, or ``θ + u − θ_o``, for one leaf, in at least float32.
 
   ``θ + u`` comes first: it is ``optax.apply_updates``'s own sum, which XLA then computes once for
-  both (``(θ − θ_o) + u`` measured about 3x slower on an Adam step of 4M params).
+  both (``(θ − θ_o) + u`` measured slower on an Adam step, ``benchmarks/adaptive_overhead.py``).
   """
   dtype = jnp.promote_types(param.dtype, jnp.float32)
   moved = param.astype(dtype) if update is None else param.astype(dtype) + update.astype(dtype)

@@ -78,9 +78,9 @@ def diagonal_fisher(
   per-example weight gradient is formed); every other parameter is differentiated one example at a
   time, a ``jax.vjp`` per example whose square is added straight into the sums. The batched pass
   assumes that ``logits_fn`` treats the examples of a batch independently (inference mode: no
-  batch statistics); pass ``layerwise=False`` for a model that mixes them. Against a
-  ``vmap`` of per-example gradients reduced over the batch, the MLP 784-256-256-10's Fisher is
-  71x faster and the SmallCNN's 5.4x (``benchmarks/fisher_speed.py``).
+  batch statistics); pass ``layerwise=False`` for a model that mixes them. Its speed
+  against a ``vmap`` of per-example gradients is measured by ``benchmarks/fisher_speed.py``
+  (figures in ``benchmarks/RESULTS.md``).
 
   Only the floating-point leaves of ``params`` are differentiated; integer, boolean and PRNG-key
   leaves get zeros of their own dtype, so that the result matches ``params`` leaf for leaf.
