@@ -304,21 +304,24 @@ def _with_fields(state: Any, **values: Any) -> Any:
 
 
 def _set_injected(node: Any, values: dict[str, Any]) -> Any:
-  """Sets ``values`` in every ``inject_hyperparams`` state holding them around an anchored state."""
+  """Sets ``values`` in every ``inject_hyperparams`` state that wraps an anchored state directly.
+
+  ``optax.inject_hyperparams(sfa_jax.sfa)(...)`` passes its copies to the factory at every update,
+  so they must change with the state's own fields. An ``inject_hyperparams`` around a whole chain
+  keeps its own hyper-parameters (a ``beta`` there may mean something else).
+  """
+  is_wrapper = lambda child: _is_inject_state(child) and _is_anchored(child.inner_state)
 
   def visit(child):
-    if not _is_inject_state(child):
+    if not is_wrapper(child):
       return child
-    inner = jax.tree.map(visit, child.inner_state, is_leaf=_is_inject_state)
-    if not list(_walk(inner)):
-      return child._replace(inner_state=inner)
     hyper = dict(child.hyperparams)
     for name, value in values.items():
       if name in hyper:
         hyper[name] = jnp.full(jnp.shape(hyper[name]), value, jnp.asarray(hyper[name]).dtype)
-    return child._replace(hyperparams=hyper, inner_state=inner)
+    return child._replace(hyperparams=hyper)
 
-  return jax.tree.map(visit, node, is_leaf=_is_inject_state)
+  return jax.tree.map(visit, node, is_leaf=is_wrapper)
 
 
 def _give_back(holder: Any, opt_state: Any, new_state: Any) -> Any:

@@ -497,3 +497,14 @@ def test_linen_train_state_reanchor_and_find_state():
   sfa_state = sfa_jax.find_state(state)
   chex.assert_trees_all_equal(sfa_state.anchor, state.params)
   assert bool(sfa_state.active) and int(sfa_state.total_steps) == 6 and int(sfa_state.count) == 0
+
+
+def test_set_hyperparams_reaches_inject_hyperparams_but_not_an_outer_wrapper():
+  params = tree_params()
+  tx = optax.chain(optax.sgd(0.1), optax.inject_hyperparams(sfa_jax.sfa)(p=0.5, beta=0.5, total_steps=4))
+  state = sfa_jax.set_hyperparams(tx.init(params), beta=0.9)
+  fresh = optax.chain(optax.sgd(0.1), sfa_jax.sfa(p=0.5, beta=0.9, total_steps=4))
+  chex.assert_trees_all_close(_run(tx, params, _ones, 4, state)[0], _run(fresh, params, _ones, 4)[0], rtol=1e-6)
+  outer = optax.inject_hyperparams(lambda beta: optax.chain(optax.adam(0.1, b1=beta), sfa_jax.sfa(p=0.5, total_steps=4)))(beta=0.8)
+  state = sfa_jax.set_hyperparams(outer.init(params), beta=0.25)
+  assert float(state.hyperparams['beta']) == np.float32(0.8) and float(sfa_jax.find_state(state).beta) == 0.25
