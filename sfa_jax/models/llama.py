@@ -2,7 +2,7 @@
 
 The architecture of Llama 2/3 and SmolLM2 (Touvron et al, 2023): pre-norm residual blocks
 ``x + attention(rms_norm(x))`` and ``x + mlp(rms_norm(x))``, no biases, a final RMSNorm and (here)
-an output layer tied to the token embedding. The blocks are stacked with ``nn.scan``: every block
+an output layer tied to the token embedding (or, with ``tie_embeddings=False``, its own). The blocks are stacked with ``nn.scan``: every block
 parameter has a leading axis of size ``num_layers``, and the model compiles as fast with 30 layers
 as with one.
 
@@ -55,6 +55,10 @@ class LlamaConfig:
     rope_base: base of the rotary angles.
     norm_eps: the epsilon of every RMSNorm.
     remat: recompute each block in the backward pass instead of storing its activations.
+    tie_embeddings: the output layer is the token embedding (SmolLM2, Llama 3.2 1B/3B); if false,
+      the model has its own ``lm_head/kernel`` of shape ``(dim, vocab_size)`` (Llama 2, Llama 3 8B).
+    max_length: the longest context the checkpoint was trained for (Hugging Face's
+      ``max_position_embeddings``), or None if unknown. Informational: the model does not enforce it.
   """
 
   vocab_size: int = 49152
@@ -66,10 +70,14 @@ class LlamaConfig:
   rope_base: float = 1e5
   norm_eps: float = 1e-5
   remat: bool = False
+  tie_embeddings: bool = True
+  max_length: int | None = None
 
   def __post_init__(self):
     for name in ('vocab_size', 'dim', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim'):
       _validation.check_positive_int(name, getattr(self, name))
+    if self.max_length is not None:
+      _validation.check_positive_int('max_length', self.max_length)
     if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
       raise ValueError(f'dim ({self.dim}) must split into num_heads ({self.num_heads}) heads of even width.')
     if self.num_heads % self.num_kv_heads:
@@ -198,11 +206,12 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-  """A Llama causal language model with its output layer tied to the token embedding.
+  """A Llama causal language model, its output layer tied to the token embedding by default.
 
   Params: ``embed/embedding`` ``(vocab, dim)``; ``layers/...`` the blocks, each leaf with a leading
   layer axis (``attention/{query,key,value,out}/kernel``, ``mlp/{gate,up,down}/kernel`` as
-  ``(in, out)`` matrices, ``attention_norm/scale``, ``mlp_norm/scale``); ``norm/scale``.
+  ``(in, out)`` matrices, ``attention_norm/scale``, ``mlp_norm/scale``); ``norm/scale``; and, only
+  when ``config.tie_embeddings`` is false, ``lm_head/kernel`` ``(dim, vocab)``.
 
   Attributes:
     config: the model's shape.
@@ -237,4 +246,6 @@ class Llama(nn.Module):
     )
     x, _ = stack(c, name='layers')(x, positions)
     x = RMSNorm(c.norm_eps, name='norm')(x)
-    return embed.attend(x).astype(jnp.float32)
+    if c.tie_embeddings:
+      return embed.attend(x).astype(jnp.float32)
+    return nn.Dense(c.vocab_size, use_bias=False, name='lm_head')(x).astype(jnp.float32)
