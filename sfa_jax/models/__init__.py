@@ -12,6 +12,8 @@ merges treat each.
 
 from sfa_jax.models.cnn import SmallCNN
 from sfa_jax.models.heads import OutputHead
+from sfa_jax.models.hf import load_hf_llama
+from sfa_jax.models.hf import save_hf_llama
 from sfa_jax.models.mlp import MLP
 from sfa_jax.models.registry import make_model
 from sfa_jax.models.resnet import ResNet18
