@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -587,9 +588,37 @@ class _Position:
   global_step: int = 0
 
 
+def describe_stream(stream: tasks_lib.TaskStream) -> dict[str, Any]:
+  """What decides a stream's data, as JSON values: name, setting, source, seed, and every task."""
+  return {
+      'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'seed': stream.seed,
+      'num_classes': stream.num_classes, 'input_shape': list(stream.input_shape),
+      'tasks': list(stream.task_names), 'task_classes': [list(c) for c in stream.task_classes],
+  }
+
+
+def describe_method(method: Method) -> dict[str, Any]:
+  """A method as JSON values: its name and its exact hyper-parameters (a label rounds them)."""
+  return {'name': method.name, 'hyperparams': dict(method.hyperparams)}
+
+
 def fingerprint(stream: tasks_lib.TaskStream, method: Method, config: TrainConfig) -> str:
-  """A string naming everything that decides a run's numbers; checkpoints must match it."""
-  return f'{stream.name}|{stream.setting}|{stream.source}|seed={stream.seed}|{method.label}|{config!r}'
+  """A JSON string of everything that decides a run's numbers; checkpoints must match it.
+
+  It holds :func:`describe_stream`, :func:`describe_method` and every :class:`TrainConfig` field
+  (the model and its attributes, optimizer, learning rate, epochs, batch sizes, seed, evaluation
+  schedule).
+
+  Example:
+    >>> import json
+    >>> from sfa_jax import continual, tasks
+    >>> run = json.loads(continual.fingerprint(tasks.make_stream('mnist-pair', source='digits'),
+    ...                                         continual.make_method('sfa'), continual.TrainConfig()))
+    >>> run['stream']['tasks'], run['method']['hyperparams'], run['config']['learning_rate']
+    (['mnist-pair/even', 'mnist-pair/odd'], {'beta': 0.25, 'p': 0.25}, 0.001)
+  """
+  run = {'stream': describe_stream(stream), 'method': describe_method(method), 'config': dataclasses.asdict(config)}
+  return json.dumps(run, sort_keys=True, default=repr)
 
 
 def run_sequence(
@@ -620,7 +649,9 @@ def run_sequence(
     The :class:`SequenceResult`.
 
   Raises:
-    CheckpointError: when the checkpointer holds a checkpoint of another configuration.
+    CheckpointError: when the checkpointer holds a checkpoint of another configuration, or
+      checkpoints of which none is usable (a corrupt one is skipped for the previous one, with a
+      :class:`~sfa_jax.checkpoint.CheckpointWarning`).
 
   Example:
     >>> from sfa_jax import continual, tasks
@@ -772,21 +803,23 @@ def _adaptive_averaged(method: Method, task_index: int, opt_state: Any, step: in
 
 
 def _restore(checkpointer, arrays, record, run_id, report):
-  """The newest checkpoint of this run, or the fresh ``(arrays, record)`` if there is none."""
-  saved = checkpointer.restore_record(fingerprint=run_id)
-  if saved is None:
+  """The newest usable checkpoint of this run, or the fresh ``(arrays, record)`` if there is none."""
+  def like(saved: dict[str, Any]) -> dict[str, Any]:
+    # The arrays a run holds grow with it (anchor, Fisher, merge base, fine-tuned models): the
+    # record names those saved, each shaped like the params or like (params, model state).
+    model = (arrays['params'], arrays['model_state'])
+    shapes = {
+        'anchor': model, 'base': model, 'fisher': arrays['params'], 'mean_anchor': arrays['params'],
+        'finetuned': [model] * saved['num_finetuned'],
+    }
+    return {name: arrays[name] if name in arrays else shapes[name] for name in saved['array_names']}
+
+  restored = checkpointer.restore_latest(like, fingerprint=run_id)
+  if restored is None:
     return arrays, record
-  # The arrays a run holds grow with it (anchor, Fisher, merge base, fine-tuned models): the
-  # record names those saved, each shaped like the params or like (params, model state).
-  model = (arrays['params'], arrays['model_state'])
-  shapes = {
-      'anchor': model, 'base': model, 'fisher': arrays['params'], 'mean_anchor': arrays['params'],
-      'finetuned': [model] * saved['num_finetuned'],
-  }
-  like = {name: arrays[name] if name in arrays else shapes[name] for name in saved['array_names']}
-  restored, saved = checkpointer.restore_latest(like, fingerprint=run_id)
+  restored_arrays, saved = restored
   report({'resumed': saved['position']['global_step']})
-  return dict(restored), saved
+  return dict(restored_arrays), saved
 
 
 def _start_task(method, config, arrays, k, total_steps, init_state) -> None:

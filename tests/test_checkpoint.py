@@ -1,0 +1,119 @@
+"""Checkpoints: a checksum for every saved array, a corrupt checkpoint skipped for the one before it,
+a fingerprint that names the whole run, and a failed write as one clear error."""
+
+import dataclasses
+import errno
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+import pytest
+from _checkpoint_helpers import flip_bytes_in_arrays
+from _checkpoint_helpers import steps
+
+from sfa_jax import continual
+from sfa_jax import tasks
+from sfa_jax.checkpoint import CheckpointError
+from sfa_jax.checkpoint import Checkpointer
+from sfa_jax.checkpoint import CheckpointWarning
+from sfa_jax.checkpoint import array_checksums
+
+
+def _arrays(step):
+  return {'w': jax.random.normal(jax.random.key(step), (64, 64)), 'b': jnp.arange(5.0) + step}
+
+
+LIKE = {'w': jnp.zeros((64, 64)), 'b': jnp.zeros(5)}
+
+
+def _saved(folder, *save_steps):
+  checkpointer = Checkpointer(folder, max_to_keep=len(save_steps))
+  for step in save_steps:
+    checkpointer.save(step, _arrays(step), {'fingerprint': 'run', 'step': step})
+  checkpointer.close()
+  return folder
+
+
+def test_the_record_holds_the_sha256_of_every_array(tmp_path):
+  _saved(tmp_path, 1)
+  record = json.loads((tmp_path / '1' / 'record' / 'metadata').read_text())
+  assert record['array_checksums'] == array_checksums(_arrays(1))
+  assert sorted(record['array_checksums']) == ["['b']", "['w']"]
+  assert array_checksums(_arrays(1)) != array_checksums(_arrays(2))
+  arrays, record = Checkpointer(tmp_path).restore_latest(LIKE, fingerprint='run')
+  assert record == {'fingerprint': 'run', 'step': 1}  # the checksums stay inside the checkpointer
+
+
+def test_a_corrupt_checkpoint_is_skipped_for_the_previous_one_and_deleted(tmp_path):
+  _saved(tmp_path, 1, 2)
+  flip_bytes_in_arrays(tmp_path / '2')
+  with pytest.warns(CheckpointWarning) as caught:
+    arrays, record = Checkpointer(tmp_path).restore_latest(lambda saved: LIKE, fingerprint='run')
+  (warning,) = caught
+  assert str(warning.message) == (
+      f"skipped and deleted the unusable checkpoint {tmp_path / '2'} (corrupt: the checksum of ['w'] differs); "
+      'resumed from step 1'
+  )
+  assert record['step'] == 1
+  chex.assert_trees_all_equal(arrays, _arrays(1))
+  assert steps(tmp_path) == [1]  # so that a resumed run saves step 2 afresh
+
+
+def test_no_usable_checkpoint_is_an_error_and_deletes_nothing(tmp_path):
+  _saved(tmp_path, 1, 2)
+  for step in (1, 2):
+    flip_bytes_in_arrays(tmp_path / str(step))
+  with pytest.raises(CheckpointError, match=r'no usable checkpoint in .*: .*2 \(corrupt: .*\); .*1 \(corrupt: '):
+    Checkpointer(tmp_path).restore_latest(LIKE, fingerprint='run')
+  assert steps(tmp_path) == [1, 2]
+
+
+def test_a_checkpoint_of_another_run_is_an_error_naming_the_difference(tmp_path):
+  checkpointer = Checkpointer(tmp_path)
+  checkpointer.save(1, _arrays(1), {'fingerprint': json.dumps({'method': {'name': 'sfa', 'p': 0.25}})})
+  other = json.dumps({'method': {'name': 'sfa', 'p': 0.5}})
+  with pytest.raises(CheckpointError, match=r'another run configuration \(method.p: 0.25 in the checkpoint, 0.5 now\)'):
+    checkpointer.restore_latest(LIKE, fingerprint=other)
+
+
+def test_the_fingerprint_names_the_tasks_and_every_exact_setting():
+  two, three = (tasks.make_stream('split-mnist', source='digits', num_tasks=n) for n in (2, 3))
+  sfa, near = continual.make_method('sfa', p=0.25), continual.make_method('sfa', p=0.2500001)
+  assert sfa.label == near.label  # a label rounds
+  config = continual.TrainConfig()
+  run = continual.fingerprint(two, sfa, config)
+  assert json.loads(run)['stream']['tasks'] == ['split-mnist/0', 'split-mnist/1']
+  others = [
+      continual.fingerprint(three, sfa, config),
+      continual.fingerprint(tasks.make_stream('split-mnist', source='digits', num_tasks=2, setting='task-incremental'), sfa, config),
+      continual.fingerprint(two, near, config),
+      continual.fingerprint(two, continual.make_method('l2'), config),
+      *(continual.fingerprint(two, sfa, dataclasses.replace(config, **change)) for change in (
+          {'eval_every': 5}, {'learning_rate': 2e-3}, {'seed': 1}, {'epochs_per_task': 3}, {'batch_size': 32},
+          {'optimizer': 'sgd'}, {'model': 'cnn'}, {'model_kwargs': (('hidden', (32,)),)}, {'reset_optimizer': False},
+      )),
+  ]
+  assert run not in others and len(set(others)) == len(others)
+  assert continual.fingerprint(two, continual.make_method('sfa', p=0.25), config) == run
+
+
+@pytest.mark.parametrize(
+    'error, reason',
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 'No space left on device'),
+        (ValueError('RESOURCE_EXHAUSTED: Error writing "w/0" ... [os_error_code=\'28\']'), 'No space left on device'),
+        (ValueError('OUT_OF_RANGE: Error writing "w/0" ... [os_error_code=\'27\']'), 'File too large'),
+    ],
+)
+def test_a_failed_save_is_one_checkpoint_error_with_the_os_reason(tmp_path, monkeypatch, error, reason):
+  def fail(*args, **kwargs):
+    raise error
+
+  checkpointer = Checkpointer(tmp_path)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', fail)
+  with pytest.raises(CheckpointError) as caught:
+    checkpointer.save(3, _arrays(3), {'fingerprint': 'run'})
+  assert str(caught.value) == f'cannot save the checkpoint at {tmp_path / "3"}: {reason}'
