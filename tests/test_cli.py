@@ -1,15 +1,26 @@
-"""The sfa-jax command line: outputs, the table, errors with exit code 2, resume, and the quick demo."""
+"""The sfa-jax command line: outputs, the table, errors with exit code 2 (fast, before any write),
+resume and its checkpoints (other commands refused, corrupt checkpoints skipped, full disks), the
+quick demo."""
 
+import contextlib
+import errno
 import io
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from _checkpoint_helpers import flip_bytes_in_arrays
+from _checkpoint_helpers import steps
 
 from sfa_jax import cli
+from sfa_jax import names
 
 FAST = ['--source', 'digits', '--epochs', '1', '--batch-size', '32', '--no-compile-cache']
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -72,26 +83,52 @@ def test_resume_skips_finished_runs(tmp_path, capsys):
 @pytest.mark.parametrize(
     'argv, message',
     [
-        (['run', '--method', 'sfa', '--stream', 'imagenet-42'], "unknown stream 'imagenet-42'"),
-        (['run', '--method', 'magic'], "unknown method 'magic'"),
-        (['run', '--method', 'sfa', '--p', '1.5'], 'p must lie in'),
-        (['run', '--method', 'sfa', '--beta', '-1'], 'beta must lie in'),
-        (['compare', '--methods', 'sfa', '--hp', 'sfa.p'], '--hp must look like'),
-        (['run', '--method', 'sfa', '--seeds', 'a'], '--seeds must be'),
-        (['compare', '--methods', 'sfa,sfa'], '--methods must name each method once'),
+        (['run', '--method', 'sfa', '--stream', 'imagenet-42'], "argument --stream: unknown stream 'imagenet-42'"),
+        (['run', '--method', 'magic'], "argument --method: unknown method 'magic'"),
+        (['run', '--method', 'sfa', '--model', 'mlpp'], "argument --model: unknown model 'mlpp'; choose from mlp, cnn, resnet18"),
+        (['run', '--method', 'sfa', '--optimizer', 'lbfgs'], "unknown optimizer 'lbfgs'"),
+        (['run', '--method', 'sfa', '--source', 'nowhere'], "argument --source: unknown source 'nowhere'"),
+        (['run', '--method', 'sfa', '--setting', 'online'], "unknown setting 'online'"),
+        (['run', '--method', 'sfa', '--p', '1.5'], 'argument --p: p must lie in (0, 1]; got 1.5'),
+        (['run', '--method', 'sfa', '--beta', '-1'], 'beta must lie in [0, 1]'),
+        (['run', '--method', 'sfa', '--p', 'nan'], 'p must lie in'),
+        (['run', '--method', 'adaptive-sfa', '--min-p', '2'], 'argument --min-p: min_p must lie in'),
+        (['run', '--method', 'l2', '--p', '0.5'], "--p: method 'l2' takes no hyper-parameter 'p'; it takes: strength"),
+        (['run', '--method', 'sfa', '--epochs', '0'], 'argument --epochs: must be an integer >= 1; got 0'),
+        (['run', '--method', 'sfa', '--batch-size', 'x'], "argument --batch-size: must be an integer >= 1; got 'x'"),
+        (['run', '--method', 'sfa', '--num-tasks', '0'], 'argument --num-tasks: must be an integer >= 1'),
+        (['run', '--method', 'sfa', '--eval-every', '-1'], 'argument --eval-every: must be an integer >= 0'),
+        (['run', '--method', 'sfa', '--checkpoint-every', '-5'], 'argument --checkpoint-every: must be an integer >= 0'),
+        (['run', '--method', 'sfa', '--lr', '0'], 'argument --lr: must be a finite number > 0'),
+        (['run', '--method', 'sfa', '--lr', 'inf'], 'argument --lr: must be a finite number > 0'),
+        (['run', '--method', 'sfa', '--seeds', 'a'], "argument --seeds: must be comma-separated integers, e.g. 0,1,2; got 'a'"),
+        (['run', '--method', 'sfa', '--seeds', '-1'], 'argument --seeds: a seed must be an integer in [0, 2**32); got -1'),
+        (['run', '--method', 'sfa', '--seeds', '0,1,0'], 'argument --seeds: must list each value once'),
+        (['run', '--method', 'sfa', '--seeds', '0,,1'], 'argument --seeds: must be comma-separated values'),
+        (['run', '--method', 'sfa', '--resume', '--overwrite'], 'argument --overwrite: not allowed with argument --resume'),
+        (['run', '--method', 'sfa', '--bogus'], 'unrecognized arguments: --bogus'),
+        (['compare', '--methods', 'sfa', '--hp', 'sfa.p'], 'argument --hp: must look like METHOD.NAME=VALUE'),
+        (['compare', '--methods', 'sfa', '--hp', 'sfa.p=x'], "argument --hp: p must be a number; got 'x'"),
+        (['compare', '--methods', 'sfa', '--hp', 'sfa.q=1'], "argument --hp: 'sfa.q=1': 'q' is not a hyper-parameter"),
+        (['compare', '--methods', 'sfa', '--hp', 'sfa.p=0.5', '--hp', 'sfa.p=0.25'], '--hp sfa.p is given twice (0.5 and 0.25)'),
+        (['compare', '--methods', 'sfa,sfa'], 'argument --methods: must list each value once'),
+        (['compare', '--methods', 'sfa,magic'], "argument --methods: unknown method 'magic'"),
+        (['compare', '--methods', 'sfa', '--hp', 'l2.strength=1'], "--hp l2.strength: method 'l2' is not in --methods sfa"),
+        (['compare', '--methods', 'sfa,l2', '--hp', 'l2.p=0.5'], "--hp l2.p: method 'l2' takes no hyper-parameter 'p'"),
+        # Checked after parsing, still before anything is written: the data and the methods' rules.
         (['run', '--method', 'sfa', '--stream', 'split-cifar100', '--source', 'tfds', '--data-dir', '/nonexistent'], 'cifar100'),
         (['run', '--method', 'sfa', '--stream', 'split-fashion-mnist', '--data-dir', '/nonexistent'], 'not found'),
-        (['run', '--method', 'sfa', '--source', 'nowhere'], "got source='nowhere'"),
-        (['compare', '--methods', 'sfa,l2', '--hp', 'l2.p=0.5'], "'l2' takes no hyper-parameter"),
-        (['run', '--method', 'adaptive-sfa', '--min-p', '2'], 'min_p must lie in'),
+        (['run', '--method', 'sfa', '--stream', 'split-cifar100'], "got source='offline'"),
+        (['run', '--method', 'sfa', '--num-tasks', '3'], 'exactly 2 tasks'),
     ],
 )
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
+def test_bad_input_is_one_line_and_exit_code_2_and_writes_nothing(tmp_path, capsys, argv, message):
   code = cli.main(argv + ['--out', str(tmp_path / 'x'), '--no-compile-cache'])
   err = capsys.readouterr().err
   assert code == 2
   assert err.startswith('sfa-jax: error: ') and message in err
   assert err.count('\n') == 1 and 'Traceback' not in err
+  assert not (tmp_path / 'x').exists()
 
 
 def test_unwritable_output_folder(tmp_path, capsys):
@@ -155,3 +192,233 @@ def test_adaptive_sfa_knobs_on_the_command_line():
   assert (method['threshold'], method['min_p']) == (0.2, 0.3)
   sweep_args = parser.parse_args(['sweep', '--method', 'adaptive-sfa', '--threshold', '0.05,0.2'] + common)
   assert [m['threshold'] for m in cli._plan(sweep_args)[1]] == [0.05, 0.2]
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints and --resume: a run of one command, then resumes of it and of other commands.
+
+RUN = {'--stream': 'split-mnist', '--num-tasks': '2', '--method': 'sfa', '--p': '0.25', '--checkpoint-every': '10'}
+
+
+def _argv(out, command='run', **changes):
+  """``sfa-jax <command>`` with FAST, RUN's options (a change of None drops one) and ``--out out``."""
+  options = {key: value for key, value in (RUN | changes).items() if value is not None}
+  return [command, *FAST, *[part for item in options.items() for part in item], '--out', str(out)]
+
+
+def _files(folder):
+  """Every file under ``folder`` with its size and modification time: to see that nothing changed."""
+  return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob('*') if p.is_file()}
+
+
+@pytest.fixture(scope='module')
+def first_run(tmp_path_factory):
+  """RUN with --resume in an empty folder: its output folder (finished) and what it printed on stderr."""
+  out = tmp_path_factory.mktemp('finished') / 'out'
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    assert cli.main(_argv(out) + ['--resume']) == 0
+  return out, err.getvalue()
+
+
+@pytest.fixture
+def finished_run(first_run):
+  return first_run[0]
+
+
+def test_resume_without_checkpoints_says_so_then_starts(first_run):
+  out, err = first_run
+  assert err.startswith(f'sfa-jax: no checkpoint in {out / "checkpoints"} to resume from; starting afresh\n')
+  assert 'resumed at step' not in err and (out / 'results.json').exists()
+
+
+@pytest.fixture
+def copied_run(finished_run, tmp_path):
+  """A copy of ``finished_run`` that a test may change (file times kept)."""
+  out = tmp_path / 'out'
+  shutil.copytree(finished_run, out)
+  return out
+
+
+def _only_run_checkpoints(out):
+  (folder,) = [p for p in (out / 'checkpoints').iterdir() if p.is_dir()]
+  return folder
+
+
+@pytest.mark.parametrize(
+    'command, changes, difference',
+    [
+        ('run', {'--num-tasks': '3'}, 'stream.tasks: ["split-mnist/0", "split-mnist/1"] in the checkpoint, ["split-mnist/0", "split-mnist/1", "split-mnist/2"] now'),
+        ('run', {'--method': 'l2', '--p': None}, 'methods[0].name: "sfa" in the checkpoint, "l2" now'),
+        ('run', {'--p': '0.2500001'}, 'methods[0].hyperparams.p: 0.25 in the checkpoint, 0.2500001 now'),
+        ('run', {'--setting': 'task-incremental'}, 'stream.setting'),
+        ('run', {'--lr': '0.002'}, 'config.learning_rate'),
+        ('run', {'--eval-every': '7'}, 'config.eval_every'),
+        ('run', {'--model': 'cnn'}, 'config.model'),
+        ('run', {'--seeds': '1'}, 'seeds[0]: 0 in the checkpoint, 1 now'),
+        ('compare', {'--method': None, '--p': None, '--methods': 'sfa', '--hp': 'sfa.p=0.25'}, 'command: "run" in the checkpoint, "compare" now'),
+    ],
+)
+def test_resume_of_another_command_is_refused_and_writes_nothing(copied_run, capsys, command, changes, difference):
+  before = _files(copied_run)
+  assert cli.main(_argv(copied_run, command, **changes) + ['--resume']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'sfa-jax: error: cannot resume: the checkpoints in {copied_run / "checkpoints"} are of another command (')
+  assert difference in err and 'pass --overwrite' in err and err.count('\n') == 1
+  assert _files(copied_run) == before
+
+
+@pytest.mark.parametrize(
+    'changes, message',
+    [
+        ({'--model': 'mlpp'}, "unknown model 'mlpp'"),  # a typo once wiped an interrupted run
+        ({}, 'holds the checkpoints of an earlier run: pass --resume to continue it, or --overwrite to delete them'),
+        ({'--stream': 'split-fashion-mnist', '--source': 'offline', '--data-dir': '/nonexistent', '--resume': None}, 'not found'),
+    ],
+)
+def test_a_failing_command_leaves_the_checkpoints_alone(copied_run, capsys, changes, message):
+  before = _files(copied_run)
+  flags = [key for key, value in changes.items() if value is None]
+  assert cli.main(_argv(copied_run, **{k: v for k, v in changes.items() if v is not None}) + flags) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count('\n') == 1
+  assert _files(copied_run) == before
+
+
+def test_sweep_refuses_a_folder_with_checkpoints(copied_run, capsys):
+  before = _files(copied_run)
+  argv = ['sweep', '--method', 'sfa', '--p', '0.5,1', *FAST, '--out', str(copied_run)]
+  assert cli.main(argv) == 2
+  assert 'holds the checkpoints of an earlier run: pass --overwrite to delete them' in capsys.readouterr().err
+  assert _files(copied_run) == before
+
+
+def test_overwrite_deletes_the_earlier_checkpoints(copied_run):
+  assert cli.main(_argv(copied_run, **{'--method': 'finetune', '--p': None}) + ['--overwrite']) == 0
+  assert _only_run_checkpoints(copied_run).name == 'finetune-seed0'
+  saved = json.loads((copied_run / 'checkpoints' / 'command.json').read_text())
+  assert saved['methods'] == [{'name': 'finetune', 'hyperparams': {}}] and saved["stream"]["tasks"] == ["split-mnist/0", "split-mnist/1"]
+
+
+def test_a_corrupt_checkpoint_is_skipped_on_resume_for_the_same_results(finished_run, copied_run, capsys):
+  folder = _only_run_checkpoints(copied_run)
+  *_, previous, latest = steps(folder)
+  flip_bytes_in_arrays(folder / str(latest))
+  assert cli.main(_argv(copied_run) + ['--resume']) == 0
+  warning = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
+  assert len(warning) == 1 and warning[0].startswith(f'sfa-jax: warning: skipped and deleted the unusable checkpoint {folder / str(latest)}')
+  assert 'corrupt: the checksum of' in warning[0] and warning[0].endswith(f'resumed from step {previous}')
+  matrix = lambda out: json.loads((out / 'results.json').read_text())['runs'][0]['accuracy_matrix']
+  assert matrix(copied_run) == matrix(finished_run)
+
+
+def test_no_usable_checkpoint_is_a_clean_refusal(copied_run, capsys):
+  folder = _only_run_checkpoints(copied_run)
+  for step in steps(folder):
+    flip_bytes_in_arrays(folder / str(step))
+  results = (copied_run / 'results.json').read_bytes()
+  assert cli.main(_argv(copied_run) + ['--resume']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'sfa-jax: error: no usable checkpoint in {folder}: ') and 'corrupt' in err and err.count('\n') == 1
+  assert (copied_run / 'results.json').read_bytes() == results
+
+
+def test_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+  def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', no_space)
+  assert cli.main(_argv(tmp_path / 'out', **{'--checkpoint-every': '1'})) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if ' task 0: [' not in line]
+  assert err == [f'sfa-jax: error: cannot save the checkpoint at {_only_run_checkpoints(tmp_path / "out") / "1"}: No space left on device']
+
+
+_FILE_SIZE_LIMIT = textwrap.dedent(
+    """
+    import resource, runpy, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    sys.argv = ['sfa-jax'] + sys.argv[1:]
+    runpy.run_module('sfa_jax', run_name='__main__')
+    """
+)
+
+
+def test_a_failed_orbax_write_prints_one_line_and_no_traceback(tmp_path):
+  """Orbax's own report of the failure (absl logs with tracebacks, closed event loops) stays quiet."""
+  out = tmp_path / 'out'
+  argv = _argv(out, **{'--method': 'finetune', '--p': None, '--checkpoint-every': '1'})
+  result = subprocess.run([sys.executable, '-c', _FILE_SIZE_LIMIT, *argv], capture_output=True, text=True, timeout=300)
+  err = [line for line in result.stderr.splitlines() if ' task 0: [' not in line]
+  assert result.returncode == 2 and len(err) == 1, result.stderr[-3000:]
+  assert err[0].startswith(f'sfa-jax: error: cannot save the checkpoint at {_only_run_checkpoints(out) / "1"}: File too large')
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast answers: parsing and checking load neither JAX nor the data.
+
+_WITHOUT_JAX = textwrap.dedent(
+    """
+    import importlib.util, json, sys, types
+    # The package's __init__ exports the transforms (JAX); what is measured here is what the
+    # command line itself loads, so its modules are found without running the __init__.
+    package = types.ModuleType('sfa_jax')
+    package.__path__ = list(importlib.util.find_spec('sfa_jax').submodule_search_locations)
+    sys.modules['sfa_jax'] = package
+    from sfa_jax import cli
+    codes = []
+    for argv in json.loads(sys.argv[1]):
+      try:
+        codes.append(cli.main(argv))
+      except SystemExit as stop:  # --help
+        codes.append(stop.code)
+    heavy = ('jax', 'jaxlib', 'flax', 'optax', 'orbax', 'tensorflow_datasets', 'numpy', 'matplotlib', 'sklearn')
+    print(json.dumps({'codes': codes, 'loaded': sorted(name for name in heavy if name in sys.modules)}))
+    """
+)
+
+
+def test_help_and_argument_errors_load_neither_jax_nor_the_data(tmp_path):
+  out = ['--out', str(tmp_path / 'x')]
+  argvs = [
+      ['--help'], ['run', '--help'], ['sweep', '--help'],
+      ['run', '--method', 'magic', *out], ['run', '--method', 'sfa', '--model', 'mlpp', *out],
+      ['run', '--method', 'sfa', '--p', '1.5', *out], ['run', '--method', 'l2', '--p', '0.5', *out],
+      ['run', '--method', 'sfa', '--seeds', '-1', *out],
+      ['compare', '--methods', 'sfa', '--hp', 'sfa.p=0.5', '--hp', 'sfa.p=0.2', *out],
+      ['sweep', '--method', 'sfa', '--p', '0.1,0.1', *out], ['demo', '--resume', '--overwrite'],
+  ]
+  result = subprocess.run([sys.executable, '-c', _WITHOUT_JAX, json.dumps(argvs)], capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report == {'codes': [0, 0, 0] + [2] * 8, 'loaded': []}
+  assert result.stderr.count('sfa-jax: error: ') == 8 and not (tmp_path / 'x').exists()
+
+
+def test_the_names_match_the_registries():
+  """sfa_jax.names (what the command line checks before loading JAX) against the registries."""
+  from sfa_jax import continual, models, tasks
+
+  assert names.METHODS == continual.METHODS
+  assert names.METHOD_DEFAULTS == {name: dict(continual.make_method(name).hyperparams) for name in continual.METHODS}
+  assert sorted(names.STREAMS) == tasks.list_streams()
+  assert (names.SOURCES, names.SETTINGS) == (tasks.SOURCES, tasks.SETTINGS)
+  for model in names.MODELS:
+    models.make_model(model, num_outputs=2)
+  with pytest.raises(ValueError, match='Unknown model'):
+    models.make_model('perceptron', num_outputs=2)
+  for optimizer in names.OPTIMIZERS:
+    continual.TrainConfig(optimizer=optimizer)
+  with pytest.raises(ValueError, match='optimizer must be one of'):
+    continual.TrainConfig(optimizer='lbfgs')
+  # Every range, probed at and beside its ends, agrees with make_method's checks.
+  for name, interval in names.HYPERPARAM_RANGES.items():
+    method = next(m for m, hp in names.METHOD_DEFAULTS.items() if name in hp)
+    ends = [interval.low, interval.high] if math.isfinite(interval.high) else [interval.low, 1e300, math.inf]
+    for value in [*ends, *(np.nextafter(end, side) for end in ends[:2] for side in (-math.inf, math.inf)), math.nan, -math.inf]:
+      try:
+        continual.make_method(method, **{name: float(value)})
+        accepted = True
+      except ValueError:
+        accepted = False
+      assert accepted == (float(value) in interval), (name, value)

@@ -36,14 +36,15 @@ def test_sweep_writes_every_run_the_table_and_plots(tmp_path, capsys):
 @pytest.mark.parametrize(
     'argv, message',
     [
-        (['--method', 'sfa', '--p', '0.1,x'], '--p must be comma-separated numbers'),
-        (['--method', 'sfa', '--p', '0.1,0.1'], '--p must list each value once'),
+        (['--method', 'sfa', '--p', '0.1,x'], "argument --p: p must be a number; got 'x'"),
+        (['--method', 'sfa', '--p', '0.1,0.1'], 'argument --p: must list each value once'),
         (['--method', 'sfa', '--p', '0.1,2'], 'p must lie in'),
         (['--method', 'l2', '--p', '0.5'], "method 'l2' takes no hyper-parameter"),
         (['--method', 'replay', '--ratio', '0.25,0.5'], 'ratio differs across the configurations'),
     ],
 )
-def test_sweep_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
+def test_sweep_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
   assert cli.main(['sweep', '--out', str(tmp_path / 'x')] + argv + FAST) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('sfa-jax: error:') and message in err and '\n' not in err
+  assert not (tmp_path / 'x').exists()  # every check comes before the first write
