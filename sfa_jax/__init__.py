@@ -9,26 +9,50 @@ References:
   <https://arxiv.org/abs/2501.05559>`_, 2025
 """
 
-from sfa_jax.transforms import EWCState
-from sfa_jax.transforms import L2State
-from sfa_jax.transforms import SFAState
-from sfa_jax.transforms import averaging_period
-from sfa_jax.transforms import ewc
-from sfa_jax.transforms import is_averaging_step
-from sfa_jax.transforms import l2
-from sfa_jax.transforms import sfa
-from sfa_jax.anchors import check_placement
-from sfa_jax.anchors import find_state
-from sfa_jax.anchors import find_states
-from sfa_jax.anchors import reanchor
-from sfa_jax.anchors import register_anchored_state
-from sfa_jax.anchors import set_hyperparams
-from sfa_jax.adaptive import AdaptiveSFAState
-from sfa_jax.adaptive import adaptive_sfa
-from sfa_jax.fisher import diagonal_fisher
-from sfa_jax.fisher import online_fisher
-from sfa_jax.merging import interpolate
-from sfa_jax.merging import task_arithmetic
-from sfa_jax.merging import task_vectors
-from sfa_jax.merging import ties
-from sfa_jax.merging import trim_by_magnitude
+import importlib
+import importlib.util
+
+# Every public name and its module, imported when first used (PEP 562): `sfa-jax --help` and the
+# command line's argument errors then answer without loading JAX.
+_EXPORTS = {
+    'EWCState': 'transforms',
+    'L2State': 'transforms',
+    'SFAState': 'transforms',
+    'averaging_period': 'transforms',
+    'ewc': 'transforms',
+    'is_averaging_step': 'transforms',
+    'l2': 'transforms',
+    'sfa': 'transforms',
+    'check_placement': 'anchors',
+    'find_state': 'anchors',
+    'find_states': 'anchors',
+    'reanchor': 'anchors',
+    'register_anchored_state': 'anchors',
+    'set_hyperparams': 'anchors',
+    'AdaptiveSFAState': 'adaptive',
+    'adaptive_sfa': 'adaptive',
+    'diagonal_fisher': 'fisher',
+    'online_fisher': 'fisher',
+    'interpolate': 'merging',
+    'task_arithmetic': 'merging',
+    'task_vectors': 'merging',
+    'ties': 'merging',
+    'trim_by_magnitude': 'merging',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  """A public name (imported from its module) or a submodule, loaded on first use."""
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
+  elif importlib.util.find_spec(f'{__name__}.{name}') is not None:
+    value = importlib.import_module(f'{__name__}.{name}')
+  else:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))

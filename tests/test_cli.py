@@ -422,3 +422,23 @@ def test_the_names_match_the_registries():
       except ValueError:
         accepted = False
       assert accepted == (float(value) in interval), (name, value)
+
+
+_ENTRY_POINT = textwrap.dedent(
+    """
+    import json, runpy, sys
+    sys.argv = ['sfa-jax'] + sys.argv[1:]
+    try:
+      runpy.run_module('sfa_jax', run_name='__main__')
+    except SystemExit as stop:
+      code = stop.code
+    heavy = ('jax', 'flax', 'optax', 'orbax', 'tensorflow_datasets', 'numpy')
+    print(json.dumps({'code': code, 'loaded': sorted(name for name in heavy if name in sys.modules)}))
+    """
+)
+
+
+@pytest.mark.parametrize('argv, code', [(['--help'], 0), (['run', '--method', 'sfa', '--p', '2', '--out', 'unused'], 2)])
+def test_python_dash_m_sfa_jax_answers_without_loading_jax(argv, code):
+  result = subprocess.run([sys.executable, '-c', _ENTRY_POINT, *argv], capture_output=True, text=True, timeout=60)
+  assert json.loads(result.stdout.splitlines()[-1]) == {'code': code, 'loaded': []}, result.stderr[-2000:]
