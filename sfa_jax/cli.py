@@ -19,9 +19,10 @@ Runs are checkpointed under ``<out>/checkpoints/`` at every task end (and every
 ``--checkpoint-every`` steps), beside ``command.json``, which describes the command (stream and its
 tasks, methods with every hyper-parameter, seeds, training settings). ``--resume`` continues an
 interrupted command, and only the command that ``command.json`` describes; a corrupt checkpoint
-(its arrays no longer match their checksums) is skipped for the previous one with a warning. An
-output folder that holds checkpoints is never cleared unless asked: without ``--resume`` the
-command stops, and ``--overwrite`` deletes them first.
+(its arrays no longer match their checksums) is skipped for the previous one with a warning. The
+checkpoints of an interrupted command are never cleared unless asked: without ``--resume`` the
+command stops, and ``--overwrite`` deletes them first. Those of a finished command (marked
+``checkpoints/finished``; its results are written) are replaced by the next command.
 
 Every argument is checked before anything is written. What needs neither JAX nor the data (names,
 numbers, ranges, repeats, the output folder and its checkpoints) is checked before either is
@@ -71,6 +72,7 @@ _DEMO: dict[str, Any] = {
 }
 
 _COMMAND_RECORD = 'command.json'  # in <out>/checkpoints: the command the checkpoints belong to
+_FINISHED_MARK = 'finished'  # in <out>/checkpoints: written when every run of that command ended
 
 _DESCRIPTION = """Continual learning with Sequential Fine-tuning with Averaging (SFA) and its baselines.
 
@@ -81,7 +83,7 @@ _DESCRIPTION = """Continual learning with Sequential Fine-tuning with Averaging 
 
 Outputs in --out: results.json (config, every run, the table), results.md (the table, also
 printed), accuracy_matrix_<method>.png and accuracy_curves_<method>.png (first seed), and the
-checkpoints (--resume continues an interrupted command; --overwrite deletes an earlier run's).
+checkpoints (--resume continues an interrupted command; --overwrite deletes an interrupted run's).
 Bad input: one line on stderr, exit code 2. `sfa-jax COMMAND --help` for a command's options."""
 
 
@@ -266,7 +268,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser, default_out: str | No
     existing.add_argument('--resume', action='store_true', help='continue the command whose checkpoints are in --out')
   else:
     parser.set_defaults(resume=False, checkpoint_every=0)
-  existing.add_argument('--overwrite', action='store_true', help='delete the checkpoints of an earlier run in --out first')
+  existing.add_argument('--overwrite', action='store_true', help='delete the checkpoints of an interrupted run in --out first')
   parser.add_argument('--no-compile-cache', action='store_true', help="don't use JAX's persistent compilation cache")
 
 
@@ -361,6 +363,11 @@ def _has_checkpoints(folder: str) -> bool:
   return os.path.isdir(folder) and any(os.scandir(folder))
 
 
+def _interrupted(folder: str) -> bool:
+  """Whether ``folder`` holds checkpoints of a command that did not finish (they would be lost)."""
+  return _has_checkpoints(folder) and not os.path.exists(os.path.join(folder, _FINISHED_MARK))
+
+
 def _check_output(args: argparse.Namespace) -> None:
   """Raises unless ``--out`` can be written and this command may use the checkpoints it holds."""
   out = os.path.abspath(args.out)
@@ -372,9 +379,9 @@ def _check_output(args: argparse.Namespace) -> None:
   if not os.access(existing, os.W_OK | os.X_OK):
     raise UsageError(f'cannot write to the output folder {args.out!r}: {existing} is not writable')
   checkpoints = os.path.join(out, 'checkpoints')
-  if _has_checkpoints(checkpoints) and not (args.resume or args.overwrite):
+  if _interrupted(checkpoints) and not (args.resume or args.overwrite):
     action = '--resume to continue it, or --overwrite' if args.command != 'sweep' else '--overwrite'
-    raise UsageError(f'{checkpoints} holds the checkpoints of an earlier run: pass {action} to delete them and start afresh')
+    raise UsageError(f'{checkpoints} holds the checkpoints of an interrupted run: pass {action} to delete them and start afresh')
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -499,8 +506,8 @@ def _prepare_output(args: argparse.Namespace, plan: _Plan) -> None:
   elif args.resume:
     print(f'sfa-jax: no checkpoint in {checkpoints} to resume from; starting afresh', file=sys.stderr)
   os.makedirs(args.out, exist_ok=True)
-  if existing and args.overwrite:
-    shutil.rmtree(checkpoints)
+  if existing and (args.overwrite or not (args.resume or _interrupted(checkpoints))):
+    shutil.rmtree(checkpoints)  # asked to, or those of a finished command (its results are written)
   if args.command != 'sweep' and not (args.resume and existing):
     os.makedirs(checkpoints, exist_ok=True)
     _write_json(description, record_path)
@@ -611,6 +618,8 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
   table = report.markdown_table(results['table'], stream.task_names)
   with open(os.path.join(args.out, 'results.md'), 'w') as f:
     f.write(table + '\n')
+  if os.path.isdir(os.path.join(args.out, 'checkpoints')):
+    open(os.path.join(args.out, 'checkpoints', _FINISHED_MARK), 'w').close()
   print(table)
   print(f'\n{len(results["runs"])} runs in {results["wall_seconds"]:.1f} s; outputs in {args.out}', file=sys.stderr)
   return results

@@ -234,10 +234,19 @@ def test_resume_without_checkpoints_says_so_then_starts(first_run):
 
 @pytest.fixture
 def copied_run(finished_run, tmp_path):
-  """A copy of ``finished_run`` that a test may change (file times kept)."""
+  """A copy of ``finished_run`` as if interrupted after its last checkpoint (file times kept)."""
   out = tmp_path / 'out'
   shutil.copytree(finished_run, out)
+  (out / 'checkpoints' / 'finished').unlink()
   return out
+
+
+def test_a_finished_commands_checkpoints_are_replaced_by_the_next_command(finished_run, tmp_path):
+  out = tmp_path / 'out'
+  shutil.copytree(finished_run, out)
+  assert (out / 'checkpoints' / 'finished').exists()
+  assert cli.main(_argv(out, **{'--method': 'finetune', '--p': None})) == 0  # no --overwrite needed
+  assert _only_run_checkpoints(out).name == 'finetune-seed0' and (out / 'checkpoints' / 'finished').exists()
 
 
 def _only_run_checkpoints(out):
@@ -272,7 +281,7 @@ def test_resume_of_another_command_is_refused_and_writes_nothing(copied_run, cap
     'changes, message',
     [
         ({'--model': 'mlpp'}, "unknown model 'mlpp'"),  # a typo once wiped an interrupted run
-        ({}, 'holds the checkpoints of an earlier run: pass --resume to continue it, or --overwrite to delete them'),
+        ({}, 'holds the checkpoints of an interrupted run: pass --resume to continue it, or --overwrite to delete them'),
         ({'--stream': 'split-fashion-mnist', '--source': 'offline', '--data-dir': '/nonexistent', '--resume': None}, 'not found'),
     ],
 )
@@ -289,7 +298,7 @@ def test_sweep_refuses_a_folder_with_checkpoints(copied_run, capsys):
   before = _files(copied_run)
   argv = ['sweep', '--method', 'sfa', '--p', '0.5,1', *FAST, '--out', str(copied_run)]
   assert cli.main(argv) == 2
-  assert 'holds the checkpoints of an earlier run: pass --overwrite to delete them' in capsys.readouterr().err
+  assert 'holds the checkpoints of an interrupted run: pass --overwrite to delete them' in capsys.readouterr().err
   assert _files(copied_run) == before
 
 
