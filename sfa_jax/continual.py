@@ -70,29 +70,12 @@ from sfa_jax import fisher as fisher_lib
 from sfa_jax import merging
 from sfa_jax import metrics
 from sfa_jax import models
+from sfa_jax import names
 from sfa_jax import tasks as tasks_lib
 from sfa_jax import transforms
 from sfa_jax.checkpoint import Checkpointer
 
-METHODS = (
-    'finetune', 'sfa', 'l2', 'ewc', 'replay', 'wise-ft', 'task-arithmetic', 'ties', 'joint',
-    'adaptive-sfa', 'multi-anchor-sfa',
-)
-
-# The hyper-parameters each method takes, with their defaults.
-_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    'finetune': {},
-    'sfa': {'p': 0.25, 'beta': 0.25},
-    'l2': {'strength': 1.0},
-    'ewc': {'strength': 100.0, 'gamma': 1.0},
-    'replay': {'fraction': 0.1, 'ratio': 0.5},
-    'wise-ft': {'beta': 0.5},
-    'task-arithmetic': {'scaling': 0.5},
-    'ties': {'density': 0.2, 'scaling': 0.5},
-    'joint': {},
-    'adaptive-sfa': {'threshold': 0.1, 'beta': 0.25, 'min_p': 0.1},
-    'multi-anchor-sfa': {'p': 0.25, 'beta': 0.25},
-}
+METHODS = names.METHODS  # the method names and their defaults live in sfa_jax.names (no JAX there)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +125,9 @@ def make_method(name: str, **hyperparams: float) -> Method:
     >>> make_method('sfa', p=0.5).label
     'sfa(beta=0.25, p=0.5)'
   """
-  if name not in _METHOD_DEFAULTS:
+  if name not in names.METHOD_DEFAULTS:
     raise ValueError(f'unknown method {name!r}; known methods: {", ".join(METHODS)}.')
-  defaults = _METHOD_DEFAULTS[name]
+  defaults = names.METHOD_DEFAULTS[name]
   unknown = sorted(set(hyperparams) - set(defaults))
   if unknown:
     allowed = ', '.join(defaults) or 'none'

@@ -20,7 +20,7 @@ STREAMS = ('mnist-pair', 'split-mnist', 'permuted-mnist', 'split-fashion-mnist',
 SOURCES = ('offline', 'digits', 'tfds')
 SETTINGS = ('class-incremental', 'task-incremental', 'domain-incremental')
 
-# Every method, in the order of sfa_jax.continual.METHODS, with its hyper-parameters' defaults.
+# Every method with its hyper-parameters' defaults (sfa_jax.continual.make_method reads them here).
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     'finetune': {},
     'sfa': {'p': 0.25, 'beta': 0.25},
