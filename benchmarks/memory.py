@@ -83,7 +83,7 @@ def measure_step(model, x, y, method_name: str) -> dict:
   variables = model.init(jax.random.key(0), x[:1], task_id=np.zeros(1, np.int32), train=False)
   params, model_state = models.split_variables(variables)
   method = continual.make_method(method_name)
-  tx = continual.method_transform(method, optax.adam(1e-3), params)
+  tx = continual.method_transform(method, optax.adam(1e-3))
   opt_state = jax.jit(tx.init)(params)
   fisher = jax.tree.map(jnp.ones_like, params) if method_name == 'ewc' else None
   opt_state = continual.configure_task(method, opt_state, params, 1, 100, fisher)

@@ -90,7 +90,7 @@ def step_worker(seeds: int, source: str, repeats: int = 30) -> dict:
   params, model_state = models.split_variables(
       model.init(jax.random.key(0), data.x[:1], task_id=np.zeros(1, np.int32), train=False)
   )
-  tx = continual.method_transform(method, continual._OPTIMIZERS[config.optimizer](config.learning_rate), params)
+  tx = continual.method_transform(method, continual._OPTIMIZERS[config.optimizer](config.learning_rate))
   opt_state = continual.configure_task(method, tx.init(params), params, 1, 62)
   batch = (data.x[: config.batch_size], data.y[: config.batch_size], np.ones(config.batch_size, bool),
            np.ones(config.batch_size, np.int32))

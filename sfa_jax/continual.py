@@ -32,11 +32,10 @@ sfa            ends of all past tasks, not only the last one. Averaging toward e
 ============== ========================================================================================
 
 Compile once. The train step is one ``jax.jit`` function per (model, method): anchors, Fisher and
-hyper-parameters live in the optimizer state (the method's transform is wrapped in
-``optax.inject_hyperparams`` and re-anchored with :func:`sfa_jax.reanchor`), the task id is an
-array argument, and every batch has one static shape (the ragged end of each shuffled epoch is
-dropped; evaluation pads and masks). Task 0 runs the same compiled step with the method switched
-off (``beta = 0``, ``strength = 0``).
+hyper-parameters live in the optimizer state (fields of the transforms' states, re-anchored with
+:func:`sfa_jax.reanchor`, which also sets each task's ``T``), the task id is an array argument, and
+every batch has one static shape (the ragged end of each shuffled epoch is dropped; evaluation pads
+and masks). Task 0 runs the same compiled step with the method inactive (``wait_for_anchor``).
 
 The optimizer state (e.g. Adam's moments) is re-initialised at the start of every task by default
 (``TrainConfig.reset_optimizer``); SFA keeps it across its averaging steps within a task.
@@ -300,23 +299,23 @@ def _init_variables(model, key: jax.Array, sample: jax.Array) -> tuple[Any, Any]
   return models.split_variables(variables)
 
 
-def method_transform(method: Method, optimizer: optax.GradientTransformation, params: Any) -> optax.GradientTransformation:
-  """The Optax chain of ``method`` around ``optimizer``; its knobs are injected hyper-parameters.
+def method_transform(method: Method, optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """The Optax chain of ``method`` around ``optimizer``; its knobs live in the transform's state.
 
-  The anchors start at ``params`` and the method starts switched off (SFA's ``beta``, the
-  penalties' ``strength`` are 0): :func:`configure_task` turns it on from the second task.
+  The method waits for its first anchor (``wait_for_anchor``): on task 0 it is off, and
+  :func:`configure_task` switches it on from the second task. Its hyper-parameters (SFA's ``p`` and
+  ``beta``, the penalties' ``strength``) are fields of the state, so runs and sweep configurations
+  with other values share one compiled step.
   """
   if method.name in ('sfa', 'multi-anchor-sfa'):
-    sfa = optax.inject_hyperparams(transforms.sfa, hyperparam_dtype=jnp.float32)
-    return optax.chain(optimizer, sfa(p=method['p'], beta=0.0, total_steps=1))
+    return optax.chain(optimizer, transforms.sfa(p=method['p'], beta=method['beta'], total_steps=1, wait_for_anchor=True))
   if method.name == 'adaptive-sfa':
-    adaptive_sfa = optax.inject_hyperparams(adaptive.adaptive_sfa, hyperparam_dtype=jnp.float32)
-    return optax.chain(optimizer, adaptive_sfa(threshold=method['threshold'], beta=0.0, min_p=method['min_p'], total_steps=1))
+    return optax.chain(optimizer, adaptive.adaptive_sfa(
+        threshold=method['threshold'], beta=method['beta'], min_p=method['min_p'], total_steps=1, wait_for_anchor=True))
   if method.name == 'l2':
-    return optax.chain(optax.inject_hyperparams(transforms.l2, hyperparam_dtype=jnp.float32)(strength=0.0), optimizer)
+    return optax.chain(transforms.l2(method['strength'], wait_for_anchor=True), optimizer)
   if method.name == 'ewc':
-    ewc = optax.inject_hyperparams(_ewc_from_zero_fisher, hyperparam_dtype=jnp.float32)
-    return optax.chain(ewc(strength=0.0), optimizer)
+    return optax.chain(_ewc_from_zero_fisher(method['strength']), optimizer)
   return optimizer
 
 
@@ -328,7 +327,7 @@ def _ewc_from_zero_fisher(strength: chex.Numeric) -> optax.GradientTransformatio
   """
 
   def init(params):
-    return transforms.ewc(jax.tree.map(jnp.zeros_like, params), strength).init(params)
+    return transforms.ewc(jax.tree.map(jnp.zeros_like, params), strength, wait_for_anchor=True).init(params)
 
   def update(updates, state, params=None, **extra_args):
     return transforms.ewc(state.fisher, strength).update(updates, state, params, **extra_args)
@@ -345,13 +344,13 @@ def configure_task(
     fisher: Any = None,
     anchor: Any = None,
 ) -> Any:
-  """The optimizer state for task ``task_index``: anchors at ``params``, the method's knobs set.
+  """The optimizer state for task ``task_index``: anchors at ``params``, the method switched on.
 
   Args:
     method: the method.
     opt_state: the state of :func:`method_transform`'s chain.
     params: the parameters the task starts from (the new anchor).
-    task_index: the task about to be trained; the method is off on task 0.
+    task_index: the task about to be trained; the method is off on task 0 (nothing to anchor to).
     total_steps: the task's number of optimizer steps (SFA's ``T``).
     fisher: for EWC, the accumulated Fisher of the past tasks.
     anchor: the anchor, when it is not ``params`` (multi-anchor-sfa: the mean of the past tasks' ends).
@@ -359,18 +358,11 @@ def configure_task(
   Returns:
     The new optimizer state (same structure, so the compiled step is reused).
   """
-  if method.name not in ('sfa', 'l2', 'ewc', 'adaptive-sfa', 'multi-anchor-sfa'):
+  if method.name not in ('sfa', 'l2', 'ewc', 'adaptive-sfa', 'multi-anchor-sfa') or task_index == 0:
     return opt_state
-  on = task_index > 0
   if method.name in ('sfa', 'adaptive-sfa', 'multi-anchor-sfa'):
-    opt_state = anchors.reanchor(opt_state, params if anchor is None else anchor)
-    inject = opt_state[1]
-    hyper = dict(inject.hyperparams, beta=jnp.float32(method['beta'] if on else 0.0), total_steps=jnp.int32(total_steps))
-    return (opt_state[0], inject._replace(hyperparams=hyper))
-  opt_state = anchors.reanchor(opt_state, params, fisher=fisher if method.name == 'ewc' else None)
-  inject = opt_state[0]
-  hyper = dict(inject.hyperparams, strength=jnp.float32(method['strength'] if on else 0.0))
-  return (inject._replace(hyperparams=hyper),) + tuple(opt_state[1:])
+    return anchors.reanchor(opt_state, params if anchor is None else anchor, total_steps=total_steps)
+  return anchors.reanchor(opt_state, params, fisher=fisher if method.name == 'ewc' else None)
 
 
 def _cross_entropy_and_accuracy(logits, labels, mask):
@@ -650,10 +642,10 @@ def run_sequence(
   model = build_model(stream, config)
   params, model_state = initializer(model, all_tasks[0].train.x[:1], mesh)(config.seed)
   optimizer = _OPTIMIZERS[config.optimizer](config.learning_rate)
-  tx = method_transform(method, optimizer, params)
+  tx = method_transform(method, optimizer)
   init_state = jax.jit(tx.init)
   # Runs of one process that share a model, a method and an optimizer share one compiled step and
-  # one evaluator (the method's knobs are injected hyper-parameters, read from the state).
+  # one evaluator (the method's knobs are fields of the optimizer state, not constants of the trace).
   train_step = _reused(('train_step', model, method.name, config.optimizer, config.learning_rate),
                        lambda: make_train_step(model, tx))
   if mesh is not None:  # the same step on sharded inputs (sfa_jax.distributed)

@@ -434,7 +434,7 @@ def run_lm_sequences(
   for method in methods:
     begin = time.perf_counter()
     seconds = dict(shared_seconds)
-    tx = continual.method_transform(method, config.make_optimizer(), params)
+    tx = continual.method_transform(method, config.make_optimizer())
     init_state, update_fn = jax.jit(tx.init), make_update_fn(tx)
     arrays = {'params': jax.tree.map(jnp.copy, first_params), 'model_state': {}}
     continual.merge_at_task_end(method, 0, arrays)

@@ -3,8 +3,8 @@
 A sweep over SFA's ``p`` and ``beta``, L2's or EWC's ``strength``, replay's ``fraction`` or the seed
 runs every configuration side by side: params, optimizer state and anchors are stacked on a
 leading axis of configurations, and one ``jax.jit(jax.vmap(train_step))`` advances them all by one
-step. The hyper-parameters are traced values of the optimizer state (the methods' transforms are
-wrapped in ``optax.inject_hyperparams``), so SFA's averaging schedule is computed inside the step
+step. The hyper-parameters are traced values of the optimizer state (fields of the transforms'
+states), so SFA's averaging schedule is computed inside the step
 from each configuration's own ``p`` and ``T``. Each configuration sees exactly the batches,
 initialisation and replay memory of its own :func:`sfa_jax.continual.run_sequence`, and gets the
 same accuracy matrix (to float tolerance).
@@ -202,7 +202,7 @@ def run_sweep(
   # One transform per configuration for its initial state (its constructor's hyper-parameters);
   # they share one update rule, which reads the hyper-parameters from the state. Their inits run
   # eagerly (zeros and copies): jitting each would compile it once per configuration.
-  txs = [continual.method_transform(method, optimizer, a['params']) for method, a in zip(methods, arrays)]
+  txs = [continual.method_transform(method, optimizer) for method in methods]
   one_data = len({_data_key(method, config) for method, config in configurations}) == 1
   data_axis = None if one_data else 0  # the same batches for all: pass them once
   train_step = jax.jit(

@@ -292,15 +292,15 @@ def test_multi_anchor_sfa_is_sfa_on_two_tasks(pair, sfa_run):
 def test_multi_anchor_sfa_anchors_at_the_running_mean_of_past_task_ends():
   method = continual.make_method('multi-anchor-sfa', p=0.5, beta=0.5)
   params = {'w': jnp.zeros(3)}
-  tx = continual.method_transform(method, optax.sgd(0.1), params)
+  tx = continual.method_transform(method, optax.sgd(0.1))
   arrays = {'params': params, 'model_state': {}, 'opt_state': tx.init(params)}
   ends = [jnp.full(3, value, jnp.float32) for value in (1.0, 2.0, 6.0)]
   for k, end in enumerate(ends, start=1):  # task k starts where task k-1 ended
     arrays['params'] = end
     continual._start_task(method, CONFIG, arrays, k, 10, tx.init)
-    anchor = arrays['opt_state'][1].inner_state.anchor
-    chex.assert_trees_all_close(anchor, jnp.mean(jnp.stack(ends[:k]), axis=0))
-    assert float(arrays['opt_state'][1].hyperparams['beta']) == 0.5
+    state = sfa_jax.find_state(arrays['opt_state'])
+    chex.assert_trees_all_close(state.anchor, jnp.mean(jnp.stack(ends[:k]), axis=0))
+    assert float(state.beta) == 0.5 and bool(state.active) and int(state.total_steps) == 10
   chex.assert_trees_all_close(arrays['mean_anchor'], jnp.full(3, 3.0))
 
 

@@ -191,7 +191,7 @@ def test_only_wise_ft_keeps_a_copy_of_the_task_start(pair, name, keeps_start):
   method = continual.make_method(name)
   model = continual.build_model(pair, CONFIG)
   params, model_state = continual.initializer(model, pair[0].train.x[:1])(0)
-  tx = continual.method_transform(method, continual._OPTIMIZERS[CONFIG.optimizer](1e-3), params)
+  tx = continual.method_transform(method, continual._OPTIMIZERS[CONFIG.optimizer](1e-3))
   arrays = {'params': params, 'model_state': model_state, 'opt_state': tx.init(params)}
   continual._start_task(method, CONFIG, arrays, 1, 10, tx.init)
   assert ('anchor' in arrays) == keeps_start

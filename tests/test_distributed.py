@@ -89,7 +89,7 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
     fisher = jax.tree.map(jnp.ones_like, params)
     for name in ('sfa', 'l2', 'ewc'):
       method = continual.make_method(name)
-      tx = continual.method_transform(method, optax.adam(1e-3), params)
+      tx = continual.method_transform(method, optax.adam(1e-3))
       sharded_params = distributed.shard(params, mesh)
       state = jax.jit(tx.init)(sharded_params)
       state = continual.configure_task(method, state, sharded_params, 1, 4, fisher if name == 'ewc' else None)
