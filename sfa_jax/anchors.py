@@ -265,9 +265,14 @@ def check_placement(opt_state: Any) -> None:
     ValueError: SFAState is chained after optax.MultiSteps, so it counts micro-steps ...
   """
   opt_state, _ = _target(opt_state, None)
+  _check_walk(_walk(_unwrap(opt_state)))
+
+
+def _check_walk(walk) -> None:
+  """:func:`check_placement` on the ``(state, ancestors)`` pairs of :func:`_walk`."""
   lookahead = _class_named('optax', 'LookaheadState')
   schedule_free = _class_named('optax.contrib', 'ScheduleFreeState')
-  for state, ancestors in _walk(_unwrap(opt_state)):
+  for state, ancestors in walk:
     if type(state) not in _AVERAGING:
       continue
     name = type(state).__name__
@@ -332,9 +337,9 @@ def _give_back(holder: Any, opt_state: Any, new_state: Any) -> Any:
   return holder if holder is not opt_state else new_state
 
 
-def _replace_states(opt_state: Any, replace: Callable[[Any], Any]) -> Any:
-  """``opt_state``'s values with every anchored state ``s`` replaced by ``replace(s)`` (see :func:`_write_back`)."""
-  return jax.tree.map(lambda node: replace(node) if _is_anchored(node) else node, _unwrap(opt_state), is_leaf=_is_anchored)
+def _replace_states(pure_state: Any, replace: Callable[[Any], Any]) -> Any:
+  """``pure_state`` (unwrapped) with every anchored state ``s`` replaced by ``replace(s)``."""
+  return jax.tree.map(lambda node: replace(node) if _is_anchored(node) else node, pure_state, is_leaf=_is_anchored)
 
 
 def reanchor(
@@ -395,7 +400,9 @@ def reanchor(
   params, fisher = _unwrap(params), _unwrap(fisher)
   if total_steps is not None:
     transforms.check_hyperparams(total_steps=total_steps)
-  states = [state for state, _ in _walk(_unwrap(opt_state))]
+  pure = _unwrap(opt_state)
+  walk = list(_walk(pure))
+  states = [state for state, _ in walk]
   if not states:
     raise ValueError('reanchor found no SFAState, L2State, EWCState or other anchored state inside opt_state.')
   if fisher is not None and not any(isinstance(state, EWCState) for state in states):
@@ -405,7 +412,7 @@ def reanchor(
   _validation.check_finite_tree(params, 'params')
   if fisher is not None:
     _validation.check_finite_tree(fisher, 'fisher', non_negative=True)
-  check_placement(opt_state)
+  _check_walk(walk)
 
   def replace(state):
     fitted = _validation.fit_to(state.anchor, params, reference_name='anchor', other_name='params')
@@ -417,7 +424,7 @@ def reanchor(
       fields['total_steps'] = total_steps
     return _with_fields(new, **fields)
 
-  new_state = _replace_states(opt_state, replace)
+  new_state = _replace_states(pure, replace)
   if total_steps is not None:
     new_state = _set_injected(new_state, {'total_steps': total_steps})
   return _give_back(holder, opt_state, new_state)
@@ -458,7 +465,7 @@ def set_hyperparams(opt_state: Any, **values: Any) -> Any:
     missing.difference_update(names)
     return _with_fields(state, **names)
 
-  new_state = _replace_states(opt_state, replace)
+  new_state = _replace_states(_unwrap(opt_state), replace)
   if missing:
     raise ValueError(f'set_hyperparams: no anchored state inside opt_state has {sorted(missing)}.')
   return _give_back(holder, opt_state, _set_injected(new_state, values))

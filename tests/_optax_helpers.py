@@ -15,9 +15,9 @@ def quadratic_problem(seed, size=5):
   return curvature, target, theta0, anchor
 
 
-def run_optax(tx, params, grad_fn, num_steps, step_wrapper=lambda f: f):
-  """The params and the optimizer state after each of ``num_steps`` steps of ``tx``."""
-  state = tx.init(params)
+def run_optax(tx, params, grad_fn, num_steps, step_wrapper=lambda f: f, state=None):
+  """The params and the optimizer state after each of ``num_steps`` steps of ``tx`` (from ``state``)."""
+  state = tx.init(params) if state is None else state
 
   def step(params, state):
     updates, state = tx.update(grad_fn(params), state, params)

@@ -20,16 +20,14 @@ import sfa_jax
 from sfa_jax import adaptive
 from sfa_jax import merging
 
+from _optax_helpers import run_optax
 from _optax_helpers import tree_params
 
 
 def _run(tx, params, grads_fn, steps, state=None):
-  state = tx.init(params) if state is None else state
-  step = jax.jit(tx.update)
-  for _ in range(steps):
-    updates, state = step(grads_fn(params), state, params)
-    params = optax.apply_updates(params, updates)
-  return params, state
+  """The params and the state after ``steps`` jitted steps (from ``state``, or ``tx.init``)."""
+  trajectory, states = run_optax(tx, params, grads_fn, steps, jax.jit, state)
+  return trajectory[-1], states[-1]
 
 
 def _ones(params):
