@@ -284,7 +284,8 @@ def silence_orbax_failure_reports() -> None:
 
   When a write fails (a full disk, say), Orbax logs the error of each of its writer threads with
   its traceback (absl), asyncio logs the same errors again as never retrieved, and TensorStore
-  callbacks left behind print "Event loop is closed" errors; the :class:`CheckpointError` raised
+  callbacks left behind print "Event loop is closed" errors, or warn at exit that their write
+  coroutines were never awaited; the :class:`CheckpointError` raised
   to the caller already says what failed. For programs that report
   errors themselves, such as the command line. Calling it again changes nothing.
   """
@@ -292,5 +293,6 @@ def silence_orbax_failure_reports() -> None:
     logger = logging.getLogger(name)
     if not any(isinstance(f, _OrbaxFailureLogs) for f in logger.filters):
       logger.addFilter(_OrbaxFailureLogs())
+  warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
   if not isinstance(sys.unraisablehook, _SkipClosedLoopErrors):
     sys.unraisablehook = _SkipClosedLoopErrors(sys.unraisablehook)

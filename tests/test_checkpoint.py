@@ -117,3 +117,24 @@ def test_a_failed_save_is_one_checkpoint_error_with_the_os_reason(tmp_path, monk
   with pytest.raises(CheckpointError) as caught:
     checkpointer.save(3, _arrays(3), {'fingerprint': 'run'})
   assert str(caught.value) == f'cannot save the checkpoint at {tmp_path / "3"}: {reason}'
+
+
+def test_silenced_failure_reports_hide_the_unawaited_write_coroutines_of_a_failed_save():
+  """A failed TensorStore write can leave its coroutines unawaited; Python warns of them at exit."""
+  import subprocess
+  import sys
+  import textwrap
+
+  program = textwrap.dedent(
+      """
+      import gc
+      from sfa_jax.checkpoint import silence_orbax_failure_reports
+      silence_orbax_failure_reports()
+      async def write_fragment():
+        pass
+      write_fragment()
+      gc.collect()
+      """
+  )
+  result = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and result.stderr == '', result.stderr
