@@ -342,6 +342,28 @@ def _replace_states(pure_state: Any, replace: Callable[[Any], Any]) -> Any:
   return jax.tree.map(lambda node: replace(node) if _is_anchored(node) else node, pure_state, is_leaf=_is_anchored)
 
 
+def _in_anchor_dtypes(anchor: Any, params: Any) -> Any:
+  """``params`` with each real floating leaf cast to its anchor's floating dtype where they differ.
+
+  An anchor stored in another dtype than its params (``anchor_dtype=`` of sfa / l2 / ewc: a float32
+  anchor for bfloat16 params) takes the new params in its own dtype. Leaves that ``anchor`` masks
+  out are cut; anything that does not line up is left for :func:`_validation.fit_to` to name.
+  """
+  real_float = lambda leaf: _validation.is_float_leaf(leaf) and bool(jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
+
+  def cast(anchor_leaf, leaf):
+    if _is_masked_node(anchor_leaf):
+      return anchor_leaf
+    if real_float(anchor_leaf) and real_float(leaf) and jnp.result_type(leaf) != anchor_leaf.dtype:
+      return jnp.asarray(leaf).astype(anchor_leaf.dtype)
+    return leaf
+
+  try:
+    return jax.tree.map(cast, anchor, params, is_leaf=_is_masked_node)
+  except (ValueError, TypeError):
+    return params
+
+
 def reanchor(
     opt_state: Any,
     params: Any = None,
@@ -355,7 +377,8 @@ def reanchor(
   :func:`register_anchored_state`) anywhere inside ``opt_state`` (chains, ``inject_hyperparams``,
   ``MultiSteps``, ``masked``, ``multi_transform``, any NamedTuple, tuple, list or dict) and sets its
   anchor to a copy of ``params``, cut to that state's own sub-tree (so SFA on a masked group, or
-  two SFA groups of a ``multi_transform``, each get their leaves); SFA's step counter restarts at
+  two SFA groups of a ``multi_transform``, each get their leaves) and cast to the anchor's dtype
+  where it was stored in another (``anchor_dtype=``); SFA's step counter restarts at
   0 and every state becomes active (see ``wait_for_anchor``). Optimizer moments and other state
   are left as they are. Call it outside ``jit``, between tasks. It also runs
   :func:`check_placement`.
@@ -415,7 +438,7 @@ def reanchor(
   _check_walk(walk)
 
   def replace(state):
-    fitted = _validation.fit_to(state.anchor, params, reference_name='anchor', other_name='params')
+    fitted = _validation.fit_to(state.anchor, _in_anchor_dtypes(state.anchor, params), reference_name='anchor', other_name='params')
     new = _RULES[type(state)](state, fitted)
     if isinstance(new, EWCState) and fisher is not None:
       new = new._replace(fisher=_validation.copy_tree(_validation.fit_to(state.fisher, fisher, reference_name="the state's fisher", other_name='fisher')))

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sfa_jax import _validation
@@ -154,14 +155,80 @@ def is_averaging_step(step: chex.Numeric, p: chex.Numeric, total_steps: chex.Num
   return in_task & ((step % period == 0) | (step == total_steps))
 
 
-def _anchor_at_init(params: optax.Params, anchor: optax.Params | None) -> optax.Params:
-  """Validates ``anchor`` against ``params`` (structure, shapes, dtypes, finite) and returns a copy."""
+def anchor_storage_dtype(anchor_dtype: Any) -> Any:
+  """``anchor_dtype`` checked: ``None`` (each param's own dtype) or a real floating dtype.
+
+  Args:
+    anchor_dtype: what :func:`sfa`, :func:`l2` or :func:`ewc` got: ``None``, a floating dtype
+      (``jnp.float32``, ``jnp.bfloat16``, ``'float32'``, a ``numpy.dtype``).
+
+  Returns:
+    ``None`` or a ``numpy.dtype``.
+
+  Raises:
+    TypeError: for something that is not a dtype (an array, as ``optax.inject_hyperparams`` makes
+      of ``jnp.float32`` unless told ``static_args=('anchor_dtype',)``).
+    ValueError: for a dtype that is not a real floating one (integers, bool, complex).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax import transforms
+    >>> transforms.anchor_storage_dtype(jnp.float32), transforms.anchor_storage_dtype(None)
+    (dtype('float32'), None)
+  """
+  if anchor_dtype is None:
+    return None
+  if isinstance(anchor_dtype, (jax.Array, np.ndarray, jax.core.Tracer)) or not isinstance(anchor_dtype, (str, type, np.dtype)):
+    raise TypeError(
+        f'anchor_dtype must be a dtype such as jnp.float32 or jnp.bfloat16 (or None: the params\' dtype); got '
+        f'{type(anchor_dtype).__name__} {anchor_dtype!r}. Under optax.inject_hyperparams pass '
+        "static_args=('anchor_dtype',): it calls jnp.float32 as if it were a schedule."
+    )
+  try:
+    dtype = jnp.dtype(anchor_dtype)
+  except TypeError as error:
+    raise TypeError(f'anchor_dtype must be a dtype such as jnp.float32; got {anchor_dtype!r}.') from error
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f'anchor_dtype must be a real floating dtype (float32, bfloat16, ...); got {dtype.name}.')
+  return dtype
+
+
+def _is_real_float(leaf: Any) -> bool:
+  return _validation.is_float_leaf(leaf) and bool(jnp.issubdtype(getattr(leaf, 'dtype', jnp.float32), jnp.floating))
+
+
+def _anchor_at_init(params: optax.Params, anchor: optax.Params | None, dtype: Any = None) -> optax.Params:
+  """Validates ``anchor`` against ``params`` (structure, shapes, dtypes, finite) and returns a copy.
+
+  With ``dtype`` (a checked ``anchor_dtype``) the real floating leaves are stored in ``dtype``: a
+  given ``anchor`` is cast to it first, and ``None`` gives the params cast to it.
+  """
   if params is None:
     raise ValueError(_NO_PARAMS_MSG)
-  if anchor is not None:
-    anchor = _validation.fit_to(params, anchor, reference_name='params', other_name='anchor')
-    _validation.check_finite_tree(anchor, 'anchor')
-  return _validation.copy_tree(params if anchor is None else anchor)
+  if dtype is None:
+    if anchor is not None:
+      anchor = _validation.fit_to(params, anchor, reference_name='params', other_name='anchor')
+      _validation.check_finite_tree(anchor, 'anchor')
+    return _validation.copy_tree(params if anchor is None else anchor)
+
+  def stored(leaf):  # a fresh buffer in the storage dtype (a copy where it has it already)
+    leaf = jnp.asarray(leaf)
+    return leaf.astype(dtype) if _is_real_float(leaf) and leaf.dtype != dtype else jnp.copy(leaf)
+
+  if anchor is None:
+    return jax.tree.map(stored, params)
+  if isinstance(params, jax.Array) and params.ndim == 1:  # inside optax.flatten: fit_to ravels the tree
+    layout = params.astype(dtype) if _is_real_float(params) else params
+  else:
+    layout = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf), dtype) if _is_real_float(leaf) else leaf, params)
+  is_masked = lambda node: isinstance(node, optax.MaskedNode)
+  try:  # cut to the params' groups first, so that only the leaves kept are cast
+    anchor = jax.tree.map(lambda node, leaf: node if is_masked(node) else leaf, layout, anchor, is_leaf=is_masked)
+  except (ValueError, TypeError):
+    pass  # fit_to names what does not match
+  anchor = _validation.fit_to(layout, jax.tree.map(stored, anchor), reference_name='params', other_name='anchor')
+  _validation.check_finite_tree(anchor, 'anchor')
+  return anchor
 
 
 def map_float_params(fn: Callable[..., Any], updates: Any, params: Any, *rest: Any) -> Any:
@@ -273,6 +340,7 @@ def sfa(
     *,
     total_steps: chex.Numeric | None = None,
     wait_for_anchor: bool = False,
+    anchor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sequential Fine-tuning with Averaging: pulls the params back toward an anchor every ``p·T`` steps.
 
@@ -330,6 +398,12 @@ def sfa(
     wait_for_anchor: start inactive: the updates pass through unchanged until :func:`sfa_jax.reanchor`
       sets the first anchor (a loop that uses one transform for every task, whose first task has
       nothing to average toward).
+    anchor_dtype: the dtype the anchor is stored in, for its real floating leaves: ``None`` (the
+      default) stores each leaf in its param's dtype; ``jnp.float32`` on bfloat16 params keeps an
+      anchor given in float32 exactly (twice the anchor's bytes); ``jnp.bfloat16`` on float32 params
+      halves them. A given ``anchor`` and :func:`sfa_jax.reanchor`'s params are cast to it. Either
+      way the average is computed in (at least) float32 and cast back to the update's dtype. Under
+      ``optax.inject_hyperparams`` pass ``static_args=('anchor_dtype',)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`SFAState`.
@@ -338,8 +412,9 @@ def sfa(
     TypeError: when ``p`` or ``total_steps`` is missing, or a hyper-parameter is not a 0-d number
       (a string, a bool, an array with dimensions, a schedule).
     ValueError: when ``p``, ``beta`` or ``total_steps`` is out of range (``T`` at most 2**31 - 1)
-      or ``p`` is bfloat16 / float16 (at construction), or when ``anchor`` does not match the
-      params in structure, shape or dtype or holds NaN / infinite values, or ``params`` is
+      or ``p`` is bfloat16 / float16 or ``anchor_dtype`` is not a real floating dtype (at
+      construction), or when ``anchor`` does not match the params in structure, shape or dtype
+      (the storage dtype, with ``anchor_dtype``) or holds NaN / infinite values, or ``params`` is
       ``None`` (at ``init``).
 
   Example:
@@ -368,6 +443,7 @@ def sfa(
     raise TypeError(_NO_TOTAL_STEPS_MSG)
   check_hyperparams(p=p, beta=beta, total_steps=total_steps)
   _validation.check_full_precision('p', p)
+  storage = anchor_storage_dtype(anchor_dtype)
 
   def init_fn(params: optax.Params) -> SFAState:
     return SFAState(
@@ -377,7 +453,7 @@ def sfa(
         total_steps=scalar(total_steps, jnp.int32),
         active=scalar(not wait_for_anchor, jnp.bool_),
         averaged=jnp.zeros([], jnp.bool_),
-        anchor=_anchor_at_init(params, anchor),
+        anchor=_anchor_at_init(params, anchor, storage),
     )
 
   def update_fn(
@@ -404,6 +480,7 @@ def l2(
     anchor: optax.Params | None = None,
     *,
     wait_for_anchor: bool = False,
+    anchor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adds the gradient of an L2 penalty toward an anchor: ``u + strength·(θ − θ_o)``.
 
@@ -423,6 +500,8 @@ def l2(
     anchor: the parameters :math:`\theta_o` to pull toward; ``None`` means the params at ``init``.
     wait_for_anchor: start inactive (no penalty) until :func:`sfa_jax.reanchor` sets the first
       anchor.
+    anchor_dtype: the dtype the anchor is stored in (``None``: each param's dtype); see
+      :func:`sfa`. The pull :math:`\theta - \theta_o` is computed in (at least) float32.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`L2State`.
@@ -441,9 +520,11 @@ def l2(
     <https://arxiv.org/abs/1612.00796>`_, 2017 (the L2 baseline)
   """
   check_hyperparams(strength=strength)
+  storage = anchor_storage_dtype(anchor_dtype)
 
   def make_state(params: optax.Params) -> L2State:
-    return L2State(scalar(strength, jnp.float32), scalar(not wait_for_anchor, jnp.bool_), _anchor_at_init(params, anchor))
+    anchor_copy = _anchor_at_init(params, anchor, storage)
+    return L2State(scalar(strength, jnp.float32), scalar(not wait_for_anchor, jnp.bool_), anchor_copy)
 
   return _penalty_transform(strength, make_state)
 
@@ -454,6 +535,7 @@ def ewc(
     anchor: optax.Params | None = None,
     *,
     wait_for_anchor: bool = False,
+    anchor_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Elastic Weight Consolidation: adds ``strength·F⊙(θ − θ*)`` to the gradients.
 
@@ -473,6 +555,8 @@ def ewc(
     anchor: :math:`\theta^*`; ``None`` means the params at ``init``.
     wait_for_anchor: start inactive (no penalty) until :func:`sfa_jax.reanchor` sets the first
       anchor (and Fisher).
+    anchor_dtype: the dtype the anchor is stored in (``None``: each param's dtype); see
+      :func:`sfa`. The Fisher keeps the params' dtype.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`EWCState`.
@@ -494,9 +578,10 @@ def ewc(
   if fisher is None:
     raise ValueError('ewc needs a Fisher estimate with the structure of the params; got None.')
   _validation.check_finite_tree(fisher, 'fisher', non_negative=True)
+  storage = anchor_storage_dtype(anchor_dtype)
 
   def make_state(params: optax.Params) -> EWCState:
-    anchor_copy = _anchor_at_init(params, anchor)
+    anchor_copy = _anchor_at_init(params, anchor, storage)
     fitted = _validation.fit_to(params, fisher, reference_name='params', other_name='fisher')
     return EWCState(
         scalar(strength, jnp.float32), scalar(not wait_for_anchor, jnp.bool_), anchor_copy, _validation.copy_tree(fitted)
