@@ -33,10 +33,13 @@ References:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sfa_jax import _validation
 
@@ -213,11 +216,19 @@ class Llama(nn.Module):
   ``(in, out)`` matrices, ``attention_norm/scale``, ``mlp_norm/scale``); ``norm/scale``; and, only
   when ``config.tie_embeddings`` is false, ``lm_head/kernel`` ``(dim, vocab)``.
 
+  With ``top_layers = n > 0`` the last ``n`` blocks are a second stack of their own,
+  ``top_layers/...`` (leading axis ``n``), and ``layers/...`` holds the first ``num_layers - n`` (no
+  ``layers`` at all when ``n = num_layers``): the same model, its params laid out so that the top
+  blocks can be trained and anchored alone (:func:`train_top_layers`; :func:`split_layers` and
+  :func:`join_layers` convert the params).
+
   Attributes:
     config: the model's shape.
+    top_layers: how many of the last blocks form the ``top_layers`` stack, in [0, num_layers].
   """
 
   config: LlamaConfig
+  top_layers: int = 0
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
@@ -232,20 +243,162 @@ class Llama(nn.Module):
       The logits.
     """
     c = self.config
+    _check_top_layers(self.top_layers, c.num_layers)
     if positions is None:
       positions = jnp.arange(tokens.shape[1])
     embed = nn.Embed(c.vocab_size, c.dim, embedding_init=nn.initializers.normal(0.02), name='embed')
     x = embed(tokens)
     block = nn.remat(Block) if c.remat else Block
-    stack = nn.scan(
-        block,
-        variable_axes={'params': 0},
-        split_rngs={'params': True},
-        in_axes=nn.broadcast,
-        length=c.num_layers,
-    )
-    x, _ = stack(c, name='layers')(x, positions)
+
+    def stack(length: int, name: str) -> nn.Module:
+      scan = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=nn.broadcast, length=length)
+      return scan(c, name=name)
+
+    bottom = c.num_layers - self.top_layers
+    if bottom:
+      x, _ = stack(bottom, 'layers')(x, positions)
+    if self.top_layers:
+      x, _ = stack(self.top_layers, 'top_layers')(x, positions)
     x = RMSNorm(c.norm_eps, name='norm')(x)
     if c.tie_embeddings:
       return embed.attend(x).astype(jnp.float32)
     return nn.Dense(c.vocab_size, use_bias=False, name='lm_head')(x).astype(jnp.float32)
+
+
+def _check_top_layers(top_layers: int, num_layers: int) -> None:
+  if isinstance(top_layers, bool) or not isinstance(top_layers, (int, np.integer)) or not 0 <= top_layers <= num_layers:
+    raise ValueError(f'top_layers must be an integer in [0, num_layers = {num_layers}]; got {top_layers!r}.')
+
+
+def _stack_length(stack: Mapping[str, Any], name: str) -> int:
+  lengths = {np.shape(leaf)[0] for leaf in jax.tree.leaves(stack)}
+  if len(lengths) != 1:
+    raise ValueError(f'params[{name!r}] must hold stacked blocks of one length; got leading axes {sorted(lengths)}.')
+  return lengths.pop()
+
+
+def _rows(leaf: Any, start: int, stop: int) -> Any:
+  """``leaf[start:stop]``; for a ``jax.ShapeDtypeStruct``, the struct of that slice."""
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((stop - start,) + leaf.shape[1:], leaf.dtype)
+  return leaf[start:stop]
+
+
+def split_layers(params: Mapping[str, Any], top_layers: int) -> dict[str, Any]:
+  """The params of ``Llama(config)`` laid out for ``Llama(config, top_layers=n)``.
+
+  The blocks' stack ``layers`` (leading axis ``num_layers``) is cut in two: ``layers`` keeps the
+  first ``num_layers - n`` blocks (and is dropped when that is 0), ``top_layers`` holds the last
+  ``n``. Slices of NumPy arrays are views; of JAX arrays, copies; ``jax.ShapeDtypeStruct`` leaves
+  (from ``jax.eval_shape``) give the structs of the slices.
+
+  Args:
+    params: the params of a :class:`Llama` with one stack (as :func:`~sfa_jax.models.load_hf_llama`
+      and ``Llama(config).init`` give them).
+    top_layers: ``n``, in [0, num_layers].
+
+  Returns:
+    A new dict (the other entries are the same objects).
+
+  Raises:
+    ValueError: if ``params`` has no ``layers`` stack or has a ``top_layers`` one already, or
+      ``top_layers`` is out of range.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> config = LlamaConfig.tiny(num_layers=3)
+    >>> params = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+    >>> split = split_layers(params, 1)
+    >>> split['layers']['mlp']['up']['kernel'].shape, split['top_layers']['mlp']['up']['kernel'].shape
+    ((2, 64, 128), (1, 64, 128))
+  """
+  if 'layers' not in params or 'top_layers' in params:
+    raise ValueError(f"split_layers needs the params of Llama(config) (one 'layers' stack, no 'top_layers'); "
+                     f'got the keys {sorted(params)}.')
+  num_layers = _stack_length(params['layers'], 'layers')
+  _check_top_layers(top_layers, num_layers)
+  bottom = num_layers - top_layers
+  new = {key: value for key, value in params.items() if key != 'layers'}
+  if bottom:
+    new['layers'] = jax.tree.map(lambda leaf: _rows(leaf, 0, bottom), params['layers'])
+  if top_layers:
+    new['top_layers'] = jax.tree.map(lambda leaf: _rows(leaf, bottom, num_layers), params['layers'])
+  return new
+
+
+def join_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The params of ``Llama(config)`` again: ``layers`` and ``top_layers`` concatenated (inverse of :func:`split_layers`).
+
+  What :func:`~sfa_jax.models.save_hf_llama` and ``Llama(config)`` take. Params without a
+  ``top_layers`` stack are returned as a new dict of the same entries.
+
+  Args:
+    params: the params of ``Llama(config, top_layers=n)``.
+
+  Returns:
+    A new dict.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> params = Llama(LlamaConfig.tiny(num_layers=3)).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+    >>> joined = join_layers(split_layers(params, 2))
+    >>> bool(jnp.all(joined['layers']['mlp']['up']['kernel'] == params['layers']['mlp']['up']['kernel']))
+    True
+  """
+  new = {key: value for key, value in params.items() if key not in ('layers', 'top_layers')}
+  if 'top_layers' not in params:
+    if 'layers' in params:
+      new['layers'] = params['layers']
+    return new
+  if 'layers' not in params:
+    new['layers'] = params['top_layers']
+    return new
+
+  def concatenate(bottom, top):
+    if isinstance(bottom, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct((bottom.shape[0] + top.shape[0],) + bottom.shape[1:], bottom.dtype)
+    both_numpy = isinstance(bottom, np.ndarray) and isinstance(top, np.ndarray)
+    return np.concatenate([bottom, top]) if both_numpy else jnp.concatenate([bottom, top])
+
+  new['layers'] = jax.tree.map(concatenate, params['layers'], params['top_layers'])
+  return new
+
+
+def train_top_layers(model: Llama, params: Mapping[str, Any], top_layers: int, *, embedding: bool = False) -> tuple[Llama, dict[str, Any], dict[str, Any]]:
+  """The top blocks of a Llama as the trainable part: ``(model, params, mask)`` for :mod:`sfa_jax.partial`.
+
+  The model and params are relaid with the last ``top_layers`` blocks as their own stack
+  (:func:`split_layers`); the mask selects those blocks, the final norm and, when the output layer
+  is untied, ``lm_head``. The token embedding (which *is* the output layer when it is tied, as in
+  SmolLM2 and Llama 3.2 1B) stays frozen unless ``embedding=True``.
+
+  Args:
+    model: a :class:`Llama` with one stack (``top_layers=0``).
+    params: its params.
+    top_layers: how many of the last blocks train, in [1, num_layers].
+    embedding: train the token embedding too.
+
+  Returns:
+    ``(Llama(model.config, top_layers=n), the relaid params, mask)``: ``mask`` is a tree of bools
+    like the params, for :func:`sfa_jax.partial.split_trainable` or :func:`sfa_jax.partial.train_only`.
+
+  Raises:
+    ValueError: if ``model`` is split already or ``top_layers`` is out of range.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> model = Llama(LlamaConfig.tiny(num_layers=3))
+    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+    >>> model, params, mask = train_top_layers(model, params, 1)
+    >>> model.top_layers, mask['embed'], mask['norm'], mask['top_layers']['mlp']['up']
+    (1, {'embedding': False}, {'scale': True}, {'kernel': True})
+  """
+  from sfa_jax import partial  # the core; models import it, never the other way
+
+  if model.top_layers:
+    raise ValueError(f'train_top_layers needs a Llama with one stack; got top_layers={model.top_layers}.')
+  if isinstance(top_layers, bool) or not isinstance(top_layers, (int, np.integer)) or not 1 <= top_layers <= model.config.num_layers:
+    raise ValueError(f'top_layers must be an integer in [1, num_layers = {model.config.num_layers}]; got {top_layers!r}.')
+  split = split_layers(params, top_layers)
+  patterns = ['top_layers', 'norm'] + (['lm_head'] if 'lm_head' in split else []) + (['embed'] if embedding else [])
+  return Llama(model.config, top_layers=top_layers), split, partial.path_mask(split, patterns)
