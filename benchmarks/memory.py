@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from sfa_jax import continual, models, tasks
+from sfa_jax.engine import callbacks, loop, methods
 from sfa_jax.models.llama import Llama, LlamaConfig
 
 METHODS = ('finetune', 'sfa', 'l2', 'ewc', 'replay')
@@ -83,14 +84,15 @@ def measure_step(model, x, y, method_name: str) -> dict:
   variables = model.init(jax.random.key(0), x[:1], task_id=np.zeros(1, np.int32), train=False)
   params, model_state = models.split_variables(variables)
   method = continual.make_method(method_name)
-  tx = continual.method_transform(method, optax.adam(1e-3))
-  opt_state = jax.jit(tx.init)(params)
-  fisher = jax.tree.map(jnp.ones_like, params) if method_name == 'ewc' else None
-  opt_state = continual.configure_task(method, opt_state, params, 1, 100, fisher)
-  del fisher, variables
+  tx = method.transform(optax.adam(1e-3))
+  run = loop.RunState(params, model_state, jax.jit(tx.init)(params), method.init_extras(params, model_state, 2))
+  if method_name == 'ewc':
+    run = run._replace(extras={'fisher': jax.tree.map(jnp.ones_like, params)})
+  opt_state = method.prepare_optimizer(run.opt_state, run, methods.Boundary(1, 2, 100, fisher=None))
+  del run, variables
   gc.collect()
   resident = live_bytes() - before
-  step = continual.make_train_step(model, tx)
+  step = loop.jitted_train_step(model, tx)
   mask = np.ones(y.shape, bool)
   ids = np.zeros(x.shape[0], np.int32)
   compiled = step.lower(params, model_state, opt_state, x, y, mask, ids).compile()
@@ -122,10 +124,10 @@ def measure_run(method_name: str) -> dict:
   peak = {'task1': 0}
 
   def progress(event):
-    if event.get('task') == 1 and 'step' in event and event['step'] % 10 == 1:
+    if isinstance(event, callbacks.StepEvent) and event.task == 1 and event.step % 10 == 1:
       peak['task1'] = max(peak['task1'], live_bytes() - before)
 
-  continual.run_sequence(stream, continual.make_method(method_name), config, progress=progress)
+  continual.run_sequence(stream, continual.make_method(method_name), config, callbacks=progress)
   return {'run_live_bytes': peak['task1']}
 
 

@@ -33,7 +33,7 @@ VARIANTS = ('sequential', 'sweep')
 
 def _configurations(seeds: int):
   from sfa_jax import sweep
-  from sfa_jax.cli import DEMO_DEFAULTS
+  from sfa_jax.presets import DEMO_DEFAULTS
 
   config = dataclasses.replace(DEMO_DEFAULTS['config'], eval_every=0)
   if seeds > 1:
@@ -81,6 +81,8 @@ def step_worker(seeds: int, source: str, repeats: int = 30) -> dict:
 
   from sfa_jax import continual
   from sfa_jax import models
+  from sfa_jax.engine import loop
+  from sfa_jax.engine import methods
 
   stream = _stream(source)
   configurations = _configurations(seeds)
@@ -90,17 +92,18 @@ def step_worker(seeds: int, source: str, repeats: int = 30) -> dict:
   params, model_state = models.split_variables(
       model.init(jax.random.key(0), data.x[:1], task_id=np.zeros(1, np.int32), train=False)
   )
-  tx = continual.method_transform(method, continual._OPTIMIZERS[config.optimizer](config.learning_rate))
-  opt_state = continual.configure_task(method, tx.init(params), params, 1, 62)
+  tx = method.transform(config.make_optimizer())
+  run = loop.RunState(params, model_state, tx.init(params), method.init_extras(params, model_state, 2))
+  opt_state = method.prepare_optimizer(run.opt_state, run, methods.Boundary(1, 2, 62, fisher=None))
   batch = (data.x[: config.batch_size], data.y[: config.batch_size], np.ones(config.batch_size, bool),
            np.ones(config.batch_size, np.int32))
   count = len(configurations)
   stack = lambda tree: jax.tree.map(lambda leaf: jnp.stack([leaf] * count), tree)
   data_axis = None if seeds == 1 else 0
   stacked_batch = batch if seeds == 1 else tuple(np.stack([b] * count) for b in batch)
-  single = continual.make_train_step(model, tx)
+  single = loop.jitted_train_step(model, tx)
   vectorised = jax.jit(
-      jax.vmap(continual.make_train_step(model, tx), in_axes=(0, 0, 0, data_axis, data_axis, None, data_axis)),
+      jax.vmap(loop.make_train_step(model, tx), in_axes=(0, 0, 0, data_axis, data_axis, None, data_axis)),
       donate_argnums=(0, 2),
   )
   out = {}

@@ -1,7 +1,7 @@
 """Adaptive p (the paper's open question 1): average when the params drift far from the anchor, not every p·T steps.
 
 MNIST task pair (even digits, then odd digits; bundled 5000-image MNIST, one shared head), the demo's
-config (`sfa_jax.cli.DEMO_DEFAULTS`: MLP 784-256-256-10, Adam 1e-3, batch 64, 2 epochs per task),
+config (`sfa_jax.presets.DEMO_DEFAULTS`: MLP 784-256-256-10, Adam 1e-3, batch 64, 2 epochs per task),
 3 seeds. Two families of equal size (8 configurations each), chosen before the run:
 
   sfa            p in {0.1, 0.25, 0.5, 1} x beta in {0.25, 0.5}           (fixed period)
@@ -32,17 +32,18 @@ import time
 import numpy as np
 
 from sfa_jax import compile_cache
+from sfa_jax import continual
 from sfa_jax import experiment
 
 MIN_P = 0.05
 GRID = (
-    experiment.grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25, 0.5))
-    + experiment.grid('adaptive-sfa', threshold=(0.05, 0.1, 0.15, 0.2), beta=(0.25, 0.5), min_p=(MIN_P,))
+    experiment.method_grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25, 0.5))
+    + experiment.method_grid('adaptive-sfa', threshold=(0.05, 0.1, 0.15, 0.2), beta=(0.25, 0.5), min_p=(MIN_P,))
     + [('finetune', {})]
 )
 FOLLOW_UP_THRESHOLDS = (0.25, 0.3, 0.4)
-FOLLOW_UP = experiment.grid('adaptive-sfa', threshold=FOLLOW_UP_THRESHOLDS, beta=(0.25, 0.5), min_p=(MIN_P,))
-QUICK_GRID = experiment.grid('sfa', p=(0.25,), beta=(0.5,)) + experiment.grid(
+FOLLOW_UP = experiment.method_grid('adaptive-sfa', threshold=FOLLOW_UP_THRESHOLDS, beta=(0.25, 0.5), min_p=(MIN_P,))
+QUICK_GRID = experiment.method_grid('sfa', p=(0.25,), beta=(0.5,)) + experiment.method_grid(
     'adaptive-sfa', threshold=(0.1,), beta=(0.5,), min_p=(MIN_P,))
 
 
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
   stream, config, seeds = experiment.pair_stream(args)
-  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID + FOLLOW_UP, config, seeds)
+  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID + FOLLOW_UP, config, seeds, as_sweep=args.sweep)
 
   families = experiment.tradeoff_points(runs, family=_family)
   areas = experiment.family_areas(families)
@@ -100,7 +101,7 @@ def main(argv=None) -> None:
   experiment.tradeoff_plot(families, os.path.join(args.out, f'{name}.png'),
                            axis_labels=('task A accuracy (even digits)', 'task B accuracy (odd digits)'),
                            title=f'MNIST pair: fixed p against adaptive p ({len(seeds)} seeds)')
-  payload = {'stream': stream.name, 'source': stream.source, 'seeds': list(seeds), 'config': dataclasses.asdict(config),
+  payload = {'stream': stream.name, 'source': stream.source, 'seeds': list(seeds), 'config': continual.describe_config(config),
              'min_p': MIN_P, 'families': families, 'frontier_areas': areas, 'averaging': stats, 'runs': runs}
   markdown = _markdown(families, areas, stats, f'{name}.png', seeds)
   experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),

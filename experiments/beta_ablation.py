@@ -21,15 +21,16 @@ import os
 import time
 
 from sfa_jax import compile_cache
+from sfa_jax import continual
 from sfa_jax import experiment
 from sfa_jax import report
 
 GRID = (
-    experiment.grid('sfa', p=(1.0,), beta=(0.1, 0.25, 0.5, 0.75, 0.9))
-    + experiment.grid('sfa', p=(0.25, 0.5), beta=(0.25, 0.5, 0.75))
+    experiment.method_grid('sfa', p=(1.0,), beta=(0.1, 0.25, 0.5, 0.75, 0.9))
+    + experiment.method_grid('sfa', p=(0.25, 0.5), beta=(0.25, 0.5, 0.75))
     + [('finetune', {})]
 )
-QUICK_GRID = experiment.grid('sfa', p=(1.0, 0.5), beta=(0.5,))
+QUICK_GRID = experiment.method_grid('sfa', p=(1.0, 0.5), beta=(0.5,))
 
 
 def _group(run):
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
   start = time.perf_counter()
   stream, config = experiment.long_stream(args)
   seeds = experiment.seeds_of(args)
-  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds)
+  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds, as_sweep=args.sweep)
 
   groups = experiment.tradeoff_points(runs, point=experiment.stability_plasticity, family=_group)
   areas = experiment.family_areas(groups)
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
       f'{points}\n\n## Every configuration\n\n{report.markdown_table(rows, stream.task_names)}'
   )
   payload = {'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': len(stream)},
-             'seeds': list(seeds), 'config': dataclasses.asdict(config), 'groups': groups, 'frontier_areas': areas,
+             'seeds': list(seeds), 'config': continual.describe_config(config), 'groups': groups, 'frontier_areas': areas,
              'best': best, 'table': rows, 'runs': runs}
   experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),
                            time.perf_counter() - start)

@@ -41,18 +41,18 @@ from sfa_jax import tasks  # noqa: E402
 
 LONG_GRID = (
     [('finetune', {})]
-    + experiment.grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25,))
-    + experiment.grid('multi-anchor-sfa', p=(0.25,), beta=(0.25,))
-    + experiment.grid('replay', fraction=(0.1,))
+    + experiment.method_grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25,))
+    + experiment.method_grid('multi-anchor-sfa', p=(0.25,), beta=(0.25,))
+    + experiment.method_grid('replay', fraction=(0.1,))
 )
 SHORT_GRID = (
     [('finetune', {})]
-    + experiment.grid('sfa', p=(0.25,), beta=(0.25, 0.5))
-    + experiment.grid('multi-anchor-sfa', p=(0.25,), beta=(0.25, 0.5))
-    + experiment.grid('replay', fraction=(0.1,))
+    + experiment.method_grid('sfa', p=(0.25,), beta=(0.25, 0.5))
+    + experiment.method_grid('multi-anchor-sfa', p=(0.25,), beta=(0.25, 0.5))
+    + experiment.method_grid('replay', fraction=(0.1,))
 )
-QUICK_LONG_GRID = [('finetune', {})] + experiment.grid('multi-anchor-sfa', p=(0.5,), beta=(0.25,))
-QUICK_SHORT_GRID = experiment.grid('sfa', p=(0.5,), beta=(0.25,)) + experiment.grid('replay', fraction=(0.1,))
+QUICK_LONG_GRID = [('finetune', {})] + experiment.method_grid('multi-anchor-sfa', p=(0.5,), beta=(0.25,))
+QUICK_SHORT_GRID = experiment.method_grid('sfa', p=(0.5,), beta=(0.25,)) + experiment.method_grid('replay', fraction=(0.1,))
 EARLY_TASKS = 10  # "early tasks": the first ten of the long stream
 
 
@@ -132,9 +132,9 @@ def main(argv=None) -> None:
   short_config = dataclasses.replace(base, epochs_per_task=1 if args.quick else 2)
 
   print(f'Part 1: {len(long_stream)} tasks, seed {seeds[0]}', flush=True)
-  long_runs = experiment.run_grid(long_stream, QUICK_LONG_GRID if args.quick else LONG_GRID, long_config, seeds[:1])
+  long_runs = experiment.run_grid(long_stream, QUICK_LONG_GRID if args.quick else LONG_GRID, long_config, seeds[:1], as_sweep=args.sweep)
   print(f'Part 2: {len(short_stream)} tasks, seeds {list(seeds)}', flush=True)
-  short_runs = experiment.run_grid(short_stream, QUICK_SHORT_GRID if args.quick else SHORT_GRID, short_config, seeds)
+  short_runs = experiment.run_grid(short_stream, QUICK_SHORT_GRID if args.quick else SHORT_GRID, short_config, seeds, as_sweep=args.sweep)
 
   name = 'many_tasks_quick' if args.quick else 'many_tasks'
   png_names = (f'{name}.png', f'{name}_10.png')
@@ -148,9 +148,9 @@ def main(argv=None) -> None:
   payload = {
       'source': source, 'setting': setting, 'seeds': list(seeds),
       # The long runs' curves (eval only at task ends) repeat their accuracy matrices: left out.
-      'long': {'tasks': len(long_stream), 'config': dataclasses.asdict(long_config), 'summary': long_rows,
+      'long': {'tasks': len(long_stream), 'config': continual.describe_config(long_config), 'summary': long_rows,
                'runs': [{k: v for k, v in run.items() if k != 'curve'} for run in long_runs]},
-      'short': {'tasks': len(short_stream), 'config': dataclasses.asdict(short_config), 'table': short_rows, 'runs': short_runs},
+      'short': {'tasks': len(short_stream), 'config': continual.describe_config(short_config), 'table': short_rows, 'runs': short_runs},
   }
   short_name = f'{len(short_stream)} tasks, {short_config.epochs_per_task} epochs per task, {len(seeds)} seeds'
   markdown = _markdown(long_rows, long_name, short_rows, short_name, png_names)

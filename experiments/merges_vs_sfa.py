@@ -29,23 +29,24 @@ import os
 import time
 
 from sfa_jax import compile_cache
+from sfa_jax import continual
 from sfa_jax import experiment
 from sfa_jax import report
 
 GRID = (
-    experiment.grid('sfa', p=(0.25, 0.5), beta=(0.25, 0.5, 0.75))
-    + experiment.grid('wise-ft', beta=(0.25, 0.5, 0.75))
-    + experiment.grid('task-arithmetic', scaling=(0.3, 0.5, 0.7, 1.0))
-    + experiment.grid('ties', density=(0.1, 0.2, 0.5), scaling=(0.5, 1.0))
-    + experiment.grid('l2', strength=(0.1, 1.0, 10.0))
-    + experiment.grid('replay', fraction=(0.05, 0.1))
+    experiment.method_grid('sfa', p=(0.25, 0.5), beta=(0.25, 0.5, 0.75))
+    + experiment.method_grid('wise-ft', beta=(0.25, 0.5, 0.75))
+    + experiment.method_grid('task-arithmetic', scaling=(0.3, 0.5, 0.7, 1.0))
+    + experiment.method_grid('ties', density=(0.1, 0.2, 0.5), scaling=(0.5, 1.0))
+    + experiment.method_grid('l2', strength=(0.1, 1.0, 10.0))
+    + experiment.method_grid('replay', fraction=(0.05, 0.1))
     + [('finetune', {}), ('joint', {})]
 )
 QUICK_GRID = [
     ('sfa', {'p': 0.5, 'beta': 0.5}), ('wise-ft', {'beta': 0.5}), ('ties', {'density': 0.2, 'scaling': 1.0}),
     ('replay', {'fraction': 0.1}),
 ]
-EWC_GRID = experiment.grid('ewc', strength=(1e2, 1e3, 1e4))
+EWC_GRID = experiment.method_grid('ewc', strength=(1e2, 1e3, 1e4))
 
 
 def main(argv=None) -> None:
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
   stream, config = experiment.long_stream(args)
   seeds = experiment.seeds_of(args)
   grid = EWC_GRID if args.ewc else (QUICK_GRID if args.quick else GRID)
-  runs = experiment.run_grid(stream, grid[:1] if args.quick and args.ewc else grid, config, seeds)
+  runs = experiment.run_grid(stream, grid[:1] if args.quick and args.ewc else grid, config, seeds, as_sweep=args.sweep)
 
   best = experiment.best_per_family(runs)
   rows = sorted(report.summarize_runs(runs), key=lambda row: -row['average_accuracy'][0])
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
       f'## Every configuration\n\n{report.markdown_table(rows, stream.task_names)}'
   )
   payload = {'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': len(stream)},
-             'seeds': list(seeds), 'config': dataclasses.asdict(config), 'best': best, 'table': rows, 'runs': runs}
+             'seeds': list(seeds), 'config': continual.describe_config(config), 'best': best, 'table': rows, 'runs': runs}
   experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),
                            time.perf_counter() - start)
   print(markdown)

@@ -1,7 +1,7 @@
 """The paper's Figure 9: accuracy on task A (even digits) against task B (odd digits) after both.
 
 MNIST task pair (bundled 5000-image MNIST, one shared head), the demo's config
-(`sfa_jax.cli.DEMO_DEFAULTS`: MLP 784-256-256-10, Adam 1e-3, batch 64, 2 epochs per task), 3 seeds:
+(`sfa_jax.presets.DEMO_DEFAULTS`: MLP 784-256-256-10, Adam 1e-3, batch 64, 2 epochs per task), 3 seeds:
 
   SFA        p in {0.05, 0.1, 0.25, 0.5, 0.75, 0.96, 1} x beta in {0.25, 0.5, 0.75}
   L2         strength 13 values log-spaced over 0.01 .. 100   (0.01: as fine-tuning; 100: B not learned)
@@ -26,19 +26,20 @@ import time
 import numpy as np
 
 from sfa_jax import compile_cache
+from sfa_jax import continual
 from sfa_jax import experiment
 
 GRID = (
-    experiment.grid('sfa', p=(0.05, 0.1, 0.25, 0.5, 0.75, 0.96, 1.0), beta=(0.25, 0.5, 0.75))
-    + experiment.grid('l2', strength=np.logspace(-2, 2, 13).round(4).tolist())
-    + experiment.grid('ewc', strength=(1e2, 1e3, 1e4, 1e5, 1e7))
-    + experiment.grid('replay', fraction=(0.01, 0.05, 0.1))
+    experiment.method_grid('sfa', p=(0.05, 0.1, 0.25, 0.5, 0.75, 0.96, 1.0), beta=(0.25, 0.5, 0.75))
+    + experiment.method_grid('l2', strength=np.logspace(-2, 2, 13).round(4).tolist())
+    + experiment.method_grid('ewc', strength=(1e2, 1e3, 1e4, 1e5, 1e7))
+    + experiment.method_grid('replay', fraction=(0.01, 0.05, 0.1))
     + [('finetune', {})]
 )
 QUICK_GRID = (
-    experiment.grid('sfa', p=(0.5, 1.0), beta=(0.5,))
-    + experiment.grid('l2', strength=(1.0,))
-    + experiment.grid('replay', fraction=(0.1,))
+    experiment.method_grid('sfa', p=(0.5, 1.0), beta=(0.5,))
+    + experiment.method_grid('l2', strength=(1.0,))
+    + experiment.method_grid('replay', fraction=(0.1,))
     + [('finetune', {})]
 )
 
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
   stream, config, seeds = experiment.pair_stream(args)
-  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds)
+  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds, as_sweep=args.sweep)
 
   families = experiment.tradeoff_points(runs)
   areas = experiment.family_areas(families)
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
   experiment.tradeoff_plot(families, os.path.join(args.out, f'{name}.png'),
                            axis_labels=('task A accuracy (even digits)', 'task B accuracy (odd digits)'),
                            title=f'MNIST pair: accuracy after task B ({len(seeds)} seeds, mean ± std)')
-  payload = {'stream': stream.name, 'source': stream.source, 'seeds': list(seeds), 'config': dataclasses.asdict(config),
+  payload = {'stream': stream.name, 'source': stream.source, 'seeds': list(seeds), 'config': continual.describe_config(config),
              'families': families, 'frontier_areas': areas | split_areas, 'runs': runs}
   markdown = _markdown(families, areas, split_areas, f'{name}.png')
   experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),

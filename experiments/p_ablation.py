@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from sfa_jax import compile_cache
+from sfa_jax import continual
 from sfa_jax import experiment
 from sfa_jax import report
 
@@ -70,13 +71,13 @@ def main(argv=None) -> None:
   beta = args.beta
   if beta is None:
     probe_betas = (0.5,) if args.quick else BETA_PROBE
-    probe = experiment.run_grid(stream, experiment.grid('sfa', p=(0.5,), beta=probe_betas), config, seeds[:1])
+    probe = experiment.run_grid(stream, experiment.method_grid('sfa', p=(0.5,), beta=probe_betas), config, seeds[:1], as_sweep=args.sweep)
     beta = max(probe, key=lambda run: run['metrics']['average_accuracy'])['hyperparams']['beta']
     print(f'beta = {beta} (probe at p = 0.5, seed {seeds[0]})', flush=True)
 
   curve_config = dataclasses.replace(config, eval_every=20 if args.quick else 50)
-  grid = experiment.grid('sfa', p=p_values, beta=(beta,)) + [('finetune', {})]
-  runs = experiment.run_grid(stream, grid, curve_config, seeds)
+  grid = experiment.method_grid('sfa', p=p_values, beta=(beta,)) + [('finetune', {})]
+  runs = experiment.run_grid(stream, grid, curve_config, seeds, as_sweep=args.sweep)
 
   name = 'p_ablation_quick' if args.quick else 'p_ablation'
   os.makedirs(args.out, exist_ok=True)
@@ -97,7 +98,7 @@ def main(argv=None) -> None:
       f'![curves]({name}_curves.png)\n\n![average accuracy]({name}_average.png)'
   )
   payload = {'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': len(stream)},
-             'seeds': list(seeds), 'config': dataclasses.asdict(curve_config), 'beta': beta, 'beta_probe': probe,
+             'seeds': list(seeds), 'config': continual.describe_config(curve_config), 'beta': beta, 'beta_probe': probe,
              'table': report.summarize_runs(runs), 'runs': runs}
   experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),
                            time.perf_counter() - start)

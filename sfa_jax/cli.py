@@ -47,29 +47,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sfa_jax import names
+from sfa_jax import presets
+from sfa_jax.engine import methods as methods_lib
 
 if TYPE_CHECKING:  # the heavy modules are imported where a command that runs needs them
   from sfa_jax import continual, tasks
-
-# The offline demo: the paper's MNIST task pair (even digits, then odd digits, one shared head).
-# Hyper-parameters from the sweep in experiments/mnist_pair_sweep.py (mean accuracy over both tasks
-# after the sequence, 3 seeds; see the README). ``quick`` overrides the config and seeds for
-# ``demo --quick`` (a smoke test: one seed, one epoch, fewer evaluations). ``DEMO_DEFAULTS`` is
-# this with ``config`` as a TrainConfig.
-_DEMO: dict[str, Any] = {
-    'stream': 'mnist-pair',
-    'source': 'offline',
-    'methods': (
-        ('finetune', {}),
-        ('sfa', {'p': 0.25, 'beta': 0.25}),
-        ('l2', {'strength': 1.0}),
-        ('ewc', {'strength': 1e4}),
-        ('replay', {'fraction': 0.1}),
-    ),
-    'config': {'model': 'mlp', 'epochs_per_task': 2, 'batch_size': 64, 'learning_rate': 1e-3, 'eval_every': 10},
-    'seeds': (0, 1, 2),
-    'quick': {'seeds': (0,), 'epochs_per_task': 1, 'eval_every': 20},
-}
 
 _COMMAND_RECORD = 'command.json'  # in <out>/checkpoints: the command the checkpoints belong to
 _FINISHED_MARK = 'finished'  # in <out>/checkpoints: written when every run of that command ended
@@ -89,20 +71,6 @@ Bad input: one line on stderr, exit code 2. `sfa-jax COMMAND --help` for a comma
 
 class UsageError(Exception):
   """Bad command-line input: reported as one line, exit code 2."""
-
-
-def demo_defaults() -> dict[str, Any]:
-  """The offline demo's settings, with ``'config'`` as a :class:`~sfa_jax.continual.TrainConfig`."""
-  from sfa_jax import continual
-
-  return _DEMO | {'config': continual.TrainConfig(**_DEMO['config'])}
-
-
-def __getattr__(name: str) -> Any:
-  """``DEMO_DEFAULTS`` (:func:`demo_defaults`), built when read: its TrainConfig imports JAX."""
-  if name == 'DEMO_DEFAULTS':
-    return demo_defaults()
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,7 +143,7 @@ def _hyperparam_value(name: str, text: str) -> float:
     value = float(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f'{name} must be a number; got {text!r}') from None
-  interval = names.HYPERPARAM_RANGES[name]
+  interval = _HYPERPARAM_RANGES[name]
   if value not in interval:
     raise argparse.ArgumentTypeError(f'{name} must lie in {interval}; got {text}')
   return value
@@ -205,9 +173,12 @@ def _hp_setting(text: str) -> _Setting:
   if not match:
     raise argparse.ArgumentTypeError(f'must look like METHOD.NAME=VALUE, e.g. sfa.p=0.25; got {text!r}')
   method, name, value = match.groups()
-  if name not in names.HYPERPARAM_RANGES:
-    raise argparse.ArgumentTypeError(f'{text!r}: {name!r} is not a hyper-parameter; they are {", ".join(names.HYPERPARAMS)}')
-  return _Setting(method, name, _hyperparam_value(name, value))
+  if name in _HYPERPARAM_RANGES:
+    return _Setting(method, name, _hyperparam_value(name, value))
+  try:  # a hyper-parameter of a method of yours: its range is checked with the method
+    return _Setting(method, name, float(value))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{name} must be a number; got {value!r}') from None
 
 
 def _one_of(what: str, allowed: Sequence[str]) -> Callable[[str], str]:
@@ -221,12 +192,29 @@ def _one_of(what: str, allowed: Sequence[str]) -> Callable[[str], str]:
   return parse
 
 
-_method_name = _one_of('method', names.METHODS)
+def _method_name(text: str) -> type[methods_lib.Method]:
+  """An argparse type: a registered method's name, or ``package.module:Class`` of one of yours."""
+  try:
+    return methods_lib.method_class(text)
+  except (TypeError, ValueError) as error:
+    raise argparse.ArgumentTypeError(str(error).rstrip('.')) from None
 
 
-def _method_list(text: str) -> tuple[str, ...]:
-  """An argparse type: comma-separated method names, each once."""
+def _method_list(text: str) -> tuple[type[methods_lib.Method], ...]:
+  """An argparse type: comma-separated methods, each once."""
   return _comma_list(text, _method_name, 'finetune,sfa,l2')
+
+
+def _hyperparam_ranges() -> dict[str, methods_lib.Interval]:
+  """The range of every hyper-parameter of the registered methods, by name (their flags, in order)."""
+  ranges: dict[str, methods_lib.Interval] = {}
+  for cls in methods_lib.registered().values():
+    for name, spec in cls.hyperparams.items():
+      ranges.setdefault(name, spec.interval)
+  return ranges
+
+
+_HYPERPARAM_RANGES = _hyperparam_ranges()
 
 
 def _flag(hyperparam: str) -> str:
@@ -238,7 +226,8 @@ def _default_labels() -> str:
   """Every method with its default hyper-parameters, e.g. ``sfa(beta=0.25, p=0.25)``."""
   return ', '.join(
       f"{name}({', '.join(f'{k}={v:g}' for k, v in sorted(hp.items()))})" if hp else name
-      for name, hp in names.METHOD_DEFAULTS.items()
+      for name, hp in ((name, {k: spec.default for k, spec in cls.hyperparams.items()})
+                       for name, cls in methods_lib.registered().items())
   )
 
 
@@ -277,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog='sfa-jax', description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
   defaults = _default_labels()
-  methods = ', '.join(names.METHODS)
+  methods = ', '.join(methods_lib.registered()) + ', or package.module:Class of your own'
 
   run = commands.add_parser(
       'run',
@@ -287,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
   _add_training_arguments(run)
   run.add_argument('--mesh', help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.distributed)')
   run.add_argument('--method', required=True, type=_method_name, help=methods)
-  for name in names.HYPERPARAMS:
+  for name in _HYPERPARAM_RANGES:
     run.add_argument(_flag(name), dest=name, type=_hyperparam(name), help=f"the method's {name} (only for methods that take it)")
+  run.add_argument('--hp', action='append', default=[], type=_hp_setting, metavar='METHOD.NAME=VALUE',
+                   help='a hyper-parameter without a flag, e.g. of your own method: --hp my-method.decay=0.9')
   _add_output_arguments(run, None)
 
   compare = commands.add_parser(
@@ -319,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_training_arguments(sweep_parser)
   sweep_parser.set_defaults(mesh=None)
   sweep_parser.add_argument('--method', required=True, type=_method_name, help=methods)
-  for name in names.HYPERPARAMS:
+  for name in _HYPERPARAM_RANGES:
     sweep_parser.add_argument(_flag(name), dest=name, type=_hyperparam_values(name), help=f"comma-separated values of the method's {name}, e.g. 0.1,0.5")
   _add_output_arguments(sweep_parser, None, checkpointed=False)
 
@@ -338,25 +329,29 @@ def build_parser() -> argparse.ArgumentParser:
 # Checks across arguments, and of the output folder, before anything is loaded or written.
 
 
-def _check_takes(method: str, given: Sequence[str], where: Callable[[str], str]) -> None:
-  """Raises unless ``method`` takes every hyper-parameter in ``given`` (``where(name)``: its flag)."""
-  takes = names.METHOD_DEFAULTS[method]
-  for name in given:
+def _check_takes(method: type[methods_lib.Method], given: dict[str, Any], where: Callable[[str], str]) -> None:
+  """Raises unless ``method`` takes every hyper-parameter in ``given`` with its value in range."""
+  takes = method.hyperparams
+  for name, value in given.items():
     if name not in takes:
-      raise UsageError(f"{where(name)}: method {method!r} takes no hyper-parameter {name!r}; it takes: {', '.join(takes) or 'none'}")
+      raise UsageError(f"{where(name)}: method {method.name!r} takes no hyper-parameter {name!r}; it takes: {', '.join(takes) or 'none'}")
+    for one in value if isinstance(value, tuple) else (value,):
+      if one not in takes[name].interval:
+        raise UsageError(f'{where(name)}: {name} must lie in {takes[name].interval}; got {one:g}')
 
 
-def _check_hp(methods: Sequence[str], settings: Sequence[_Setting]) -> None:
+def _check_hp(methods: Sequence[type[methods_lib.Method]], settings: Sequence[_Setting]) -> None:
   """Raises unless every ``--hp`` names a method of ``--methods`` that takes it, each at most once."""
   seen: dict[tuple[str, str], float] = {}
+  by_name = {method.name: method for method in methods}
   for setting in settings:
     where = f'--hp {setting.method}.{setting.name}'
-    if setting.method not in methods:
-      raise UsageError(f"{where}: method {setting.method!r} is not in --methods {','.join(methods)}")
+    if setting.method not in by_name:
+      raise UsageError(f"{where}: method {setting.method!r} is not in --methods {','.join(by_name)}")
     if (setting.method, setting.name) in seen:
       raise UsageError(f'{where} is given twice ({seen[setting.method, setting.name]:g} and {setting.value:g}); give it once')
     seen[setting.method, setting.name] = setting.value
-    _check_takes(setting.method, [setting.name], lambda name: where)
+    _check_takes(by_name[setting.method], {setting.name: setting.value}, lambda name: where)
 
 
 def _has_checkpoints(folder: str) -> bool:
@@ -393,8 +388,13 @@ def check_arguments(args: argparse.Namespace) -> None:
       checkpoints while neither ``--resume`` nor ``--overwrite`` is given.
   """
   if args.command in ('run', 'sweep'):
-    given = [name for name in names.HYPERPARAMS if getattr(args, name) is not None]
+    given = {name: getattr(args, name) for name in _HYPERPARAM_RANGES if getattr(args, name) is not None}
     _check_takes(args.method, given, _flag)
+    if args.command == 'run':
+      _check_hp([args.method], args.hp)
+      flagged = sorted(set(given) & {s.name for s in args.hp})
+      if flagged:
+        raise UsageError(f'--hp {args.method.name}.{flagged[0]}: {flagged[0]} is given by {_flag(flagged[0])} too; give it once')
   elif args.command == 'compare':
     _check_hp(args.methods, args.hp)
   _check_output(args)
@@ -420,7 +420,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
 
   mesh = distributed.make_mesh(args.mesh) if args.mesh else None
   if args.command == 'demo':
-    demo = demo_defaults()
+    demo = presets.demo_defaults()
     config, seeds = demo['config'], demo['seeds']
     if args.quick:
       quick = dict(demo['quick'])
@@ -442,15 +442,14 @@ def _plan(args: argparse.Namespace) -> _Plan:
       eval_every=args.eval_every,
   )
   if args.command == 'run':
-    given = {name: getattr(args, name) for name in names.HYPERPARAMS if getattr(args, name) is not None}
-    methods = [continual.make_method(args.method, **given)]
+    given = {name: getattr(args, name) for name in _HYPERPARAM_RANGES if getattr(args, name) is not None}
+    methods = [args.method(**given, **{s.name: s.value for s in args.hp})]
   elif args.command == 'sweep':
-    values = {name: getattr(args, name) for name in names.HYPERPARAMS if getattr(args, name) is not None}
+    values = {name: getattr(args, name) for name in _HYPERPARAM_RANGES if getattr(args, name) is not None}
     methods = [method for method, _ in sweep.grid(args.method, **values)]
     sweep.check_configurations(_configurations(methods, config, args.seeds))
   else:
-    given = {name: {s.name: s.value for s in args.hp if s.method == name} for name in args.methods}
-    methods = [continual.make_method(name, **given[name]) for name in args.methods]
+    methods = [method(**{s.name: s.value for s in args.hp if s.method == method.name}) for method in args.methods]
   return _Plan(stream, methods, config, args.seeds, mesh)
 
 
@@ -470,7 +469,7 @@ def _describe_command(command: str, plan: _Plan) -> dict[str, Any]:
       'stream': continual.describe_stream(plan.stream),
       'methods': [continual.describe_method(method) for method in plan.methods],
       'seeds': list(plan.seeds),
-      'config': dataclasses.asdict(plan.config),
+      'config': continual.describe_config(plan.config),
   }
   return json.loads(json.dumps(description, default=repr))  # as it reads back
 
@@ -513,48 +512,6 @@ def _prepare_output(args: argparse.Namespace, plan: _Plan) -> None:
     _write_json(description, record_path)
 
 
-class _Progress:
-  """One progress line per task on stderr.
-
-  On a terminal the line is redrawn in place at most ten times a second; otherwise a new line is
-  printed every ~10 % of the task. Loss and accuracy (device scalars) are fetched only for a line
-  that is printed, so the other steps run asynchronously.
-  """
-
-  def __init__(self, label: str, stream=None):
-    self.label = label
-    self.stream = stream or sys.stderr
-    self.tty = self.stream.isatty()
-    self.last_draw = 0.0
-
-  def __call__(self, event: dict[str, Any]) -> None:
-    import numpy as np
-
-    if 'resumed' in event:
-      print(f'{self.label}: resumed at step {event["resumed"]}', file=self.stream)
-    if 'step' not in event:
-      return
-    step, steps = event['step'], event['steps']
-    done = step == steps
-    if self.tty:
-      now = time.monotonic()
-      if not done and now - self.last_draw < 0.1:
-        return
-      self.last_draw = now
-    elif not done and step % max(1, steps // 10):
-      return
-    filled = int(20 * step / steps)
-    line = (
-        f'{self.label} task {event["task"]}: [{"#" * filled}{"." * (20 - filled)}] {step}/{steps} '
-        f'loss {float(np.mean(event["loss"])):.3f} acc {float(np.mean(event["accuracy"])):.3f}'
-    )
-    if self.tty:
-      # Back to the line's start, the new text, then clear what a longer line left behind.
-      print(f'\r{line}\x1b[K', end='\n' if done else '', file=self.stream, flush=True)
-    else:
-      print(line, file=self.stream, flush=True)
-
-
 def _slug(label: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.=-]+', '_', label).strip('_')
 
@@ -585,7 +542,7 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
   check_arguments(args)
   import jax
 
-  from sfa_jax import checkpoint, compile_cache, report
+  from sfa_jax import checkpoint, compile_cache, continual, report
 
   plan = _plan(args)
   _prepare_output(args, plan)
@@ -596,7 +553,7 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
   results: dict[str, Any] = {
       'command': args.command,
       'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': list(stream.task_names)},
-      'config': dataclasses.asdict(plan.config),
+      'config': continual.describe_config(plan.config),
       'methods': [m.label for m in plan.methods],
       'seeds': list(seeds),
       'environment': {'jax': jax.__version__, 'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind},
@@ -629,11 +586,12 @@ def _runs(args: argparse.Namespace, plan: _Plan) -> Iterator[tuple[Any, int, Any
   """``(method, seed, result)`` of every method and seed: one checkpointed run each, or one sweep."""
   from sfa_jax import continual, sweep
   from sfa_jax.checkpoint import Checkpointer
+  from sfa_jax.engine.callbacks import ConsoleProgress
 
   configurations = _configurations(plan.methods, plan.config, plan.seeds)
   if args.command == 'sweep':
     label = f'sweep of {len(configurations)} {plan.methods[0].name} (mean over configurations)'
-    results = sweep.run_sweep(plan.stream, configurations, progress=_Progress(label))
+    results = sweep.run_sweep(plan.stream, configurations, callbacks=ConsoleProgress(label))
     yield from ((method, run_config.seed, result) for (method, run_config), result in zip(configurations, results))
     return
   for method, run_config in configurations:
@@ -641,7 +599,7 @@ def _runs(args: argparse.Namespace, plan: _Plan) -> Iterator[tuple[Any, int, Any
     folder = os.path.join(args.out, 'checkpoints', _slug(f'{method.label}-seed{run_config.seed}'))
     checkpointer = Checkpointer(folder, every_steps=args.checkpoint_every)
     try:
-      result = continual.run_sequence(plan.stream, method, run_config, progress=_Progress(label), checkpointer=checkpointer, mesh=plan.mesh)
+      result = continual.run_sequence(plan.stream, method, run_config, callbacks=ConsoleProgress(label), checkpointer=checkpointer, mesh=plan.mesh)
     finally:
       checkpointer.close()
     yield method, run_config.seed, result

@@ -34,21 +34,24 @@ import numpy as np  # noqa: E402
 
 from sfa_jax import continual  # noqa: E402
 from sfa_jax import report  # noqa: E402
+from sfa_jax import sweep as sweep_lib  # noqa: E402
 from sfa_jax import tasks  # noqa: E402
-from sfa_jax.cli import DEMO_DEFAULTS  # noqa: E402
+from sfa_jax.presets import DEMO_DEFAULTS  # noqa: E402
+from sfa_jax.engine import methods as methods_lib  # noqa: E402
 
-Config = tuple[str, dict[str, float]]
-"""A method name of :data:`sfa_jax.continual.METHODS` and its hyper-parameters."""
+Config = tuple[Any, dict[str, float]]
+"""A method (a registered name, ``'package.module:Class'`` or a Method subclass) and its hyper-parameters."""
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'results')
 """Where the experiment scripts write by default: ``experiments/results/`` of the checkout."""
 
 
-def grid(name: str, **axes: Sequence[float]) -> list[Config]:
+def method_grid(name: Any, **axes: Sequence[float]) -> list[Config]:
   """Every combination of the values of ``axes`` for method ``name`` (the first axis varies slowest).
 
   Args:
-    name: a method of :data:`sfa_jax.continual.METHODS`.
+    name: a registered method's name, an import path ``'package.module:Class'``, or a
+      :class:`~sfa_jax.engine.methods.Method` subclass.
     **axes: each hyper-parameter and the values it takes.
 
   Returns:
@@ -58,13 +61,12 @@ def grid(name: str, **axes: Sequence[float]) -> list[Config]:
     ValueError: on an unknown method, or an empty axis.
 
   Example:
-    >>> grid('sfa', p=[0.5, 1.0], beta=[0.25])
+    >>> method_grid('sfa', p=[0.5, 1.0], beta=[0.25])
     [('sfa', {'p': 0.5, 'beta': 0.25}), ('sfa', {'p': 1.0, 'beta': 0.25})]
-    >>> grid('finetune')
+    >>> method_grid('finetune')
     [('finetune', {})]
   """
-  if name not in continual.METHODS:
-    raise ValueError(f'name must be one of {continual.METHODS}; got {name!r}.')
+  methods_lib.method_class(name)  # an unknown method fails here, before any run
   for key, values in axes.items():
     if len(values) == 0:
       raise ValueError(f'the axis {key!r} of the {name} grid has no values.')
@@ -72,14 +74,14 @@ def grid(name: str, **axes: Sequence[float]) -> list[Config]:
   return [(name, {k: float(v) for k, v in zip(keys, combo)}) for combo in itertools.product(*axes.values())]
 
 
-def _check_grid(configs: Sequence[Config]) -> list[continual.Method]:
+def _check_grid(configs: Sequence[Config]) -> list[methods_lib.Method]:
   if len(configs) == 0:
     raise ValueError('grid must hold at least one configuration.')
   methods = []
   for config in configs:
     if not (isinstance(config, tuple) and len(config) == 2 and isinstance(config[1], Mapping)):
       raise TypeError(f'each configuration of grid must be a (name, hyperparams dict) pair; got {config!r}.')
-    methods.append(continual.make_method(config[0], **config[1]))
+    methods.append(methods_lib.make_method(config[0], **config[1]))
   labels = [m.label for m in methods]
   repeated = sorted({label for label in labels if labels.count(label) > 1})
   if repeated:
@@ -93,17 +95,22 @@ def run_grid(
     config: continual.TrainConfig,
     seeds: Sequence[int],
     *,
+    as_sweep: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
   """Runs every configuration of ``grid`` with every seed on ``stream``.
 
-  Each run is :func:`sfa_jax.continual.run_sequence` with ``config`` and ``seed`` replaced.
+  Each run is :func:`sfa_jax.continual.run_sequence` with ``config`` and ``seed`` replaced; with
+  ``as_sweep``, the configurations of one method (and their seeds) train side by side as one
+  :func:`sfa_jax.sweep.run_sweep` each (the same numbers, one compiled program; hyper-parameters a
+  sweep cannot vary split a method into several sweeps).
 
   Args:
     stream: the tasks.
-    grid: the configurations, e.g. from :func:`grid`.
+    grid: the configurations, e.g. from :func:`method_grid`.
     config: training settings shared by all runs (its ``seed`` is replaced by each of ``seeds``).
     seeds: the seeds.
+    as_sweep: train each method's configurations as vectorised sweeps.
     log: called with one line per configuration (its label, the mean ± std of the final average
       accuracy, of the final accuracy on each task up to 5 tasks, and its seconds); ``None`` is quiet.
 
@@ -131,16 +138,34 @@ def run_grid(
     raise ValueError('seeds must hold at least one seed.')
   if len(set(seeds)) != len(seeds):
     raise ValueError(f'seeds must not repeat; got {seeds}.')
+  results = _sweep_results(stream, methods, config, seeds) if as_sweep else None
   runs: list[dict[str, Any]] = []
-  for (name, _), method in zip(grid, methods):
+  for method in methods:
     group = []
     for seed in seeds:
-      result = continual.run_sequence(stream, method, dataclasses.replace(config, seed=seed))
-      group.append(result.to_json() | {'seed': seed, 'method_name': name, 'hyperparams': dict(method.hyperparams)})
+      run_config = dataclasses.replace(config, seed=seed)
+      result = results[method, seed] if results else continual.run_sequence(stream, method, run_config)
+      group.append(result.to_json() | {'seed': seed, 'method_name': method.name, 'hyperparams': method.values})
     runs += group
     if log is not None:
       log(_summary_line(group))
   return runs
+
+
+def _sweep_results(
+    stream: tasks.TaskStream, methods: Sequence[methods_lib.Method], config: continual.TrainConfig, seeds: Sequence[int]
+) -> dict[tuple[methods_lib.Method, int], continual.SequenceResult]:
+  """Every (method, seed)'s result, from one sweep per method class and values a sweep must share."""
+  groups: dict[Any, list[methods_lib.Method]] = {}
+  for method in methods:
+    fixed = tuple(method[key] for key, spec in type(method).hyperparams.items() if not spec.sweepable)
+    groups.setdefault((type(method), fixed), []).append(method)
+  results = {}
+  for members in groups.values():
+    configurations = [(method, dataclasses.replace(config, seed=seed)) for method in members for seed in seeds]
+    for (method, run_config), result in zip(configurations, sweep_lib.run_sweep(stream, configurations)):
+      results[method, run_config.seed] = result
+  return results
 
 
 def _summary_line(group: Sequence[dict[str, Any]]) -> str:
@@ -498,7 +523,7 @@ def curves_grid(runs: Sequence[dict[str, Any]], path: str, *, columns: int = 3) 
 
 
 def experiment_parser(description: str) -> argparse.ArgumentParser:
-  """The arguments every experiment script takes: ``--quick``, ``--out`` and ``--seeds``.
+  """The arguments every experiment script takes: ``--quick``, ``--out``, ``--seeds`` and ``--sweep``.
 
   Args:
     description: the script's docstring.
@@ -515,6 +540,8 @@ def experiment_parser(description: str) -> argparse.ArgumentParser:
   parser.add_argument('--quick', action='store_true', help='a tiny run (one seed, few configurations, small data)')
   parser.add_argument('--out', default=RESULTS_DIR, help='output folder (default: experiments/results)')
   parser.add_argument('--seeds', type=_seed_list, help='comma-separated seeds (default: 0,1,2; 0 with --quick)')
+  parser.add_argument('--sweep', action='store_true',
+                      help="train each method's configurations and seeds side by side, as one vectorised sweep")
   return parser
 
 
@@ -590,7 +617,7 @@ def long_stream(args: argparse.Namespace) -> tuple[tasks.TaskStream, continual.T
 
 
 def pair_stream(args: argparse.Namespace) -> tuple[tasks.TaskStream, continual.TrainConfig, tuple[int, ...]]:
-  """The MNIST task pair with the offline demo's settings (``sfa_jax.cli.DEMO_DEFAULTS``).
+  """The MNIST task pair with the offline demo's settings (``sfa_jax.presets.DEMO_DEFAULTS``).
 
   The bundled MNIST, or scikit-learn's 8x8 digits with ``--quick`` (then also one epoch per task,
   batch 32 and seed 0); evaluation only at task ends.

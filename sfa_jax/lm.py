@@ -1,8 +1,8 @@
 """A language-model sequence trainer: a causal LM fine-tuned on text domains in turn (Math → Law → Code).
 
-The methods are those of :mod:`sfa_jax.continual`, built the same way (:func:`continual.make_method`,
-:func:`continual.method_transform`, :func:`continual.configure_task`, the merges of
-:func:`continual.merge_at_task_end`), with the language-model loss and metrics:
+Any :class:`~sfa_jax.engine.methods.Method` runs here through the same hooks as in
+:mod:`sfa_jax.continual` (its transform, its task-boundary rules, its batch plan over the domains
+as :func:`domain_tasks`), with the language-model loss and metrics:
 
 * loss: mean next-token cross-entropy over the tokens of a batch of ``(batch, seq_len + 1)`` windows;
 * after each stage, every domain's held-out loss (and perplexity, its exponential) and the
@@ -43,13 +43,12 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sfa_jax import _validation
-from sfa_jax import continual
-from sfa_jax import fisher as fisher_lib
-from sfa_jax import transforms
+from sfa_jax.engine import methods as methods_lib
+from sfa_jax.engine.loop import RunState
+from sfa_jax.tasks import Split
+from sfa_jax.tasks import Task
 from sfa_jax.tasks.text import ExactMatchSet
 from sfa_jax.tasks.text import TextDomain
-
-LM_METHODS = ('finetune', 'sfa', 'l2', 'ewc', 'replay', 'wise-ft', 'task-arithmetic', 'ties', 'joint', 'multi-anchor-sfa')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,14 +298,29 @@ def sequence_fisher(grad_fn: Callable, params: Any, windows: np.ndarray, batch_s
   return jax.tree.map(lambda t: t / n, total)
 
 
+def domain_tasks(domains: Sequence[TextDomain]) -> list[Task]:
+  """The domains as :class:`~sfa_jax.tasks.Task` s whose examples are token windows (no labels).
+
+  A method's batch plan (replay's memory, joint's union) is then the same rule as for images:
+  ``train.x`` holds a domain's training windows, ``train.y`` a zero per window (one class, so
+  replay's stratified memory is a random ``fraction`` of the windows).
+  """
+  return [
+      Task(j, d.name, Split(d.train, np.zeros(len(d.train), np.int32)), Split(d.heldout, np.zeros(len(d.heldout), np.int32)), (), ())
+      for j, d in enumerate(domains)
+  ]
+
+
 class _Runner:
   """The pieces shared by every method of one :func:`run_lm_sequences` call."""
 
   def __init__(self, model, domains: Sequence[TextDomain], config: LMConfig, progress):
     self.domains, self.config, self.progress = domains, config, progress
+    self.tasks = domain_tasks(domains)
     self.grad_fn = make_grad_fn(model)
     self.heldout_loss, self.exact_match = make_evaluator(model, config.eval_batch_size)
     self.weights = np.ones((config.batch_size, domains[0].train.shape[1] - 1), np.float32)
+    self._first_fisher = None
 
   def evaluate(self, params, seconds) -> tuple[list[float], dict[str, float]]:
     begin = time.perf_counter()
@@ -315,42 +329,51 @@ class _Runner:
     seconds['evaluate'] += time.perf_counter() - begin
     return losses, em
 
-  def batches(self, method: continual.Method, k: int):
-    """The training batches of domain ``k`` (replay and joint rules applied)."""
-    config, domains = self.config, self.domains
+  def boundary(self, k: int, seconds: dict[str, float]) -> methods_lib.Boundary:
+    """Domain ``k``'s boundary; its Fisher of the shared first domain is computed once for all methods."""
+
+    def fisher(state: RunState) -> Any:
+      if k == 0 and self._first_fisher is not None:  # every method's domain 0 ends on one model
+        return self._first_fisher
+      begin = time.perf_counter()
+      windows = self.domains[k].train[: self.config.fisher_sequences]
+      value = sequence_fisher(self.grad_fn, state.params, windows, self.config.batch_size)
+      seconds['fisher'] += time.perf_counter() - begin
+      if k == 0:
+        self._first_fisher = value
+      return value
+
+    return methods_lib.Boundary(k, len(self.domains), self.config.steps(k), fisher)
+
+  def batches(self, method: methods_lib.Method, k: int):
+    """The training batches of domain ``k``: the method's batch plan, drawn in shuffled passes."""
+    config = self.config
     rng = np.random.default_rng([config.seed, k])
-    data = domains[k].train
-    if method.name == 'joint':
-      data = np.concatenate([d.train for d in domains[: k + 1]])
-    memory, replay_rows = None, 0
-    if method.name == 'replay' and k > 0:
-      parts = []
-      for j, d in enumerate(domains[:k]):
-        keep = max(1, round(method['fraction'] * len(d.train)))
-        parts.append(d.train[np.random.default_rng([config.seed, j, 1]).permutation(len(d.train))[:keep]])
-      memory = np.concatenate(parts)
-      replay_rows = min(config.batch_size - 1, max(1, round(method['ratio'] * config.batch_size)))
-    current = _passes(rng, len(data), config.batch_size - replay_rows, config.steps(k))
-    recall = _passes(rng, len(memory), replay_rows, config.steps(k)) if memory is not None else None
+    plan = method.batch_plan(self.tasks, k, config.batch_size, config.seed)
+    data = plan.data.x
+    current = _passes(rng, len(data), config.batch_size - plan.replay_size, config.steps(k))
+    recall = _passes(rng, len(plan.replay.x), plan.replay_size, config.steps(k)) if plan.replay is not None else None
     for i in range(config.steps(k)):
       rows = data[current[i]]
-      yield rows if recall is None else np.concatenate([rows, memory[recall[i]]])
+      yield rows if recall is None else np.concatenate([rows, plan.replay.x[recall[i]]])
 
-  def train(self, method, arrays, k, update_fn, seconds, losses_out, averaging_out, global_step) -> int:
+  def train(self, method, state: RunState, k, update_fn, seconds, losses_out, averaging_out, global_step):
     begin = time.perf_counter()
     steps = self.config.steps(k)
+    schedule = method.averaging_schedule(k, steps)
     losses = []
+    params, opt_state = state.params, state.opt_state
     for step, batch in enumerate(self.batches(method, k), start=1):
-      loss, grads = self.grad_fn(arrays['params'], batch, self.weights)
-      arrays['params'], arrays['opt_state'] = update_fn(arrays['params'], arrays['opt_state'], grads)
+      loss, grads = self.grad_fn(params, batch, self.weights)
+      params, opt_state = update_fn(params, opt_state, grads)
       losses.append(loss)
       global_step += 1
-      if method.name in ('sfa', 'multi-anchor-sfa') and k > 0 and bool(transforms.is_averaging_step(step, method['p'], steps)):
+      if schedule[step] if schedule is not None else bool(method.averaged(opt_state)):
         averaging_out.append(global_step)
       self.progress({'method': method.label, 'domain': self.domains[k].name, 'step': step, 'steps': steps, 'loss': loss})
     losses_out.append([float(v) for v in losses])
     seconds['train'] += time.perf_counter() - begin
-    return global_step
+    return state._replace(params=params, opt_state=opt_state), global_step
 
 
 def _passes(rng: np.random.Generator, n: int, rows: int, steps: int) -> np.ndarray:
@@ -363,7 +386,7 @@ def run_lm_sequences(
     model,
     params: Any,
     domains: Sequence[TextDomain],
-    methods: Sequence[continual.Method],
+    methods: Sequence[methods_lib.Method],
     config: LMConfig = LMConfig(),
     *,
     progress: Callable[[dict[str, Any]], None] | None = None,
@@ -377,7 +400,7 @@ def run_lm_sequences(
     model: a causal LM (e.g. :class:`sfa_jax.models.llama.Llama`).
     params: its initial (pretrained) params; left untouched.
     domains: from :func:`sfa_jax.tasks.text.make_text_domains`, all with one window shape.
-    methods: from :func:`continual.make_method`, among :data:`LM_METHODS`.
+    methods: :class:`~sfa_jax.engine.methods.Method` s, e.g. from :func:`continual.make_method`.
     config: training settings.
     progress: called after every step with ``{'method', 'domain', 'step', 'steps', 'loss'}``.
 
@@ -385,8 +408,8 @@ def run_lm_sequences(
     One :class:`LMResult` per method, in order.
 
   Raises:
-    ValueError: on an unsupported method, no domains, mismatched window shapes, or a
-      ``steps_per_domain`` tuple of the wrong length.
+    ValueError: on no domains, mismatched window shapes, or a ``steps_per_domain`` tuple of the
+      wrong length.
 
   Example:
     >>> import jax
@@ -409,9 +432,9 @@ def run_lm_sequences(
     raise ValueError('every domain must have windows of one length.')
   if isinstance(config.steps_per_domain, tuple) and len(config.steps_per_domain) != len(domains):
     raise ValueError(f'steps_per_domain has {len(config.steps_per_domain)} entries for {len(domains)} domains.')
-  for method in methods:
-    if method.name not in LM_METHODS:
-      raise ValueError(f'method {method.name!r} is not supported by the LM trainer; supported: {", ".join(LM_METHODS)}.')
+  for i, method in enumerate(methods):
+    if not isinstance(method, methods_lib.Method):
+      raise TypeError(f'methods[{i}] must be a sfa_jax.engine.methods.Method; got {method!r}.')
   report = progress or (lambda event: None)
   runner = _Runner(model, domains, config, report)
   params = jax.tree.map(jnp.asarray, params)
@@ -420,41 +443,34 @@ def run_lm_sequences(
   # The shared first domain: plain fine-tuning.
   shared_seconds = {'train': 0.0, 'evaluate': 0.0, 'fisher': 0.0}
   initial_losses, initial_em = runner.evaluate(params, shared_seconds)
-  finetune = continual.make_method('finetune')
+  finetune = methods_lib.Finetune()
   tx = config.make_optimizer()
-  arrays = {'params': jax.tree.map(jnp.copy, params), 'opt_state': jax.jit(tx.init)(params)}
+  first = RunState(jax.tree.map(jnp.copy, params), {}, jax.jit(tx.init)(params), {})
   first_losses: list[list[float]] = []
-  runner.train(finetune, arrays, 0, make_update_fn(tx), shared_seconds, first_losses, [], 0)
-  first_params = arrays['params']
-  first_eval = runner.evaluate(first_params, shared_seconds)
+  first, _ = runner.train(finetune, first, 0, make_update_fn(tx), shared_seconds, first_losses, [], 0)
+  first_eval = runner.evaluate(first.params, shared_seconds)
   shared_seconds['total'] = time.perf_counter() - start
-  first_fisher = None
 
   results = []
   for method in methods:
     begin = time.perf_counter()
     seconds = dict(shared_seconds)
-    tx = continual.method_transform(method, config.make_optimizer())
+    tx = method.transform(config.make_optimizer())
     init_state, update_fn = jax.jit(tx.init), make_update_fn(tx)
-    arrays = {'params': jax.tree.map(jnp.copy, first_params), 'model_state': {}}
-    continual.merge_at_task_end(method, 0, arrays)
+    state = RunState(jax.tree.map(jnp.copy, first.params), {}, None, method.init_extras(first.params, {}, len(domains)))
+    state = method.end_task(state, runner.boundary(0, seconds))
     rows = [initial_losses, first_eval[0]]
     em = {name: [initial_em[name], first_eval[1][name]] for name in initial_em}
     train_losses, averaging_steps = list(first_losses), []
     global_step = config.steps(0)
     for k in range(1, len(domains)):
-      if method.name == 'ewc':
-        fisher_begin = time.perf_counter()
-        if first_fisher is None:
-          first_fisher = sequence_fisher(runner.grad_fn, first_params, domains[0].train[: config.fisher_sequences], config.batch_size)
-        current = first_fisher if k == 1 else sequence_fisher(
-            runner.grad_fn, arrays['params'], domains[k - 1].train[: config.fisher_sequences], config.batch_size)
-        arrays['fisher'] = current if k == 1 else fisher_lib.online_fisher(arrays['fisher'], current, method['gamma'])
-        seconds['fisher'] += time.perf_counter() - fisher_begin
-      continual._start_task(method, config, arrays, k, config.steps(k), init_state)  # noqa: SLF001
-      global_step = runner.train(method, arrays, k, update_fn, seconds, train_losses, averaging_steps, global_step)
-      continual.merge_at_task_end(method, k, arrays)
-      losses, accuracies = runner.evaluate(arrays['params'], seconds)
+      at = runner.boundary(k, seconds)
+      state = method.start_task(state, at)
+      state = state._replace(opt_state=init_state(state.params))  # reset at every domain
+      state = state._replace(opt_state=method.prepare_optimizer(state.opt_state, state, at))
+      state, global_step = runner.train(method, state, k, update_fn, seconds, train_losses, averaging_steps, global_step)
+      state = method.end_task(state, at)
+      losses, accuracies = runner.evaluate(state.params, seconds)
       rows.append(losses)
       for name, value in accuracies.items():
         em[name].append(value)

@@ -19,6 +19,9 @@ from _optax_helpers import run_optax
 from _optax_helpers import tree_params
 from sfa_jax import adaptive
 from sfa_jax import continual
+from sfa_jax.engine import callbacks
+from sfa_jax.engine import loop
+from sfa_jax.engine import methods
 from sfa_jax import tasks
 from sfa_jax.checkpoint import Checkpointer
 
@@ -292,16 +295,17 @@ def test_multi_anchor_sfa_is_sfa_on_two_tasks(pair, sfa_run):
 def test_multi_anchor_sfa_anchors_at_the_running_mean_of_past_task_ends():
   method = continual.make_method('multi-anchor-sfa', p=0.5, beta=0.5)
   params = {'w': jnp.zeros(3)}
-  tx = continual.method_transform(method, optax.sgd(0.1))
-  arrays = {'params': params, 'model_state': {}, 'opt_state': tx.init(params)}
+  tx = method.transform(optax.sgd(0.1))
+  run = loop.RunState(params, {}, tx.init(params), method.init_extras(params, {}, 4))
   ends = [jnp.full(3, value, jnp.float32) for value in (1.0, 2.0, 6.0)]
   for k, end in enumerate(ends, start=1):  # task k starts where task k-1 ended
-    arrays['params'] = end
-    continual._start_task(method, CONFIG, arrays, k, 10, tx.init)
-    state = sfa_jax.find_state(arrays['opt_state'])
+    at = methods.Boundary(k, 4, 10, fisher=None)
+    run = method.start_task(run._replace(params=end), at)
+    run = run._replace(opt_state=method.prepare_optimizer(tx.init(run.params), run, at))
+    state = sfa_jax.find_state(run.opt_state)
     chex.assert_trees_all_close(state.anchor, jnp.mean(jnp.stack(ends[:k]), axis=0))
     assert float(state.beta) == 0.5 and bool(state.active) and int(state.total_steps) == 10
-  chex.assert_trees_all_close(arrays['mean_anchor'], jnp.full(3, 3.0))
+  chex.assert_trees_all_close(run.extras['mean_anchor'], jnp.full(3, 3.0))
 
 
 @pytest.mark.slow
@@ -315,11 +319,11 @@ def test_multi_anchor_sfa_resumes_bit_exact_mid_task(tmp_path):
     pass
 
   def stop_in_task_2(event):
-    if event.get('task') == 2 and event.get('step') == 7:
+    if isinstance(event, callbacks.StepEvent) and (event.task, event.step) == (2, 7):
       raise Stop
 
   with pytest.raises(Stop):
-    continual.run_sequence(stream, method, CONFIG, progress=stop_in_task_2, checkpointer=Checkpointer(tmp_path, every_steps=5))
+    continual.run_sequence(stream, method, CONFIG, callbacks=stop_in_task_2, checkpointer=Checkpointer(tmp_path, every_steps=5))
   resumed = continual.run_sequence(stream, method, CONFIG, checkpointer=Checkpointer(tmp_path, every_steps=5))
   assert resumed.accuracy_matrix == uninterrupted
 

@@ -30,7 +30,7 @@ def test_sweep_writes_every_run_the_table_and_plots(tmp_path, capsys):
       assert os.path.getsize(out / f'accuracy_{kind}_{label}.png') > 1000
   captured = capsys.readouterr()
   assert (out / 'results.md').read_text().strip() in captured.out
-  assert 'sweep of 4 sfa (mean over configurations) task 1: [####################]' in captured.err
+  assert 'sweep of 4 sfa (mean over configurations) task 1: 100%|##########|' in captured.err
 
 
 @pytest.mark.parametrize(

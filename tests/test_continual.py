@@ -15,7 +15,11 @@ import jax
 import numpy as np
 import pytest
 
+import sfa_jax
+
 from sfa_jax import continual
+from sfa_jax.engine import loop
+from sfa_jax.engine import methods
 from sfa_jax import models
 from sfa_jax import tasks
 from sfa_jax.checkpoint import CheckpointError
@@ -29,7 +33,7 @@ def pair():
   return tasks.make_stream('mnist-pair', source='digits')
 
 
-@pytest.mark.parametrize('name', continual.METHODS)
+@pytest.mark.parametrize('name', list(methods.registered()))
 def test_every_method_runs_and_fills_the_accuracy_matrix(pair, name):
   result = continual.run_sequence(pair, continual.make_method(name), CONFIG)
   matrix = np.asarray(result.accuracy_matrix)
@@ -67,7 +71,7 @@ def test_train_step_compiles_once_per_run(pair, caplog):
 def test_sfa_averages_where_the_schedule_says(pair):
   result = continual.run_sequence(pair, continual.make_method('sfa', p=0.25, beta=0.5), CONFIG)
   first, total = result.steps_per_task
-  expected = [first + t for t in range(1, total + 1) if continual.transforms.is_averaging_step(t, 0.25, total)]
+  expected = [first + t for t in range(1, total + 1) if sfa_jax.is_averaging_step(t, 0.25, total)]
   assert result.averaging_steps == expected
   assert len(expected) == 4  # p = 0.25: every quarter of the task, the last one at its end
 
@@ -81,10 +85,10 @@ def test_sfa_with_beta_zero_is_finetuning_and_beta_one_keeps_task_a(pair):
 
 
 def test_replay_batches_mix_memory_and_current_task(pair):
-  plan = continual._plan_task(continual.make_method('replay', fraction=0.5, ratio=0.25), CONFIG, list(pair), 1)
-  assert plan.replay_size == 8 and plan.current_size == 24
-  assert set(np.unique(plan.replay.task_ids)) == {0}
-  memory_counts = np.bincount(plan.replay.split.y)
+  plan = continual.make_method('replay', fraction=0.5, ratio=0.25).batch_plan(list(pair), 1, CONFIG.batch_size, CONFIG.seed)
+  assert plan.replay_size == 8
+  assert set(np.unique(plan.replay_ids)) == {0} and set(np.unique(plan.task_ids)) == {1}
+  memory_counts = np.bincount(plan.replay.y)
   full_counts = np.bincount(pair[0].train.y)
   np.testing.assert_allclose(memory_counts[memory_counts > 0], np.round(0.5 * full_counts[full_counts > 0]), atol=1)
 
@@ -129,9 +133,9 @@ _KILLABLE_RUN = textwrap.dedent(
     from sfa_jax.checkpoint import Checkpointer
     stream = tasks.make_stream('mnist-pair', source='digits')
     config = continual.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128, eval_every=9)
-    slow = lambda event: time.sleep(0.05) if event.get('task') == 1 and 'step' in event else None
+    slow = lambda event: time.sleep(0.05) if getattr(event, 'task', None) == 1 and hasattr(event, 'step') else None
     result = continual.run_sequence(stream, continual.make_method(sys.argv[2]), config,
-                                    progress=slow, checkpointer=Checkpointer(sys.argv[1], every_steps=5))
+                                    callbacks=slow, checkpointer=Checkpointer(sys.argv[1], every_steps=5))
     print(json.dumps(result.to_json()['accuracy_matrix']))
     """
 )
@@ -182,7 +186,7 @@ def test_jitted_initializer_is_bit_equal_to_eager_init(pair, model_name):
   sample = pair[0].train.x[:1]
   for seed in (0, 3):
     eager = model.init(jax.random.key(seed), sample, task_id=np.zeros(1, np.int32), train=False)
-    jitted = continual.initializer(model, sample)(seed)
+    jitted = loop.initializer(model, sample)(seed)
     chex.assert_trees_all_equal(jitted, models.split_variables(eager))
 
 
@@ -190,18 +194,21 @@ def test_jitted_initializer_is_bit_equal_to_eager_init(pair, model_name):
 def test_only_wise_ft_keeps_a_copy_of_the_task_start(pair, name, keeps_start):
   method = continual.make_method(name)
   model = continual.build_model(pair, CONFIG)
-  params, model_state = continual.initializer(model, pair[0].train.x[:1])(0)
-  tx = continual.method_transform(method, continual._OPTIMIZERS[CONFIG.optimizer](1e-3))
-  arrays = {'params': params, 'model_state': model_state, 'opt_state': tx.init(params)}
-  continual._start_task(method, CONFIG, arrays, 1, 10, tx.init)
-  assert ('anchor' in arrays) == keeps_start
+  params, model_state = loop.initializer(model, pair[0].train.x[:1])(0)
+  state = loop.RunState(params, model_state, method.transform(CONFIG.make_optimizer()).init(params),
+                        method.init_extras(params, model_state, len(pair)))
+  state = method.start_task(state, methods.Boundary(1, len(pair), 10, fisher=None))
+  copies = jax.tree.leaves(state.extras)
+  assert bool(copies) == keeps_start
+  if keeps_start:
+    chex.assert_trees_all_equal(state.extras['start'], (params, model_state))
 
 
 def test_runs_of_one_process_reuse_the_compiled_step(pair, caplog):
   """Another p reuses the step compiled for the first run, and gives the numbers of a fresh one."""
-  continual._REUSED.clear()
+  loop._REUSED.clear()
   fresh = continual.run_sequence(pair, continual.make_method('sfa', p=0.5, beta=0.5), CONFIG).accuracy_matrix
-  continual._REUSED.clear()
+  loop._REUSED.clear()
   continual.run_sequence(pair, continual.make_method('sfa', p=0.25, beta=0.25), CONFIG)
   caplog.clear()
   with jax.log_compiles(), caplog.at_level(logging.WARNING):

@@ -112,15 +112,15 @@ def test_best_per_family_picks_the_highest_mean_and_sorts():
 
 
 def test_grid_is_the_product_of_its_axes():
-  configs = experiment.grid('sfa', p=[0.25, 1], beta=[0.25, 0.5])
+  configs = experiment.method_grid('sfa', p=[0.25, 1], beta=[0.25, 0.5])
   assert configs == [
       ('sfa', {'p': 0.25, 'beta': 0.25}), ('sfa', {'p': 0.25, 'beta': 0.5}),
       ('sfa', {'p': 1.0, 'beta': 0.25}), ('sfa', {'p': 1.0, 'beta': 0.5}),
   ]
-  with pytest.raises(ValueError, match="got 'nope'"):
-    experiment.grid('nope')
+  with pytest.raises(ValueError, match="unknown method 'nope'"):
+    experiment.method_grid('nope')
   with pytest.raises(ValueError, match="'p'"):
-    experiment.grid('sfa', p=[])
+    experiment.method_grid('sfa', p=[])
 
 
 def test_run_grid_checks_everything_before_training():
@@ -178,3 +178,16 @@ def test_experiment_parser_seeds():
   assert parser.parse_args([]).seeds is None
   with pytest.raises(SystemExit):
     parser.parse_args(['--seeds', '0,0'])
+
+
+def test_run_grid_as_sweeps_gives_the_runs_of_run_grid():
+  """--sweep in every experiment script: each method's grid and seeds train as one vectorised sweep."""
+  stream = tasks.make_stream('mnist-pair', source='digits')
+  config = continual.TrainConfig(epochs_per_task=1, batch_size=32, model_kwargs=(('hidden', (32,)),))
+  grid = experiment.method_grid('sfa', p=[0.5, 1.0]) + [('finetune', {})] + experiment.method_grid('replay', ratio=[0.25, 0.5])
+  one_by_one = experiment.run_grid(stream, grid, config, [0, 1], log=None)
+  swept = experiment.run_grid(stream, grid, config, [0, 1], as_sweep=True, log=None)
+  assert [(r['method'], r['seed']) for r in swept] == [(r['method'], r['seed']) for r in one_by_one]
+  for got, want in zip(swept, one_by_one):
+    np.testing.assert_allclose(got['accuracy_matrix'], want['accuracy_matrix'], atol=1e-6, err_msg=got['method'])
+    assert got['averaging_steps'] == want['averaging_steps'] and got['hyperparams'] == want['hyperparams']

@@ -127,8 +127,8 @@ def test_run_lm_sequences_methods(tiny):
 
 def test_run_lm_sequences_rejects_bad_input(tiny):
   model, params, domains = tiny
-  with pytest.raises(ValueError, match='not supported'):
-    lm.run_lm_sequences(model, params, domains, [continual.make_method('adaptive-sfa')])
+  with pytest.raises(TypeError, match=r'methods\[0\] must be a sfa_jax.engine.methods.Method'):
+    lm.run_lm_sequences(model, params, domains, ['sfa'])
   with pytest.raises(ValueError, match='steps_per_domain'):
     lm.run_lm_sequences(model, params, domains, [], lm.LMConfig(steps_per_domain=(1, 2)))
   with pytest.raises(ValueError, match='batch_size'):

@@ -20,3 +20,11 @@ def test_the_nnx_example_runs_and_averages():
   exec(compile(_block_after('### Flax NNX'), 'README.md (Flax NNX)', 'exec'), namespace)
   state = sfa_jax.find_state(namespace['optimizer'])
   assert int(state.count) == 20 and bool(state.active) and bool(namespace['averaged'])  # step T averages
+
+
+def test_the_engine_example_runs_a_user_method_with_adamw_cosine_and_a_sweep():
+  namespace: dict = {}
+  exec(compile(_block_after('## Your method, optimizer and loggers'), 'README.md (engine)', 'exec'), namespace)
+  result, results = namespace['result'], namespace['results']
+  assert len(result.accuracy_matrix) == 2 and len(results) == 4
+  assert [r.method for r in results] == ['params-ema(decay=0.5)'] * 2 + ['params-ema(decay=0.9)'] * 2

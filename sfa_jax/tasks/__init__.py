@@ -50,4 +50,5 @@ from sfa_jax.tasks.stream import TASK_INCREMENTAL
 from sfa_jax.tasks.stream import Split
 from sfa_jax.tasks.stream import Task
 from sfa_jax.tasks.stream import TaskStream
+from sfa_jax.tasks.stream import stream_of
 from sfa_jax.tasks.tfds_data import tfds_source

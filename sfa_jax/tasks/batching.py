@@ -24,7 +24,8 @@ class Batches(NamedTuple):
 
   Attributes:
     x: the images, shape ``(num_batches, batch_size, H, W, C)``.
-    y: the labels, int32, shape ``(num_batches, batch_size)``.
+    y: the labels, int32, shape ``(num_batches, batch_size)`` (real-valued targets keep their dtype
+      and shape after the batch axes).
     mask: bool, shape ``(num_batches, batch_size)``: True for real examples, False for padding.
   """
 
@@ -65,7 +66,8 @@ def _cut(order: np.ndarray, batch_size: int, drop_remainder: bool) -> tuple[np.n
 
 
 def _gather(split: Split, indices: np.ndarray, mask: np.ndarray) -> Batches:
-  return Batches(split.x[indices], split.y[indices].astype(np.int32), mask)
+  y = split.y[indices]
+  return Batches(split.x[indices], y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y, mask)
 
 
 def epoch_indices(
@@ -154,6 +156,8 @@ def subsample(split: Split, fraction: float, seed: int) -> Split:
 
   Class ``c`` with ``n_c`` examples keeps ``max(1, round(fraction * n_c))`` of them (halves rounded
   to even), chosen by ``np.random.default_rng(seed)``; the kept examples stay in their order.
+  Targets that are not integers (regression) have no classes: ``max(1, round(fraction * N))`` of
+  all the examples are kept.
 
   Args:
     split: the examples.
@@ -171,6 +175,9 @@ def subsample(split: Split, fraction: float, seed: int) -> Split:
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f'fraction must lie in (0, 1]; got {fraction!r}.')
   rng = np.random.default_rng(seed)
+  if not np.issubdtype(np.asarray(split.y).dtype, np.integer):  # real-valued targets: no classes
+    kept = np.sort(rng.choice(len(split.y), max(1, round(fraction * len(split.y))), replace=False))
+    return Split(split.x[kept], split.y[kept])
   keep = []
   for c in np.unique(split.y):
     members = np.flatnonzero(split.y == c)

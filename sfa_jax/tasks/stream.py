@@ -175,3 +175,58 @@ def remap_labels(y: np.ndarray, classes: Sequence[int], labels: Sequence[int]) -
   table = np.zeros(int(classes.max()) + 1, np.int32)
   table[classes] = np.asarray(labels, np.int32)
   return table[y]
+
+
+def stream_of(
+    name: str,
+    splits: Sequence[tuple[str, Split, Split]],
+    *,
+    num_outputs: int,
+    setting: str = DOMAIN_INCREMENTAL,
+    source: str = 'in memory',
+) -> TaskStream:
+  """A stream of your own tasks: a name and a train and test :class:`Split` each, in order.
+
+  ``x`` may hold inputs of any shape and dtype (features, images, token ids) and ``y`` any targets
+  the objective reads (class labels, real values); every task's inputs share one shape.
+
+  Args:
+    name: the stream's name.
+    splits: ``(task name, train, test)`` per task.
+    num_outputs: the size of the model's output (the head).
+    setting: how the model is built and evaluated (default: one head, no task id).
+    source: a description of where the data comes from.
+
+  Returns:
+    The stream; its tasks are the given splits (not copied).
+
+  Raises:
+    ValueError: on no task, a split whose ``x`` and ``y`` differ in length, or inputs of several shapes.
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax import tasks
+    >>> x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    >>> split = tasks.Split(x, x.sum(1))
+    >>> stream = tasks.stream_of('sums', [('a', split, split), ('b', split, split)], num_outputs=1)
+    >>> len(stream), stream.input_shape, stream[1].name
+    (2, (3,), 'sums/b')
+  """
+  check_setting(setting)
+  if not splits:
+    raise ValueError('splits must hold at least one (name, train, test) task.')
+  shapes = set()
+  for task_name, train, test in splits:
+    for which, split in (('train', train), ('test', test)):
+      if len(split.x) != len(split.y):
+        raise ValueError(f'task {task_name!r}: its {which} split has {len(split.x)} inputs and {len(split.y)} targets.')
+      shapes.add(tuple(np.shape(split.x)[1:]))
+  if len(shapes) != 1:
+    raise ValueError(f'the tasks\' inputs must share one shape; got {sorted(shapes)}.')
+  tasks = tuple(
+      Task(i, f'{name}/{task_name}', train, test, (), ()) for i, (task_name, train, test) in enumerate(splits)
+  )
+  return TaskStream(
+      name=name, setting=setting, num_classes=num_outputs, input_shape=shapes.pop(), source=source, seed=0,
+      task_names=tuple(t.name for t in tasks), task_classes=tuple(() for _ in tasks), load_task=tasks.__getitem__,
+  )

@@ -1,0 +1,692 @@
+"""Continual-learning methods: one class per method, one registry.
+
+A method is an Optax chain around the user's optimizer (:meth:`Method.transform`) plus, at most,
+rules at the task boundaries (:meth:`Method.start_task`, :meth:`Method.prepare_optimizer`,
+:meth:`Method.end_task`), a rule on the batches (:meth:`Method.batch_plan`: replay, joint) and the
+arrays it keeps across tasks (:meth:`Method.init_extras`). The engine (:mod:`sfa_jax.continual`,
+:mod:`sfa_jax.sweep`, :mod:`sfa_jax.lm`, the command line) calls only these hooks: it never asks
+a method's name.
+
+============== ========================================================================================
+method         what happens on task ``k`` (tasks counted from 0; task 0 is always plain training)
+============== ========================================================================================
+finetune       train from the end of task ``k-1``.
+sfa            ``chain(optimizer, sfa(anchor=θ_{k-1}, p, beta, total_steps=T_k))``.
+l2             ``chain(l2(strength, anchor=θ_{k-1}), optimizer)``.
+ewc            ``chain(ewc(F, strength, anchor=θ_{k-1}), optimizer)``, ``F`` the online Fisher
+               ``γ·F_old + F_{k-1}`` of the past tasks' training data (per-example, empirical).
+replay         each batch mixes ``batch_size - r`` examples of task ``k`` with ``r = round(ratio ·
+               batch_size)`` examples of the memory: ``fraction`` of each past task's training set,
+               stratified by class. Task 0 (empty memory) uses whole batches of its own data.
+wise-ft        fine-tune, then at the task's end ``θ_k ← interpolate(θ_{k-1}, θ_k, beta)``.
+task-arithmetic the model after task 0 is the base ``θ_b``. Task ``k ≥ 1`` is trained from ``θ_b``
+               into ``θ_k``; the model evaluated after task ``k`` is ``θ_b + scaling·Σ_{j≤k}(θ_j − θ_b)``.
+ties           as task-arithmetic, merged with TIES (``density``, ``scaling``).
+joint          cumulative joint training: stage ``k`` trains on the union of tasks ``0..k``.
+adaptive-sfa   ``chain(optimizer, adaptive_sfa(anchor=θ_{k-1}, threshold, beta, min_p, total_steps=T_k))``.
+multi-anchor-  SFA whose anchor is the running mean ``(1/k)·Σ_{j<k} θ_j`` of the past tasks' ends
+sfa            (averaging toward each with weight ``β/k`` is averaging toward their mean with ``β``).
+============== ========================================================================================
+
+A method of your own is a subclass with a ``name``, its ``hyperparams`` and the hooks it needs;
+:func:`register_method` adds it to the registry, and :func:`make_method` also takes an import path
+``'package.module:Class'`` (the command line's ``--method`` does too). This module imports only the
+standard library at load time, so the command line checks method names and ranges without loading
+JAX; the hooks import what they use.
+
+Example:
+  >>> import optax
+  >>> from sfa_jax.engine import methods
+  >>> class SmoothedUpdates(methods.Method):
+  ...   '''The optimizer's updates smoothed by an exponential moving average.'''
+  ...   name = 'smoothed-updates'
+  ...   hyperparams = {'decay': methods.Hyperparam(0.9, methods.Interval(0.0, 1.0, high_open=True))}
+  ...   def transform(self, optimizer):
+  ...     return optax.chain(optimizer, optax.ema(self['decay']))
+  >>> SmoothedUpdates(decay=0.5).label
+  'smoothed-updates(decay=0.5)'
+  >>> methods.make_method('sfa', p=0.5)
+  SFA(beta=0.25, p=0.5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+if TYPE_CHECKING:
+  import numpy as np
+  import optax
+
+  from sfa_jax import tasks as tasks_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+  """The values a hyper-parameter may take: from ``low`` to ``high``, each end open or closed.
+
+  Example:
+    >>> p = Interval(0.0, 1.0, low_open=True)
+    >>> str(p), 0.0 in p, 1.0 in p, float('nan') in p
+    ('(0, 1]', False, True, False)
+  """
+
+  low: float
+  high: float
+  low_open: bool = False
+  high_open: bool = False
+
+  def __contains__(self, value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return False
+    above = value > self.low if self.low_open else value >= self.low
+    below = value < self.high if self.high_open else value <= self.high
+    return above and below  # both False for NaN
+
+  def __str__(self) -> str:
+    return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+UNIT = Interval(0.0, 1.0)
+UNIT_OPEN_LOW = Interval(0.0, 1.0, low_open=True)
+NON_NEGATIVE = Interval(0.0, math.inf, high_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparam:
+  """A hyper-parameter of a method: its default, its range, and whether a sweep may vary it.
+
+  Attributes:
+    default: the value when none is given.
+    interval: the values allowed.
+    sweepable: ``False`` when the configurations of one sweep must share it (it changes the
+      number of steps or the shapes of the run, as replay's ``ratio`` does).
+    doc: a short description for help texts.
+  """
+
+  default: float
+  interval: Interval
+  sweepable: bool = True
+  doc: str = ''
+
+
+class Boundary(NamedTuple):
+  """What a method's task-boundary hooks know about the task.
+
+  Attributes:
+    task_index: the task (0-based).
+    num_tasks: the stream's length.
+    total_steps: the task's number of optimizer steps (SFA's ``T``).
+    fisher: ``fisher(state) -> tree``, the empirical diagonal Fisher of ``state.params`` on this
+      task's training data, computed by the engine with its model and loss (EWC uses it).
+  """
+
+  task_index: int
+  num_tasks: int
+  total_steps: int
+  fisher: Callable[[Any], Any]
+
+
+class BatchPlan(NamedTuple):
+  """The data a task trains on: its examples and, for replay, a memory mixed into every batch.
+
+  Attributes:
+    data: the task's examples (:class:`sfa_jax.tasks.Split`) with the task id of each.
+    task_ids: int32 array, one task id per example of ``data``.
+    replay: the memory's examples, or ``None``.
+    replay_ids: the memory's task ids, or ``None``.
+    replay_size: how many examples of each batch come from the memory (0 without one).
+  """
+
+  data: Any
+  task_ids: Any
+  replay: Any = None
+  replay_ids: Any = None
+  replay_size: int = 0
+
+
+class Method:
+  """Base class of a continual-learning method: hyper-parameters, a transform, boundary hooks.
+
+  Subclasses set ``name`` and ``hyperparams`` and override the hooks they need; every hook has a
+  default that does nothing (plain fine-tuning). Instances are immutable, compare equal when the
+  class and the values are, and hash, so they key caches and sweeps. The hooks are pure: they
+  return a new state. The engine donates the state's arrays to the next train step, so a hook
+  that keeps an array beyond its call keeps a copy (``jnp.copy``, ``np.asarray``).
+
+  Args:
+    **values: hyper-parameter values; the others take their defaults. Each is checked against
+      its :class:`Interval`.
+
+  Raises:
+    TypeError: when a value is not a real number.
+    ValueError: on an unknown hyper-parameter or a value out of its range (both named).
+  """
+
+  name: ClassVar[str] = ''
+  hyperparams: ClassVar[Mapping[str, Hyperparam]] = {}
+
+  def __init__(self, **values: float):
+    unknown = sorted(set(values) - set(self.hyperparams))
+    if unknown:
+      allowed = ', '.join(self.hyperparams) or 'none'
+      raise ValueError(f'method {self.name!r} takes no hyper-parameter {unknown}; it takes: {allowed}.')
+    checked = {}
+    for key, spec in self.hyperparams.items():
+      value = values.get(key, spec.default)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, '__float__'):
+        raise TypeError(f'{key} must be a real number; got {value!r}.')
+      value = float(value)
+      if value not in spec.interval:
+        raise ValueError(f'{key} must lie in {spec.interval}; got {value}.')
+      checked[key] = value
+    object.__setattr__(self, '_values', tuple(sorted(checked.items())))
+
+  def __setattr__(self, key: str, value: Any) -> None:
+    raise AttributeError(f'{type(self).__name__} is immutable: make a new one, e.g. with replace().')
+
+  @property
+  def values(self) -> dict[str, float]:
+    """The hyper-parameters, by name."""
+    return dict(self._values)
+
+  def __getitem__(self, key: str) -> float:
+    return self.values[key]
+
+  def replace(self, **values: float) -> Method:
+    """A copy with some hyper-parameters changed (and checked)."""
+    return type(self)(**(self.values | values))
+
+  @property
+  def label(self) -> str:
+    """A short readable label, e.g. ``'sfa(beta=0.25, p=0.25)'``."""
+    if not self._values:
+      return self.name
+    return f"{self.name}({', '.join(f'{k}={v:g}' for k, v in self._values)})"
+
+  def __eq__(self, other: object) -> bool:
+    return type(other) is type(self) and other._values == self._values
+
+  def __hash__(self) -> int:
+    return hash((type(self), self._values))
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({', '.join(f'{k}={v:g}' for k, v in self._values)})"
+
+  # -- hooks ---------------------------------------------------------------------------------
+
+  def transform(self, optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """The method's Optax chain around ``optimizer``; on task 0 it must act as ``optimizer``.
+
+    Its hyper-parameters should be fields of the state (as :func:`sfa_jax.sfa` keeps them) so that
+    the configurations of a sweep share one compiled step.
+    """
+    return optimizer
+
+  def init_extras(self, params: Any, model_state: Any, num_tasks: int) -> Any:
+    """The arrays the method keeps across tasks, with the structure they keep for the whole run.
+
+    The engine checkpoints them with the run and restores them into this structure.
+    """
+    return {}
+
+  def batch_plan(self, tasks: Sequence[tasks_lib.Task], task_index: int, batch_size: int, seed: int) -> BatchPlan:
+    """The examples task ``task_index`` trains on (default: its own training set)."""
+    return _own_data(tasks[task_index])
+
+  def data_key(self) -> Any:
+    """What, besides the seed and the shared settings, decides this method's batches (replay's memory)."""
+    return None
+
+  def start_task(self, state: Any, boundary: Boundary) -> Any:
+    """The run state a task starts from, before the optimizer state is reset (default: unchanged)."""
+    return state
+
+  def prepare_optimizer(self, opt_state: Any, state: Any, boundary: Boundary) -> Any:
+    """The optimizer state for the task, after its reset: anchors, ``T``, Fisher (default: unchanged)."""
+    return opt_state
+
+  def end_task(self, state: Any, boundary: Boundary) -> Any:
+    """The run state after the task: the model evaluated and carried on (merges), the method's extras."""
+    return state
+
+  def averaging_schedule(self, task_index: int, total_steps: int) -> np.ndarray | None:
+    """Whether the method averages after each step ``0 .. T + 1`` of a task, known ahead.
+
+    ``None`` means the averages are decided on the device: the engine reads :meth:`averaged` from
+    the optimizer state after every step. The default never averages.
+    """
+    import numpy as np
+
+    return np.zeros(total_steps + 2, bool)
+
+  def averaged(self, opt_state: Any) -> Any:
+    """Whether the latest update averaged, from the state (only called when the schedule is ``None``)."""
+    raise NotImplementedError(f'{type(self).__name__} returns no averaging schedule, so it must define averaged().')
+
+
+def _own_data(task: tasks_lib.Task) -> BatchPlan:
+  import numpy as np
+
+  return BatchPlan(task.train, np.full(len(task.train.y), task.index, np.int32))
+
+
+def _concat(plans: Sequence[BatchPlan]) -> tuple[Any, Any]:
+  import numpy as np
+
+  from sfa_jax import tasks as tasks_lib
+
+  data = tasks_lib.Split(np.concatenate([p.data.x for p in plans]), np.concatenate([p.data.y for p in plans]))
+  return data, np.concatenate([p.task_ids for p in plans])
+
+
+def _copy(tree: Any) -> Any:
+  import jax
+  import jax.numpy as jnp
+
+  return jax.tree.map(jnp.copy, tree)
+
+
+def task_seed(seed: int, task_index: int) -> int:
+  """The seed of task ``task_index``'s data order and memory, for a run seeded ``seed``."""
+  return seed * 1000 + task_index
+
+
+# ------------------------------------------------------------------------------------------------
+# The built-in methods.
+
+
+class Finetune(Method):
+  """Plain sequential fine-tuning: each task starts from the end of the previous one."""
+
+  name = 'finetune'
+
+
+class SFA(Method):
+  """Sequential Fine-tuning with Averaging: every ``p·T`` steps ``θ ← β·θ_{k-1} + (1−β)·θ``.
+
+  References:
+    Kleiman et al, `Soup to go: mitigating forgetting during continual learning with model
+    averaging <https://arxiv.org/abs/2501.05559>`_, 2025
+  """
+
+  name = 'sfa'
+  hyperparams = {
+      'p': Hyperparam(0.25, UNIT_OPEN_LOW, doc='averaging period, as a fraction of the task'),
+      'beta': Hyperparam(0.25, UNIT, doc='weight of the anchor in each average'),
+  }
+
+  def transform(self, optimizer):
+    import optax
+
+    from sfa_jax import transforms
+
+    return optax.chain(optimizer, transforms.sfa(p=self['p'], beta=self['beta'], total_steps=1, wait_for_anchor=True))
+
+  def anchor(self, state: Any, boundary: Boundary) -> Any:
+    """The params SFA pulls toward on this task: the end of the previous task."""
+    return state.params
+
+  def prepare_optimizer(self, opt_state, state, boundary):
+    if boundary.task_index == 0:
+      return opt_state
+    from sfa_jax import anchors
+
+    return anchors.reanchor(opt_state, self.anchor(state, boundary), total_steps=boundary.total_steps)
+
+  def averaging_schedule(self, task_index, total_steps):
+    import numpy as np
+
+    from sfa_jax import transforms
+
+    steps = np.arange(total_steps + 2)
+    if task_index == 0:
+      return np.zeros(len(steps), bool)
+    return np.asarray(transforms.is_averaging_step(steps, self['p'], total_steps))
+
+
+class MultiAnchorSFA(SFA):
+  """SFA toward the running mean of the checkpoints at the ends of all past tasks."""
+
+  name = 'multi-anchor-sfa'
+
+  def init_extras(self, params, model_state, num_tasks):
+    return {'mean_anchor': _copy(params)}
+
+  def start_task(self, state, boundary):
+    k = boundary.task_index
+    if k == 0:
+      return state
+    from sfa_jax import merging
+
+    previous = state.params if k == 1 else state.extras['mean_anchor']
+    return state._replace(extras={'mean_anchor': merging.interpolate(previous, state.params, (k - 1) / k)})
+
+  def anchor(self, state, boundary):
+    return state.extras['mean_anchor']
+
+
+class AdaptiveSFA(SFA):
+  """SFA that averages when the drift from the anchor reaches ``threshold·‖θ_{k-1}‖`` (:mod:`sfa_jax.adaptive`)."""
+
+  name = 'adaptive-sfa'
+  hyperparams = {
+      'threshold': Hyperparam(0.1, Interval(0.0, math.inf), doc='relative drift that triggers an average'),
+      'beta': Hyperparam(0.25, UNIT, doc='weight of the anchor in each average'),
+      'min_p': Hyperparam(0.1, UNIT_OPEN_LOW, doc='fewest steps between two averages, as a fraction of the task'),
+  }
+
+  def transform(self, optimizer):
+    import optax
+
+    from sfa_jax import adaptive
+
+    return optax.chain(optimizer, adaptive.adaptive_sfa(
+        threshold=self['threshold'], beta=self['beta'], min_p=self['min_p'], total_steps=1, wait_for_anchor=True))
+
+  def averaging_schedule(self, task_index, total_steps):
+    return None
+
+  def averaged(self, opt_state):
+    from sfa_jax import adaptive
+    from sfa_jax import anchors
+
+    return anchors.find_state(opt_state, adaptive.AdaptiveSFAState).averaged
+
+
+class L2(Method):
+  """An L2 penalty ``strength/2·‖θ − θ_{k-1}‖²`` toward the end of the previous task."""
+
+  name = 'l2'
+  hyperparams = {'strength': Hyperparam(1.0, NON_NEGATIVE, doc='λ of the penalty')}
+
+  def transform(self, optimizer):
+    import optax
+
+    from sfa_jax import transforms
+
+    return optax.chain(transforms.l2(self['strength'], wait_for_anchor=True), optimizer)
+
+  def prepare_optimizer(self, opt_state, state, boundary):
+    if boundary.task_index == 0:
+      return opt_state
+    from sfa_jax import anchors
+
+    return anchors.reanchor(opt_state, state.params)
+
+
+class EWC(Method):
+  """Online EWC: ``strength/2·Σ F·(θ − θ_{k-1})²`` with ``F ← γ·F + F_{k-1}`` after each task.
+
+  References:
+    Schwarz et al, `Progress & Compress: A scalable framework for continual learning
+    <https://arxiv.org/abs/1805.06370>`_, 2018
+  """
+
+  name = 'ewc'
+  hyperparams = {
+      'strength': Hyperparam(100.0, NON_NEGATIVE, doc='λ of the penalty'),
+      'gamma': Hyperparam(1.0, UNIT, doc='decay of the past Fisher'),
+  }
+
+  def transform(self, optimizer):
+    import optax
+
+    return optax.chain(_ewc_from_zero_fisher(self['strength']), optimizer)
+
+  def init_extras(self, params, model_state, num_tasks):
+    import jax
+    import jax.numpy as jnp
+
+    return {'fisher': jax.tree.map(jnp.zeros_like, params)}
+
+  def prepare_optimizer(self, opt_state, state, boundary):
+    if boundary.task_index == 0:
+      return opt_state
+    from sfa_jax import anchors
+
+    return anchors.reanchor(opt_state, state.params, fisher=state.extras['fisher'])
+
+  def end_task(self, state, boundary):
+    k = boundary.task_index
+    if k + 1 == boundary.num_tasks:  # the last task's Fisher has no use
+      return state
+    from sfa_jax import fisher as fisher_lib
+
+    current = boundary.fisher(state)
+    fisher = current if k == 0 else fisher_lib.online_fisher(state.extras['fisher'], current, self['gamma'])
+    return state._replace(extras={'fisher': fisher})
+
+
+def _ewc_from_zero_fisher(strength: float):
+  """:func:`sfa_jax.ewc` whose Fisher starts at zero and then lives only in its state.
+
+  ``init`` makes the zeros (no params-sized tree is held by the transform or baked into a compiled
+  ``init`` as a constant); :meth:`EWC.prepare_optimizer` puts each task's Fisher into the state.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from sfa_jax import transforms
+
+  def init(params):
+    return transforms.ewc(jax.tree.map(jnp.zeros_like, params), strength, wait_for_anchor=True).init(params)
+
+  def update(updates, state, params=None, **extra_args):
+    return transforms.ewc(state.fisher, strength).update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+class Replay(Method):
+  """Experience replay: ``ratio`` of each batch from a memory of ``fraction`` of every past task."""
+
+  name = 'replay'
+  hyperparams = {
+      'fraction': Hyperparam(0.1, UNIT_OPEN_LOW, doc="share of each past task's training set kept"),
+      'ratio': Hyperparam(0.5, Interval(0.0, 1.0, low_open=True, high_open=True), sweepable=False,
+                          doc='share of each batch taken from the memory'),
+  }
+
+  def batch_plan(self, tasks, task_index, batch_size, seed):
+    plan = _own_data(tasks[task_index])
+    if task_index == 0:
+      return plan
+    from sfa_jax import tasks as tasks_lib
+
+    memory = [
+        _own_data(dataclasses.replace(t, train=tasks_lib.subsample(t.train, self['fraction'], seed=task_seed(seed, t.index))))
+        for t in tasks[:task_index]
+    ]
+    replay, replay_ids = _concat(memory)
+    size = min(batch_size - 1, max(1, round(self['ratio'] * batch_size)))
+    return plan._replace(replay=replay, replay_ids=replay_ids, replay_size=size)
+
+  def data_key(self):
+    return self['fraction']
+
+
+class Joint(Method):
+  """Cumulative joint training: stage ``k`` trains on the union of tasks ``0..k`` (the upper bound)."""
+
+  name = 'joint'
+
+  def batch_plan(self, tasks, task_index, batch_size, seed):
+    data, ids = _concat([_own_data(t) for t in tasks[: task_index + 1]])
+    return BatchPlan(data, ids)
+
+
+class WiseFT(Method):
+  """WiSE-FT at every task end: ``θ_k ← interpolate(θ_{k-1}, θ_k, beta)`` (SFA with ``p = 1``).
+
+  References:
+    Wortsman et al, `Robust fine-tuning of zero-shot models <https://arxiv.org/abs/2109.01903>`_, 2022
+  """
+
+  name = 'wise-ft'
+  hyperparams = {'beta': Hyperparam(0.5, UNIT, doc='weight of the previous task\'s model')}
+
+  def init_extras(self, params, model_state, num_tasks):
+    return {'start': _copy((params, model_state))}
+
+  def start_task(self, state, boundary):
+    return state._replace(extras={'start': _copy((state.params, state.model_state))})
+
+  def end_task(self, state, boundary):
+    if boundary.task_index == 0:
+      return state
+    from sfa_jax import merging
+
+    params, model_state = merging.interpolate(state.extras['start'], (state.params, state.model_state), self['beta'])
+    return state._replace(params=params, model_state=model_state)
+
+
+class TaskArithmetic(Method):
+  """Task arithmetic from the model after task 0: ``θ_b + scaling·Σ_j (θ_j − θ_b)``.
+
+  Each task ``k ≥ 1`` is trained from the base ``θ_b``; the fine-tuned models are kept, one slot
+  per task, from the start (the run state keeps one structure).
+
+  References:
+    Ilharco et al, `Editing models with task arithmetic <https://arxiv.org/abs/2212.04089>`_, 2023
+  """
+
+  name = 'task-arithmetic'
+  hyperparams = {'scaling': Hyperparam(0.5, NON_NEGATIVE, doc='weight of the summed task vectors')}
+
+  def init_extras(self, params, model_state, num_tasks):
+    import jax
+    import jax.numpy as jnp
+
+    model = (params, model_state)
+    slots = jax.tree.map(lambda leaf: jnp.zeros((max(num_tasks - 1, 0), *leaf.shape), leaf.dtype), model)
+    return {'base': _copy(model), 'finetuned': slots}
+
+  def start_task(self, state, boundary):
+    if boundary.task_index == 0:
+      return state
+    params, model_state = _copy(state.extras['base'])
+    return state._replace(params=params, model_state=model_state)
+
+  def merge(self, base: Any, finetuned: Sequence[Any]) -> Any:
+    """The evaluated model from the base and the fine-tuned models so far."""
+    from sfa_jax import merging
+
+    return merging.task_arithmetic(base, list(finetuned), self['scaling'])
+
+  def end_task(self, state, boundary):
+    import jax
+
+    k = boundary.task_index
+    trained = (state.params, state.model_state)
+    if k == 0:
+      return state._replace(extras={**state.extras, 'base': _copy(trained)})
+    slots = jax.tree.map(lambda slot, leaf: slot.at[k - 1].set(leaf), state.extras['finetuned'], trained)
+    finetuned = [jax.tree.map(lambda slot, j=j: slot[j], slots) for j in range(k)]
+    params, model_state = self.merge(state.extras['base'], finetuned)
+    return state._replace(params=params, model_state=model_state, extras={**state.extras, 'finetuned': slots})
+
+
+class TIES(TaskArithmetic):
+  """TIES-merging of the task vectors: trim to ``density``, elect signs, average the agreeing ones.
+
+  References:
+    Yadav et al, `TIES-Merging: Resolving Interference When Merging Models
+    <https://arxiv.org/abs/2306.01708>`_, 2023
+  """
+
+  name = 'ties'
+  hyperparams = {
+      'density': Hyperparam(0.2, UNIT_OPEN_LOW, doc='share of each task vector kept'),
+      'scaling': Hyperparam(0.5, NON_NEGATIVE, doc='weight of the merged task vector'),
+  }
+
+  def merge(self, base, finetuned):
+    from sfa_jax import merging
+
+    return merging.ties(base, list(finetuned), self['density'], self['scaling'])
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry.
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+  """Adds a :class:`Method` subclass to the registry under its ``name`` (usable as a decorator).
+
+  Raises:
+    TypeError: when ``cls`` is not a :class:`Method` subclass.
+    ValueError: when it has no name, or the name belongs to another class.
+  """
+  if not (isinstance(cls, type) and issubclass(cls, Method)):
+    raise TypeError(f'register_method takes a subclass of sfa_jax.engine.methods.Method; got {cls!r}.')
+  if not cls.name:
+    raise ValueError(f'{cls.__name__} has no name: set the class attribute name.')
+  if _REGISTRY.get(cls.name, cls) is not cls:
+    raise ValueError(f'a method named {cls.name!r} is registered already ({_REGISTRY[cls.name].__name__}).')
+  for key, spec in cls.hyperparams.items():
+    if not isinstance(spec, Hyperparam):
+      raise TypeError(f'{cls.__name__}.hyperparams[{key!r}] must be a Hyperparam; got {spec!r}.')
+  _REGISTRY[cls.name] = cls
+  return cls
+
+
+for _cls in (Finetune, SFA, L2, EWC, Replay, WiseFT, TaskArithmetic, TIES, Joint, AdaptiveSFA, MultiAnchorSFA):
+  register_method(_cls)
+
+
+def registered() -> dict[str, type[Method]]:
+  """The registered methods, by name, in registration order."""
+  return dict(_REGISTRY)
+
+
+def method_class(spec: str | type[Method]) -> type[Method]:
+  """The class of a method: a registered name, an import path ``'package.module:Class'``, or a class.
+
+  Raises:
+    ValueError: on an unknown name or an import path that does not lead to a :class:`Method` subclass.
+  """
+  if isinstance(spec, type) and issubclass(spec, Method):
+    return spec
+  if not isinstance(spec, str):
+    raise TypeError(f'a method is a name, an import path or a Method subclass; got {spec!r}.')
+  if spec in _REGISTRY:
+    return _REGISTRY[spec]
+  if ':' not in spec:
+    raise ValueError(f'unknown method {spec!r}; known methods: {", ".join(_REGISTRY)} (or give package.module:Class).')
+  module_name, _, attribute = spec.partition(':')
+  try:
+    found = getattr(importlib.import_module(module_name), attribute)
+  except (ImportError, AttributeError) as error:
+    raise ValueError(f'cannot import the method {spec!r}: {error}') from error
+  if not (isinstance(found, type) and issubclass(found, Method)):
+    raise ValueError(f'{spec!r} is not a subclass of sfa_jax.engine.methods.Method.')
+  return found
+
+
+def make_method(spec: str | type[Method], **hyperparams: float) -> Method:
+  """A method with its defaults filled in and its hyper-parameters checked.
+
+  Args:
+    spec: a registered name (``'sfa'``, ``'l2'``, ...), an import path ``'package.module:Class'``
+      of a :class:`Method` subclass, or the class itself.
+    **hyperparams: the hyper-parameters to set; see each class's ``hyperparams``.
+
+  Returns:
+    The method.
+
+  Raises:
+    ValueError: on an unknown method, an unknown hyper-parameter for it, or a value out of range.
+
+  Example:
+    >>> from sfa_jax.engine.methods import make_method
+    >>> make_method('sfa', p=0.5).label
+    'sfa(beta=0.25, p=0.5)'
+  """
+  return method_class(spec)(**hyperparams)

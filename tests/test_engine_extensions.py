@@ -1,0 +1,151 @@
+"""Your model, loss, data and optimizer in the engine: run, sweep and EWC's Fisher through them."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sfa_jax import continual
+from sfa_jax import sweep
+from sfa_jax import tasks
+from sfa_jax.engine import loop
+from sfa_jax.engine import methods
+from sfa_jax.engine import objectives
+
+
+class Regressor(nn.Module):
+  """A plain Linen module: ``__call__(x)``, no task id, no train flag."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(1)(nn.tanh(nn.Dense(16)(x)))
+
+
+def _regression_stream() -> tasks.TaskStream:
+  """Two tasks of 6 real features: y = w_k · x with another w per task (a domain shift)."""
+  rng = np.random.default_rng(0)
+  splits = []
+  for k in range(2):
+    w = rng.normal(size=6).astype(np.float32)
+    x = rng.normal(size=(320, 6)).astype(np.float32)
+    y = (x @ w / 3).astype(np.float32)
+    splits.append((f'w{k}', tasks.Split(x[:256], y[:256]), tasks.Split(x[256:], y[256:])))
+  return tasks.stream_of('linear', splits, num_outputs=1)
+
+
+CONFIG = continual.TrainConfig(model=Regressor(), objective=objectives.regression(0.25), epochs_per_task=16,
+                               batch_size=32, learning_rate=1e-2)
+
+
+@pytest.fixture(scope='module')
+def stream():
+  return _regression_stream()
+
+
+def test_a_user_module_and_loss_learn_a_regression_stream(stream):
+  result = continual.run_sequence(stream, methods.Finetune(), CONFIG)
+  (first, _), (forgot, learned) = result.accuracy_matrix
+  assert first > 0.5 and learned > 0.5  # the share of predictions within 0.25
+  assert forgot < first  # the second task's fit moves the first's
+  sfa = continual.run_sequence(stream, methods.SFA(p=0.25, beta=0.5), CONFIG)
+  assert sfa.accuracy_matrix[1][0] > forgot  # averaging toward the first task's end keeps more of it
+
+
+def test_ewc_takes_the_fisher_of_a_user_loss(stream):
+  result = continual.run_sequence(stream, methods.EWC(strength=10.0), CONFIG)
+  assert result.accuracy_matrix[0] == continual.run_sequence(stream, methods.Finetune(), CONFIG).accuracy_matrix[0]
+  params = {'w': jnp.array([2.0])}
+
+  class Line(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x * self.param('w', nn.initializers.ones, (1,))
+
+  split = tasks.Split(np.array([[1.0], [2.0]], np.float32), np.array([0.0, 0.0], np.float32))
+  fisher = loop.task_fisher(Line(), params, {}, split, 0, batch_size=4, objective=objectives.regression())
+  # Per example, d/dw (w·x − 0)² = 2·w·x²: 4 and 16; the Fisher is the mean of their squares.
+  np.testing.assert_allclose(fisher['w'], [(4.0**2 + 16.0**2) / 2])
+
+
+def test_a_sweep_of_a_user_model_equals_its_runs(stream):
+  configurations = sweep.grid('sfa', p=(0.25, 1.0), config=CONFIG)
+  for (method, config), result in zip(configurations, sweep.run_sweep(stream, configurations)):
+    expected = continual.run_sequence(stream, method, config)
+    np.testing.assert_allclose(result.accuracy_matrix, expected.accuracy_matrix, atol=1e-6)
+    assert result.averaging_steps == expected.averaging_steps
+
+
+@pytest.mark.parametrize(
+    'optimizer',
+    [
+        'adamw',
+        lambda lr: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(lr, 100))),
+        optax.multi_transform({'train': optax.adam(3e-3), 'frozen': optax.set_to_zero()},
+                              lambda params: {name: 'frozen' if name == 'Dense_0' else 'train' for name in params}),
+    ],
+    ids=['adamw', 'clipped-cosine-adamw', 'partitioned'],
+)
+def test_any_optax_optimizer_trains_the_built_in_model(optimizer):
+  pair = tasks.make_stream('mnist-pair', source='digits')
+  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32,
+                                 learning_rate=3e-3, optimizer=optimizer)
+  result = continual.run_sequence(pair, methods.SFA(p=0.5), config)
+  assert result.accuracy_matrix[0][0] > 0.3 and len(result.averaging_steps) == 2  # chance: 0.2
+
+
+def test_a_frozen_partition_stays_where_it_started():
+  pair = tasks.make_stream('mnist-pair', source='digits')
+  partitioned = optax.multi_transform({'train': optax.adam(1e-3), 'frozen': optax.set_to_zero()},
+                                      lambda params: {name: 'frozen' if name == 'Dense_0' else 'train' for name in params})
+  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, optimizer=partitioned)
+  model = continual.build_model(pair, config)
+  start, _ = loop.initializer(model, pair[0].train.x[:1])(0)
+  ends = []
+
+  class KeepEnd(methods.SFA):
+    def end_task(self, state, boundary):
+      ends.append(jax.tree.map(np.asarray, state.params))  # a copy: the run donates its arrays to the next step
+      return state
+
+  continual.run_sequence(pair, KeepEnd(p=0.5), config)
+  for end in ends:
+    np.testing.assert_array_equal(end['Dense_0']['kernel'], start['Dense_0']['kernel'])
+    assert not np.array_equal(end['head']['kernel'], start['head']['kernel'])
+
+
+@pytest.mark.parametrize(
+    'kwargs, error, message',
+    [
+        ({'optimizer': 'lbfgs'}, ValueError, 'optimizer must be one of'),
+        ({'optimizer': 3}, TypeError, 'optimizer must be a name, an optax.GradientTransformation'),
+        ({'model': 'mlp', 'objective': 'mse'}, TypeError, 'objective must be a sfa_jax.engine.objectives.Objective'),
+        ({'model': object()}, TypeError, 'model must be a name or a Flax Linen module'),
+        ({'model': Regressor(), 'model_kwargs': (('hidden', (8,)),)}, ValueError, 'model_kwargs configure a named model'),
+    ],
+)
+def test_bad_extension_points_are_refused_with_the_argument_named(kwargs, error, message):
+  with pytest.raises(error, match=message):
+    continual.TrainConfig(**kwargs)
+
+
+def test_a_factory_that_returns_no_transformation_is_named():
+  with pytest.raises(TypeError, match=r'optimizer\(0.001\) must return an optax.GradientTransformation'):
+    continual.TrainConfig(optimizer=lambda lr: lr).make_optimizer()
+
+
+def test_a_stream_of_your_own_tasks_checks_its_splits():
+  good = tasks.Split(np.zeros((4, 3), np.float32), np.zeros(4, np.int32))
+  with pytest.raises(ValueError, match="task 'b': its train split has 4 inputs and 3 targets"):
+    tasks.stream_of('s', [('a', good, good), ('b', good._replace(y=np.zeros(3)), good)], num_outputs=2)
+  with pytest.raises(ValueError, match='share one shape'):
+    tasks.stream_of('s', [('a', good, good), ('b', good._replace(x=np.zeros((4, 5))), good)], num_outputs=2)
+  with pytest.raises(ValueError, match='at least one'):
+    tasks.stream_of('s', [], num_outputs=2)
+
+
+def test_replay_of_real_valued_targets_keeps_a_fraction_of_all_examples(stream):
+  plan = methods.Replay(fraction=0.25).batch_plan(list(stream), 1, 32, seed=0)
+  assert len(plan.replay.y) == 64 and plan.replay.y.dtype == np.float32
+  assert jax.tree.leaves(plan)  # the memory is real data
