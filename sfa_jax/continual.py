@@ -16,12 +16,11 @@ by SFA, L2 or EWC; the merges (WiSE-FT, task arithmetic, TIES) apply to it like 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import hashlib
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -231,6 +230,16 @@ def describe_config(config: TrainConfig) -> dict[str, Any]:
   return {field.name: describe(getattr(config, field.name)) for field in dataclasses.fields(config)}
 
 
+def initial_checksum(initial: Any) -> str:
+  """The SHA-256 of every array of ``initial`` (paths, dtypes, shapes, bytes): what a run started from."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(initial)[0]:
+    array = np.asarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}'.encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
 def fingerprint(stream: tasks_lib.TaskStream, method: Method, config: TrainConfig) -> str:
   """A JSON string of everything that decides a run's numbers; checkpoints must match it.
 
@@ -261,6 +270,7 @@ def run_sequence(
     callbacks: callbacks_lib.Callback | Sequence[callbacks_lib.Callback] | None = None,
     checkpointer: Checkpointer | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    initial: tuple[Any, Any] | None = None,
 ) -> SequenceResult:
   """Trains ``method`` on the tasks of ``stream`` in order and evaluates every task after each.
 
@@ -276,6 +286,9 @@ def run_sequence(
       then bit for bit those of an uninterrupted run).
     mesh: train on these devices (:func:`sfa_jax.distributed.make_mesh`): batches split over the
       mesh, params and optimizer state (anchors included) FSDP-sharded; ``None``: one device.
+    initial: ``(params, model_state)`` to start from (a pretrained backbone with its new head,
+      another run's end) instead of the model's initialisation with ``config.seed``; the seed
+      still orders the data. Their checksum joins the run's fingerprint.
 
   Returns:
     The :class:`SequenceResult`.
@@ -294,8 +307,11 @@ def run_sequence(
     (2, 2)
   """
   all_tasks = [stream[i] for i in range(len(stream))]
+  run_id = fingerprint(stream, method, config)
+  if initial is not None:
+    run_id = json.dumps(json.loads(run_id) | {'initial': initial_checksum(initial)}, sort_keys=True)
   records, seconds = loop.train_stream(
-      stream, [(method, config)], model=build_model(stream, config), fingerprint=fingerprint(stream, method, config),
-      stacked=False, callbacks=callbacks, checkpointer=checkpointer, mesh=mesh,
+      stream, [(method, config)], model=build_model(stream, config), fingerprint=run_id,
+      stacked=False, callbacks=callbacks, checkpointer=checkpointer, mesh=mesh, initial=initial,
   )
   return SequenceResult.of(stream, method, all_tasks, records[0], seconds)

@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from sfa_jax import continual
 from sfa_jax import tasks as tasks_lib
@@ -148,6 +149,7 @@ def run_sweep(
     *,
     callbacks: callbacks_lib.Callback | Sequence[callbacks_lib.Callback] | None = None,
     checkpointer: Checkpointer | None = None,
+    initial: tuple[Any, Any] | None = None,
 ) -> list[continual.SequenceResult]:
   """Trains every configuration on ``stream`` as one vectorised program; one result per configuration.
 
@@ -159,6 +161,7 @@ def run_sweep(
       loss and accuracy hold one value per configuration, an evaluation names its configuration.
     checkpointer: saves the stacked run state every ``every_steps`` steps and at each task end,
       and resumes from it, as for :func:`sfa_jax.continual.run_sequence`.
+    initial: ``(params, model_state)`` every configuration starts from (as for ``run_sequence``).
 
   Returns:
     A :class:`sfa_jax.continual.SequenceResult` per configuration, in order: what
@@ -177,9 +180,12 @@ def run_sweep(
   """
   configurations = check_configurations(configurations)
   all_tasks = [stream[i] for i in range(len(stream))]
+  run_id = fingerprint(stream, configurations)
+  if initial is not None:
+    run_id = json.dumps({'configurations': json.loads(run_id), 'initial': continual.initial_checksum(initial)})
   records, seconds = loop.train_stream(
       stream, configurations, model=continual.build_model(stream, configurations[0][1]),
-      fingerprint=fingerprint(stream, configurations), stacked=True, callbacks=callbacks, checkpointer=checkpointer,
+      fingerprint=run_id, stacked=True, callbacks=callbacks, checkpointer=checkpointer, initial=initial,
   )
   return [
       continual.SequenceResult.of(stream, method, all_tasks, record, dict(seconds))

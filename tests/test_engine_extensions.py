@@ -149,3 +149,26 @@ def test_replay_of_real_valued_targets_keeps_a_fraction_of_all_examples(stream):
   plan = methods.Replay(fraction=0.25).batch_plan(list(stream), 1, 32, seed=0)
   assert len(plan.replay.y) == 64 and plan.replay.y.dtype == np.float32
   assert jax.tree.leaves(plan)  # the memory is real data
+
+
+def test_a_run_starts_from_given_params_and_resumes_from_them(tmp_path):
+  """A pretrained starting point: the run trains from it, a sweep too, and checks its shapes."""
+  from sfa_jax.checkpoint import Checkpointer
+
+  pair = tasks.make_stream('mnist-pair', source='digits')
+  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32)
+  model = continual.build_model(pair, config)
+  seed_one = loop.initializer(model, pair[0].train.x[:1])(1)
+  started = continual.run_sequence(pair, methods.SFA(), config, initial=seed_one)
+  # Starting from seed 1's initialisation is the seed-0 data order on seed 1's model: not the seed-0 run.
+  assert started.accuracy_matrix != continual.run_sequence(pair, methods.SFA(), config).accuracy_matrix
+  swept = sweep.run_sweep(pair, [(methods.SFA(), config)], initial=seed_one)
+  np.testing.assert_allclose(swept[0].accuracy_matrix, started.accuracy_matrix, atol=1e-6)
+  np.testing.assert_array_equal(seed_one[0]['head']['kernel'], loop.initializer(model, pair[0].train.x[:1])(1)[0]['head']['kernel'])
+  resumed = continual.run_sequence(pair, methods.SFA(), config, initial=seed_one, checkpointer=Checkpointer(tmp_path))
+  assert resumed.accuracy_matrix == started.accuracy_matrix
+  bad = (jax.tree.map(lambda x: x[..., :3] if x.ndim == 2 else x, seed_one[0]), seed_one[1])
+  with pytest.raises(ValueError, match=r"initial params do not fit the model: \['Dense_0'\]\['kernel'\] is float32\[64, 3\], the model has float32\[64, 32\]"):
+    continual.run_sequence(pair, methods.SFA(), config, initial=bad)
+  with pytest.raises(TypeError, match=r'initial must be a \(params, model_state\) pair'):
+    continual.run_sequence(pair, methods.SFA(), config, initial=seed_one[0])

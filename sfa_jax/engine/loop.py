@@ -342,6 +342,36 @@ def _unstack(tree: Any, count: int) -> list[Any]:
   return [jax.tree.map(lambda leaf: leaf[i], tree) for i in range(count)]
 
 
+def _starting_point(model, task: tasks_lib.Task, initial: Any, mesh: Any) -> Callable[[int], tuple[Any, Any]]:
+  """``init(seed)`` returning copies of ``initial``, checked against the model's own variables."""
+  if not (isinstance(initial, (tuple, list)) and len(initial) == 2):
+    raise TypeError(f'initial must be a (params, model_state) pair; got {type(initial).__name__}.')
+  expected = jax.eval_shape(_init_variables, model, jax.random.key(0), task.train.x[:1])
+  for name, given, want in zip(('params', 'model_state'), initial, expected):
+    given_shapes = jax.tree.map(lambda leaf: (tuple(np.shape(leaf)), np.dtype(leaf.dtype)), given)
+    want_shapes = jax.tree.map(lambda leaf: (tuple(leaf.shape), np.dtype(leaf.dtype)), want)
+    if jax.tree.structure(given_shapes) != jax.tree.structure(want_shapes) or given_shapes != want_shapes:
+      raise ValueError(f'initial {name} do not fit the model: {_first_difference(given_shapes, want_shapes)}.')
+  shardings = distributed.tree_shardings(expected, mesh) if mesh is not None else None
+  copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings)
+  return lambda seed: copy(tuple(initial))
+
+
+def _first_difference(given: Any, want: Any) -> str:
+  given_paths = dict(jax.tree_util.tree_flatten_with_path(given, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], np.dtype))[0])
+  want_paths = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], np.dtype))[0])
+  for path in sorted(set(given_paths) | set(want_paths), key=jax.tree_util.keystr):
+    where = jax.tree_util.keystr(path)
+    if path not in given_paths:
+      return f'{where} is missing'
+    if path not in want_paths:
+      return f'{where} is not a variable of the model'
+    if given_paths[path] != want_paths[path]:
+      (gs, gd), (ws, wd) = given_paths[path], want_paths[path]
+      return f'{where} is {gd}{list(gs)}, the model has {wd}{list(ws)}'
+  return 'their structures differ'
+
+
 def check_one_update_rule(methods: Sequence[methods_lib.Method], txs: Sequence[optax.GradientTransformation],
                           opt_states: Sequence[Any], params: Any) -> None:
   """Raises unless every lane's transform updates by one program, its hyper-parameters read from its state.
@@ -394,6 +424,7 @@ def train_stream(
     callbacks: callbacks_lib.Callback | Sequence[callbacks_lib.Callback] | None = None,
     checkpointer: Any = None,
     mesh: jax.sharding.Mesh | None = None,
+    initial: Any = None,
 ) -> tuple[list[LaneRecord], dict[str, float]]:
   """Trains every configuration on the tasks of ``stream`` in order; evaluates every task after each.
 
@@ -409,6 +440,8 @@ def train_stream(
       and at each task end, resume from its latest checkpoint of this ``fingerprint``.
     mesh: train the (single) lane on these devices: batches split over the mesh, params and
       optimizer state FSDP-sharded.
+    initial: ``(params, model_state)`` every lane starts from (a pretrained model, another run's
+      end) instead of the model's initialisation with the lane's seed; copied, never donated.
 
   Returns:
     One :class:`LaneRecord` per configuration, and the seconds spent training, evaluating, in
@@ -422,7 +455,7 @@ def train_stream(
   if not stacked and count != 1:
     raise ValueError(f'an unstacked run has one configuration; got {count}.')
   all_tasks = [stream[i] for i in range(len(stream))]
-  init = initializer(model, all_tasks[0].train.x[:1], mesh)
+  init = initializer(model, all_tasks[0].train.x[:1], mesh) if initial is None else _starting_point(model, all_tasks[0], initial, mesh)
   optimizer = shared.make_optimizer()
   txs = [method.transform(optimizer) for method in methods]
   # One transform per lane for its initial state (its constructor's hyper-parameters); the lanes
