@@ -90,7 +90,7 @@ def main() -> None:
       print(f"{time.perf_counter() - start:7.1f}s {event['method']}: {event['domain']} done, loss {float(event['loss']):.3f}", flush=True)
 
   results = lm.run_lm_sequences(model, params, domains, methods, settings['config'], progress=progress)
-  table = lm.markdown_table(results)
+  table = lm.lm_markdown_table(results)
   total = time.perf_counter() - start
   os.makedirs(args.out, exist_ok=True)
   stem = os.path.join(args.out, 'language_sequence' + ('_quick' if args.quick else ''))

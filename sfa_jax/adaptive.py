@@ -233,7 +233,7 @@ def adaptive_sfa(
   _validation.check_full_precision('min_p', min_p)
 
   def init_fn(params: optax.Params) -> AdaptiveSFAState:
-    anchor_copy = transforms._anchor_at_init(params, anchor)
+    anchor_copy = transforms.copy_anchor(params, anchor)
     zero = lambda: jnp.zeros([], jnp.int32)
     return AdaptiveSFAState(
         count=zero(),
@@ -258,7 +258,7 @@ def adaptive_sfa(
   ) -> tuple[optax.Updates, AdaptiveSFAState]:
     del extra_args
     if params is None:
-      raise ValueError(transforms._NO_PARAMS_MSG)
+      raise ValueError(transforms.NO_PARAMS_MSG)
     count = optax.safe_increment(state.count)
     hyper = {
         'threshold': transforms.current(threshold, state.threshold),

@@ -191,7 +191,7 @@ def make_update_fn(tx: optax.GradientTransformation) -> Callable:
   return jax.jit(update, donate_argnums=(0, 1))
 
 
-def make_evaluator(model, batch_size: int) -> tuple[Callable, Callable]:
+def make_lm_evaluator(model, batch_size: int) -> tuple[Callable, Callable]:
   """``(heldout_loss, exact_match)`` functions of ``(params, data)``, each compiled once per shape.
 
   ``heldout_loss(params, windows)`` is the mean token loss over all windows (the last batch is
@@ -318,7 +318,7 @@ class _Runner:
     self.domains, self.config, self.progress = domains, config, progress
     self.tasks = domain_tasks(domains)
     self.grad_fn = make_grad_fn(model)
-    self.heldout_loss, self.exact_match = make_evaluator(model, config.eval_batch_size)
+    self.heldout_loss, self.exact_match = make_lm_evaluator(model, config.eval_batch_size)
     self.weights = np.ones((config.batch_size, domains[0].train.shape[1] - 1), np.float32)
     self._first_fisher = None
 
@@ -488,7 +488,7 @@ def run_lm_sequences(
   return results
 
 
-def markdown_table(results: Sequence[LMResult]) -> str:
+def lm_markdown_table(results: Sequence[LMResult]) -> str:
   """A markdown table: per method, the final held-out loss (perplexity) per domain, exact match, forgetting.
 
   Args:

@@ -36,7 +36,7 @@ _NO_TOTAL_STEPS_MSG = (
 )
 
 
-_NO_PARAMS_MSG = (
+NO_PARAMS_MSG = (  # what a transformation that reads the params raises without them (optax's wording)
     'You are using a transformation that requires the current value of parameters, but you are '
     'not passing `params` when calling `update`: call tx.update(updates, state, params).'
 )
@@ -197,14 +197,34 @@ def _is_real_float(leaf: Any) -> bool:
   return _validation.is_float_leaf(leaf) and bool(jnp.issubdtype(getattr(leaf, 'dtype', jnp.float32), jnp.floating))
 
 
-def _anchor_at_init(params: optax.Params, anchor: optax.Params | None, dtype: Any = None) -> optax.Params:
+def copy_anchor(params: optax.Params, anchor: optax.Params | None, dtype: Any = None) -> optax.Params:
   """Validates ``anchor`` against ``params`` (structure, shapes, dtypes, finite) and returns a copy.
 
-  With ``dtype`` (a checked ``anchor_dtype``) the real floating leaves are stored in ``dtype``: a
-  given ``anchor`` is cast to it first, and ``None`` gives the params cast to it.
+  The ``init`` of every anchored transform (``sfa``, ``l2``, ``ewc``, ``adaptive_sfa``, yours) keeps
+  this copy, so that params and state can both be donated. With ``dtype`` (a checked
+  ``anchor_dtype``) the real floating leaves are stored in ``dtype``: a given ``anchor`` is cast to
+  it first, and ``None`` gives the params cast to it.
+
+  Args:
+    params: the params at ``init``.
+    anchor: the anchor given to the transform, or ``None`` for the params themselves.
+    dtype: the storage dtype of the floating leaves, or ``None`` for the params' own.
+
+  Returns:
+    A fresh tree shaped like ``params``.
+
+  Raises:
+    ValueError: without params, or for an anchor that does not fit them or holds NaN or inf
+      (the leaf is named).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax.transforms import copy_anchor
+    >>> copy_anchor({'w': jnp.zeros(2)}, None)['w'].tolist()
+    [0.0, 0.0]
   """
   if params is None:
-    raise ValueError(_NO_PARAMS_MSG)
+    raise ValueError(NO_PARAMS_MSG)
   if dtype is None:
     if anchor is not None:
       anchor = _validation.fit_to(params, anchor, reference_name='params', other_name='anchor')
@@ -453,7 +473,7 @@ def sfa(
         total_steps=scalar(total_steps, jnp.int32),
         active=scalar(not wait_for_anchor, jnp.bool_),
         averaged=jnp.zeros([], jnp.bool_),
-        anchor=_anchor_at_init(params, anchor, storage),
+        anchor=copy_anchor(params, anchor, storage),
     )
 
   def update_fn(
@@ -464,7 +484,7 @@ def sfa(
   ) -> tuple[optax.Updates, SFAState]:
     del extra_args
     if params is None:
-      raise ValueError(_NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS_MSG)
     count = optax.safe_increment(state.count)
     p_now, beta_now, steps_now = current(p, state.p), current(beta, state.beta), current(total_steps, state.total_steps)
     average_now = state.active & is_averaging_step(count, p_now, steps_now)
@@ -523,7 +543,7 @@ def l2(
   storage = anchor_storage_dtype(anchor_dtype)
 
   def make_state(params: optax.Params) -> L2State:
-    anchor_copy = _anchor_at_init(params, anchor, storage)
+    anchor_copy = copy_anchor(params, anchor, storage)
     return L2State(scalar(strength, jnp.float32), scalar(not wait_for_anchor, jnp.bool_), anchor_copy)
 
   return _penalty_transform(strength, make_state)
@@ -581,7 +601,7 @@ def ewc(
   storage = anchor_storage_dtype(anchor_dtype)
 
   def make_state(params: optax.Params) -> EWCState:
-    anchor_copy = _anchor_at_init(params, anchor, storage)
+    anchor_copy = copy_anchor(params, anchor, storage)
     fitted = _validation.fit_to(params, fisher, reference_name='params', other_name='fisher')
     return EWCState(
         scalar(strength, jnp.float32), scalar(not wait_for_anchor, jnp.bool_), anchor_copy, _validation.copy_tree(fitted)
@@ -650,7 +670,7 @@ def _penalty_transform(
   ) -> tuple[optax.Updates, L2State | EWCState]:
     del extra_args
     if params is None:
-      raise ValueError(_NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS_MSG)
     strength_now = current(strength, state.strength)
     weight_now = jnp.where(state.active, strength_now, 0.0)
 

@@ -93,7 +93,7 @@ def test_exact_match_equals_greedy_decoding(tiny):
     rows.append(prompt + completion + [0])
     masks.append([False] * 3 + [True] * 3 + [False])
   problems = text.ExactMatchSet(np.asarray(rows, np.int32), np.asarray(masks))
-  _, exact_match = lm.make_evaluator(model, batch_size=2)
+  _, exact_match = lm.make_lm_evaluator(model, batch_size=2)
   assert exact_match(params, problems) == pytest.approx(2 / 3)
 
 
@@ -122,7 +122,7 @@ def test_run_lm_sequences_methods(tiny):
     assert by_name[name].loss_matrix[2:] != ft.loss_matrix[2:], name
   summary = ft.summary()
   assert summary['mean_final_loss'] == pytest.approx(np.mean(ft.loss_matrix[-1]))
-  assert 'math exact match' in lm.markdown_table(results)
+  assert 'math exact match' in lm.lm_markdown_table(results)
 
 
 def test_run_lm_sequences_rejects_bad_input(tiny):

@@ -123,7 +123,7 @@ def _call(model, method: Callable, first: Any, x: Any, task_ids: Any, *, train: 
   The built-in models take both (one head per task, BatchNorm's mode); any Flax Linen module
   ``__call__(self, x)`` works too (a module written in NNX: through ``flax.nnx.bridge.to_linen``).
   """
-  takes = _keywords(type(model))
+  takes = _keywords(getattr(model, 'nnx_class', type(model)))  # flax.nnx.bridge.to_linen: the NNX module's
   if 'task_id' in takes:
     kwargs['task_id'] = task_ids
   if 'train' in takes:
