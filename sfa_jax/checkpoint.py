@@ -3,7 +3,8 @@
 A checkpoint holds two items: the arrays (params, model state, the full optimizer state with SFA's,
 L2's or EWC's anchor, the task's starting point, the Fisher, the merge bases) as an Orbax pytree,
 and a JSON record of everything else: where the run is (task, epoch, batch, steps), the results so
-far, a fingerprint of the run's configuration, and the SHA-256 of every saved array. The data
+far, a fingerprint of the run's configuration, and a checksum of every saved array (SHA-256, or
+:func:`fold64_checksum` for an array spread over several processes). The data
 order and the replay memory are functions of the seed and the position, so they need no saving;
 the model's initial key is used once, before the first checkpoint.
 
@@ -26,11 +27,14 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 _CHECKSUMS = 'array_checksums'  # the record's key for the arrays' checksums
 _ORBAX_DIR = os.path.dirname(ocp.__file__)
@@ -110,6 +114,9 @@ class Checkpointer:
     skipped for the one before it. When an older one restores, the skipped ones are deleted (a
     later save may reuse their steps) and a :class:`CheckpointWarning` names them.
 
+    With several processes every process must call it; each reads its own shards, and a checkpoint
+    that any process cannot read, or that fails its checksums, is skipped by all of them alike.
+
     Args:
       like: a pytree with the structure, shapes and dtypes of the saved arrays, or a function of a
         checkpoint's record returning one (when what was saved depends on where the run was).
@@ -120,22 +127,27 @@ class Checkpointer:
         checkpoints exist but none is usable.
     """
     skipped: list[str] = []
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        record = self._record(step)
-        self._check_fingerprint(step, record, fingerprint)
-        arrays = self._arrays(step, like(record) if callable(like) else like, record.get(_CHECKSUMS))
-      except _Unusable as problem:
-        skipped.append(f'{self._where(step)} ({problem})')
-        continue
-      if skipped:
-        for newer in [s for s in self._manager.all_steps() if s > step]:
-          self._manager.delete(newer)
-        warnings.warn(
-            CheckpointWarning(f'skipped and deleted the unusable checkpoint {"; ".join(skipped)}; resumed from step {step}'),
-            stacklevel=2,
-        )
-      return arrays, {key: value for key, value in record.items() if key != _CHECKSUMS}
+    reader = self._reader()
+    try:
+      for step in sorted(self._manager.all_steps(), reverse=True):
+        record, arrays, problem = self._read(reader, step, like, fingerprint)
+        # A read can fail in one process only: all decide on what any of them found.
+        kind, reason = _agreed(problem)
+        if kind == _WRONG_RUN:
+          raise CheckpointError(reason)
+        if kind is None:
+          reason = _checksum_problem(arrays, record[_CHECKSUMS])  # the same answer in every process
+        if reason is not None:
+          skipped.append(f'{self._where(step)} ({reason})')
+          continue
+        if skipped:
+          for newer in [s for s in self._manager.all_steps() if s > step]:
+            self._manager.delete(newer)
+          message = f'skipped and deleted the unusable checkpoint {"; ".join(skipped)}; resumed from step {step}'
+          warnings.warn(CheckpointWarning(message), stacklevel=2)
+        return arrays, {key: value for key, value in record.items() if key != _CHECKSUMS}
+    finally:
+      reader.close()
     if skipped:
       raise CheckpointError(f'no usable checkpoint in {self.directory}: {"; ".join(skipped)}. Delete it to start afresh.')
     return None
@@ -148,10 +160,51 @@ class Checkpointer:
   def _where(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def _record(self, step: int) -> dict[str, Any]:
+  def _reader(self) -> ocp.CheckpointManager:
+    """A read-only manager of this process alone: it waits for no other process.
+
+    Orbax ends every restore with a barrier of all processes; a process whose read fails would
+    skip it, and the barriers of the processes would pair up wrongly from then on. Reading alone,
+    the processes meet only in :func:`_agreed`, once each has its answer.
+    """
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    notes = _ReadOnlyNotes()  # Orbax warns that a read-only manager will not save: we know
+    logging.getLogger('absl').addFilter(notes)
+    try:
+      options = ocp.CheckpointManagerOptions(read_only=True, multiprocessing_options=alone)
+      return ocp.CheckpointManager(self.directory, options=options, item_names=('arrays', 'record'))
+    finally:
+      logging.getLogger('absl').removeFilter(notes)
+
+  def _read(
+      self, reader: ocp.CheckpointManager, step: int, like: Any, fingerprint: str
+  ) -> tuple[dict[str, Any] | None, Any, tuple[int, str] | None]:
+    """``(record, arrays, problem)`` of checkpoint ``step`` as this process reads it.
+
+    ``problem`` is ``None``, or ``(kind, reason)``: :data:`_UNUSABLE` for a checkpoint that cannot
+    be read, :data:`_WRONG_RUN` for one of another configuration (a :class:`CheckpointError`).
+    """
+    try:
+      record = self._record(reader, step)
+      self._check_fingerprint(step, record, fingerprint)
+      if not isinstance(record.get(_CHECKSUMS), dict):
+        raise _Unusable('its record holds no checksums of the arrays')
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like(record) if callable(like) else like)
+      try:
+        arrays = reader.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))['arrays']
+      except Exception as error:  # orbax raises many types for unreadable files
+        raise _Unusable(f'cannot restore the arrays: {_reason(error)}') from error
+    except CheckpointError as error:
+      return None, None, (_WRONG_RUN, str(error))
+    except _Unusable as problem:
+      return None, None, (_UNUSABLE, str(problem))
+    return record, arrays, None
+
+  def _record(self, reader: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     """The record of checkpoint ``step``; ``_Unusable`` if it cannot be read."""
     try:
-      record = self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
+      record = reader.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
     except Exception as error:  # orbax raises many types for unreadable files
       raise _Unusable(f'cannot read the checkpoint: {_reason(error)}') from error
     if not isinstance(record, dict):
@@ -166,32 +219,63 @@ class Checkpointer:
           'Use another checkpoint folder, or delete it to start afresh.'
       )
 
-  def _arrays(self, step: int, like: Any, checksums: Any) -> Any:
-    """The arrays of checkpoint ``step``; ``_Unusable`` if unreadable or unequal to ``checksums``."""
-    if not isinstance(checksums, dict):
-      raise _Unusable('its record holds no checksums of the arrays')
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    try:
-      arrays = self._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))['arrays']
-    except Exception as error:
-      raise _Unusable(f'cannot restore the arrays: {_reason(error)}') from error
-    found = array_checksums(arrays)
-    differ = [path for path in found if checksums.get(path) != found[path]] + sorted(set(checksums) - set(found))
-    if differ:
-      more = f' and {len(differ) - 1} more' if len(differ) > 1 else ''
-      raise _Unusable(f'corrupt: the checksum of {differ[0]}{more} differs')
-    return arrays
+
+_UNUSABLE, _WRONG_RUN = 1, 2  # the kinds of problem a process can find in a checkpoint, by severity
+_AGREED_BYTES = 1024  # of a problem's reason, shared between the processes
+
+
+def _agreed(problem: tuple[int, str] | None) -> tuple[int | None, str | None]:
+  """The gravest problem any process found (the first such process's), the same in every process.
+
+  With one process, ``problem`` itself (or ``(None, None)``). With several, one all-gather of a
+  small byte array: every process must call it, once it has read the checkpoint.
+  """
+  if jax.process_count() == 1:
+    return problem or (None, None)
+  encoded = np.zeros(_AGREED_BYTES + 1, np.uint8)
+  if problem is not None:
+    text = problem[1].encode()[:_AGREED_BYTES]
+    encoded[0], encoded[1:1 + len(text)] = problem[0], np.frombuffer(text, np.uint8)
+  found = np.asarray(multihost_utils.process_allgather(encoded))
+  index = int(np.argmax(found[:, 0]))  # the first of the gravest
+  if found[index, 0] == 0:
+    return None, None
+  reason = bytes(found[index, 1:]).rstrip(b'\0').decode(errors='replace')
+  return int(found[index, 0]), reason if found[index, 0] == _WRONG_RUN else f'process {index}: {reason}'
+
+
+def _checksum_problem(arrays: Any, checksums: dict[str, str]) -> str | None:
+  """Why ``arrays`` fail the ``checksums`` saved with them, or ``None`` (collective across processes)."""
+  found = array_checksums(arrays, like=checksums)
+  differ = [path for path in found if checksums.get(path) != found[path]] + sorted(set(checksums) - set(found))
+  if not differ:
+    return None
+  more = f' and {len(differ) - 1} more' if len(differ) > 1 else ''
+  return f'corrupt: the checksum of {differ[0]}{more} differs'
 
 
 class _Unusable(Exception):
   """A checkpoint to skip: it cannot be read, or its arrays fail their checksums."""
 
 
-def array_checksums(arrays: Any) -> dict[str, str]:
-  """The SHA-256 of the bytes of every array in ``arrays``, by its path, e.g. ``{"['w']": '3b8…'}``.
+def array_checksums(arrays: Any, *, like: dict[str, str] | None = None) -> dict[str, str]:
+  """A checksum of every array in ``arrays``, by its path, e.g. ``{"['w']": '3b8…'}``.
 
-  Arrays spread over several processes (not fully addressable here) are left out: a process sees
-  only its own part of them.
+  An array this process holds whole gets the SHA-256 of its bytes (64 hex digits). An array
+  spread over several processes (not fully addressable: FSDP-sharded or replicated over the
+  devices of every process) gets :func:`fold64_checksum`, which each process computes from its
+  own shards and every process receives whole: all processes hold the same checksums, so a
+  corrupt checkpoint is skipped by all of them alike.
+
+  Args:
+    arrays: a pytree of arrays.
+    like: checksums to compare with (a checkpoint's): an array whose entry there starts with
+      ``'fold64:'`` gets :func:`fold64_checksum`, one with a SHA-256 there gets the SHA-256 (of
+      its gathered value if it spans processes), so that a checkpoint saved by several processes
+      verifies in one, and the other way round. ``None``: each array's own kind, as above.
+
+  Returns:
+    The checksum of every array, by its path (``jax.tree_util.keystr``).
 
   Example:
     >>> import numpy as np
@@ -199,14 +283,103 @@ def array_checksums(arrays: Any) -> dict[str, str]:
     >>> checksums = array_checksums({'w': np.zeros(3, np.float32)})
     >>> list(checksums), len(checksums["['w']"])
     (["['w']"], 64)
+    >>> array_checksums({'w': np.zeros(3, np.float32)}, like={"['w']": 'fold64:'})["['w']"][:7]
+    'fold64:'
   """
-  leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]
-            if getattr(leaf, 'is_fully_addressable', True)]
-  values = jax.device_get([leaf for _, leaf in leaves])  # one transfer for all
-  return {
-      jax.tree_util.keystr(path): hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
-      for (path, _), value in zip(leaves, values)
-  }
+  leaves = [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]]
+
+  def folded(name: str, leaf: Any) -> bool:
+    if like is not None and name in like:
+      return str(like[name]).startswith(_FOLD64)
+    return not getattr(leaf, 'is_fully_addressable', True)
+
+  fold = [(name, leaf) for name, leaf in leaves if folded(name, leaf)]
+  hashed = [(name, leaf) for name, leaf in leaves if not folded(name, leaf)]
+  checksums = dict(zip([name for name, _ in fold], fold64_checksum([leaf for _, leaf in fold]))) if fold else {}
+  values = jax.device_get([_whole(leaf) for _, leaf in hashed])  # one transfer for all
+  checksums.update(
+      (name, hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest())
+      for (name, _), value in zip(hashed, values)
+  )
+  return {name: checksums[name] for name, _ in leaves}
+
+
+def _whole(leaf: Any) -> Any:
+  """``leaf``, gathered from every process if it spans several (every process must call this)."""
+  if getattr(leaf, 'is_fully_addressable', True):
+    return leaf
+  return multihost_utils.process_allgather(leaf, tiled=True)
+
+
+_FOLD64 = 'fold64:'
+_FOLD_SEEDS = (0x9E3779B9, 0x7F4A7C15)  # one per 32-bit half of the checksum
+
+
+def fold64_checksum(arrays: Sequence[Any]) -> list[str]:
+  """A 64-bit checksum of each array that does not depend on how the array is sharded.
+
+  Each element's bits (32-bit words: two for a 64-bit type) are hashed together with their
+  position in the array, and the hashes are summed modulo ``2**32``, twice with different seeds:
+  a sum is computed shard by shard, where the shards are, and equals that of the whole array
+  exactly, so an array split over several processes needs no gather and every process receives
+  the same checksum. A change of any one element always changes it; it detects corruption, not
+  tampering (use SHA-256 for that).
+
+  Args:
+    arrays: arrays (``jax.Array`` on any devices, or NumPy arrays); every process of a
+      multi-process run must pass the same arrays.
+
+  Returns:
+    ``'fold64:'`` and 16 hex digits for each array.
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax.checkpoint import fold64_checksum
+    >>> a, b = fold64_checksum([np.zeros(3, np.float32), np.array([0, 0, 1], np.float32)])
+    >>> a != b, a[:7], len(a)
+    (True, 'fold64:', 23)
+  """
+  placed = [leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf) for leaf in arrays]
+  sums = jax.device_get(_fold_sums(placed))
+  return [f'{_FOLD64}{int(lanes[0]):08x}{int(lanes[1]):08x}' for lanes in sums]
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection, every input bit flips about half the output bits."""
+  x = x ^ (x >> 16)
+  x = x * np.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * np.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _words(leaf: jax.Array) -> jax.Array:
+  """The bits of ``leaf`` as uint32: one word an element, two (a trailing axis) for 64-bit types."""
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.random.key_data(leaf)
+  if leaf.dtype == jnp.bool_:
+    return leaf.astype(np.uint32)
+  if jnp.iscomplexobj(leaf):
+    leaf = jnp.stack([leaf.real, leaf.imag], axis=-1)
+  unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[leaf.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(leaf, unsigned).astype(np.uint32)
+
+
+@jax.jit
+def _fold_sums(leaves: list[jax.Array]) -> list[jax.Array]:
+  """``[uint32[2]]``: the two seeded position-and-bits hash sums of each leaf (see :func:`fold64_checksum`)."""
+  sums = []
+  for leaf in leaves:
+    words = _words(leaf)
+    position = jnp.zeros(words.shape, np.uint32)  # the flat (C order) index, modulo 2**32
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+      position = position + jax.lax.broadcasted_iota(np.uint32, words.shape, axis) * np.uint32(stride % 2**32)
+      stride *= words.shape[axis]
+    sums.append(jnp.stack([
+        jnp.sum(_mix32(_mix32(position ^ np.uint32(seed)) ^ words), dtype=np.uint32) for seed in _FOLD_SEEDS
+    ]))
+  return sums
 
 
 def describe_difference(saved: Any, current: Any, path: str = '') -> str | None:
@@ -251,7 +424,16 @@ def _reason(error: BaseException) -> str:
   code = re.search(r"os_error_code='?(\d+)", str(error))  # TensorStore: "... [os_error_code='28']"
   if code:
     return os.strerror(int(code.group(1)))
-  return ' '.join(str(error).split()) or type(error).__name__
+  text = ' '.join(str(error).split()).split(' See full TensorStore details')[0]  # not its whole spec
+  return text or type(error).__name__
+
+
+class _ReadOnlyNotes(logging.Filter):
+  """Drops Orbax's warnings that a read-only checkpoint manager will neither save nor create."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ('read_only=True' in message or message.startswith('Given directory is read only'))
 
 
 class _OrbaxFailureLogs(logging.Filter):

@@ -55,6 +55,13 @@ and :func:`place` hands each device its own slice of it.
     python3 train.py  # with jax.distributed.initialize(coordinator_address='host0:1234',
                       #                                 num_processes=N, process_id=i)
 
+* **Several processes on one machine**, CPU only (how ``tests/test_multiprocess.py`` runs it:
+  Gloo collectives, JAX's default on CPU, and simulated devices)::
+
+    # process i of 2 (i = 0, 1), each with XLA_FLAGS=--xla_force_host_platform_device_count=2:
+    jax.distributed.initialize(coordinator_address='localhost:1234', num_processes=2, process_id=i)
+    mesh = distributed.make_mesh('fsdp=4')  # the 4 devices of both processes
+
 with ``train.py``::
 
   import jax
@@ -67,8 +74,18 @@ with ``train.py``::
     print(result.accuracy_matrix)         # every process holds the same results
 
 Putting ``'fsdp'`` on the devices of one host and ``'data'`` across hosts keeps the parameter
-gathers on the fast intra-host links. The multi-process path is written for JAX's documented
-multi-controller model but has only been run here on simulated devices of one process.
+gathers on the fast intra-host links (each host then holds a whole copy of the model, split over
+its own devices); an ``'fsdp'`` axis over the devices of every host splits the model and its
+anchor between the hosts. A checkpointer's folder must be one that every process sees (a shared
+file system or a bucket): each process writes the shards it holds, and the checksums of arrays
+spread over several processes are computed where their shards are
+(:func:`sfa_jax.checkpoint.fold64_checksum`).
+
+``tests/test_multiprocess.py`` runs this path on one machine: two processes, 2 simulated CPU
+devices each, one SFA run on an ``'fsdp=4'`` mesh spanning both: the accuracy matrix of one
+device, the params and the anchor split between the processes, a checkpoint written by both, and
+a run killed after a checkpoint resumed to the same result bit for bit. GPU clusters and TPU pods
+run the same code but are not run here.
 """
 
 from __future__ import annotations

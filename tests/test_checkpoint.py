@@ -4,11 +4,13 @@ a fingerprint that names the whole run, and a failed write as one clear error.""
 import dataclasses
 import errno
 import json
+import logging
 import os
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from _checkpoint_helpers import flip_bytes_in_arrays
@@ -20,6 +22,7 @@ from sfa_jax.checkpoint import CheckpointError
 from sfa_jax.checkpoint import Checkpointer
 from sfa_jax.checkpoint import CheckpointWarning
 from sfa_jax.checkpoint import array_checksums
+from sfa_jax.checkpoint import fold64_checksum
 
 
 def _arrays(step):
@@ -47,6 +50,13 @@ def test_the_record_holds_the_sha256_of_every_array(tmp_path):
   assert record == {'fingerprint': 'run', 'step': 1}  # the checksums stay inside the checkpointer
 
 
+def test_a_restore_logs_no_warning(tmp_path, caplog):
+  _saved(tmp_path, 1)
+  with caplog.at_level(logging.WARNING):
+    Checkpointer(tmp_path).restore_latest(LIKE, fingerprint='run')
+  assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+
+
 def test_a_corrupt_checkpoint_is_skipped_for_the_previous_one_and_deleted(tmp_path):
   _saved(tmp_path, 1, 2)
   flip_bytes_in_arrays(tmp_path / '2')
@@ -69,6 +79,49 @@ def test_no_usable_checkpoint_is_an_error_and_deletes_nothing(tmp_path):
   with pytest.raises(CheckpointError, match=r'no usable checkpoint in .*: .*2 \(corrupt: .*\); .*1 \(corrupt: '):
     Checkpointer(tmp_path).restore_latest(LIKE, fingerprint='run')
   assert steps(tmp_path) == [1, 2]
+
+
+def test_fold64_checksum_sees_every_element_and_where_it_is():
+  x = np.arange(12, dtype=np.float32).reshape(3, 4)
+  nudged, swapped = x.copy(), x.copy()
+  nudged[2, 3] = np.nextafter(nudged[2, 3], np.float32(np.inf))  # one bit
+  swapped[0, 1], swapped[1, 0] = x[1, 0], x[0, 1]
+  variants = [x, nudged, swapped, x.T.copy(), x.reshape(-1), -x]
+  checksums = fold64_checksum(variants)
+  assert len(set(checksums)) == len(variants) - 1  # a reshape keeps the elements' flat positions
+  assert checksums[0] == checksums[4] and all(c.startswith('fold64:') and len(c) == 23 for c in checksums)
+  assert fold64_checksum([jnp.asarray(x)]) == checksums[:1]  # a NumPy or a JAX array alike
+  others = [jnp.ones(3, jnp.bfloat16), np.array([True, False]), np.arange(3, dtype=np.int32), jax.random.key(0),
+            np.float32(1)]
+  assert len(set(fold64_checksum(others))) == len(others)
+
+
+def test_checksums_of_a_checkpoint_follow_the_kind_it_saved():
+  arrays = _arrays(1)
+  sha = array_checksums(arrays)
+  assert array_checksums(arrays, like=sha) == sha
+  folded = array_checksums(arrays, like={"['w']": 'fold64:0'})  # as saved by several processes
+  assert folded == {"['b']": sha["['b']"], "['w']": fold64_checksum([arrays['w']])[0]}
+
+
+def test_a_checkpoint_of_several_processes_restores_in_one_and_its_corruption_is_seen(tmp_path, monkeypatch):
+  """Its arrays spanned the processes: fold64 checksums; one process verifies them on its own copy."""
+  import sfa_jax.checkpoint as checkpoint_lib
+
+  sha256_checksums = checkpoint_lib.array_checksums
+  monkeypatch.setattr(checkpoint_lib, 'array_checksums', lambda arrays, like=None: sha256_checksums(
+      arrays, like=like or {name: 'fold64:' for name in sha256_checksums(arrays)}))
+  _saved(tmp_path, 1, 2)
+  monkeypatch.undo()
+  saved = json.loads((tmp_path / '2' / 'record' / 'metadata').read_text())['array_checksums']
+  assert all(value.startswith('fold64:') for value in saved.values())
+  arrays, record = Checkpointer(tmp_path).restore_latest(LIKE, fingerprint='run')
+  assert record['step'] == 2
+  chex.assert_trees_all_equal(arrays, _arrays(2))
+  flip_bytes_in_arrays(tmp_path / '2')
+  with pytest.warns(CheckpointWarning, match=r"corrupt: the checksum of \['w'\] differs"):
+    arrays, record = Checkpointer(tmp_path).restore_latest(LIKE, fingerprint='run')
+  assert record['step'] == 1
 
 
 def test_a_checkpoint_of_another_run_is_an_error_naming_the_difference(tmp_path):
@@ -106,6 +159,9 @@ def test_the_fingerprint_names_the_tasks_and_every_exact_setting():
         (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 'No space left on device'),
         (ValueError('RESOURCE_EXHAUSTED: Error writing "w/0" ... [os_error_code=\'28\']'), 'No space left on device'),
         (ValueError('OUT_OF_RANGE: Error writing "w/0" ... [os_error_code=\'27\']'), 'File too large'),
+        (ValueError('Encountered error while reading array index: (slice(0, 2, 1),). See full TensorStore details: '
+                    "<bound method spec of TensorStore({'driver': 'zarr', ...})>"),
+         'Encountered error while reading array index: (slice(0, 2, 1),).'),
     ],
 )
 def test_a_failed_save_is_one_checkpoint_error_with_the_os_reason(tmp_path, monkeypatch, error, reason):

@@ -45,6 +45,11 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
       np.testing.assert_array_equal(got, want)
     assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(sharded_init))
 
+    # The checkpoint checksum of arrays spread over devices (and processes) is that of their values.
+    from sfa_jax.checkpoint import fold64_checksum
+    leaves = jax.tree.leaves(sharded_init)
+    assert fold64_checksum(leaves) == fold64_checksum([np.asarray(leaf) for leaf in leaves])
+
     # The same accuracy matrix on one device and on the 2x4 mesh.
     config = continual.TrainConfig(epochs_per_task=1, batch_size=32, model_kwargs=(('hidden', (32,)),))
     for name in ACCURACY_METHODS:
