@@ -17,6 +17,7 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, optax
     from sfa_jax import continual, distributed, models, tasks
+    from sfa_jax.engine import callbacks, loop, methods
 
     assert jax.device_count() == 8, jax.devices()
     mesh = distributed.make_mesh('data=2,fsdp=4')
@@ -38,8 +39,8 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
     stream = tasks.make_stream('mnist-pair', source='digits')
     init_model = continual.build_model(stream, continual.TrainConfig(model_kwargs=(('hidden', (64,)),)))
     sample = stream[0].train.x[:1]
-    sharded_init = continual.initializer(init_model, sample, mesh)(3)
-    for got, want, sharding in zip(jax.tree.leaves(sharded_init), jax.tree.leaves(continual.initializer(init_model, sample)(3)),
+    sharded_init = loop.initializer(init_model, sample, mesh)(3)
+    for got, want, sharding in zip(jax.tree.leaves(sharded_init), jax.tree.leaves(loop.initializer(init_model, sample)(3)),
                                    jax.tree.leaves(distributed.tree_shardings(sharded_init, mesh))):
       assert got.sharding.is_equivalent_to(sharding, got.ndim), (got.sharding, sharding)
       np.testing.assert_array_equal(got, want)
@@ -70,12 +71,12 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
       pass
 
     def stop_mid_task_1(event):
-      if event.get('task') == 1 and event.get('step') == event['steps'] // 2 + 1:
+      if isinstance(event, callbacks.StepEvent) and event.task == 1 and event.step == event.steps // 2 + 1:
         raise Stop
 
     with tempfile.TemporaryDirectory() as folder:
       try:
-        continual.run_sequence(stream, method, config, mesh=mesh, progress=stop_mid_task_1,
+        continual.run_sequence(stream, method, config, mesh=mesh, callbacks=stop_mid_task_1,
                                checkpointer=Checkpointer(folder, every_steps=4))
         raise AssertionError('the run was to stop in the middle of task 1')
       except Stop:
@@ -94,10 +95,10 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
     fisher = jax.tree.map(jnp.ones_like, params)
     for name in ('sfa', 'l2', 'ewc'):
       method = continual.make_method(name)
-      tx = continual.method_transform(method, optax.adam(1e-3))
+      tx = method.transform(optax.adam(1e-3))
       sharded_params = distributed.shard(params, mesh)
-      state = jax.jit(tx.init)(sharded_params)
-      state = continual.configure_task(method, state, sharded_params, 1, 4, fisher if name == 'ewc' else None)
+      run = loop.RunState(sharded_params, model_state, jax.jit(tx.init)(sharded_params), {'fisher': fisher})
+      state = method.prepare_optimizer(run.opt_state, run, methods.Boundary(1, 2, 4, fisher=None))
       state = distributed.shard(state, mesh)
       expected = distributed.tree_shardings(state, mesh)
       anchored = [s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, 'anchor')) if hasattr(s, 'anchor')]
@@ -112,7 +113,7 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
       for collective in ('all-gather', 'all-reduce', 'all-to-all', 'collective-permute', 'reduce-scatter'):
         assert collective not in hlo, (name, collective)
 
-      step = continual.make_train_step(model, tx)
+      step = loop.jitted_train_step(model, tx)
       p, ms, s = sharded_params, model_state, state
       for _ in range(5):  # crosses SFA's averaging steps (T = 4, p = 0.25)
         batch = distributed.shard_batch((x, y, mask, ids), mesh)
