@@ -26,6 +26,7 @@ import jax
 from sfa_jax import compile_cache
 from sfa_jax import continual
 from sfa_jax import lm
+from sfa_jax.engine import callbacks
 from sfa_jax.models.llama import Llama
 from sfa_jax.models.llama import LlamaConfig
 from sfa_jax.models.tokenizer import ByteTokenizer
@@ -82,14 +83,12 @@ def main() -> None:
   model, params, tokenizer, domains, settings = setup(args.quick)
   setup_seconds = time.perf_counter() - start
   methods = [continual.make_method(name, **hp) for name, hp in (QUICK_METHODS if args.quick else METHODS)]
-  last = {}
 
   def progress(event):
-    if event['step'] == event['steps'] and last.get('key') != (event['method'], event['domain']):
-      last['key'] = (event['method'], event['domain'])
-      print(f"{time.perf_counter() - start:7.1f}s {event['method']}: {event['domain']} done, loss {float(event['loss']):.3f}", flush=True)
+    if isinstance(event, callbacks.TaskEndEvent):
+      print(f'{time.perf_counter() - start:7.1f}s {domains[event.task].name} done', flush=True)
 
-  results = lm.run_lm_sequences(model, params, domains, methods, settings['config'], progress=progress)
+  results = lm.run_lm_sequences(model, params, domains, methods, settings['config'], callbacks=progress)
   table = lm.lm_markdown_table(results)
   total = time.perf_counter() - start
   os.makedirs(args.out, exist_ok=True)

@@ -64,6 +64,11 @@ class TrainConfig:
     reset_optimizer: re-initialise the optimizer state (e.g. Adam's moments) at each task start.
     objective: the loss trained on and the metric of the accuracy matrix
       (:mod:`sfa_jax.engine.objectives`; default: cross-entropy and accuracy).
+    steps_per_task: train each task for this many optimizer steps (one number, or one per task),
+      the batches drawn from shuffled epochs over its data, the last cut where the budget ends;
+      ``None``: ``epochs_per_task`` whole epochs.
+    fisher_examples: EWC's Fisher from at most this many of a task's training examples
+      (``None``: all of them).
   """
 
   model: str = 'mlp'
@@ -77,12 +82,19 @@ class TrainConfig:
   eval_batch_size: int = 500
   reset_optimizer: bool = True
   objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION
+  steps_per_task: int | tuple[int, ...] | None = None
+  fisher_examples: int | None = None
 
   def __post_init__(self):
     _validation.check_positive_int('epochs_per_task', self.epochs_per_task)
     _validation.check_positive_int('batch_size', self.batch_size)
     _validation.check_positive_int('eval_batch_size', self.eval_batch_size)
     _validation.check_in_interval('learning_rate', self.learning_rate, 0.0, math.inf, low_open=True, high_open=True)
+    if self.steps_per_task is not None:
+      for value in self.steps_per_task if isinstance(self.steps_per_task, tuple) else (self.steps_per_task,):
+        _validation.check_positive_int('steps_per_task', value)
+    if self.fisher_examples is not None:
+      _validation.check_positive_int('fisher_examples', self.fisher_examples)
     if self.eval_every < 0:
       raise ValueError(f'eval_every must be >= 0; got {self.eval_every}.')
     if not isinstance(self.model, str) and not (hasattr(self.model, 'init') and hasattr(self.model, 'apply')):

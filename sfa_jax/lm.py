@@ -1,35 +1,35 @@
-"""A language-model sequence trainer: a causal LM fine-tuned on text domains in turn (Math → Law → Code).
+"""The language-model sequence: a causal LM fine-tuned on text domains in turn (Math → Law → Code).
 
-Any :class:`~sfa_jax.engine.methods.Method` runs here through the same hooks as in
-:mod:`sfa_jax.continual` (its transform, its task-boundary rules, its batch plan over the domains
-as :func:`domain_tasks`), with the language-model loss and metrics:
+It runs on the engine's one training loop (:func:`sfa_jax.engine.loop.train_stream`), as image
+streams do: the domains are a task stream (:func:`domain_stream`: token windows as inputs, the
+windows shifted by one as targets), the objective is
+:data:`sfa_jax.engine.objectives.NEXT_TOKEN`, and any :class:`~sfa_jax.engine.methods.Method`
+runs through its hooks (replay's memory, EWC's Fisher, the merges). Measured after each stage:
 
-* loss: mean next-token cross-entropy over the tokens of a batch of ``(batch, seq_len + 1)`` windows;
-* after each stage, every domain's held-out loss (and perplexity, its exponential) and the
-  exact-match accuracy on the domains with problems (math): the share of problems whose completion
-  greedy decoding reproduces exactly (:class:`sfa_jax.tasks.text.ExactMatchSet`).
+* every domain's held-out loss (and perplexity, its exponential) and the exact-match accuracy on
+  the domains with problems (math): the share of problems whose completion greedy decoding
+  reproduces exactly (:class:`sfa_jax.tasks.text.ExactMatchSet`);
+* the loop's own metric, next-token accuracy on the held-out windows.
 
-Differences with the image trainer, each a choice stated here:
+Choices, each stated here:
 
-* training is counted in steps per domain (``LMConfig.steps_per_domain``), not epochs: batches are
-  drawn from shuffled passes over the domain's windows;
+* training is counted in steps per domain (``LMConfig.steps_per_domain``), not epochs: the
+  batches come from shuffled passes over the domain's windows;
 * replay keeps ``fraction`` of each past domain's training windows and fills ``round(ratio ·
   batch_size)`` rows of each batch with them: the same steps and batch size as the other methods
   (equal compute), so replay sees fewer windows of the current domain;
 * EWC's Fisher is the empirical diagonal Fisher of the per-window mean loss: ``mean_i g_i²`` over
   ``fisher_sequences`` training windows of the finished domain, one gradient per window;
-* the first domain is plain fine-tuning for every method (as in :mod:`sfa_jax.continual`), so
-  :func:`run_lm_sequences` trains it once and starts every method from that shared model;
-  the optimizer state is re-initialised at every domain start;
-* compile once: the gradient (the costly program) is one jitted function shared by all methods;
-  each method's update (element-wise) is a second, cheap jitted function.
+* every method's run is whole: the first domain is plain fine-tuning for every method (each
+  method is inactive there), trained by each run, so every run can be checkpointed and resumed;
+  the optimizer state is re-initialised at every domain start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,10 +43,13 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sfa_jax import _validation
+from sfa_jax import continual
+from sfa_jax import tasks as tasks_lib
+from sfa_jax.checkpoint import Checkpointer
+from sfa_jax.engine import callbacks as callbacks_lib
+from sfa_jax.engine import loop
 from sfa_jax.engine import methods as methods_lib
-from sfa_jax.engine.loop import RunState
-from sfa_jax.tasks import Split
-from sfa_jax.tasks import Task
+from sfa_jax.engine import objectives as objectives_lib
 from sfa_jax.tasks.text import ExactMatchSet
 from sfa_jax.tasks.text import TextDomain
 
@@ -86,16 +89,25 @@ class LMConfig:
     if self.optimizer not in ('adam', 'sgd'):
       raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {self.optimizer!r}.")
 
-  @property
-  def reset_optimizer(self) -> bool:
-    """Always ``True``: the optimizer state restarts at every domain (see the module docstring)."""
-    return True
+  def train_config(self, model) -> continual.TrainConfig:
+    """The engine's settings for ``model``: these steps, batches, optimizer and seed, the next-token objective."""
+    return continual.TrainConfig(
+        model=model, epochs_per_task=1, batch_size=self.batch_size, learning_rate=self.learning_rate,
+        optimizer=self.optimizer_for, seed=self.seed, eval_batch_size=self.eval_batch_size,
+        objective=objectives_lib.NEXT_TOKEN, steps_per_task=self.steps_per_domain, fisher_examples=self.fisher_sequences,
+    )
 
   def steps(self, domain_index: int) -> int:
     """The steps of domain ``domain_index``."""
     if isinstance(self.steps_per_domain, tuple):
       return self.steps_per_domain[domain_index]
     return self.steps_per_domain
+
+  def optimizer_for(self, learning_rate: float) -> optax.GradientTransformation:
+    """:meth:`make_optimizer` as the engine asks for it; equal configs give equal factories, so
+    their runs share one compiled step."""
+    del learning_rate  # this config's own
+    return self.make_optimizer()
 
   def make_optimizer(self) -> optax.GradientTransformation:
     """The optimizer, after gradient clipping when ``grad_clip > 0``."""
@@ -115,8 +127,7 @@ class LMResult:
     exact_match: ``{domain: [accuracy after row i]}`` for the domains with problems.
     train_losses: the training loss of every step, per domain.
     averaging_steps: SFA's averaging steps (global step numbers).
-    seconds: wall time of training, evaluation, Fisher and the whole run (the shared first domain
-      included in each method's total).
+    seconds: wall time of training, evaluation, Fisher and the whole run.
   """
 
   method: str
@@ -143,52 +154,6 @@ class LMResult:
   def to_json(self) -> dict[str, Any]:
     """A JSON-serialisable dict, with :meth:`summary` under ``'metrics'``."""
     return dataclasses.asdict(self) | {'metrics': self.summary()}
-
-
-def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-  """Weighted mean next-token cross-entropy: ``Σ w·CE / max(Σ w, 1)``.
-
-  Args:
-    logits: ``(batch, length, vocab)``.
-    targets: int ``(batch, length)``.
-    weights: ``(batch, length)``, 0 or 1.
-
-  Returns:
-    A scalar.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> float(token_loss(jnp.zeros((1, 2, 4)), jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2))))  # log 4
-    1.3862943649291992
-  """
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-
-
-def make_grad_fn(model) -> Callable:
-  """``grad(params, windows, weights) -> (loss, grads)``, jitted once for all methods.
-
-  Args:
-    model: a causal LM, ``model.apply({'params': p}, tokens) -> logits``.
-
-  Returns:
-    The function; ``windows`` is int ``(batch, seq_len + 1)``, ``weights`` ``(batch, seq_len)``.
-  """
-
-  def loss_fn(params, windows, weights):
-    return token_loss(model.apply({'params': params}, windows[:, :-1]), windows[:, 1:], weights)
-
-  return jax.jit(jax.value_and_grad(loss_fn))
-
-
-def make_update_fn(tx: optax.GradientTransformation) -> Callable:
-  """``update(params, opt_state, grads) -> (params, opt_state)``, jitted, params and state donated."""
-
-  def update(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return jax.jit(update, donate_argnums=(0, 1))
 
 
 def make_lm_evaluator(model, batch_size: int) -> tuple[Callable, Callable]:
@@ -269,117 +234,28 @@ def greedy_generate(model, params, prompt: Sequence[int], num_tokens: int) -> li
   return ids[len(prompt):]
 
 
-def sequence_fisher(grad_fn: Callable, params: Any, windows: np.ndarray, batch_size: int) -> Any:
-  """Empirical diagonal Fisher ``mean_i g_i²``, ``g_i`` the gradient of window ``i``'s mean token loss.
+def domain_stream(domains: Sequence[TextDomain]) -> tasks_lib.TaskStream:
+  """The domains as a task stream: inputs ``windows[:, :-1]``, targets ``windows[:, 1:]``.
 
-  Each window's gradient comes from ``grad_fn`` on a full batch whose weights select that window
-  alone (so the compiled gradient is reused; it costs one batch per window).
+  Replay's memory is then a random ``fraction`` of a past domain's windows, joint training the
+  union of the windows, as for any stream.
 
-  Args:
-    grad_fn: from :func:`make_grad_fn`.
-    params: where the Fisher is estimated.
-    windows: int ``(n, seq_len + 1)``.
-    batch_size: the batch size ``grad_fn`` was compiled for.
-
-  Returns:
-    A tree like ``params``.
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax.tasks.text import TextDomain
+    >>> windows = np.arange(12, dtype=np.int32).reshape(3, 4)
+    >>> stream = domain_stream([TextDomain('math', windows, windows, None, ())])
+    >>> stream[0].train.x[0].tolist(), stream[0].train.y[0].tolist()
+    ([0, 1, 2], [1, 2, 3])
   """
-  n = len(windows)
-  total = jax.tree.map(jnp.zeros_like, params)
-  for start in range(0, n, batch_size):
-    chunk = windows[start:start + batch_size]
-    rows = len(chunk)
-    chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - rows, axis=0)])
-    for r in range(rows):
-      weights = np.zeros((batch_size, chunk.shape[1] - 1), np.float32)
-      weights[r] = 1.0
-      _, grads = grad_fn(params, chunk, weights)
-      total = jax.tree.map(lambda t, g: t + g * g, total, grads)
-  return jax.tree.map(lambda t: t / n, total)
+  return tasks_lib.stream_of(
+      'text', [(d.name, _shifted(d.train), _shifted(d.heldout)) for d in domains],
+      num_outputs=0, source='; '.join(source for d in domains for source in d.sources),
+  )
 
 
-def domain_tasks(domains: Sequence[TextDomain]) -> list[Task]:
-  """The domains as :class:`~sfa_jax.tasks.Task` s whose examples are token windows (no labels).
-
-  A method's batch plan (replay's memory, joint's union) is then the same rule as for images:
-  ``train.x`` holds a domain's training windows, ``train.y`` a zero per window (one class, so
-  replay's stratified memory is a random ``fraction`` of the windows).
-  """
-  return [
-      Task(j, d.name, Split(d.train, np.zeros(len(d.train), np.int32)), Split(d.heldout, np.zeros(len(d.heldout), np.int32)), (), ())
-      for j, d in enumerate(domains)
-  ]
-
-
-class _Runner:
-  """The pieces shared by every method of one :func:`run_lm_sequences` call."""
-
-  def __init__(self, model, domains: Sequence[TextDomain], config: LMConfig, progress):
-    self.domains, self.config, self.progress = domains, config, progress
-    self.tasks = domain_tasks(domains)
-    self.grad_fn = make_grad_fn(model)
-    self.heldout_loss, self.exact_match = make_lm_evaluator(model, config.eval_batch_size)
-    self.weights = np.ones((config.batch_size, domains[0].train.shape[1] - 1), np.float32)
-    self._first_fisher = None
-
-  def evaluate(self, params, seconds) -> tuple[list[float], dict[str, float]]:
-    begin = time.perf_counter()
-    losses = [self.heldout_loss(params, d.heldout) for d in self.domains]
-    em = {d.name: self.exact_match(params, d.problems) for d in self.domains if d.problems is not None}
-    seconds['evaluate'] += time.perf_counter() - begin
-    return losses, em
-
-  def boundary(self, k: int, seconds: dict[str, float]) -> methods_lib.Boundary:
-    """Domain ``k``'s boundary; its Fisher of the shared first domain is computed once for all methods."""
-
-    def fisher(state: RunState) -> Any:
-      if k == 0 and self._first_fisher is not None:  # every method's domain 0 ends on one model
-        return self._first_fisher
-      begin = time.perf_counter()
-      windows = self.domains[k].train[: self.config.fisher_sequences]
-      value = sequence_fisher(self.grad_fn, state.params, windows, self.config.batch_size)
-      seconds['fisher'] += time.perf_counter() - begin
-      if k == 0:
-        self._first_fisher = value
-      return value
-
-    return methods_lib.Boundary(k, len(self.domains), self.config.steps(k), fisher)
-
-  def batches(self, method: methods_lib.Method, k: int):
-    """The training batches of domain ``k``: the method's batch plan, drawn in shuffled passes."""
-    config = self.config
-    rng = np.random.default_rng([config.seed, k])
-    plan = method.batch_plan(self.tasks, k, config.batch_size, config.seed)
-    data = plan.data.x
-    current = _passes(rng, len(data), config.batch_size - plan.replay_size, config.steps(k))
-    recall = _passes(rng, len(plan.replay.x), plan.replay_size, config.steps(k)) if plan.replay is not None else None
-    for i in range(config.steps(k)):
-      rows = data[current[i]]
-      yield rows if recall is None else np.concatenate([rows, plan.replay.x[recall[i]]])
-
-  def train(self, method, state: RunState, k, update_fn, seconds, losses_out, averaging_out, global_step):
-    begin = time.perf_counter()
-    steps = self.config.steps(k)
-    schedule = method.averaging_schedule(k, steps)
-    losses = []
-    params, opt_state = state.params, state.opt_state
-    for step, batch in enumerate(self.batches(method, k), start=1):
-      loss, grads = self.grad_fn(params, batch, self.weights)
-      params, opt_state = update_fn(params, opt_state, grads)
-      losses.append(loss)
-      global_step += 1
-      if schedule[step] if schedule is not None else bool(method.averaged(opt_state)):
-        averaging_out.append(global_step)
-      self.progress({'method': method.label, 'domain': self.domains[k].name, 'step': step, 'steps': steps, 'loss': loss})
-    losses_out.append([float(v) for v in losses])
-    seconds['train'] += time.perf_counter() - begin
-    return state._replace(params=params, opt_state=opt_state), global_step
-
-
-def _passes(rng: np.random.Generator, n: int, rows: int, steps: int) -> np.ndarray:
-  """``steps`` batches of ``rows`` indices from shuffled passes over ``n`` items."""
-  passes = -(-steps * rows // n)
-  return np.concatenate([rng.permutation(n) for _ in range(passes)])[: steps * rows].reshape(steps, rows)
+def _shifted(windows: np.ndarray) -> tasks_lib.Split:
+  return tasks_lib.Split(windows[:, :-1], windows[:, 1:])
 
 
 def run_lm_sequences(
@@ -389,27 +265,28 @@ def run_lm_sequences(
     methods: Sequence[methods_lib.Method],
     config: LMConfig = LMConfig(),
     *,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    callbacks: callbacks_lib.Callback | Sequence[callbacks_lib.Callback] | None = None,
+    checkpointers: Sequence[Checkpointer] | None = None,
 ) -> list[LMResult]:
   """Fine-tunes ``params`` on ``domains`` in order with each method; evaluates after each stage.
 
-  The first domain is trained once (plain fine-tuning, which every method does there) and each
-  method continues from that model.
-
   Args:
-    model: a causal LM (e.g. :class:`sfa_jax.models.llama.Llama`).
+    model: a causal LM (e.g. :class:`sfa_jax.models.llama.Llama`), ``model.apply(variables, tokens)``.
     params: its initial (pretrained) params; left untouched.
     domains: from :func:`sfa_jax.tasks.text.make_text_domains`, all with one window shape.
     methods: :class:`~sfa_jax.engine.methods.Method` s, e.g. from :func:`continual.make_method`.
     config: training settings.
-    progress: called after every step with ``{'method', 'domain', 'step', 'steps', 'loss'}``.
+    callbacks: called with every event of every method's run (:mod:`sfa_jax.engine.callbacks`).
+    checkpointers: one :class:`~sfa_jax.checkpoint.Checkpointer` per method (``None``: none):
+      each run is saved and resumed as :func:`sfa_jax.continual.run_sequence` is.
 
   Returns:
     One :class:`LMResult` per method, in order.
 
   Raises:
-    ValueError: on no domains, mismatched window shapes, or a ``steps_per_domain`` tuple of the
-      wrong length.
+    ValueError: on no domains, mismatched window shapes, a ``steps_per_domain`` tuple of the
+      wrong length, or a checkpointer count other than the method count.
+    TypeError: when a method is not a :class:`~sfa_jax.engine.methods.Method`.
 
   Example:
     >>> import jax
@@ -435,54 +312,48 @@ def run_lm_sequences(
   for i, method in enumerate(methods):
     if not isinstance(method, methods_lib.Method):
       raise TypeError(f'methods[{i}] must be a sfa_jax.engine.methods.Method; got {method!r}.')
-  report = progress or (lambda event: None)
-  runner = _Runner(model, domains, config, report)
-  params = jax.tree.map(jnp.asarray, params)
-  start = time.perf_counter()
+  if checkpointers is not None and len(checkpointers) != len(methods):
+    raise ValueError(f'checkpointers has {len(checkpointers)} entries for {len(methods)} methods.')
+  stream = domain_stream(domains)
+  train_config = config.train_config(model)
+  heldout_loss, exact_match = loop.reused(  # later calls of this process: compiled already
+      ('lm_evaluator', model, config.eval_batch_size), lambda: make_lm_evaluator(model, config.eval_batch_size))
 
-  # The shared first domain: plain fine-tuning.
-  shared_seconds = {'train': 0.0, 'evaluate': 0.0, 'fisher': 0.0}
-  initial_losses, initial_em = runner.evaluate(params, shared_seconds)
-  finetune = methods_lib.Finetune()
-  tx = config.make_optimizer()
-  first = RunState(jax.tree.map(jnp.copy, params), {}, jax.jit(tx.init)(params), {})
-  first_losses: list[list[float]] = []
-  first, _ = runner.train(finetune, first, 0, make_update_fn(tx), shared_seconds, first_losses, [], 0)
-  first_eval = runner.evaluate(first.params, shared_seconds)
-  shared_seconds['total'] = time.perf_counter() - start
+  def evaluate(state) -> dict[str, Any]:
+    return {
+        'loss': [heldout_loss(state.params, d.heldout) for d in domains],
+        'exact_match': {d.name: exact_match(state.params, d.problems) for d in domains if d.problems is not None},
+    }
 
+  initial = (jax.tree.map(jnp.asarray, params), {})
   results = []
-  for method in methods:
-    begin = time.perf_counter()
-    seconds = dict(shared_seconds)
-    tx = method.transform(config.make_optimizer())
-    init_state, update_fn = jax.jit(tx.init), make_update_fn(tx)
-    state = RunState(jax.tree.map(jnp.copy, first.params), {}, None, method.init_extras(first.params, {}, len(domains)))
-    state = method.end_task(state, runner.boundary(0, seconds))
-    rows = [initial_losses, first_eval[0]]
-    em = {name: [initial_em[name], first_eval[1][name]] for name in initial_em}
-    train_losses, averaging_steps = list(first_losses), []
-    global_step = config.steps(0)
-    for k in range(1, len(domains)):
-      at = runner.boundary(k, seconds)
-      state = method.start_task(state, at)
-      state = state._replace(opt_state=init_state(state.params))  # reset at every domain
-      state = state._replace(opt_state=method.prepare_optimizer(state.opt_state, state, at))
-      state, global_step = runner.train(method, state, k, update_fn, seconds, train_losses, averaging_steps, global_step)
-      state = method.end_task(state, at)
-      losses, accuracies = runner.evaluate(state.params, seconds)
-      rows.append(losses)
-      for name, value in accuracies.items():
-        em[name].append(value)
-    seconds['total'] = shared_seconds['total'] + time.perf_counter() - begin
+  for i, method in enumerate(methods):
+    losses: list[list[Any]] = [[] for _ in domains]
+
+    def keep_loss(event, losses=losses):
+      if isinstance(event, callbacks_lib.StepEvent):
+        losses[event.task].append(event.loss)
+
+    run_id = json.dumps({
+        'stream': [d.name for d in domains], 'windows': [list(d.train.shape) for d in domains],
+        'method': continual.describe_method(method), 'config': dataclasses.asdict(config),
+        'model': repr(model), 'initial': continual.initial_checksum(initial),
+        'checkpoint_format': loop.CHECKPOINT_FORMAT,
+    }, sort_keys=True, default=repr)
+    (record,), seconds = loop.train_stream(
+        stream, [(method, train_config)], model=model, fingerprint=run_id, stacked=False,
+        callbacks=[keep_loss, callbacks_lib.as_callbacks(callbacks)],
+        checkpointer=None if checkpointers is None else checkpointers[i], initial=initial, evaluate_state=evaluate,
+    )
+    rows = record.extra
     results.append(LMResult(
         method=method.label,
         domain_names=[d.name for d in domains],
         stages=['initial'] + [d.name for d in domains],
-        loss_matrix=[[float(v) for v in row] for row in rows],
-        exact_match=em,
-        train_losses=train_losses,
-        averaging_steps=averaging_steps,
+        loss_matrix=[[float(v) for v in row['loss']] for row in rows],
+        exact_match={name: [row['exact_match'][name] for row in rows] for name in rows[0]['exact_match']},
+        train_losses=[[float(v) for v in domain] for domain in losses],
+        averaging_steps=record.averaging_steps,
         seconds=seconds,
     ))
   return results

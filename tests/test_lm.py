@@ -135,3 +135,29 @@ def test_run_lm_sequences_rejects_bad_input(tiny):
     lm.LMConfig(batch_size=0)
   with pytest.raises(ValueError, match='optimizer'):
     lm.LMConfig(optimizer='rmsprop')
+
+
+def test_a_language_run_is_the_engine_loop_and_resumes_bit_exact(tiny, tmp_path):
+  """The sequence runs on the one loop: checkpointed mid-domain, resumed, the same numbers."""
+  from sfa_jax.checkpoint import Checkpointer
+  from sfa_jax.engine import callbacks
+
+  model, params, domains = tiny
+  config = lm.LMConfig(steps_per_domain=(3, 4, 2), batch_size=2, learning_rate=3e-3)
+  method = continual.make_method('sfa', p=0.5)
+  (whole,) = lm.run_lm_sequences(model, params, domains, [method], config)
+  assert [len(x) for x in whole.train_losses] == [3, 4, 2] and whole.averaging_steps == [5, 7, 8, 9]
+
+  class Stop(Exception):
+    pass
+
+  def stop_in_law(event):
+    if isinstance(event, callbacks.StepEvent) and (event.task, event.step) == (1, 3):
+      raise Stop
+
+  with pytest.raises(Stop):
+    lm.run_lm_sequences(model, params, domains, [method], config, callbacks=stop_in_law,
+                        checkpointers=[Checkpointer(tmp_path, every_steps=2)])
+  (resumed,) = lm.run_lm_sequences(model, params, domains, [method], config, checkpointers=[Checkpointer(tmp_path)])
+  assert resumed.loss_matrix == whole.loss_matrix and resumed.exact_match == whole.exact_match
+  assert resumed.averaging_steps == whole.averaging_steps

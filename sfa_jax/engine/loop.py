@@ -271,11 +271,20 @@ def reused(key: tuple, build: Callable[[], Any]) -> Any:
 # Batches.
 
 
-def _num_steps(num_examples: int, batch_size: int, epochs: int) -> int:
-  steps = tasks_lib.num_batches(num_examples, batch_size) * epochs
-  if steps == 0:
+def _task_budget(num_examples: int, batch_size: int, config: Any, task_index: int) -> tuple[int, int]:
+  """``(steps, epochs)`` of a task: ``config.steps_per_task`` steps, or ``epochs_per_task`` whole epochs.
+
+  With a step budget the epochs are the shuffled passes it needs, the last one cut where the
+  budget ends.
+  """
+  per_epoch = tasks_lib.num_batches(num_examples, batch_size)
+  if per_epoch == 0:
     raise ValueError(f'{num_examples} training examples make no batch of {batch_size}: lower batch_size.')
-  return steps
+  budget = config.steps_per_task
+  if budget is None:
+    return per_epoch * config.epochs_per_task, config.epochs_per_task
+  steps = budget[task_index] if isinstance(budget, tuple) else budget
+  return steps, -(-steps // per_epoch)
 
 
 def _replay_order(num_examples: int, batch_size: int, count: int, seed: int, epoch: int) -> np.ndarray:
@@ -412,6 +421,7 @@ class LaneRecord(NamedTuple):
   curve: list[tuple[int, int, tuple[float, ...]]]
   steps_per_task: list[int]
   averaging_steps: list[int]
+  extra: list[Any]
 
 
 def train_stream(
@@ -425,6 +435,7 @@ def train_stream(
     checkpointer: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     initial: Any = None,
+    evaluate_state: Callable[[RunState], Any] | None = None,
 ) -> tuple[list[LaneRecord], dict[str, float]]:
   """Trains every configuration on the tasks of ``stream`` in order; evaluates every task after each.
 
@@ -442,6 +453,9 @@ def train_stream(
       optimizer state FSDP-sharded.
     initial: ``(params, model_state)`` every lane starts from (a pretrained model, another run's
       end) instead of the model's initialisation with the lane's seed; copied, never donated.
+    evaluate_state: a further evaluation of one lane's state (JSON values, e.g. held-out losses
+      and exact match of a language model), before the first task and after every task end;
+      kept in :attr:`LaneRecord.extra` and in the checkpoints. Unstacked runs only.
 
   Returns:
     One :class:`LaneRecord` per configuration, and the seconds spent training, evaluating, in
@@ -454,6 +468,8 @@ def train_stream(
   shared, count = configs[0], len(configurations)
   if not stacked and count != 1:
     raise ValueError(f'an unstacked run has one configuration; got {count}.')
+  if stacked and evaluate_state is not None:
+    raise ValueError('evaluate_state evaluates one run: it is not available in a sweep.')
   all_tasks = [stream[i] for i in range(len(stream))]
   init = initializer(model, all_tasks[0].train.x[:1], mesh) if initial is None else _starting_point(model, all_tasks[0], initial, mesh)
   optimizer = shared.make_optimizer()
@@ -493,7 +509,7 @@ def train_stream(
   record: dict[str, Any] = {
       'fingerprint': fingerprint,
       'position': dataclasses.asdict(_Position()),
-      'lanes': [{'matrix': [], 'curve': [], 'steps_per_task': [], 'averaging_steps': []} for _ in range(count)],
+      'lanes': [{'matrix': [], 'curve': [], 'steps_per_task': [], 'averaging_steps': [], 'extra': []} for _ in range(count)],
       'seconds': {'train': 0.0, 'evaluate': 0.0, 'fisher': 0.0},
   }
   if checkpointer is not None:
@@ -504,6 +520,15 @@ def train_stream(
       emit(callbacks_lib.ResumeEvent(record['position']['global_step']))
   pos = _Position(**record['position'])
   seconds, lanes = record['seconds'], record['lanes']
+
+  def evaluate_extra() -> None:
+    if evaluate_state is not None:
+      begin = time.perf_counter()
+      lanes[0]['extra'].append(evaluate_state(state))
+      seconds['evaluate'] += time.perf_counter() - begin
+
+  if pos.global_step == 0 and not lanes[0]['extra']:
+    evaluate_extra()  # before any training: the starting point's row
 
   def lane_states() -> list[RunState]:
     return _unstack(state, count) if stacked else [state]
@@ -532,7 +557,10 @@ def train_stream(
   def boundary(k: int, total_steps: int) -> methods_lib.Boundary:
     def fisher(lane: RunState) -> Any:
       begin = time.perf_counter()
-      value = task_fisher(model, lane.params, lane.model_state, all_tasks[k].train, k, shared.eval_batch_size, objective)
+      split = all_tasks[k].train
+      if shared.fisher_examples is not None:
+        split = tasks_lib.Split(split.x[: shared.fisher_examples], split.y[: shared.fisher_examples])
+      value = task_fisher(model, lane.params, lane.model_state, split, k, shared.eval_batch_size, objective)
       seconds['fisher'] += time.perf_counter() - begin
       return value
 
@@ -544,7 +572,7 @@ def train_stream(
         _Feed(method.batch_plan(all_tasks, k, config.batch_size, config.seed), methods_lib.task_seed(config.seed, k), config.batch_size)
         for method, config in configurations
     ]
-    total_steps = _num_steps(len(feeds[0].plan.data.y), feeds[0].current_size, shared.epochs_per_task)
+    total_steps, epochs = _task_budget(len(feeds[0].plan.data.y), feeds[0].current_size, shared, k)
     at = boundary(k, total_steps)
     if pos.step_in_task == 0:
       started = []
@@ -560,9 +588,9 @@ def train_stream(
     inputs = feeds[:1] if data_axis is None else feeds
     mask = np.ones(shared.batch_size, bool)
     begin = time.perf_counter()
-    while pos.epoch < shared.epochs_per_task:
+    while pos.epoch < epochs and pos.step_in_task < total_steps:
       orders = [feed.epoch(pos.epoch) for feed in inputs]
-      while pos.batch < len(orders[0][0]):
+      while pos.batch < len(orders[0][0]) and pos.step_in_task < total_steps:
         batches = [feed.batch(*order, pos.batch) for feed, order in zip(inputs, orders)]
         x, y, ids = batches[0] if data_axis is None else (np.stack(parts) for parts in zip(*batches))
         params, model_state, opt_state, loss, accuracy = train_step(
@@ -602,12 +630,14 @@ def train_stream(
     for i, row in enumerate(evaluate_all(k, range(count))):
       lanes[i]['matrix'].append([float(a) for a in row])
       emit(callbacks_lib.TaskEndEvent(i, k, tuple(lanes[i]['matrix'][-1])))
+    evaluate_extra()
     pos.task, pos.epoch, pos.batch, pos.step_in_task = k + 1, 0, 0, 0
     save(force=True)
 
   seconds['total'] = seconds.get('total', 0.0) + time.perf_counter() - start_time
   results = [
-      LaneRecord(lane['matrix'], [_curve_point(p) for p in lane['curve']], lane['steps_per_task'], lane['averaging_steps'])
+      LaneRecord(lane['matrix'], [_curve_point(p) for p in lane['curve']], lane['steps_per_task'], lane['averaging_steps'],
+                 lane['extra'])
       for lane in lanes
   ]
   return results, dict(seconds)

@@ -99,3 +99,23 @@ def regression(tolerance: float = 0.1) -> Objective:
     return jnp.sum(jnp.all(jnp.abs(errors(outputs, targets)) <= tolerance, axis=-1) & mask)
 
   return Objective(f'regression(tolerance={tolerance:g})', loss, score)
+
+
+def _token_loss_and_accuracy(logits, targets, mask):
+  weights = jnp.broadcast_to(mask[:, None], targets.shape).astype(jnp.float32)
+  count = jnp.maximum(weights.sum(), 1.0)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return (losses * weights).sum() / count, (correct * weights).sum() / count
+
+
+def _window_token_accuracy(logits, targets, mask):
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return jnp.sum(correct.mean(axis=-1) * mask)
+
+
+NEXT_TOKEN = Objective('next-token', _token_loss_and_accuracy, _window_token_accuracy)
+"""A causal language model's objective: inputs are token windows ``(N, L)``, targets the same windows
+shifted by one; the loss is the mean next-token cross-entropy over the batch's tokens, the metric
+the share of next tokens predicted (greedy), per window."""
+

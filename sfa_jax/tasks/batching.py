@@ -156,8 +156,8 @@ def subsample(split: Split, fraction: float, seed: int) -> Split:
 
   Class ``c`` with ``n_c`` examples keeps ``max(1, round(fraction * n_c))`` of them (halves rounded
   to even), chosen by ``np.random.default_rng(seed)``; the kept examples stay in their order.
-  Targets that are not integers (regression) have no classes: ``max(1, round(fraction * N))`` of
-  all the examples are kept.
+  Targets that are not one integer label per example (real values, token sequences) have no
+  classes: ``max(1, round(fraction * N))`` of all the examples are kept.
 
   Args:
     split: the examples.
@@ -175,7 +175,8 @@ def subsample(split: Split, fraction: float, seed: int) -> Split:
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f'fraction must lie in (0, 1]; got {fraction!r}.')
   rng = np.random.default_rng(seed)
-  if not np.issubdtype(np.asarray(split.y).dtype, np.integer):  # real-valued targets: no classes
+  labels = np.asarray(split.y)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):  # real or sequence targets: no classes
     kept = np.sort(rng.choice(len(split.y), max(1, round(fraction * len(split.y))), replace=False))
     return Split(split.x[kept], split.y[kept])
   keep = []
