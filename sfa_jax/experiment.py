@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import matplotlib
 
 matplotlib.use('Agg')
@@ -95,22 +96,26 @@ def run_grid(
     config: continual.TrainConfig,
     seeds: Sequence[int],
     *,
-    as_sweep: bool = False,
+    as_sweep: bool | None = None,
     log: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
   """Runs every configuration of ``grid`` with every seed on ``stream``.
 
-  Each run is :func:`sfa_jax.continual.run_sequence` with ``config`` and ``seed`` replaced; with
-  ``as_sweep``, the configurations of one method (and their seeds) train side by side as one
+  Each run is :func:`sfa_jax.continual.run_sequence` with ``config`` and ``seed`` replaced; as
+  sweeps, the configurations of one method (and their seeds) train side by side as one
   :func:`sfa_jax.sweep.run_sweep` each (the same numbers, one compiled program; hyper-parameters a
-  sweep cannot vary split a method into several sweeps).
+  sweep cannot vary split a method into several sweeps). By default sweeps are chosen on an
+  accelerator, where one small model does not fill the device, and runs one after another on the
+  CPU, where the step is compute-bound and a sweep does not pay (``benchmarks/RESULTS.md``); the
+  choice is logged.
 
   Args:
     stream: the tasks.
     grid: the configurations, e.g. from :func:`method_grid`.
     config: training settings shared by all runs (its ``seed`` is replaced by each of ``seeds``).
     seeds: the seeds.
-    as_sweep: train each method's configurations as vectorised sweeps.
+    as_sweep: ``True``: vectorised sweeps; ``False``: one run after another; ``None``: chosen by
+      the backend, as above.
     log: called with one line per configuration (its label, the mean ± std of the final average
       accuracy, of the final accuracy on each task up to 5 tasks, and its seconds); ``None`` is quiet.
 
@@ -138,6 +143,14 @@ def run_grid(
     raise ValueError('seeds must hold at least one seed.')
   if len(set(seeds)) != len(seeds):
     raise ValueError(f'seeds must not repeat; got {seeds}.')
+  if as_sweep is None:
+    backend = jax.default_backend()
+    as_sweep, reason = backend != 'cpu', f'chosen for the {backend} backend'
+  else:
+    reason = 'as asked'
+  if log is not None:
+    how = 'one vectorised sweep per method' if as_sweep else 'one configuration after another'
+    log(f'run_grid: {len(methods)} configurations x {len(seeds)} seeds, {how} ({reason})')
   results = _sweep_results(stream, methods, config, seeds) if as_sweep else None
   runs: list[dict[str, Any]] = []
   for method in methods:
@@ -540,8 +553,9 @@ def experiment_parser(description: str) -> argparse.ArgumentParser:
   parser.add_argument('--quick', action='store_true', help='a tiny run (one seed, few configurations, small data)')
   parser.add_argument('--out', default=RESULTS_DIR, help='output folder (default: experiments/results)')
   parser.add_argument('--seeds', type=_seed_list, help='comma-separated seeds (default: 0,1,2; 0 with --quick)')
-  parser.add_argument('--sweep', action='store_true',
-                      help="train each method's configurations and seeds side by side, as one vectorised sweep")
+  parser.add_argument('--sweep', action=argparse.BooleanOptionalAction, default=None,
+                      help="--sweep: each method's configurations and seeds side by side, as one vectorised sweep; "
+                           '--no-sweep: one after another; default: sweeps on an accelerator, not on the CPU')
   return parser
 
 

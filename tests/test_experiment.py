@@ -146,7 +146,8 @@ def test_run_grid_runs_every_configuration_and_seed():
   assert [(r['method_name'], r['seed']) for r in runs] == [('sfa', 0), ('sfa', 1)]
   assert runs[0]['hyperparams'] == {'beta': 0.25, 'p': 0.5}  # defaults filled in
   assert runs[0]['method'] == 'sfa(beta=0.25, p=0.5)'
-  assert len(lines) == 1 and lines[0].startswith('sfa(beta=0.25, p=0.5)')
+  assert len(lines) == 2 and lines[1].startswith('sfa(beta=0.25, p=0.5)')
+  assert lines[0] == 'run_grid: 1 configurations x 2 seeds, one configuration after another (chosen for the cpu backend)'
   # The seed is the run's: two seeds give different numbers.
   assert runs[0]['accuracy_matrix'] != runs[1]['accuracy_matrix']
   finals = experiment.final_accuracies(runs)
@@ -186,7 +187,9 @@ def test_run_grid_as_sweeps_gives_the_runs_of_run_grid():
   config = continual.TrainConfig(epochs_per_task=1, batch_size=32, model_kwargs=(('hidden', (32,)),))
   grid = experiment.method_grid('sfa', p=[0.5, 1.0]) + [('finetune', {})] + experiment.method_grid('replay', ratio=[0.25, 0.5])
   one_by_one = experiment.run_grid(stream, grid, config, [0, 1], log=None)
-  swept = experiment.run_grid(stream, grid, config, [0, 1], as_sweep=True, log=None)
+  lines = []
+  swept = experiment.run_grid(stream, grid, config, [0, 1], as_sweep=True, log=lines.append)
+  assert lines[0] == 'run_grid: 5 configurations x 2 seeds, one vectorised sweep per method (as asked)'
   assert [(r['method'], r['seed']) for r in swept] == [(r['method'], r['seed']) for r in one_by_one]
   for got, want in zip(swept, one_by_one):
     np.testing.assert_allclose(got['accuracy_matrix'], want['accuracy_matrix'], atol=1e-6, err_msg=got['method'])

@@ -30,9 +30,12 @@ def test_the_engine_example_runs_a_user_method_with_adamw_cosine_and_a_sweep():
   assert [r.method for r in results] == ['params-ema(decay=0.5)'] * 2 + ['params-ema(decay=0.9)'] * 2
 
 
-def test_the_model_and_data_example_trains_an_nnx_module_on_a_stream_of_arrays():
+def test_the_model_and_data_example_runs_an_nnx_module_adamw_cosine_and_a_user_method_on_a_stream_of_arrays():
   namespace: dict = {}
+  exec(compile(_block_after('## Your method, optimizer and loggers'), 'README.md (engine)', 'exec'), namespace)
   exec(compile(_block_after('### Your model and data'), 'README.md (model and data)', 'exec'), namespace)
   finetune, sfa = namespace['finetune'], namespace['sfa']
   assert finetune.accuracy_matrix[0][0] > 0.8  # the NNX module learns task 0
   assert sfa.accuracy_matrix[1][0] > finetune.accuracy_matrix[1][0]  # and SFA keeps more of it
+  assert [(r['method'], r['seed']) for r in namespace['compared']][-2:] == [('params-ema(decay=0.5)', 0), ('params-ema(decay=0.5)', 1)]
+  assert [r.method for r in namespace['swept']] == ['params-ema(decay=0.5)', 'params-ema(decay=0.9)']

@@ -88,27 +88,6 @@ def _field(reader, key: str) -> Any:
   return field.contents()
 
 
-def read_config(path: str) -> LlamaConfig:
-  """The :class:`LlamaConfig` described by a GGUF file's metadata.
-
-  Args:
-    path: a GGUF file of architecture ``llama``.
-
-  Returns:
-    The config.
-
-  Raises:
-    ValueError: if the file is not a Llama model, or lacks a field.
-    ImportError: if ``gguf`` is not installed.
-
-  Example:
-    >>> read_config(smollm2_path()).num_layers  # doctest: +SKIP
-    30
-  """
-  _, reader = _reader(path)
-  return _config(reader)
-
-
 def _config(reader) -> LlamaConfig:
   arch = _field(reader, 'general.architecture')
   if arch != 'llama':
@@ -254,27 +233,6 @@ def _check_shapes(params: dict[str, Any], config: LlamaConfig) -> None:
   for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(params)):
     if tuple(want.shape) != tuple(got.shape):
       raise ValueError(f'{jax.tree_util.keystr(path)}: GGUF gives shape {got.shape}, the config needs {want.shape}.')
-
-
-def load_tokenizer(path: str) -> BPETokenizer:
-  """The byte-level BPE tokenizer stored in a GGUF file's metadata (``tokenizer.ggml.*``).
-
-  Args:
-    path: a GGUF file whose tokenizer model is ``gpt2`` (byte-level BPE).
-
-  Returns:
-    The tokenizer; control tokens (type 3, e.g. ``<|im_start|>``) are special.
-
-  Raises:
-    ValueError: if the tokenizer is not byte-level BPE.
-    ImportError: if ``gguf`` is not installed.
-
-  Example:
-    >>> load_tokenizer(smollm2_path()).encode('The capital of France is')  # doctest: +SKIP
-    [504, 3575, 282, 4649, 314]
-  """
-  _, reader = _reader(path)
-  return _tokenizer(reader)
 
 
 def _tokenizer(reader) -> BPETokenizer:

@@ -2,7 +2,7 @@
 
 :class:`BPETokenizer` is the byte-level BPE of GPT-2, StarCoder and SmolLM2, built from a vocabulary
 and a ranked merge list (e.g. those stored in a GGUF file, see
-:func:`sfa_jax.models.gguf_loader.load_tokenizer`). Text is cut into pieces first (SmolLM2's
+:func:`sfa_jax.models.gguf_loader.load_gguf`). Text is cut into pieces first (SmolLM2's
 pre-tokenizer: every digit on its own, then the GPT-2 pattern), each piece's UTF-8 bytes are mapped
 to printable characters (GPT-2's ``bytes_to_unicode``) and merged pair by pair, lowest rank first.
 
