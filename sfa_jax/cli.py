@@ -249,14 +249,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--eval-every', type=_int_at_least(0), default=0, help='also evaluate every N steps (for the curves)')
 
 
-def _add_output_arguments(parser: argparse.ArgumentParser, default_out: str | None, *, checkpointed: bool = True) -> None:
+def _add_output_arguments(parser: argparse.ArgumentParser, default_out: str | None) -> None:
   parser.add_argument('--out', default=default_out, required=default_out is None, help='output folder')
   existing = parser.add_mutually_exclusive_group()
-  if checkpointed:
-    parser.add_argument('--checkpoint-every', type=_int_at_least(0), default=0, help='also checkpoint every N steps')
-    existing.add_argument('--resume', action='store_true', help='continue the command whose checkpoints are in --out')
-  else:
-    parser.set_defaults(resume=False, checkpoint_every=0)
+  parser.add_argument('--checkpoint-every', type=_int_at_least(0), default=0, help='also checkpoint every N steps')
+  existing.add_argument('--resume', action='store_true', help='continue the command whose checkpoints are in --out')
   existing.add_argument('--overwrite', action='store_true', help='delete the checkpoints of an interrupted run in --out first')
   parser.add_argument('--no-compile-cache', action='store_true', help="don't use JAX's persistent compilation cache")
 
@@ -303,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
       description=(
           'Trains every combination of the given hyper-parameter values and seeds side by side, as one '
           'vectorised program (sfa_jax.sweep): e.g. --method sfa --p 0.1,0.25,0.5,1 --beta 0.25 --seeds 0,1,2. '
-          'Each result equals its own `run`. Not checkpointed (an output folder holding checkpoints '
-          "needs --overwrite). Replay's --ratio takes one value. On one device."
+          'Each result equals its own `run`. Checkpointed as one run (--checkpoint-every, --resume). '
+          "Replay's --ratio takes one value. On one device."
       ),
   )
   _add_training_arguments(sweep_parser)
@@ -312,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
   sweep_parser.add_argument('--method', required=True, type=_method_name, help=methods)
   for name in _HYPERPARAM_RANGES:
     sweep_parser.add_argument(_flag(name), dest=name, type=_hyperparam_values(name), help=f"comma-separated values of the method's {name}, e.g. 0.1,0.5")
-  _add_output_arguments(sweep_parser, None, checkpointed=False)
+  _add_output_arguments(sweep_parser, None)
 
   demo = commands.add_parser(
       'demo',
@@ -375,8 +372,7 @@ def _check_output(args: argparse.Namespace) -> None:
     raise UsageError(f'cannot write to the output folder {args.out!r}: {existing} is not writable')
   checkpoints = os.path.join(out, 'checkpoints')
   if _interrupted(checkpoints) and not (args.resume or args.overwrite):
-    action = '--resume to continue it, or --overwrite' if args.command != 'sweep' else '--overwrite'
-    raise UsageError(f'{checkpoints} holds the checkpoints of an interrupted run: pass {action} to delete them and start afresh')
+    raise UsageError(f'{checkpoints} holds the checkpoints of an interrupted run: pass --resume to continue it, or --overwrite to delete them and start afresh')
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -507,7 +503,7 @@ def _prepare_output(args: argparse.Namespace, plan: _Plan) -> None:
   os.makedirs(args.out, exist_ok=True)
   if existing and (args.overwrite or not (args.resume or _interrupted(checkpoints))):
     shutil.rmtree(checkpoints)  # asked to, or those of a finished command (its results are written)
-  if args.command != 'sweep' and not (args.resume and existing):
+  if not (args.resume and existing):
     os.makedirs(checkpoints, exist_ok=True)
     _write_json(description, record_path)
 
@@ -591,7 +587,11 @@ def _runs(args: argparse.Namespace, plan: _Plan) -> Iterator[tuple[Any, int, Any
   configurations = _configurations(plan.methods, plan.config, plan.seeds)
   if args.command == 'sweep':
     label = f'sweep of {len(configurations)} {plan.methods[0].name} (mean over configurations)'
-    results = sweep.run_sweep(plan.stream, configurations, callbacks=ConsoleProgress(label))
+    checkpointer = Checkpointer(os.path.join(args.out, 'checkpoints', 'sweep'), every_steps=args.checkpoint_every)
+    try:
+      results = sweep.run_sweep(plan.stream, configurations, callbacks=ConsoleProgress(label), checkpointer=checkpointer)
+    finally:
+      checkpointer.close()
     yield from ((method, run_config.seed, result) for (method, run_config), result in zip(configurations, results))
     return
   for method, run_config in configurations:

@@ -279,11 +279,14 @@ def test_a_failing_command_leaves_the_checkpoints_alone(copied_run, capsys, chan
   assert _files(copied_run) == before
 
 
-def test_sweep_refuses_a_folder_with_checkpoints(copied_run, capsys):
+def test_sweep_refuses_a_folder_with_checkpoints_of_another_command(copied_run, capsys):
   before = _files(copied_run)
   argv = ['sweep', '--method', 'sfa', '--p', '0.5,1', *FAST, '--out', str(copied_run)]
   assert cli.main(argv) == 2
-  assert 'holds the checkpoints of an interrupted run: pass --overwrite to delete them' in capsys.readouterr().err
+  assert 'holds the checkpoints of an interrupted run: pass --resume to continue it, or --overwrite' in capsys.readouterr().err
+  assert cli.main(argv + ['--resume']) == 2
+  err = capsys.readouterr().err
+  assert 'cannot resume: the checkpoints in' in err and 'are of another command' in err, err
   assert _files(copied_run) == before
 
 

@@ -48,3 +48,34 @@ def test_sweep_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, caps
   err = capsys.readouterr().err.strip()
   assert err.startswith('sfa-jax: error:') and message in err and '\n' not in err
   assert not (tmp_path / 'x').exists()  # every check comes before the first write
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_results(tmp_path, capsys, monkeypatch):
+  """A sweep is checkpointed as one run: stopped mid-task, `--resume` finishes it with the same numbers."""
+  from sfa_jax.engine import callbacks
+
+  argv = ['sweep', '--method', 'sfa', '--p', '0.25,1', '--seeds', '0,1', '--checkpoint-every', '5'] + FAST
+  whole = tmp_path / 'whole'
+  assert cli.main(argv + ['--out', str(whole)]) == 0
+  expected = json.loads((whole / 'results.json').read_text())['runs']
+
+  class Stop(KeyboardInterrupt):
+    pass
+
+  real = callbacks.ConsoleProgress.__call__
+
+  def stop_in_task_1(self, event):
+    if isinstance(event, callbacks.StepEvent) and (event.task, event.step) == (1, 12):
+      raise Stop
+    real(self, event)
+
+  monkeypatch.setattr(callbacks.ConsoleProgress, '__call__', stop_in_task_1)
+  out = tmp_path / 'stopped'
+  assert cli.main(argv + ['--out', str(out)]) == 130
+  monkeypatch.setattr(callbacks.ConsoleProgress, '__call__', real)
+  capsys.readouterr()
+  assert cli.main(argv + ['--out', str(out), '--resume']) == 0
+  assert 'resumed at step' in capsys.readouterr().err
+  resumed = json.loads((out / 'results.json').read_text())['runs']
+  assert [r['accuracy_matrix'] for r in resumed] == [r['accuracy_matrix'] for r in expected]
+  assert [r['averaging_steps'] for r in resumed] == [r['averaging_steps'] for r in expected]
