@@ -323,7 +323,7 @@ def run_sequence(
   if initial is not None:
     run_id = json.dumps(json.loads(run_id) | {'initial': initial_checksum(initial)}, sort_keys=True)
   records, seconds = loop.train_stream(
-      stream, [(method, config)], model=build_model(stream, config), fingerprint=run_id,
+      all_tasks, [(method, config)], model=build_model(stream, config), fingerprint=run_id,
       stacked=False, callbacks=callbacks, checkpointer=checkpointer, mesh=mesh, initial=initial,
   )
   return SequenceResult.of(stream, method, all_tasks, records[0], seconds)

@@ -314,7 +314,7 @@ def run_lm_sequences(
       raise TypeError(f'methods[{i}] must be a sfa_jax.engine.methods.Method; got {method!r}.')
   if checkpointers is not None and len(checkpointers) != len(methods):
     raise ValueError(f'checkpointers has {len(checkpointers)} entries for {len(methods)} methods.')
-  stream = domain_stream(domains)
+  tasks = list(domain_stream(domains))
   train_config = config.train_config(model)
   heldout_loss, exact_match = loop.reused(  # later calls of this process: compiled already
       ('lm_evaluator', model, config.eval_batch_size), lambda: make_lm_evaluator(model, config.eval_batch_size))
@@ -341,7 +341,7 @@ def run_lm_sequences(
         'checkpoint_format': loop.CHECKPOINT_FORMAT,
     }, sort_keys=True, default=repr)
     (record,), seconds = loop.train_stream(
-        stream, [(method, train_config)], model=model, fingerprint=run_id, stacked=False,
+        tasks, [(method, train_config)], model=model, fingerprint=run_id, stacked=False,
         callbacks=[keep_loss, callbacks_lib.as_callbacks(callbacks)],
         checkpointer=None if checkpointers is None else checkpointers[i], initial=initial, evaluate_state=evaluate,
     )

@@ -184,7 +184,7 @@ def run_sweep(
   if initial is not None:
     run_id = json.dumps({'configurations': json.loads(run_id), 'initial': continual.initial_checksum(initial)})
   records, seconds = loop.train_stream(
-      stream, configurations, model=continual.build_model(stream, configurations[0][1]),
+      all_tasks, configurations, model=continual.build_model(stream, configurations[0][1]),
       fingerprint=run_id, stacked=True, callbacks=callbacks, checkpointer=checkpointer, initial=initial,
   )
   return [

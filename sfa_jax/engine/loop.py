@@ -425,7 +425,7 @@ class LaneRecord(NamedTuple):
 
 
 def train_stream(
-    stream: tasks_lib.TaskStream,
+    tasks: Sequence[tasks_lib.Task],
     configurations: Sequence[tuple[methods_lib.Method, Any]],
     *,
     model: Any,
@@ -437,10 +437,10 @@ def train_stream(
     initial: Any = None,
     evaluate_state: Callable[[RunState], Any] | None = None,
 ) -> tuple[list[LaneRecord], dict[str, float]]:
-  """Trains every configuration on the tasks of ``stream`` in order; evaluates every task after each.
+  """Trains every configuration on ``tasks`` in order; evaluates every task after each.
 
   Args:
-    stream: the tasks.
+    tasks: the tasks, built once (``list(stream)``: a stream builds a task each time it is indexed).
     configurations: ``(method, config)`` lanes: one of them (``stacked=False``) or several of one
       method class whose configs differ only in the seed (checked by :mod:`sfa_jax.sweep`).
     model: the Flax module, built for the stream.
@@ -470,14 +470,15 @@ def train_stream(
     raise ValueError(f'an unstacked run has one configuration; got {count}.')
   if stacked and evaluate_state is not None:
     raise ValueError('evaluate_state evaluates one run: it is not available in a sweep.')
-  all_tasks = [stream[i] for i in range(len(stream))]
+  all_tasks = list(tasks)
   init = initializer(model, all_tasks[0].train.x[:1], mesh) if initial is None else _starting_point(model, all_tasks[0], initial, mesh)
   optimizer = shared.make_optimizer()
   txs = [method.transform(optimizer) for method in methods]
   # One transform per lane for its initial state (its constructor's hyper-parameters); the lanes
   # share one update rule, which reads them from the state. A sweep's inits run eagerly (zeros
   # and copies): jitting each would compile it once per configuration.
-  init_opt = [tx.init for tx in txs] if stacked else [jax.jit(txs[0].init)]
+  init_opt = [tx.init for tx in txs] if stacked else [
+      reused(('opt_init', methods[0], shared.optimizer_key(), model), lambda: jax.jit(txs[0].init))]
 
   def fresh_lane(i: int) -> RunState:
     params, model_state = init(configs[i].seed)
