@@ -103,3 +103,31 @@ def test_many_tasks_quick(tmp_path):
   for run in data['long']['runs']:
     assert len(run['accuracy_matrix']) == 4 and 'curve' not in run
   assert {row['method'] for row in data['short']['table']} == {'sfa(beta=0.25, p=0.5)', 'replay(fraction=0.1, ratio=0.5)'}
+
+
+def test_pretrained_continual_quick(tmp_path):
+  # Pretraining (scikit-learn's 8x8 digits in quick mode: the shape of the quick streams), then the
+  # continual stage from that backbone and from scratch.
+  _main('pretrain_backbone')(['--quick', '--out', str(tmp_path)])
+  backbone = tmp_path / 'backbones' / 'smallcnn-fashion-mnist_quick'
+  meta = json.loads((backbone / 'metadata.json').read_text())
+  assert meta['command'].endswith('--quick --out ' + str(tmp_path)) and meta['steps'] > 0
+  assert meta['input_shape'] == [8, 8, 1] and 0.0 <= meta['test_accuracy'] <= 1.0
+  _main('pretrained_continual')(['--backbone', str(backbone), '--quick', '--out', str(tmp_path)])
+  keys = ('split-mnist-ci', 'split-mnist-ti', 'permuted-mnist')
+  data = _load(tmp_path, 'pretrained_continual_quick',
+               [f'pretrained_continual_quick_{key}_{regime}.png' for key in keys for regime in ('pretrained', 'scratch')])
+  assert data['done'] and set(data['streams']) == set(keys)
+  assert {(run['stream'], run['regime']) for run in data['runs']} == {(k, r) for k in keys for r in ('pretrained', 'scratch')}
+  assert {run['method_name'] for run in data['runs']} == {'sfa'}
+  assert data['streams']['split-mnist-ti']['stream']['setting'] == 'task-incremental'
+  # --collect: the union of finished outputs (here just one), written again without training.
+  _main('pretrained_continual')(['--collect', str(tmp_path / 'pretrained_continual_quick.json'),
+                                 '--name', 'collected', '--quick', '--out', str(tmp_path)])
+  collected = _load(tmp_path, 'collected', ['collected_permuted-mnist_scratch.png'])
+  assert len(collected['runs']) == len(data['runs']) and collected['streams'].keys() == data['streams'].keys()
+
+
+def test_pretrain_backbone_says_how_to_install_the_data(tmp_path):
+  with pytest.raises(SystemExit, match='apt-get install dataset-fashion-mnist'):
+    _main('pretrain_backbone')(['--data-dir', str(tmp_path), '--out', str(tmp_path)])

@@ -1,0 +1,315 @@
+"""The paper's regime for images: continual fine-tuning from a pretrained backbone, against training from scratch.
+
+The backbone of `pretrain_backbone.py` (a SmallCNN trained on Fashion-MNIST) gets a freshly initialised
+head (`sfa_jax.models.transfer.with_new_head`; the seed initialises the head) and the whole network is
+fine-tuned on streams of another data set (the bundled 5000-image MNIST):
+
+  split MNIST, 5 tasks of 2 digits, class-incremental (one 10-way head) and task-incremental (a head per task)
+  permuted MNIST, 10 tasks, domain-incremental (shared 10-way head); 500 train / 250 test images per task
+
+The same grids run from scratch (the same model, initialised with the seed), on the same streams with the
+same budget (1 epoch per task, Adam 1e-3, batch 64), 3 seeds:
+
+  finetune; sfa p in {0.25, 0.5, 0.75, 0.96, 1} x beta in {0.25, 0.5}; replay 1 / 5 / 10 %;
+  l2 strength in {0.01 .. 100}; ewc strength in {1 .. 1e4}; wise-ft; task-arithmetic; ties
+  (permuted MNIST: a smaller grid, PERMUTED_GRID)
+
+Each family is represented by its best configuration (highest mean final average accuracy, chosen on the
+test accuracies alike for every family: there is no validation split).
+
+  python experiments/pretrain_backbone.py && python experiments/pretrained_continual.py
+  python experiments/pretrained_continual.py --quick --backbone DIR   # digits 8x8, one seed, a few configs
+
+Results are written as they come (after each method's runs), to
+experiments/results/pretrained_continual.{json,md} and pretrained_continual_<stream>_<regime>.png
+(stability-plasticity frontiers: the final accuracy on the tasks before the last one against each
+task's accuracy right after training it).
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from sfa_jax import compile_cache
+from sfa_jax import continual
+from sfa_jax import experiment
+from sfa_jax import report
+from sfa_jax import sweep as sweep_lib
+from sfa_jax import tasks
+from sfa_jax.engine import loop
+from sfa_jax.engine import methods as methods_lib
+from sfa_jax.models.transfer import with_new_head
+
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location('pretrain_backbone', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrain_backbone.py'))
+pretrain_backbone = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pretrain_backbone)
+
+SFA = experiment.method_grid('sfa', p=(0.25, 0.5, 0.75, 0.96, 1.0), beta=(0.25, 0.5))
+SPLIT_GRID = (
+    [('finetune', {})] + SFA
+    + experiment.method_grid('replay', fraction=(0.01, 0.05, 0.1))
+    + experiment.method_grid('l2', strength=(0.01, 0.1, 1.0, 10.0, 100.0))
+    + experiment.method_grid('ewc', strength=(1.0, 10.0, 100.0, 1e3, 1e4))
+    + experiment.method_grid('wise-ft', beta=(0.25, 0.5))
+    + experiment.method_grid('task-arithmetic', scaling=(0.5, 1.0))
+    + experiment.method_grid('ties', density=(0.2, 0.5), scaling=(1.0,))
+)
+PERMUTED_GRID = (  # smaller: a permuted-MNIST run costs ~4 split-MNIST runs
+    [('finetune', {})]
+    + experiment.method_grid('sfa', p=(0.25, 0.5, 1.0), beta=(0.5,)) + [('sfa', {'p': 0.25, 'beta': 0.25})]
+    + experiment.method_grid('replay', fraction=(0.01, 0.05, 0.1))
+    + experiment.method_grid('l2', strength=(0.1, 1.0, 10.0))
+    + experiment.method_grid('ewc', strength=(10.0, 100.0, 1e3))
+    + experiment.method_grid('wise-ft', beta=(0.5,))
+    + experiment.method_grid('task-arithmetic', scaling=(0.5,))
+    + experiment.method_grid('ties', density=(0.2,), scaling=(1.0,))
+)
+QUICK_GRID = [('sfa', {'p': 0.5, 'beta': 0.5})]
+REGIMES = ('pretrained', 'scratch')
+PERMUTED_TRAIN, PERMUTED_TEST = 500, 250  # images per permuted-MNIST task (of 4000 / 1000)
+
+
+def streams_of(quick: bool) -> dict[str, tasks.TaskStream]:
+  """The three streams, by key."""
+  source = 'digits' if quick else 'offline'
+  permuted = tasks.make_stream('permuted-mnist', source=source, num_tasks=3 if quick else 10,
+                               setting=tasks.DOMAIN_INCREMENTAL)
+  if not quick:
+    permuted = shrunk(permuted, PERMUTED_TRAIN, PERMUTED_TEST)
+  return {
+      'split-mnist-ci': tasks.make_stream('split-mnist', source=source, setting=tasks.CLASS_INCREMENTAL),
+      'split-mnist-ti': tasks.make_stream('split-mnist', source=source, setting=tasks.TASK_INCREMENTAL),
+      'permuted-mnist': permuted,
+  }
+
+
+def shrunk(stream: tasks.TaskStream, train: int, test: int) -> tasks.TaskStream:
+  """``stream`` with the first ``train`` / ``test`` examples of each task (their order is already shuffled)."""
+  cache = {}
+
+  def load(index):
+    if index not in cache:
+      task = stream[index]
+      cache[index] = dataclasses.replace(task, train=tasks.Split(task.train.x[:train], task.train.y[:train]),
+                                         test=tasks.Split(task.test.x[:test], task.test.y[:test]))
+    return cache[index]
+
+  return dataclasses.replace(stream, source=f'{stream.source}; {train} train / {test} test images per task',
+                             load_task=load)
+
+
+def initial_of(stream, config, backbone, seed):
+  """The backbone with a new head for ``stream``, the head initialised with ``seed``."""
+  params, model_state = loop.initializer(continual.build_model(stream, config), stream[0].train.x[:1])(seed)
+  return with_new_head(backbone[0], params), with_new_head(backbone[1], model_state)
+
+
+def run_group(stream, methods, config, seeds, initial_for, as_sweep):
+  """Every (method, seed) of one method family: ``{(label, seed): result}``."""
+  results = {}
+  if as_sweep:
+    groups = {}
+    for method in methods:
+      fixed = tuple(method[k] for k, spec in type(method).hyperparams.items() if not spec.sweepable)
+      groups.setdefault(fixed, []).append(method)
+    for members in groups.values():
+      for seed in seeds:  # one sweep per seed: the seed initialises the head of the initial variables
+        configurations = [(m, dataclasses.replace(config, seed=seed)) for m in members]
+        for m, result in zip(members, sweep_lib.run_sweep(stream, configurations, initial=initial_for(seed))):
+          results[m.label, seed] = result
+  else:
+    for method in methods:
+      for seed in seeds:
+        results[method.label, seed] = continual.run_sequence(stream, method, dataclasses.replace(config, seed=seed),
+                                                             initial=initial_for(seed))
+  return results
+
+
+def summary_rows(runs):
+  """summarize_runs rows plus each task's accuracy right after training it (mean of the diagonal)."""
+  rows = report.summarize_runs(runs)
+  for row in rows:
+    diagonals = [float(np.mean(np.diag(r['accuracy_matrix']))) for r in runs if r['method'] == row['method']]
+    row['just_trained'] = (float(np.mean(diagonals)), float(np.std(diagonals)))
+    row['method_name'] = next(r['method_name'] for r in runs if r['method'] == row['method'])
+  return rows
+
+
+def best_rows(rows):
+  best = {}
+  for row in rows:
+    name = row['method_name']
+    if name not in best or row['average_accuracy'][0] > best[name]['average_accuracy'][0]:
+      best[name] = row
+  return sorted(best.values(), key=lambda row: -row['average_accuracy'][0])
+
+
+def _cell(pair):
+  return f'{pair[0]:.3f} ± {pair[1]:.3f}'
+
+
+def comparison_table(rows_by_regime):
+  """One row per family: best configuration and its numbers in both regimes."""
+  bests = {regime: {row['method_name']: row for row in best_rows(rows)} for regime, rows in rows_by_regime.items()}
+  families = list(bests.get('pretrained', {})) + [f for f in bests.get('scratch', {}) if f not in bests.get('pretrained', {})]
+  lines = ['| family | pretrained: best config | final avg acc | forgetting | just trained | '
+           'scratch: best config | final avg acc | forgetting | just trained | Δ avg acc |',
+           '|---|---|---:|---:|---:|---|---:|---:|---:|---:|']
+  for family in families:
+    cells = []
+    for regime in REGIMES:
+      row = bests.get(regime, {}).get(family)
+      cells += ([f"`{row['method']}`", f"**{_cell(row['average_accuracy'])}**", _cell(row['forgetting']),
+                 _cell(row['just_trained'])] if row else ['–'] * 4)
+    pre, scr = bests.get('pretrained', {}).get(family), bests.get('scratch', {}).get(family)
+    delta = f"{pre['average_accuracy'][0] - scr['average_accuracy'][0]:+.3f}" if pre and scr else '–'
+    lines.append(f"| {family} | {' | '.join(cells)} | {delta} |")
+  return lines
+
+
+def all_configs_table(rows):
+  lines = ['| configuration | seeds | final avg acc | forgetting | just trained | train s |', '|---|---:|---:|---:|---:|---:|']
+  for row in rows:
+    lines.append(f"| {row['method']} | {row['seeds']} | {_cell(row['average_accuracy'])} | {_cell(row['forgetting'])} | "
+                 f"{_cell(row['just_trained'])} | {row['train_seconds'][0]:.1f} |")
+  return lines
+
+
+def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, command, start, done, plots=True, note=''):
+  os.makedirs(args.out, exist_ok=True)
+  payload_streams, md = {}, [f'# Continual fine-tuning from a pretrained backbone against from scratch{" (partial)" if not done else ""}', '']
+  md += [f"Backbone: `{backbone_meta['model']}` {backbone_meta['model_kwargs']}, pretrained on {backbone_meta['data']}, "
+         f"{backbone_meta['steps']} steps, test accuracy {backbone_meta['test_accuracy']:.4f}. "
+         'Best configuration per family by mean final average accuracy over seeds (chosen on test accuracies, '
+         'as for every family). "just trained": each task\'s accuracy right after training it, mean over tasks.', '']
+  for key, stream in streams.items():
+    mine = [r for r in runs if r['stream'] == key]
+    if not mine:
+      continue
+    rows_by_regime = {regime: summary_rows([r for r in mine if r['regime'] == regime]) for regime in REGIMES
+                      if any(r['regime'] == regime for r in mine)}
+    md += [f'## {key}: {stream.name}, {len(stream)} tasks, {stream.setting} ({stream.source})', '']
+    md += comparison_table(rows_by_regime) + ['']
+    for regime, rows in rows_by_regime.items():
+      png = f'{name}_{key}_{regime}.png'
+      families = experiment.tradeoff_points([r for r in mine if r['regime'] == regime], point=experiment.stability_plasticity)
+      if plots:
+        experiment.tradeoff_plot(families, os.path.join(args.out, png),
+                                 axis_labels=('final accuracy on the tasks before the last', 'accuracy right after training (tasks 1..)'),
+                                 title=f'{key}, {regime}')
+      md += [f'### {regime}: every configuration', '', f'![{key} {regime}]({png})', ''] + all_configs_table(rows) + ['']
+    payload_streams[key] = {'stream': continual.describe_stream(stream), 'tables': rows_by_regime}
+  if note:
+    md += [note, '']
+  md += ['## Wall time per group (stream, regime, method; seconds)', '', '| stream | regime | method | runs | s |', '|---|---|---|---:|---:|']
+  md += [f'| {k[0]} | {k[1]} | {k[2]} | {v[0]} | {v[1]:.0f} |' for k, v in seconds_by_group.items()]
+  payload = {'done': done, 'backbone': backbone_meta, 'seeds': list(experiment.seeds_of(args)),
+             'config': continual.describe_config(base_config(args, backbone_meta)), 'streams': payload_streams,
+             'group_seconds': [{'stream': k[0], 'regime': k[1], 'method': k[2], 'runs': v[0], 'seconds': v[1]}
+                               for k, v in seconds_by_group.items()],
+             'runs': [{k: v for k, v in r.items() if k != 'curve'} for r in runs]}
+  experiment.write_results(args.out, name, payload, '\n'.join(md), command, time.perf_counter() - start)
+
+
+def default_name(args, stream_keys, regimes):
+  name = 'pretrained_continual' + ('_quick' if args.quick else '')
+  if len(stream_keys) < 3:
+    name += ''.join(f'_{key}' for key in stream_keys)
+  if len(regimes) < len(REGIMES):
+    name += ''.join(f'_{regime}' for regime in regimes)
+  return name
+
+
+def collect(args, command, start):
+  """The union of earlier outputs of this script, written as one result (tables, plots, times)."""
+  runs, seconds_by_group, meta, commands, wall = [], {}, None, [], 0.0
+  for path in args.collect.split(','):
+    with open(path) as f:
+      data = json.load(f)
+    if not data['done']:
+      raise SystemExit(f'{path} is from a run that did not finish.')
+    meta = meta or data['backbone']
+    runs += data['runs']
+    for g in data['group_seconds']:  # a family extended by a later run (--grid): its runs and seconds add up
+      runs_before, seconds_before = seconds_by_group.get((g['stream'], g['regime'], g['method']), (0, 0.0))
+      seconds_by_group[g['stream'], g['regime'], g['method']] = (runs_before + g['runs'], seconds_before + g['seconds'])
+    commands.append(f"`{data['command']}` ({data['wall_seconds']:.0f} s)")
+    wall = max(wall, data['wall_seconds'])
+  keys = list(dict.fromkeys(r['stream'] for r in runs))
+  streams = {k: s for k, s in streams_of(args.quick).items() if k in keys}
+  name = args.name or ('pretrained_continual_quick' if args.quick else 'pretrained_continual')
+  note = 'Collected from runs side by side: ' + '; '.join(commands) + f'. Longest: {wall:.0f} s.'
+  write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True, note=note)
+
+
+def base_config(args, meta):
+  return continual.TrainConfig(
+      model=meta['model'], model_kwargs=tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in meta['model_kwargs'].items()),
+      epochs_per_task=1, batch_size=32 if args.quick else 64, learning_rate=1e-3, eval_every=0,
+      eval_batch_size=1000)
+
+
+def main(argv=None) -> None:
+  parser = experiment.experiment_parser(__doc__)
+  parser.add_argument('--backbone', help='the folder written by pretrain_backbone.py '
+                      '(default: <results>/backbones/smallcnn-fashion-mnist, _quick with --quick)')
+  parser.add_argument('--streams', default='split-mnist-ci,split-mnist-ti,permuted-mnist', help='comma-separated stream keys')
+  parser.add_argument('--grid', type=json.loads, help='a JSON list of [method, {hyper-parameters}] pairs that replaces '
+                      'the grids, e.g. to extend a grid whose best point is on its edge')
+  parser.add_argument('--regimes', default='pretrained,scratch', help='comma-separated: pretrained, scratch')
+  parser.add_argument('--name', help='the output files\' base name (default: pretrained_continual[_quick], '
+                      'with the streams and regimes appended when not all run)')
+  parser.add_argument('--collect', help='comma-separated JSON files of earlier runs of this script (e.g. one per '
+                      'stream, run side by side): write their union as <name>.{json,md} and the plots, train nothing')
+  args = parser.parse_args(argv)
+  compile_cache.enable_compilation_cache()
+  start = time.perf_counter()
+  command = experiment.command_line(__file__, argv)
+  if args.collect:
+    return collect(args, command, start)
+  directory = args.backbone or os.path.join(experiment.RESULTS_DIR, 'backbones',
+                                            'smallcnn-fashion-mnist' + ('_quick' if args.quick else ''))
+  if not os.path.exists(os.path.join(directory, 'metadata.json')):
+    raise SystemExit(f'no backbone in {directory}: run python experiments/pretrain_backbone.py{" --quick" if args.quick else ""} first.')
+  params, model_state, meta = pretrain_backbone.load_backbone(directory)
+  config = base_config(args, meta)
+  seeds = experiment.seeds_of(args)
+  streams = {k: s for k, s in streams_of(args.quick).items() if k in args.streams.split(',')}
+  regimes = [r for r in REGIMES if r in args.regimes.split(',')]
+  name = args.name or default_name(args, list(streams), regimes)
+  runs, seconds_by_group = [], {}
+  for key, stream in streams.items():
+    if tuple(stream.input_shape) != tuple(meta['input_shape']):
+      raise SystemExit(f'{key} has images of shape {stream.input_shape}; the backbone takes {meta["input_shape"]}.')
+    grid = QUICK_GRID if args.quick else (PERMUTED_GRID if key == 'permuted-mnist' else SPLIT_GRID)
+    grid = [tuple(pair) for pair in args.grid] if args.grid else grid
+    methods = [methods_lib.make_method(n, **hp) for n, hp in grid]
+    families = {}
+    for method in methods:
+      families.setdefault(method.name, []).append(method)
+    for family, members in families.items():
+      for regime in regimes:
+        initial_for = (lambda seed: initial_of(stream, config, (params, model_state), seed)) if regime == 'pretrained' else (lambda seed: None)
+        t0 = time.perf_counter()
+        results = run_group(stream, members, config, seeds, initial_for, args.sweep)
+        group = [result.to_json() | {'seed': seed, 'method_name': method.name, 'hyperparams': method.values,
+                                     'stream': key, 'regime': regime}
+                 for method in members for seed in seeds for result in [results[method.label, seed]]]
+        runs += group
+        seconds_by_group[key, regime, family] = (len(group), time.perf_counter() - t0)
+        best = max(summary_rows(group), key=lambda row: row['average_accuracy'][0])
+        print(f'[{time.perf_counter() - start:6.0f} s] {key:15s} {regime:10s} {family:16s} {len(group):3d} runs '
+              f'{seconds_by_group[key, regime, family][1]:6.1f} s  best {best["method"]} {_cell(best["average_accuracy"])}', flush=True)
+        write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False, plots=False)
+    write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False)  # plots: at each stream's end
+  write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True)
+  print(open(os.path.join(args.out, f'{name}.md')).read())
+
+
+if __name__ == '__main__':
+  main()
