@@ -19,3 +19,4 @@ from sfa_jax.models.registry import make_model
 from sfa_jax.models.resnet import ResNet18
 from sfa_jax.models.state import merge_variables
 from sfa_jax.models.state import split_variables
+from sfa_jax.models.transfer import with_new_head
