@@ -148,3 +148,11 @@ def test_no_module_outside_the_registry_asks_a_method_its_name():
       for number, line in enumerate(path.read_text().splitlines(), start=1) if pattern.search(line)
   ]
   assert offenders == []
+
+
+def test_runs_of_a_method_that_bakes_its_hyper_parameters_do_not_share_a_compiled_step(pair):
+  """One process, two decays: each run trains with its own (a reused step would keep the first's)."""
+  half = continual.run_sequence(pair, BakedEMA(decay=0.5), CONFIG).accuracy_matrix
+  ninety = continual.run_sequence(pair, BakedEMA(decay=0.9), CONFIG).accuracy_matrix
+  assert ninety == continual.run_sequence(pair, ParamsEMA(decay=0.9), CONFIG).accuracy_matrix
+  assert half == continual.run_sequence(pair, ParamsEMA(decay=0.5), CONFIG).accuracy_matrix

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -381,6 +382,22 @@ def _first_difference(given: Any, want: Any) -> str:
   return 'their structures differ'
 
 
+def update_program(tx: optax.GradientTransformation, opt_state: Any, params: Any) -> str:
+  """A digest of the program ``tx.update`` runs on states and params of these shapes (jaxpr and constants).
+
+  Two transforms with one digest update alike from the same state: their hyper-parameters are
+  read from the state, not baked into the update. Traced abstractly (nothing runs).
+  """
+  abstract = lambda tree: jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype), tree)
+  shapes = abstract(params)
+  closed = jax.make_jaxpr(tx.update)(shapes, abstract(opt_state), shapes)
+  digest = hashlib.sha256(str(closed.jaxpr).encode())
+  for const in closed.consts:
+    const = np.asarray(const)
+    digest.update(f'{const.dtype}{const.shape}'.encode() + np.ascontiguousarray(const).tobytes())
+  return digest.hexdigest()
+
+
 def check_one_update_rule(methods: Sequence[methods_lib.Method], txs: Sequence[optax.GradientTransformation],
                           opt_states: Sequence[Any], params: Any) -> None:
   """Raises unless every lane's transform updates by one program, its hyper-parameters read from its state.
@@ -392,21 +409,12 @@ def check_one_update_rule(methods: Sequence[methods_lib.Method], txs: Sequence[o
   Raises:
     ValueError: naming the method and the first lane whose update program differs.
   """
-  shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype), params)
-
-  def program(tx, opt_state):
-    state = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype), opt_state)
-    closed = jax.make_jaxpr(tx.update)(shapes, state, shapes)
-    return str(closed.jaxpr), [np.asarray(c) for c in closed.consts]
-
-  reference, seen = program(txs[0], opt_states[0]), {methods[0]}
+  reference, seen = update_program(txs[0], opt_states[0], params), {methods[0]}
   for i in range(1, len(methods)):
     if methods[i] in seen:
       continue
     seen.add(methods[i])
-    text, consts = program(txs[i], opt_states[i])
-    if text != reference[0] or len(consts) != len(reference[1]) or not all(
-        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(consts, reference[1])):
+    if update_program(txs[i], opt_states[i], params) != reference:
       raise ValueError(
           f'{methods[i].label} (configuration {i}) updates by another program than {methods[0].label}: its '
           'transform bakes a hyper-parameter into its update. Keep hyper-parameters in the optimizer state '
@@ -486,7 +494,6 @@ def train_stream(
     return RunState(params, model_state, init_opt[i](params), extras)
 
   objective = shared.objective
-  step_key = ('train_step', model, type(methods[0]), shared.optimizer_key(), objective)
   if stacked:
     data_keys = {(config.seed, method.data_key()) for method, config in configurations}
     data_axis = None if len(data_keys) == 1 else 0  # the same batches for all: pass them once
@@ -500,12 +507,15 @@ def train_stream(
     state = _stack(fresh)
   else:
     data_axis = None
+    state = fresh_lane(0)
+    # Runs of one process share a compiled step when their updates are one program (the
+    # hyper-parameters in the state); a method that bakes them into its update gets its own.
+    step_key = ('train_step', model, shared.optimizer_key(), objective, update_program(txs[0], state.opt_state, state.params))
     train_step = reused(step_key, lambda: jitted_train_step(model, txs[0], objective))
     if mesh is not None:  # the same step on sharded inputs (sfa_jax.distributed)
       train_step = distributed.shard_step(train_step, mesh)
     evaluate = reused(('evaluate', model, shared.eval_batch_size, objective),
                       lambda: make_evaluator(model, shared.eval_batch_size, objective=objective))
-    state = fresh_lane(0)
 
   record: dict[str, Any] = {
       'fingerprint': fingerprint,
