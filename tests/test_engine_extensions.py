@@ -172,3 +172,29 @@ def test_a_run_starts_from_given_params_and_resumes_from_them(tmp_path):
     continual.run_sequence(pair, methods.SFA(), config, initial=bad)
   with pytest.raises(TypeError, match=r'initial must be a \(params, model_state\) pair'):
     continual.run_sequence(pair, methods.SFA(), config, initial=seed_one[0])
+
+
+def test_a_stream_read_from_disk_batch_by_batch_trains_as_the_same_data_in_memory(tmp_path):
+  """Data that does not fit in memory: an iterable of batches spilled once to memory-mapped files."""
+  pair = tasks.make_stream('mnist-pair', source='digits')
+  in_memory, on_disk = [], []
+  for task in pair:
+    def chunks(split, size=50):
+      for start in range(0, len(split.y), size):
+        yield split.x[start:start + size], split.y[start:start + size]
+    train = tasks.split_from_batches(chunks(task.train), tmp_path / f'{task.index}-train')
+    test = tasks.split_from_batches(chunks(task.test), tmp_path / f'{task.index}-test')
+    assert isinstance(train.x, np.memmap) and not train.x.flags.writeable
+    np.testing.assert_array_equal(train.x, task.train.x)
+    in_memory.append((task.name, task.train, task.test))
+    on_disk.append((task.name, train, test))
+  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32)
+  expected = continual.run_sequence(tasks.stream_of('pair', in_memory, num_outputs=10), methods.SFA(), config)
+  disk_stream = tasks.stream_of('pair', on_disk, num_outputs=10)
+  assert isinstance(disk_stream[0].train.x, np.memmap)
+  assert continual.run_sequence(disk_stream, methods.SFA(), config).accuracy_matrix == expected.accuracy_matrix
+  with pytest.raises(ValueError, match=r'batch 1 has inputs float32\[3\] and targets int32\[\]; the first had float32\[2\]'):
+    tasks.split_from_batches(iter([(np.zeros((2, 2), np.float32), np.zeros(2, np.int32)),
+                                   (np.zeros((2, 3), np.float32), np.zeros(2, np.int32))]), tmp_path / 'bad')
+  with pytest.raises(ValueError, match='batches is empty'):
+    tasks.split_from_batches(iter([]), tmp_path / 'empty')

@@ -50,5 +50,6 @@ from sfa_jax.tasks.stream import TASK_INCREMENTAL
 from sfa_jax.tasks.stream import Split
 from sfa_jax.tasks.stream import Task
 from sfa_jax.tasks.stream import TaskStream
+from sfa_jax.tasks.stream import split_from_batches
 from sfa_jax.tasks.stream import stream_of
 from sfa_jax.tasks.tfds_data import tfds_source

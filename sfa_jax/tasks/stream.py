@@ -24,7 +24,8 @@ a model is built and evaluated (``TaskStream.setting`` tells the trainer which).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -230,3 +231,73 @@ def stream_of(
       name=name, setting=setting, num_classes=num_outputs, input_shape=shapes.pop(), source=source, seed=0,
       task_names=tuple(t.name for t in tasks), task_classes=tuple(() for _ in tasks), load_task=tasks.__getitem__,
   )
+
+
+def split_from_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], directory: str | os.PathLike[str]) -> Split:
+  """A :class:`Split` on disk from an iterable of ``(x, y)`` batches that need not fit in memory.
+
+  The batches are written once, in order, to ``x.npy`` and ``y.npy`` in ``directory`` (each batch
+  is held in memory only while it is written), and the split reads them back as memory-mapped
+  arrays: training gathers each batch's rows from the files, so only what a step uses is loaded.
+  The inputs of every batch share one shape after the batch axis, and so do the targets.
+
+  Args:
+    batches: ``(x, y)`` pairs, e.g. a generator reading shards of a data set.
+    directory: where the two files go (created; existing files are replaced).
+
+  Returns:
+    The split, its ``x`` and ``y`` read-only ``np.memmap`` arrays.
+
+  Raises:
+    ValueError: on no batch, a batch whose ``x`` and ``y`` differ in length, or batches of
+      several shapes or dtypes (the batch is named by its index).
+
+  Example:
+    >>> import tempfile
+    >>> import numpy as np
+    >>> def shards():
+    ...   for i in range(3):
+    ...     yield np.full((4, 2), i, np.float32), np.full(4, i, np.int32)
+    >>> split = split_from_batches(shards(), tempfile.mkdtemp())
+    >>> split.x.shape, split.y[-1].item(), type(split.x).__name__
+    ((12, 2), 2, 'memmap')
+  """
+  os.makedirs(directory, exist_ok=True)
+  paths = {name: os.path.join(directory, f'{name}.npy') for name in ('x', 'y')}
+  layout = None
+  count = 0
+  raw = {name: open(paths[name] + '.part', 'wb') for name in paths}
+  try:
+    for i, (x, y) in enumerate(batches):
+      x, y = np.asarray(x), np.asarray(y)
+      if len(x) != len(y):
+        raise ValueError(f'batch {i} has {len(x)} inputs and {len(y)} targets.')
+      this = (x.shape[1:], x.dtype, y.shape[1:], y.dtype)
+      if layout is None:
+        layout = this
+      elif this != layout:
+        raise ValueError(f'batch {i} has inputs {x.dtype}{list(x.shape[1:])} and targets {y.dtype}{list(y.shape[1:])}; '
+                         f'the first had {layout[1]}{list(layout[0])} and {layout[3]}{list(layout[2])}.')
+      raw['x'].write(np.ascontiguousarray(x).tobytes())
+      raw['y'].write(np.ascontiguousarray(y).tobytes())
+      count += len(x)
+  finally:
+    for f in raw.values():
+      f.close()
+  if layout is None:
+    raise ValueError('batches is empty: give at least one (x, y) batch.')
+  arrays = {}
+  for name, shape, dtype in (('x', layout[0], layout[1]), ('y', layout[2], layout[3])):
+    header = np.lib.format.open_memmap(paths[name], mode='w+', dtype=dtype, shape=(count, *shape))
+    with open(paths[name] + '.part', 'rb') as f:  # copied in chunks: the part file is never loaded whole
+      row_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+      rows_per_chunk = max(1, (64 << 20) // max(row_bytes, 1))
+      for start in range(0, count, rows_per_chunk):
+        chunk = f.read(rows_per_chunk * row_bytes)
+        rows = len(chunk) // max(row_bytes, 1) if row_bytes else min(rows_per_chunk, count - start)
+        header[start:start + rows] = np.frombuffer(chunk, dtype).reshape(rows, *shape)
+    header.flush()
+    del header
+    os.remove(paths[name] + '.part')
+    arrays[name] = np.load(paths[name], mmap_mode='r')
+  return Split(arrays['x'], arrays['y'])
