@@ -31,6 +31,7 @@ from sfa_jax import metrics
 from sfa_jax import models
 from sfa_jax import tasks as tasks_lib
 from sfa_jax.checkpoint import Checkpointer
+from sfa_jax.checkpoint import array_checksums
 from sfa_jax.engine import callbacks as callbacks_lib
 from sfa_jax.engine import loop
 from sfa_jax.engine import methods as methods_lib
@@ -243,21 +244,21 @@ def describe_config(config: TrainConfig) -> dict[str, Any]:
 
 
 def initial_checksum(initial: Any) -> str:
-  """The SHA-256 of every array of ``initial`` (paths, dtypes, shapes, bytes): what a run started from."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(initial)[0]:
-    array = np.asarray(leaf)
-    digest.update(f'{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}'.encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
-  return digest.hexdigest()
+  """One SHA-256 of ``initial``: every array's checksum (:func:`sfa_jax.checkpoint.array_checksums`),
+  dtype and shape, by path: what a run started from."""
+  layout = {jax.tree_util.keystr(path): [str(leaf.dtype), list(np.shape(leaf))]
+            for path, leaf in jax.tree_util.tree_flatten_with_path(initial)[0]}
+  described = {path: [checksum, *layout[path]] for path, checksum in array_checksums(initial).items()}
+  return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def fingerprint(stream: tasks_lib.TaskStream, method: Method, config: TrainConfig) -> str:
+def fingerprint(stream: tasks_lib.TaskStream, method: Method, config: TrainConfig, initial_sum: str | None = None) -> str:
   """A JSON string of everything that decides a run's numbers; checkpoints must match it.
 
   It holds :func:`describe_stream`, :func:`describe_method` and every :class:`TrainConfig` field
   (the model and its attributes, optimizer, learning rate, epochs, batch sizes, seed, evaluation
-  schedule).
+  schedule), and ``initial_sum``, the :func:`initial_checksum` of the variables a run starts
+  from, when it does not start from the model's initialisation.
 
   Example:
     >>> import json
@@ -271,6 +272,8 @@ def fingerprint(stream: tasks_lib.TaskStream, method: Method, config: TrainConfi
       'stream': describe_stream(stream), 'method': describe_method(method), 'config': describe_config(config),
       'checkpoint_format': loop.CHECKPOINT_FORMAT,
   }
+  if initial_sum is not None:
+    run['initial'] = initial_sum
   return json.dumps(run, sort_keys=True, default=repr)
 
 
@@ -319,9 +322,7 @@ def run_sequence(
     (2, 2)
   """
   all_tasks = [stream[i] for i in range(len(stream))]
-  run_id = fingerprint(stream, method, config)
-  if initial is not None:
-    run_id = json.dumps(json.loads(run_id) | {'initial': initial_checksum(initial)}, sort_keys=True)
+  run_id = fingerprint(stream, method, config, None if initial is None else initial_checksum(initial))
   records, seconds = loop.train_stream(
       all_tasks, [(method, config)], model=build_model(stream, config), fingerprint=run_id,
       stacked=False, callbacks=callbacks, checkpointer=checkpointer, mesh=mesh, initial=initial,

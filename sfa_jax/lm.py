@@ -326,6 +326,7 @@ def run_lm_sequences(
     }
 
   initial = (jax.tree.map(jnp.asarray, params), {})
+  initial_sum = continual.initial_checksum(initial)  # once: it reads every array of the model
   results = []
   for i, method in enumerate(methods):
     losses: list[list[Any]] = [[] for _ in domains]
@@ -337,7 +338,7 @@ def run_lm_sequences(
     run_id = json.dumps({
         'stream': [d.name for d in domains], 'windows': [list(d.train.shape) for d in domains],
         'method': continual.describe_method(method), 'config': dataclasses.asdict(config),
-        'model': repr(model), 'initial': continual.initial_checksum(initial),
+        'model': repr(model), 'initial': initial_sum,
         'checkpoint_format': loop.CHECKPOINT_FORMAT,
     }, sort_keys=True, default=repr)
     (record,), seconds = loop.train_stream(

@@ -138,9 +138,9 @@ def check_configurations(configurations: Sequence[Configuration]) -> list[Config
   return configurations
 
 
-def fingerprint(stream: tasks_lib.TaskStream, configurations: Sequence[Configuration]) -> str:
+def fingerprint(stream: tasks_lib.TaskStream, configurations: Sequence[Configuration], initial_sum: str | None = None) -> str:
   """A JSON string of everything that decides a sweep's numbers: each configuration's run fingerprint."""
-  return json.dumps([json.loads(continual.fingerprint(stream, method, config)) for method, config in configurations])
+  return json.dumps([json.loads(continual.fingerprint(stream, method, config, initial_sum)) for method, config in configurations])
 
 
 def run_sweep(
@@ -180,9 +180,7 @@ def run_sweep(
   """
   configurations = check_configurations(configurations)
   all_tasks = [stream[i] for i in range(len(stream))]
-  run_id = fingerprint(stream, configurations)
-  if initial is not None:
-    run_id = json.dumps({'configurations': json.loads(run_id), 'initial': continual.initial_checksum(initial)})
+  run_id = fingerprint(stream, configurations, None if initial is None else continual.initial_checksum(initial))
   records, seconds = loop.train_stream(
       all_tasks, configurations, model=continual.build_model(stream, configurations[0][1]),
       fingerprint=run_id, stacked=True, callbacks=callbacks, checkpointer=checkpointer, initial=initial,

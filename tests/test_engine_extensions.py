@@ -168,7 +168,7 @@ def test_a_run_starts_from_given_params_and_resumes_from_them(tmp_path):
   resumed = continual.run_sequence(pair, methods.SFA(), config, initial=seed_one, checkpointer=Checkpointer(tmp_path))
   assert resumed.accuracy_matrix == started.accuracy_matrix
   bad = (jax.tree.map(lambda x: x[..., :3] if x.ndim == 2 else x, seed_one[0]), seed_one[1])
-  with pytest.raises(ValueError, match=r"initial params do not fit the model: \['Dense_0'\]\['kernel'\] is float32\[64, 3\], the model has float32\[64, 32\]"):
+  with pytest.raises(ValueError, match=r"initial params\['Dense_0'\]\['kernel'\] has shape \(64, 3\), but the model's params\['Dense_0'\]\['kernel'\] has shape \(64, 32\)"):
     continual.run_sequence(pair, methods.SFA(), config, initial=bad)
   with pytest.raises(TypeError, match=r'initial must be a \(params, model_state\) pair'):
     continual.run_sequence(pair, methods.SFA(), config, initial=seed_one[0])

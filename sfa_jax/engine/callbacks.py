@@ -223,7 +223,6 @@ class TensorBoardLogger:
     self.logdir = os.fspath(logdir)
     self.every_steps = max(1, every_steps)
     self._writers: dict[int, Any] = {}
-    self._global_step = 0
 
   def _writer(self, configuration: int):
     if configuration not in self._writers:
@@ -234,7 +233,6 @@ class TensorBoardLogger:
     import numpy as np
 
     if isinstance(event, StepEvent):
-      self._global_step = event.global_step
       if event.global_step % self.every_steps == 0:
         writer = self._writer(0)
         writer.add_scalar('train/loss', float(np.mean(event.loss)), event.global_step)

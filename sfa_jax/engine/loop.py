@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sfa_jax import _validation
 from sfa_jax import distributed
 from sfa_jax import fisher as fisher_lib
 from sfa_jax import models
@@ -358,28 +359,10 @@ def _starting_point(model, task: tasks_lib.Task, initial: Any, mesh: Any) -> Cal
     raise TypeError(f'initial must be a (params, model_state) pair; got {type(initial).__name__}.')
   expected = jax.eval_shape(_init_variables, model, jax.random.key(0), task.train.x[:1])
   for name, given, want in zip(('params', 'model_state'), initial, expected):
-    given_shapes = jax.tree.map(lambda leaf: (tuple(np.shape(leaf)), np.dtype(leaf.dtype)), given)
-    want_shapes = jax.tree.map(lambda leaf: (tuple(leaf.shape), np.dtype(leaf.dtype)), want)
-    if jax.tree.structure(given_shapes) != jax.tree.structure(want_shapes) or given_shapes != want_shapes:
-      raise ValueError(f'initial {name} do not fit the model: {_first_difference(given_shapes, want_shapes)}.')
+    _validation.check_matching_tree(want, given, reference_name=f"the model's {name}", other_name=f'initial {name}')
   shardings = distributed.tree_shardings(expected, mesh) if mesh is not None else None
-  copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings)
+  copy = jax.jit(_validation.copy_tree, out_shardings=shardings)
   return lambda seed: copy(tuple(initial))
-
-
-def _first_difference(given: Any, want: Any) -> str:
-  given_paths = dict(jax.tree_util.tree_flatten_with_path(given, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], np.dtype))[0])
-  want_paths = dict(jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], np.dtype))[0])
-  for path in sorted(set(given_paths) | set(want_paths), key=jax.tree_util.keystr):
-    where = jax.tree_util.keystr(path)
-    if path not in given_paths:
-      return f'{where} is missing'
-    if path not in want_paths:
-      return f'{where} is not a variable of the model'
-    if given_paths[path] != want_paths[path]:
-      (gs, gd), (ws, wd) = given_paths[path], want_paths[path]
-      return f'{where} is {gd}{list(gs)}, the model has {wd}{list(ws)}'
-  return 'their structures differ'
 
 
 def update_program(tx: optax.GradientTransformation, opt_state: Any, params: Any) -> str:

@@ -284,10 +284,9 @@ def _concat(plans: Sequence[BatchPlan]) -> tuple[Any, Any]:
 
 
 def _copy(tree: Any) -> Any:
-  import jax
-  import jax.numpy as jnp
+  from sfa_jax import _validation  # imports JAX: only when a hook runs
 
-  return jax.tree.map(jnp.copy, tree)
+  return _validation.copy_tree(tree)
 
 
 def task_seed(seed: int, task_index: int) -> int:
