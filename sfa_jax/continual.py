@@ -70,6 +70,14 @@ class TrainConfig:
       ``None``: ``epochs_per_task`` whole epochs.
     fisher_examples: EWC's Fisher from at most this many of a task's training examples
       (``None``: all of them).
+    trainable: train (and anchor) only the params whose paths match these patterns (one or a
+      tuple of regular expressions, as :func:`sfa_jax.partial.path_mask` reads them, e.g.
+      ``('top_layers', 'norm')`` for a Llama split by
+      :func:`sfa_jax.models.llama.train_top_layers`); ``None``: every param. The optimizer state
+      (its moments, SFA's, L2's and EWC's anchors, EWC's Fisher) then holds the trainable leaves
+      alone, the train step forms no gradient for the frozen ones
+      (:func:`sfa_jax.partial.trainable_value_and_grad`), and EWC's Fisher is estimated for the
+      trainable leaves only (zero on the frozen ones).
   """
 
   model: str = 'mlp'
@@ -85,6 +93,7 @@ class TrainConfig:
   objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION
   steps_per_task: int | tuple[int, ...] | None = None
   fisher_examples: int | None = None
+  trainable: str | tuple[str, ...] | None = None
 
   def __post_init__(self):
     _validation.check_positive_int('epochs_per_task', self.epochs_per_task)
@@ -98,6 +107,10 @@ class TrainConfig:
       _validation.check_positive_int('fisher_examples', self.fisher_examples)
     if self.eval_every < 0:
       raise ValueError(f'eval_every must be >= 0; got {self.eval_every}.')
+    if self.trainable is not None and not (
+        isinstance(self.trainable, str)
+        or (isinstance(self.trainable, tuple) and self.trainable and all(isinstance(t, str) for t in self.trainable))):
+      raise TypeError(f'trainable must be None, a path pattern or a non-empty tuple of them; got {self.trainable!r}.')
     if not isinstance(self.model, str) and not (hasattr(self.model, 'init') and hasattr(self.model, 'apply')):
       raise TypeError(f'model must be a name or a Flax Linen module; got {self.model!r}.')
     if not isinstance(self.model, str) and self.model_kwargs:

@@ -28,6 +28,7 @@ Choices, each stated here:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -67,6 +68,9 @@ class LMConfig:
     seed: seeds the batch order and the replay memory.
     eval_batch_size: windows (or problems) per evaluation batch.
     fisher_sequences: training windows used for EWC's Fisher.
+    trainable: train and anchor only the params these path patterns select (``None``: all), as
+      :attr:`sfa_jax.continual.TrainConfig.trainable`; e.g. ``('top_layers', 'norm')`` for a model
+      from :func:`sfa_jax.models.llama.train_top_layers`.
   """
 
   steps_per_domain: int | tuple[int, ...] = 20
@@ -77,6 +81,7 @@ class LMConfig:
   seed: int = 0
   eval_batch_size: int = 8
   fisher_sequences: int = 8
+  trainable: str | tuple[str, ...] | None = None
 
   def __post_init__(self):
     steps = self.steps_per_domain if isinstance(self.steps_per_domain, tuple) else (self.steps_per_domain,)
@@ -95,6 +100,7 @@ class LMConfig:
         model=model, epochs_per_task=1, batch_size=self.batch_size, learning_rate=self.learning_rate,
         optimizer=self.optimizer_for, seed=self.seed, eval_batch_size=self.eval_batch_size,
         objective=objectives_lib.NEXT_TOKEN, steps_per_task=self.steps_per_domain, fisher_examples=self.fisher_sequences,
+        trainable=self.trainable,
     )
 
   def steps(self, domain_index: int) -> int:
@@ -254,6 +260,11 @@ def domain_stream(domains: Sequence[TextDomain]) -> tasks_lib.TaskStream:
   )
 
 
+def _domain_arrays(domain: TextDomain) -> list[np.ndarray]:
+  problems = [] if domain.problems is None else [domain.problems.tokens, domain.problems.answer_mask]
+  return [domain.train, domain.heldout, *problems]
+
+
 def _shifted(windows: np.ndarray) -> tasks_lib.Split:
   return tasks_lib.Split(windows[:, :-1], windows[:, 1:])
 
@@ -319,14 +330,22 @@ def run_lm_sequences(
   heldout_loss, exact_match = loop.reused(  # later calls of this process: compiled already
       ('lm_evaluator', model, config.eval_batch_size), lambda: make_lm_evaluator(model, config.eval_batch_size))
 
-  def evaluate(state) -> dict[str, Any]:
+  def evaluate(params) -> dict[str, Any]:
     return {
-        'loss': [heldout_loss(state.params, d.heldout) for d in domains],
-        'exact_match': {d.name: exact_match(state.params, d.problems) for d in domains if d.problems is not None},
+        'loss': [heldout_loss(params, d.heldout) for d in domains],
+        'exact_match': {d.name: exact_match(params, d.problems) for d in domains if d.problems is not None},
     }
 
   initial = (jax.tree.map(jnp.asarray, params), {})
   initial_sum = continual.initial_checksum(initial)  # once: it reads every array of the model
+  # Every run starts from these params: their row is measured once per process.
+  data_sum = hashlib.sha256(b''.join(np.ascontiguousarray(a).tobytes() for d in domains for a in _domain_arrays(d))).hexdigest()
+  starting_row = lambda: loop.reused(('lm_starting_row', model, initial_sum, data_sum, config.eval_batch_size),
+                                     lambda: evaluate(initial[0]))
+
+  def evaluate_state(state, after_task):
+    return starting_row() if after_task is None else evaluate(state.params)
+
   results = []
   for i, method in enumerate(methods):
     losses: list[list[Any]] = [[] for _ in domains]
@@ -344,7 +363,7 @@ def run_lm_sequences(
     (record,), seconds = loop.train_stream(
         tasks, [(method, train_config)], model=model, fingerprint=run_id, stacked=False,
         callbacks=[keep_loss, callbacks_lib.as_callbacks(callbacks)],
-        checkpointer=None if checkpointers is None else checkpointers[i], initial=initial, evaluate_state=evaluate,
+        checkpointer=None if checkpointers is None else checkpointers[i], initial=initial, evaluate_state=evaluate_state,
     )
     rows = record.extra
     results.append(LMResult(

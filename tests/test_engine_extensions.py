@@ -1,5 +1,7 @@
 """Your model, loss, data and optimizer in the engine: run, sweep and EWC's Fisher through them."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import sfa_jax
 from sfa_jax import continual
 from sfa_jax import sweep
 from sfa_jax import tasks
@@ -113,6 +116,82 @@ def test_a_frozen_partition_stays_where_it_started():
   for end in ends:
     np.testing.assert_array_equal(end['Dense_0']['kernel'], start['Dense_0']['kernel'])
     assert not np.array_equal(end['head']['kernel'], start['head']['kernel'])
+
+
+class _KeepEnds:
+  """A method subclass's end_task hook that keeps a host copy of the state at every task end."""
+
+  def __init__(self):
+    self.ends = []
+
+  def of(self, method_class):
+    keep = self.ends
+
+    class Kept(method_class):
+      def end_task(self, state, boundary):
+        state = super().end_task(state, boundary)
+        keep.append(jax.tree.map(np.asarray, state))  # a copy: the run donates its arrays to the next step
+        return state
+
+    return Kept
+
+
+@pytest.mark.parametrize('method_class, hyperparams', [(methods.SFA, {'p': 0.5}), (methods.L2, {'strength': 1.0}),
+                                                       (methods.EWC, {'strength': 10.0})])
+def test_trainable_trains_and_anchors_only_the_selected_params(method_class, hyperparams):
+  pair = tasks.make_stream('mnist-pair', source='digits')
+  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, trainable='head')
+  model = continual.build_model(pair, config)
+  start, _ = loop.initializer(model, pair[0].train.x[:1])(0)
+  kept = _KeepEnds()
+  result = continual.run_sequence(pair, kept.of(method_class)(**hyperparams), config)
+  assert len(result.accuracy_matrix) == 2
+  for end in kept.ends:
+    for leaf in ('kernel', 'bias'):
+      np.testing.assert_array_equal(end.params['Dense_0'][leaf], start['Dense_0'][leaf])
+    assert not np.array_equal(end.params['head']['kernel'], start['head']['kernel'])
+  state = sfa_jax.find_state(kept.ends[-1].opt_state)
+  assert isinstance(state.anchor['Dense_0']['kernel'], optax.MaskedNode)  # the anchor: the head's bytes only
+  np.testing.assert_array_equal(state.anchor['head']['kernel'], kept.ends[0].params['head']['kernel'])
+  adam = [s for s in jax.tree_util.tree_leaves(kept.ends[-1].opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)][0]
+  assert isinstance(adam.mu['Dense_0']['bias'], optax.MaskedNode) and adam.mu['head']['bias'].shape == (10,)
+  if method_class is methods.EWC:
+    fisher = kept.ends[0].extras['fisher']
+    assert not np.any(fisher['Dense_0']['kernel']) and np.any(fisher['head']['kernel'])  # frozen: zero, never formed
+    assert isinstance(state.fisher['Dense_0']['kernel'], optax.MaskedNode)
+
+
+def test_trainable_everything_is_the_full_run_bit_for_bit():
+  pair = tasks.make_stream('mnist-pair', source='digits')
+  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32)
+  full = continual.run_sequence(pair, methods.SFA(p=0.5), config)
+  subset = continual.run_sequence(pair, methods.SFA(p=0.5), dataclasses.replace(config, trainable=('Dense_.*', 'head')))
+  assert subset.accuracy_matrix == full.accuracy_matrix and subset.averaging_steps == full.averaging_steps
+
+
+def test_a_sweep_with_trainable_equals_its_runs():
+  pair = tasks.make_stream('mnist-pair', source='digits')
+  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, trainable='head')
+  configurations = sweep.grid(methods.SFA, config=config, p=[0.25, 1.0])
+  swept = sweep.run_sweep(pair, configurations)
+  for (method, lane_config), result in zip(configurations, swept):
+    assert result.accuracy_matrix == continual.run_sequence(pair, method, lane_config).accuracy_matrix
+
+
+@pytest.mark.parametrize('trainable, error, message', [
+    (3, TypeError, 'trainable must be None, a path pattern'), ((), TypeError, 'trainable must be None'),
+    (('head', 1), TypeError, 'trainable must be None'),
+])
+def test_bad_trainable_is_named(trainable, error, message):
+  with pytest.raises(error, match=message):
+    continual.TrainConfig(trainable=trainable)
+
+
+def test_a_trainable_pattern_that_matches_nothing_is_named():
+  pair = tasks.make_stream('mnist-pair', source='digits')
+  with pytest.raises(ValueError, match="patterns: 'body' matches no leaf of params"):
+    continual.run_sequence(pair, methods.SFA(), continual.TrainConfig(epochs_per_task=1, trainable='body'))
 
 
 @pytest.mark.parametrize(

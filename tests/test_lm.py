@@ -111,7 +111,9 @@ def test_run_lm_sequences_methods(tiny):
   for r in results:
     assert r.stages == ['initial', 'math', 'law', 'code']
     assert np.asarray(r.loss_matrix).shape == (4, 3) and np.isfinite(r.loss_matrix).all()
-    assert r.loss_matrix[:2] == results[0].loss_matrix[:2]  # the shared first domain
+    # The first domain is plain fine-tuning for every method: equal up to the rounding of each
+    # method's own compiled step (another chain fuses, and rounds, differently).
+    np.testing.assert_allclose(r.loss_matrix[:2], results[0].loss_matrix[:2], rtol=1e-5)
     assert len(r.exact_match['math']) == 4
     assert [len(x) for x in r.train_losses] == [3, 2, 2]
   ft = by_name['finetune']

@@ -39,6 +39,7 @@ from sfa_jax import _validation
 from sfa_jax import distributed
 from sfa_jax import fisher as fisher_lib
 from sfa_jax import models
+from sfa_jax import partial
 from sfa_jax import tasks as tasks_lib
 from sfa_jax.engine import callbacks as callbacks_lib
 from sfa_jax.engine import methods as methods_lib
@@ -133,8 +134,13 @@ def _call(model, method: Callable, first: Any, x: Any, task_ids: Any, *, train: 
   return method(first, x, **kwargs)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION):
+def make_train_step(model, tx: optax.GradientTransformation, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION,
+                    trainable: Any = None):
   """The train step ``(params, model_state, opt_state, x, y, mask, task_ids) -> (..., loss, metric)``, unjitted.
+
+  With ``trainable`` (a mask of the params, :func:`sfa_jax.partial.path_mask`), only those leaves
+  are differentiated and updated: ``tx`` and its state see the trainable tree alone
+  (``optax.MaskedNode`` at the frozen leaves), the frozen leaves pass through unchanged.
 
   :func:`jitted_train_step` compiles it for one run, :func:`train_stream` vmaps it for a sweep.
   """
@@ -151,16 +157,22 @@ def make_train_step(model, tx: optax.GradientTransformation, objective: objectiv
       loss, accuracy = objective.loss(logits, y, mask)
       return loss, (new_state, accuracy)
 
-    (loss, (new_state, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_state, opt_state, loss, accuracy
+    if trainable is None:
+      (loss, (new_state, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), new_state, opt_state, loss, accuracy
+    train, frozen = partial.split_trainable(params, trainable)
+    (loss, (new_state, accuracy)), grads = partial.trainable_value_and_grad(loss_fn, has_aux=True)(train, frozen)
+    updates, opt_state = tx.update(grads, opt_state, train)
+    return partial.merge_trainable(optax.apply_updates(train, updates), frozen), new_state, opt_state, loss, accuracy
 
   return step
 
 
-def jitted_train_step(model, tx: optax.GradientTransformation, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION):
+def jitted_train_step(model, tx: optax.GradientTransformation, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION,
+                      trainable: Any = None):
   """:func:`make_train_step` jitted, params and optimizer state donated; traced once per batch shape."""
-  return jax.jit(make_train_step(model, tx, objective), donate_argnums=(0, 2))
+  return jax.jit(make_train_step(model, tx, objective, trainable), donate_argnums=(0, 2))
 
 
 def make_evaluator(
@@ -209,42 +221,47 @@ class _VariablesLogits:
 
 def task_fisher(
     model, params, model_state, split: tasks_lib.Split, task_index: int, batch_size: int,
-    objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION,
+    objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION, trainable: Any = None,
 ) -> Any:
   """The empirical diagonal Fisher of ``params`` on ``split``: the mean squared per-example gradient.
 
   For :data:`~sfa_jax.engine.objectives.CLASSIFICATION`, of the log-likelihood (with the batched
-  layer-wise pass of :func:`sfa_jax.fisher.diagonal_fisher`); for any other objective, of its
-  per-example loss.
+  layer-wise pass of :func:`sfa_jax.fisher.diagonal_fisher`); for any other objective, or with a
+  ``trainable`` mask (:func:`sfa_jax.partial.path_mask`), of its per-example loss, the frozen
+  leaves' entries zero (their gradients are never formed).
   """
   task_ids = np.full(len(split.y), task_index, np.int32)
-  if objective is objectives_lib.CLASSIFICATION:
+  if objective is objectives_lib.CLASSIFICATION and trainable is None:
     variables = models.merge_variables(params, model_state)
     full = fisher_lib.diagonal_fisher(_VariablesLogits(model), variables, (split.x, task_ids), split.y, batch_size=batch_size)
     return models.split_variables(full)[0]
-  return _loss_fisher(model, objective, params, model_state, split, task_ids, batch_size)
+  return _loss_fisher(model, objective, params, model_state, split, task_ids, batch_size, trainable)
 
 
-def _loss_fisher(model, objective, params, model_state, split, task_ids, batch_size) -> Any:
-  """``mean_i g_i²``, ``g_i`` the gradient of example ``i``'s loss under ``objective`` (chunks of ``batch_size``)."""
+def _loss_fisher(model, objective, params, model_state, split, task_ids, batch_size, trainable=None) -> Any:
+  """``mean_i g_i²``, ``g_i`` the gradient of example ``i``'s loss under ``objective`` (chunks of
+  ``batch_size``), with respect to the ``trainable`` leaves (all if ``None``; zero elsewhere)."""
+  train, frozen = (params, None) if trainable is None else partial.split_trainable(params, trainable)
 
-  def example_loss(p, x, y, task_id):
+  def example_loss(t, frozen, x, y, task_id):
+    p = t if frozen is None else partial.merge_trainable(t, frozen)
     outputs = _call(model, model.apply, models.merge_variables(p, model_state), x[None], task_id[None], train=False)
     return objective.loss(outputs, y[None], jnp.ones(1, bool))[0]
 
   @jax.jit
-  def chunk_sum(p, x, y, ids, valid):
-    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0, 0))(p, x, y, ids)
+  def chunk_sum(t, frozen, x, y, ids, valid):
+    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, None, 0, 0, 0))(t, frozen, x, y, ids)
     return jax.tree.map(lambda g: jnp.einsum('n,n...->...', valid, jnp.square(g)), grads)
 
-  total = jax.tree.map(jnp.zeros_like, params)
+  total = jax.tree.map(jnp.zeros_like, train)
   n = len(split.y)
   for start in range(0, n, batch_size):
     rows = np.arange(start, start + batch_size) % n
     valid = (np.arange(start, start + batch_size) < n).astype(np.float32)
-    part = chunk_sum(params, split.x[rows], split.y[rows], task_ids[rows], valid)
+    part = chunk_sum(train, frozen, split.x[rows], split.y[rows], task_ids[rows], valid)
     total = jax.tree.map(jnp.add, total, part)
-  return jax.tree.map(lambda t: t / n, total)
+  fisher = jax.tree.map(lambda t: t / n, total)
+  return fisher if frozen is None else partial.merge_trainable(fisher, jax.tree.map(jnp.zeros_like, frozen))
 
 
 _REUSED: dict[Any, Any] = {}
@@ -365,6 +382,14 @@ def _starting_point(model, task: tasks_lib.Task, initial: Any, mesh: Any) -> Cal
   return lambda seed: copy(tuple(initial))
 
 
+def _trainable_mask(model, task: tasks_lib.Task, patterns: str | tuple[str, ...] | None) -> Any:
+  """The mask of the params ``patterns`` select (:func:`sfa_jax.partial.path_mask`), or ``None`` for all."""
+  if patterns is None:
+    return None
+  params_shapes, _ = jax.eval_shape(_init_variables, model, jax.random.key(0), task.train.x[:1])
+  return partial.path_mask(params_shapes, patterns)
+
+
 def update_program(tx: optax.GradientTransformation, opt_state: Any, params: Any) -> str:
   """A digest of the program ``tx.update`` runs on states and params of these shapes (jaxpr and constants).
 
@@ -444,9 +469,10 @@ def train_stream(
       optimizer state FSDP-sharded.
     initial: ``(params, model_state)`` every lane starts from (a pretrained model, another run's
       end) instead of the model's initialisation with the lane's seed; copied, never donated.
-    evaluate_state: a further evaluation of one lane's state (JSON values, e.g. held-out losses
-      and exact match of a language model), before the first task and after every task end;
-      kept in :attr:`LaneRecord.extra` and in the checkpoints. Unstacked runs only.
+    evaluate_state: ``evaluate_state(state, after_task)``, a further evaluation of one lane's
+      state (JSON values, e.g. held-out losses and exact match of a language model), before the
+      first task (``after_task=None``) and after every task end (its index); kept in
+      :attr:`LaneRecord.extra` and in the checkpoints. Unstacked runs only.
 
   Returns:
     One :class:`LaneRecord` per configuration, and the seconds spent training, evaluating, in
@@ -463,13 +489,20 @@ def train_stream(
     raise ValueError('evaluate_state evaluates one run: it is not available in a sweep.')
   all_tasks = list(tasks)
   init = initializer(model, all_tasks[0].train.x[:1], mesh) if initial is None else _starting_point(model, all_tasks[0], initial, mesh)
+  trainable = _trainable_mask(model, all_tasks[0], shared.trainable)
+  cut = (lambda params: params) if trainable is None else (lambda params: partial.split_trainable(params, trainable)[0])
   optimizer = shared.make_optimizer()
   txs = [method.transform(optimizer) for method in methods]
   # One transform per lane for its initial state (its constructor's hyper-parameters); the lanes
   # share one update rule, which reads them from the state. A sweep's inits run eagerly (zeros
-  # and copies): jitting each would compile it once per configuration.
-  init_opt = [tx.init for tx in txs] if stacked else [
-      reused(('opt_init', methods[0], shared.optimizer_key(), model), lambda: jax.jit(txs[0].init))]
+  # and copies): jitting each would compile it once per configuration. The optimizer state holds
+  # the trainable leaves alone.
+  if stacked:
+    init_opt = [lambda params, tx=tx: tx.init(cut(params)) for tx in txs]
+  else:
+    jitted_init = reused(('opt_init', methods[0], shared.optimizer_key(), model, shared.trainable),
+                         lambda: jax.jit(lambda params: txs[0].init(cut(params))))
+    init_opt = [jitted_init]
 
   def fresh_lane(i: int) -> RunState:
     params, model_state = init(configs[i].seed)
@@ -481,20 +514,21 @@ def train_stream(
     data_keys = {(config.seed, method.data_key()) for method, config in configurations}
     data_axis = None if len(data_keys) == 1 else 0  # the same batches for all: pass them once
     train_step = jax.jit(
-        jax.vmap(make_train_step(model, txs[0], objective), in_axes=(0, 0, 0, data_axis, data_axis, None, data_axis)),
+        jax.vmap(make_train_step(model, txs[0], objective, trainable), in_axes=(0, 0, 0, data_axis, data_axis, None, data_axis)),
         donate_argnums=(0, 2),
     )
     evaluate = make_evaluator(model, shared.eval_batch_size, stacked=True, objective=objective)
     fresh = [fresh_lane(i) for i in range(count)]
-    check_one_update_rule(methods, txs, [lane.opt_state for lane in fresh], fresh[0].params)
+    check_one_update_rule(methods, txs, [lane.opt_state for lane in fresh], cut(fresh[0].params))
     state = _stack(fresh)
   else:
     data_axis = None
     state = fresh_lane(0)
     # Runs of one process share a compiled step when their updates are one program (the
     # hyper-parameters in the state); a method that bakes them into its update gets its own.
-    step_key = ('train_step', model, shared.optimizer_key(), objective, update_program(txs[0], state.opt_state, state.params))
-    train_step = reused(step_key, lambda: jitted_train_step(model, txs[0], objective))
+    step_key = ('train_step', model, shared.optimizer_key(), objective, shared.trainable,
+                update_program(txs[0], state.opt_state, cut(state.params)))
+    train_step = reused(step_key, lambda: jitted_train_step(model, txs[0], objective, trainable))
     if mesh is not None:  # the same step on sharded inputs (sfa_jax.distributed)
       train_step = distributed.shard_step(train_step, mesh)
     evaluate = reused(('evaluate', model, shared.eval_batch_size, objective),
@@ -515,14 +549,14 @@ def train_stream(
   pos = _Position(**record['position'])
   seconds, lanes = record['seconds'], record['lanes']
 
-  def evaluate_extra() -> None:
+  def evaluate_extra(after_task: int | None) -> None:
     if evaluate_state is not None:
       begin = time.perf_counter()
-      lanes[0]['extra'].append(evaluate_state(state))
+      lanes[0]['extra'].append(evaluate_state(state, after_task))
       seconds['evaluate'] += time.perf_counter() - begin
 
   if pos.global_step == 0 and not lanes[0]['extra']:
-    evaluate_extra()  # before any training: the starting point's row
+    evaluate_extra(None)  # before any training: the starting point's row
 
   def lane_states() -> list[RunState]:
     return _unstack(state, count) if stacked else [state]
@@ -554,7 +588,7 @@ def train_stream(
       split = all_tasks[k].train
       if shared.fisher_examples is not None:
         split = tasks_lib.Split(split.x[: shared.fisher_examples], split.y[: shared.fisher_examples])
-      value = task_fisher(model, lane.params, lane.model_state, split, k, shared.eval_batch_size, objective)
+      value = task_fisher(model, lane.params, lane.model_state, split, k, shared.eval_batch_size, objective, trainable)
       seconds['fisher'] += time.perf_counter() - begin
       return value
 
@@ -624,7 +658,7 @@ def train_stream(
     for i, row in enumerate(evaluate_all(k, range(count))):
       lanes[i]['matrix'].append([float(a) for a in row])
       emit(callbacks_lib.TaskEndEvent(i, k, tuple(lanes[i]['matrix'][-1])))
-    evaluate_extra()
+    evaluate_extra(k)
     pos.task, pos.epoch, pos.batch, pos.step_in_task = k + 1, 0, 0, 0
     save(force=True)
 
