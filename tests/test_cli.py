@@ -6,6 +6,7 @@ import contextlib
 import errno
 import io
 import json
+import re
 import math
 import os
 import shutil
@@ -117,10 +118,22 @@ def test_resume_skips_finished_runs(tmp_path, capsys):
         (['compare', '--methods', 'sfa', '--hp', 'l2.strength=1'], "--hp l2.strength: method 'l2' is not in --methods sfa"),
         (['compare', '--methods', 'sfa,l2', '--hp', 'l2.p=0.5'], "--hp l2.p: method 'l2' takes no hyper-parameter 'p'"),
         # Checked after parsing, still before anything is written: the data and the methods' rules.
-        (['run', '--method', 'sfa', '--stream', 'split-cifar100', '--source', 'tfds', '--data-dir', '/nonexistent'], 'cifar100'),
-        (['run', '--method', 'sfa', '--stream', 'split-fashion-mnist', '--data-dir', '/nonexistent'], 'not found'),
-        (['run', '--method', 'sfa', '--stream', 'split-cifar100'], "got source='offline'"),
-        (['run', '--method', 'sfa', '--num-tasks', '3'], 'exactly 2 tasks'),
+        (['run', '--method', 'sfa', '--p', '0.5', '--p', '0.25'], 'argument --p: given twice; give it once'),
+        (['run', '--method', 'sfa', '--model', 'mlp', '--model', 'cnn'], 'argument --model: given twice'),
+        (['compare', '--methods', 'sfa', '--methods', 'l2'], 'argument --methods: given twice'),
+        (['run', '--method', 'sfa', '--out', ''], 'argument --out: must be a folder path; got an empty one'),
+        (['run', '--method', 'sfa', '--data-dir', '/nonexistent'], "argument --data-dir: no folder '/nonexistent'"),
+        (['run', '--method', 'sfa', '--mesh', 'data=2;fsdp=4'], "argument --mesh: mesh must look like 'data=2,fsdp=4'"),
+        (['run', '--method', 'sfa', '--mesh', 'model=2'], 'argument --mesh: mesh axes must be among'),
+        (['run', '--method', 'sfa', '--stream', 'split-cifar100'], "argument --source: stream 'split-cifar100' reads tfds; got 'offline'"),
+        (['run', '--method', 'sfa', '--stream', 'split-fashion-mnist', '--source', 'digits'], 'reads offline, tfds'),
+        (['run', '--method', 'sfa', '--num-tasks', '3'], "argument --num-tasks: stream 'mnist-pair' takes exactly 2 tasks; got 3"),
+        (['run', '--method', 'sfa', '--stream', 'split-mnist', '--num-tasks', '11'], 'takes 1 to 10 tasks; got 11'),
+        # Checked after parsing, still before anything is written: the data and the methods' rules.
+        (['run', '--method', 'sfa', '--stream', 'split-cifar100', '--source', 'tfds', '--data-dir', '/tmp'], 'cifar100'),
+        (['run', '--method', 'sfa', '--mesh', 'data=3'], 'needs 3 devices'),
+        (['run', '--method', 'sfa', '--batch-size', '5000'], 'argument --batch-size: 5000 is more than the 2000 training examples'),
+        (['sweep', '--method', 'sfa', '--p', '0.5,1', '--batch-size', '5000'], 'argument --batch-size: 5000 is more than'),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -186,9 +199,10 @@ RUN = {'--stream': 'split-mnist', '--num-tasks': '2', '--method': 'sfa', '--p': 
 
 
 def _argv(out, command='run', **changes):
-  """``sfa-jax <command>`` with FAST, RUN's options (a change of None drops one) and ``--out out``."""
-  options = {key: value for key, value in (RUN | changes).items() if value is not None}
-  return [command, *FAST, *[part for item in options.items() for part in item], '--out', str(out)]
+  """``sfa-jax <command>`` with FAST's and RUN's options (a change replaces one, None drops it) and ``--out out``."""
+  fast = dict(zip(FAST[:-1:2], FAST[1:-1:2]))  # the options of FAST, without its last flag
+  options = {key: value for key, value in (fast | RUN | changes).items() if value is not None}
+  return [command, *[part for item in options.items() for part in item], FAST[-1], '--out', str(out)]
 
 
 def _files(folder):
@@ -215,6 +229,23 @@ def test_resume_without_checkpoints_says_so_then_starts(first_run):
   out, err = first_run
   assert err.startswith(f'sfa-jax: no checkpoint in {out / "checkpoints"} to resume from; starting afresh\n')
   assert 'resumed at step' not in err and (out / 'results.json').exists()
+
+
+def test_a_command_that_failed_before_its_first_save_holds_nothing_to_resume(tmp_path, monkeypatch, capsys):
+  from sfa_jax import continual
+
+  out = tmp_path / 'out'
+
+  def fails(*args, **kwargs):
+    raise ValueError('the data broke before the first step')
+
+  with monkeypatch.context() as patch:
+    patch.setattr(continual, 'run_sequence', fails)
+    assert cli.main(_argv(out)) == 2
+  assert (out / 'checkpoints' / 'command.json').exists()
+  capsys.readouterr()
+  assert cli.main(_argv(out, **{'--method': 'finetune', '--p': None})) == 0  # not refused: nothing was saved
+  assert 'interrupted' not in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -267,7 +298,9 @@ def test_resume_of_another_command_is_refused_and_writes_nothing(copied_run, cap
     [
         ({'--model': 'mlpp'}, "unknown model 'mlpp'"),  # a typo once wiped an interrupted run
         ({}, 'holds the checkpoints of an interrupted run: pass --resume to continue it, or --overwrite to delete them'),
-        ({'--stream': 'split-fashion-mnist', '--source': 'offline', '--data-dir': '/nonexistent', '--resume': None}, 'not found'),
+        # A folder without the idx files: the data fails to load, after parsing.
+        ({'--stream': 'split-fashion-mnist', '--source': 'offline', '--data-dir': os.path.dirname(__file__), '--resume': None},
+         'not found'),
     ],
 )
 def test_a_failing_command_leaves_the_checkpoints_alone(copied_run, capsys, changes, message):
@@ -384,12 +417,15 @@ def test_help_and_argument_errors_load_neither_jax_nor_the_data(tmp_path):
       ['run', '--method', 'sfa', '--seeds', '-1', *out],
       ['compare', '--methods', 'sfa', '--hp', 'sfa.p=0.5', '--hp', 'sfa.p=0.2', *out],
       ['sweep', '--method', 'sfa', '--p', '0.1,0.1', *out], ['demo', '--resume', '--overwrite'],
+      ['run', '--method', 'sfa', '--p', '0.5', '--p', '0.2', *out], ['run', '--method', 'sfa', '--mesh', 'foo', *out],
+      ['run', '--method', 'sfa', '--num-tasks', '3', *out], ['run', '--method', 'sfa', '--stream', 'split-cifar100', *out],
+      ['run', '--method', 'sfa', '--data-dir', str(tmp_path / 'none'), *out],
   ]
   result = subprocess.run([sys.executable, '-c', _WITHOUT_JAX, json.dumps(argvs)], capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(result.stdout.splitlines()[-1])
-  assert report == {'codes': [0, 0, 0] + [2] * 8, 'loaded': []}
-  assert result.stderr.count('sfa-jax: error: ') == 8 and not (tmp_path / 'x').exists()
+  assert report == {'codes': [0, 0, 0] + [2] * 13, 'loaded': []}
+  assert result.stderr.count('sfa-jax: error: ') == 13 and not (tmp_path / 'x').exists()
 
 
 def test_the_names_match_the_registries():
@@ -398,6 +434,18 @@ def test_the_names_match_the_registries():
 
   assert sorted(names.STREAMS) == tasks.list_streams()
   assert (names.SOURCES, names.SETTINGS) == (tasks.SOURCES, tasks.SETTINGS)
+  assert set(names.STREAM_SOURCES) == set(names.STREAM_TASKS) == set(names.STREAMS)
+  for stream, sources in names.STREAM_SOURCES.items():
+    for source in set(names.SOURCES) - set(sources):  # refused before any data is read
+      with pytest.raises(ValueError, match=re.escape(f'has sources {list(sources)}')):
+        tasks.make_stream(stream, source=source)
+  for stream in ('mnist-pair', 'split-mnist', 'permuted-mnist'):  # the bundled data: their counts are tried
+    low, high = names.STREAM_TASKS[stream]
+    assert len(tasks.make_stream(stream, num_tasks=low)) == low
+    if high is not None:
+      assert len(tasks.make_stream(stream, num_tasks=high)) == high
+      with pytest.raises(ValueError, match='num_tasks'):
+        tasks.make_stream(stream, num_tasks=high + 1)
   for model in names.MODELS:
     models.make_model(model, num_outputs=2)
   with pytest.raises(ValueError, match='Unknown model'):
