@@ -257,8 +257,13 @@ def fit_to(reference: Any, other: Any, *, reference_name: str, other_name: str) 
 
 
 def _dtype(leaf: Any) -> Any:
+  """The dtype ``leaf`` has as a JAX array: a NumPy float64 array or a Python float is float32
+  unless ``jax_enable_x64`` is on (``jnp.asarray`` and the copies made of it canonicalise it so)."""
   dtype = getattr(leaf, 'dtype', None)
-  return dtype if dtype is not None else np.asarray(leaf).dtype
+  dtype = dtype if dtype is not None else np.asarray(leaf).dtype
+  if isinstance(leaf, jax.Array) or jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    return dtype
+  return jax.dtypes.canonicalize_dtype(dtype)
 
 
 def copy_tree(tree: Any) -> Any:

@@ -113,11 +113,15 @@ def averaging_period(p: chex.Numeric, total_steps: chex.Numeric) -> chex.Array:
   Returns:
     An int32 scalar array.
 
+  Raises:
+    TypeError, ValueError: for a concrete ``p`` outside (0, 1] or ``T`` not an integer in [1, 2**31).
+
   Example:
     >>> import sfa_jax
     >>> int(sfa_jax.averaging_period(0.25, 10)), int(sfa_jax.averaging_period(0.29, 100))
     (3, 29)
   """
+  check_hyperparams(p=p, total_steps=total_steps)
   product = jnp.asarray(p, jnp.float32) * jnp.asarray(total_steps, jnp.float32)
   return jnp.maximum(1, jnp.floor(product + 0.5)).astype(jnp.int32)
 
@@ -141,16 +145,19 @@ def is_averaging_step(step: chex.Numeric, p: chex.Numeric, total_steps: chex.Num
     total_steps: the number of optimizer steps ``T`` in the task.
 
   Returns:
-    A boolean scalar array.
+    A boolean array of the shape of ``step``.
+
+  Raises:
+    TypeError, ValueError: for a concrete ``p`` or ``T`` out of range (see :func:`averaging_period`).
 
   Example:
     >>> import sfa_jax
     >>> [t for t in range(1, 13) if sfa_jax.is_averaging_step(t, 0.25, 10)]
     [3, 6, 9, 10]
   """
+  period = averaging_period(p, total_steps)
   step = jnp.asarray(step, jnp.int32)
   total_steps = jnp.asarray(total_steps, jnp.int32)
-  period = averaging_period(p, total_steps)
   in_task = (step >= 1) & (step <= total_steps)
   return in_task & ((step % period == 0) | (step == total_steps))
 
@@ -276,12 +283,25 @@ def map_float_params(fn: Callable[..., Any], updates: Any, params: Any, *rest: A
     >>> new['w'], new['step']
     (Array([2., 2.], dtype=float32), Array(0., dtype=float32))
   """
-  return jax.tree.map(
-      lambda update, param, *others: fn(update, param, *others) if _validation.is_float_leaf(param) else update,
-      updates,
-      params,
-      *rest,
-  )
+  names = ('updates', 'params', 'the anchor', 'the fisher')
+
+  def leaf(path, update, param, *others):
+    if not _validation.is_float_leaf(param):
+      return update
+    arrays = [jnp.asarray(x) for x in (update, param, *others)]  # Python numbers as optax takes them
+    for name, array in zip(names[1:], arrays[1:]):
+      if array.shape != arrays[0].shape:
+        where = jax.tree_util.keystr(path)
+        raise ValueError(f'{name}{where} has shape {array.shape}, but updates{where} has shape {arrays[0].shape}.')
+    return fn(*arrays)
+
+  try:
+    return jax.tree_util.tree_map_with_path(leaf, updates, params, *rest)
+  except (ValueError, TypeError) as error:
+    if 'has shape' in str(error):
+      raise
+    _validation.check_matching_tree(params, updates, reference_name='params', other_name='updates', check_dtypes=False)
+    raise
 
 
 def current(argument: Any, stored: chex.Array) -> chex.Array:

@@ -506,3 +506,57 @@ def test_set_hyperparams_reaches_inject_hyperparams_but_not_an_outer_wrapper():
   outer = optax.inject_hyperparams(lambda beta: optax.chain(optax.adam(0.1, b1=beta), sfa_jax.sfa(p=0.5, total_steps=4)))(beta=0.8)
   state = sfa_jax.set_hyperparams(outer.init(params), beta=0.25)
   assert float(state.hyperparams['beta']) == np.float32(0.8) and float(sfa_jax.find_state(state).beta) == 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Inputs as optax takes them: Python numbers and NumPy arrays, checked leaf by leaf.
+
+_TRANSFORMS = {
+    'sfa': lambda anchor=None: optax.chain(optax.sgd(0.1), sfa_jax.sfa(anchor, p=0.5, beta=0.5, total_steps=2)),
+    'l2': lambda anchor=None: optax.chain(sfa_jax.l2(1.0, anchor), optax.sgd(0.1)),
+    'adaptive_sfa': lambda anchor=None: optax.chain(optax.sgd(0.1), adaptive.adaptive_sfa(anchor, threshold=0.0, total_steps=2)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_TRANSFORMS))
+def test_python_number_params_and_updates_work_as_in_optax(name):
+  tx = _TRANSFORMS[name]()
+  params = {'w': 1.0, 'b': jnp.ones(2)}
+  state = tx.init(params)
+  updates, state = tx.update({'w': 1.0, 'b': jnp.ones(2)}, state, params)  # optax.sgd scales a float to a float
+  assert jnp.shape(updates['w']) == () and np.isfinite(float(updates['w']))
+
+
+@pytest.mark.parametrize('name', sorted(_TRANSFORMS))
+def test_a_numpy_float64_anchor_is_stored_as_jax_stores_it(name):
+  params = {'w': jnp.ones(2)}
+  state = _TRANSFORMS[name]({'w': np.full(2, 3.0)}).init(params)  # float64 NumPy: float32 without x64
+  anchor = sfa_jax.find_state(state).anchor['w']
+  assert anchor.dtype == jnp.float32 and anchor.tolist() == [3.0, 3.0]
+  sfa_jax.reanchor(state, {'w': np.zeros(2)})  # and as the next anchor
+
+
+@pytest.mark.parametrize('name', sorted(_TRANSFORMS))
+def test_updates_or_params_that_do_not_fit_are_named_in_the_update(name):
+  tx = _TRANSFORMS[name]()
+  state = tx.init({'w': jnp.ones(2)})
+  with pytest.raises(ValueError, match=r"params\['w'\] has shape \(3,\), but updates\['w'\] has shape \(2,\)"):
+    jax.jit(tx.update)({'w': jnp.ones(2)}, state, {'w': jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"updates does not have the tree structure of params: missing leaves \[\"\['w'\]\"\]"):
+    sfa_jax.sfa(p=0.5, total_steps=2).update({'v': jnp.ones(2)}, sfa_jax.sfa(p=0.5, total_steps=2).init({'w': jnp.ones(2)}), {'w': jnp.ones(2)})
+
+
+@pytest.mark.parametrize('call, error, match', [
+    (lambda: sfa_jax.averaging_period(0.5, 0), ValueError, 'total_steps must be an integer >= 1; got 0'),
+    (lambda: sfa_jax.averaging_period(1.5, 10), ValueError, r'p must lie in \(0.0, 1.0\]; got 1.5'),
+    (lambda: sfa_jax.is_averaging_step(3, 0.5, 10.5), ValueError, 'total_steps must be an integer'),
+    (lambda: sfa_jax.is_averaging_step(3, 'half', 10), TypeError, 'p must be a number'),
+])
+def test_the_schedule_helpers_check_p_and_total_steps(call, error, match):
+  with pytest.raises(error, match=match):
+    call()
+
+
+def test_the_schedule_helpers_still_trace():
+  assert int(jax.jit(sfa_jax.averaging_period)(0.5, 10)) == 5
+  assert jax.vmap(lambda p: sfa_jax.averaging_period(p, 10))(jnp.array([0.1, 0.5])).tolist() == [1, 5]
