@@ -122,6 +122,18 @@ def check_positive_int(name: str, value: Any) -> None:
     raise ValueError(f'{name} must be at most 2**31 - 1 = {INT32_MAX} (int32 step counters); got {value!r}.')
 
 
+def check_int(name: str, value: Any, low: int = 1, high: int = INT32_MAX) -> None:
+  """Raises unless ``value`` is a Python or NumPy integer (not a bool, not a float) in [low, high].
+
+  For the sizes that shape arrays and loops (batch sizes, epochs, steps) and for seeds, where
+  ``32.0`` or ``True`` would fail deep inside NumPy or JAX.
+  """
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f'{name} must be an integer; got {type(value).__name__} {value!r}.')
+  if not low <= value <= high:
+    raise ValueError(f'{name} must be an integer in [{low}, {high}]; got {value!r}.')
+
+
 def check_full_precision(name: str, value: Any) -> None:
   """Raises when ``value`` is a floating array narrower than float32 (bfloat16, float16).
 

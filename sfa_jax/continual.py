@@ -96,17 +96,20 @@ class TrainConfig:
   trainable: str | tuple[str, ...] | None = None
 
   def __post_init__(self):
-    _validation.check_positive_int('epochs_per_task', self.epochs_per_task)
-    _validation.check_positive_int('batch_size', self.batch_size)
-    _validation.check_positive_int('eval_batch_size', self.eval_batch_size)
+    for name in ('epochs_per_task', 'batch_size', 'eval_batch_size'):
+      _validation.check_int(name, getattr(self, name))
+    _validation.check_int('eval_every', self.eval_every, low=0)
+    _validation.check_int('seed', self.seed, low=0, high=2**32 - 1)
     _validation.check_in_interval('learning_rate', self.learning_rate, 0.0, math.inf, low_open=True, high_open=True)
     if self.steps_per_task is not None:
+      if isinstance(self.steps_per_task, tuple) and not self.steps_per_task:
+        raise ValueError('steps_per_task must be a number of steps or one per task; got an empty tuple.')
       for value in self.steps_per_task if isinstance(self.steps_per_task, tuple) else (self.steps_per_task,):
-        _validation.check_positive_int('steps_per_task', value)
+        _validation.check_int('steps_per_task', value)
     if self.fisher_examples is not None:
-      _validation.check_positive_int('fisher_examples', self.fisher_examples)
-    if self.eval_every < 0:
-      raise ValueError(f'eval_every must be >= 0; got {self.eval_every}.')
+      _validation.check_int('fisher_examples', self.fisher_examples)
+    if not isinstance(self.reset_optimizer, (bool, np.bool_)):
+      raise TypeError(f'reset_optimizer must be True or False; got {self.reset_optimizer!r}.')
     if self.trainable is not None and not (
         isinstance(self.trainable, str)
         or (isinstance(self.trainable, tuple) and self.trainable and all(isinstance(t, str) for t in self.trainable))):
@@ -290,6 +293,19 @@ def fingerprint(stream: tasks_lib.TaskStream, method: Method, config: TrainConfi
   return json.dumps(run, sort_keys=True, default=repr)
 
 
+def check_run_arguments(stream: Any, method: Any, config: Any) -> None:
+  """Raises ``TypeError`` naming the argument unless ``stream``, ``method`` and ``config`` are a
+  :class:`~sfa_jax.tasks.TaskStream`, a :class:`Method` instance and a :class:`TrainConfig`."""
+  if not isinstance(stream, tasks_lib.TaskStream):
+    raise TypeError(f'stream must be a sfa_jax.tasks.TaskStream (tasks.make_stream or tasks.stream_of); got {type(stream).__name__}.')
+  if isinstance(method, type) and issubclass(method, Method):
+    raise TypeError(f'method must be a Method instance; got the class {method.__name__}: call it, e.g. {method.__name__}().')
+  if not isinstance(method, Method):
+    raise TypeError(f'method must be a sfa_jax.engine.methods.Method (e.g. continual.make_method({method!r})); got {type(method).__name__}.')
+  if not isinstance(config, TrainConfig):
+    raise TypeError(f'config must be a sfa_jax.continual.TrainConfig; got {type(config).__name__}.')
+
+
 def run_sequence(
     stream: tasks_lib.TaskStream,
     method: Method,
@@ -322,6 +338,9 @@ def run_sequence(
     The :class:`SequenceResult`.
 
   Raises:
+    TypeError: when ``stream`` is not a :class:`~sfa_jax.tasks.TaskStream`, ``method`` not a
+      :class:`Method` instance or ``config`` not a :class:`TrainConfig`.
+    ValueError: when a ``steps_per_task`` tuple does not have one entry per task.
     CheckpointError: when the checkpointer holds a checkpoint of another configuration, or
       checkpoints of which none is usable (a corrupt one is skipped for the previous one, with a
       :class:`~sfa_jax.checkpoint.CheckpointWarning`).
@@ -334,6 +353,7 @@ def run_sequence(
     >>> len(result.accuracy_matrix), len(result.accuracy_matrix[0])
     (2, 2)
   """
+  check_run_arguments(stream, method, config)
   all_tasks = [stream[i] for i in range(len(stream))]
   run_id = fingerprint(stream, method, config, None if initial is None else initial_checksum(initial))
   records, seconds = loop.train_stream(

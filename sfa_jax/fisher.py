@@ -131,8 +131,8 @@ def diagonal_fisher(
   """
   if kind not in _KINDS:
     raise ValueError(f"kind must be 'empirical', 'sampled' or 'expected'; got {kind!r}.")
-  _validation.check_positive_int('batch_size', batch_size)
-  _validation.check_positive_int('num_samples', num_samples)
+  _validation.check_int('batch_size', batch_size)
+  _validation.check_int('num_samples', num_samples)
   num_examples = _num_examples(inputs)
   if kind == 'empirical':
     if labels is None:

@@ -85,10 +85,13 @@ class LMConfig:
 
   def __post_init__(self):
     steps = self.steps_per_domain if isinstance(self.steps_per_domain, tuple) else (self.steps_per_domain,)
+    if not steps:
+      raise ValueError('steps_per_domain must be a number of steps or one per domain; got an empty tuple.')
     for value in steps:
-      _validation.check_positive_int('steps_per_domain', value)
+      _validation.check_int('steps_per_domain', value)
     for name in ('batch_size', 'eval_batch_size', 'fisher_sequences'):
-      _validation.check_positive_int(name, getattr(self, name))
+      _validation.check_int(name, getattr(self, name))
+    _validation.check_int('seed', self.seed, low=0, high=2**32 - 1)
     _validation.check_in_interval('learning_rate', self.learning_rate, 0.0, math.inf, low_open=True, high_open=True)
     _validation.check_non_negative('grad_clip', self.grad_clip)
     if self.optimizer not in ('adam', 'sgd'):
@@ -396,6 +399,62 @@ def lm_markdown_table(results: Sequence[LMResult]) -> str:
     s = r.summary()
     cells = [r.method] + [f'{v:.3f} ({math.exp(v):.1f})' for v in r.loss_matrix[-1]] + [f"{s['mean_final_loss']:.3f}"]
     cells += [f'{r.exact_match[n][-1]:.3f}' for n in em_names] + [f"{s['forgetting']:+.3f}"]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def seed_summaries(results: Sequence[LMResult]) -> list[dict[str, Any]]:
+  """Mean and standard deviation over seeds of each method's :meth:`LMResult.summary`.
+
+  Args:
+    results: runs of several seeds, one :class:`LMResult` per (seed, method); runs of one method
+      share its label.
+
+  Returns:
+    One dict per method, in order of first appearance: ``method``, ``seeds`` (the count), and
+    ``mean`` / ``std`` dicts of every summary metric (population std, 0 for one seed) and of
+    ``{domain}_loss_after_next``, the loss of each domain right after the next one is learned.
+
+  Example:
+    >>> r = LMResult('sfa', ['a', 'b'], ['initial', 'a', 'b'], [[3.0, 3.0], [1.0, 3.0], [2.0, 1.0]], {}, [], [], {})
+    >>> s = seed_summaries([r, dataclasses.replace(r, loss_matrix=[[3.0, 3.0], [1.0, 3.0], [1.0, 1.0]])])[0]
+    >>> s['seeds'], s['mean']['final_loss_a'], s['std']['final_loss_a'], s['mean']['forgetting']
+    (2, 1.5, 0.5, 0.5)
+  """
+  groups: dict[str, list[dict[str, float]]] = {}
+  for r in results:
+    summary = r.summary()
+    for j, name in enumerate(r.domain_names[:-1]):
+      summary[f'{name}_loss_after_next'] = r.loss_matrix[j + 2][j]
+    groups.setdefault(r.method, []).append(summary)
+  out = []
+  for method, summaries in groups.items():
+    keys = list(summaries[0])
+    values = {k: np.asarray([s[k] for s in summaries], float) for k in keys}
+    out.append({'method': method, 'seeds': len(summaries),
+                'mean': {k: float(v.mean()) for k, v in values.items()},
+                'std': {k: float(v.std()) for k, v in values.items()}})
+  return out
+
+
+def lm_seed_table(results: Sequence[LMResult]) -> str:
+  """A markdown table of :func:`seed_summaries`: final loss per domain, mean final loss, exact
+  match and forgetting, each as mean ± std over the seeds.
+
+  Args:
+    results: runs of several seeds (see :func:`seed_summaries`).
+
+  Returns:
+    The table.
+  """
+  names = results[0].domain_names
+  em_names = list(results[0].exact_match)
+  keys = [f'final_loss_{n}' for n in names] + ['mean_final_loss'] + [f'final_exact_match_{n}' for n in em_names] + ['forgetting']
+  header = ['method', 'seeds'] + [f'{n} loss' for n in names] + ['mean loss'] + [f'{n} exact match' for n in em_names] + ['forgetting']
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for row in seed_summaries(results):
+    cells = [row['method'], str(row['seeds'])]
+    cells += [f"{row['mean'][k]:{'+' if k == 'forgetting' else ''}.3f} ± {row['std'][k]:.3f}" for k in keys]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

@@ -179,6 +179,7 @@ def run_sweep(
     (['sfa(beta=0.25, p=0.25)', 'sfa(beta=0.25, p=1)'], 2)
   """
   configurations = check_configurations(configurations)
+  continual.check_run_arguments(stream, *configurations[0])
   all_tasks = [stream[i] for i in range(len(stream))]
   run_id = fingerprint(stream, configurations, None if initial is None else continual.initial_checksum(initial))
   records, seconds = loop.train_stream(

@@ -222,6 +222,55 @@ def test_a_stream_of_your_own_tasks_checks_its_splits():
     tasks.stream_of('s', [('a', good, good), ('b', good._replace(x=np.zeros((4, 5))), good)], num_outputs=2)
   with pytest.raises(ValueError, match='at least one'):
     tasks.stream_of('s', [], num_outputs=2)
+  # What would train on garbage without a word:
+  nan = good._replace(x=np.array([[np.nan, 0, 0]] + [[0, 0, 0]] * 3, np.float32))
+  with pytest.raises(ValueError, match="task 'a': its test split has NaN or infinite inputs"):
+    tasks.stream_of('s', [('a', good, nan)], num_outputs=2)
+  with pytest.raises(ValueError, match=r"its train split has class labels in \[0, 5\], outside \[0, num_outputs = 2\)"):
+    tasks.stream_of('s', [('a', good._replace(y=np.array([0, 1, 5, 1], np.int32)), good)], num_outputs=2)
+  with pytest.raises(ValueError, match=r'class labels in \[-1, 0\]'):
+    tasks.stream_of('s', [('a', good._replace(y=np.array([0, -1, 0, 0])), good)], num_outputs=2)
+  with pytest.raises(ValueError, match="task 'a': its test split is empty"):
+    tasks.stream_of('s', [('a', good, tasks.Split(good.x[:0], good.y[:0]))], num_outputs=2)
+  with pytest.raises(ValueError, match="task names must differ; 'a' names several tasks"):
+    tasks.stream_of('s', [('a', good, good), ('a', good, good)], num_outputs=2)
+  real = good._replace(y=np.full(4, 7.5, np.float32))  # regression targets: no label range
+  assert len(tasks.stream_of('s', [('a', real, real)], num_outputs=1)) == 1
+
+
+@pytest.mark.parametrize('kwargs, error, message', [
+    ({'batch_size': 32.0}, TypeError, 'batch_size must be an integer; got float 32.0'),
+    ({'epochs_per_task': True}, TypeError, 'epochs_per_task must be an integer; got bool'),
+    ({'eval_every': 1.5}, TypeError, 'eval_every must be an integer'),
+    ({'seed': -1}, ValueError, r'seed must be an integer in \[0, 4294967295\]; got -1'),
+    ({'seed': 2**40}, ValueError, 'seed must be an integer in'),
+    ({'seed': 0.5}, TypeError, 'seed must be an integer'),
+    ({'steps_per_task': ()}, ValueError, 'steps_per_task must be a number of steps or one per task'),
+    ({'steps_per_task': (3, 2.5)}, TypeError, 'steps_per_task must be an integer'),
+    ({'reset_optimizer': 'no'}, TypeError, "reset_optimizer must be True or False; got 'no'"),
+])
+def test_config_fields_that_shape_arrays_are_plain_integers(kwargs, error, message):
+  with pytest.raises(error, match=message):
+    continual.TrainConfig(**kwargs)
+
+
+def test_run_arguments_of_the_wrong_kind_are_named():
+  pair = tasks.make_stream('mnist-pair', source='digits')
+  config = continual.TrainConfig(epochs_per_task=1)
+  with pytest.raises(TypeError, match=r"method must be a sfa_jax.engine.methods.Method \(e.g. continual.make_method\('sfa'\)\)"):
+    continual.run_sequence(pair, 'sfa', config)
+  with pytest.raises(TypeError, match=r'got the class SFA: call it, e.g. SFA\(\)'):
+    continual.run_sequence(pair, methods.SFA, config)
+  with pytest.raises(TypeError, match='config must be a sfa_jax.continual.TrainConfig; got dict'):
+    continual.run_sequence(pair, methods.SFA(), {'epochs_per_task': 1})
+  with pytest.raises(TypeError, match='stream must be a sfa_jax.tasks.TaskStream'):
+    continual.run_sequence(list(pair), methods.SFA(), config)
+  with pytest.raises(TypeError, match='stream must be a sfa_jax.tasks.TaskStream'):
+    sweep.run_sweep(list(pair), [(methods.SFA(), config)])
+  with pytest.raises(ValueError, match='steps_per_task has 3 entries for 2 tasks'):
+    continual.run_sequence(pair, methods.SFA(), dataclasses.replace(config, steps_per_task=(1, 2, 3)))
+  with pytest.raises(ValueError, match=r'seed must be an integer in \[0, 2\*\*32\); got -1'):
+    tasks.make_stream('mnist-pair', source='digits', seed=-1)
 
 
 def test_replay_of_real_valued_targets_keeps_a_fraction_of_all_examples(stream):

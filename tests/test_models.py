@@ -279,8 +279,10 @@ def test_make_model_rejects_bad_arguments():
     make_model('vgg', 10)
   with pytest.raises(ValueError, match='num_outputs'):
     make_model('mlp', 0)
-  with pytest.raises(ValueError, match='num_heads'):
+  with pytest.raises(TypeError, match='num_heads must be an integer; got float 1.5'):
     make_model('mlp', 10, num_heads=1.5)
+  with pytest.raises(TypeError, match='num_outputs must be an integer; got float 10.0'):
+    make_model('mlp', 10.0)
   with pytest.raises(TypeError):
     make_model('mlp', 10, width=3)
 

@@ -488,6 +488,9 @@ def train_stream(
   if stacked and evaluate_state is not None:
     raise ValueError('evaluate_state evaluates one run: it is not available in a sweep.')
   all_tasks = list(tasks)
+  for config in configs:
+    if isinstance(config.steps_per_task, tuple) and len(config.steps_per_task) != len(all_tasks):
+      raise ValueError(f'steps_per_task has {len(config.steps_per_task)} entries for {len(all_tasks)} tasks: give one per task.')
   init = initializer(model, all_tasks[0].train.x[:1], mesh) if initial is None else _starting_point(model, all_tasks[0], initial, mesh)
   trainable = _trainable_mask(model, all_tasks[0], shared.trainable)
   cut = (lambda params: params) if trainable is None else (lambda params: partial.split_trainable(params, trainable)[0])

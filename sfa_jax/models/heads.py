@@ -93,8 +93,8 @@ class OutputHead(nn.Module):
     Returns:
       The logits of the selected head(s).
     """
-    _validation.check_positive_int('num_outputs', self.num_outputs)
-    _validation.check_positive_int('num_heads', self.num_heads)
+    _validation.check_int('num_outputs', self.num_outputs)
+    _validation.check_int('num_heads', self.num_heads)
     num_features = features.shape[-1]
     if self.num_heads == 1:
       kernel = self.param(

@@ -78,9 +78,9 @@ class LlamaConfig:
 
   def __post_init__(self):
     for name in ('vocab_size', 'dim', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim'):
-      _validation.check_positive_int(name, getattr(self, name))
+      _validation.check_int(name, getattr(self, name))
     if self.max_length is not None:
-      _validation.check_positive_int('max_length', self.max_length)
+      _validation.check_int('max_length', self.max_length)
     if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
       raise ValueError(f'dim ({self.dim}) must split into num_heads ({self.num_heads}) heads of even width.')
     if self.num_heads % self.num_kv_heads:

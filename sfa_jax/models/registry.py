@@ -45,6 +45,6 @@ def make_model(name: str, num_outputs: int, num_heads: int = 1, **kwargs: Any) -
   """
   if name not in _MODELS:
     raise ValueError(f'Unknown model {name!r}; the registered models are {sorted(_MODELS)}.')
-  _validation.check_positive_int('num_outputs', num_outputs)
-  _validation.check_positive_int('num_heads', num_heads)
+  _validation.check_int('num_outputs', num_outputs)
+  _validation.check_int('num_heads', num_heads)
   return _MODELS[name](num_outputs=num_outputs, num_heads=num_heads, **kwargs)

@@ -185,6 +185,8 @@ def make_stream(
   ]
   if source not in available:
     raise ValueError(f'stream {name!r} has sources {available}; got source={source!r}.')
+  if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ValueError(f'seed must be an integer in [0, 2**32); got {seed!r}.')
   if spec.groups is not None and num_tasks not in (None, len(spec.groups)):
     raise ValueError(f'{name} has exactly {len(spec.groups)} tasks; got num_tasks={num_tasks}.')
   if num_tasks is None:

@@ -202,7 +202,10 @@ def stream_of(
     The stream; its tasks are the given splits (not copied).
 
   Raises:
-    ValueError: on no task, a split whose ``x`` and ``y`` differ in length, or inputs of several shapes.
+    ValueError: on no task, a repeated task name, an empty split, a split whose ``x`` and ``y``
+      differ in length, NaN or infinite inputs (arrays in memory; memory-mapped ones are not read
+      here), class labels outside ``[0, num_outputs)`` (1-D integer targets, ``num_outputs >= 2``),
+      or inputs of several shapes.
 
   Example:
     >>> import numpy as np
@@ -217,10 +220,13 @@ def stream_of(
   if not splits:
     raise ValueError('splits must hold at least one (name, train, test) task.')
   shapes = set()
+  names = [task_name for task_name, _, _ in splits]
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise ValueError(f'task names must differ; {repeated[0]!r} names several tasks.')
   for task_name, train, test in splits:
     for which, split in (('train', train), ('test', test)):
-      if len(split.x) != len(split.y):
-        raise ValueError(f'task {task_name!r}: its {which} split has {len(split.x)} inputs and {len(split.y)} targets.')
+      _check_split(task_name, which, split, num_outputs)
       shapes.add(tuple(np.shape(split.x)[1:]))
   if len(shapes) != 1:
     raise ValueError(f'the tasks\' inputs must share one shape; got {sorted(shapes)}.')
@@ -231,6 +237,22 @@ def stream_of(
       name=name, setting=setting, num_classes=num_outputs, input_shape=shapes.pop(), source=source, seed=0,
       task_names=tuple(t.name for t in tasks), task_classes=tuple(() for _ in tasks), load_task=tasks.__getitem__,
   )
+
+
+def _check_split(task_name: str, which: str, split: Split, num_outputs: int) -> None:
+  """Raises ``ValueError`` naming the task and split for what would train on garbage silently."""
+  where = f'task {task_name!r}: its {which} split'
+  if len(split.x) != len(split.y):
+    raise ValueError(f'{where} has {len(split.x)} inputs and {len(split.y)} targets.')
+  if len(split.y) == 0:
+    raise ValueError(f'{where} is empty.')
+  x, y = split.x, split.y
+  if isinstance(x, np.ndarray) and not isinstance(x, np.memmap) and np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+    raise ValueError(f'{where} has NaN or infinite inputs.')
+  if num_outputs >= 2 and np.ndim(y) == 1 and np.issubdtype(np.asarray(y[:0]).dtype, np.integer):
+    labels = np.asarray(y)
+    if labels.min() < 0 or labels.max() >= num_outputs:
+      raise ValueError(f'{where} has class labels in [{labels.min()}, {labels.max()}], outside [0, num_outputs = {num_outputs}).')
 
 
 def split_from_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], directory: str | os.PathLike[str]) -> Split:

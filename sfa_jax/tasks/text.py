@@ -192,7 +192,7 @@ def arithmetic_problems(count: int, seed: int) -> list[Problem]:
     >>> p.prompt.startswith('Question:'), p.prompt.endswith('Answer:'), isinstance(p.answer, int)
     (True, True, True)
   """
-  _validation.check_positive_int('count', count)
+  _validation.check_int('count', count)
   rng = np.random.default_rng(seed)
   problems = []
   for _ in range(count):
@@ -267,7 +267,7 @@ def windows(documents: Sequence[str], tokenizer, seq_len: int) -> np.ndarray:
     >>> windows(['abcdef', 'gh'], ByteTokenizer(), seq_len=3).tolist()
     [[97, 98, 99, 100], [101, 102, 256, 103]]
   """
-  _validation.check_positive_int('seq_len', seq_len)
+  _validation.check_int('seq_len', seq_len)
   stream = []
   for doc in documents:
     stream.extend(tokenizer.encode(doc))
@@ -330,7 +330,7 @@ def make_text_domains(
     See the module docstring.
   """
   for name in ('train_sequences', 'heldout_sequences', 'num_problems', 'math_train_problems'):
-    _validation.check_positive_int(name, locals()[name])
+    _validation.check_int(name, locals()[name])
   eval_problems = arithmetic_problems(num_problems, seed=seed * 2)
   held_prompts = {p.prompt for p in eval_problems}
   domains = []
