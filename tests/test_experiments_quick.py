@@ -131,3 +131,23 @@ def test_pretrained_continual_quick(tmp_path):
 def test_pretrain_backbone_says_how_to_install_the_data(tmp_path):
   with pytest.raises(SystemExit, match='apt-get install dataset-fashion-mnist'):
     _main('pretrain_backbone')(['--data-dir', str(tmp_path), '--out', str(tmp_path)])
+
+
+@pytest.mark.slow  # about 40 s: 2 seeds x 6 methods of a tiny Llama on the three text domains
+def test_language_sequence_quick_over_seeds_and_resumed_run_by_run(tmp_path, capsys):
+  _main('language_sequence')(['--quick', '--out', str(tmp_path)])
+  data = json.loads((tmp_path / 'language_sequence_quick.json').read_text())
+  assert data['command'].endswith('--quick --out ' + str(tmp_path))
+  assert data['setting']['seeds'] == [0, 1] and 0 < data['setting']['trainable_params'] < data['setting']['all_params']
+  assert [run['seed'] for run in data['runs']] == [0] * 6 + [1] * 6
+  summaries = {row['method']: row for row in data['summaries']}
+  assert len(summaries) == 6 and all(row['seeds'] == 2 for row in summaries.values())
+  finetune = summaries['finetune']
+  assert finetune['std']['mean_final_loss'] > 0  # the seeds differ (batch order)
+  assert (tmp_path / 'language_sequence_quick.md').read_text().count(' ± ') >= 6 * 6
+  assert (tmp_path / 'language_sequence_quick.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert len((tmp_path / 'language_sequence_quick.runs.jsonl').read_text().splitlines()) == 12
+  capsys.readouterr()
+  _main('language_sequence')(['--quick', '--out', str(tmp_path)])  # every run is recorded: none trains again
+  assert 'done' not in capsys.readouterr().out
+  assert json.loads((tmp_path / 'language_sequence_quick.json').read_text())['summaries'] == data['summaries']
