@@ -512,13 +512,13 @@ def _plan(args: argparse.Namespace) -> _Plan:
 
 
 def _check_batches(stream: Any, config: Any) -> None:
-  """Raises unless every task's training set makes at least one batch (checked before any write)."""
-  from sfa_jax import tasks
+  """The engine's batch-size check (:func:`sfa_jax.engine.loop.check_batch_size`), before any write."""
+  from sfa_jax.engine import loop
 
-  smallest = min(len(task.train.y) for task in stream)
-  if tasks.num_batches(smallest, config.batch_size) == 0:
-    raise UsageError(f'argument --batch-size: {config.batch_size} is more than the {smallest} training examples '
-                     'of the smallest task; lower it')
+  try:
+    loop.check_batch_size(list(stream), config.batch_size)
+  except ValueError as error:
+    raise UsageError(f'argument --batch-size: {error}') from None
 
 
 def _configurations(

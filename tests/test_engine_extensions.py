@@ -273,6 +273,18 @@ def test_run_arguments_of_the_wrong_kind_are_named():
     tasks.make_stream('mnist-pair', source='digits', seed=-1)
 
 
+def test_a_batch_larger_than_a_later_task_fails_before_the_first_step():
+  rng = np.random.default_rng(0)
+  big = tasks.Split(rng.normal(size=(64, 3)).astype(np.float32), rng.integers(0, 2, 64).astype(np.int32))
+  small = tasks.Split(big.x[:8], big.y[:8])
+  stream = tasks.stream_of('s', [('big', big, big), ('small', small, small)], num_outputs=2)
+  steps = []
+  with pytest.raises(ValueError, match=r"16 is more than the 8 training examples of the smallest task \(s/small\)"):
+    continual.run_sequence(stream, methods.Finetune(), continual.TrainConfig(model=Regressor(), batch_size=16),
+                           callbacks=steps.append)
+  assert steps == []  # nothing trained on the first task before failing at the second
+
+
 def test_replay_of_real_valued_targets_keeps_a_fraction_of_all_examples(stream):
   plan = methods.Replay(fraction=0.25).batch_plan(list(stream), 1, 32, seed=0)
   assert len(plan.replay.y) == 64 and plan.replay.y.dtype == np.float32

@@ -290,6 +290,18 @@ def reused(key: tuple, build: Callable[[], Any]) -> Any:
 # Batches.
 
 
+def check_batch_size(tasks: Sequence[tasks_lib.Task], batch_size: int) -> None:
+  """Raises ``ValueError`` unless every task's training set makes at least one batch of ``batch_size``.
+
+  :func:`train_stream` checks it before the first step (a run does not train the first tasks and
+  then fail at a smaller one); the command line checks it before it writes anything.
+  """
+  smallest = min(tasks, key=lambda task: len(task.train.y))
+  if tasks_lib.num_batches(len(smallest.train.y), batch_size) == 0:
+    raise ValueError(f'{batch_size} is more than the {len(smallest.train.y)} training examples of the smallest '
+                     f'task ({smallest.name}); lower batch_size.')
+
+
 def _task_budget(num_examples: int, batch_size: int, config: Any, task_index: int) -> tuple[int, int]:
   """``(steps, epochs)`` of a task: ``config.steps_per_task`` steps, or ``epochs_per_task`` whole epochs.
 
@@ -488,6 +500,7 @@ def train_stream(
   if stacked and evaluate_state is not None:
     raise ValueError('evaluate_state evaluates one run: it is not available in a sweep.')
   all_tasks = list(tasks)
+  check_batch_size(all_tasks, shared.batch_size)
   for config in configs:
     if isinstance(config.steps_per_task, tuple) and len(config.steps_per_task) != len(all_tasks):
       raise ValueError(f'steps_per_task has {len(config.steps_per_task)} entries for {len(all_tasks)} tasks: give one per task.')
