@@ -2,8 +2,11 @@
 
 Three measurements:
 
-1. Optimizer-only: one donated Adam step (``tx.update`` + ``optax.apply_updates``) on ~20M float32
-   params, with and without each transform, between SFA's averaging steps. It also times the two
+1. Optimizer-only: one donated Adam step (``tx.update`` + ``optax.apply_updates``) on 8M float32
+   params (``--params``), with and without each transform, between SFA's averaging steps: SFA's
+   branchless multiply-add (``adam+sfa``, what a sweep's lanes run) and the step the engine runs
+   between the averages of a single run, ``tx.update(..., may_average=False)``, which does not
+   read the anchor (``adam+sfa[may_average=False]``). It also times the two
    alternatives to the multiply-add that ``sfa_jax.sfa`` uses, which this benchmark rejected:
    ``jax.lax.cond`` over the update tree (``sfa[cond]``) and a ``jnp.where`` select (``sfa[where]``).
 2. Full train step: forward, backward and update of ``sfa_jax.models.SmallCNN`` on a batch of real
@@ -94,14 +97,14 @@ def _time_interleaved(steps: dict[str, Callable[[], None]], rounds: int, steps_p
 class _DonatedLoop:
   """Keeps (params, opt_state) alive between calls of a donating jitted step."""
 
-  def __init__(self, tx: optax.GradientTransformation, params: Any, step_inputs: tuple):
+  def __init__(self, tx: optax.GradientTransformation, params: Any, step_inputs: tuple, **update_args: Any):
     self.params = jax.tree.map(jnp.copy, params)
     self.state = jax.jit(tx.init)(self.params)
     self.inputs = step_inputs
 
     def step(params, state, *inputs):
       grads = self.grad_fn(params, *inputs)
-      updates, state = tx.update(grads, state, params)
+      updates, state = tx.update(grads, state, params, **update_args)
       return optax.apply_updates(params, updates), state
 
     self.step_fn = jax.jit(step, donate_argnums=(0, 1))
@@ -111,6 +114,13 @@ class _DonatedLoop:
   def __call__(self) -> None:
     self.params, self.state = self.step_fn(self.params, self.state, *self.inputs)
     jax.block_until_ready(self.params)
+
+
+SKIP = 'adam+sfa[may_average=False]'  # the engine's steps between SFA's averages
+
+
+def _update_args(name: str) -> dict[str, Any]:
+  return {'may_average': False} if name == SKIP else {}
 
 
 def optimizer_only(num_params: int, rounds: int, steps_per_round: int) -> dict[str, Any]:
@@ -123,6 +133,7 @@ def optimizer_only(num_params: int, rounds: int, steps_per_round: int) -> dict[s
   variants = {
       'adam': adam,
       'adam+sfa': optax.chain(adam, sfa_jax.sfa(p=1.0, beta=0.5, total_steps=never)),
+      SKIP: optax.chain(adam, sfa_jax.sfa(p=1.0, beta=0.5, total_steps=never)),
       'adam+sfa[where]': optax.chain(adam, sfa_rejected('where', p=1.0, beta=0.5, total_steps=never)),
       'adam+sfa[cond]': optax.chain(adam, sfa_rejected('cond', p=1.0, beta=0.5, total_steps=never)),
       'l2+adam': optax.chain(sfa_jax.l2(1e-2), adam),
@@ -130,7 +141,7 @@ def optimizer_only(num_params: int, rounds: int, steps_per_round: int) -> dict[s
   }
   loops = {}
   for name, tx in variants.items():
-    loop = _DonatedLoop(tx, params, (grads,))
+    loop = _DonatedLoop(tx, params, (grads,), **_update_args(name))
     loop.grad_fn = lambda p, g: g
     loop()  # compile and warm up
     loops[name] = loop
@@ -161,12 +172,13 @@ def full_train_step(batch_size: int, rounds: int, steps_per_round: int) -> dict[
   variants = {
       'adam': adam,
       'adam+sfa': optax.chain(adam, sfa_jax.sfa(p=1.0, beta=0.5, total_steps=never)),
+      SKIP: optax.chain(adam, sfa_jax.sfa(p=1.0, beta=0.5, total_steps=never)),
       'l2+adam': optax.chain(sfa_jax.l2(1e-2), adam),
       'ewc+adam': optax.chain(sfa_jax.ewc(fisher, 1e-2), adam),
   }
   loops = {}
   for name, tx in variants.items():
-    loop = _DonatedLoop(tx, params, (x, y))
+    loop = _DonatedLoop(tx, params, (x, y), **_update_args(name))
     loop.grad_fn = loss_grad
     loop()
     loops[name] = loop
@@ -238,8 +250,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--quick', action='store_true', help='small sizes, few rounds: a smoke test')
   parser.add_argument('--json', help='also write the results to this JSON file')
+  parser.add_argument('--params', type=int, default=8_000_000, help='params of the optimizer-only step')
   args = parser.parse_args()
-  num_params = 2_000_000 if args.quick else 20_000_000
+  num_params = 2_000_000 if args.quick else args.params
   rounds = 3 if args.quick else 15
   results = {
       'machine': machine_description(),
@@ -251,7 +264,7 @@ def main() -> None:
   for section in ('optimizer_only', 'full_train_step'):
     print(f'\n{section} ({results[section]["num_params"]:,} params): median step time ratio vs adam')
     for name, ratio in results[section]['ratio_vs_adam'].items():
-      print(f'  {name:18s} {ratio:6.3f}x   ({results[section]["seconds"][name] * 1e3:8.2f} ms)')
+      print(f'  {name:30s} {ratio:6.3f}x   ({results[section]["seconds"][name] * 1e3:8.2f} ms)')
   avg = results['averaging_step']
   print(
       f"\naveraging step: {avg['average_GBps']:.1f} GB/s effective vs plain copy {avg['copy_GBps']:.1f} GB/s"

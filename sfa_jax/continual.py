@@ -78,6 +78,11 @@ class TrainConfig:
       alone, the train step forms no gradient for the frozen ones
       (:func:`sfa_jax.partial.trainable_value_and_grad`), and EWC's Fisher is estimated for the
       trainable leaves only (zero on the frozen ones).
+    device_data_bytes: a task's training examples (with the replay memory, for every lane of a
+      sweep) up to this many bytes are put on the device once, at the task's start, and every
+      batch is gathered there; larger ones stay on the host and each chunk of steps gathers and
+      ships its own batches (:mod:`sfa_jax.engine.feed`; ``0``: always). The test sets likewise.
+      Either way the numbers are the same, so it is not part of a run's fingerprint.
   """
 
   model: str = 'mlp'
@@ -94,10 +99,12 @@ class TrainConfig:
   steps_per_task: int | tuple[int, ...] | None = None
   fisher_examples: int | None = None
   trainable: str | tuple[str, ...] | None = None
+  device_data_bytes: int = 2**30
 
   def __post_init__(self):
     for name in ('epochs_per_task', 'batch_size', 'eval_batch_size'):
       _validation.check_int(name, getattr(self, name))
+    _validation.check_int('device_data_bytes', self.device_data_bytes, low=0, high=2**62)
     _validation.check_int('eval_every', self.eval_every, low=0)
     _validation.check_int('seed', self.seed, low=0, high=2**32 - 1)
     _validation.check_in_interval('learning_rate', self.learning_rate, 0.0, math.inf, low_open=True, high_open=True)
@@ -256,7 +263,11 @@ def describe_config(config: TrainConfig) -> dict[str, Any]:
       return [describe(item) for item in value]
     return repr(value)
 
-  return {field.name: describe(getattr(config, field.name)) for field in dataclasses.fields(config)}
+  return {field.name: describe(getattr(config, field.name)) for field in dataclasses.fields(config)
+          if field.name not in _PLACEMENT_ONLY}
+
+
+_PLACEMENT_ONLY = frozenset({'device_data_bytes'})  # TrainConfig fields that change where data lives, not the numbers
 
 
 def initial_checksum(initial: Any) -> str:

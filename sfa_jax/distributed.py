@@ -226,6 +226,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The sharding of an array every device of ``mesh`` holds whole (a task's examples, the test sets).
+
+  Example:
+    >>> from sfa_jax.distributed import make_mesh, replicated
+    >>> tuple(replicated(make_mesh({'data': 1})).spec)
+    ()
+  """
+  _check_mesh(mesh)
+  return NamedSharding(mesh, PartitionSpec())
+
+
 def _put(leaf: Any, sharding: NamedSharding) -> jax.Array:
   """``leaf`` with ``sharding``: a no-op when it has it already; works across processes."""
   if isinstance(leaf, jax.Array):

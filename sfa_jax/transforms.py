@@ -405,6 +405,15 @@ def sfa(
   ``init`` (and by :func:`sfa_jax.reanchor`); inside the step nothing is masked out (``0·inf`` is
   NaN): a run that diverges stays visibly diverged.
 
+  Between averaging steps the multiply-add still reads the anchor, one more pass over a tree the
+  size of the params. A caller that knows the schedule ahead (it is a function of ``p``, ``T`` and
+  the step, :func:`is_averaging_step`) can skip even that: ``tx.update(grads, state, params,
+  may_average=False)`` (an extra argument, which ``optax.chain`` passes to every transform that
+  takes it) promises that this step does not average, and the update passes through unchanged
+  without reading the anchor; the step counter still advances. The engine runs the steps between
+  SFA's averages of a single run this way (:mod:`sfa_jax.engine.fused`). A promise that is wrong
+  skips an average: pass it only for steps that ``is_averaging_step`` says do not average.
+
   ``p``, ``beta`` and ``T`` live in the state (:class:`SFAState`): the arguments given here are
   their initial values, changed by :func:`sfa_jax.reanchor` (``total_steps=``) and
   :func:`sfa_jax.set_hyperparams`. Wrapped in ``optax.inject_hyperparams`` the injected values
@@ -500,13 +509,19 @@ def sfa(
       updates: optax.Updates,
       state: SFAState,
       params: optax.Params | None = None,
+      *,
+      may_average: bool = True,
       **extra_args: Any,
   ) -> tuple[optax.Updates, SFAState]:
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
+    if not isinstance(may_average, (bool, np.bool_)):
+      raise TypeError(f'may_average must be a Python bool, known when the update is traced; got {may_average!r}.')
     count = optax.safe_increment(state.count)
     p_now, beta_now, steps_now = current(p, state.p), current(beta, state.beta), current(total_steps, state.total_steps)
+    if not may_average:  # the caller knows that this step does not average: the anchor is not read
+      return updates, SFAState(count, p_now, beta_now, steps_now, state.active, jnp.zeros([], jnp.bool_), state.anchor)
     average_now = state.active & is_averaging_step(count, p_now, steps_now)
     new_updates = averaged_updates(updates, params, state.anchor, average_now, beta_now)
     new_state = SFAState(count, p_now, beta_now, steps_now, state.active, average_now, state.anchor)

@@ -333,6 +333,9 @@ def test_a_stream_read_from_disk_batch_by_batch_trains_as_the_same_data_in_memor
   disk_stream = tasks.stream_of('pair', on_disk, num_outputs=10)
   assert isinstance(disk_stream[0].train.x, np.memmap)
   assert continual.run_sequence(disk_stream, methods.SFA(), config).accuracy_matrix == expected.accuracy_matrix
+  # Over the device budget, each chunk of steps gathers its batches from the files: the same run.
+  chunked = dataclasses.replace(config, device_data_bytes=100_000)
+  assert continual.run_sequence(disk_stream, methods.SFA(), chunked).accuracy_matrix == expected.accuracy_matrix
   with pytest.raises(ValueError, match=r'batch 1 has inputs float32\[3\] and targets int32\[\]; the first had float32\[2\]'):
     tasks.split_from_batches(iter([(np.zeros((2, 2), np.float32), np.zeros(2, np.int32)),
                                    (np.zeros((2, 3), np.float32), np.zeros(2, np.int32))]), tmp_path / 'bad')

@@ -53,9 +53,13 @@ def test_sfa_sweep_over_p_beta_and_seeds_matches_sequential_runs(pair, caplog):
       (continual.make_method('sfa', p=0.5, beta=0.6), config),
       (continual.make_method('sfa', p=1.0, beta=0.3), dataclasses.replace(config, seed=1)),
   ]
-  with jax.log_compiles(), caplog.at_level(logging.WARNING):
-    results = sweep.run_sweep(pair, configurations)
-  step_compiles = [r.getMessage() for r in caplog.records if 'Finished XLA compilation of jit(step)' in r.getMessage()]
+  jax.config.update('jax_log_compiles', True)  # in every thread: the train program compiles in the background
+  try:
+    with caplog.at_level(logging.WARNING):
+      results = sweep.run_sweep(pair, configurations)
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  step_compiles = [r.getMessage() for r in caplog.records if 'Finished XLA compilation of jit(chunk)' in r.getMessage()]
   assert len(step_compiles) == 1, step_compiles  # one program for the whole sweep
   # Each configuration averages on its own schedule (p differs), inside the one program.
   assert [len(r.averaging_steps) for r in results] == [4, 2, 1]

@@ -6,8 +6,8 @@ argument, so ``callbacks=[print]`` works. The events are small NamedTuples:
 ================= ============================================================================
 event             when
 ================= ============================================================================
-StepEvent         after every optimizer step (loss and accuracy are device arrays: reading
-                  them waits for the step, so loggers read them only when they print)
+StepEvent         for every optimizer step (loss and accuracy are NumPy values), emitted when
+                  the fused chunk of steps it belongs to ends (see below)
 EvaluationEvent   after every evaluation of one configuration (a point of its curve)
 AverageEvent      after a step on which a configuration's method averaged
 TaskEndEvent      after a task's end-of-task rules and evaluation, per configuration
@@ -17,6 +17,12 @@ ResumeEvent       when a run resumed from a checkpoint
 
 In a sweep ``configuration`` is the index of the configuration and a step's loss and accuracy
 hold one value per configuration; in a single run ``configuration`` is 0.
+
+The loop runs the steps between two points where the host acts (an evaluation, a checkpoint, a
+task's end) as fused chunks of about half a second each (:mod:`sfa_jax.engine.fused`), and emits
+their step and average events when the chunk ends, in order; evaluations, checkpoints and task
+ends come exactly after the step they follow. A callback that must see each step as it ends (to
+time it, say) sets an ``every_step = True`` attribute: the loop then runs one step per dispatch.
 
 Example:
   >>> from sfa_jax import continual, tasks
@@ -111,6 +117,14 @@ def as_callbacks(callbacks: Callback | Sequence[Callback] | None) -> Callback:
       callback(event)
 
   return emit
+
+
+def wants_every_step(callbacks: Callback | Sequence[Callback] | None) -> bool:
+  """Whether a callback has a true ``every_step`` attribute: it must see each :class:`StepEvent` as its
+  step ends (the loop then runs one step per dispatch instead of fused chunks)."""
+  if callbacks is None:
+    return False
+  return any(getattr(callback, 'every_step', False) for callback in ((callbacks,) if callable(callbacks) else callbacks))
 
 
 class ConsoleProgress:

@@ -9,10 +9,19 @@ boundary (per lane, on that lane's :class:`RunState`), takes the batches from
 :meth:`~sfa_jax.engine.methods.Method.batch_plan`, and records the averages that
 :meth:`~sfa_jax.engine.methods.Method.averaging_schedule` lists ahead or that the state reports.
 
-Compile once. The train step is one ``jax.jit`` function per (model, method class, optimizer):
-anchors, Fisher and hyper-parameters live in the optimizer state, the task id is an array
-argument, and every batch has one static shape (the ragged end of each shuffled epoch is
-dropped; evaluation pads and masks).
+The device runs whole chunks of steps. At a task's start the loop draws every step's batch rows
+on the host and puts the task's examples on the device once (:mod:`sfa_jax.engine.feed`); the
+steps between two points where the host must act (an evaluation, a checkpoint, the task's end, an
+average it must see) run as fused chunks of about half a second each, one dispatch per chunk
+(:mod:`sfa_jax.engine.fused`), and their step events are emitted from the stacked losses after
+each. All tasks' test sets are evaluated by one program. A single SFA run trains the steps
+between its averages without reading the anchor (``may_average=False``, :func:`sfa_jax.sfa`).
+
+Compile once. The chunk program is one ``jax.jit`` function per (model, method class,
+optimizer): anchors, Fisher and hyper-parameters live in the optimizer state, the task id is an
+array argument, the chunk's length is a traced count, and every batch has one static shape (the
+ragged end of each shuffled epoch is dropped; evaluation pads and masks). Cold, the train
+programs compile in a background thread while the model's initialisation compiles.
 
 A checkpoint is the run state (params, model state, optimizer state, the method's extras; stacked
 in a sweep) and a JSON record (position, accuracy matrices, curves); it restores into the state of
@@ -22,6 +31,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -42,10 +52,12 @@ from sfa_jax import models
 from sfa_jax import partial
 from sfa_jax import tasks as tasks_lib
 from sfa_jax.engine import callbacks as callbacks_lib
+from sfa_jax.engine import feed as feed_lib
+from sfa_jax.engine import fused
 from sfa_jax.engine import methods as methods_lib
 from sfa_jax.engine import objectives as objectives_lib
 
-CHECKPOINT_FORMAT = 2  # the layout of a checkpoint's arrays and record; part of every fingerprint
+CHECKPOINT_FORMAT = 3  # the layout of a checkpoint's arrays and record; part of every fingerprint
 
 
 class RunState(NamedTuple):
@@ -135,15 +147,19 @@ def _call(model, method: Callable, first: Any, x: Any, task_ids: Any, *, train: 
 
 
 def make_train_step(model, tx: optax.GradientTransformation, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION,
-                    trainable: Any = None):
+                    trainable: Any = None, *, may_average: bool = True):
   """The train step ``(params, model_state, opt_state, x, y, mask, task_ids) -> (..., loss, metric)``, unjitted.
 
   With ``trainable`` (a mask of the params, :func:`sfa_jax.partial.path_mask`), only those leaves
   are differentiated and updated: ``tx`` and its state see the trainable tree alone
-  (``optax.MaskedNode`` at the frozen leaves), the frozen leaves pass through unchanged.
+  (``optax.MaskedNode`` at the frozen leaves), the frozen leaves pass through unchanged. With
+  ``may_average=False`` the update is ``tx.update(..., may_average=False)``: a step known not to
+  average (SFA then skips its anchor, :func:`sfa_jax.sfa`).
 
-  :func:`jitted_train_step` compiles it for one run, :func:`train_stream` vmaps it for a sweep.
+  :func:`jitted_train_step` compiles it alone; :func:`train_stream` fuses it into chunks of steps
+  (:func:`sfa_jax.engine.fused.make_chunk`), vmapped for a sweep.
   """
+  hint = {} if may_average else {'may_average': False}
 
   def apply(params, model_state, x, task_ids):
     variables = models.merge_variables(params, model_state)
@@ -159,11 +175,11 @@ def make_train_step(model, tx: optax.GradientTransformation, objective: objectiv
 
     if trainable is None:
       (loss, (new_state, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
+      updates, opt_state = tx.update(grads, opt_state, params, **hint)
       return optax.apply_updates(params, updates), new_state, opt_state, loss, accuracy
     train, frozen = partial.split_trainable(params, trainable)
     (loss, (new_state, accuracy)), grads = partial.trainable_value_and_grad(loss_fn, has_aux=True)(train, frozen)
-    updates, opt_state = tx.update(grads, opt_state, train)
+    updates, opt_state = tx.update(grads, opt_state, train, **hint)
     return partial.merge_trainable(optax.apply_updates(train, updates), frozen), new_state, opt_state, loss, accuracy
 
   return step
@@ -175,34 +191,18 @@ def jitted_train_step(model, tx: optax.GradientTransformation, objective: object
   return jax.jit(make_train_step(model, tx, objective, trainable), donate_argnums=(0, 2))
 
 
-def make_evaluator(
-    model, batch_size: int, *, stacked: bool = False, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION
-) -> Callable[[Any, Any, tasks_lib.Split, int], Any]:
-  """``evaluate(params, model_state, split, task_index) -> metric``, one compilation per input shape.
+def make_score(model, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION) -> Callable[..., Any]:
+  """``score(params, model_state, x, y, mask, task_ids)``: the objective's score summed over one batch.
 
-  The metric is the objective's score summed over the split's examples, over their number
-  (accuracy, for classification).
-
-  With ``stacked``, params and model state carry a leading axis of models (a sweep): one
-  vectorised program evaluates them all on the same batches and ``evaluate`` returns a NumPy
-  array of one accuracy per model.
+  The per-batch function that :func:`sfa_jax.engine.fused.make_scorer` runs over every task's test
+  batches in one program; the accuracy matrix's entries are these sums over each test set's size.
   """
 
-  def correct_count(params, model_state, x, y, mask, task_ids):
+  def score(params, model_state, x, y, mask, task_ids):
     logits = _call(model, model.apply, models.merge_variables(params, model_state), x, task_ids, train=False)
     return objective.score(logits, y, mask)
 
-  count = jax.jit(jax.vmap(correct_count, in_axes=(0, 0, None, None, None, None)) if stacked else correct_count)
-
-  def evaluate(params, model_state, split: tasks_lib.Split, task_index: int):
-    batches = tasks_lib.eval_batches(split, batch_size)
-    task_ids = np.full(batches.y.shape[1:], task_index, np.int32)
-    total = 0
-    for x, y, mask in zip(batches.x, batches.y, batches.mask):
-      total = total + np.asarray(count(params, model_state, x, y, mask, task_ids))
-    return total / len(split.y) if stacked else int(total) / len(split.y)
-
-  return evaluate
+  return score
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +265,7 @@ def _loss_fisher(model, objective, params, model_state, split, task_ids, batch_s
 
 
 _REUSED: dict[Any, Any] = {}
-_REUSED_LIMIT = 32  # compiled steps and evaluators kept; the oldest is dropped beyond
+_REUSED_LIMIT = 64  # compiled programs (and update digests) kept; the oldest is dropped beyond
 
 
 def reused(key: tuple, build: Callable[[], Any]) -> Any:
@@ -302,59 +302,16 @@ def check_batch_size(tasks: Sequence[tasks_lib.Task], batch_size: int) -> None:
                      f'task ({smallest.name}); lower batch_size.')
 
 
-def _task_budget(num_examples: int, batch_size: int, config: Any, task_index: int) -> tuple[int, int]:
-  """``(steps, epochs)`` of a task: ``config.steps_per_task`` steps, or ``epochs_per_task`` whole epochs.
-
-  With a step budget the epochs are the shuffled passes it needs, the last one cut where the
-  budget ends.
-  """
+def _task_steps(num_examples: int, batch_size: int, config: Any, task_index: int) -> int:
+  """A task's steps: ``config.steps_per_task`` (one number, or this task's entry), or
+  ``epochs_per_task`` whole epochs of ``batch_size`` (the ragged end of each dropped)."""
   per_epoch = tasks_lib.num_batches(num_examples, batch_size)
   if per_epoch == 0:
     raise ValueError(f'{num_examples} training examples make no batch of {batch_size}: lower batch_size.')
   budget = config.steps_per_task
   if budget is None:
-    return per_epoch * config.epochs_per_task, config.epochs_per_task
-  steps = budget[task_index] if isinstance(budget, tuple) else budget
-  return steps, -(-steps // per_epoch)
-
-
-def _replay_order(num_examples: int, batch_size: int, count: int, seed: int, epoch: int) -> np.ndarray:
-  """``count`` batches of memory indices: shuffled passes over the memory, one after another."""
-  rng = np.random.default_rng([seed, epoch, 1])
-  passes = -(-count * batch_size // num_examples)
-  order = np.concatenate([rng.permutation(num_examples) for _ in range(passes)])
-  return order[: count * batch_size].reshape(count, batch_size)
-
-
-class _Feed(NamedTuple):
-  """One lane's batches of a task: its plan and the task's seed."""
-
-  plan: methods_lib.BatchPlan
-  seed: int
-  batch_size: int
-
-  @property
-  def current_size(self) -> int:
-    return self.batch_size - self.plan.replay_size
-
-  def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The batches of one epoch: rows of example indices and (replay) rows of memory indices."""
-    order, _ = tasks_lib.epoch_indices(len(self.plan.data.y), self.current_size, seed=self.seed, epoch=epoch)
-    replay_order = None
-    if self.plan.replay is not None:
-      replay_order = _replay_order(len(self.plan.replay.y), self.plan.replay_size, len(order), self.seed, epoch)
-    return order, replay_order
-
-  def batch(self, order: np.ndarray, replay_order: np.ndarray | None, i: int):
-    """Batch ``i`` of the epoch: the task's examples, then (replay) the memory's."""
-    plan, rows = self.plan, order[i]
-    x, y, ids = plan.data.x[rows], plan.data.y[rows], plan.task_ids[rows]
-    if replay_order is not None:
-      rows = replay_order[i]
-      x = np.concatenate([x, plan.replay.x[rows]])
-      y = np.concatenate([y, plan.replay.y[rows]])
-      ids = np.concatenate([ids, plan.replay_ids[rows]])
-    return x, y, ids
+    return per_epoch * config.epochs_per_task
+  return budget[task_index] if isinstance(budget, tuple) else budget
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,11 +320,9 @@ class _Feed(NamedTuple):
 
 @dataclasses.dataclass
 class _Position:
-  """Where a run is: the next batch to train is batch ``batch`` of epoch ``epoch`` of task ``task``."""
+  """Where a run is: ``step_in_task`` steps of task ``task`` done, ``global_step`` in all."""
 
   task: int = 0
-  epoch: int = 0
-  batch: int = 0
   step_in_task: int = 0
   global_step: int = 0
 
@@ -440,6 +395,74 @@ def check_one_update_rule(methods: Sequence[methods_lib.Method], txs: Sequence[o
           'transform bakes a hyper-parameter into its update. Keep hyper-parameters in the optimizer state '
           '(as sfa_jax.sfa does) to sweep them, or run the configurations one by one.'
       )
+
+
+class _TaskInputs(NamedTuple):
+  """A task's step count and feed, prepared before it starts."""
+
+  task: int
+  total_steps: int
+  feed: feed_lib.TaskFeed
+
+
+_COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='sfa_jax-compile')
+
+
+def _warm_up(program: Callable[..., Any], state: RunState, block: feed_lib.Block) -> concurrent.futures.Future:
+  """Compiles ``program`` for these shapes in a background thread, by running it on zeros for no step.
+
+  XLA compiles without holding Python's lock, so a second core compiles the train program while
+  the caller compiles the model's initialisation. Shapes it cannot make zeros of (PRNG keys in
+  the state) are left to the first real call.
+  """
+  leaves = jax.tree.leaves((state.params, state.model_state, state.opt_state))
+  if any(not isinstance(leaf.dtype, np.dtype) for leaf in leaves):
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(None)
+    return future
+
+  def run():
+    zeros = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), (state.params, state.model_state, state.opt_state))
+    try:
+      jax.block_until_ready(program(zeros, *block, np.int32(0)))
+    except Exception:  # pylint: disable=broad-except  # the first real call compiles, and reports
+      pass
+
+  return _COMPILER.submit(run)
+
+
+class _Pace:
+  """How many steps the next chunk runs: about :data:`CHUNK_SECONDS` of the latest measured step time.
+
+  A chunk's events (a progress bar's) come when it ends, so chunks stay short enough that the host
+  reports at least every second; the first chunk, which may compile, runs few steps.
+  """
+
+  def __init__(self):
+    self._per_step = None
+
+  def steps(self) -> int:
+    if self._per_step is None:
+      return 8
+    return max(1, int(CHUNK_SECONDS / max(self._per_step, 1e-9)))
+
+  def record(self, steps: int, seconds: float) -> None:
+    self._per_step = seconds / max(steps, 1)
+
+
+CHUNK_SECONDS = 0.5  # a fused chunk's target duration
+
+
+def _test_groups(batches: fused.TestBatches, budget: int, placement: Any) -> list[fused.TestBatches]:
+  """The test batches on the device (one group) if they fit in ``budget`` bytes, else host groups
+  of as many batches as fit (shipped at each evaluation)."""
+  size = sum(leaf.nbytes for leaf in batches)
+  if size <= budget:
+    put = jax.device_put if placement is None else (lambda leaf: distributed.place(leaf, placement))
+    return [fused.TestBatches(*(put(leaf) for leaf in batches))]
+  per_batch = max(1, size // len(batches.task))
+  step = max(1, budget // per_batch)
+  return [fused.TestBatches(*(leaf[i:i + step] for leaf in batches)) for i in range(0, len(batches.task), step)]
 
 
 class LaneRecord(NamedTuple):
@@ -526,29 +549,74 @@ def train_stream(
     return RunState(params, model_state, init_opt[i](params), extras)
 
   objective = shared.objective
+  # The shapes the programs take (traced once per process: the jitted init and optimizer init).
+  variables = jax.eval_shape(_init_variables, model, jax.random.key(0), all_tasks[0].train.x[:1])
+  abstract = RunState(*variables, jax.eval_shape(init_opt[0], variables[0]), None)
   if stacked:
     data_keys = {(config.seed, method.data_key()) for method, config in configurations}
-    data_axis = None if len(data_keys) == 1 else 0  # the same batches for all: pass them once
-    train_step = jax.jit(
-        jax.vmap(make_train_step(model, txs[0], objective, trainable), in_axes=(0, 0, 0, data_axis, data_axis, None, data_axis)),
-        donate_argnums=(0, 2),
-    )
-    evaluate = make_evaluator(model, shared.eval_batch_size, stacked=True, objective=objective)
+    one_group = len(data_keys) == 1  # the same batches for all lanes: gathered once
+    step_key = None  # a sweep's programs are its own
+    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((count,) + leaf.shape, leaf.dtype), abstract)
+  else:
+    one_group = True
+    # Runs of one process share compiled programs when their updates are one program (the
+    # hyper-parameters in the state); a method that bakes them into its update gets its own.
+    sample = all_tasks[0].train.x
+    digest = reused(('update_program', methods[0], shared.optimizer_key(), shared.trainable, model, sample.shape[1:],
+                     str(sample.dtype)), lambda: update_program(txs[0], abstract.opt_state, cut(abstract.params)))
+    step_key = ('train_step', model, shared.optimizer_key(), objective, shared.trainable, digest, mesh)
+  placement = None if mesh is None else distributed.replicated(mesh)
+  batch_sharding = None if mesh is None else distributed.batch_sharding(mesh)
+  # A single run of a method whose averaging schedule is exact runs the steps between its
+  # averages without the averaging arithmetic (``may_average=False``) and each average alone.
+  skips_between_averages = not stacked and methods[0].schedule_is_exact
+  programs: dict[Any, Any] = {}
+  warming: dict[Any, Any] = {}
+
+  def chunk_program(layout: feed_lib.Layout, skip: bool, on_device: bool, stop_on_average: bool):
+    """The fused steps for this layout; ``skip``: steps known not to average (``may_average=False``)."""
+    key = (layout, skip, on_device, stop_on_average)
+    if key not in programs:
+      build = lambda: fused.make_chunk(
+          make_train_step(model, txs[0], objective, trainable, may_average=not skip), layout,
+          averaged=methods[0].averaged if on_device else None, stop_on_average=stop_on_average,
+          batch_sharding=batch_sharding)
+      programs[key] = build() if step_key is None else reused(step_key + key, build)
+    if key in warming:  # compiling in the background: wait for it rather than compile it twice
+      warming.pop(key).result()
+    return programs[key]
+
+  def prepare(k: int) -> _TaskInputs:
+    groups = range(1 if one_group else count)
+    plans = [methods[i].batch_plan(all_tasks, k, configs[i].batch_size, configs[i].seed) for i in groups]
+    total_steps = _task_steps(len(plans[0].data.y), shared.batch_size - plans[0].replay_size, shared, k)
+    rows = [feed_lib.task_rows(plans[i], configs[i].batch_size, methods_lib.task_seed(configs[i].seed, k), total_steps)
+            for i in groups]
+    task_feed = feed_lib.task_feed(plans, rows, lanes=stacked, budget=shared.device_data_bytes, placement=placement)
+    return _TaskInputs(k, total_steps, task_feed)
+
+  # Cold, compiling is most of a small run: the train programs compile in the background while
+  # the model's initialisation compiles here (on a run's first task's shapes).
+  prepared = prepare(0)
+  if mesh is None:
+    on_device = methods[0].averaging_schedule(0, prepared.total_steps) is None
+    variants = [True, False] if skips_between_averages and not on_device else [False]
+    stop = on_device and bool(shared.eval_every)
+    for skip in variants:
+      key = (prepared.feed.layout, skip, on_device, stop)
+      program = chunk_program(*key)
+      warming[key] = _warm_up(program, abstract, prepared.feed.block(0, 1))
+  if stacked:
     fresh = [fresh_lane(i) for i in range(count)]
     check_one_update_rule(methods, txs, [lane.opt_state for lane in fresh], cut(fresh[0].params))
     state = _stack(fresh)
   else:
-    data_axis = None
     state = fresh_lane(0)
-    # Runs of one process share a compiled step when their updates are one program (the
-    # hyper-parameters in the state); a method that bakes them into its update gets its own.
-    step_key = ('train_step', model, shared.optimizer_key(), objective, shared.trainable,
-                update_program(txs[0], state.opt_state, cut(state.params)))
-    train_step = reused(step_key, lambda: jitted_train_step(model, txs[0], objective, trainable))
-    if mesh is not None:  # the same step on sharded inputs (sfa_jax.distributed)
-      train_step = distributed.shard_step(train_step, mesh)
-    evaluate = reused(('evaluate', model, shared.eval_batch_size, objective),
-                      lambda: make_evaluator(model, shared.eval_batch_size, objective=objective))
+  scorer = reused(('scorer', model, objective, stacked), lambda: fused.make_scorer(make_score(model, objective), stacked=stacked))
+  test_sizes = np.array([len(t.test.y) for t in all_tasks])
+  test_groups = _test_groups(fused.test_batches([t.test for t in all_tasks], [t.index for t in all_tasks],
+                                                shared.eval_batch_size), shared.device_data_bytes, placement)
+  every_step = callbacks_lib.wants_every_step(callbacks)
 
   record: dict[str, Any] = {
       'fingerprint': fingerprint,
@@ -588,9 +656,8 @@ def train_stream(
 
   def evaluate_all(task_index: int, which: Sequence[int]) -> np.ndarray:
     begin = time.perf_counter()
-    accuracies = np.stack(
-        [np.atleast_1d(evaluate(state.params, state.model_state, t.test, t.index)) for t in all_tasks], axis=1
-    )
+    totals = sum(np.asarray(scorer(state.params, state.model_state, group, len(all_tasks))) for group in test_groups)
+    accuracies = np.atleast_2d(totals / test_sizes)
     seconds['evaluate'] += time.perf_counter() - begin
     for i in which:
       point = (pos.global_step, task_index, tuple(float(a) for a in accuracies[i]))
@@ -610,13 +677,12 @@ def train_stream(
 
     return methods_lib.Boundary(k, len(all_tasks), total_steps, fisher)
 
+  pace = _Pace()
   while pos.task < len(all_tasks):
     k = pos.task
-    feeds = [
-        _Feed(method.batch_plan(all_tasks, k, config.batch_size, config.seed), methods_lib.task_seed(config.seed, k), config.batch_size)
-        for method, config in configurations
-    ]
-    total_steps, epochs = _task_budget(len(feeds[0].plan.data.y), feeds[0].current_size, shared, k)
+    inputs = prepared if prepared is not None and prepared.task == k else prepare(k)
+    prepared = None
+    total_steps, task_feed = inputs.total_steps, inputs.feed
     at = boundary(k, total_steps)
     if pos.step_in_task == 0:
       started = []
@@ -629,42 +695,74 @@ def train_stream(
     schedules = [method.averaging_schedule(k, total_steps) for method in methods]
     on_device = any(schedule is None for schedule in schedules)
     schedules = np.stack([np.zeros(total_steps + 2, bool) if s is None else s for s in schedules])
-    inputs = feeds[:1] if data_axis is None else feeds
-    mask = np.ones(shared.batch_size, bool)
-    begin = time.perf_counter()
-    while pos.epoch < epochs and pos.step_in_task < total_steps:
-      orders = [feed.epoch(pos.epoch) for feed in inputs]
-      while pos.batch < len(orders[0][0]) and pos.step_in_task < total_steps:
-        batches = [feed.batch(*order, pos.batch) for feed, order in zip(inputs, orders)]
-        x, y, ids = batches[0] if data_axis is None else (np.stack(parts) for parts in zip(*batches))
-        params, model_state, opt_state, loss, accuracy = train_step(
-            state.params, state.model_state, state.opt_state, x, y, mask, ids
-        )
-        state = state._replace(params=params, model_state=model_state, opt_state=opt_state)
-        pos.batch += 1
-        pos.step_in_task += 1
-        pos.global_step += 1
-        averaged = schedules[:, pos.step_in_task]
-        if on_device:
-          averaged = averaged | np.asarray(methods[0].averaged(state.opt_state), bool).reshape(count)
-        for i in np.flatnonzero(averaged):
-          lanes[i]['averaging_steps'].append(pos.global_step)
-          emit(callbacks_lib.AverageEvent(int(i), k, pos.global_step))
-        emit(callbacks_lib.StepEvent(k, pos.step_in_task, total_steps, pos.global_step, loss, accuracy))
-        last_step = pos.step_in_task == total_steps
-        # With curves on, also evaluate just before and after each average, to show its jump.
-        due = (pos.global_step % max(shared.eval_every, 1) == 0) | averaged | schedules[:, pos.step_in_task + 1]
-        if shared.eval_every and due.any() and not last_step:
-          seconds['train'] += time.perf_counter() - begin
-          evaluate_all(k, np.flatnonzero(due))
-          begin = time.perf_counter()
-        if checkpointer is not None and checkpointer.due(pos.global_step) and not last_step:
-          if pos.batch == len(orders[0][0]):
-            pos.epoch, pos.batch = pos.epoch + 1, 0
-          save(force=False)
-      if pos.batch == len(orders[0][0]):
-        pos.epoch, pos.batch = pos.epoch + 1, 0
-    jax.block_until_ready(state.params)
+    # The steps after which the host must act, whatever the device decides: evaluations (with
+    # curves on: also just before and after each known average), checkpoints, the task's end.
+    after = np.arange(total_steps + 1)
+    global_after = pos.global_step - pos.step_in_task + after
+    host_stop = after == total_steps
+    if shared.eval_every:
+      host_stop |= (global_after % shared.eval_every == 0) | schedules[:, after].any(0) | schedules[:, after + 1].any(0)
+    if checkpointer is not None and checkpointer.every_steps:
+      host_stop |= global_after % checkpointer.every_steps == 0
+    split = skips_between_averages and not on_device
+    stop_on_average = on_device and bool(shared.eval_every)
+    pending: list[tuple[int, int, Any]] = []  # dispatched chunks whose events are not emitted yet
+
+    def report(keep_last: bool = False) -> np.ndarray:
+      """Emits the pending chunks' step and average events in order (all but the newest chunk, if
+      ``keep_last``: it runs while the host waits for the others); the last step's averages."""
+      averaged = np.zeros(count, bool)
+      reporting = pending[:-1] if keep_last else list(pending)
+      for first, start_global, outputs in reporting:
+        losses, metrics, flags, done = jax.device_get(outputs)
+        for j in range(int(done)):
+          step, global_step = first + j + 1, start_global + j + 1
+          averaged = schedules[:, step] | np.reshape(flags[j], count)
+          for i in np.flatnonzero(averaged):
+            lanes[i]['averaging_steps'].append(global_step)
+            emit(callbacks_lib.AverageEvent(int(i), k, global_step))
+          emit(callbacks_lib.StepEvent(k, step, total_steps, global_step, losses[j], metrics[j]))
+      del pending[:len(reporting)]
+      return averaged
+
+    begin = reported = time.perf_counter()
+    reported_steps = pos.step_in_task
+    while pos.step_in_task < total_steps:
+      t = pos.step_in_task
+      averages_next = split and schedules[0, t + 1]
+      if averages_next or every_step:
+        n = 1
+      else:
+        n = int(np.argmax(host_stop[t + 1:])) + 1
+        if split and schedules[0, t + 1:total_steps + 1].any():
+          n = min(n, int(np.argmax(schedules[0, t + 1:total_steps + 1])))
+        n = min(n, task_feed.block_steps, pace.steps())
+      program = chunk_program(task_feed.layout, split and not averages_next, on_device, stop_on_average)
+      (params, model_state, opt_state), *outputs = program(
+          (state.params, state.model_state, state.opt_state), *task_feed.block(t, n), np.int32(n))
+      state = state._replace(params=params, model_state=model_state, opt_state=opt_state)
+      pending.append((t, pos.global_step, outputs))
+      # Without early stops every chunk runs its n steps, so the host goes on: it dispatches the
+      # next chunk before it waits for this one's events (at most one chunk ahead of them).
+      done = int(outputs[-1]) if stop_on_average else n
+      pos.step_in_task += done
+      pos.global_step += done
+      acts = host_stop[pos.step_in_task] or stop_on_average or every_step
+      if acts or len(pending) > 1:
+        steps_before = pos.step_in_task - (0 if acts else done)
+        averaged = report(keep_last=not acts)
+        now = time.perf_counter()
+        pace.record(steps_before - reported_steps, now - reported)
+        reported, reported_steps = now, steps_before
+      if pos.step_in_task == total_steps or not acts:
+        continue
+      due = (pos.global_step % max(shared.eval_every, 1) == 0) | averaged | schedules[:, pos.step_in_task + 1]
+      if shared.eval_every and due.any():
+        seconds['train'] += time.perf_counter() - begin
+        evaluate_all(k, np.flatnonzero(due))
+        begin = time.perf_counter()
+      if checkpointer is not None and checkpointer.due(pos.global_step):
+        save(force=False)
     seconds['train'] += time.perf_counter() - begin
     ended = []
     for i, lane in enumerate(lane_states()):
@@ -675,7 +773,7 @@ def train_stream(
       lanes[i]['matrix'].append([float(a) for a in row])
       emit(callbacks_lib.TaskEndEvent(i, k, tuple(lanes[i]['matrix'][-1])))
     evaluate_extra(k)
-    pos.task, pos.epoch, pos.batch, pos.step_in_task = k + 1, 0, 0, 0
+    pos.task, pos.step_in_task = k + 1, 0
     save(force=True)
 
   seconds['total'] = seconds.get('total', 0.0) + time.perf_counter() - start_time

@@ -168,6 +168,10 @@ class Method:
 
   name: ClassVar[str] = ''
   hyperparams: ClassVar[Mapping[str, Hyperparam]] = {}
+  schedule_is_exact: ClassVar[bool] = False
+  """True when :meth:`averaging_schedule` lists exactly the steps on which the :meth:`transform`
+  averages: a single run then trains the other steps with ``tx.update(..., may_average=False)``
+  (:func:`sfa_jax.sfa` skips reading its anchor). Leave it False unless that holds."""
 
   def __init__(self, **values: float):
     unknown = sorted(set(values) - set(self.hyperparams))
@@ -313,6 +317,7 @@ class SFA(Method):
   """
 
   name = 'sfa'
+  schedule_is_exact = True  # averaging_schedule is transforms.is_averaging_step of the transform's p and T
   hyperparams = {
       'p': Hyperparam(0.25, UNIT_OPEN_LOW, doc='averaging period, as a fraction of the task'),
       'beta': Hyperparam(0.25, UNIT, doc='weight of the anchor in each average'),
@@ -372,6 +377,7 @@ class AdaptiveSFA(SFA):
   """SFA that averages when the drift from the anchor reaches ``threshold·‖θ_{k-1}‖`` (:mod:`sfa_jax.adaptive`)."""
 
   name = 'adaptive-sfa'
+  schedule_is_exact = False  # its averages are decided on the device
   hyperparams = {
       'threshold': Hyperparam(0.1, Interval(0.0, math.inf), doc='relative drift that triggers an average'),
       'beta': Hyperparam(0.25, UNIT, doc='weight of the anchor in each average'),
