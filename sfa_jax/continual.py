@@ -78,6 +78,14 @@ class TrainConfig:
       alone, the train step forms no gradient for the frozen ones
       (:func:`sfa_jax.partial.trainable_value_and_grad`), and EWC's Fisher is estimated for the
       trainable leaves only (zero on the frozen ones).
+    skip_anchor_between_averages: whether a single run of SFA trains the steps between its
+      averages with ``tx.update(..., may_average=False)`` (:func:`sfa_jax.sfa`: the anchor is
+      not read, one pass over a params-sized tree less per step; each average then runs as its
+      own dispatch). ``None`` (the default): when the trainable params take at least
+      :data:`SKIP_ANCHOR_MIN_BYTES`, where that pass is measurable; smaller models keep the
+      branchless update, which computes bit for bit what ``optax.chain(opt, sfa(...))`` does in a
+      loop of your own (skipping rounds ``θ + u`` with one fused multiply-add less, and a long
+      run's numbers drift apart at that rounding).
     device_data_bytes: a task's training examples (with the replay memory, for every lane of a
       sweep) up to this many bytes are put on the device once, at the task's start, and every
       batch is gathered there; larger ones stay on the host and each chunk of steps gathers and
@@ -99,6 +107,7 @@ class TrainConfig:
   steps_per_task: int | tuple[int, ...] | None = None
   fisher_examples: int | None = None
   trainable: str | tuple[str, ...] | None = None
+  skip_anchor_between_averages: bool | None = None
   device_data_bytes: int = 2**30
 
   def __post_init__(self):
@@ -117,6 +126,8 @@ class TrainConfig:
       _validation.check_int('fisher_examples', self.fisher_examples)
     if not isinstance(self.reset_optimizer, (bool, np.bool_)):
       raise TypeError(f'reset_optimizer must be True or False; got {self.reset_optimizer!r}.')
+    if self.skip_anchor_between_averages is not None and not isinstance(self.skip_anchor_between_averages, (bool, np.bool_)):
+      raise TypeError(f'skip_anchor_between_averages must be None, True or False; got {self.skip_anchor_between_averages!r}.')
     if self.trainable is not None and not (
         isinstance(self.trainable, str)
         or (isinstance(self.trainable, tuple) and self.trainable and all(isinstance(t, str) for t in self.trainable))):
@@ -163,6 +174,10 @@ class TrainConfig:
     """What identifies the optimizer for reusing a compiled step across runs of one process."""
     return (self.optimizer, self.learning_rate)
 
+
+SKIP_ANCHOR_MIN_BYTES = 2**24
+"""Trainable params of at least this many bytes (16 MiB, 4M float32 params) make a single SFA run skip
+reading its anchor between averages, when ``TrainConfig.skip_anchor_between_averages`` is ``None``."""
 
 _OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     'adam': optax.adam,

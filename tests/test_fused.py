@@ -163,3 +163,30 @@ def test_task_rows_follow_the_shuffled_epochs_and_the_memory():
 def test_padded_lengths_are_few_and_close():
   assert [feed.padded_length(n) for n in (1, 15, 16, 17, 800, 1000, 1797)] == [1, 15, 16, 18, 832, 1024, 1920]
   assert all(n <= feed.padded_length(n) <= n * 1.125 for n in range(1, 5000))
+
+
+def test_a_single_sfa_run_skips_the_anchor_between_averages_when_asked_or_large(stream, monkeypatch):
+  calls = []
+  make_chunk = fused.make_chunk
+
+  def counting(*args, **kwargs):
+    program = make_chunk(*args, **kwargs)
+    return lambda *a: (calls.append(int(a[-1])) if a[-1] else None) or program(*a)
+
+  monkeypatch.setattr(fused, 'make_chunk', counting)
+  monkeypatch.setattr(loop, '_REUSED', {})
+  method = continual.make_method('sfa', p=0.25, beta=0.5)
+  config = dataclasses.replace(CONFIG, eval_every=0)
+  branchless = continual.run_sequence(stream, method, config)  # small params: the branchless update
+  assert calls.count(1) == 0
+  calls.clear()
+  skipped = continual.run_sequence(stream, method, dataclasses.replace(config, skip_anchor_between_averages=True))
+  assert calls.count(1) == len(skipped.averaging_steps) > 0  # each average alone, the steps between skip it
+  assert skipped.averaging_steps == branchless.averaging_steps
+  np.testing.assert_allclose(skipped.accuracy_matrix, branchless.accuracy_matrix, atol=0.02)  # rounding only
+  calls.clear()
+  monkeypatch.setattr(continual, 'SKIP_ANCHOR_MIN_BYTES', 1)  # every model is large: skipped by default
+  assert continual.run_sequence(stream, method, config).averaging_steps == skipped.averaging_steps
+  assert calls.count(1) == len(skipped.averaging_steps)
+  with pytest.raises(TypeError, match='skip_anchor_between_averages must be None, True or False'):
+    continual.TrainConfig(skip_anchor_between_averages='yes')

@@ -113,26 +113,9 @@ def _padded(leaf: Any, length: int) -> np.ndarray:
   return np.concatenate([leaf, np.zeros((length - len(leaf),) + leaf.shape[1:], leaf.dtype)])
 
 
-def stacked(parts: Sequence[Examples]) -> Examples:
-  """The lanes' examples stacked on a leading axis, each padded to one :func:`padded_length`."""
-  length = padded_length(max(len(part.y) for part in parts))
-  return Examples(*(np.stack([_padded(leaf, length) for leaf in leaves]) for leaves in zip(*parts)))
-
-
-def on_device(part: Examples, placement: Any = None, *, pad: bool = True) -> Examples:
-  """``part`` put on the device, its rows padded to :func:`padded_length` (``pad``; a part of
-  :func:`stacked` lanes is padded already).
-
-  Args:
-    part: the examples, NumPy.
-    placement: ``None`` (the default device) or a sharding, e.g. replicated over a mesh.
-    pad: pad the rows (axis 0).
-
-  Returns:
-    The examples as device arrays.
-  """
-  if pad:
-    part = Examples(*(_padded(leaf, padded_length(len(part.y))) for leaf in part))
+def on_device(part: Examples, placement: Any = None) -> Examples:
+  """``part`` put on the device: the default one, or with ``placement`` (a sharding, e.g. replicated
+  over a mesh)."""
   if placement is None:
     return Examples(*(jax.device_put(np.asarray(leaf)) for leaf in part))
   from sfa_jax import distributed
@@ -140,18 +123,24 @@ def on_device(part: Examples, placement: Any = None, *, pad: bool = True) -> Exa
   return Examples(*(distributed.place(np.asarray(leaf), placement) for leaf in part))
 
 
+def _flat(part: Examples, index: np.ndarray, length: int) -> Examples:
+  """``part``'s rows ``index`` (``(steps, width)``), flattened to ``(steps·width, ...)`` and padded
+  with zeros to ``length`` rows."""
+  return Examples(*(_padded(np.asarray(leaf[index]).reshape((-1,) + leaf.shape[1:]), length) for leaf in part))
+
+
 def gathered(data: Examples, replay: Examples | None, rows: TaskRows, start: int, count: int, length: int) -> Examples:
   """The batches of steps ``start .. start + count`` gathered on the host, flattened to
   ``(length·B, ...)`` (zeros after the ``count`` steps): each step's task examples, then its
   memory's, what the device gathers from :func:`on_device` data."""
-  take = lambda part, index: Examples(part.x[index], part.y[index], part.ids[index])
-  batches = take(data, rows.data[start:start + count])
-  if replay is not None:
-    memory = take(replay, rows.replay[start:start + count])
-    batches = Examples(*(np.concatenate([a, b], axis=1) for a, b in zip(batches, memory)))
-  flat = (np.asarray(leaf).reshape((-1,) + leaf.shape[2:]) for leaf in batches)
-  width = len(rows.data[0]) + (0 if replay is None else len(rows.replay[0]))
-  return Examples(*(_padded(leaf, length * width) for leaf in flat))
+  index = rows.data[start:start + count]
+  if replay is None:
+    return _flat(data, index, length * index.shape[1])
+  memory = rows.replay[start:start + count]
+  take = lambda part, i: Examples(*(np.asarray(leaf[i]) for leaf in part))
+  batches = Examples(*(np.concatenate([a, b], axis=1) for a, b in zip(take(data, index), take(replay, memory))))
+  width = index.shape[1] + memory.shape[1]
+  return Examples(*(_padded(leaf.reshape((-1,) + leaf.shape[2:]), length * width) for leaf in batches))
 
 
 MAX_CHUNK_STEPS = 256  # the most steps one chunk program runs (the block its rows and outputs fill)
@@ -164,13 +153,15 @@ class Layout(NamedTuple):
     lanes: the step is vmapped over stacked lanes (a sweep).
     data: the task's examples: ``0`` stacked per lane, ``None`` shared.
     replay: the replay memory: ``0`` per lane, ``None`` shared or absent.
-    rows: each step's rows: ``0`` per lane, ``None`` shared.
+    rows: each step's rows of the task's examples: ``0`` per lane, ``None`` shared.
+    replay_rows: each step's rows of the memory: ``0`` per lane, ``None`` shared.
   """
 
   lanes: bool = False
   data: int | None = None
   replay: int | None = None
   rows: int | None = None
+  replay_rows: int | None = None
 
 
 class Block(NamedTuple):
@@ -186,51 +177,62 @@ class TaskFeed(NamedTuple):
   """A task's inputs for every lane of the loop: its examples, where they live, every step's rows.
 
   The lanes of a sweep that draw the same batches (same seed and data) form one *group*; each
-  group has its examples and rows.
+  group has its examples and rows. The task's examples live on the device for the whole task
+  (padded to at least the stream's largest task, so that tasks share one program); a replay
+  memory, which grows from task to task, is gathered on the host for each chunk (its batches'
+  share only), so that its growth changes no shape.
 
   Attributes:
     layout: the :class:`Layout` of the chunk calls' inputs.
     groups: each group's examples on the host: the task's, and the replay memory's (or ``None``).
     rows: each group's :class:`TaskRows`.
-    device: the examples on the device (stacked over the groups where they differ), or ``None``:
-      over the budget, each chunk's batches are gathered on the host (:func:`gathered`).
+    device: the task's examples on the device (stacked over the groups where they differ), or
+      ``None``: over the budget, each chunk's batches are gathered on the host (:func:`gathered`).
     block_steps: ``S``, the steps one chunk call holds rows for.
   """
 
   layout: Layout
   groups: list[tuple[Examples, Examples | None]]
   rows: list[TaskRows]
-  device: tuple[Examples, Examples | None] | None
+  device: Examples | None
   block_steps: int
 
   def block(self, start: int, count: int) -> Block:
     """The chunk call's inputs for steps ``start .. start + count`` (``count <= block_steps``)."""
     size = self.block_steps
-    if self.device is not None:
-      def window(which: int) -> np.ndarray | None:
-        if self.rows[0][which] is None:
-          return None
-        parts = [_padded(rows[which][start:start + count], size) for rows in self.rows]
-        return parts[0] if self.layout.rows is None else np.stack(parts, axis=1)
+    stack = lambda parts, axis: parts[0] if axis is None else Examples(*(np.stack(leaves) for leaves in zip(*parts)))
+    if self.device is None:
+      batches = [gathered(data, replay, rows, start, count, size) for (data, replay), rows in zip(self.groups, self.rows)]
+      width = len(batches[0].y) // size
+      return Block(stack(batches, self.layout.data), None, _arange(size, width), None)
+    parts = [_padded(rows.data[start:start + count], size) for rows in self.rows]
+    rows = parts[0] if self.layout.rows is None else np.stack(parts, axis=1)
+    if self.rows[0].replay is None:
+      return Block(self.device, None, rows, None)
+    width = self.rows[0].replay.shape[1]
+    memory = [_flat(replay, r.replay[start:start + count], size * width) for (_, replay), r in zip(self.groups, self.rows)]
+    return Block(self.device, stack(memory, self.layout.replay), rows, _arange(size, width))
 
-      return Block(*self.device, window(0), window(1))
-    batches = [gathered(data, replay, rows, start, count, size) for (data, replay), rows in zip(self.groups, self.rows)]
-    data = batches[0] if self.layout.data is None else Examples(*(np.stack(leaves) for leaves in zip(*batches)))
-    width = len(batches[0].y) // size
-    return Block(data, None, np.arange(size * width, dtype=np.int32).reshape(size, width), None)
+
+def _arange(steps: int, width: int) -> np.ndarray:
+  return np.arange(steps * width, dtype=np.int32).reshape(steps, width)
 
 
 def task_feed(
-    plans: Sequence[methods_lib.BatchPlan], rows: Sequence[TaskRows], *, lanes: bool, budget: int, placement: Any = None
+    plans: Sequence[methods_lib.BatchPlan], rows: Sequence[TaskRows], *, lanes: bool, budget: int,
+    min_rows: int = 0, placement: Any = None,
 ) -> TaskFeed:
-  """The :class:`TaskFeed` of a task: on the device when its examples fit in ``budget`` bytes.
+  """The :class:`TaskFeed` of a task: its examples on the device when they fit in ``budget`` bytes.
 
   Args:
     plans: each group's batch plan (one when every lane draws the same batches).
     rows: each group's :func:`task_rows`.
     lanes: the loop's step is vmapped over lanes (a sweep).
     budget: the most bytes of examples placed on the device for the task (the groups' task
-      examples, counted once when they are the same arrays, and their replay memories).
+      examples, counted once when they are the same arrays), and of one chunk's host-gathered
+      batches.
+    min_rows: pad the examples on the device to at least this many rows (the stream's largest
+      task: every task then has one shape).
     placement: ``None`` (the default device) or the sharding of the examples (a mesh's replicated one).
 
   Returns:
@@ -238,22 +240,24 @@ def task_feed(
   """
   groups = [examples(plan) for plan in plans]
   shared = all(p.data is plans[0].data and p.task_ids is plans[0].task_ids for p in plans)
-  with_replay = groups[0][1] is not None
-  size = groups[0][0].nbytes * (1 if shared else len(groups)) + sum(replay.nbytes for _, replay in groups if replay is not None)
   several = len(groups) > 1
-  if size <= budget:
-    layout = Layout(lanes, None if shared or not several else 0, 0 if several and with_replay else None, 0 if several else None)
-    if not several or shared:
-      data = on_device(groups[0][0], placement)
-    else:
-      data = on_device(stacked([data for data, _ in groups]), placement, pad=False)
-    replay = None
-    if with_replay:
-      replay = on_device(groups[0][1], placement) if not several else on_device(
-          stacked([memory for _, memory in groups]), placement, pad=False)
-    return TaskFeed(layout, groups, list(rows), (data, replay), MAX_CHUNK_STEPS)
   data = groups[0][0]
-  per_example = data.nbytes // max(1, len(data.y))
-  batch = rows[0].data.shape[1] + (0 if rows[0].replay is None else rows[0].replay.shape[1])
-  block = int(np.clip(budget // max(1, per_example * batch * len(groups)), 1, MAX_CHUNK_STEPS))
-  return TaskFeed(Layout(lanes, 0 if several else None, None, None), groups, list(rows), None, block)
+  per_example = max(1, data.nbytes // max(1, len(data.y)))
+  width = rows[0].data.shape[1] + (0 if rows[0].replay is None else rows[0].replay.shape[1])
+  length = padded_length(max(min_rows, max(len(part.y) for part, _ in groups)))
+  if length * per_example * (1 if shared else len(groups)) <= budget:
+    memory_width = width - rows[0].data.shape[1]
+    block = MAX_CHUNK_STEPS if not memory_width else _steps_within(budget, per_example * memory_width * len(groups))
+    several_memories = 0 if several and groups[0][1] is not None else None
+    layout = Layout(lanes, None if shared or not several else 0, several_memories, 0 if several else None, None)
+    pad = lambda part: Examples(*(_padded(leaf, length) for leaf in part))
+    device = on_device(pad(data), placement) if shared or not several else on_device(
+        Examples(*(np.stack(leaves) for leaves in zip(*(pad(part) for part, _ in groups)))), placement)
+    return TaskFeed(layout, groups, list(rows), device, block)
+  block = _steps_within(budget, per_example * width * len(groups))
+  return TaskFeed(Layout(lanes, 0 if several else None, None, None, None), groups, list(rows), None, block)
+
+
+def _steps_within(budget: int, bytes_per_step: int) -> int:
+  """The most steps (at most :data:`MAX_CHUNK_STEPS`, at least one) whose batches fit in ``budget``."""
+  return int(np.clip(budget // max(1, bytes_per_step), 1, MAX_CHUNK_STEPS))

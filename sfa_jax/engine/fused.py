@@ -62,7 +62,7 @@ def make_chunk(
     >>> from sfa_jax.engine import feed, fused
     >>> def step(w, s, o, x, y, mask, ids):  # a sum of the inputs; loss: the batch's mean
     ...   return w + x.sum(), s, o, x.mean(), y.mean()
-    >>> data = feed.on_device(feed.Examples(np.arange(8.0), np.zeros(8), np.zeros(8, np.int32)), pad=False)
+    >>> data = feed.on_device(feed.Examples(np.arange(8.0), np.zeros(8), np.zeros(8, np.int32)))
     >>> chunk = fused.make_chunk(step)
     >>> rows = np.array([[0, 1], [2, 3], [0, 0]], np.int32)
     >>> (w, _, _), losses, _, _, done = chunk((jnp.float32(0), {}, {}), data, None, rows, None, 2)
@@ -71,7 +71,7 @@ def make_chunk(
   """
   lane_step = functools.partial(_lane_step, step, batch_sharding)
   if layout.lanes:
-    lane_step = jax.vmap(lane_step, in_axes=(0, 0, 0, layout.data, layout.replay, layout.rows, layout.rows))
+    lane_step = jax.vmap(lane_step, in_axes=(0, 0, 0, layout.data, layout.replay, layout.rows, layout.replay_rows))
 
   def one_step(state, data, replay, rows, replay_rows):
     return lane_step(*state, data, replay, rows, replay_rows)

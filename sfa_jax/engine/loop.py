@@ -397,6 +397,18 @@ def check_one_update_rule(methods: Sequence[methods_lib.Method], txs: Sequence[o
       )
 
 
+def _skips_anchor(config: Any, trainable_params: Any) -> bool:
+  """``config.skip_anchor_between_averages``, or (``None``) whether the trainable params are large
+  enough for the anchor's pass over memory to matter (``continual.SKIP_ANCHOR_MIN_BYTES``)."""
+  if config.skip_anchor_between_averages is not None:
+    return bool(config.skip_anchor_between_averages)
+  from sfa_jax import continual  # the config's module (it imports this one)
+
+  size = sum(int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+             for leaf in jax.tree.leaves(trainable_params) if hasattr(leaf, 'dtype'))
+  return size >= continual.SKIP_ANCHOR_MIN_BYTES
+
+
 class _TaskInputs(NamedTuple):
   """A task's step count and feed, prepared before it starts."""
 
@@ -567,9 +579,9 @@ def train_stream(
     step_key = ('train_step', model, shared.optimizer_key(), objective, shared.trainable, digest, mesh)
   placement = None if mesh is None else distributed.replicated(mesh)
   batch_sharding = None if mesh is None else distributed.batch_sharding(mesh)
-  # A single run of a method whose averaging schedule is exact runs the steps between its
+  # A single run of a method whose averaging schedule is exact may run the steps between its
   # averages without the averaging arithmetic (``may_average=False``) and each average alone.
-  skips_between_averages = not stacked and methods[0].schedule_is_exact
+  skips_between_averages = not stacked and methods[0].schedule_is_exact and _skips_anchor(shared, cut(abstract.params))
   programs: dict[Any, Any] = {}
   warming: dict[Any, Any] = {}
 
@@ -586,13 +598,16 @@ def train_stream(
       warming.pop(key).result()
     return programs[key]
 
+  largest_task = max(len(task.train.y) for task in all_tasks)  # examples on the device: one shape for all
+
   def prepare(k: int) -> _TaskInputs:
     groups = range(1 if one_group else count)
     plans = [methods[i].batch_plan(all_tasks, k, configs[i].batch_size, configs[i].seed) for i in groups]
     total_steps = _task_steps(len(plans[0].data.y), shared.batch_size - plans[0].replay_size, shared, k)
     rows = [feed_lib.task_rows(plans[i], configs[i].batch_size, methods_lib.task_seed(configs[i].seed, k), total_steps)
             for i in groups]
-    task_feed = feed_lib.task_feed(plans, rows, lanes=stacked, budget=shared.device_data_bytes, placement=placement)
+    task_feed = feed_lib.task_feed(plans, rows, lanes=stacked, budget=shared.device_data_bytes, min_rows=largest_task,
+                                   placement=placement)
     return _TaskInputs(k, total_steps, task_feed)
 
   # Cold, compiling is most of a small run: the train programs compile in the background while
