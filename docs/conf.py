@@ -14,6 +14,7 @@ lists stops the build.
 
 import ast
 import importlib
+import importlib.metadata
 import os
 import pathlib
 import pkgutil
@@ -41,7 +42,7 @@ extensions = [
 source_suffix = {'.rst': 'restructuredtext', '.md': 'markdown'}
 root_doc = 'index'
 templates_path = ['_templates']
-exclude_patterns = ['_build', 'Thumbs.db', '.DS_Store', 'README.md']
+exclude_patterns = ['_build', 'Thumbs.db', '.DS_Store']
 
 # -- autodoc, autosummary, napoleon (Google-style docstrings, as optax and flax) -----------------
 autosummary_generate = True
@@ -94,7 +95,19 @@ PACKAGES = ('sfa_jax', 'sfa_jax.tasks', 'sfa_jax.models')
 
 
 def package_exports(package: str) -> dict[str, str]:
-  """``{name: defining module}`` of the names a package re-exports (``__all__`` or its imports)."""
+  """``{name: defining module}`` of the names a package re-exports (``__all__`` or its imports).
+
+  Args:
+    package: ``'sfa_jax'``, ``'sfa_jax.tasks'`` or ``'sfa_jax.models'``.
+
+  Returns:
+    Each public name of the package and the module that defines it (for a constant, the module its
+    ``__init__`` imports it from).
+
+  Example:
+    >>> package_exports('sfa_jax')['sfa'], package_exports('sfa_jax.tasks')['STREAMS']
+    ('sfa_jax.transforms', 'sfa_jax.tasks.registry')
+  """
   module = importlib.import_module(package)
   names = getattr(module, '__all__', None)
   if names is None:
@@ -119,7 +132,19 @@ def _defining_module(package: str, name: str) -> str:
 
 
 def module_names(modname: str) -> list[str]:
-  """The public names a module defines (functions, classes, constants), in source order."""
+  """The public names a module defines (functions, classes, constants), in source order.
+
+  Args:
+    modname: a module's full name.
+
+  Returns:
+    The names assigned, or defined by ``def`` or ``class``, at the module's top level, without
+    private names, modules, and aliases of what another module defines.
+
+  Example:
+    >>> module_names('sfa_jax.report')
+    ['accuracy_heatmap', 'accuracy_curves', 'draw_curves', 'summarize_runs', 'markdown_table']
+  """
   module = importlib.import_module(modname)
   tree = ast.parse(pathlib.Path(module.__file__).read_text())
   names = []
@@ -141,14 +166,36 @@ def module_names(modname: str) -> list[str]:
   return public
 
 
+def public_modules() -> list[str]:
+  """Every public module of ``sfa_jax`` (no part of its name private), packages left out."""
+  return sorted(
+      info.name for info in pkgutil.walk_packages(sfa_jax.__path__, 'sfa_jax.')
+      if not any(part.startswith('_') for part in info.name.split('.')) and not info.ispkg
+  )
+
+
+def page_modules() -> dict[str, list[str]]:
+  """``{page: [module]}``: :data:`API_PAGES`' modules, then any public module they do not list.
+
+  A module added to the package later is not lost: it joins the page of its package (``engine``,
+  ``tasks``, ``models``; the core page for the others) until :data:`API_PAGES` places it.
+  """
+  pages = {page: [f'{package}.{m}' for m in modules] for page, (_, package, modules) in API_PAGES.items()}
+  listed = {m for modules in pages.values() for m in modules}
+  for modname in public_modules():
+    if modname not in listed and modname not in NOT_IN_REFERENCE:
+      parts = modname.split('.')
+      pages[parts[1] if len(parts) > 2 and parts[1] in pages else 'core'].append(modname)
+  return pages
+
+
 def reference_sections() -> dict[str, dict[str, list[str]]]:
   """``{page: {module: [documented names]}}``: every name of the API reference, in page order."""
   exports = {package: package_exports(package) for package in PACKAGES}
   pages = {}
-  for page, (_, package, modules) in API_PAGES.items():
+  for page, modules in page_modules().items():
     pages[page] = {}
-    for short in modules:
-      modname = f'{package}.{short}'
+    for modname in modules:
       reexported = {n: p for p in PACKAGES for n, m in exports[p].items() if m == modname}
       pages[page][modname] = [f'{reexported[n]}.{n}' if n in reexported else f'{modname}.{n}' for n in module_names(modname)]
   return pages
@@ -160,17 +207,11 @@ def reference_names() -> list[str]:
 
 
 def _check_coverage() -> None:
-  """Every public module has a section and every re-exported name a page: else the build stops."""
-  listed = {f'{package}.{m}' for _, package, modules in API_PAGES.values() for m in modules}
-  public = {
-      info.name for info in pkgutil.walk_packages(sfa_jax.__path__, 'sfa_jax.')
-      if not any(part.startswith('_') for part in info.name.split('.')) and not info.ispkg
-  }
-  missing = sorted(public - listed - NOT_IN_REFERENCE)
+  """Every name a package re-exports has a page (one defined in a private module would not): else the build stops."""
   documented = set(reference_names())
-  missing += sorted(f'{p}.{n}' for p in PACKAGES for n in package_exports(p) if f'{p}.{n}' not in documented)
+  missing = sorted(f'{p}.{n}' for p in PACKAGES for n in package_exports(p) if f'{p}.{n}' not in documented)
   if missing:
-    raise RuntimeError(f'docs/conf.py: public names or modules missing from the API reference: {missing}')
+    raise RuntimeError(f'docs/conf.py: public names missing from the API reference: {missing}')
 
 
 def write_api_pages() -> None:
@@ -184,7 +225,8 @@ def write_api_pages() -> None:
     for modname, entries in sections.items():
       heading = f'``{modname}``'
       lines += [heading, '-' * len(heading), '', f'.. automodule:: {modname}', '   :no-members:', '']
-      for head in dict.fromkeys(n.rpartition('.')[0] for n in entries):  # re-exported names first
+      heads = sorted(dict.fromkeys(n.rpartition('.')[0] for n in entries), key=lambda head: head not in PACKAGES)
+      for head in heads:  # the names a package re-exports first, then the module's other public names
         lines += [f'.. currentmodule:: {head}', '', '.. autosummary::', '   :toctree: _autosummary', '   :nosignatures:', '']
         lines += [f'   {n.rpartition(".")[2]}' for n in entries if n.rpartition('.')[0] == head] + ['']
     text = '\n'.join(lines)

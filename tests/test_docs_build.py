@@ -1,6 +1,7 @@
 """The documentation builds offline with warnings as errors, and its API reference holds every public name."""
 
 import importlib
+import importlib.util
 import inspect
 import pathlib
 import subprocess
@@ -50,6 +51,34 @@ def test_the_docs_build_with_warnings_as_errors_and_document_every_public_name(t
     assert (out / f'{page}.html').is_file()
   assert 'demo_curves_sfa.png' in (out / 'getting_started.html').read_text()
   assert (out / '_images' / 'demo_curves_sfa.png').is_file() or (out / '_static' / 'figures' / 'demo_curves_sfa.png').is_file()
+
+
+@pytest.mark.slow
+def test_the_docs_configuration_examples_run():
+  out = subprocess.run([sys.executable, '-m', 'doctest', 'conf.py'], cwd=ROOT / 'docs', capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def _make_figures():
+  spec = importlib.util.spec_from_file_location('make_figures', ROOT / 'docs' / 'make_figures.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_make_figures_copies_the_demo_plots_that_the_pages_show(tmp_path):
+  make_figures = _make_figures()
+  demo = tmp_path / 'demo'
+  demo.mkdir()
+  with pytest.raises(FileNotFoundError, match='sfa-jax demo'):
+    make_figures.copy_figures(demo, tmp_path / 'figures')
+  for i, name in enumerate(make_figures.COPIES):
+    (demo / name).write_bytes(bytes([i]) * 8)
+  written = make_figures.copy_figures(demo, tmp_path / 'figures')
+  assert [p.read_bytes() for p in written] == [bytes([i]) * 8 for i in range(len(written))]
+  pages = ''.join(p.read_text() for p in (ROOT / 'docs').rglob('*.md'))
+  for target in make_figures.COPIES.values():  # committed, and shown by a page
+    assert (make_figures.FIGURES / target).stat().st_size > 10_000 and f'figures/{target}' in pages
 
 
 def test_the_public_names_are_found():

@@ -191,7 +191,8 @@ def _check_huggingface(ns):
 
 
 def _check_distributed(stdout):
-  assert stdout.split()[0] == '8'  # the simulated devices
+  lines = stdout.strip().splitlines()
+  assert lines[-2].startswith('8 devices:') and lines[-1] == 'the same as on one device: True'
 
 
 CHECKS = {
