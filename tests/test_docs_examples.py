@@ -1,13 +1,13 @@
 """Every ```python block of the README and of the documentation's pages runs, as written, in a test.
 
 A page's blocks run in order in one namespace (a page is one example told in steps), in a
-temporary working folder. Markers, MyST comments that the site does not show:
+temporary working folder. Markers, HTML comments that neither the site nor GitHub shows:
 
-* ``% docs-test: skip (reason)`` on the line before a block: the block is not run (few, each with
-  its reason);
-* ``% docs-test: subprocess (reason)`` on the line before a page's first block: the page runs in a
-  fresh Python (a page that sets ``XLA_FLAGS`` before JAX starts);
-* ``% docs-test: slow`` anywhere in a page: its test is marked slow.
+* ``<!-- docs-test: skip (reason) -->`` on the line before a block: the block is not run (few,
+  each with its reason);
+* ``<!-- docs-test: subprocess (reason) -->`` on the line before a page's first block: the page
+  runs in a fresh Python (a page that sets ``XLA_FLAGS`` before JAX starts);
+* ``<!-- docs-test: slow (reason) -->`` on a line of its own: the page's test is marked slow.
 
 ``CHECKS`` holds what each page's example must have computed, so a block that runs but goes wrong
 fails too. The ``sfa-jax`` command lines of the pages' ```bash blocks are parsed and checked by the
@@ -31,7 +31,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / 'docs'
 README = ROOT / 'README.md'
 PAGES = [README] + sorted(p for p in DOCS.rglob('*.md') if not {'_build', 'api'} & set(p.relative_to(DOCS).parts))
-FENCE = re.compile(r'^(?P<marker>% docs-test: (?P<kind>skip|subprocess) \((?P<reason>[^)]+)\)\n)?```(?P<info>[^\n]*)\n(?P<code>.*?)^```', re.M | re.S)
+FENCE = re.compile(
+    r'^(?P<marker><!-- docs-test: (?P<kind>skip|subprocess) \((?P<reason>[^)]+)\) -->\n)?```(?P<info>[^\n]*)\n(?P<code>.*?)^```',
+    re.M | re.S)
+SLOW = re.compile(r'^<!-- docs-test: slow \([^)]+\) -->$', re.M)
 MAX_SKIPPED = 3
 
 
@@ -59,7 +62,7 @@ def read_page(path: pathlib.Path) -> Page:
     else:
       in_subprocess |= match['kind'] == 'subprocess'
       blocks.append(match['code'])
-  return Page(path, blocks, skipped, in_subprocess, re.search(r'^% docs-test: slow', text, re.M) is not None)
+  return Page(path, blocks, skipped, in_subprocess, SLOW.search(text) is not None)
 
 
 ALL = [read_page(path) for path in PAGES]
@@ -243,6 +246,10 @@ def test_every_python_block_is_run_or_skipped_with_a_reason():
   fences = [(page.name, m['info'].strip()) for page in ALL for m in FENCE.finditer(page.path.read_text())]
   pythonish = [(name, info) for name, info in fences if re.search(r'py|ipython|code-block|code-cell|^$', info) and info != 'python']
   assert not pythonish, f'code blocks that the tests would not run: {pythonish}'
+  for page in ALL:  # a misspelt or misplaced marker would be ignored silently
+    text = page.path.read_text()
+    markers = sum(1 for m in FENCE.finditer(text) if m['marker']) + len(SLOW.findall(text))
+    assert text.count('docs-test:') == markers, f'{page.name}: a docs-test marker that is not one of the module docstring\'s'
   skipped = [(page.name, reason) for page in ALL for reason, _ in page.skipped]
   assert len(skipped) <= MAX_SKIPPED, skipped
   assert sum(len(page.blocks) for page in ALL) >= 15
