@@ -16,6 +16,7 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 
 CACHE_DIR_ENV = 'SFA_JAX_CACHE_DIR'
+"""The environment variable that moves the persistent compilation cache."""
 
 
 def default_cache_dir() -> str:

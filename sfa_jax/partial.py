@@ -59,6 +59,7 @@ import optax
 
 TRAIN = 'train'
 FROZEN = 'frozen'
+"""The labels :func:`train_only` gives the trainable and the frozen leaves (its ``multi_transform`` groups)."""
 
 
 def _is_masked(node: Any) -> bool:

@@ -43,7 +43,7 @@ def accuracy_heatmap(result: dict[str, Any], path: str) -> None:
   ax.set_yticks(range(len(names)), names, fontsize=8)
   ax.set_xlabel('evaluated on task j')
   ax.set_ylabel('after training on task i')
-  ax.set_title(f"{result['method']}: accuracy matrix")
+  ax.set_title(f"{result['method']}\naccuracy matrix", fontsize=9)  # two lines: a long label fits a small matrix
   fig.colorbar(image, ax=ax, fraction=0.046)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -36,6 +36,7 @@ from sfa_jax.engine import loop
 from sfa_jax.engine import methods as methods_lib
 
 Configuration = tuple[methods_lib.Method, continual.TrainConfig]
+"""One configuration of a sweep: a method with its hyper-parameters and the config (with its seed)."""
 
 
 def grid(

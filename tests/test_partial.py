@@ -316,7 +316,7 @@ def test_the_benchmark_checks_the_claim_on_8_shards():
 
 
 # ---------------------------------------------------------------------------------------------
-# The package's layers and the README.
+# The package's layers (the README's and the docs' examples: tests/test_docs_examples.py).
 
 
 def test_the_partial_names_load_no_flax():
@@ -326,29 +326,3 @@ def test_the_partial_names_load_no_flax():
             'print(json.dumps(sorted(sys.modules)))')
   loaded = json.loads(subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=True).stdout)
   assert 'sfa_jax.partial' in loaded and 'flax' not in {name.split('.')[0] for name in loaded}
-
-
-def test_the_readme_partial_example_runs_on_a_saved_hugging_face_directory(tmp_path, monkeypatch):
-  pytest.importorskip('safetensors')
-  from sfa_jax.models import load_hf_llama
-  from sfa_jax.models import save_hf_llama
-  from test_readme import _block_after
-
-  config = LlamaConfig.tiny(vocab_size=64, num_layers=6, dim=32, ffn_dim=48)
-  original = Llama(config).init(jax.random.key(0), TOKENS)['params']
-  save_hf_llama(tmp_path / 'smollm2', original, config)
-  code = _block_after('### Fine-tuning part of a Hugging Face model').replace('path/to/SmolLM2-135M', str(tmp_path / 'smollm2'))
-  monkeypatch.chdir(tmp_path)
-  namespace: dict = {}
-  exec(compile(code, 'README.md (partial fine-tuning)', 'exec'), namespace)
-  _, tuned = load_hf_llama(tmp_path / 'finetuned', dtype=None)
-  assert tuned['layers']['mlp']['up']['kernel'].dtype == jnp.bfloat16
-  as_bf16 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
-  got, want = (np.asarray(tree['layers']['mlp']['up']['kernel'], np.float32) for tree in (tuned, jax.tree.map(as_bf16, original)))
-  np.testing.assert_array_equal(got[:2], want[:2])  # the frozen blocks, bit for bit
-  assert all(not np.array_equal(got[i], want[i]) for i in range(2, 6))  # the top 4 trained
-  np.testing.assert_array_equal(np.asarray(tuned['embed']['embedding'], np.float32), as_bf16(original['embed']['embedding']))
-  assert sfa_jax.find_state(namespace['opt_state']).anchor['top_layers']['mlp']['up']['kernel'].dtype == jnp.bfloat16
-  assert isinstance(sfa_jax.find_state(namespace['opt_state']).anchor['layers'], optax.MaskedNode) or all(
-      isinstance(leaf, optax.MaskedNode) for leaf in jax.tree.leaves(
-          sfa_jax.find_state(namespace['opt_state']).anchor['layers'], is_leaf=lambda n: isinstance(n, optax.MaskedNode)))

@@ -7,26 +7,26 @@ arrays it keeps across tasks (:meth:`Method.init_extras`). The engine (:mod:`sfa
 :mod:`sfa_jax.sweep`, :mod:`sfa_jax.lm`, the command line) calls only these hooks: it never asks
 a method's name.
 
-============== ========================================================================================
-method         what happens on task ``k`` (tasks counted from 0; task 0 is always plain training)
-============== ========================================================================================
-finetune       train from the end of task ``k-1``.
-sfa            ``chain(optimizer, sfa(anchor=θ_{k-1}, p, beta, total_steps=T_k))``.
-l2             ``chain(l2(strength, anchor=θ_{k-1}), optimizer)``.
-ewc            ``chain(ewc(F, strength, anchor=θ_{k-1}), optimizer)``, ``F`` the online Fisher
-               ``γ·F_old + F_{k-1}`` of the past tasks' training data (per-example, empirical).
-replay         each batch mixes ``batch_size - r`` examples of task ``k`` with ``r = round(ratio ·
-               batch_size)`` examples of the memory: ``fraction`` of each past task's training set,
-               stratified by class. Task 0 (empty memory) uses whole batches of its own data.
-wise-ft        fine-tune, then at the task's end ``θ_k ← interpolate(θ_{k-1}, θ_k, beta)``.
-task-arithmetic the model after task 0 is the base ``θ_b``. Task ``k ≥ 1`` is trained from ``θ_b``
-               into ``θ_k``; the model evaluated after task ``k`` is ``θ_b + scaling·Σ_{j≤k}(θ_j − θ_b)``.
-ties           as task-arithmetic, merged with TIES (``density``, ``scaling``).
-joint          cumulative joint training: stage ``k`` trains on the union of tasks ``0..k``.
-adaptive-sfa   ``chain(optimizer, adaptive_sfa(anchor=θ_{k-1}, threshold, beta, min_p, total_steps=T_k))``.
-multi-anchor-  SFA whose anchor is the running mean ``(1/k)·Σ_{j<k} θ_j`` of the past tasks' ends
-sfa            (averaging toward each with weight ``β/k`` is averaging toward their mean with ``β``).
-============== ========================================================================================
+================ ========================================================================================
+method           what happens on task ``k`` (tasks counted from 0; task 0 is always plain training)
+================ ========================================================================================
+finetune         train from the end of task ``k-1``.
+sfa              ``chain(optimizer, sfa(anchor=θ_{k-1}, p, beta, total_steps=T_k))``.
+l2               ``chain(l2(strength, anchor=θ_{k-1}), optimizer)``.
+ewc              ``chain(ewc(F, strength, anchor=θ_{k-1}), optimizer)``, ``F`` the online Fisher
+                 ``γ·F_old + F_{k-1}`` of the past tasks' training data (per-example, empirical).
+replay           each batch mixes ``batch_size - r`` examples of task ``k`` with ``r = round(ratio ·
+                 batch_size)`` examples of the memory: ``fraction`` of each past task's training set,
+                 stratified by class. Task 0 (empty memory) uses whole batches of its own data.
+wise-ft          fine-tune, then at the task's end ``θ_k ← interpolate(θ_{k-1}, θ_k, beta)``.
+task-arithmetic  the model after task 0 is the base ``θ_b``. Task ``k ≥ 1`` is trained from ``θ_b``
+                 into ``θ_k``; the model evaluated after task ``k`` is ``θ_b + scaling·Σ_{j≤k}(θ_j − θ_b)``.
+ties             as task-arithmetic, merged with TIES (``density``, ``scaling``).
+joint            cumulative joint training: stage ``k`` trains on the union of tasks ``0..k``.
+adaptive-sfa     ``chain(optimizer, adaptive_sfa(anchor=θ_{k-1}, threshold, beta, min_p, total_steps=T_k))``.
+multi-anchor-sfa SFA whose anchor is the running mean ``(1/k)·Σ_{j<k} θ_j`` of the past tasks' ends
+                 (averaging toward each with weight ``β/k`` is averaging toward their mean with ``β``).
+================ ========================================================================================
 
 A method of your own is a subclass with a ``name``, its ``hyperparams`` and the hooks it needs;
 :func:`register_method` adds it to the registry, and :func:`make_method` also takes an import path
@@ -93,6 +93,7 @@ class Interval:
 UNIT = Interval(0.0, 1.0)
 UNIT_OPEN_LOW = Interval(0.0, 1.0, low_open=True)
 NON_NEGATIVE = Interval(0.0, math.inf, high_open=True)
+"""Common ranges of hyper-parameters: ``[0, 1]``, ``(0, 1]`` and ``[0, ∞)``."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from sfa_jax.tasks.stream import (
 
 
 def split_classes(num_classes: int, num_tasks: int) -> tuple[tuple[int, ...], ...]:
-  """Cuts classes ``0 .. num_classes-1`` into ``num_tasks`` consecutive groups of equal size.
+  """Cuts classes ``0, ..., num_classes-1`` into ``num_tasks`` consecutive groups of equal size.
 
   Each group has ``num_classes // num_tasks`` classes; the remaining highest labels are left out.
 

