@@ -158,6 +158,9 @@ def _check_engine(ns):
   assert sfa.accuracy_matrix[1][0] > finetune.accuracy_matrix[1][0]  # and SFA keeps more of it
   assert [(r['method'], r['seed']) for r in ns['compared']][-2:] == [('params-ema(decay=0.5)', 0), ('params-ema(decay=0.5)', 1)]
   assert [r.method for r in ns['swept']] == ['params-ema(decay=0.5)', 'params-ema(decay=0.9)']
+  fused_run = ns['fused_run']
+  assert fused_run.accuracy_matrix == ns['stepped_run'].accuracy_matrix == ns['on_host'].accuracy_matrix
+  assert len(ns['watched'].losses) == sum(fused_run.steps_per_task) and fused_run.averaging_steps
 
 
 def _check_sweeps(ns):

@@ -427,20 +427,18 @@ def _warm_up(program: Callable[..., Any], state: RunState, block: feed_lib.Block
   the caller compiles the model's initialisation. Shapes it cannot make zeros of (PRNG keys in
   the state) are left to the first real call.
   """
-  leaves = jax.tree.leaves((state.params, state.model_state, state.opt_state))
-  if any(not isinstance(leaf.dtype, np.dtype) for leaf in leaves):
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    future.set_result(None)
-    return future
+  return _COMPILER.submit(_zeros_call, program, (state.params, state.model_state, state.opt_state), *block, np.int32(0))
 
-  def run():
-    zeros = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), (state.params, state.model_state, state.opt_state))
-    try:
-      jax.block_until_ready(program(zeros, *block, np.int32(0)))
-    except Exception:  # pylint: disable=broad-except  # the first real call compiles, and reports
-      pass
 
-  return _COMPILER.submit(run)
+def _zeros_call(function: Callable[..., Any], shapes: Any, *args: Any) -> None:
+  """``function(zeros shaped like shapes, *args)``, for its compilation alone. Shapes it cannot make
+  zeros of (PRNG keys) and any error are left to the first real call, which compiles and reports."""
+  if any(not isinstance(leaf.dtype, np.dtype) for leaf in jax.tree.leaves(shapes)):
+    return
+  try:
+    jax.block_until_ready(function(jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes), *args))
+  except Exception:  # pylint: disable=broad-except
+    pass
 
 
 class _Pace:
@@ -613,6 +611,8 @@ def train_stream(
   # Cold, compiling is most of a small run: the train programs compile in the background while
   # the model's initialisation compiles here (on a run's first task's shapes).
   prepared = prepare(0)
+  if mesh is None and not stacked:  # the optimizer's init is needed first, right after the model's
+    warmed_init = _COMPILER.submit(_zeros_call, init_opt[0], abstract.params)
   if mesh is None:
     on_device = methods[0].averaging_schedule(0, prepared.total_steps) is None
     variants = [True, False] if skips_between_averages and not on_device else [False]
@@ -626,6 +626,8 @@ def train_stream(
     check_one_update_rule(methods, txs, [lane.opt_state for lane in fresh], cut(fresh[0].params))
     state = _stack(fresh)
   else:
+    if mesh is None:
+      warmed_init.result()
     state = fresh_lane(0)
   scorer = reused(('scorer', model, objective, stacked), lambda: fused.make_scorer(make_score(model, objective), stacked=stacked))
   test_sizes = np.array([len(t.test.y) for t in all_tasks])
