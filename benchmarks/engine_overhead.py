@@ -35,7 +35,8 @@ then on NumPy batches gathered per step (the engine's feed before its fused chun
 gathering alone; what a warm engine run still compiles
 (`jax_log_compiles`); and a profile of a warm engine run.
 
-  python benchmarks/engine_overhead.py --rounds 9 [--source digits] [--json figures.json]
+  python benchmarks/engine_overhead.py --rounds 9 [--source digits] [--stream permuted] [--json figures.json]
+  python benchmarks/engine_overhead.py --against /tmp/old ...   # also the cold engine of another checkout
   python benchmarks/engine_overhead.py --quick      # digits, 2 warm rounds, no cold runs: a smoke test
 """
 
@@ -309,13 +310,18 @@ def steps_worker(source: str, rounds: int, stream_name: str = 'pair', passes: in
           'warm_run_compiles': compiles, 'profile': text.getvalue()}
 
 
-def _spawn(args: list[str], cold: bool = False) -> dict:
+def _spawn(args: list[str], cold: bool = False, checkout: str | None = None) -> dict:
+  """A worker in a fresh process: this script, or (``checkout``) another checkout's, on its own code."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   if cold:
     env['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
     env.pop('JAX_COMPILATION_CACHE_DIR', None)
-  done = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True, env=env,
-                        check=False)
+  script = os.path.abspath(__file__)
+  if checkout is not None:
+    env['PYTHONPATH'] = os.path.abspath(checkout)
+    script = os.path.join(os.path.abspath(checkout), 'benchmarks', os.path.basename(__file__))
+  done = subprocess.run([sys.executable, script] + args, capture_output=True, text=True, env=env, check=False,
+                        cwd=None if checkout is None else os.path.abspath(checkout))
   if done.returncode:
     raise RuntimeError(f'worker {args} failed:\n{done.stderr[-3000:]}')
   return json.loads(done.stdout.strip().splitlines()[-1])
@@ -348,6 +354,9 @@ def main() -> None:
   parser.add_argument('--quick', action='store_true', help='digits, 2 warm rounds, no cold runs, no breakdown')
   parser.add_argument('--no-breakdown', action='store_true')
   parser.add_argument('--json', help='write the figures here')
+  parser.add_argument('--against', metavar='CHECKOUT',
+                      help="also time, cold, the engine of another checkout (e.g. `git worktree add /tmp/old REV`) in "
+                           "every cold round: this engine's cold whole run over that one's (the MNIST pair or digits)")
   parser.add_argument('--worker', choices=('warm', 'cold', 'steps'), help=argparse.SUPPRESS)
   parser.add_argument('--variant', choices=VARIANTS, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -372,10 +381,15 @@ def main() -> None:
   warm = warm_worker(args.source, args.rounds, args.stream) if args.quick else _spawn(['--worker', 'warm'] + base)
   print(f'warm: {args.rounds} rounds done', file=sys.stderr, flush=True)
   cold = {variant: [] for variant in VARIANTS}
+  against = []  # the other checkout's engine, cold, in the same rounds
   for r in range(cold_rounds):
     for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
       cold[variant].append(_spawn(['--worker', 'cold', '--variant', variant] + base, cold=True))
       print(f'cold round {r} {variant:6} {cold[variant][-1]["seconds"]:6.2f} s', file=sys.stderr, flush=True)
+    if args.against:
+      against.append(_spawn(['--worker', 'cold', '--variant', 'engine', '--source', args.source], cold=True,
+                            checkout=args.against))
+      print(f'cold round {r} against {against[-1]["seconds"]:6.2f} s', file=sys.stderr, flush=True)
   breakdown = None if args.no_breakdown else _spawn(['--worker', 'steps'] + base)
 
   figures = {'machine': machine(), 'setup': {
@@ -401,6 +415,12 @@ def main() -> None:
     table[mode] = row
   figures.update(table=table, matrices={v: m.tolist() for v, m in matrices.items()},
                  max_matrix_difference=difference, loadavg_before=load_before, loadavg_after=os.getloadavg())
+  if against:
+    for r in against:
+      assert np.array_equal(np.asarray(r['matrix']), matrices['engine']), 'the other checkout trains another matrix'
+    before = statistics.median(r['seconds'] for r in against)
+    figures['against'] = {'checkout': args.against, 'cold_run_seconds': [r['seconds'] for r in against], 'median': before,
+                          'ratio': table['cold']['run_seconds']['engine'] / before}
   if breakdown:
     figures['breakdown_per_step'] = breakdown['per_step_median']
     figures['breakdown_all'] = breakdown['all']
@@ -427,6 +447,10 @@ def main() -> None:
           or 'nothing')
     print('profile of a warm engine run (tottime):')
     print('\n'.join(line for line in breakdown['profile'].splitlines()[:30] if line.strip()))
+  if against:
+    a = figures['against']
+    print(f"cold whole run against {a['checkout']}: {table['cold']['run_seconds']['engine']:.3f}s / {a['median']:.3f}s = "
+          f"{a['ratio']:.3f}x (same matrix)")
   print(f"ratio warm {table['warm']['train_per_step']['ratio']:.3f}x" +
         (f", cold {table['cold']['train_per_step']['ratio']:.3f}x" if 'cold' in table else '') + ' (goal <= 1.05x warm)')
   if args.json:

@@ -130,7 +130,7 @@ def _flat(part: Examples, index: np.ndarray, length: int) -> Examples:
 
 
 def gathered(data: Examples, replay: Examples | None, rows: TaskRows, start: int, count: int, length: int) -> Examples:
-  """The batches of steps ``start .. start + count`` gathered on the host, flattened to
+  """The batches of steps ``start`` to ``start + count`` gathered on the host, flattened to
   ``(length·B, ...)`` (zeros after the ``count`` steps): each step's task examples, then its
   memory's, what the device gathers from :func:`on_device` data."""
   index = rows.data[start:start + count]
@@ -198,7 +198,7 @@ class TaskFeed(NamedTuple):
   block_steps: int
 
   def block(self, start: int, count: int) -> Block:
-    """The chunk call's inputs for steps ``start .. start + count`` (``count <= block_steps``)."""
+    """The chunk call's inputs for steps ``start`` to ``start + count`` (``count <= block_steps``)."""
     size = self.block_steps
     stack = lambda parts, axis: parts[0] if axis is None else Examples(*(np.stack(leaves) for leaves in zip(*parts)))
     if self.device is None:
