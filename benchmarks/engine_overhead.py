@@ -312,7 +312,8 @@ def steps_worker(source: str, rounds: int, stream_name: str = 'pair', passes: in
 
 def _spawn(args: list[str], cold: bool = False, checkout: str | None = None) -> dict:
   """A worker in a fresh process: this script, or (``checkout``) another checkout's, on its own code."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = dict(os.environ)
+  env.setdefault('JAX_PLATFORMS', 'cpu')  # the device_suite.sh sets it (empty: JAX's own choice)
   if cold:
     env['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
     env.pop('JAX_COMPILATION_CACHE_DIR', None)

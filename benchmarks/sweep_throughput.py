@@ -31,14 +31,21 @@ import time
 VARIANTS = ('sequential', 'sweep')
 
 
-def _configurations(seeds: int):
+GRIDS = {  # configurations: SFA's (p, beta) values
+    8: ((0.1, 0.25, 0.5, 1.0), (0.25, 0.5)),
+    64: ((0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0), (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75)),
+}
+
+
+def _configurations(seeds: int, size: int = 8):
   from sfa_jax import sweep
   from sfa_jax.presets import DEMO_DEFAULTS
 
   config = dataclasses.replace(DEMO_DEFAULTS['config'], eval_every=0)
+  p_values, betas = GRIDS[size]
   if seeds > 1:
-    return sweep.grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25,), seeds=tuple(range(seeds)), config=config)
-  return sweep.grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25, 0.5), config=config)
+    return sweep.grid('sfa', p=p_values, beta=(0.25,), seeds=tuple(range(seeds)), config=config)
+  return sweep.grid('sfa', p=p_values, beta=betas, config=config)
 
 
 def _stream(source: str):
@@ -50,7 +57,7 @@ def _stream(source: str):
   return stream
 
 
-def worker(variant: str, cache: str | None, seeds: int, source: str) -> dict:
+def worker(variant: str, cache: str | None, seeds: int, source: str, size: int = 8) -> dict:
   """One measurement in this (fresh) process: wall seconds of the variant, and its accuracy matrices."""
   from sfa_jax import compile_cache
   from sfa_jax import continual
@@ -59,7 +66,7 @@ def worker(variant: str, cache: str | None, seeds: int, source: str) -> dict:
   if cache:
     compile_cache.enable_compilation_cache(cache)
   stream = _stream(source)
-  configurations = _configurations(seeds)
+  configurations = _configurations(seeds, size)
   begin = time.perf_counter()
   if variant == 'sweep':
     results = sweep.run_sweep(stream, configurations)
@@ -73,8 +80,8 @@ def worker(variant: str, cache: str | None, seeds: int, source: str) -> dict:
   }
 
 
-def step_worker(seeds: int, source: str, repeats: int = 30) -> dict:
-  """Median time of one configuration's compiled train step and of the vectorised 8-configuration step."""
+def step_worker(seeds: int, source: str, size: int = 8, repeats: int = 30) -> dict:
+  """Median time of one configuration's compiled train step and of the vectorised step of all of them."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -85,7 +92,7 @@ def step_worker(seeds: int, source: str, repeats: int = 30) -> dict:
   from sfa_jax.engine import methods
 
   stream = _stream(source)
-  configurations = _configurations(seeds)
+  configurations = _configurations(seeds, size)
   method, config = configurations[0]
   model = continual.build_model(stream, config)
   data = stream[1].train
@@ -124,7 +131,8 @@ def step_worker(seeds: int, source: str, repeats: int = 30) -> dict:
 
 
 def _spawn(args: list[str]) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = dict(os.environ)
+  env.setdefault('JAX_PLATFORMS', 'cpu')  # the device_suite.sh sets it (empty: JAX's own choice)
   done = subprocess.run([sys.executable, __file__] + args, capture_output=True, text=True, env=env, check=False)
   if done.returncode:
     raise RuntimeError(f'worker {args} failed:\n{done.stderr[-3000:]}')
@@ -137,20 +145,22 @@ def main() -> None:
   parser.add_argument('--seeds', type=int, default=1, help='1: p x beta, one seed; 2: p x seeds 0, 1')
   parser.add_argument('--source', default='offline', choices=('offline', 'digits'),
                       help="offline: MNIST-5k (28x28); digits: scikit-learn's 8x8 digits (a tiny, overhead-bound job)")
+  parser.add_argument('--configurations', type=int, default=8, choices=tuple(GRIDS),
+                      help='8: p x beta as above; 64: 8 p x 8 beta (for an accelerator)')
   parser.add_argument('--json', help='write the figures here')
   parser.add_argument('--worker', choices=VARIANTS + ('steps',), help=argparse.SUPPRESS)
   parser.add_argument('--cache', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker == 'steps':
-    print(json.dumps(step_worker(args.seeds, args.source)))
+    print(json.dumps(step_worker(args.seeds, args.source, args.configurations)))
     return
   if args.worker:
-    print(json.dumps(worker(args.worker, args.cache, args.seeds, args.source)))
+    print(json.dumps(worker(args.worker, args.cache, args.seeds, args.source, args.configurations)))
     return
 
   load_before = os.getloadavg()
   caches = {variant: tempfile.mkdtemp(prefix=f'sweep_bench_{variant}_') for variant in VARIANTS}
-  base = ['--seeds', str(args.seeds), '--source', args.source]
+  base = ['--seeds', str(args.seeds), '--source', args.source, '--configurations', str(args.configurations)]
   for variant in VARIANTS:  # fill each variant's cache once (not measured)
     _spawn(['--worker', variant, '--cache', caches[variant]] + base)
   times = {f'{mode}_{variant}': [] for mode in ('cold', 'warm') for variant in VARIANTS}
@@ -174,8 +184,9 @@ def main() -> None:
   medians = {key: statistics.median(values) for key, values in times.items()}
   figures = {
       'setup': (('mnist-pair (MNIST-5k), MLP 784-256-256-10' if args.source == 'offline' else
-                 "mnist-pair (sklearn 8x8 digits), MLP 64-256-256-10") + ', Adam 1e-3, batch 64, 2 epochs per task, 8 SFA '
-                + ('configurations (p x seeds 0, 1)' if args.seeds > 1 else 'configurations (p x beta, seed 0)')),
+                 "mnist-pair (sklearn 8x8 digits), MLP 64-256-256-10") + ', Adam 1e-3, batch 64, 2 epochs per task, '
+                + f'{len(_configurations(args.seeds, args.configurations))} SFA '
+                + ('configurations (p x seeds)' if args.seeds > 1 else 'configurations (p x beta, seed 0)')),
       'rounds': args.rounds,
       'median_seconds': medians,
       'median_train_seconds': {key: statistics.median(values) for key, values in train.items()},
@@ -189,8 +200,8 @@ def main() -> None:
       'cpu_count': os.cpu_count(),
   }
   print(json.dumps(figures, indent=1))
-  print(f"\nspeed-up of the sweep over 8 sequential runs: cold {figures['speedup_cold']:.2f}x, warm "
-        f"{figures['speedup_warm']:.2f}x (goal >= 4x); train step: the 8-configuration step takes "
+  print(f"\nspeed-up of the sweep over {args.configurations} sequential runs: cold {figures['speedup_cold']:.2f}x, warm "
+        f"{figures['speedup_warm']:.2f}x (goal >= 4x); train step: the {args.configurations}-configuration step takes "
         f"{steps['vectorised_over_single']:.2f}x one configuration's; accuracy matrices differ by at most {difference:.1e}")
   if args.json:
     with open(args.json, 'w') as f:
