@@ -397,6 +397,13 @@ def check_one_update_rule(methods: Sequence[methods_lib.Method], txs: Sequence[o
       )
 
 
+def _abstract_batch(task: tasks_lib.Task, batch_size: int) -> tuple[Any, ...]:
+  """The shapes of a train step's ``(x, y, mask, task_ids)`` for ``task``'s examples."""
+  shape = lambda array, dtype=None: jax.ShapeDtypeStruct((batch_size,) + np.shape(array)[1:], dtype or array.dtype)
+  return (shape(task.train.x), shape(task.train.y), jax.ShapeDtypeStruct((batch_size,), bool),
+          jax.ShapeDtypeStruct((batch_size,), np.int32))
+
+
 def _skips_anchor(config: Any, trainable_params: Any) -> bool:
   """``config.skip_anchor_between_averages``, or (``None``) whether the trainable params are large
   enough for the anchor's pass over memory to matter (``continual.SKIP_ANCHOR_MIN_BYTES``)."""
@@ -562,6 +569,12 @@ def train_stream(
   # The shapes the programs take (traced once per process: the jitted init and optimizer init).
   variables = jax.eval_shape(_init_variables, model, jax.random.key(0), all_tasks[0].train.x[:1])
   abstract = RunState(*variables, jax.eval_shape(init_opt[0], variables[0]), None)
+  # XLA's CPU backend runs a convolution in a loop several times slower: such steps go one a call.
+  sample = all_tasks[0].train.x
+  looped = not reused(
+      ('loops_slowly', model, objective, shared.trainable, sample.shape[1:], str(sample.dtype), shared.batch_size),
+      lambda: fused.loops_slowly(make_train_step(model, txs[0], objective, trainable), abstract.params,
+                                 abstract.model_state, abstract.opt_state, *_abstract_batch(all_tasks[0], shared.batch_size)))
   if stacked:
     data_keys = {(config.seed, method.data_key()) for method, config in configurations}
     one_group = len(data_keys) == 1  # the same batches for all lanes: gathered once
@@ -571,7 +584,6 @@ def train_stream(
     one_group = True
     # Runs of one process share compiled programs when their updates are one program (the
     # hyper-parameters in the state); a method that bakes them into its update gets its own.
-    sample = all_tasks[0].train.x
     digest = reused(('update_program', methods[0], shared.optimizer_key(), shared.trainable, model, sample.shape[1:],
                      str(sample.dtype)), lambda: update_program(txs[0], abstract.opt_state, cut(abstract.params)))
     step_key = ('train_step', model, shared.optimizer_key(), objective, shared.trainable, digest, mesh)
@@ -590,7 +602,7 @@ def train_stream(
       build = lambda: fused.make_chunk(
           make_train_step(model, txs[0], objective, trainable, may_average=not skip), layout,
           averaged=methods[0].averaged if on_device else None, stop_on_average=stop_on_average,
-          batch_sharding=batch_sharding)
+          batch_sharding=batch_sharding, looped=looped)
       programs[key] = build() if step_key is None else reused(step_key + key, build)
     if key in warming:  # compiling in the background: wait for it rather than compile it twice
       warming.pop(key).result()
@@ -747,7 +759,7 @@ def train_stream(
     while pos.step_in_task < total_steps:
       t = pos.step_in_task
       averages_next = split and schedules[0, t + 1]
-      if averages_next or every_step:
+      if averages_next or every_step or not looped:
         n = 1
       else:
         n = int(np.argmax(host_stop[t + 1:])) + 1
