@@ -113,10 +113,12 @@ SCENARIO_COLUMN = {tasks.TASK_INCREMENTAL: 0, tasks.DOMAIN_INCREMENTAL: 1, tasks
 SHORT = {tasks.TASK_INCREMENTAL: 'Task-IL', tasks.DOMAIN_INCREMENTAL: 'Domain-IL', tasks.CLASS_INCREMENTAL: 'Class-IL'}
 
 
-def methods_for(protocol, scenario):
+def methods_for(protocol, scenario, extra_ewc=()):
+  """``(selector, method name, hyper-parameters)``: the four methods, then EWC at the --ewc-strengths (selector 'ewc-tuned')."""
   strength, gamma = ONLINE_EWC[protocol, scenario]
-  return [('finetune', {}), ('joint', {}), ('ewc', {'strength': strength, 'gamma': gamma}),
-          ('replay', {'fraction': REPLAY_FRACTION})]
+  return ([('finetune', 'finetune', {}), ('joint', 'joint', {}), ('ewc', 'ewc', {'strength': strength, 'gamma': gamma}),
+           ('replay', 'replay', {'fraction': REPLAY_FRACTION})]
+          + [('ewc-tuned', 'ewc', {'strength': float(x), 'gamma': gamma}) for x in extra_ewc if float(x) != strength])
 
 
 def stream_of(protocol, scenario, quick):
@@ -159,18 +161,28 @@ def verdict(ours, published):
   return abs(diff) <= spread, diff, spread
 
 
-def summarize(protocol, runs, seeds_wanted):
-  """Per scenario and method: mean and SEM (over seeds) of the final average accuracy, in %."""
+def summarize(protocol, runs):
+  """Per scenario and table row: mean and SEM (over seeds) of the final average accuracy, in %.
+
+  Rows: each method at the paper's settings (``(scenario, name)``), and ``(scenario, 'ewc-tuned')``: the
+  EWC strength with the best mean among those run with at least as many seeds as the paper's strength.
+  """
   cells = {}
   for run in runs.values():
-    key = (run['scenario'], run['method_name'], run['method'])
-    cells.setdefault(key, []).append(100.0 * run['metrics']['average_accuracy'])
+    cells.setdefault((run['scenario'], run['method_name'], run['method'], run['hyperparams'].get('strength')), []).append(
+        100.0 * run['metrics']['average_accuracy'])
   out = {}
-  for (scenario, name, label), values in cells.items():
+  for (scenario, name, label, strength), values in cells.items():
     values = np.asarray(values)
     sem = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
-    out[scenario, name] = {'label': label, 'mean': float(values.mean()), 'std': float(values.std()), 'sem': sem,
-                           'seeds': len(values)}
+    cell = {'label': label, 'mean': float(values.mean()), 'std': float(values.std()), 'sem': sem, 'seeds': len(values)}
+    paper_strength = ONLINE_EWC[protocol, scenario][0]
+    if name != 'ewc' or strength == paper_strength:
+      out[scenario, name] = cell
+    if name == 'ewc':
+      best = out.get((scenario, 'ewc-tuned'))
+      if best is None or (cell['seeds'], cell['mean']) > (best['seeds'], best['mean']):
+        out[scenario, 'ewc-tuned'] = cell
   return out
 
 
@@ -178,20 +190,23 @@ def side_by_side(protocol, summary, scenarios):
   lines = ['| paper row (method here) | ' + ' | '.join(f'{SHORT[s]}: paper | {SHORT[s]}: ours | {SHORT[s]}: verdict' for s in scenarios) + ' |',
            '|---|' + '---:|---:|---|' * len(scenarios)]
   ours_of_row = {row: name for name, row in ROW_OF.items()}
-  rows = list(PUBLISHED[protocol]) + ['(replay 25 %, no 2019 row)']
+  rows = list(PUBLISHED[protocol])
+  rows.insert(rows.index('Online EWC') + 1, 'Online EWC, strength tuned here')
+  rows.append('(replay 25 %, no 2019 row)')
   for row in rows:
-    name = ours_of_row.get(row) or ('replay' if row.startswith('(replay') else None)
+    name = ours_of_row.get(row) or ('replay' if row.startswith('(replay') else ('ewc-tuned' if 'tuned' in row else None))
+    published_row = 'Online EWC' if name == 'ewc-tuned' else row
     cells = []
     for scenario in scenarios:
       column = SCENARIO_COLUMN[scenario]
-      published = PUBLISHED[protocol].get(row, (None, None, None))[column]
-      mark = '' if (row, column) in VERIFIED[protocol] else ' (unverified)'
+      published = PUBLISHED[protocol].get(published_row, (None, None, None))[column]
+      mark = '' if (published_row, column) in VERIFIED[protocol] else ' (unverified)'
       cells.append('–' if published is None else f'{published[0]:.2f} ± {published[1]:.2f}{mark}')
       mine = summary.get((scenario, name)) if name else None
       if mine is None:
         cells += ['not run' if name else 'not in the engine', '–']
         continue
-      cells.append(f"{mine['mean']:.2f} ± {mine['sem']:.2f} (n={mine['seeds']})")
+      cells.append(f"{mine['mean']:.2f} ± {mine['sem']:.2f} (n={mine['seeds']})" + (f" `{mine['label']}`" if name == 'ewc-tuned' else ''))
       if published is None:
         cells.append('no published cell')
       else:
@@ -206,7 +221,10 @@ def main(argv=None) -> None:
   parser = experiment.experiment_parser(__doc__)
   parser.add_argument('--protocols', default='split,permuted', help='comma-separated: split, permuted')
   parser.add_argument('--scenarios', help='comma-separated settings (default: every scenario of each protocol)')
-  parser.add_argument('--methods', default='finetune,joint,ewc,replay', help='comma-separated method names')
+  parser.add_argument('--methods', default='finetune,joint,ewc,replay',
+                      help="comma-separated: finetune, joint, ewc (at the paper's strength), replay, ewc-tuned (at --ewc-strengths)")
+  parser.add_argument('--ewc-strengths', default='', help='comma-separated EWC strengths run as ewc-tuned (the paper\'s '
+                      'strengths do not transfer: on 800 images per task trained for 2000 steps the Fisher is ~1e6 times smaller)')
   args = parser.parse_args(argv)
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
@@ -244,8 +262,9 @@ def main(argv=None) -> None:
           f"{budget_record['check']['steps_to_fraction']} steps; ok={budget_record['check']['ok']}", flush=True)
     for scenario in scenarios:
       stream = stream_of(protocol, scenario, args.quick)
-      for method_name, hp in methods_for(protocol, scenario):
-        if method_name not in wanted_methods:
+      extra = [x for x in args.ewc_strengths.split(',') if x]
+      for selector, method_name, hp in methods_for(protocol, scenario, extra):
+        if selector not in wanted_methods:
           continue
         method = continual.make_method(method_name, **hp)
         for seed in seeds:
@@ -262,7 +281,8 @@ def main(argv=None) -> None:
             f.write(json.dumps(run) + '\n')
           print(f'[{time.perf_counter() - start:6.0f} s] {protocol} {scenario:18s} {method.label:32s} seed {seed}: '
                 f"avg {run['metrics']['average_accuracy']:.4f} ({run['wall_seconds']:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
-    summary = summarize(protocol, runs, seeds)
+    runs = load_runs(runs_path)  # with the runs of any other process on this protocol (run side by side)
+    summary = summarize(protocol, runs)
     table = side_by_side(protocol, summary, PROTOCOLS[protocol]['scenarios'])
     md = [f'# Three scenarios for continual learning (van de Ven & Tolias 2019): {protocol} MNIST, paper against sfa_jax', '',
           f"Final average accuracy over all {PROTOCOLS[protocol]['tasks'] if not args.quick else 'the'} tasks, %: "

@@ -176,6 +176,34 @@ def measure_convergence(
           'tasks': [converged_steps(curve, fraction=fraction) | {'curve': curve} for curve in curves]}
 
 
+def steps_per_task(stream: Any, config: Any) -> list[int]:
+  """The optimizer steps each task of ``stream`` trains for under ``config``, as the engine counts them.
+
+  ``config.steps_per_task`` when set, else ``epochs_per_task`` whole epochs of ``batch_size`` batches.
+
+  Example:
+    >>> from sfa_jax import continual, tasks
+    >>> stream = tasks.make_stream('mnist-pair', source='digits')
+    >>> steps_per_task(stream, continual.TrainConfig(epochs_per_task=2, batch_size=64)) == [
+    ...     2 * (len(stream[k].train.y) // 64) for k in range(2)]
+    True
+    >>> steps_per_task(stream, continual.TrainConfig(steps_per_task=300))
+    [300, 300]
+  """
+  from sfa_jax import tasks as tasks_lib
+
+  budget = config.steps_per_task
+  if budget is not None:
+    return list(budget) if isinstance(budget, tuple) else [int(budget)] * len(stream)
+  return [tasks_lib.num_batches(len(stream[k].train.y), config.batch_size) * config.epochs_per_task
+          for k in range(len(stream))]
+
+
+def grid_p_values(methods: Sequence[Any]) -> list[float]:
+  """The averaging fractions ``p`` of the methods of a grid that have one (SFA and its variants)."""
+  return sorted({float(m['p']) for m in methods if 'p' in type(m).hyperparams})
+
+
 @dataclasses.dataclass(frozen=True)
 class BudgetCheck:
   """The outcome of :func:`check_budget`: what was asked, what was measured, what failed."""
