@@ -170,3 +170,12 @@ def test_three_scenarios_quick(tmp_path):
   lines = (tmp_path / 'three_scenarios_split_quick.runs.jsonl').read_text().splitlines()
   _main('three_scenarios')(['--protocols', 'split', '--quick', '--out', str(tmp_path)])
   assert (tmp_path / 'three_scenarios_split_quick.runs.jsonl').read_text().splitlines() == lines
+
+
+def test_budget_audit_quick(tmp_path):
+  _main('budget_audit')(['--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'budget_audit_quick')
+  [row] = data['audits']
+  assert row['section'] == '§1' and row['check']['p_values'] == [0.25, 1.0] and row['check']['min_steps_for_p'] == 8
+  assert len(row['converged_accuracy']) == 2 and len(row['check']['steps_to_fraction']) == 2
+  assert row['check']['ok'] == (max(row['check']['steps_to_fraction']) <= row['check']['steps_per_task'])
