@@ -117,8 +117,11 @@ def initial_of(stream, config, backbone, seed):
   return with_new_head(backbone[0], params), with_new_head(backbone[1], model_state)
 
 
-def run_group(stream, methods, config, seeds, initial_for, as_sweep, skip=frozenset()):
-  """Every (method, seed) of one method family, but those in ``skip``: ``{(label, seed): result}``."""
+def run_group(stream, methods, config, seeds, initial_for, as_sweep, skip=frozenset(), on_result=None):
+  """Every (method, seed) of one method family, but those in ``skip``: ``{(label, seed): result}``.
+
+  ``on_result(method, seed, result)`` is called as each run (one after another) finishes.
+  """
   results = {}
   if as_sweep:
     groups = {}
@@ -137,6 +140,8 @@ def run_group(stream, methods, config, seeds, initial_for, as_sweep, skip=frozen
           continue
         results[method.label, seed] = continual.run_sequence(stream, method, dataclasses.replace(config, seed=seed),
                                                              initial=initial_for(seed))
+        if on_result is not None:
+          on_result(method, seed, results[method.label, seed])
   return results
 
 
@@ -350,33 +355,36 @@ def main(argv=None) -> None:
     grid = [tuple(pair) for pair in args.grid] if args.grid else grid
     methods = [methods_lib.make_method(n, **hp) for n, hp in grid]
     budgets[key] = stream_budget(args, key, stream, config, methods, (params, model_state), seeds[0])
-    families = {}
-    for method in methods:
-      families.setdefault(method.name, []).append(method)
-    for family, members in families.items():
+    # Configuration by configuration in the grid's order (put the most telling first: a stop keeps them).
+    for members in [[method] for method in methods]:
+      family = members[0].name
       for regime in regimes:
         initial_for = (lambda seed: initial_of(stream, config, (params, model_state), seed)) if regime == 'pretrained' else (lambda seed: None)
         t0 = time.perf_counter()
         todo = [m for m in members if any((key, regime, m.label, seed) not in done_runs for seed in seeds)]
+
+        def record(method, seed, result, key=key, regime=regime):  # appended at once: a stopped run loses one run
+          run = {k: v for k, v in result.to_json().items() if k != 'curve'} | {
+              'seed': seed, 'method_name': method.name, 'hyperparams': method.values, 'stream': key, 'regime': regime,
+              'loadavg': os.getloadavg()}
+          done_runs[key, regime, method.label, seed] = run
+          with open(runs_path, 'a') as f:
+            f.write(json.dumps(run) + '\n')
+
         results = run_group(stream, todo, config, seeds, initial_for, args.sweep, skip={
-            (m.label, seed) for m in todo for seed in seeds if (key, regime, m.label, seed) in done_runs}) if todo else {}
-        group = []
-        for method in members:
-          for seed in seeds:
-            if (key, regime, method.label, seed) in done_runs:
-              group.append(done_runs[key, regime, method.label, seed])
-              continue
-            run = {k: v for k, v in results[method.label, seed].to_json().items() if k != 'curve'} | {
-                'seed': seed, 'method_name': method.name, 'hyperparams': method.values, 'stream': key, 'regime': regime,
-                'loadavg': os.getloadavg()}
-            group.append(run)
-            with open(runs_path, 'a') as f:
-              f.write(json.dumps(run) + '\n')
+            (m.label, seed) for m in todo for seed in seeds if (key, regime, m.label, seed) in done_runs},
+            on_result=None if args.sweep else record) if todo else {}
+        for (label, seed), result in results.items():  # sweeps: recorded when the family's sweep ends
+          method = next(m for m in todo if m.label == label)
+          if (key, regime, label, seed) not in done_runs:
+            record(method, seed, result)
+        group = [done_runs[key, regime, m.label, seed] for m in members for seed in seeds]
         runs += group
-        seconds_by_group[key, regime, family] = (len(group), time.perf_counter() - t0)
+        runs_before, seconds_before = seconds_by_group.get((key, regime, family), (0, 0.0))
+        seconds_by_group[key, regime, family] = (runs_before + len(group), seconds_before + time.perf_counter() - t0)
         best = max(summary_rows(group), key=lambda row: row['average_accuracy'][0])
         print(f'[{time.perf_counter() - start:6.0f} s] {key:15s} {regime:10s} {family:16s} {len(group):3d} runs '
-              f'{seconds_by_group[key, regime, family][1]:6.1f} s  best {best["method"]} {_cell(best["average_accuracy"])} '
+              f'{time.perf_counter() - t0:6.1f} s  best {best["method"]} {_cell(best["average_accuracy"])} '
               f'(load {os.getloadavg()[0]:.1f})', flush=True)
         write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False, plots=False, budgets=budgets)
     write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False, budgets=budgets)  # plots: at each stream's end

@@ -125,6 +125,11 @@ def test_pretrained_continual_quick(tmp_path):
     record = data['streams'][key]['budget']
     assert record['check']['steps_per_task'] == 10 and len(record['convergence']['tasks']) == len(data['streams'][key]['stream']['tasks'])
   assert all(run['steps_per_task'] == [10] * len(run['steps_per_task']) for run in data['runs'])
+  # A rerun trains nothing: every finished run was recorded in the runs file and is skipped.
+  lines = (tmp_path / 'pretrained_continual_quick.runs.jsonl').read_text().splitlines()
+  assert len(lines) == len(data['runs'])
+  _main('pretrained_continual')(['--backbone', str(backbone), '--quick', '--out', str(tmp_path)])
+  assert (tmp_path / 'pretrained_continual_quick.runs.jsonl').read_text().splitlines() == lines
   # --collect: the union of finished outputs (here just one), written again without training.
   _main('pretrained_continual')(['--collect', str(tmp_path / 'pretrained_continual_quick.json'),
                                  '--name', 'collected', '--quick', '--out', str(tmp_path)])
