@@ -8,11 +8,19 @@ fine-tuned on streams of another data set (the bundled 5000-image MNIST):
   permuted MNIST, 10 tasks, domain-incremental (shared 10-way head); 500 train / 250 test images per task
 
 The same grids run from scratch (the same model, initialised with the seed), on the same streams with the
-same budget (1 epoch per task, Adam 1e-3, batch 64), 3 seeds:
+same budget (--steps optimizer steps per task, default 300: 24 epochs of a split-MNIST task, 38 of a permuted
+one; Adam 1e-3, batch 64), 3 seeds:
 
-  finetune; sfa p in {0.25, 0.5, 0.75, 0.96, 1} x beta in {0.25, 0.5}; replay 1 / 5 / 10 %;
-  l2 strength in {0.01 .. 100}; ewc strength in {1 .. 1e4}; wise-ft; task-arithmetic; ties
-  (permuted MNIST: a smaller grid, PERMUTED_GRID)
+  finetune; sfa p in {0.25, 0.5, 0.75, 0.96, 1} x beta in {0.25, 0.5} (p = 1 is WiSE-FT at that beta);
+  replay 1 / 5 / 10 %; l2 strength in {0.1, 1, 10, 100}; ewc strength in {10, 1e3, 1e5};
+  task-arithmetic 0.5; ties (density 0.2, scaling 1)   (permuted MNIST: PERMUTED_GRID, smaller)
+
+The budget rule (`sfa_jax.budget`) is checked per stream before any run: each averaging period of the
+smallest p holds two steps, every two p of the grid average at different steps, and fine-tuning from the
+backbone reaches 95 % of its converged accuracy on every task (measured once per stream: one fine-tuning
+run with twice the steps per task, recorded in the results as 'budget'). A failed rule stops the script
+(--allow-short-budget: a loud warning instead). Each finished (stream, regime, configuration, seed) run is
+appended to <name>.runs.jsonl at once and skipped on a rerun.
 
 Each family is represented by its best configuration (highest mean final average accuracy, chosen on the
 test accuracies alike for every family: there is no validation split).
@@ -33,6 +41,7 @@ import time
 
 import numpy as np
 
+from sfa_jax import budget
 from sfa_jax import compile_cache
 from sfa_jax import continual
 from sfa_jax import experiment
@@ -50,25 +59,24 @@ pretrain_backbone = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pretrain_backbone)
 
 SFA = experiment.method_grid('sfa', p=(0.25, 0.5, 0.75, 0.96, 1.0), beta=(0.25, 0.5))
-SPLIT_GRID = (
+SPLIT_GRID = (  # shrunk grid at the full budget: 23 configurations (the last round: 30 at 12 steps per task)
     [('finetune', {})] + SFA
     + experiment.method_grid('replay', fraction=(0.01, 0.05, 0.1))
-    + experiment.method_grid('l2', strength=(0.01, 0.1, 1.0, 10.0, 100.0))
-    + experiment.method_grid('ewc', strength=(1.0, 10.0, 100.0, 1e3, 1e4))
-    + experiment.method_grid('wise-ft', beta=(0.25, 0.5))
-    + experiment.method_grid('task-arithmetic', scaling=(0.5, 1.0))
-    + experiment.method_grid('ties', density=(0.2, 0.5), scaling=(1.0,))
-)
-PERMUTED_GRID = (  # smaller: a permuted-MNIST run costs ~4 split-MNIST runs
-    [('finetune', {})]
-    + experiment.method_grid('sfa', p=(0.25, 0.5, 1.0), beta=(0.5,)) + [('sfa', {'p': 0.25, 'beta': 0.25})]
-    + experiment.method_grid('replay', fraction=(0.01, 0.05, 0.1))
-    + experiment.method_grid('l2', strength=(0.1, 1.0, 10.0))
-    + experiment.method_grid('ewc', strength=(10.0, 100.0, 1e3))
-    + experiment.method_grid('wise-ft', beta=(0.5,))
+    + experiment.method_grid('l2', strength=(0.1, 1.0, 10.0, 100.0))
+    + experiment.method_grid('ewc', strength=(10.0, 1e3, 1e5))
     + experiment.method_grid('task-arithmetic', scaling=(0.5,))
     + experiment.method_grid('ties', density=(0.2,), scaling=(1.0,))
 )
+PERMUTED_GRID = (  # smaller: a permuted-MNIST run (10 tasks) costs ~2 split-MNIST runs
+    [('finetune', {})]
+    + experiment.method_grid('sfa', p=(0.25, 0.5, 0.96, 1.0), beta=(0.25,))
+    + experiment.method_grid('replay', fraction=(0.1,))
+    + experiment.method_grid('l2', strength=(1.0, 10.0))
+    + experiment.method_grid('ewc', strength=(100.0, 1e4))
+    + experiment.method_grid('task-arithmetic', scaling=(0.5,))
+    + experiment.method_grid('ties', density=(0.2,), scaling=(1.0,))
+)
+STEPS = 300  # optimizer steps per task (the budget rule checks it per stream)
 QUICK_GRID = [('sfa', {'p': 0.5, 'beta': 0.5})]
 REGIMES = ('pretrained', 'scratch')
 PERMUTED_TRAIN, PERMUTED_TEST = 500, 250  # images per permuted-MNIST task (of 4000 / 1000)
@@ -109,8 +117,11 @@ def initial_of(stream, config, backbone, seed):
   return with_new_head(backbone[0], params), with_new_head(backbone[1], model_state)
 
 
-def run_group(stream, methods, config, seeds, initial_for, as_sweep):
-  """Every (method, seed) of one method family: ``{(label, seed): result}``."""
+def run_group(stream, methods, config, seeds, initial_for, as_sweep, skip=frozenset(), on_result=None):
+  """Every (method, seed) of one method family, but those in ``skip``: ``{(label, seed): result}``.
+
+  ``on_result(method, seed, result)`` is called as each run (one after another) finishes.
+  """
   results = {}
   if as_sweep:
     groups = {}
@@ -125,8 +136,12 @@ def run_group(stream, methods, config, seeds, initial_for, as_sweep):
   else:
     for method in methods:
       for seed in seeds:
+        if (method.label, seed) in skip:
+          continue
         results[method.label, seed] = continual.run_sequence(stream, method, dataclasses.replace(config, seed=seed),
                                                              initial=initial_for(seed))
+        if on_result is not None:
+          on_result(method, seed, results[method.label, seed])
   return results
 
 
@@ -180,7 +195,8 @@ def all_configs_table(rows):
   return lines
 
 
-def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, command, start, done, plots=True, note=''):
+def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, command, start, done, plots=True, note='', budgets=None):
+  budgets = budgets or {}
   os.makedirs(args.out, exist_ok=True)
   payload_streams, md = {}, [f'# Continual fine-tuning from a pretrained backbone against from scratch{" (partial)" if not done else ""}', '']
   md += [f"Backbone: `{backbone_meta['model']}` {backbone_meta['model_kwargs']}, pretrained on {backbone_meta['data']}, "
@@ -194,6 +210,8 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
     rows_by_regime = {regime: summary_rows([r for r in mine if r['regime'] == regime]) for regime in REGIMES
                       if any(r['regime'] == regime for r in mine)}
     md += [f'## {key}: {stream.name}, {len(stream)} tasks, {stream.setting} ({stream.source})', '']
+    if key in budgets:
+      md += [budget_line(budgets[key]), '']
     md += comparison_table(rows_by_regime) + ['']
     for regime, rows in rows_by_regime.items():
       png = f'{name}_{key}_{regime}.png'
@@ -203,7 +221,7 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
                                  axis_labels=('final accuracy on the tasks before the last', 'accuracy right after training (tasks 1..)'),
                                  title=f'{key}, {regime}')
       md += [f'### {regime}: every configuration', '', f'![{key} {regime}]({png})', ''] + all_configs_table(rows) + ['']
-    payload_streams[key] = {'stream': continual.describe_stream(stream), 'tables': rows_by_regime}
+    payload_streams[key] = {'stream': continual.describe_stream(stream), 'tables': rows_by_regime, 'budget': budgets.get(key)}
   if note:
     md += [note, '']
   md += ['## Wall time per group (stream, regime, method; seconds)', '', '| stream | regime | method | runs | s |', '|---|---|---|---:|---:|']
@@ -227,7 +245,7 @@ def default_name(args, stream_keys, regimes):
 
 def collect(args, command, start):
   """The union of earlier outputs of this script, written as one result (tables, plots, times)."""
-  runs, seconds_by_group, meta, commands, wall = [], {}, None, [], 0.0
+  runs, seconds_by_group, meta, commands, wall, budgets = [], {}, None, [], 0.0, {}
   for path in args.collect.split(','):
     with open(path) as f:
       data = json.load(f)
@@ -235,6 +253,7 @@ def collect(args, command, start):
       raise SystemExit(f'{path} is from a run that did not finish.')
     meta = meta or data['backbone']
     runs += data['runs']
+    budgets.update({k: v['budget'] for k, v in data['streams'].items() if v.get('budget')})
     for g in data['group_seconds']:  # a family extended by a later run (--grid): its runs and seconds add up
       runs_before, seconds_before = seconds_by_group.get((g['stream'], g['regime'], g['method']), (0, 0.0))
       seconds_by_group[g['stream'], g['regime'], g['method']] = (runs_before + g['runs'], seconds_before + g['seconds'])
@@ -244,14 +263,45 @@ def collect(args, command, start):
   streams = {k: s for k, s in streams_of(args.quick).items() if k in keys}
   name = args.name or ('pretrained_continual_quick' if args.quick else 'pretrained_continual')
   note = 'Collected from runs side by side: ' + '; '.join(commands) + f'. Longest: {wall:.0f} s.'
-  write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True, note=note)
+  write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True, note=note, budgets=budgets)
+
+
+def stream_budget(args, key, stream, config, methods, backbone, seed):
+  """The budget rule for ``stream`` (module docstring): measured once, recorded in <out>/<key>_budget.json."""
+  path = os.path.join(args.out, f'pretrained_continual{"_quick" if args.quick else ""}_{key}_steps{args.steps}.budget.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+  else:
+    probe_config = dataclasses.replace(config, seed=seed)
+    convergence = budget.measure_convergence(stream, probe_config, 2 * args.steps, eval_every=max(1, args.steps // 10),
+                                             initial=initial_of(stream, config, backbone, seed))
+    convergence['regime'] = 'pretrained'
+    record = {'convergence': convergence}
+  p_values = [m['p'] for m in methods if m.name == 'sfa']
+  check = budget.check_budget(args.steps, p_values=p_values, convergence=record['convergence'],
+                              strict=not (args.allow_short_budget or args.quick), what=f'pretrained_continual {key}')
+  record['check'] = check.to_json()
+  with open(path, 'w') as f:
+    json.dump(record, f, indent=1)
+  print(budget_line(record), flush=True)
+  return record
+
+
+def budget_line(record):
+  check, convergence = record['check'], record['convergence']
+  converged = [round(t['converged_accuracy'], 3) for t in convergence['tasks']]
+  return (f"Budget: {check['steps_per_task']} steps per task (p grid {check['p_values']}: ceil(2/p_min) = "
+          f"{check['min_steps_for_p']}); fine-tuning from the backbone reaches 95 % of its converged accuracy "
+          f"{converged} (over {convergence['reference_steps']} steps per task, seed {convergence['seed']}) after "
+          f"{check['steps_to_fraction']} steps; rule {'met' if check['ok'] else 'FAILED: ' + '; '.join(check['problems'])}.")
 
 
 def base_config(args, meta):
   return continual.TrainConfig(
       model=meta['model'], model_kwargs=tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in meta['model_kwargs'].items()),
       epochs_per_task=1, batch_size=32 if args.quick else 64, learning_rate=1e-3, eval_every=0,
-      eval_batch_size=1000)
+      eval_batch_size=1000, steps_per_task=args.steps)
 
 
 def main(argv=None) -> None:
@@ -261,12 +311,18 @@ def main(argv=None) -> None:
   parser.add_argument('--streams', default='split-mnist-ci,split-mnist-ti,permuted-mnist', help='comma-separated stream keys')
   parser.add_argument('--grid', type=json.loads, help='a JSON list of [method, {hyper-parameters}] pairs that replaces '
                       'the grids, e.g. to extend a grid whose best point is on its edge')
+  parser.add_argument('--steps', type=int, default=None, help=f'optimizer steps per task (default {STEPS}; 10 with --quick)')
+  parser.add_argument('--allow-short-budget', action='store_true', help='warn, instead of stopping, when the budget rule fails')
   parser.add_argument('--regimes', default='pretrained,scratch', help='comma-separated: pretrained, scratch')
   parser.add_argument('--name', help='the output files\' base name (default: pretrained_continual[_quick], '
                       'with the streams and regimes appended when not all run)')
   parser.add_argument('--collect', help='comma-separated JSON files of earlier runs of this script (e.g. one per '
                       'stream, run side by side): write their union as <name>.{json,md} and the plots, train nothing')
   args = parser.parse_args(argv)
+  if args.steps is None:
+    args.steps = 10 if args.quick else STEPS
+  if args.steps < 1:
+    parser.error(f'--steps must be at least 1; got {args.steps}.')
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
   command = experiment.command_line(__file__, argv)
@@ -282,32 +338,57 @@ def main(argv=None) -> None:
   streams = {k: s for k, s in streams_of(args.quick).items() if k in args.streams.split(',')}
   regimes = [r for r in REGIMES if r in args.regimes.split(',')]
   name = args.name or default_name(args, list(streams), regimes)
-  runs, seconds_by_group = [], {}
+  runs, seconds_by_group, budgets = [], {}, {}
+  runs_path = os.path.join(args.out, f'{name}.runs.jsonl')
+  done_runs = {}
+  if os.path.exists(runs_path):
+    with open(runs_path) as f:
+      for line in f:
+        if line.strip():
+          run = json.loads(line)
+          done_runs[run['stream'], run['regime'], run['method'], run['seed']] = run
+  os.makedirs(args.out, exist_ok=True)
   for key, stream in streams.items():
     if tuple(stream.input_shape) != tuple(meta['input_shape']):
       raise SystemExit(f'{key} has images of shape {stream.input_shape}; the backbone takes {meta["input_shape"]}.')
     grid = QUICK_GRID if args.quick else (PERMUTED_GRID if key == 'permuted-mnist' else SPLIT_GRID)
     grid = [tuple(pair) for pair in args.grid] if args.grid else grid
     methods = [methods_lib.make_method(n, **hp) for n, hp in grid]
-    families = {}
-    for method in methods:
-      families.setdefault(method.name, []).append(method)
-    for family, members in families.items():
+    budgets[key] = stream_budget(args, key, stream, config, methods, (params, model_state), seeds[0])
+    # Configuration by configuration in the grid's order (put the most telling first: a stop keeps them).
+    for members in [[method] for method in methods]:
+      family = members[0].name
       for regime in regimes:
         initial_for = (lambda seed: initial_of(stream, config, (params, model_state), seed)) if regime == 'pretrained' else (lambda seed: None)
         t0 = time.perf_counter()
-        results = run_group(stream, members, config, seeds, initial_for, args.sweep)
-        group = [result.to_json() | {'seed': seed, 'method_name': method.name, 'hyperparams': method.values,
-                                     'stream': key, 'regime': regime}
-                 for method in members for seed in seeds for result in [results[method.label, seed]]]
+        todo = [m for m in members if any((key, regime, m.label, seed) not in done_runs for seed in seeds)]
+
+        def record(method, seed, result, key=key, regime=regime):  # appended at once: a stopped run loses one run
+          run = {k: v for k, v in result.to_json().items() if k != 'curve'} | {
+              'seed': seed, 'method_name': method.name, 'hyperparams': method.values, 'stream': key, 'regime': regime,
+              'loadavg': os.getloadavg()}
+          done_runs[key, regime, method.label, seed] = run
+          with open(runs_path, 'a') as f:
+            f.write(json.dumps(run) + '\n')
+
+        results = run_group(stream, todo, config, seeds, initial_for, args.sweep, skip={
+            (m.label, seed) for m in todo for seed in seeds if (key, regime, m.label, seed) in done_runs},
+            on_result=None if args.sweep else record) if todo else {}
+        for (label, seed), result in results.items():  # sweeps: recorded when the family's sweep ends
+          method = next(m for m in todo if m.label == label)
+          if (key, regime, label, seed) not in done_runs:
+            record(method, seed, result)
+        group = [done_runs[key, regime, m.label, seed] for m in members for seed in seeds]
         runs += group
-        seconds_by_group[key, regime, family] = (len(group), time.perf_counter() - t0)
+        runs_before, seconds_before = seconds_by_group.get((key, regime, family), (0, 0.0))
+        seconds_by_group[key, regime, family] = (runs_before + len(group), seconds_before + time.perf_counter() - t0)
         best = max(summary_rows(group), key=lambda row: row['average_accuracy'][0])
         print(f'[{time.perf_counter() - start:6.0f} s] {key:15s} {regime:10s} {family:16s} {len(group):3d} runs '
-              f'{seconds_by_group[key, regime, family][1]:6.1f} s  best {best["method"]} {_cell(best["average_accuracy"])}', flush=True)
-        write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False, plots=False)
-    write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False)  # plots: at each stream's end
-  write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True)
+              f'{time.perf_counter() - t0:6.1f} s  best {best["method"]} {_cell(best["average_accuracy"])} '
+              f'(load {os.getloadavg()[0]:.1f})', flush=True)
+        write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False, plots=False, budgets=budgets)
+    write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False, budgets=budgets)  # plots: at each stream's end
+  write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True, budgets=budgets)
   print(open(os.path.join(args.out, f'{name}.md')).read())
 
 

@@ -151,6 +151,10 @@ def run_grid(
   if log is not None:
     how = 'one vectorised sweep per method' if as_sweep else 'one configuration after another'
     log(f'run_grid: {len(methods)} configurations x {len(seeds)} seeds, {how} ({reason})')
+  check = grid_budget(stream, methods, config)
+  if log is not None:
+    log(f"run_grid: {check.steps_per_task} steps per task (the fewest of the stream); budget rules on the p grid "
+        f"{list(check.p_values)}: {'met' if check.ok else 'FAILED'} (fine-tuning convergence not measured here)")
   results = _sweep_results(stream, methods, config, seeds) if as_sweep else None
   runs: list[dict[str, Any]] = []
   for method in methods:
@@ -163,6 +167,35 @@ def run_grid(
     if log is not None:
       log(_summary_line(group))
   return runs
+
+
+def grid_budget(stream: tasks.TaskStream, grid: Sequence[Any], config: continual.TrainConfig):
+  """The budget rule (:mod:`sfa_jax.budget`) for a grid on ``stream``, warning loudly when it fails.
+
+  Checks the fewest steps per task of the stream against the grid's SFA ``p`` values (each period of
+  the smallest ``p`` holds two steps; every two ``p`` average at different steps). Fine-tuning's
+  convergence is a measured run (:func:`sfa_jax.budget.measure_convergence`), left to the scripts
+  that can pay for it.
+
+  Args:
+    stream: the tasks.
+    grid: configurations (``(name, hyperparams)`` pairs) or made methods.
+    config: the training settings.
+
+  Returns:
+    The :class:`sfa_jax.budget.BudgetCheck`.
+
+  Example:
+    >>> from sfa_jax import continual, tasks
+    >>> stream = tasks.make_stream('mnist-pair', source='digits')
+    >>> grid_budget(stream, [('sfa', {'p': 0.5})], continual.TrainConfig(steps_per_task=100)).ok
+    True
+  """
+  from sfa_jax import budget
+
+  methods = [m if isinstance(m, methods_lib.Method) else methods_lib.make_method(m[0], **m[1]) for m in grid]
+  return budget.check_budget(min(budget.steps_per_task(stream, config)), p_values=budget.grid_p_values(methods),
+                             strict=False, what=f'a grid on {stream.name}')
 
 
 def _sweep_results(

@@ -146,8 +146,9 @@ def test_run_grid_runs_every_configuration_and_seed():
   assert [(r['method_name'], r['seed']) for r in runs] == [('sfa', 0), ('sfa', 1)]
   assert runs[0]['hyperparams'] == {'beta': 0.25, 'p': 0.5}  # defaults filled in
   assert runs[0]['method'] == 'sfa(beta=0.25, p=0.5)'
-  assert len(lines) == 2 and lines[1].startswith('sfa(beta=0.25, p=0.5)')
+  assert len(lines) == 3 and lines[2].startswith('sfa(beta=0.25, p=0.5)')
   assert lines[0] == 'run_grid: 1 configurations x 2 seeds, one configuration after another (chosen for the cpu backend)'
+  assert lines[1].startswith('run_grid: ') and ' steps per task ' in lines[1] and '[0.5]' in lines[1]
   # The seed is the run's: two seeds give different numbers.
   assert runs[0]['accuracy_matrix'] != runs[1]['accuracy_matrix']
   finals = experiment.final_accuracies(runs)

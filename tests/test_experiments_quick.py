@@ -121,6 +121,15 @@ def test_pretrained_continual_quick(tmp_path):
   assert {(run['stream'], run['regime']) for run in data['runs']} == {(k, r) for k in keys for r in ('pretrained', 'scratch')}
   assert {run['method_name'] for run in data['runs']} == {'sfa'}
   assert data['streams']['split-mnist-ti']['stream']['setting'] == 'task-incremental'
+  for key in keys:  # the budget rule's record: 10 steps per task, fine-tuning's convergence per task
+    record = data['streams'][key]['budget']
+    assert record['check']['steps_per_task'] == 10 and len(record['convergence']['tasks']) == len(data['streams'][key]['stream']['tasks'])
+  assert all(run['steps_per_task'] == [10] * len(run['steps_per_task']) for run in data['runs'])
+  # A rerun trains nothing: every finished run was recorded in the runs file and is skipped.
+  lines = (tmp_path / 'pretrained_continual_quick.runs.jsonl').read_text().splitlines()
+  assert len(lines) == len(data['runs'])
+  _main('pretrained_continual')(['--backbone', str(backbone), '--quick', '--out', str(tmp_path)])
+  assert (tmp_path / 'pretrained_continual_quick.runs.jsonl').read_text().splitlines() == lines
   # --collect: the union of finished outputs (here just one), written again without training.
   _main('pretrained_continual')(['--collect', str(tmp_path / 'pretrained_continual_quick.json'),
                                  '--name', 'collected', '--quick', '--out', str(tmp_path)])
@@ -151,3 +160,27 @@ def test_language_sequence_quick_over_seeds_and_resumed_run_by_run(tmp_path, cap
   _main('language_sequence')(['--quick', '--out', str(tmp_path)])  # every run is recorded: none trains again
   assert 'done' not in capsys.readouterr().out
   assert json.loads((tmp_path / 'language_sequence_quick.json').read_text())['summaries'] == data['summaries']
+
+
+def test_three_scenarios_quick(tmp_path):
+  # van de Ven & Tolias' split-MNIST protocol in its three scenarios, on the 8x8 digits: the side-by-side
+  # table, the budget record, and a rerun that trains nothing (every run is recorded and skipped).
+  _main('three_scenarios')(['--protocols', 'split', '--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'three_scenarios_split_quick')
+  assert {(run['scenario'], run['method_name']) for run in data['runs']} == {
+      (s, m) for s in ('task-incremental', 'domain-incremental', 'class-incremental') for m in ('finetune', 'joint', 'ewc', 'replay')}
+  assert data['budget']['check']['steps_per_task'] == 20 and len(data['budget']['convergence']['tasks']) == 5
+  md = (tmp_path / 'three_scenarios_split_quick.md').read_text()
+  assert '| None (`finetune`) | 87.19' in md and 'not in the engine' in md
+  lines = (tmp_path / 'three_scenarios_split_quick.runs.jsonl').read_text().splitlines()
+  _main('three_scenarios')(['--protocols', 'split', '--quick', '--out', str(tmp_path)])
+  assert (tmp_path / 'three_scenarios_split_quick.runs.jsonl').read_text().splitlines() == lines
+
+
+def test_budget_audit_quick(tmp_path):
+  _main('budget_audit')(['--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'budget_audit_quick')
+  [row] = data['audits']
+  assert row['section'] == '§1' and row['check']['p_values'] == [0.25, 1.0] and row['check']['min_steps_for_p'] == 8
+  assert len(row['converged_accuracy']) == 2 and len(row['check']['steps_to_fraction']) == 2
+  assert row['check']['ok'] == (max(row['check']['steps_to_fraction']) <= row['check']['steps_per_task'])

@@ -1,0 +1,85 @@
+"""The budget rule of the experiments (sfa_jax.budget): each rule fails when it should, and only then."""
+
+import json
+
+import pytest
+
+from sfa_jax import budget
+from sfa_jax import continual
+from sfa_jax import tasks
+
+
+def test_min_steps_for_p():
+  assert budget.min_steps_for_p(0.25) == 8
+  assert budget.min_steps_for_p(0.5) == 4
+  assert budget.min_steps_for_p(1.0) == 2
+  assert budget.min_steps_for_p(0.3) == 7  # 6.67 rounds up
+  with pytest.raises(ValueError, match='p_min'):
+    budget.min_steps_for_p(0.0)
+  with pytest.raises(ValueError, match='p_min'):
+    budget.min_steps_for_p(1.5)
+
+
+def test_averaging_steps_is_the_transform_schedule():
+  assert budget.averaging_steps(0.25, 10) == (3, 6, 9, 10)
+  assert budget.averaging_steps(1.0, 7) == (7,)
+  # The last round's failure: at 12 steps per task p = 0.96 averages only at the end, as p = 1 does.
+  assert budget.averaging_steps(0.96, 12) == budget.averaging_steps(1.0, 12) == (12,)
+  assert budget.averaging_steps(0.96, 13) == (12, 13)
+
+
+def test_check_budget_refuses_identical_schedules_and_short_periods():
+  with pytest.raises(budget.BudgetError, match=r'p=0.96 and p=1 average after the same steps'):
+    budget.check_budget(12, p_values=[0.25, 0.5, 0.75, 0.96, 1.0])
+  with pytest.raises(budget.BudgetError, match=r'below ceil\(2/p_min\)=8'):
+    budget.check_budget(7, p_values=[0.25, 1.0])
+  check = budget.check_budget(300, p_values=[0.25, 0.5, 0.75, 0.96, 1.0])
+  assert check.ok and check.min_steps_for_p == 8 and check.identical_schedules == ()
+  assert json.loads(json.dumps(check.to_json()))['ok'] is True
+
+
+def test_check_budget_warns_instead_when_not_strict():
+  with pytest.warns(budget.BudgetWarning, match='p=0.96 and p=1'):
+    check = budget.check_budget(12, p_values=[0.96, 1.0], strict=False)
+  assert not check.ok and check.identical_schedules == ((0.96, 1.0),)
+
+
+def test_check_budget_needs_a_positive_integer():
+  with pytest.raises(ValueError, match='steps_per_task'):
+    budget.check_budget(0)
+  with pytest.raises(ValueError, match='steps_per_task'):
+    budget.check_budget(2.5)
+
+
+def test_converged_steps_and_the_convergence_rule():
+  curve = [(10, 0.30), (20, 0.60), (30, 0.85), (40, 0.90), (50, 0.91), (60, 0.90)]
+  record = budget.converged_steps(curve)
+  assert record['converged_accuracy'] == pytest.approx(0.9033333)
+  assert record['steps_to_fraction'] == 40  # 0.85 < 0.95 * 0.9033 = 0.858 <= 0.90
+  convergence = {'fraction': 0.95, 'reference_steps': 60, 'tasks': [record, budget.converged_steps([(10, 0.9), (20, 0.9)])]}
+  with pytest.raises(budget.BudgetError, match=r'tasks \[0\]'):
+    budget.check_budget(record['steps_to_fraction'] - 1, convergence=convergence)
+  assert budget.check_budget(record['steps_to_fraction'], convergence=convergence).steps_to_fraction == (40, 10)
+  with pytest.raises(ValueError, match='increase'):
+    budget.converged_steps([(20, 0.5), (10, 0.6)])
+  with pytest.raises(ValueError, match='fraction'):
+    budget.converged_steps(curve, fraction=0.0)
+
+
+def test_task_curves_count_steps_from_each_task_start():
+  run = {'steps_per_task': [5, 5], 'curve': [
+      {'step': 5, 'task': 0, 'accuracies': [0.9, 0.0]}, {'step': 5, 'task': 0, 'accuracies': [0.9, 0.0]},
+      {'step': 7, 'task': 1, 'accuracies': [0.5, 0.4]}, {'step': 10, 'task': 1, 'accuracies': [0.3, 0.8]}]}
+  assert budget.task_curves(run) == [[(5, 0.9)], [(2, 0.4), (5, 0.8)]]
+
+
+def test_measure_convergence_on_a_real_stream():
+  stream = tasks.make_stream('split-mnist', source='digits', setting=tasks.TASK_INCREMENTAL)
+  config = continual.TrainConfig(batch_size=32, model_kwargs=(('hidden', (32,)),), learning_rate=3e-3)
+  record = budget.measure_convergence(stream, config, 40, eval_every=10)
+  assert record['reference_steps'] == 40 and len(record['tasks']) == 5
+  for task in record['tasks']:  # two digits apart, with the task id: learned within 40 steps
+    assert [s for s, _ in task['curve']] == [10, 20, 30, 40]
+    assert 0.8 < task['converged_accuracy'] <= 1.0 and task['steps_to_fraction'] in (10, 20, 30, 40)
+  with pytest.raises(ValueError, match='reference_steps'):
+    budget.measure_convergence(stream, config, 0)
