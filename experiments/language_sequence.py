@@ -32,6 +32,7 @@ import jax
 
 from sfa_jax import compile_cache
 from sfa_jax import continual
+from sfa_jax import experiment
 from sfa_jax import lm
 from sfa_jax.engine import callbacks
 from sfa_jax.models.llama import Llama
@@ -84,18 +85,6 @@ def setup(quick: bool):
   return model, params, domains, settings
 
 
-def _load_runs(path: str, setting_id: str) -> dict[str, dict]:
-  """The finished runs of this setting, by ``'seed:method'`` (runs of another setting are ignored)."""
-  runs = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        row = json.loads(line)
-        if row['setting_id'] == setting_id:
-          runs[row['key']] = row
-  return runs
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--quick', action='store_true')
@@ -122,7 +111,7 @@ def main(argv=None) -> None:
   }
   setting_id = json.dumps(setting, sort_keys=True, default=repr)
   runs_path = stem + '.runs.jsonl'
-  done = _load_runs(runs_path, setting_id)
+  done = experiment.load_runs(runs_path, lambda run: run['key'] if run['setting_id'] == setting_id else None)
 
   def progress(event):
     if isinstance(event, callbacks.TaskEndEvent):
@@ -138,8 +127,7 @@ def main(argv=None) -> None:
         print(f'{time.perf_counter() - start:7.1f}s seed {seed}, {method.label}', flush=True)
         (result,) = lm.run_lm_sequences(model, params, domains, [method], config, callbacks=progress)
         done[key] = {'setting_id': setting_id, 'key': key, 'seed': seed, 'result': dataclasses.asdict(result)}
-        with open(runs_path, 'a') as f:
-          f.write(json.dumps(done[key]) + '\n')
+        experiment.append_run(runs_path, done[key])
       results.append(lm.LMResult(**done[key]['result']))
       seeds.append(seed)
   table = lm.lm_seed_table(results)

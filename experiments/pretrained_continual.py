@@ -340,13 +340,7 @@ def main(argv=None) -> None:
   name = args.name or default_name(args, list(streams), regimes)
   runs, seconds_by_group, budgets = [], {}, {}
   runs_path = os.path.join(args.out, f'{name}.runs.jsonl')
-  done_runs = {}
-  if os.path.exists(runs_path):
-    with open(runs_path) as f:
-      for line in f:
-        if line.strip():
-          run = json.loads(line)
-          done_runs[run['stream'], run['regime'], run['method'], run['seed']] = run
+  done_runs = experiment.load_runs(runs_path, lambda run: (run['stream'], run['regime'], run['method'], run['seed']))
   os.makedirs(args.out, exist_ok=True)
   for key, stream in streams.items():
     if tuple(stream.input_shape) != tuple(meta['input_shape']):
@@ -368,8 +362,7 @@ def main(argv=None) -> None:
               'seed': seed, 'method_name': method.name, 'hyperparams': method.values, 'stream': key, 'regime': regime,
               'loadavg': os.getloadavg()}
           done_runs[key, regime, method.label, seed] = run
-          with open(runs_path, 'a') as f:
-            f.write(json.dumps(run) + '\n')
+          experiment.append_run(runs_path, run)
 
         results = run_group(stream, todo, config, seeds, initial_for, args.sweep, skip={
             (m.label, seed) for m in todo for seed in seeds if (key, regime, m.label, seed) in done_runs},

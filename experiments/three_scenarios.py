@@ -142,14 +142,7 @@ def run_key(protocol, scenario, label, seed):
 
 
 def load_runs(path):
-  runs = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          run = json.loads(line)
-          runs[run['key']] = run
-  return runs
+  return experiment.load_runs(path, lambda run: run['key'])
 
 
 def verdict(ours, published):
@@ -278,8 +271,7 @@ def main(argv=None) -> None:
               'key': key, 'protocol': protocol, 'scenario': scenario, 'seed': seed, 'method_name': method.name,
               'hyperparams': method.values, 'wall_seconds': time.perf_counter() - t0, 'loadavg': os.getloadavg()}
           runs[key] = run
-          with open(runs_path, 'a') as f:
-            f.write(json.dumps(run) + '\n')
+          experiment.append_run(runs_path, run)
           print(f'[{time.perf_counter() - start:6.0f} s] {protocol} {scenario:18s} {method.label:32s} seed {seed}: '
                 f"avg {run['metrics']['average_accuracy']:.4f} ({run['wall_seconds']:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
     runs = load_runs(runs_path)  # with the runs of any other process on this protocol (run side by side)

@@ -223,6 +223,39 @@ def _summary_line(group: Sequence[dict[str, Any]]) -> str:
   return ' | '.join(cells)
 
 
+def load_runs(path: str, key: Callable[[dict[str, Any]], Any]) -> dict[Any, dict[str, Any]]:
+  """The finished runs recorded in the JSON-lines file ``path`` (none if it is missing), by ``key(run)``.
+
+  A long experiment appends each run as it finishes (:func:`append_run`) and skips those it finds
+  here on a rerun, so a stop loses at most the run in progress. ``key`` may return ``None`` for a
+  run that belongs to another setting: it is left out.
+
+  Example:
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), 'runs.jsonl')
+    >>> append_run(path, {'method': 'sfa', 'seed': 0}); append_run(path, {'method': 'sfa', 'seed': 1})
+    >>> sorted(load_runs(path, lambda run: (run['method'], run['seed'])))
+    [('sfa', 0), ('sfa', 1)]
+  """
+  runs = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          run = json.loads(line)
+          run_key = key(run)
+          if run_key is not None:
+            runs[run_key] = run
+  return runs
+
+
+def append_run(path: str, run: Mapping[str, Any]) -> None:
+  """Appends ``run`` to the JSON-lines file ``path`` (created with its folder), flushed at once."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'a') as f:
+    f.write(json.dumps(run) + '\n')
+
+
 def final_accuracies(runs: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
   """The final accuracy on each task, ``(mean, std)`` over seeds, per method label.
 
