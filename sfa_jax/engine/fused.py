@@ -9,7 +9,9 @@ and writing its loss, metric and averaging flag into stacked outputs. ``count`` 
 value: one compilation serves every chunk length up to the block size, so the number of programs
 does not grow with the number of tasks or with where the host's events fall. The loop's body is
 the step itself, so a run computes the same numbers in chunks of any length (on XLA:CPU bit for
-bit; a resumed run starts its chunks elsewhere and ends the same).
+bit; a resumed run starts its chunks elsewhere and ends the same). On XLA's CPU backend a step
+that convolves runs several times slower inside a loop (:func:`loops_slowly`): the engine builds
+its chunk unlooped (``looped=False``, one step a call) and keeps the data on the device.
 
 :func:`make_scorer` evaluates a model on the test sets of all tasks at once: a scan over their
 batches adding each batch's score to its task's total, in the batches' order.

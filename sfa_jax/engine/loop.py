@@ -428,7 +428,8 @@ _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pre
 
 
 def _warm_up(program: Callable[..., Any], state: RunState, block: feed_lib.Block) -> concurrent.futures.Future:
-  """Compiles ``program`` for these shapes in a background thread, by running it on zeros for no step.
+  """Compiles ``program`` for these shapes in a background thread, by running it on zeros for no step
+  (an unlooped program, :func:`sfa_jax.engine.fused.loops_slowly`, runs its one step on them).
 
   XLA compiles without holding Python's lock, so a second core compiles the train program while
   the caller compiles the model's initialisation. Shapes it cannot make zeros of (PRNG keys in
