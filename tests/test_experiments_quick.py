@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments')
@@ -135,6 +136,48 @@ def test_pretrained_continual_quick(tmp_path):
                                  '--name', 'collected', '--quick', '--out', str(tmp_path)])
   collected = _load(tmp_path, 'collected', ['collected_permuted-mnist_scratch.png'])
   assert len(collected['runs']) == len(data['runs']) and collected['streams'].keys() == data['streams'].keys()
+
+
+def _fashion_idx_folder(folder, train_per_class=32, test_per_class=4):
+  """A folder of tiny Fashion-MNIST-shaped IDX files (random 28x28 images, every class)."""
+  rng = np.random.default_rng(0)
+  folder.mkdir()
+  for prefix, per_class in (('train', train_per_class), ('t10k', test_per_class)):
+    labels = np.repeat(np.arange(10, dtype=np.uint8), per_class)
+    for kind, array in (('images-idx3', rng.integers(0, 256, (len(labels), 28, 28)).astype(np.uint8)), ('labels-idx1', labels)):
+      header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, '>u4').tobytes()
+      (folder / f'{prefix}-{kind}-ubyte').write_bytes(header + array.tobytes())
+  return folder
+
+
+def test_split_fashion_mnist_from_an_mnist_backbone(tmp_path):
+  # The real-shape path (not --quick): a SmallCNN pretrained on the bundled MNIST, then split Fashion-MNIST
+  # (here tiny IDX files) continual from it, task-incremental.
+  _main('pretrain_backbone')(['--data', 'mnist', '--epochs', '1', '--train-size', '128', '--out', str(tmp_path)])
+  backbone = tmp_path / 'backbones' / 'smallcnn-mnist'
+  meta = json.loads((backbone / 'metadata.json').read_text())
+  assert meta['data'].startswith('mnist') and meta['train_examples'] == 128 and meta['input_shape'] == [28, 28, 1]
+  fashion = _fashion_idx_folder(tmp_path / 'fashion')
+  with pytest.warns(UserWarning, match='budget rule'):  # 4 steps per task: allowed, loudly
+    _main('pretrained_continual')(['--streams', 'split-fashion-mnist-ti', '--regimes', 'pretrained', '--steps', '4',
+                                   '--allow-short-budget', '--seeds', '0', '--grid', '[["finetune", {}]]',
+                                   '--data-dir', str(fashion), '--backbone', str(backbone), '--out', str(tmp_path)])
+  data = json.loads((tmp_path / 'pretrained_continual_split-fashion-mnist-ti_pretrained.json').read_text())
+  [run] = data['runs']
+  assert data['done'] and data['backbone']['data'] == meta['data'] and run['stream'] == 'split-fashion-mnist-ti'
+  assert run['steps_per_task'] == [4] * 5 and data['streams']['split-fashion-mnist-ti']['stream']['setting'] == 'task-incremental'
+  assert 'Fashion' in data['streams']['split-fashion-mnist-ti']['stream']['name'] or 'fashion' in json.dumps(data['streams'])
+
+
+def test_pretrained_continual_picks_the_backbone_of_the_other_data_set(tmp_path):
+  module_main = _main('pretrained_continual')
+  default_backbone = module_main.__globals__['default_backbone']
+  assert default_backbone(['split-mnist-ci', 'permuted-mnist'], False).endswith(os.path.join('backbones', 'smallcnn-fashion-mnist'))
+  assert default_backbone(['split-fashion-mnist-ti'], False).endswith(os.path.join('backbones', 'smallcnn-mnist'))
+  with pytest.raises(SystemExit, match='mixes MNIST and Fashion-MNIST'):
+    module_main(['--streams', 'split-mnist-ci,split-fashion-mnist-ci', '--out', str(tmp_path)])
+  with pytest.raises(SystemExit, match=r"unknown stream\(s\) \['split-fashion-mnist-ci'\] in --quick mode"):
+    module_main(['--streams', 'split-fashion-mnist-ci', '--quick', '--backbone', str(tmp_path), '--out', str(tmp_path)])
 
 
 def test_pretrain_backbone_says_how_to_install_the_data(tmp_path):
