@@ -24,7 +24,8 @@ one; Adam 1e-3, batch 64), 3 seeds:
 The budget rule (`sfa_jax.budget`) is checked per stream before any run: each averaging period of the
 smallest p holds two steps, every two p of the grid average at different steps, and fine-tuning from the
 backbone reaches 95 % of its converged accuracy on every task (measured once per stream: one fine-tuning
-run with twice the steps per task, recorded in the results as 'budget'). A failed rule stops the script
+run with twice the steps per task, recorded in the results as 'budget'; from scratch, measured from scratch
+as 'budget_scratch'). A failed rule stops the script
 (--allow-short-budget: a loud warning instead). Each finished (stream, regime, configuration, seed) run is
 appended to <name>.runs.jsonl at once and skipped on a rerun.
 
@@ -246,8 +247,8 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
     rows_by_regime = {regime: summary_rows([r for r in mine if r['regime'] == regime]) for regime in REGIMES
                       if any(r['regime'] == regime for r in mine)}
     md += [f'## {key}: {stream.name}, {len(stream)} tasks, {stream.setting} ({stream.source})', '']
-    if key in budgets:
-      md += [budget_line(budgets[key]), '']
+    md += [budget_line(budgets[k]) + ('' if k == key else ' (from scratch)') for k in (key, (key, 'scratch')) if k in budgets]
+    md += ['']
     md += comparison_table(rows_by_regime) + ['']
     for regime, rows in rows_by_regime.items():
       png = f'{name}_{key}_{regime}.png'
@@ -257,7 +258,8 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
                                  axis_labels=('final accuracy on the tasks before the last', 'accuracy right after training (tasks 1..)'),
                                  title=f'{key}, {regime}')
       md += [f'### {regime}: every configuration', '', f'![{key} {regime}]({png})', ''] + all_configs_table(rows) + ['']
-    payload_streams[key] = {'stream': continual.describe_stream(stream), 'tables': rows_by_regime, 'budget': budgets.get(key)}
+    payload_streams[key] = {'stream': continual.describe_stream(stream), 'tables': rows_by_regime, 'budget': budgets.get(key),
+                            'budget_scratch': budgets.get((key, 'scratch'))}
   if note:
     md += [note, '']
   md += ['## Wall time per group (stream, regime, method; seconds)', '', '| stream | regime | method | runs | s |', '|---|---|---|---:|---:|']
@@ -290,6 +292,7 @@ def collect(args, command, start):
     meta = meta or data['backbone']
     runs += data['runs']
     budgets.update({k: v['budget'] for k, v in data['streams'].items() if v.get('budget')})
+    budgets.update({(k, 'scratch'): v['budget_scratch'] for k, v in data['streams'].items() if v.get('budget_scratch')})
     for g in data['group_seconds']:  # a family extended by a later run (--grid): its runs and seconds add up
       runs_before, seconds_before = seconds_by_group.get((g['stream'], g['regime'], g['method']), (0, 0.0))
       seconds_by_group[g['stream'], g['regime'], g['method']] = (runs_before + g['runs'], seconds_before + g['seconds'])
@@ -302,23 +305,28 @@ def collect(args, command, start):
   write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True, note=note, budgets=budgets)
 
 
-def stream_budget(args, key, stream, config, methods, backbone, seed):
-  """The budget rule for ``stream`` (module docstring): measured once, recorded in <out>/<key>_budget.json."""
-  path = os.path.join(args.out, f'pretrained_continual{"_quick" if args.quick else ""}_{key}_steps{args.steps}.budget.json')
+def stream_budget(args, key, stream, config, methods, initial, seed, regime='pretrained'):
+  """The budget rule for ``stream`` in ``regime`` (module docstring): measured once, recorded in a .budget.json.
+
+  ``initial`` is the measuring run's initial variables (the backbone with a head; None from scratch):
+  fine-tuning from scratch converges more slowly, so each regime is measured from its own start.
+  """
+  suffix = '' if regime == 'pretrained' else f'_{regime}'
+  path = os.path.join(args.out, f'pretrained_continual{"_quick" if args.quick else ""}_{key}_steps{args.steps}{suffix}.budget.json')
   if os.path.exists(path):
     with open(path) as f:
       record = json.load(f)
   else:
     probe_config = dataclasses.replace(config, seed=seed)
     convergence = budget.measure_convergence(stream, probe_config, 2 * args.steps, eval_every=max(1, args.steps // 10),
-                                             initial=initial_of(stream, config, backbone, seed))
-    convergence['regime'] = 'pretrained'
+                                             initial=initial)
+    convergence['regime'] = regime
     record = {'convergence': convergence}
     with open(path, 'w') as f:  # kept before the check: a failed rule does not lose the measurement
       json.dump(record, f, indent=1)
   p_values = [m['p'] for m in methods if m.name == 'sfa']
   check = budget.check_budget(args.steps, p_values=p_values, convergence=record['convergence'],
-                              strict=not (args.allow_short_budget or args.quick), what=f'pretrained_continual {key}')
+                              strict=not (args.allow_short_budget or args.quick), what=f'pretrained_continual {key} ({regime})')
   record['check'] = check.to_json()
   with open(path, 'w') as f:
     json.dump(record, f, indent=1)
@@ -329,8 +337,9 @@ def stream_budget(args, key, stream, config, methods, backbone, seed):
 def budget_line(record):
   check, convergence = record['check'], record['convergence']
   converged = [round(t['converged_accuracy'], 3) for t in convergence['tasks']]
+  start = 'from scratch' if convergence.get('regime') == 'scratch' else 'from the backbone'
   return (f"Budget: {check['steps_per_task']} steps per task (p grid {check['p_values']}: ceil(2/p_min) = "
-          f"{check['min_steps_for_p']}); fine-tuning from the backbone reaches 95 % of its converged accuracy "
+          f"{check['min_steps_for_p']}); fine-tuning {start} reaches 95 % of its converged accuracy "
           f"{converged} (over {convergence['reference_steps']} steps per task, seed {convergence['seed']}) after "
           f"{check['steps_to_fraction']} steps; rule {'met' if check['ok'] else 'FAILED: ' + '; '.join(check['problems'])}.")
 
@@ -390,7 +399,10 @@ def main(argv=None) -> None:
     grid = QUICK_GRID if args.quick else (PERMUTED_GRID if key == 'permuted-mnist' else SPLIT_GRID)
     grid = [tuple(pair) for pair in args.grid] if args.grid else grid
     methods = [methods_lib.make_method(n, **hp) for n, hp in grid]
-    budgets[key] = stream_budget(args, key, stream, config, methods, (params, model_state), seeds[0])
+    for regime in regimes:  # budgets[key]: the pretrained regime's record, budgets[key, 'scratch']: from scratch
+      initial = initial_of(stream, config, (params, model_state), seeds[0]) if regime == 'pretrained' else None
+      budgets[key if regime == 'pretrained' else (key, regime)] = stream_budget(
+          args, key, stream, config, methods, initial, seeds[0], regime)
     # Configuration by configuration in the grid's order (put the most telling first: a stop keeps them).
     for members in [[method] for method in methods]:
       family = members[0].name

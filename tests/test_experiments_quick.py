@@ -123,8 +123,9 @@ def test_pretrained_continual_quick(tmp_path):
   assert {run['method_name'] for run in data['runs']} == {'sfa'}
   assert data['streams']['split-mnist-ti']['stream']['setting'] == 'task-incremental'
   for key in keys:  # the budget rule's record: 10 steps per task, fine-tuning's convergence per task
-    record = data['streams'][key]['budget']
-    assert record['check']['steps_per_task'] == 10 and len(record['convergence']['tasks']) == len(data['streams'][key]['stream']['tasks'])
+    for regime, record in (('pretrained', data['streams'][key]['budget']), ('scratch', data['streams'][key]['budget_scratch'])):
+      assert record['check']['steps_per_task'] == 10 and len(record['convergence']['tasks']) == len(data['streams'][key]['stream']['tasks'])
+      assert record['convergence']['regime'] == regime  # each regime measured from its own start
   assert all(run['steps_per_task'] == [10] * len(run['steps_per_task']) for run in data['runs'])
   # A rerun trains nothing: every finished run was recorded in the runs file and is skipped.
   lines = (tmp_path / 'pretrained_continual_quick.runs.jsonl').read_text().splitlines()
