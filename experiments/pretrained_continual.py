@@ -247,7 +247,7 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
     rows_by_regime = {regime: summary_rows([r for r in mine if r['regime'] == regime]) for regime in REGIMES
                       if any(r['regime'] == regime for r in mine)}
     md += [f'## {key}: {stream.name}, {len(stream)} tasks, {stream.setting} ({stream.source})', '']
-    md += [budget_line(budgets[k]) + ('' if k == key else ' (from scratch)') for k in (key, (key, 'scratch')) if k in budgets]
+    md += [budget_line(budgets[k]) for k in (key, (key, 'scratch')) if k in budgets]  # each names its start
     md += ['']
     md += comparison_table(rows_by_regime) + ['']
     for regime, rows in rows_by_regime.items():
