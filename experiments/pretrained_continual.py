@@ -247,7 +247,7 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
     rows_by_regime = {regime: summary_rows([r for r in mine if r['regime'] == regime]) for regime in REGIMES
                       if any(r['regime'] == regime for r in mine)}
     md += [f'## {key}: {stream.name}, {len(stream)} tasks, {stream.setting} ({stream.source})', '']
-    md += [budget_line(budgets[k]) for k in (key, (key, 'scratch')) if k in budgets]  # each names its start
+    md += [budget_line(budgets[key, regime]) for regime in REGIMES if (key, regime) in budgets]  # each names its start
     md += ['']
     md += comparison_table(rows_by_regime) + ['']
     for regime, rows in rows_by_regime.items():
@@ -258,8 +258,8 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
                                  axis_labels=('final accuracy on the tasks before the last', 'accuracy right after training (tasks 1..)'),
                                  title=f'{key}, {regime}')
       md += [f'### {regime}: every configuration', '', f'![{key} {regime}]({png})', ''] + all_configs_table(rows) + ['']
-    payload_streams[key] = {'stream': continual.describe_stream(stream), 'tables': rows_by_regime, 'budget': budgets.get(key),
-                            'budget_scratch': budgets.get((key, 'scratch'))}
+    payload_streams[key] = {'stream': continual.describe_stream(stream), 'tables': rows_by_regime,
+                            'budget': budgets.get((key, 'pretrained')), 'budget_scratch': budgets.get((key, 'scratch'))}
   if note:
     md += [note, '']
   md += ['## Wall time per group (stream, regime, method; seconds)', '', '| stream | regime | method | runs | s |', '|---|---|---|---:|---:|']
@@ -291,8 +291,8 @@ def collect(args, command, start):
       raise SystemExit(f'{path} is from a run that did not finish.')
     meta = meta or data['backbone']
     runs += data['runs']
-    budgets.update({k: v['budget'] for k, v in data['streams'].items() if v.get('budget')})
-    budgets.update({(k, 'scratch'): v['budget_scratch'] for k, v in data['streams'].items() if v.get('budget_scratch')})
+    for regime, field in (('pretrained', 'budget'), ('scratch', 'budget_scratch')):
+      budgets.update({(k, regime): v[field] for k, v in data['streams'].items() if v.get(field)})
     for g in data['group_seconds']:  # a family extended by a later run (--grid): its runs and seconds add up
       runs_before, seconds_before = seconds_by_group.get((g['stream'], g['regime'], g['method']), (0, 0.0))
       seconds_by_group[g['stream'], g['regime'], g['method']] = (runs_before + g['runs'], seconds_before + g['seconds'])
@@ -399,9 +399,9 @@ def main(argv=None) -> None:
     grid = QUICK_GRID if args.quick else (PERMUTED_GRID if key == 'permuted-mnist' else SPLIT_GRID)
     grid = [tuple(pair) for pair in args.grid] if args.grid else grid
     methods = [methods_lib.make_method(n, **hp) for n, hp in grid]
-    for regime in regimes:  # budgets[key]: the pretrained regime's record, budgets[key, 'scratch']: from scratch
+    for regime in regimes:  # budgets[key, regime]: the rule's record, each regime measured from its own start
       initial = initial_of(stream, config, (params, model_state), seeds[0]) if regime == 'pretrained' else None
-      budgets[key if regime == 'pretrained' else (key, regime)] = stream_budget(
+      budgets[key, regime] = stream_budget(
           args, key, stream, config, methods, initial, seeds[0], regime)
     # Configuration by configuration in the grid's order (put the most telling first: a stop keeps them).
     for members in [[method] for method in methods]:
