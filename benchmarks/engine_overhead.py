@@ -1,12 +1,12 @@
-"""Time per optimizer step of the engine (`continual.run_sequence`) against a hand-written JAX loop.
+"""Time per optimizer step of the engine (`engine.run_sequence`) against a hand-written JAX loop.
 
 Both train SFA (p = 0.25, beta = 0.25) on the MNIST task pair, or with `--stream permuted` on 20
 permuted-MNIST tasks (bundled MNIST-5k; `--source digits` and `--quick`: scikit-learn's 8x8 digits) with the default MLP and the demo's config
-(`sfa_jax.presets.DEMO_DEFAULTS['config']`: Adam 1e-3, batch 64, 2 epochs per task) with
+(`sfa_jax.cli.presets.DEMO_DEFAULTS['config']`: Adam 1e-3, batch 64, 2 epochs per task) with
 `eval_every=0`, and evaluate every task after each task:
 
-* engine: `continual.run_sequence(stream, continual.make_method('sfa', p=0.25, beta=0.25), config)`;
-* hand: no engine. The same model (`continual.build_model`), the same optax chain
+* engine: `engine.run_sequence(stream, engine.make_method('sfa', p=0.25, beta=0.25), config)`;
+* hand: no engine. The same model (`engine.run.build_model`), the same optax chain
   (`method.transform(config.make_optimizer())`, its state reset at each task start as the config's
   `reset_optimizer` says, and re-anchored with `sfa_jax.reanchor(opt_state, params, total_steps=T)`
   from the second task on), the same batches (`tasks.epoch_indices` with the engine's per-task
@@ -58,23 +58,23 @@ STREAMS = {'pair': ('mnist-pair', {}), 'permuted': ('permuted-mnist', {'num_task
 
 def setup(source: str, stream_name: str = 'pair'):
   """The stream (its data loaded), the method and the config of both variants."""
-  from sfa_jax import continual
+  from sfa_jax import engine
   from sfa_jax import tasks
-  from sfa_jax.presets import DEMO_DEFAULTS
+  from sfa_jax.cli.presets import DEMO_DEFAULTS
 
   name, options = STREAMS[stream_name]
   stream = tasks.make_stream(name, source=source, **options)
   for i in range(len(stream)):
     stream[i]  # load the data before the clock starts
   config = dataclasses.replace(DEMO_DEFAULTS['config'], eval_every=0)
-  return stream, continual.make_method('sfa', p=0.25, beta=0.25), config
+  return stream, engine.make_method('sfa', p=0.25, beta=0.25), config
 
 
 def run_engine(stream, method, config) -> dict:
-  from sfa_jax import continual
+  from sfa_jax import engine
 
   begin = time.perf_counter()
-  result = continual.run_sequence(stream, method, config)
+  result = engine.run_sequence(stream, method, config)
   seconds = time.perf_counter() - begin
   return {'seconds': seconds, 'train_seconds': result.seconds['train'], 'steps': sum(result.steps_per_task),
           'engine_seconds': dict(result.seconds),
@@ -93,11 +93,11 @@ class HandLoop:
     import numpy as np
     import optax
 
-    from sfa_jax import continual
+    from sfa_jax import engine
 
     self.stream, self.config = stream, config
     self.tasks = [stream[i] for i in range(len(stream))]
-    model = continual.build_model(stream, config)
+    model = engine.run.build_model(stream, config)
     tx = method.transform(config.make_optimizer())
 
     def loss_fn(params, x, y, ids):
@@ -207,12 +207,12 @@ def steps_worker(source: str, rounds: int, stream_name: str = 'pair', passes: in
   import jax
   import numpy as np
 
-  from sfa_jax import continual
+  from sfa_jax import engine
   from sfa_jax.engine import loop
 
   stream, method, config = setup(source, stream_name)
   hand = HandLoop(stream, method, config)
-  model = continual.build_model(stream, config)
+  model = engine.run.build_model(stream, config)
   tx = method.transform(config.make_optimizer())
   step = loop.jitted_train_step(model, tx)  # the engine's step, compiled the same way
   k = 1  # the second task: SFA active, averaging

@@ -5,9 +5,9 @@
 Shapes only: nothing of the models' size is allocated. The params come from ``jax.eval_shape`` of
 the model's ``init``, the optimizer state from ``jax.eval_shape`` of ``tx.init``, and the train step
 is compiled for those shapes (``jax.jit(step, in_shardings=..., donate_argnums=...).lower(...).compile()``)
-on a mesh of ``--devices`` devices with one ``fsdp`` axis (``sfa_jax.distributed.make_mesh``; every
+on a mesh of ``--devices`` devices with one ``fsdp`` axis (``sfa_jax.engine.distributed.make_mesh``; every
 large leaf of the params, of Adam's moments and of the anchor is split along its largest divisible
-dimension, ``sfa_jax.distributed.tree_shardings``). On a CPU the devices are simulated: the script
+dimension, ``sfa_jax.engine.distributed.tree_shardings``). On a CPU the devices are simulated: the script
 sets ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` itself unless ``XLA_FLAGS`` names a
 device count already.
 
@@ -62,7 +62,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import sfa_jax  # noqa: E402
-from sfa_jax import distributed, partial  # noqa: E402
+from sfa_jax import partial  # noqa: E402
+from sfa_jax.engine import distributed
 from sfa_jax.models.llama import Llama, LlamaConfig  # noqa: E402
 
 MODELS = {

@@ -5,7 +5,7 @@
 For each method (finetune, sfa, l2, ewc, replay) and model (``SmallCNN`` on MNIST-shaped batches of
 64; a small Llama decoder, 4 layers of width 256 and 4096 tokens, on 64 sequences of 128 tokens,
 the labels being the tokens themselves: the memory, not the task, is measured here), the train step is built exactly as
-:func:`sfa_jax.continual.run_sequence` builds it (the method's Optax chain around Adam, the method
+:func:`sfa_jax.engine.run.run_sequence` builds it (the method's Optax chain around Adam, the method
 switched on as on task 1) and measured two ways:
 
 * **resident**: the bytes of ``jax.live_arrays()`` once params and optimizer state exist, minus
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfa_jax import continual, models, tasks
+from sfa_jax import models, tasks, engine
 from sfa_jax.engine import callbacks, loop, methods
 from sfa_jax.models.llama import Llama, LlamaConfig
 
@@ -83,7 +83,7 @@ def measure_step(model, x, y, method_name: str) -> dict:
   before = live_bytes()
   variables = model.init(jax.random.key(0), x[:1], task_id=np.zeros(1, np.int32), train=False)
   params, model_state = models.split_variables(variables)
-  method = continual.make_method(method_name)
+  method = engine.make_method(method_name)
   tx = method.transform(optax.adam(1e-3))
   run = loop.RunState(params, model_state, jax.jit(tx.init)(params), method.init_extras(params, model_state, 2))
   if method_name == 'ewc':
@@ -118,7 +118,7 @@ def measure_step(model, x, y, method_name: str) -> dict:
 def measure_run(method_name: str) -> dict:
   """The largest live bytes after any step of ``run_sequence`` (CNN, MNIST pair, one epoch)."""
   stream = tasks.make_stream('mnist-pair')
-  config = continual.TrainConfig(model='cnn', epochs_per_task=1, batch_size=64)
+  config = engine.TrainConfig(model='cnn', epochs_per_task=1, batch_size=64)
   gc.collect()
   before = live_bytes()
   peak = {'task1': 0}
@@ -127,7 +127,7 @@ def measure_run(method_name: str) -> dict:
     if isinstance(event, callbacks.StepEvent) and event.task == 1 and event.step % 10 == 1:
       peak['task1'] = max(peak['task1'], live_bytes() - before)
 
-  continual.run_sequence(stream, continual.make_method(method_name), config, callbacks=progress)
+  engine.run_sequence(stream, engine.make_method(method_name), config, callbacks=progress)
   return {'run_live_bytes': peak['task1']}
 
 

@@ -1,8 +1,8 @@
-"""Throughput of a vectorised sweep (`sfa_jax.sweep.run_sweep`) against the same runs one by one.
+"""Throughput of a vectorised sweep (`sfa_jax.engine.sweep.run_sweep`) against the same runs one by one.
 
 An 8-configuration SFA sweep (p in {0.1, 0.25, 0.5, 1} x beta in {0.25, 0.5}, or with --seeds 2:
 p x seeds 0, 1) on the MNIST task pair (bundled 5000-image MNIST, MLP 784-256-256-10, Adam 1e-3,
-batch 64, 2 epochs per task), against 8 calls of `continual.run_sequence`, measured side by side:
+batch 64, 2 epochs per task), against 8 calls of `engine.run_sequence`, measured side by side:
 
 * cold: each variant in a fresh process with the persistent compilation cache off (compilation
   included, as a user's first run);
@@ -38,14 +38,14 @@ GRIDS = {  # configurations: SFA's (p, beta) values
 
 
 def _configurations(seeds: int, size: int = 8):
-  from sfa_jax import sweep
-  from sfa_jax.presets import DEMO_DEFAULTS
+  from sfa_jax import engine
+  from sfa_jax.cli.presets import DEMO_DEFAULTS
 
   config = dataclasses.replace(DEMO_DEFAULTS['config'], eval_every=0)
   p_values, betas = GRIDS[size]
   if seeds > 1:
-    return sweep.grid('sfa', p=p_values, beta=(0.25,), seeds=tuple(range(seeds)), config=config)
-  return sweep.grid('sfa', p=p_values, beta=betas, config=config)
+    return engine.grid('sfa', p=p_values, beta=(0.25,), seeds=tuple(range(seeds)), config=config)
+  return engine.grid('sfa', p=p_values, beta=betas, config=config)
 
 
 def _stream(source: str):
@@ -59,9 +59,9 @@ def _stream(source: str):
 
 def worker(variant: str, cache: str | None, seeds: int, source: str, size: int = 8) -> dict:
   """One measurement in this (fresh) process: wall seconds of the variant, and its accuracy matrices."""
-  from sfa_jax import compile_cache
-  from sfa_jax import continual
-  from sfa_jax import sweep
+  from sfa_jax.engine import compile_cache
+  from sfa_jax import engine
+  from sfa_jax import engine
 
   if cache:
     compile_cache.enable_compilation_cache(cache)
@@ -69,9 +69,9 @@ def worker(variant: str, cache: str | None, seeds: int, source: str, size: int =
   configurations = _configurations(seeds, size)
   begin = time.perf_counter()
   if variant == 'sweep':
-    results = sweep.run_sweep(stream, configurations)
+    results = engine.run_sweep(stream, configurations)
   else:
-    results = [continual.run_sequence(stream, method, config) for method, config in configurations]
+    results = [engine.run_sequence(stream, method, config) for method, config in configurations]
   seconds = time.perf_counter() - begin
   return {
       'seconds': seconds,
@@ -86,7 +86,7 @@ def step_worker(seeds: int, source: str, size: int = 8, repeats: int = 30) -> di
   import jax.numpy as jnp
   import numpy as np
 
-  from sfa_jax import continual
+  from sfa_jax import engine
   from sfa_jax import models
   from sfa_jax.engine import loop
   from sfa_jax.engine import methods
@@ -94,7 +94,7 @@ def step_worker(seeds: int, source: str, size: int = 8, repeats: int = 30) -> di
   stream = _stream(source)
   configurations = _configurations(seeds, size)
   method, config = configurations[0]
-  model = continual.build_model(stream, config)
+  model = engine.run.build_model(stream, config)
   data = stream[1].train
   params, model_state = models.split_variables(
       model.init(jax.random.key(0), data.x[:1], task_id=np.zeros(1, np.int32), train=False)

@@ -22,7 +22,7 @@ recorded too).
 * sfa_jax runs finetune, EWC (online, γ = 1), replay (a tenth of each past task, half of each
   batch) and SFA, each in a fresh process twice: **cold** (an empty persistent compilation cache:
   compilation included) and **warm** (the cache filled by the cold run).
-* **Sweep**: 8 EWC strengths as one ``sfa_jax.sweep.run_sweep`` program (cold and warm) against 8
+* **Sweep**: 8 EWC strengths as one ``sfa_jax.engine.sweep.run_sweep`` program (cold and warm) against 8
   Avalanche EWC runs with the same strengths (Avalanche's λ is half of ours: it omits the 1/2).
 
 Differences that remain: sfa_jax drops the ragged end of each shuffled epoch (12 steps of 64 per
@@ -112,20 +112,20 @@ def jax_worker(spec_path: str, out_path: str) -> None:
   """One sfa_jax measurement in this (fresh) process: a run, or a sweep, with the given cache."""
   with open(spec_path) as f:
     spec = json.load(f)
-  from sfa_jax import compile_cache
+  from sfa_jax.engine import compile_cache
   compile_cache.enable_compilation_cache(spec['cache_dir'])
   import jax
-  from sfa_jax import continual, sweep, tasks
+  from sfa_jax import tasks, engine
 
   stream = tasks.make_stream(spec['stream'], seed=spec['seed'])
-  config = continual.TrainConfig(
+  config = engine.TrainConfig(
       model='mlp', epochs_per_task=spec['epochs'], batch_size=64, learning_rate=1e-3, seed=spec['seed']
   )
   begin = time.perf_counter()
   if spec['method'] == 'sweep':
-    results = sweep.run_sweep(stream, sweep.grid('ewc', strength=SWEEP_STRENGTHS, config=config))
+    results = engine.run_sweep(stream, engine.grid('ewc', strength=SWEEP_STRENGTHS, config=config))
   else:
-    results = [continual.run_sequence(stream, continual.make_method(spec['method'], **JAX_METHODS[spec['method']]), config)]
+    results = [engine.run_sequence(stream, engine.make_method(spec['method'], **JAX_METHODS[spec['method']]), config)]
   seconds = time.perf_counter() - begin
   with open(out_path, 'w') as f:
     json.dump({'jax': jax.__version__, 'seconds': seconds, 'runs': [

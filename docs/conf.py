@@ -90,7 +90,7 @@ API_PAGES = {
 }
 # Public modules without a reference section: the command line's own plumbing (its options are
 # documented in the command-line guide and by ``sfa-jax --help``).
-NOT_IN_REFERENCE = {'sfa_jax.cli', 'sfa_jax.names', 'sfa_jax.presets', 'sfa_jax.mesh_spec', 'sfa_jax.__main__'}
+NOT_IN_REFERENCE = {'sfa_jax.cli', 'sfa_jax.cli.names', 'sfa_jax.cli.presets', 'sfa_jax.engine.mesh_spec', 'sfa_jax.__main__'}
 PACKAGES = ('sfa_jax', 'sfa_jax.tasks', 'sfa_jax.models')
 
 
@@ -142,7 +142,7 @@ def module_names(modname: str) -> list[str]:
     private names, modules, and aliases of what another module defines.
 
   Example:
-    >>> module_names('sfa_jax.report')
+    >>> module_names('sfa_jax.cli.report')
     ['accuracy_heatmap', 'accuracy_curves', 'draw_curves', 'summarize_runs', 'markdown_table']
   """
   module = importlib.import_module(modname)
@@ -202,7 +202,7 @@ def reference_sections() -> dict[str, dict[str, list[str]]]:
 
 
 def reference_names() -> list[str]:
-  """Every documented name of the API reference (``sfa_jax.sfa``, ``sfa_jax.continual.TrainConfig``...)."""
+  """Every documented name of the API reference (``sfa_jax.sfa``, ``sfa_jax.engine.config.TrainConfig``...)."""
   return [name for sections in reference_sections().values() for names in sections.values() for name in names]
 
 

@@ -1,7 +1,7 @@
 """Adaptive p (the paper's open question 1): average when the params drift far from the anchor, not every p·T steps.
 
 MNIST task pair (even digits, then odd digits; bundled 5000-image MNIST, one shared head), the demo's
-config (`sfa_jax.presets.DEMO_DEFAULTS`: MLP 784-256-256-10, Adam 1e-3, batch 64, 2 epochs per task),
+config (`sfa_jax.cli.presets.DEMO_DEFAULTS`: MLP 784-256-256-10, Adam 1e-3, batch 64, 2 epochs per task),
 3 seeds. Two families of equal size (8 configurations each), chosen before the run:
 
   sfa            p in {0.1, 0.25, 0.5, 1} x beta in {0.25, 0.5}           (fixed period)
@@ -16,7 +16,7 @@ config (`sfa_jax.presets.DEMO_DEFAULTS`: MLP 784-256-256-10, Adam 1e-3, batch 64
 The thresholds span the drift that fine-tuning reaches on task B: ||θ − θ_o|| / ||θ_o|| grows from
 0.02 after one step to 0.27 at the end of task B (first seed, measured before this run). Each
 configuration is a point (task A accuracy, task B accuracy), mean ± std over seeds; each family is
-summed up by the area its Pareto frontier dominates (`experiment.frontier_area`). For adaptive SFA
+summed up by the area its Pareto frontier dominates (`scaffold.frontier_area`). For adaptive SFA
 the table also gives how many averages it made on task B and where the first one fell.
 
   python experiments/adaptive_p.py            # full run
@@ -31,19 +31,19 @@ import time
 
 import numpy as np
 
-from sfa_jax import compile_cache
-from sfa_jax import continual
-from sfa_jax import experiment
+from sfa_jax.engine import compile_cache
+from sfa_jax import engine
+import scaffold
 
 MIN_P = 0.05
 GRID = (
-    experiment.method_grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25, 0.5))
-    + experiment.method_grid('adaptive-sfa', threshold=(0.05, 0.1, 0.15, 0.2), beta=(0.25, 0.5), min_p=(MIN_P,))
+    scaffold.method_grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25, 0.5))
+    + scaffold.method_grid('adaptive-sfa', threshold=(0.05, 0.1, 0.15, 0.2), beta=(0.25, 0.5), min_p=(MIN_P,))
     + [('finetune', {})]
 )
 FOLLOW_UP_THRESHOLDS = (0.25, 0.3, 0.4)
-FOLLOW_UP = experiment.method_grid('adaptive-sfa', threshold=FOLLOW_UP_THRESHOLDS, beta=(0.25, 0.5), min_p=(MIN_P,))
-QUICK_GRID = experiment.method_grid('sfa', p=(0.25,), beta=(0.5,)) + experiment.method_grid(
+FOLLOW_UP = scaffold.method_grid('adaptive-sfa', threshold=FOLLOW_UP_THRESHOLDS, beta=(0.25, 0.5), min_p=(MIN_P,))
+QUICK_GRID = scaffold.method_grid('sfa', p=(0.25,), beta=(0.5,)) + scaffold.method_grid(
     'adaptive-sfa', threshold=(0.1,), beta=(0.5,), min_p=(MIN_P,))
 
 
@@ -76,7 +76,7 @@ def _markdown(families, areas, stats, png_name, seeds):
     count = len(families[name]) if name in families else name.split('all ')[-1].rstrip(')')
     lines.append(f'| {name} | {count} | {area:.3f} |')
   first_at = lambda label: '—' if stats[label]['first_at'] is None else f"{stats[label]['first_at']:.2f}"
-  lines += ['', '## Every configuration', ''] + experiment.tradeoff_rows(families, {
+  lines += ['', '## Every configuration', ''] + scaffold.tradeoff_rows(families, {
       'averages on B': lambda label: f"{stats[label]['averages']:.1f}",
       'first average at (fraction of B)': first_at,
   })
@@ -84,27 +84,27 @@ def _markdown(families, areas, stats, png_name, seeds):
 
 
 def main(argv=None) -> None:
-  args = experiment.experiment_parser(__doc__).parse_args(argv)
+  args = scaffold.experiment_parser(__doc__).parse_args(argv)
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
-  stream, config, seeds = experiment.pair_stream(args)
-  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID + FOLLOW_UP, config, seeds, as_sweep=args.sweep)
+  stream, config, seeds = scaffold.pair_stream(args)
+  runs = scaffold.run_grid(stream, QUICK_GRID if args.quick else GRID + FOLLOW_UP, config, seeds, as_sweep=args.sweep)
 
-  families = experiment.tradeoff_points(runs, family=_family)
-  areas = experiment.family_areas(families)
+  families = scaffold.tradeoff_points(runs, family=_family)
+  areas = scaffold.family_areas(families)
   if 'adaptive-sfa (follow-up)' in families:
     both = families['adaptive-sfa'] + families['adaptive-sfa (follow-up)']
-    areas[f'adaptive-sfa (all {len(both)})'] = experiment.family_areas({'all': both})['all']
+    areas[f'adaptive-sfa (all {len(both)})'] = scaffold.family_areas({'all': both})['all']
   stats = averaging_stats(runs)
   name = 'adaptive_p_quick' if args.quick else 'adaptive_p'
   os.makedirs(args.out, exist_ok=True)
-  experiment.tradeoff_plot(families, os.path.join(args.out, f'{name}.png'),
+  scaffold.tradeoff_plot(families, os.path.join(args.out, f'{name}.png'),
                            axis_labels=('task A accuracy (even digits)', 'task B accuracy (odd digits)'),
                            title=f'MNIST pair: fixed p against adaptive p ({len(seeds)} seeds)')
-  payload = {'stream': stream.name, 'source': stream.source, 'seeds': list(seeds), 'config': continual.describe_config(config),
+  payload = {'stream': stream.name, 'source': stream.source, 'seeds': list(seeds), 'config': engine.run.describe_config(config),
              'min_p': MIN_P, 'families': families, 'frontier_areas': areas, 'averaging': stats, 'runs': runs}
   markdown = _markdown(families, areas, stats, f'{name}.png', seeds)
-  experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),
+  scaffold.write_results(args.out, name, payload, markdown, scaffold.command_line(__file__, argv),
                            time.perf_counter() - start)
   print(markdown)
 

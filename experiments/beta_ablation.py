@@ -20,17 +20,17 @@ import dataclasses
 import os
 import time
 
-from sfa_jax import compile_cache
-from sfa_jax import continual
-from sfa_jax import experiment
-from sfa_jax import report
+from sfa_jax.engine import compile_cache
+from sfa_jax import engine
+import scaffold
+from sfa_jax.cli import report
 
 GRID = (
-    experiment.method_grid('sfa', p=(1.0,), beta=(0.1, 0.25, 0.5, 0.75, 0.9))
-    + experiment.method_grid('sfa', p=(0.25, 0.5), beta=(0.25, 0.5, 0.75))
+    scaffold.method_grid('sfa', p=(1.0,), beta=(0.1, 0.25, 0.5, 0.75, 0.9))
+    + scaffold.method_grid('sfa', p=(0.25, 0.5), beta=(0.25, 0.5, 0.75))
     + [('finetune', {})]
 )
-QUICK_GRID = experiment.method_grid('sfa', p=(1.0, 0.5), beta=(0.5,))
+QUICK_GRID = scaffold.method_grid('sfa', p=(1.0, 0.5), beta=(0.5,))
 
 
 def _group(run):
@@ -41,25 +41,25 @@ def _group(run):
 
 
 def main(argv=None) -> None:
-  parser = experiment.experiment_parser(__doc__)
-  experiment.add_stream_arguments(parser)
+  parser = scaffold.experiment_parser(__doc__)
+  scaffold.add_stream_arguments(parser)
   args = parser.parse_args(argv)
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
-  stream, config = experiment.long_stream(args)
-  seeds = experiment.seeds_of(args)
-  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds, as_sweep=args.sweep)
+  stream, config = scaffold.long_stream(args)
+  seeds = scaffold.seeds_of(args)
+  runs = scaffold.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds, as_sweep=args.sweep)
 
-  groups = experiment.tradeoff_points(runs, point=experiment.stability_plasticity, family=_group)
-  areas = experiment.family_areas(groups)
-  best = experiment.best_per_family(runs, family=_group)
+  groups = scaffold.tradeoff_points(runs, point=scaffold.stability_plasticity, family=_group)
+  areas = scaffold.family_areas(groups)
+  best = scaffold.best_per_family(runs, family=_group)
   name = 'beta_ablation_quick' if args.quick else 'beta_ablation'
   os.makedirs(args.out, exist_ok=True)
-  experiment.tradeoff_plot(groups, os.path.join(args.out, f'{name}.png'),
+  scaffold.tradeoff_plot(groups, os.path.join(args.out, f'{name}.png'),
                            axis_labels=('final accuracy on the past tasks (stability)',
                                         'accuracy on each task right after training it (plasticity)'),
                            title=f'{stream.name}, {len(stream)} tasks: beta at p = 1 vs p < 1')
-  experiment.average_accuracy_plot(runs, os.path.join(args.out, f'{name}_average.png'),
+  scaffold.average_accuracy_plot(runs, os.path.join(args.out, f'{name}_average.png'),
                                    title=f'{stream.name} ({len(stream)} tasks): beta at p = 1 vs p < 1')
   rows = sorted(report.summarize_runs(runs), key=lambda row: -row['average_accuracy'][0])
   best_lines = '\n'.join(f"| {row['family']} | {row['method']} | {row['average_accuracy'][0]:.3f} ± "
@@ -76,9 +76,9 @@ def main(argv=None) -> None:
       f'{points}\n\n## Every configuration\n\n{report.markdown_table(rows, stream.task_names)}'
   )
   payload = {'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': len(stream)},
-             'seeds': list(seeds), 'config': continual.describe_config(config), 'groups': groups, 'frontier_areas': areas,
+             'seeds': list(seeds), 'config': engine.run.describe_config(config), 'groups': groups, 'frontier_areas': areas,
              'best': best, 'table': rows, 'runs': runs}
-  experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),
+  scaffold.write_results(args.out, name, payload, markdown, scaffold.command_line(__file__, argv),
                            time.perf_counter() - start)
   print(markdown)
 

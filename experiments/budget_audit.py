@@ -1,4 +1,4 @@
-"""The budget rule (`sfa_jax.budget`) applied to the earlier experiments of REPORT.md, at the budgets they ran.
+"""The budget rule (`sfa_jax.engine.budget`) applied to the earlier experiments of REPORT.md, at the budgets they ran.
 
 For each earlier experiment: its stream, its training config and its SFA p grid, as the script ran them;
 the steps per task (the fewest of the stream); the rule on the p grid (each period of p_min holds two
@@ -15,12 +15,12 @@ import json
 import os
 import time
 
-from sfa_jax import budget
-from sfa_jax import compile_cache
-from sfa_jax import continual
-from sfa_jax import experiment
+from sfa_jax.engine import budget
+from sfa_jax.engine import compile_cache
+from sfa_jax import engine
+import scaffold
 from sfa_jax import tasks
-from sfa_jax.presets import DEMO_DEFAULTS
+from sfa_jax.cli.presets import DEMO_DEFAULTS
 
 
 def audits(quick):
@@ -31,7 +31,7 @@ def audits(quick):
   if quick:
     return [('§1', 'mnist_pair_tradeoff', pair, dataclasses.replace(pair_config, epochs_per_task=1, batch_size=32), (0.25, 1.0))]
   long = tasks.make_stream('permuted-mnist', source=source, setting=tasks.DOMAIN_INCREMENTAL)
-  long_config = continual.TrainConfig(model='mlp', epochs_per_task=2, batch_size=64, learning_rate=1e-3)
+  long_config = engine.TrainConfig(model='mlp', epochs_per_task=2, batch_size=64, learning_rate=1e-3)
   many = tasks.make_stream('permuted-mnist', source=source, num_tasks=10, setting=tasks.DOMAIN_INCREMENTAL)
   return [
       ('§1', 'mnist_pair_tradeoff', pair, pair_config, (0.05, 0.1, 0.25, 0.5, 0.75, 0.96, 1.0)),
@@ -45,11 +45,11 @@ def audits(quick):
 
 
 def main(argv=None) -> None:
-  parser = experiment.experiment_parser(__doc__)
+  parser = scaffold.experiment_parser(__doc__)
   args = parser.parse_args(argv)
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
-  command = experiment.command_line(__file__, argv)
+  command = scaffold.command_line(__file__, argv)
   measured, rows = {}, []
   for section, name, stream, config, p_values in audits(args.quick):
     steps = min(budget.steps_per_task(stream, config))
@@ -59,10 +59,10 @@ def main(argv=None) -> None:
       print(f'[{time.perf_counter() - start:5.0f} s] measured {stream.name} ({len(stream)} tasks) at {2 * steps} steps per task', flush=True)
     check = budget.check_budget(steps, p_values=p_values, convergence=measured[key], strict=False, what=f'{section} {name}')
     rows.append({'section': section, 'experiment': name, 'stream': f'{stream.name}, {len(stream)} tasks, {stream.setting}',
-                 'config': continual.describe_config(config), 'check': check.to_json(),
+                 'config': engine.run.describe_config(config), 'check': check.to_json(),
                  'converged_accuracy': [t['converged_accuracy'] for t in measured[key]['tasks']]})
   md = ['# The budget rule against the earlier experiments, at the budgets they ran', '',
-        'Rule (sfa_jax.budget): each averaging period of the smallest p holds two steps (T ≥ ceil(2/p_min)); every two '
+        'Rule (sfa_jax.engine.budget): each averaging period of the smallest p holds two steps (T ≥ ceil(2/p_min)); every two '
         'p of the grid average at different steps; fine-tuning reaches 95 % of its converged accuracy on every task '
         'within T (converged: the mean of the last three evaluations of a fine-tuning run with 2T steps per task, seed 0).', '',
         '| section | experiment | stream | steps per task | p grid | ceil(2/p_min) | identical schedules | fine-tuning: steps to 95 % | rule |',
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
               f"{'met' if c['ok'] else 'FAILED: ' + ' '.join(c['problems'])} |")
   payload = {'audits': rows, 'convergence': [dict(zip(('stream', 'tasks', 'setting', 'steps', 'batch_size'), k)) | v
                                              for k, v in measured.items()]}
-  experiment.write_results(args.out, 'budget_audit' + ('_quick' if args.quick else ''), payload, '\n'.join(md), command,
+  scaffold.write_results(args.out, 'budget_audit' + ('_quick' if args.quick else ''), payload, '\n'.join(md), command,
                            time.perf_counter() - start)
   print('\n'.join(md))
 

@@ -30,10 +30,10 @@ import time
 
 import jax
 
-from sfa_jax import compile_cache
-from sfa_jax import continual
-from sfa_jax import experiment
-from sfa_jax import lm
+from sfa_jax.engine import compile_cache
+from sfa_jax import engine
+import scaffold
+from sfa_jax.engine import lm
 from sfa_jax.engine import callbacks
 from sfa_jax.models.llama import Llama
 from sfa_jax.models.llama import LlamaConfig
@@ -111,7 +111,7 @@ def main(argv=None) -> None:
   }
   setting_id = json.dumps(setting, sort_keys=True, default=repr)
   runs_path = stem + '.runs.jsonl'
-  done = experiment.load_runs(runs_path, lambda run: run['key'] if run['setting_id'] == setting_id else None)
+  done = scaffold.load_runs(runs_path, lambda run: run['key'] if run['setting_id'] == setting_id else None)
 
   def progress(event):
     if isinstance(event, callbacks.TaskEndEvent):
@@ -121,13 +121,13 @@ def main(argv=None) -> None:
   for seed in settings['seeds']:
     config = dataclasses.replace(settings['config'], seed=seed)
     for name, hp in specs:
-      method = continual.make_method(name, **hp)
+      method = engine.make_method(name, **hp)
       key = f'{seed}:{method.label}'
       if key not in done:
         print(f'{time.perf_counter() - start:7.1f}s seed {seed}, {method.label}', flush=True)
         (result,) = lm.run_lm_sequences(model, params, domains, [method], config, callbacks=progress)
         done[key] = {'setting_id': setting_id, 'key': key, 'seed': seed, 'result': dataclasses.asdict(result)}
-        experiment.append_run(runs_path, done[key])
+        scaffold.append_run(runs_path, done[key])
       results.append(lm.LMResult(**done[key]['result']))
       seeds.append(seed)
   table = lm.lm_seed_table(results)

@@ -32,27 +32,27 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sfa_jax import compile_cache  # noqa: E402
-from sfa_jax import continual  # noqa: E402
-from sfa_jax import experiment  # noqa: E402
+from sfa_jax.engine import compile_cache  # noqa: E402
+from sfa_jax import engine  # noqa: E402
+import scaffold  # noqa: E402
 from sfa_jax import metrics  # noqa: E402
-from sfa_jax import report  # noqa: E402
+from sfa_jax.cli import report  # noqa: E402
 from sfa_jax import tasks  # noqa: E402
 
 LONG_GRID = (
     [('finetune', {})]
-    + experiment.method_grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25,))
-    + experiment.method_grid('multi-anchor-sfa', p=(0.25,), beta=(0.25,))
-    + experiment.method_grid('replay', fraction=(0.1,))
+    + scaffold.method_grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25,))
+    + scaffold.method_grid('multi-anchor-sfa', p=(0.25,), beta=(0.25,))
+    + scaffold.method_grid('replay', fraction=(0.1,))
 )
 SHORT_GRID = (
     [('finetune', {})]
-    + experiment.method_grid('sfa', p=(0.25,), beta=(0.25, 0.5))
-    + experiment.method_grid('multi-anchor-sfa', p=(0.25,), beta=(0.25, 0.5))
-    + experiment.method_grid('replay', fraction=(0.1,))
+    + scaffold.method_grid('sfa', p=(0.25,), beta=(0.25, 0.5))
+    + scaffold.method_grid('multi-anchor-sfa', p=(0.25,), beta=(0.25, 0.5))
+    + scaffold.method_grid('replay', fraction=(0.1,))
 )
-QUICK_LONG_GRID = [('finetune', {})] + experiment.method_grid('multi-anchor-sfa', p=(0.5,), beta=(0.25,))
-QUICK_SHORT_GRID = experiment.method_grid('sfa', p=(0.5,), beta=(0.25,)) + experiment.method_grid('replay', fraction=(0.1,))
+QUICK_LONG_GRID = [('finetune', {})] + scaffold.method_grid('multi-anchor-sfa', p=(0.5,), beta=(0.25,))
+QUICK_SHORT_GRID = scaffold.method_grid('sfa', p=(0.5,), beta=(0.25,)) + scaffold.method_grid('replay', fraction=(0.1,))
 EARLY_TASKS = 10  # "early tasks": the first ten of the long stream
 
 
@@ -119,42 +119,42 @@ def _markdown(long_rows, long_name, short_rows, short_name, png_names):
 
 
 def main(argv=None) -> None:
-  args = experiment.experiment_parser(__doc__).parse_args(argv)
+  args = scaffold.experiment_parser(__doc__).parse_args(argv)
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
   source = 'digits' if args.quick else 'offline'
-  seeds = experiment.seeds_of(args)
+  seeds = scaffold.seeds_of(args)
   setting = tasks.DOMAIN_INCREMENTAL
   long_stream = tasks.make_stream('permuted-mnist', source=source, num_tasks=4 if args.quick else 100, setting=setting)
   short_stream = tasks.make_stream('permuted-mnist', source=source, num_tasks=3 if args.quick else 10, setting=setting)
-  base = continual.TrainConfig(model='mlp', batch_size=32 if args.quick else 64, learning_rate=1e-3, eval_batch_size=1000)
+  base = engine.TrainConfig(model='mlp', batch_size=32 if args.quick else 64, learning_rate=1e-3, eval_batch_size=1000)
   long_config = dataclasses.replace(base, epochs_per_task=1)
   short_config = dataclasses.replace(base, epochs_per_task=1 if args.quick else 2)
 
   print(f'Part 1: {len(long_stream)} tasks, seed {seeds[0]}', flush=True)
-  long_runs = experiment.run_grid(long_stream, QUICK_LONG_GRID if args.quick else LONG_GRID, long_config, seeds[:1], as_sweep=args.sweep)
+  long_runs = scaffold.run_grid(long_stream, QUICK_LONG_GRID if args.quick else LONG_GRID, long_config, seeds[:1], as_sweep=args.sweep)
   print(f'Part 2: {len(short_stream)} tasks, seeds {list(seeds)}', flush=True)
-  short_runs = experiment.run_grid(short_stream, QUICK_SHORT_GRID if args.quick else SHORT_GRID, short_config, seeds, as_sweep=args.sweep)
+  short_runs = scaffold.run_grid(short_stream, QUICK_SHORT_GRID if args.quick else SHORT_GRID, short_config, seeds, as_sweep=args.sweep)
 
   name = 'many_tasks_quick' if args.quick else 'many_tasks'
   png_names = (f'{name}.png', f'{name}_10.png')
   os.makedirs(args.out, exist_ok=True)
   long_name = f'{len(long_stream)} permuted-MNIST tasks ({source}), 1 epoch per task, seed {seeds[0]}'
   long_plot(long_runs, os.path.join(args.out, png_names[0]), long_name)
-  experiment.average_accuracy_plot(short_runs, os.path.join(args.out, png_names[1]),
+  scaffold.average_accuracy_plot(short_runs, os.path.join(args.out, png_names[1]),
                                    title=f'{len(short_stream)} permuted-MNIST tasks, {len(seeds)} seeds')
   long_rows = [long_run_summary(run) for run in long_runs]
   short_rows = report.summarize_runs(short_runs)
   payload = {
       'source': source, 'setting': setting, 'seeds': list(seeds),
       # The long runs' curves (eval only at task ends) repeat their accuracy matrices: left out.
-      'long': {'tasks': len(long_stream), 'config': continual.describe_config(long_config), 'summary': long_rows,
+      'long': {'tasks': len(long_stream), 'config': engine.run.describe_config(long_config), 'summary': long_rows,
                'runs': [{k: v for k, v in run.items() if k != 'curve'} for run in long_runs]},
-      'short': {'tasks': len(short_stream), 'config': continual.describe_config(short_config), 'table': short_rows, 'runs': short_runs},
+      'short': {'tasks': len(short_stream), 'config': engine.run.describe_config(short_config), 'table': short_rows, 'runs': short_runs},
   }
   short_name = f'{len(short_stream)} tasks, {short_config.epochs_per_task} epochs per task, {len(seeds)} seeds'
   markdown = _markdown(long_rows, long_name, short_rows, short_name, png_names)
-  experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),
+  scaffold.write_results(args.out, name, payload, markdown, scaffold.command_line(__file__, argv),
                            time.perf_counter() - start)
   print(markdown)
 

@@ -14,38 +14,38 @@ import dataclasses
 import sys
 import time
 
-from sfa_jax import compile_cache
-from sfa_jax import continual
-from sfa_jax import experiment
-from sfa_jax import report
+from sfa_jax.engine import compile_cache
+from sfa_jax import engine
+import scaffold
+from sfa_jax.cli import report
 from sfa_jax import tasks
-from sfa_jax.presets import DEMO_DEFAULTS
+from sfa_jax.cli.presets import DEMO_DEFAULTS
 
 GRID = (
     [('finetune', {})]
-    + experiment.method_grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.1, 0.25, 0.5))
-    + experiment.method_grid('l2', strength=(0.1, 1.0, 10.0))
-    + experiment.method_grid('ewc', strength=(1e3, 1e4, 1e5))
+    + scaffold.method_grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.1, 0.25, 0.5))
+    + scaffold.method_grid('l2', strength=(0.1, 1.0, 10.0))
+    + scaffold.method_grid('ewc', strength=(1e3, 1e4, 1e5))
     + [('replay', {'fraction': 0.1})]
 )
 QUICK_GRID = [('finetune', {}), ('sfa', {'p': 0.25, 'beta': 0.25}), ('l2', {'strength': 1.0})]
 
 
 def main(argv=None) -> None:
-  args = experiment.experiment_parser(__doc__).parse_args(argv)
+  args = scaffold.experiment_parser(__doc__).parse_args(argv)
   compile_cache.enable_compilation_cache()
   stream = tasks.make_stream(DEMO_DEFAULTS['stream'], source=DEMO_DEFAULTS['source'])
   seeds = args.seeds or ((0,) if args.quick else DEMO_DEFAULTS['seeds'])
   config = dataclasses.replace(DEMO_DEFAULTS['config'], eval_every=0)
   start = time.perf_counter()
-  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds, as_sweep=args.sweep)
+  runs = scaffold.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds, as_sweep=args.sweep)
   rows = sorted(report.summarize_runs(runs), key=lambda row: -row['average_accuracy'][0])
   table = report.markdown_table(rows, stream.task_names)
   name = 'mnist_pair_sweep_quick' if args.quick else 'mnist_pair_sweep'
-  payload = {'seeds': list(seeds), 'config': continual.describe_config(config), 'table': rows, 'runs': runs}
+  payload = {'seeds': list(seeds), 'config': engine.run.describe_config(config), 'table': rows, 'runs': runs}
   markdown = f'# MNIST pair sweep (sorted by mean accuracy over both tasks)\n\n{table}'
   command = ' '.join(['python experiments/mnist_pair_sweep.py'] + list(sys.argv[1:] if argv is None else argv))
-  experiment.write_results(args.out, name, payload, markdown, command, time.perf_counter() - start)
+  scaffold.write_results(args.out, name, payload, markdown, command, time.perf_counter() - start)
   print(f'\n{table}')
 
 

@@ -1,7 +1,7 @@
 """The paper's Figure 9: accuracy on task A (even digits) against task B (odd digits) after both.
 
 MNIST task pair (bundled 5000-image MNIST, one shared head), the demo's config
-(`sfa_jax.presets.DEMO_DEFAULTS`: MLP 784-256-256-10, Adam 1e-3, batch 64, 2 epochs per task), 3 seeds:
+(`sfa_jax.cli.presets.DEMO_DEFAULTS`: MLP 784-256-256-10, Adam 1e-3, batch 64, 2 epochs per task), 3 seeds:
 
   SFA        p in {0.05, 0.1, 0.25, 0.5, 0.75, 0.96, 1} x beta in {0.25, 0.5, 0.75}
   L2         strength 13 values log-spaced over 0.01 .. 100   (0.01: as fine-tuning; 100: B not learned)
@@ -11,7 +11,7 @@ MNIST task pair (bundled 5000-image MNIST, one shared head), the demo's config
   finetune
 
 Each configuration is a point (task A accuracy, task B accuracy), mean ± std over seeds. Each family's
-trade-off is summed up by the area its Pareto frontier dominates above (0, 0) (`experiment.frontier_area`).
+trade-off is summed up by the area its Pareto frontier dominates above (0, 0) (`scaffold.frontier_area`).
 
   python experiments/mnist_pair_tradeoff.py            # full run
   python experiments/mnist_pair_tradeoff.py --quick    # digits 8x8, one seed, a few configurations
@@ -25,21 +25,21 @@ import time
 
 import numpy as np
 
-from sfa_jax import compile_cache
-from sfa_jax import continual
-from sfa_jax import experiment
+from sfa_jax.engine import compile_cache
+from sfa_jax import engine
+import scaffold
 
 GRID = (
-    experiment.method_grid('sfa', p=(0.05, 0.1, 0.25, 0.5, 0.75, 0.96, 1.0), beta=(0.25, 0.5, 0.75))
-    + experiment.method_grid('l2', strength=np.logspace(-2, 2, 13).round(4).tolist())
-    + experiment.method_grid('ewc', strength=(1e2, 1e3, 1e4, 1e5, 1e7))
-    + experiment.method_grid('replay', fraction=(0.01, 0.05, 0.1))
+    scaffold.method_grid('sfa', p=(0.05, 0.1, 0.25, 0.5, 0.75, 0.96, 1.0), beta=(0.25, 0.5, 0.75))
+    + scaffold.method_grid('l2', strength=np.logspace(-2, 2, 13).round(4).tolist())
+    + scaffold.method_grid('ewc', strength=(1e2, 1e3, 1e4, 1e5, 1e7))
+    + scaffold.method_grid('replay', fraction=(0.01, 0.05, 0.1))
     + [('finetune', {})]
 )
 QUICK_GRID = (
-    experiment.method_grid('sfa', p=(0.5, 1.0), beta=(0.5,))
-    + experiment.method_grid('l2', strength=(1.0,))
-    + experiment.method_grid('replay', fraction=(0.1,))
+    scaffold.method_grid('sfa', p=(0.5, 1.0), beta=(0.5,))
+    + scaffold.method_grid('l2', strength=(1.0,))
+    + scaffold.method_grid('replay', fraction=(0.1,))
     + [('finetune', {})]
 )
 
@@ -61,30 +61,30 @@ def _markdown(families, areas, split_areas, png_name):
   for name, area in sorted(areas.items() | split_areas.items(), key=lambda item: -item[1]):
     count = len(families[name]) if name in families else '—'
     lines.append(f'| {name} | {count} | {area:.3f} |')
-  lines += ['', '## Every configuration', ''] + experiment.tradeoff_rows(families)
+  lines += ['', '## Every configuration', ''] + scaffold.tradeoff_rows(families)
   return '\n'.join(lines)
 
 
 def main(argv=None) -> None:
-  args = experiment.experiment_parser(__doc__).parse_args(argv)
+  args = scaffold.experiment_parser(__doc__).parse_args(argv)
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
-  stream, config, seeds = experiment.pair_stream(args)
-  runs = experiment.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds, as_sweep=args.sweep)
+  stream, config, seeds = scaffold.pair_stream(args)
+  runs = scaffold.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds, as_sweep=args.sweep)
 
-  families = experiment.tradeoff_points(runs)
-  areas = experiment.family_areas(families)
-  split_areas = {k: v for k, v in experiment.family_areas(experiment.tradeoff_points(runs, family=_sfa_split)).items()
+  families = scaffold.tradeoff_points(runs)
+  areas = scaffold.family_areas(families)
+  split_areas = {k: v for k, v in scaffold.family_areas(scaffold.tradeoff_points(runs, family=_sfa_split)).items()
                  if k.startswith('sfa (')}
   name = 'mnist_pair_tradeoff_quick' if args.quick else 'mnist_pair_tradeoff'
   os.makedirs(args.out, exist_ok=True)
-  experiment.tradeoff_plot(families, os.path.join(args.out, f'{name}.png'),
+  scaffold.tradeoff_plot(families, os.path.join(args.out, f'{name}.png'),
                            axis_labels=('task A accuracy (even digits)', 'task B accuracy (odd digits)'),
                            title=f'MNIST pair: accuracy after task B ({len(seeds)} seeds, mean ± std)')
-  payload = {'stream': stream.name, 'source': stream.source, 'seeds': list(seeds), 'config': continual.describe_config(config),
+  payload = {'stream': stream.name, 'source': stream.source, 'seeds': list(seeds), 'config': engine.run.describe_config(config),
              'families': families, 'frontier_areas': areas | split_areas, 'runs': runs}
   markdown = _markdown(families, areas, split_areas, f'{name}.png')
-  experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),
+  scaffold.write_results(args.out, name, payload, markdown, scaffold.command_line(__file__, argv),
                            time.perf_counter() - start)
   print(markdown)
 

@@ -22,10 +22,10 @@ import time
 
 import numpy as np
 
-from sfa_jax import compile_cache
-from sfa_jax import continual
-from sfa_jax import experiment
-from sfa_jax import report
+from sfa_jax.engine import compile_cache
+from sfa_jax import engine
+import scaffold
+from sfa_jax.cli import report
 
 P_VALUES = (0.25, 0.5, 0.75, 0.96, 1.0)
 BETA_PROBE = (0.25, 0.5, 0.75)
@@ -33,11 +33,11 @@ BETA_PROBE = (0.25, 0.5, 0.75)
 
 def _table(runs, task_names):
   rows = report.summarize_runs(runs)
-  points = {p['label']: p for points in experiment.tradeoff_points(runs, point=experiment.stability_plasticity).values()
+  points = {p['label']: p for points in scaffold.tradeoff_points(runs, point=scaffold.stability_plasticity).values()
             for p in points}
   jumps = {}
   for run in runs:
-    jumps.setdefault(run['method'], []).append(experiment.averaging_jumps(run))
+    jumps.setdefault(run['method'], []).append(scaffold.averaging_jumps(run))
   lines = ['| configuration | seeds | final average accuracy | forgetting | past tasks at the end | '
            'each task right after training it | change at an average: past tasks | : current task |',
            '|---|---:|---:|---:|---:|---:|---:|---:|']
@@ -57,33 +57,33 @@ def _table(runs, task_names):
 
 
 def main(argv=None) -> None:
-  parser = experiment.experiment_parser(__doc__)
-  experiment.add_stream_arguments(parser)
+  parser = scaffold.experiment_parser(__doc__)
+  scaffold.add_stream_arguments(parser)
   parser.add_argument('--beta', type=float, help='fix beta instead of probing it')
   args = parser.parse_args(argv)
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
-  stream, config = experiment.long_stream(args)
-  seeds = experiment.seeds_of(args)
+  stream, config = scaffold.long_stream(args)
+  seeds = scaffold.seeds_of(args)
   p_values = (0.5, 1.0) if args.quick else P_VALUES
 
   probe = []
   beta = args.beta
   if beta is None:
     probe_betas = (0.5,) if args.quick else BETA_PROBE
-    probe = experiment.run_grid(stream, experiment.method_grid('sfa', p=(0.5,), beta=probe_betas), config, seeds[:1], as_sweep=args.sweep)
+    probe = scaffold.run_grid(stream, scaffold.method_grid('sfa', p=(0.5,), beta=probe_betas), config, seeds[:1], as_sweep=args.sweep)
     beta = max(probe, key=lambda run: run['metrics']['average_accuracy'])['hyperparams']['beta']
     print(f'beta = {beta} (probe at p = 0.5, seed {seeds[0]})', flush=True)
 
   curve_config = dataclasses.replace(config, eval_every=20 if args.quick else 50)
-  grid = experiment.method_grid('sfa', p=p_values, beta=(beta,)) + [('finetune', {})]
-  runs = experiment.run_grid(stream, grid, curve_config, seeds, as_sweep=args.sweep)
+  grid = scaffold.method_grid('sfa', p=p_values, beta=(beta,)) + [('finetune', {})]
+  runs = scaffold.run_grid(stream, grid, curve_config, seeds, as_sweep=args.sweep)
 
   name = 'p_ablation_quick' if args.quick else 'p_ablation'
   os.makedirs(args.out, exist_ok=True)
   first_seed = [run for run in runs if run['seed'] == seeds[0]]
-  experiment.curves_grid(first_seed, os.path.join(args.out, f'{name}_curves.png'))
-  experiment.average_accuracy_plot(runs, os.path.join(args.out, f'{name}_average.png'),
+  scaffold.curves_grid(first_seed, os.path.join(args.out, f'{name}_curves.png'))
+  scaffold.average_accuracy_plot(runs, os.path.join(args.out, f'{name}_average.png'),
                                    title=f'{stream.name} ({len(stream)} tasks, {stream.setting}): SFA by p, beta = {beta:g}')
   probe_lines = ''.join(f"\n| {run['method']} | {run['metrics']['average_accuracy']:.3f} |" for run in probe)
   probe_text = (f'beta = {beta:g}, chosen by a probe at p = 0.5 (seed {seeds[0]}, final average accuracy):\n\n'
@@ -98,9 +98,9 @@ def main(argv=None) -> None:
       f'![curves]({name}_curves.png)\n\n![average accuracy]({name}_average.png)'
   )
   payload = {'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': len(stream)},
-             'seeds': list(seeds), 'config': continual.describe_config(curve_config), 'beta': beta, 'beta_probe': probe,
+             'seeds': list(seeds), 'config': engine.run.describe_config(curve_config), 'beta': beta, 'beta_probe': probe,
              'table': report.summarize_runs(runs), 'runs': runs}
-  experiment.write_results(args.out, name, payload, markdown, experiment.command_line(__file__, argv),
+  scaffold.write_results(args.out, name, payload, markdown, scaffold.command_line(__file__, argv),
                            time.perf_counter() - start)
   print(markdown)
 

@@ -42,8 +42,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from sfa_jax import compile_cache
-from sfa_jax import experiment
+from sfa_jax.engine import compile_cache
+import scaffold
 from sfa_jax import models
 from sfa_jax import tasks
 from sfa_jax.engine import loop
@@ -165,7 +165,7 @@ def _kwargs(kwargs):
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--quick', action='store_true', help="scikit-learn's digits, one epoch, tiny model")
-  parser.add_argument('--out', default=experiment.RESULTS_DIR, help='output folder (default: experiments/results)')
+  parser.add_argument('--out', default=scaffold.RESULTS_DIR, help='output folder (default: experiments/results)')
   parser.add_argument('--model', default='cnn', choices=['cnn', 'resnet18'])
   parser.add_argument('--data', default='fashion-mnist', choices=DATA,
                       help='the pretraining data (default fashion-mnist; mnist: the 5000 bundled MNIST images)')
@@ -194,7 +194,7 @@ def main(argv=None) -> None:
       'model': args.model, 'model_kwargs': kwargs, 'input_shape': list(train.x.shape[1:]), 'data': data,
       'train_examples': int(len(train.y)), 'test_examples': int(len(test.y)), **record,
       'parameters': int(sum(np.size(leaf) for leaf in jax.tree.leaves(params))),
-      'command': experiment.command_line(__file__, argv), 'wall_seconds': time.perf_counter() - start,
+      'command': scaffold.command_line(__file__, argv), 'wall_seconds': time.perf_counter() - start,
       'jax': jax.__version__, 'python': sys.version.split()[0],
   }
   save_backbone(directory, params, model_state, metadata)

@@ -21,7 +21,7 @@ one; Adam 1e-3, batch 64), 3 seeds:
   replay 1 / 5 / 10 %; l2 strength in {0.1, 1, 10, 100}; ewc strength in {10, 1e3, 1e5};
   task-arithmetic 0.5; ties (density 0.2, scaling 1)   (permuted MNIST: PERMUTED_GRID, smaller)
 
-The budget rule (`sfa_jax.budget`) is checked per stream before any run: each averaging period of the
+The budget rule (`sfa_jax.engine.budget`) is checked per stream before any run: each averaging period of the
 smallest p holds two steps, every two p of the grid average at different steps, and fine-tuning from the
 backbone reaches 95 % of its converged accuracy on every task (measured once per stream: one fine-tuning
 run with twice the steps per task, recorded in the results as 'budget'; from scratch, measured from scratch
@@ -50,12 +50,12 @@ import time
 
 import numpy as np
 
-from sfa_jax import budget
-from sfa_jax import compile_cache
-from sfa_jax import continual
-from sfa_jax import experiment
-from sfa_jax import report
-from sfa_jax import sweep as sweep_lib
+from sfa_jax.engine import budget
+from sfa_jax.engine import compile_cache
+from sfa_jax import engine
+import scaffold
+from sfa_jax.cli import report
+from sfa_jax import engine
 from sfa_jax import tasks
 from sfa_jax.engine import loop
 from sfa_jax.engine import methods as methods_lib
@@ -67,23 +67,23 @@ _spec = importlib.util.spec_from_file_location('pretrain_backbone', os.path.join
 pretrain_backbone = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pretrain_backbone)
 
-SFA = experiment.method_grid('sfa', p=(0.25, 0.5, 0.75, 0.96, 1.0), beta=(0.25, 0.5))
+SFA = scaffold.method_grid('sfa', p=(0.25, 0.5, 0.75, 0.96, 1.0), beta=(0.25, 0.5))
 SPLIT_GRID = (  # shrunk grid at the full budget: 23 configurations (the last round: 30 at 12 steps per task)
     [('finetune', {})] + SFA
-    + experiment.method_grid('replay', fraction=(0.01, 0.05, 0.1))
-    + experiment.method_grid('l2', strength=(0.1, 1.0, 10.0, 100.0))
-    + experiment.method_grid('ewc', strength=(10.0, 1e3, 1e5))
-    + experiment.method_grid('task-arithmetic', scaling=(0.5,))
-    + experiment.method_grid('ties', density=(0.2,), scaling=(1.0,))
+    + scaffold.method_grid('replay', fraction=(0.01, 0.05, 0.1))
+    + scaffold.method_grid('l2', strength=(0.1, 1.0, 10.0, 100.0))
+    + scaffold.method_grid('ewc', strength=(10.0, 1e3, 1e5))
+    + scaffold.method_grid('task-arithmetic', scaling=(0.5,))
+    + scaffold.method_grid('ties', density=(0.2,), scaling=(1.0,))
 )
 PERMUTED_GRID = (  # smaller: a permuted-MNIST run (10 tasks) costs ~2 split-MNIST runs
     [('finetune', {})]
-    + experiment.method_grid('sfa', p=(0.25, 0.5, 0.96, 1.0), beta=(0.25,))
-    + experiment.method_grid('replay', fraction=(0.1,))
-    + experiment.method_grid('l2', strength=(1.0, 10.0))
-    + experiment.method_grid('ewc', strength=(100.0, 1e4))
-    + experiment.method_grid('task-arithmetic', scaling=(0.5,))
-    + experiment.method_grid('ties', density=(0.2,), scaling=(1.0,))
+    + scaffold.method_grid('sfa', p=(0.25, 0.5, 0.96, 1.0), beta=(0.25,))
+    + scaffold.method_grid('replay', fraction=(0.1,))
+    + scaffold.method_grid('l2', strength=(1.0, 10.0))
+    + scaffold.method_grid('ewc', strength=(100.0, 1e4))
+    + scaffold.method_grid('task-arithmetic', scaling=(0.5,))
+    + scaffold.method_grid('ties', density=(0.2,), scaling=(1.0,))
 )
 STEPS = 300  # optimizer steps per task (the budget rule checks it per stream)
 QUICK_GRID = [('sfa', {'p': 0.5, 'beta': 0.5})]
@@ -130,7 +130,7 @@ def default_backbone(keys, quick: bool) -> str:
   if len(data) > 1:
     raise SystemExit(f'--streams {",".join(keys)} mixes MNIST and Fashion-MNIST streams, whose default backbones '
                      'differ (pretrained on the other data set): run them in separate invocations, or give --backbone.')
-  return os.path.join(experiment.RESULTS_DIR, 'backbones', pretrain_backbone.backbone_name('cnn', data.pop(), quick))
+  return os.path.join(scaffold.RESULTS_DIR, 'backbones', pretrain_backbone.backbone_name('cnn', data.pop(), quick))
 
 
 def shrunk(stream: tasks.TaskStream, train: int, test: int) -> tasks.TaskStream:
@@ -150,7 +150,7 @@ def shrunk(stream: tasks.TaskStream, train: int, test: int) -> tasks.TaskStream:
 
 def initial_of(stream, config, backbone, seed):
   """The backbone with a new head for ``stream``, the head initialised with ``seed``."""
-  params, model_state = loop.initializer(continual.build_model(stream, config), stream[0].train.x[:1])(seed)
+  params, model_state = loop.initializer(engine.run.build_model(stream, config), stream[0].train.x[:1])(seed)
   return with_new_head(backbone[0], params), with_new_head(backbone[1], model_state)
 
 
@@ -175,7 +175,7 @@ def run_group(stream, methods, config, seeds, initial_for, as_sweep, skip=frozen
       for seed in seeds:
         if (method.label, seed) in skip:
           continue
-        results[method.label, seed] = continual.run_sequence(stream, method, dataclasses.replace(config, seed=seed),
+        results[method.label, seed] = engine.run_sequence(stream, method, dataclasses.replace(config, seed=seed),
                                                              initial=initial_for(seed))
         if on_result is not None:
           on_result(method, seed, results[method.label, seed])
@@ -252,24 +252,24 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
     md += comparison_table(rows_by_regime) + ['']
     for regime, rows in rows_by_regime.items():
       png = f'{name}_{key}_{regime}.png'
-      families = experiment.tradeoff_points([r for r in mine if r['regime'] == regime], point=experiment.stability_plasticity)
+      families = scaffold.tradeoff_points([r for r in mine if r['regime'] == regime], point=scaffold.stability_plasticity)
       if plots:
-        experiment.tradeoff_plot(families, os.path.join(args.out, png),
+        scaffold.tradeoff_plot(families, os.path.join(args.out, png),
                                  axis_labels=('final accuracy on the tasks before the last', 'accuracy right after training (tasks 1..)'),
                                  title=f'{key}, {regime}')
       md += [f'### {regime}: every configuration', '', f'![{key} {regime}]({png})', ''] + all_configs_table(rows) + ['']
-    payload_streams[key] = {'stream': continual.describe_stream(stream), 'tables': rows_by_regime,
+    payload_streams[key] = {'stream': engine.run.describe_stream(stream), 'tables': rows_by_regime,
                             'budget': budgets.get((key, 'pretrained')), 'budget_scratch': budgets.get((key, 'scratch'))}
   if note:
     md += [note, '']
   md += ['## Wall time per group (stream, regime, method; seconds)', '', '| stream | regime | method | runs | s |', '|---|---|---|---:|---:|']
   md += [f'| {k[0]} | {k[1]} | {k[2]} | {v[0]} | {v[1]:.0f} |' for k, v in seconds_by_group.items()]
-  payload = {'done': done, 'backbone': backbone_meta, 'seeds': list(experiment.seeds_of(args)),
-             'config': continual.describe_config(base_config(args, backbone_meta)), 'streams': payload_streams,
+  payload = {'done': done, 'backbone': backbone_meta, 'seeds': list(scaffold.seeds_of(args)),
+             'config': engine.run.describe_config(base_config(args, backbone_meta)), 'streams': payload_streams,
              'group_seconds': [{'stream': k[0], 'regime': k[1], 'method': k[2], 'runs': v[0], 'seconds': v[1]}
                                for k, v in seconds_by_group.items()],
              'runs': [{k: v for k, v in r.items() if k != 'curve'} for r in runs]}
-  experiment.write_results(args.out, name, payload, '\n'.join(md), command, time.perf_counter() - start)
+  scaffold.write_results(args.out, name, payload, '\n'.join(md), command, time.perf_counter() - start)
 
 
 def default_name(args, stream_keys, regimes):
@@ -345,14 +345,14 @@ def budget_line(record):
 
 
 def base_config(args, meta):
-  return continual.TrainConfig(
+  return engine.TrainConfig(
       model=meta['model'], model_kwargs=tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in meta['model_kwargs'].items()),
       epochs_per_task=1, batch_size=32 if args.quick else 64, learning_rate=1e-3, eval_every=0,
       eval_batch_size=1000, steps_per_task=args.steps)
 
 
 def main(argv=None) -> None:
-  parser = experiment.experiment_parser(__doc__)
+  parser = scaffold.experiment_parser(__doc__)
   parser.add_argument('--backbone', help='the folder written by pretrain_backbone.py (default: the one pretrained on '
                       'the other data set: <results>/backbones/smallcnn-fashion-mnist for the MNIST streams, '
                       'smallcnn-mnist for split Fashion-MNIST; _quick with --quick)')
@@ -374,7 +374,7 @@ def main(argv=None) -> None:
     parser.error(f'--steps must be at least 1; got {args.steps}.')
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
-  command = experiment.command_line(__file__, argv)
+  command = scaffold.command_line(__file__, argv)
   if args.collect:
     return collect(args, command, start)
   stream_keys = list(dict.fromkeys(args.streams.split(',')))
@@ -386,12 +386,12 @@ def main(argv=None) -> None:
                      f'{data}{"--quick" if args.quick else ""} first.')
   params, model_state, meta = pretrain_backbone.load_backbone(directory)
   config = base_config(args, meta)
-  seeds = experiment.seeds_of(args)
+  seeds = scaffold.seeds_of(args)
   regimes = [r for r in REGIMES if r in args.regimes.split(',')]
   name = args.name or default_name(args, list(streams), regimes)
   runs, seconds_by_group, budgets = [], {}, {}
   runs_path = os.path.join(args.out, f'{name}.runs.jsonl')
-  done_runs = experiment.load_runs(runs_path, lambda run: (run['stream'], run['regime'], run['method'], run['seed']))
+  done_runs = scaffold.load_runs(runs_path, lambda run: (run['stream'], run['regime'], run['method'], run['seed']))
   os.makedirs(args.out, exist_ok=True)
   for key, stream in streams.items():
     if tuple(stream.input_shape) != tuple(meta['input_shape']):
@@ -416,7 +416,7 @@ def main(argv=None) -> None:
               'seed': seed, 'method_name': method.name, 'hyperparams': method.values, 'stream': key, 'regime': regime,
               'loadavg': os.getloadavg()}
           done_runs[key, regime, method.label, seed] = run
-          experiment.append_run(runs_path, run)
+          scaffold.append_run(runs_path, run)
 
         results = run_group(stream, todo, config, seeds, initial_for, args.sweep, skip={
             (m.label, seed) for m in todo for seed in seeds if (key, regime, m.label, seed) in done_runs},

@@ -32,7 +32,7 @@ the true labels (theirs: the model's predicted labels); class-incremental trains
   python experiments/three_scenarios.py --quick                      # 8x8 digits, few steps
 
 Each finished run is appended to <out>/three_scenarios_<protocol>.runs.jsonl at once and skipped on a
-rerun (the long runs survive a stop). The budget rule (`sfa_jax.budget`) is checked once per protocol:
+rerun (the long runs survive a stop). The budget rule (`sfa_jax.engine.budget`) is checked once per protocol:
 fine-tuning's convergence is measured with twice the steps per task (permuted: on its first two tasks)
 and recorded in the results.
 """
@@ -45,11 +45,11 @@ import time
 
 import numpy as np
 
-from sfa_jax import budget
-from sfa_jax import compile_cache
-from sfa_jax import continual
-from sfa_jax import experiment
-from sfa_jax import report
+from sfa_jax.engine import budget
+from sfa_jax.engine import compile_cache
+from sfa_jax import engine
+import scaffold
+from sfa_jax.cli import report
 from sfa_jax import tasks
 
 PROTOCOLS = {
@@ -131,7 +131,7 @@ def stream_of(protocol, scenario, quick):
 
 def config_of(protocol, quick):
   spec = PROTOCOLS[protocol]
-  return continual.TrainConfig(
+  return engine.TrainConfig(
       model='mlp', model_kwargs=(('hidden', (32, 32) if quick else spec['hidden']),), batch_size=32 if quick else BATCH,
       learning_rate=spec['learning_rate'], steps_per_task=20 if quick else spec['steps'], reset_optimizer=False,
       eval_batch_size=1000, eval_every=0)
@@ -142,7 +142,7 @@ def run_key(protocol, scenario, label, seed):
 
 
 def load_runs(path):
-  return experiment.load_runs(path, lambda run: run['key'])
+  return scaffold.load_runs(path, lambda run: run['key'])
 
 
 def verdict(ours, published):
@@ -212,7 +212,7 @@ def side_by_side(protocol, summary, scenarios):
 
 
 def main(argv=None) -> None:
-  parser = experiment.experiment_parser(__doc__)
+  parser = scaffold.experiment_parser(__doc__)
   parser.add_argument('--protocols', default='split,permuted', help='comma-separated: split, permuted')
   parser.add_argument('--scenarios', help='comma-separated settings (default: every scenario of each protocol)')
   parser.add_argument('--methods', default='finetune,joint,ewc,replay',
@@ -222,8 +222,8 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
-  command = experiment.command_line(__file__, argv)
-  seeds = experiment.seeds_of(args)
+  command = scaffold.command_line(__file__, argv)
+  seeds = scaffold.seeds_of(args)
   wanted_methods = set(args.methods.split(','))
   for protocol in args.protocols.split(','):
     if protocol not in PROTOCOLS:
@@ -260,18 +260,18 @@ def main(argv=None) -> None:
       for selector, method_name, hp in methods_for(protocol, scenario, extra):
         if selector not in wanted_methods:
           continue
-        method = continual.make_method(method_name, **hp)
+        method = engine.make_method(method_name, **hp)
         for seed in seeds:
           key = run_key(protocol, scenario, method.label, seed)
           if key in runs:
             continue
           t0 = time.perf_counter()
-          result = continual.run_sequence(stream, method, dataclasses.replace(config, seed=seed))
+          result = engine.run_sequence(stream, method, dataclasses.replace(config, seed=seed))
           run = {k: v for k, v in result.to_json().items() if k != 'curve'} | {
               'key': key, 'protocol': protocol, 'scenario': scenario, 'seed': seed, 'method_name': method.name,
               'hyperparams': method.values, 'wall_seconds': time.perf_counter() - t0, 'loadavg': os.getloadavg()}
           runs[key] = run
-          experiment.append_run(runs_path, run)
+          scaffold.append_run(runs_path, run)
           print(f'[{time.perf_counter() - start:6.0f} s] {protocol} {scenario:18s} {method.label:32s} seed {seed}: '
                 f"avg {run['metrics']['average_accuracy']:.4f} ({run['wall_seconds']:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
     runs = load_runs(runs_path)  # with the runs of any other process on this protocol (run side by side)
@@ -294,11 +294,11 @@ def main(argv=None) -> None:
                   f"{row['forgetting'][0]:.4f} ± {row['forgetting'][1]:.4f} | {row['seeds']} | {row['train_seconds'][0]:.0f} |")
     payload = {'protocol': protocol, 'settings': {**{k: v for k, v in PROTOCOLS[protocol].items() if k != 'scenarios'},
                                                   'batch_size': BATCH, 'online_ewc': {f'{p}|{s}': v for (p, s), v in ONLINE_EWC.items() if p == protocol},
-                                                  'replay_fraction': REPLAY_FRACTION, 'config': continual.describe_config(config)},
+                                                  'replay_fraction': REPLAY_FRACTION, 'config': engine.run.describe_config(config)},
                'published': PUBLISHED[protocol], 'verified_cells': sorted(map(list, VERIFIED[protocol])),
                'summary': [{'scenario': s, 'method_name': n, **v} for (s, n), v in summary.items()],
                'budget': budget_record, 'seeds': list(seeds), 'runs': list(runs.values())}
-    experiment.write_results(args.out, name, payload, '\n'.join(md), command, time.perf_counter() - start)
+    scaffold.write_results(args.out, name, payload, '\n'.join(md), command, time.perf_counter() - start)
     print('\n'.join(md), flush=True)
 
 

@@ -12,14 +12,17 @@ the weights is formed. (The identity behind Goodfellow's per-example gradient no
 product (``(batch, kernel size)`` floats, so only below :data:`MAX_CONV_GRADIENT_FLOATS`), squared
 and reduced with a matrix product.
 
-:func:`sfa_jax.fisher.diagonal_fisher` uses this for every ``flax.linen.Dense``,
-:class:`sfa_jax.models.heads.OutputHead` and ``flax.linen.Conv`` that it can prove qualifies, and
+:func:`sfa_jax.fisher.diagonal_fisher` uses this for every ``flax.linen.Dense``, stacked output
+head and ``flax.linen.Conv`` that it can prove qualifies, and
 its per-example loop for all other parameters. A layer qualifies when, in the batched forward pass
 of ``logits_fn``, it is called exactly once, on a float32 input whose leading axis is the batch,
 with float32 parameters that are leaves of the params given (the same arrays, not copies or casts)
 and used by no other layer; a Dense layer on rows ``(batch, features)`` without a custom
 ``dot_general``; a Conv on NHWC images, 2-D kernel, ``'SAME'`` or ``'VALID'`` padding, no feature
-groups, mask, input dilation or custom ``conv_general_dilated``.
+groups, mask, input dilation or custom ``conv_general_dilated``; a stacked output head is any
+module whose class sets ``stacked_heads_layout = True`` (as :class:`sfa_jax.models.heads.OutputHead`
+does): one dense layer's ``kernel`` and ``bias`` per head, stacked on a leading axis of
+``num_heads`` when that is above 1, the head picked per example by ``task_id``.
 
 Reference:
   Goodfellow, `Efficient per-example gradient computations <https://arxiv.org/abs/1510.01799>`_,
@@ -35,7 +38,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sfa_jax.models.heads import OutputHead
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -46,7 +48,7 @@ class AffineCall(NamedTuple):
   path: tuple[str, ...]
   kernel: int
   bias: int | None
-  num_heads: int  # 0: a plain (features, outputs) kernel; H: OutputHead's (H, features, outputs)
+  num_heads: int  # 0: a plain (features, outputs) kernel; H: a stacked head's (H, features, outputs)
   conv: tuple | None = None  # nn.Conv: (window_strides, padding, kernel_dilation); None: dense
   out_shape: tuple[int, ...] = ()
 
@@ -88,7 +90,7 @@ def _match(module: nn.Module, args: tuple, leaf_index: dict[int, int]) -> Affine
     if module.dot_general is not None or module.dot_general_cls is not None:
       return None
     use_bias, num_heads = module.use_bias, 0
-  elif isinstance(module, OutputHead):
+  elif getattr(type(module), 'stacked_heads_layout', False):  # e.g. sfa_jax.models.heads.OutputHead
     use_bias, num_heads = True, (0 if module.num_heads == 1 else module.num_heads)
   elif isinstance(module, nn.Conv):
     conv = _conv_settings(module, x)

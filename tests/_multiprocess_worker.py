@@ -40,19 +40,19 @@ UNREADABLE_IN_PROCESS_1 = 24  # on resuming, process 1 alone fails to read this 
 
 
 def stream_method_config():
-  """The run's stream, method and :class:`~sfa_jax.continual.TrainConfig`, as the test builds them too."""
-  from sfa_jax import continual
+  """The run's stream, method and :class:`~sfa_jax.engine.config.TrainConfig`, as the test builds them too."""
+  from sfa_jax import engine
   from sfa_jax import tasks
 
   stream = tasks.make_stream('mnist-pair', source='digits')
-  return stream, continual.make_method(METHOD), continual.TrainConfig(**CONFIG)
+  return stream, engine.make_method(METHOD), engine.TrainConfig(**CONFIG)
 
 
 def placement(tree) -> dict:
   """``{path: {...}}``: where this process holds each leaf of ``tree`` that FSDP shards (the large ones)."""
   import jax
 
-  from sfa_jax import distributed
+  from sfa_jax.engine import distributed
 
   return {
       jax.tree_util.keystr(path): {
@@ -74,10 +74,10 @@ def main(phase: str, process_id: int, port: int, folder: str) -> None:
       initialization_timeout=120,
   )
   from sfa_jax import SFAState
-  from sfa_jax import continual
-  from sfa_jax import distributed
+  from sfa_jax import engine
+  from sfa_jax.engine import distributed
   from sfa_jax import find_state
-  from sfa_jax.checkpoint import Checkpointer
+  from sfa_jax.engine.checkpoint import Checkpointer
 
   assert jax.process_count() == NUM_PROCESSES and jax.local_device_count() == DEVICES_PER_PROCESS, jax.devices()
   out: dict = {'saves': {}}
@@ -111,7 +111,7 @@ def main(phase: str, process_id: int, port: int, folder: str) -> None:
   if phase == 'kill':
     checkpointer = Inspecting(
         os.path.join(folder, 'killed'), every_steps=EVERY_STEPS, max_to_keep=4, kill_after=KILL_AFTER_SAVE)
-    continual.run_sequence(stream, method, config, mesh=mesh, checkpointer=checkpointer)
+    engine.run_sequence(stream, method, config, mesh=mesh, checkpointer=checkpointer)
     raise AssertionError(f'the run was to be killed after its checkpoint of step {KILL_AFTER_SAVE}')
 
   assert phase == 'resume', phase
@@ -119,18 +119,18 @@ def main(phase: str, process_id: int, port: int, folder: str) -> None:
     _fail_to_read_arrays(os.path.join(folder, 'killed'), UNREADABLE_IN_PROCESS_1)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
-    resumed = continual.run_sequence(
+    resumed = engine.run_sequence(
         stream, method, config, mesh=mesh, checkpointer=Inspecting(os.path.join(folder, 'killed')))
   out['warnings'] = [str(warning.message) for warning in caught if 'checkpoint' in str(warning.message)]
   out['resumed'] = _summary(resumed)
   uninterrupted_checkpointer = Inspecting(os.path.join(folder, 'uninterrupted'))
   out['uninterrupted'] = _summary(
-      continual.run_sequence(stream, method, config, mesh=mesh, checkpointer=uninterrupted_checkpointer))
+      engine.run_sequence(stream, method, config, mesh=mesh, checkpointer=uninterrupted_checkpointer))
   # A checkpoint of one process (SHA-256 checksums) restores onto the mesh, its checksums verified.
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     arrays, record = Checkpointer(os.path.join(folder, 'one-process')).restore_latest(
-        uninterrupted_checkpointer.last_saved, fingerprint=continual.fingerprint(stream, method, config))
+        uninterrupted_checkpointer.last_saved, fingerprint=engine.run.fingerprint(stream, method, config))
   out['one_process_restored'] = {'position': record['position'], 'arrays': placement(arrays)}
   write()
 

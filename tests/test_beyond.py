@@ -18,12 +18,12 @@ from _optax_helpers import quadratic_problem
 from _optax_helpers import run_optax
 from _optax_helpers import tree_params
 from sfa_jax import adaptive
-from sfa_jax import continual
+from sfa_jax import engine
 from sfa_jax.engine import callbacks
 from sfa_jax.engine import loop
 from sfa_jax.engine import methods
 from sfa_jax import tasks
-from sfa_jax.checkpoint import Checkpointer
+from sfa_jax.engine.checkpoint import Checkpointer
 
 # ---------------------------------------------------------------------------------------------
 # A plain NumPy reference of adaptive SFA, written without sfa_jax's helpers.
@@ -242,8 +242,8 @@ def test_reanchor_sets_the_anchor_and_its_norm_and_restarts_the_counters():
         (lambda: adaptive.adaptive_sfa(threshold=0.1, total_steps=3).init(None), ValueError, 'params'),
         (lambda: adaptive.adaptive_sfa({'a': jnp.ones(2)}, 0.1, total_steps=3).init(tree_params()), ValueError, 'anchor'),
         (lambda: sfa_jax.register_anchored_state(dict, lambda s, p: s), TypeError, 'anchor field'),
-        (lambda: continual.make_method('adaptive-sfa', threshold=-1.0), ValueError, 'threshold must lie'),
-        (lambda: continual.make_method('multi-anchor-sfa', threshold=0.1), ValueError, 'takes no hyper-parameter'),
+        (lambda: engine.make_method('adaptive-sfa', threshold=-1.0), ValueError, 'threshold must lie'),
+        (lambda: engine.make_method('multi-anchor-sfa', threshold=0.1), ValueError, 'takes no hyper-parameter'),
     ],
 )
 def test_bad_input(make, error, match):
@@ -254,7 +254,7 @@ def test_bad_input(make, error, match):
 # ---------------------------------------------------------------------------------------------
 # The methods in the sequence trainer, on scikit-learn's 8x8 digits.
 
-CONFIG = continual.TrainConfig(epochs_per_task=1, batch_size=32, eval_batch_size=256)
+CONFIG = engine.TrainConfig(epochs_per_task=1, batch_size=32, eval_batch_size=256)
 
 
 @pytest.fixture(scope='module')
@@ -264,19 +264,19 @@ def pair():
 
 @pytest.fixture(scope='module')
 def sfa_run(pair):
-  return continual.run_sequence(pair, continual.make_method('sfa', p=0.25, beta=0.5), CONFIG)
+  return engine.run_sequence(pair, engine.make_method('sfa', p=0.25, beta=0.5), CONFIG)
 
 
 def test_adaptive_sfa_at_threshold_zero_is_sfa_in_the_trainer(pair, sfa_run):
-  result = continual.run_sequence(pair, continual.make_method('adaptive-sfa', threshold=0.0, beta=0.5, min_p=0.25), CONFIG)
+  result = engine.run_sequence(pair, engine.make_method('adaptive-sfa', threshold=0.0, beta=0.5, min_p=0.25), CONFIG)
   assert result.averaging_steps == sfa_run.averaging_steps and len(sfa_run.averaging_steps) == 4
   np.testing.assert_array_equal(result.accuracy_matrix, sfa_run.accuracy_matrix)
 
 
 def test_adaptive_sfa_records_its_averages_where_the_rule_puts_them(pair):
   """The averaging steps obey the rule: on task 1 only, at least min_p*T apart, always at its end."""
-  method = continual.make_method('adaptive-sfa', threshold=0.12, beta=0.5, min_p=0.1)
-  result = continual.run_sequence(pair, method, CONFIG)
+  method = engine.make_method('adaptive-sfa', threshold=0.12, beta=0.5, min_p=0.1)
+  result = engine.run_sequence(pair, method, CONFIG)
   first, total = result.steps_per_task
   steps = [s - first for s in result.averaging_steps]
   gap = int(sfa_jax.averaging_period(0.1, total))
@@ -287,13 +287,13 @@ def test_adaptive_sfa_records_its_averages_where_the_rule_puts_them(pair):
 
 @pytest.mark.slow
 def test_multi_anchor_sfa_is_sfa_on_two_tasks(pair, sfa_run):
-  result = continual.run_sequence(pair, continual.make_method('multi-anchor-sfa', p=0.25, beta=0.5), CONFIG)
+  result = engine.run_sequence(pair, engine.make_method('multi-anchor-sfa', p=0.25, beta=0.5), CONFIG)
   np.testing.assert_array_equal(result.accuracy_matrix, sfa_run.accuracy_matrix)
   assert result.averaging_steps == sfa_run.averaging_steps
 
 
 def test_multi_anchor_sfa_anchors_at_the_running_mean_of_past_task_ends():
-  method = continual.make_method('multi-anchor-sfa', p=0.5, beta=0.5)
+  method = engine.make_method('multi-anchor-sfa', p=0.5, beta=0.5)
   params = {'w': jnp.zeros(3)}
   tx = method.transform(optax.sgd(0.1))
   run = loop.RunState(params, {}, tx.init(params), method.init_extras(params, {}, 4))
@@ -312,8 +312,8 @@ def test_multi_anchor_sfa_anchors_at_the_running_mean_of_past_task_ends():
 def test_multi_anchor_sfa_resumes_bit_exact_mid_task(tmp_path):
   """The running mean is saved with the checkpoints: a run stopped inside task 2 resumes exactly."""
   stream = tasks.make_stream('split-mnist', source='digits', num_tasks=3)
-  method = continual.make_method('multi-anchor-sfa', p=0.5, beta=0.5)
-  uninterrupted = continual.run_sequence(stream, method, CONFIG).accuracy_matrix
+  method = engine.make_method('multi-anchor-sfa', p=0.5, beta=0.5)
+  uninterrupted = engine.run_sequence(stream, method, CONFIG).accuracy_matrix
 
   class Stop(Exception):
     pass
@@ -323,7 +323,7 @@ def test_multi_anchor_sfa_resumes_bit_exact_mid_task(tmp_path):
       raise Stop
 
   with pytest.raises(Stop):
-    continual.run_sequence(stream, method, CONFIG, callbacks=stop_in_task_2, checkpointer=Checkpointer(tmp_path, every_steps=5))
-  resumed = continual.run_sequence(stream, method, CONFIG, checkpointer=Checkpointer(tmp_path, every_steps=5))
+    engine.run_sequence(stream, method, CONFIG, callbacks=stop_in_task_2, checkpointer=Checkpointer(tmp_path, every_steps=5))
+  resumed = engine.run_sequence(stream, method, CONFIG, checkpointer=Checkpointer(tmp_path, every_steps=5))
   assert resumed.accuracy_matrix == uninterrupted
 

@@ -1,11 +1,11 @@
-"""The budget rule of the experiments (sfa_jax.budget): each rule fails when it should, and only then."""
+"""The budget rule of the experiments (sfa_jax.engine.budget): each rule fails when it should, and only then."""
 
 import json
 
 import pytest
 
-from sfa_jax import budget
-from sfa_jax import continual
+from sfa_jax.engine import budget
+from sfa_jax import engine
 from sfa_jax import tasks
 
 
@@ -75,7 +75,7 @@ def test_task_curves_count_steps_from_each_task_start():
 
 def test_measure_convergence_on_a_real_stream():
   stream = tasks.make_stream('split-mnist', source='digits', setting=tasks.TASK_INCREMENTAL)
-  config = continual.TrainConfig(batch_size=32, model_kwargs=(('hidden', (32,)),), learning_rate=3e-3)
+  config = engine.TrainConfig(batch_size=32, model_kwargs=(('hidden', (32,)),), learning_rate=3e-3)
   record = budget.measure_convergence(stream, config, 40, eval_every=10)
   assert record['reference_steps'] == 40 and len(record['tasks']) == 5
   for task in record['tasks']:  # two digits apart, with the task id: learned within 40 steps

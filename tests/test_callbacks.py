@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from sfa_jax import continual
-from sfa_jax import sweep
+from sfa_jax import engine
+from sfa_jax import engine
 from sfa_jax import tasks
 from sfa_jax.engine import callbacks
 
-CONFIG = continual.TrainConfig(model_kwargs=(('hidden', (16,)),), epochs_per_task=1, batch_size=32, eval_batch_size=256, eval_every=10)
+CONFIG = engine.TrainConfig(model_kwargs=(('hidden', (16,)),), epochs_per_task=1, batch_size=32, eval_batch_size=256, eval_every=10)
 
 
 @pytest.fixture(scope='module')
@@ -22,7 +22,7 @@ def pair():
 @pytest.fixture(scope='module')
 def sfa_events(pair):
   events = []
-  result = continual.run_sequence(pair, continual.make_method('sfa', p=0.5), CONFIG, callbacks=events.append)
+  result = engine.run_sequence(pair, engine.make_method('sfa', p=0.5), CONFIG, callbacks=events.append)
   return result, events
 
 
@@ -38,8 +38,8 @@ def test_the_loop_reports_every_step_evaluation_average_and_task_end(sfa_events)
 
 def test_a_sweep_names_the_configuration_of_each_evaluation(pair):
   events = []
-  configurations = sweep.grid('sfa', p=(0.5, 1.0), config=CONFIG)
-  results = sweep.run_sweep(pair, configurations, callbacks=[events.append])
+  configurations = engine.grid('sfa', p=(0.5, 1.0), config=CONFIG)
+  results = engine.run_sweep(pair, configurations, callbacks=[events.append])
   for i, result in enumerate(results):
     assert [e.point for e in events if isinstance(e, callbacks.EvaluationEvent) and e.configuration == i] == result.curve
     assert [e.global_step for e in events if isinstance(e, callbacks.AverageEvent) and e.configuration == i] == result.averaging_steps
@@ -106,4 +106,4 @@ def test_console_progress_prints_a_line_every_tenth_of_a_task_off_a_terminal():
 
 def test_callbacks_must_be_callable(pair):
   with pytest.raises(TypeError, match=r'callbacks\[1\] must be callable'):
-    continual.run_sequence(pair, continual.make_method('finetune'), CONFIG, callbacks=[print, 'log.txt'])
+    engine.run_sequence(pair, engine.make_method('finetune'), CONFIG, callbacks=[print, 'log.txt'])

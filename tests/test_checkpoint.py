@@ -16,13 +16,13 @@ import pytest
 from _checkpoint_helpers import flip_bytes_in_arrays
 from _checkpoint_helpers import steps
 
-from sfa_jax import continual
+from sfa_jax import engine
 from sfa_jax import tasks
-from sfa_jax.checkpoint import CheckpointError
-from sfa_jax.checkpoint import Checkpointer
-from sfa_jax.checkpoint import CheckpointWarning
-from sfa_jax.checkpoint import array_checksums
-from sfa_jax.checkpoint import fold64_checksum
+from sfa_jax.engine.checkpoint import CheckpointError
+from sfa_jax.engine.checkpoint import Checkpointer
+from sfa_jax.engine.checkpoint import CheckpointWarning
+from sfa_jax.engine.checkpoint import array_checksums
+from sfa_jax.engine.checkpoint import fold64_checksum
 
 
 def _arrays(step):
@@ -106,7 +106,7 @@ def test_checksums_of_a_checkpoint_follow_the_kind_it_saved():
 
 def test_a_checkpoint_of_several_processes_restores_in_one_and_its_corruption_is_seen(tmp_path, monkeypatch):
   """Its arrays spanned the processes: fold64 checksums; one process verifies them on its own copy."""
-  import sfa_jax.checkpoint as checkpoint_lib
+  import sfa_jax.engine.checkpoint as checkpoint_lib
 
   sha256_checksums = checkpoint_lib.array_checksums
   monkeypatch.setattr(checkpoint_lib, 'array_checksums', lambda arrays, like=None: sha256_checksums(
@@ -134,23 +134,23 @@ def test_a_checkpoint_of_another_run_is_an_error_naming_the_difference(tmp_path)
 
 def test_the_fingerprint_names_the_tasks_and_every_exact_setting():
   two, three = (tasks.make_stream('split-mnist', source='digits', num_tasks=n) for n in (2, 3))
-  sfa, near = continual.make_method('sfa', p=0.25), continual.make_method('sfa', p=0.2500001)
+  sfa, near = engine.make_method('sfa', p=0.25), engine.make_method('sfa', p=0.2500001)
   assert sfa.label == near.label  # a label rounds
-  config = continual.TrainConfig()
-  run = continual.fingerprint(two, sfa, config)
+  config = engine.TrainConfig()
+  run = engine.run.fingerprint(two, sfa, config)
   assert json.loads(run)['stream']['tasks'] == ['split-mnist/0', 'split-mnist/1']
   others = [
-      continual.fingerprint(three, sfa, config),
-      continual.fingerprint(tasks.make_stream('split-mnist', source='digits', num_tasks=2, setting='task-incremental'), sfa, config),
-      continual.fingerprint(two, near, config),
-      continual.fingerprint(two, continual.make_method('l2'), config),
-      *(continual.fingerprint(two, sfa, dataclasses.replace(config, **change)) for change in (
+      engine.run.fingerprint(three, sfa, config),
+      engine.run.fingerprint(tasks.make_stream('split-mnist', source='digits', num_tasks=2, setting='task-incremental'), sfa, config),
+      engine.run.fingerprint(two, near, config),
+      engine.run.fingerprint(two, engine.make_method('l2'), config),
+      *(engine.run.fingerprint(two, sfa, dataclasses.replace(config, **change)) for change in (
           {'eval_every': 5}, {'learning_rate': 2e-3}, {'seed': 1}, {'epochs_per_task': 3}, {'batch_size': 32},
           {'optimizer': 'sgd'}, {'model': 'cnn'}, {'model_kwargs': (('hidden', (32,)),)}, {'reset_optimizer': False},
       )),
   ]
   assert run not in others and len(set(others)) == len(others)
-  assert continual.fingerprint(two, continual.make_method('sfa', p=0.25), config) == run
+  assert engine.run.fingerprint(two, engine.make_method('sfa', p=0.25), config) == run
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_silenced_failure_reports_hide_the_unawaited_write_coroutines_of_a_faile
   program = textwrap.dedent(
       """
       import gc
-      from sfa_jax.checkpoint import silence_orbax_failure_reports
+      from sfa_jax.engine.checkpoint import silence_orbax_failure_reports
       silence_orbax_failure_reports()
       async def write_fragment():
         pass

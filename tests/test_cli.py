@@ -20,8 +20,8 @@ import pytest
 from _checkpoint_helpers import flip_bytes_in_arrays
 from _checkpoint_helpers import steps
 
-from sfa_jax import cli
-from sfa_jax import names
+from sfa_jax.cli import command as cli
+from sfa_jax.cli import names
 from sfa_jax.engine import methods as methods_lib
 
 FAST = ['--source', 'digits', '--epochs', '1', '--batch-size', '32', '--no-compile-cache']
@@ -232,7 +232,7 @@ def test_resume_without_checkpoints_says_so_then_starts(first_run):
 
 
 def test_a_command_that_failed_before_its_first_save_holds_nothing_to_resume(tmp_path, monkeypatch, capsys):
-  from sfa_jax import continual
+  from sfa_jax import engine
 
   out = tmp_path / 'out'
 
@@ -240,7 +240,7 @@ def test_a_command_that_failed_before_its_first_save_holds_nothing_to_resume(tmp
     raise ValueError('the data broke before the first step')
 
   with monkeypatch.context() as patch:
-    patch.setattr(continual, 'run_sequence', fails)
+    patch.setattr(engine, 'run_sequence', fails)
     assert cli.main(_argv(out)) == 2
   assert (out / 'checkpoints' / 'command.json').exists()
   capsys.readouterr()
@@ -395,7 +395,7 @@ _WITHOUT_JAX = textwrap.dedent(
     package = types.ModuleType('sfa_jax')
     package.__path__ = list(importlib.util.find_spec('sfa_jax').submodule_search_locations)
     sys.modules['sfa_jax'] = package
-    from sfa_jax import cli
+    from sfa_jax.cli import command as cli
     codes = []
     for argv in json.loads(sys.argv[1]):
       try:
@@ -429,8 +429,8 @@ def test_help_and_argument_errors_load_neither_jax_nor_the_data(tmp_path):
 
 
 def test_the_names_match_the_registries():
-  """sfa_jax.names (what the command line checks before loading JAX) against the registries."""
-  from sfa_jax import continual, models, tasks
+  """sfa_jax.cli.names (what the command line checks before loading JAX) against the registries."""
+  from sfa_jax import models, tasks, engine
 
   assert sorted(names.STREAMS) == tasks.list_streams()
   assert (names.SOURCES, names.SETTINGS) == (tasks.SOURCES, tasks.SETTINGS)
@@ -451,9 +451,9 @@ def test_the_names_match_the_registries():
   with pytest.raises(ValueError, match='Unknown model'):
     models.make_model('perceptron', num_outputs=2)
   for optimizer in names.OPTIMIZERS:
-    continual.TrainConfig(optimizer=optimizer)
+    engine.TrainConfig(optimizer=optimizer)
   with pytest.raises(ValueError, match='optimizer must be one of'):
-    continual.TrainConfig(optimizer='lbfgs')
+    engine.TrainConfig(optimizer='lbfgs')
   # A flag checks the range of every registered method that takes it: one range per name.
   ranges = {}
   for cls in methods_lib.registered().values():

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from sfa_jax import cli
+from sfa_jax.cli import command as cli
 
 FAST = ['--source', 'digits', '--epochs', '1', '--batch-size', '32', '--no-compile-cache']
 

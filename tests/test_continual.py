@@ -17,15 +17,15 @@ import pytest
 
 import sfa_jax
 
-from sfa_jax import continual
+from sfa_jax import engine
 from sfa_jax.engine import loop
 from sfa_jax.engine import methods
 from sfa_jax import models
 from sfa_jax import tasks
-from sfa_jax.checkpoint import CheckpointError
-from sfa_jax.checkpoint import Checkpointer
+from sfa_jax.engine.checkpoint import CheckpointError
+from sfa_jax.engine.checkpoint import Checkpointer
 
-CONFIG = continual.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128)
+CONFIG = engine.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128)
 
 
 @pytest.fixture(scope='module')
@@ -35,7 +35,7 @@ def pair():
 
 @pytest.mark.parametrize('name', list(methods.registered()))
 def test_every_method_runs_and_fills_the_accuracy_matrix(pair, name):
-  result = continual.run_sequence(pair, continual.make_method(name), CONFIG)
+  result = engine.run_sequence(pair, engine.make_method(name), CONFIG)
   matrix = np.asarray(result.accuracy_matrix)
   assert matrix.shape == (2, 2)
   assert np.all((matrix >= 0) & (matrix <= 1))
@@ -49,7 +49,7 @@ def test_every_method_runs_and_fills_the_accuracy_matrix(pair, name):
 def test_methods_differ_as_the_paper_says(pair):
   """Fine-tuning forgets task A; SFA, L2, replay and joint training keep some of it."""
   final = {
-      name: np.asarray(continual.run_sequence(pair, continual.make_method(name), CONFIG).accuracy_matrix)[-1]
+      name: np.asarray(engine.run_sequence(pair, engine.make_method(name), CONFIG).accuracy_matrix)[-1]
       for name in ('finetune', 'sfa', 'replay', 'joint')
   }
   assert final['finetune'][0] < 0.05 and final['finetune'][1] > 0.9
@@ -63,13 +63,13 @@ def test_train_step_compiles_once_per_run(pair, caplog):
   for name in ('sfa', 'replay', 'ewc'):
     caplog.clear()
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
-      continual.run_sequence(pair, continual.make_method(name), CONFIG)
+      engine.run_sequence(pair, engine.make_method(name), CONFIG)
     step_compiles = [r for r in caplog.records if 'Finished XLA compilation of jit(step)' in r.getMessage()]
     assert len(step_compiles) <= 1, (name, [r.getMessage() for r in step_compiles])
 
 
 def test_sfa_averages_where_the_schedule_says(pair):
-  result = continual.run_sequence(pair, continual.make_method('sfa', p=0.25, beta=0.5), CONFIG)
+  result = engine.run_sequence(pair, engine.make_method('sfa', p=0.25, beta=0.5), CONFIG)
   first, total = result.steps_per_task
   expected = [first + t for t in range(1, total + 1) if sfa_jax.is_averaging_step(t, 0.25, total)]
   assert result.averaging_steps == expected
@@ -77,15 +77,15 @@ def test_sfa_averages_where_the_schedule_says(pair):
 
 
 def test_sfa_with_beta_zero_is_finetuning_and_beta_one_keeps_task_a(pair):
-  finetune = continual.run_sequence(pair, continual.make_method('finetune'), CONFIG).accuracy_matrix
-  beta0 = continual.run_sequence(pair, continual.make_method('sfa', beta=0.0), CONFIG).accuracy_matrix
-  beta1 = continual.run_sequence(pair, continual.make_method('sfa', p=1.0, beta=1.0), CONFIG).accuracy_matrix
+  finetune = engine.run_sequence(pair, engine.make_method('finetune'), CONFIG).accuracy_matrix
+  beta0 = engine.run_sequence(pair, engine.make_method('sfa', beta=0.0), CONFIG).accuracy_matrix
+  beta1 = engine.run_sequence(pair, engine.make_method('sfa', p=1.0, beta=1.0), CONFIG).accuracy_matrix
   np.testing.assert_allclose(beta0, finetune, atol=1e-6)
   assert beta1[1] == beta1[0]  # the end-of-task average with beta = 1 returns to the anchor exactly
 
 
 def test_replay_batches_mix_memory_and_current_task(pair):
-  plan = continual.make_method('replay', fraction=0.5, ratio=0.25).batch_plan(list(pair), 1, CONFIG.batch_size, CONFIG.seed)
+  plan = engine.make_method('replay', fraction=0.5, ratio=0.25).batch_plan(list(pair), 1, CONFIG.batch_size, CONFIG.seed)
   assert plan.replay_size == 8
   assert set(np.unique(plan.replay_ids)) == {0} and set(np.unique(plan.task_ids)) == {1}
   memory_counts = np.bincount(plan.replay.y)
@@ -95,7 +95,7 @@ def test_replay_batches_mix_memory_and_current_task(pair):
 
 def test_task_incremental_uses_one_head_per_task():
   stream = tasks.make_stream('split-mnist', source='digits', setting='task-incremental', num_tasks=5)
-  result = continual.run_sequence(stream, continual.make_method('finetune'), continual.TrainConfig(epochs_per_task=1, batch_size=32))
+  result = engine.run_sequence(stream, engine.make_method('finetune'), engine.TrainConfig(epochs_per_task=1, batch_size=32))
   matrix = np.asarray(result.accuracy_matrix)
   # With the task id given, old tasks stay well above chance (0.5) even under fine-tuning.
   assert matrix.shape == (5, 5) and matrix[-1].mean() > 0.7
@@ -103,38 +103,38 @@ def test_task_incremental_uses_one_head_per_task():
 
 def test_bad_methods_and_configs_are_refused():
   with pytest.raises(ValueError, match='unknown method'):
-    continual.make_method('sgd-magic')
+    engine.make_method('sgd-magic')
   with pytest.raises(ValueError, match='p must lie'):
-    continual.make_method('sfa', p=0.0)
+    engine.make_method('sfa', p=0.0)
   with pytest.raises(ValueError, match="takes no hyper-parameter \\['p'\\]"):
-    continual.make_method('l2', p=0.5)
+    engine.make_method('l2', p=0.5)
   with pytest.raises(ValueError, match='optimizer must be one of'):
-    continual.TrainConfig(optimizer='lbfgs')
+    engine.TrainConfig(optimizer='lbfgs')
   with pytest.raises(ValueError, match='batch_size must be an integer'):
-    continual.TrainConfig(batch_size=0)
+    engine.TrainConfig(batch_size=0)
 
 
 def test_mismatched_or_corrupt_checkpoint_is_an_error(pair, tmp_path):
   ckpt_dir = tmp_path / 'ckpt'
-  continual.run_sequence(pair, continual.make_method('sfa'), CONFIG, checkpointer=Checkpointer(ckpt_dir, every_steps=20))
+  engine.run_sequence(pair, engine.make_method('sfa'), CONFIG, checkpointer=Checkpointer(ckpt_dir, every_steps=20))
   with pytest.raises(CheckpointError, match='another run configuration'):
-    continual.run_sequence(pair, continual.make_method('l2'), CONFIG, checkpointer=Checkpointer(ckpt_dir))
+    engine.run_sequence(pair, engine.make_method('l2'), CONFIG, checkpointer=Checkpointer(ckpt_dir))
   for path in ckpt_dir.glob('*/record/*'):  # every checkpoint: an unreadable one is skipped for the previous
     if path.is_file():
       path.write_text('{ not json')
   with pytest.raises(CheckpointError, match=r'no usable checkpoint .*\(cannot read the checkpoint'):
-    continual.run_sequence(pair, continual.make_method('sfa'), CONFIG, checkpointer=Checkpointer(ckpt_dir))
+    engine.run_sequence(pair, engine.make_method('sfa'), CONFIG, checkpointer=Checkpointer(ckpt_dir))
 
 
 _KILLABLE_RUN = textwrap.dedent(
     """
     import json, sys, time
-    from sfa_jax import continual, tasks
-    from sfa_jax.checkpoint import Checkpointer
+    from sfa_jax import tasks, engine
+    from sfa_jax.engine.checkpoint import Checkpointer
     stream = tasks.make_stream('mnist-pair', source='digits')
-    config = continual.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128, eval_every=9)
+    config = engine.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128, eval_every=9)
     slow = lambda event: time.sleep(0.05) if getattr(event, 'task', None) == 1 and hasattr(event, 'step') else None
-    result = continual.run_sequence(stream, continual.make_method(sys.argv[2]), config,
+    result = engine.run_sequence(stream, engine.make_method(sys.argv[2]), config,
                                     callbacks=slow, checkpointer=Checkpointer(sys.argv[1], every_steps=5))
     print(json.dumps(result.to_json()['accuracy_matrix']))
     """
@@ -160,29 +160,29 @@ def test_sigkill_mid_task_then_resume_is_bit_exact(pair, tmp_path, name):
       [sys.executable, '-c', _KILLABLE_RUN, ckpt_dir, name], env=env, capture_output=True, text=True, timeout=300
   )
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  config = continual.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128, eval_every=9)
-  uninterrupted = continual.run_sequence(pair, continual.make_method(name), config).accuracy_matrix
+  config = engine.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128, eval_every=9)
+  uninterrupted = engine.run_sequence(pair, engine.make_method(name), config).accuracy_matrix
   assert json.loads(resumed.stdout.strip().splitlines()[-1]) == uninterrupted
 
 
 def test_cnn_through_the_trainer(pair):
-  config = continual.TrainConfig(model='cnn', epochs_per_task=1, batch_size=32, eval_batch_size=128)
-  result = continual.run_sequence(pair, continual.make_method('sfa', p=0.5, beta=0.25), config)
+  config = engine.TrainConfig(model='cnn', epochs_per_task=1, batch_size=32, eval_batch_size=128)
+  result = engine.run_sequence(pair, engine.make_method('sfa', p=0.5, beta=0.25), config)
   assert np.asarray(result.accuracy_matrix)[0, 0] > 0.5
 
 
 @pytest.mark.slow
 def test_resnet18_batchnorm_state_through_the_trainer_and_merges(pair):
   """BatchNorm statistics are trained (model state), untouched by SFA, merged by WiSE-FT."""
-  config = continual.TrainConfig(model='resnet18', epochs_per_task=1, batch_size=32, eval_batch_size=128)
+  config = engine.TrainConfig(model='resnet18', epochs_per_task=1, batch_size=32, eval_batch_size=128)
   for name in ('sfa', 'wise-ft'):
-    result = continual.run_sequence(pair, continual.make_method(name), config)
+    result = engine.run_sequence(pair, engine.make_method(name), config)
     assert np.asarray(result.accuracy_matrix)[0, 0] > 0.5
 
 
 @pytest.mark.parametrize('model_name', ['mlp', 'cnn'])
 def test_jitted_initializer_is_bit_equal_to_eager_init(pair, model_name):
-  model = continual.build_model(pair, continual.TrainConfig(model=model_name))
+  model = engine.run.build_model(pair, engine.TrainConfig(model=model_name))
   sample = pair[0].train.x[:1]
   for seed in (0, 3):
     eager = model.init(jax.random.key(seed), sample, task_id=np.zeros(1, np.int32), train=False)
@@ -192,8 +192,8 @@ def test_jitted_initializer_is_bit_equal_to_eager_init(pair, model_name):
 
 @pytest.mark.parametrize('name, keeps_start', [('finetune', False), ('sfa', False), ('wise-ft', True)])
 def test_only_wise_ft_keeps_a_copy_of_the_task_start(pair, name, keeps_start):
-  method = continual.make_method(name)
-  model = continual.build_model(pair, CONFIG)
+  method = engine.make_method(name)
+  model = engine.run.build_model(pair, CONFIG)
   params, model_state = loop.initializer(model, pair[0].train.x[:1])(0)
   state = loop.RunState(params, model_state, method.transform(CONFIG.make_optimizer()).init(params),
                         method.init_extras(params, model_state, len(pair)))
@@ -207,12 +207,12 @@ def test_only_wise_ft_keeps_a_copy_of_the_task_start(pair, name, keeps_start):
 def test_runs_of_one_process_reuse_the_compiled_step(pair, caplog):
   """Another p reuses the step compiled for the first run, and gives the numbers of a fresh one."""
   loop._REUSED.clear()
-  fresh = continual.run_sequence(pair, continual.make_method('sfa', p=0.5, beta=0.5), CONFIG).accuracy_matrix
+  fresh = engine.run_sequence(pair, engine.make_method('sfa', p=0.5, beta=0.5), CONFIG).accuracy_matrix
   loop._REUSED.clear()
-  continual.run_sequence(pair, continual.make_method('sfa', p=0.25, beta=0.25), CONFIG)
+  engine.run_sequence(pair, engine.make_method('sfa', p=0.25, beta=0.25), CONFIG)
   caplog.clear()
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
-    reused = continual.run_sequence(pair, continual.make_method('sfa', p=0.5, beta=0.5), CONFIG).accuracy_matrix
+    reused = engine.run_sequence(pair, engine.make_method('sfa', p=0.5, beta=0.5), CONFIG).accuracy_matrix
   compiles = [r.getMessage() for r in caplog.records if 'Finished XLA compilation of jit(step)' in r.getMessage()]
   assert compiles == []
   assert reused == fresh

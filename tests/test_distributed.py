@@ -1,4 +1,4 @@
-"""Multi-device training (sfa_jax.distributed): 8 simulated CPU devices, in a subprocess."""
+"""Multi-device training (sfa_jax.engine.distributed): 8 simulated CPU devices, in a subprocess."""
 
 import os
 import subprocess
@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sfa_jax import distributed
+from sfa_jax.engine import distributed
 
 # One subprocess (JAX fixes its device count at start-up) checks everything that needs 8 devices.
 _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, optax
-    from sfa_jax import continual, distributed, models, tasks
+    from sfa_jax import models, tasks, engine
+    from sfa_jax.engine import distributed
     from sfa_jax.engine import callbacks, loop, methods
 
     assert jax.device_count() == 8, jax.devices()
@@ -37,7 +38,7 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
 
     # The params are created sharded (FSDP), with the values of the one-device init.
     stream = tasks.make_stream('mnist-pair', source='digits')
-    init_model = continual.build_model(stream, continual.TrainConfig(model_kwargs=(('hidden', (64,)),)))
+    init_model = engine.run.build_model(stream, engine.TrainConfig(model_kwargs=(('hidden', (64,)),)))
     sample = stream[0].train.x[:1]
     sharded_init = loop.initializer(init_model, sample, mesh)(3)
     for got, want, sharding in zip(jax.tree.leaves(sharded_init), jax.tree.leaves(loop.initializer(init_model, sample)(3)),
@@ -47,16 +48,16 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
     assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(sharded_init))
 
     # The checkpoint checksum of arrays spread over devices (and processes) is that of their values.
-    from sfa_jax.checkpoint import fold64_checksum
+    from sfa_jax.engine.checkpoint import fold64_checksum
     leaves = jax.tree.leaves(sharded_init)
     assert fold64_checksum(leaves) == fold64_checksum([np.asarray(leaf) for leaf in leaves])
 
     # The same accuracy matrix on one device and on the 2x4 mesh.
-    config = continual.TrainConfig(epochs_per_task=1, batch_size=32, model_kwargs=(('hidden', (32,)),))
+    config = engine.TrainConfig(epochs_per_task=1, batch_size=32, model_kwargs=(('hidden', (32,)),))
     for name in ACCURACY_METHODS:
-      method = continual.make_method(name)
-      single = continual.run_sequence(stream, method, config)
-      sharded = continual.run_sequence(stream, method, config, mesh=mesh)
+      method = engine.make_method(name)
+      single = engine.run_sequence(stream, method, config)
+      sharded = engine.run_sequence(stream, method, config, mesh=mesh)
       np.testing.assert_allclose(sharded.accuracy_matrix, single.accuracy_matrix, atol=1e-6, err_msg=name)
       assert sharded.steps_per_task == single.steps_per_task
 
@@ -65,7 +66,7 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
 
     # Checkpoints of a sharded run: stopped mid-task and resumed on the mesh, the same matrix.
     import tempfile
-    from sfa_jax.checkpoint import Checkpointer
+    from sfa_jax.engine.checkpoint import Checkpointer
 
     class Stop(Exception):
       pass
@@ -76,25 +77,25 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
 
     with tempfile.TemporaryDirectory() as folder:
       try:
-        continual.run_sequence(stream, method, config, mesh=mesh, callbacks=stop_mid_task_1,
+        engine.run_sequence(stream, method, config, mesh=mesh, callbacks=stop_mid_task_1,
                                checkpointer=Checkpointer(folder, every_steps=4))
         raise AssertionError('the run was to stop in the middle of task 1')
       except Stop:
         pass
-      resumed = continual.run_sequence(stream, method, config, mesh=mesh, checkpointer=Checkpointer(folder))
+      resumed = engine.run_sequence(stream, method, config, mesh=mesh, checkpointer=Checkpointer(folder))
     np.testing.assert_allclose(resumed.accuracy_matrix, sharded.accuracy_matrix, atol=1e-6)
 
     # The state keeps its sharding across steps; the step compiles once; the transforms alone do
     # not communicate.
     task = stream[0]
-    model = continual.build_model(stream, config)
+    model = engine.run.build_model(stream, config)
     x, y = task.train.x[:32], task.train.y[:32]
     ids, mask = np.zeros(32, np.int32), np.ones(32, bool)
     variables = model.init(jax.random.key(0), x[:1], task_id=ids[:1], train=False)
     params, model_state = jax.tree.map(np.asarray, models.split_variables(variables))  # host copies: steps donate
     fisher = jax.tree.map(jnp.ones_like, params)
     for name in ('sfa', 'l2', 'ewc'):
-      method = continual.make_method(name)
+      method = engine.make_method(name)
       tx = method.transform(optax.adam(1e-3))
       sharded_params = distributed.shard(params, mesh)
       run = loop.RunState(sharded_params, model_state, jax.jit(tx.init)(sharded_params), {'fisher': fisher})
@@ -180,7 +181,7 @@ def test_one_device_mesh_places_everything():
 
 
 def test_cli_mesh_flag_checks_the_devices(tmp_path, capsys):
-  from sfa_jax import cli
+  from sfa_jax.cli import command as cli
 
   argv = ['run', '--stream', 'mnist-pair', '--source', 'digits', '--method', 'sfa', '--mesh', 'data=3']
   assert cli.main(argv + ['--out', str(tmp_path)]) == 2

@@ -271,7 +271,7 @@ def _command_lines():
 
 @pytest.mark.parametrize('line', list(_command_lines()))
 def test_the_pages_command_lines_pass_the_command_lines_checks(line, tmp_path, monkeypatch):
-  from sfa_jax import cli
+  from sfa_jax.cli import command as cli
 
   monkeypatch.chdir(tmp_path)
   args = cli.build_parser().parse_args(shlex.split(line)[1:])

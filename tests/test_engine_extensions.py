@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import sfa_jax
-from sfa_jax import continual
-from sfa_jax import sweep
+from sfa_jax import engine
+from sfa_jax import engine
 from sfa_jax import tasks
 from sfa_jax.engine import loop
 from sfa_jax.engine import methods
@@ -38,7 +38,7 @@ def _regression_stream() -> tasks.TaskStream:
   return tasks.stream_of('linear', splits, num_outputs=1)
 
 
-CONFIG = continual.TrainConfig(model=Regressor(), objective=objectives.regression(0.25), epochs_per_task=16,
+CONFIG = engine.TrainConfig(model=Regressor(), objective=objectives.regression(0.25), epochs_per_task=16,
                                batch_size=32, learning_rate=1e-2)
 
 
@@ -48,17 +48,17 @@ def stream():
 
 
 def test_a_user_module_and_loss_learn_a_regression_stream(stream):
-  result = continual.run_sequence(stream, methods.Finetune(), CONFIG)
+  result = engine.run_sequence(stream, methods.Finetune(), CONFIG)
   (first, _), (forgot, learned) = result.accuracy_matrix
   assert first > 0.5 and learned > 0.5  # the share of predictions within 0.25
   assert forgot < first  # the second task's fit moves the first's
-  sfa = continual.run_sequence(stream, methods.SFA(p=0.25, beta=0.5), CONFIG)
+  sfa = engine.run_sequence(stream, methods.SFA(p=0.25, beta=0.5), CONFIG)
   assert sfa.accuracy_matrix[1][0] > forgot  # averaging toward the first task's end keeps more of it
 
 
 def test_ewc_takes_the_fisher_of_a_user_loss(stream):
-  result = continual.run_sequence(stream, methods.EWC(strength=10.0), CONFIG)
-  assert result.accuracy_matrix[0] == continual.run_sequence(stream, methods.Finetune(), CONFIG).accuracy_matrix[0]
+  result = engine.run_sequence(stream, methods.EWC(strength=10.0), CONFIG)
+  assert result.accuracy_matrix[0] == engine.run_sequence(stream, methods.Finetune(), CONFIG).accuracy_matrix[0]
   params = {'w': jnp.array([2.0])}
 
   class Line(nn.Module):
@@ -73,9 +73,9 @@ def test_ewc_takes_the_fisher_of_a_user_loss(stream):
 
 
 def test_a_sweep_of_a_user_model_equals_its_runs(stream):
-  configurations = sweep.grid('sfa', p=(0.25, 1.0), config=CONFIG)
-  for (method, config), result in zip(configurations, sweep.run_sweep(stream, configurations)):
-    expected = continual.run_sequence(stream, method, config)
+  configurations = engine.grid('sfa', p=(0.25, 1.0), config=CONFIG)
+  for (method, config), result in zip(configurations, engine.run_sweep(stream, configurations)):
+    expected = engine.run_sequence(stream, method, config)
     np.testing.assert_allclose(result.accuracy_matrix, expected.accuracy_matrix, atol=1e-6)
     assert result.averaging_steps == expected.averaging_steps
 
@@ -92,9 +92,9 @@ def test_a_sweep_of_a_user_model_equals_its_runs(stream):
 )
 def test_any_optax_optimizer_trains_the_built_in_model(optimizer):
   pair = tasks.make_stream('mnist-pair', source='digits')
-  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32,
+  config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32,
                                  learning_rate=3e-3, optimizer=optimizer)
-  result = continual.run_sequence(pair, methods.SFA(p=0.5), config)
+  result = engine.run_sequence(pair, methods.SFA(p=0.5), config)
   assert result.accuracy_matrix[0][0] > 0.3 and len(result.averaging_steps) == 2  # chance: 0.2
 
 
@@ -102,8 +102,8 @@ def test_a_frozen_partition_stays_where_it_started():
   pair = tasks.make_stream('mnist-pair', source='digits')
   partitioned = optax.multi_transform({'train': optax.adam(1e-3), 'frozen': optax.set_to_zero()},
                                       lambda params: {name: 'frozen' if name == 'Dense_0' else 'train' for name in params})
-  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, optimizer=partitioned)
-  model = continual.build_model(pair, config)
+  config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, optimizer=partitioned)
+  model = engine.run.build_model(pair, config)
   start, _ = loop.initializer(model, pair[0].train.x[:1])(0)
   ends = []
 
@@ -112,7 +112,7 @@ def test_a_frozen_partition_stays_where_it_started():
       ends.append(jax.tree.map(np.asarray, state.params))  # a copy: the run donates its arrays to the next step
       return state
 
-  continual.run_sequence(pair, KeepEnd(p=0.5), config)
+  engine.run_sequence(pair, KeepEnd(p=0.5), config)
   for end in ends:
     np.testing.assert_array_equal(end['Dense_0']['kernel'], start['Dense_0']['kernel'])
     assert not np.array_equal(end['head']['kernel'], start['head']['kernel'])
@@ -140,11 +140,11 @@ class _KeepEnds:
                                                        (methods.EWC, {'strength': 10.0})])
 def test_trainable_trains_and_anchors_only_the_selected_params(method_class, hyperparams):
   pair = tasks.make_stream('mnist-pair', source='digits')
-  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, trainable='head')
-  model = continual.build_model(pair, config)
+  config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, trainable='head')
+  model = engine.run.build_model(pair, config)
   start, _ = loop.initializer(model, pair[0].train.x[:1])(0)
   kept = _KeepEnds()
-  result = continual.run_sequence(pair, kept.of(method_class)(**hyperparams), config)
+  result = engine.run_sequence(pair, kept.of(method_class)(**hyperparams), config)
   assert len(result.accuracy_matrix) == 2
   for end in kept.ends:
     for leaf in ('kernel', 'bias'):
@@ -164,19 +164,19 @@ def test_trainable_trains_and_anchors_only_the_selected_params(method_class, hyp
 
 def test_trainable_everything_is_the_full_run_bit_for_bit():
   pair = tasks.make_stream('mnist-pair', source='digits')
-  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32)
-  full = continual.run_sequence(pair, methods.SFA(p=0.5), config)
-  subset = continual.run_sequence(pair, methods.SFA(p=0.5), dataclasses.replace(config, trainable=('Dense_.*', 'head')))
+  config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32)
+  full = engine.run_sequence(pair, methods.SFA(p=0.5), config)
+  subset = engine.run_sequence(pair, methods.SFA(p=0.5), dataclasses.replace(config, trainable=('Dense_.*', 'head')))
   assert subset.accuracy_matrix == full.accuracy_matrix and subset.averaging_steps == full.averaging_steps
 
 
 def test_a_sweep_with_trainable_equals_its_runs():
   pair = tasks.make_stream('mnist-pair', source='digits')
-  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, trainable='head')
-  configurations = sweep.grid(methods.SFA, config=config, p=[0.25, 1.0])
-  swept = sweep.run_sweep(pair, configurations)
+  config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, trainable='head')
+  configurations = engine.grid(methods.SFA, config=config, p=[0.25, 1.0])
+  swept = engine.run_sweep(pair, configurations)
   for (method, lane_config), result in zip(configurations, swept):
-    assert result.accuracy_matrix == continual.run_sequence(pair, method, lane_config).accuracy_matrix
+    assert result.accuracy_matrix == engine.run_sequence(pair, method, lane_config).accuracy_matrix
 
 
 @pytest.mark.parametrize('trainable, error, message', [
@@ -185,13 +185,13 @@ def test_a_sweep_with_trainable_equals_its_runs():
 ])
 def test_bad_trainable_is_named(trainable, error, message):
   with pytest.raises(error, match=message):
-    continual.TrainConfig(trainable=trainable)
+    engine.TrainConfig(trainable=trainable)
 
 
 def test_a_trainable_pattern_that_matches_nothing_is_named():
   pair = tasks.make_stream('mnist-pair', source='digits')
   with pytest.raises(ValueError, match="patterns: 'body' matches no leaf of params"):
-    continual.run_sequence(pair, methods.SFA(), continual.TrainConfig(epochs_per_task=1, trainable='body'))
+    engine.run_sequence(pair, methods.SFA(), engine.TrainConfig(epochs_per_task=1, trainable='body'))
 
 
 @pytest.mark.parametrize(
@@ -206,12 +206,12 @@ def test_a_trainable_pattern_that_matches_nothing_is_named():
 )
 def test_bad_extension_points_are_refused_with_the_argument_named(kwargs, error, message):
   with pytest.raises(error, match=message):
-    continual.TrainConfig(**kwargs)
+    engine.TrainConfig(**kwargs)
 
 
 def test_a_factory_that_returns_no_transformation_is_named():
   with pytest.raises(TypeError, match=r'optimizer\(0.001\) must return an optax.GradientTransformation'):
-    continual.TrainConfig(optimizer=lambda lr: lr).make_optimizer()
+    engine.TrainConfig(optimizer=lambda lr: lr).make_optimizer()
 
 
 def test_a_stream_of_your_own_tasks_checks_its_splits():
@@ -251,24 +251,24 @@ def test_a_stream_of_your_own_tasks_checks_its_splits():
 ])
 def test_config_fields_that_shape_arrays_are_plain_integers(kwargs, error, message):
   with pytest.raises(error, match=message):
-    continual.TrainConfig(**kwargs)
+    engine.TrainConfig(**kwargs)
 
 
 def test_run_arguments_of_the_wrong_kind_are_named():
   pair = tasks.make_stream('mnist-pair', source='digits')
-  config = continual.TrainConfig(epochs_per_task=1)
-  with pytest.raises(TypeError, match=r"method must be a sfa_jax.engine.methods.Method \(e.g. continual.make_method\('sfa'\)\)"):
-    continual.run_sequence(pair, 'sfa', config)
+  config = engine.TrainConfig(epochs_per_task=1)
+  with pytest.raises(TypeError, match=r"method must be a sfa_jax.engine.methods.Method \(e.g. engine.make_method\('sfa'\)\)"):
+    engine.run_sequence(pair, 'sfa', config)
   with pytest.raises(TypeError, match=r'got the class SFA: call it, e.g. SFA\(\)'):
-    continual.run_sequence(pair, methods.SFA, config)
-  with pytest.raises(TypeError, match='config must be a sfa_jax.continual.TrainConfig; got dict'):
-    continual.run_sequence(pair, methods.SFA(), {'epochs_per_task': 1})
+    engine.run_sequence(pair, methods.SFA, config)
+  with pytest.raises(TypeError, match='config must be a sfa_jax.engine.config.TrainConfig; got dict'):
+    engine.run_sequence(pair, methods.SFA(), {'epochs_per_task': 1})
   with pytest.raises(TypeError, match='stream must be a sfa_jax.tasks.TaskStream'):
-    continual.run_sequence(list(pair), methods.SFA(), config)
+    engine.run_sequence(list(pair), methods.SFA(), config)
   with pytest.raises(TypeError, match='stream must be a sfa_jax.tasks.TaskStream'):
-    sweep.run_sweep(list(pair), [(methods.SFA(), config)])
+    engine.run_sweep(list(pair), [(methods.SFA(), config)])
   with pytest.raises(ValueError, match='steps_per_task has 3 entries for 2 tasks'):
-    continual.run_sequence(pair, methods.SFA(), dataclasses.replace(config, steps_per_task=(1, 2, 3)))
+    engine.run_sequence(pair, methods.SFA(), dataclasses.replace(config, steps_per_task=(1, 2, 3)))
   with pytest.raises(ValueError, match=r'seed must be an integer in \[0, 2\*\*32\); got -1'):
     tasks.make_stream('mnist-pair', source='digits', seed=-1)
 
@@ -280,7 +280,7 @@ def test_a_batch_larger_than_a_later_task_fails_before_the_first_step():
   stream = tasks.stream_of('s', [('big', big, big), ('small', small, small)], num_outputs=2)
   steps = []
   with pytest.raises(ValueError, match=r"16 is more than the 8 training examples of the smallest task \(s/small\)"):
-    continual.run_sequence(stream, methods.Finetune(), continual.TrainConfig(model=Regressor(), batch_size=16),
+    engine.run_sequence(stream, methods.Finetune(), engine.TrainConfig(model=Regressor(), batch_size=16),
                            callbacks=steps.append)
   assert steps == []  # nothing trained on the first task before failing at the second
 
@@ -293,25 +293,25 @@ def test_replay_of_real_valued_targets_keeps_a_fraction_of_all_examples(stream):
 
 def test_a_run_starts_from_given_params_and_resumes_from_them(tmp_path):
   """A pretrained starting point: the run trains from it, a sweep too, and checks its shapes."""
-  from sfa_jax.checkpoint import Checkpointer
+  from sfa_jax.engine.checkpoint import Checkpointer
 
   pair = tasks.make_stream('mnist-pair', source='digits')
-  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32)
-  model = continual.build_model(pair, config)
+  config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32)
+  model = engine.run.build_model(pair, config)
   seed_one = loop.initializer(model, pair[0].train.x[:1])(1)
-  started = continual.run_sequence(pair, methods.SFA(), config, initial=seed_one)
+  started = engine.run_sequence(pair, methods.SFA(), config, initial=seed_one)
   # Starting from seed 1's initialisation is the seed-0 data order on seed 1's model: not the seed-0 run.
-  assert started.accuracy_matrix != continual.run_sequence(pair, methods.SFA(), config).accuracy_matrix
-  swept = sweep.run_sweep(pair, [(methods.SFA(), config)], initial=seed_one)
+  assert started.accuracy_matrix != engine.run_sequence(pair, methods.SFA(), config).accuracy_matrix
+  swept = engine.run_sweep(pair, [(methods.SFA(), config)], initial=seed_one)
   np.testing.assert_allclose(swept[0].accuracy_matrix, started.accuracy_matrix, atol=1e-6)
   np.testing.assert_array_equal(seed_one[0]['head']['kernel'], loop.initializer(model, pair[0].train.x[:1])(1)[0]['head']['kernel'])
-  resumed = continual.run_sequence(pair, methods.SFA(), config, initial=seed_one, checkpointer=Checkpointer(tmp_path))
+  resumed = engine.run_sequence(pair, methods.SFA(), config, initial=seed_one, checkpointer=Checkpointer(tmp_path))
   assert resumed.accuracy_matrix == started.accuracy_matrix
   bad = (jax.tree.map(lambda x: x[..., :3] if x.ndim == 2 else x, seed_one[0]), seed_one[1])
   with pytest.raises(ValueError, match=r"initial params\['Dense_0'\]\['kernel'\] has shape \(64, 3\), but the model's params\['Dense_0'\]\['kernel'\] has shape \(64, 32\)"):
-    continual.run_sequence(pair, methods.SFA(), config, initial=bad)
+    engine.run_sequence(pair, methods.SFA(), config, initial=bad)
   with pytest.raises(TypeError, match=r'initial must be a \(params, model_state\) pair'):
-    continual.run_sequence(pair, methods.SFA(), config, initial=seed_one[0])
+    engine.run_sequence(pair, methods.SFA(), config, initial=seed_one[0])
 
 
 def test_a_stream_read_from_disk_batch_by_batch_trains_as_the_same_data_in_memory(tmp_path):
@@ -328,14 +328,14 @@ def test_a_stream_read_from_disk_batch_by_batch_trains_as_the_same_data_in_memor
     np.testing.assert_array_equal(train.x, task.train.x)
     in_memory.append((task.name, task.train, task.test))
     on_disk.append((task.name, train, test))
-  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32)
-  expected = continual.run_sequence(tasks.stream_of('pair', in_memory, num_outputs=10), methods.SFA(), config)
+  config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32)
+  expected = engine.run_sequence(tasks.stream_of('pair', in_memory, num_outputs=10), methods.SFA(), config)
   disk_stream = tasks.stream_of('pair', on_disk, num_outputs=10)
   assert isinstance(disk_stream[0].train.x, np.memmap)
-  assert continual.run_sequence(disk_stream, methods.SFA(), config).accuracy_matrix == expected.accuracy_matrix
+  assert engine.run_sequence(disk_stream, methods.SFA(), config).accuracy_matrix == expected.accuracy_matrix
   # Over the device budget, each chunk of steps gathers its batches from the files: the same run.
   chunked = dataclasses.replace(config, device_data_bytes=100_000)
-  assert continual.run_sequence(disk_stream, methods.SFA(), chunked).accuracy_matrix == expected.accuracy_matrix
+  assert engine.run_sequence(disk_stream, methods.SFA(), chunked).accuracy_matrix == expected.accuracy_matrix
   with pytest.raises(ValueError, match=r'batch 1 has inputs float32\[3\] and targets int32\[\]; the first had float32\[2\]'):
     tasks.split_from_batches(iter([(np.zeros((2, 2), np.float32), np.zeros(2, np.int32)),
                                    (np.zeros((2, 3), np.float32), np.zeros(2, np.int32))]), tmp_path / 'bad')

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from sfa_jax import continual
-from sfa_jax import experiment
+from sfa_jax import engine
+import scaffold
 from sfa_jax import tasks
 
 
@@ -16,48 +16,48 @@ from sfa_jax import tasks
 
 def test_frontier_drops_dominated_and_repeated_points_and_sorts():
   points = [[0.9, 0.1], [0.5, 0.5], [0.4, 0.4], [0.1, 0.9], [0.5, 0.5], [0.5, 0.3], [0.05, 0.9]]
-  np.testing.assert_array_equal(experiment.frontier(points), [[0.1, 0.9], [0.5, 0.5], [0.9, 0.1]])
+  np.testing.assert_array_equal(scaffold.frontier(points), [[0.1, 0.9], [0.5, 0.5], [0.9, 0.1]])
 
 
 def test_frontier_of_points_on_a_line_keeps_only_the_best():
   # Equal x: only the highest y survives; equal y: only the largest x.
-  np.testing.assert_array_equal(experiment.frontier([[0.5, 0.1], [0.5, 0.7], [0.2, 0.7]]), [[0.5, 0.7]])
+  np.testing.assert_array_equal(scaffold.frontier([[0.5, 0.1], [0.5, 0.7], [0.2, 0.7]]), [[0.5, 0.7]])
 
 
 def test_frontier_of_nothing_and_of_one_point():
-  assert experiment.frontier(np.zeros((0, 2))).shape == (0, 2)
-  np.testing.assert_array_equal(experiment.frontier([[0.3, 0.2]]), [[0.3, 0.2]])
+  assert scaffold.frontier(np.zeros((0, 2))).shape == (0, 2)
+  np.testing.assert_array_equal(scaffold.frontier([[0.3, 0.2]]), [[0.3, 0.2]])
 
 
 def test_frontier_area_by_hand():
   # A staircase: (0.2, 1.0), (0.5, 0.5), (1.0, 0.2) -> 0.2*1.0 + 0.3*0.5 + 0.5*0.2 = 0.45.
-  assert experiment.frontier_area([[1.0, 0.2], [0.2, 1.0], [0.5, 0.5], [0.3, 0.3]]) == pytest.approx(0.45)
-  assert experiment.frontier_area([[1.0, 1.0], [0.5, 0.5]]) == pytest.approx(1.0)
-  assert experiment.frontier_area([[0.0, 1.0], [1.0, 0.0]]) == 0.0  # corners cover no area
-  assert experiment.frontier_area(np.zeros((0, 2))) == 0.0
+  assert scaffold.frontier_area([[1.0, 0.2], [0.2, 1.0], [0.5, 0.5], [0.3, 0.3]]) == pytest.approx(0.45)
+  assert scaffold.frontier_area([[1.0, 1.0], [0.5, 0.5]]) == pytest.approx(1.0)
+  assert scaffold.frontier_area([[0.0, 1.0], [1.0, 0.0]]) == 0.0  # corners cover no area
+  assert scaffold.frontier_area(np.zeros((0, 2))) == 0.0
 
 
 def test_frontier_area_reference_point_clips():
   # Reference (0.5, 0.5): only the part of each rectangle above it counts; points below add nothing.
   points = [[0.9, 0.6], [0.6, 0.9], [0.4, 1.0], [1.0, 0.4]]
   # Staircase from (0.5, 0.5): (0.6-0.5)*(0.9-0.5) + (0.9-0.6)*(0.6-0.5) = 0.04 + 0.03.
-  assert experiment.frontier_area(points, reference=(0.5, 0.5)) == pytest.approx(0.07)
+  assert scaffold.frontier_area(points, reference=(0.5, 0.5)) == pytest.approx(0.07)
 
 
 def test_frontier_area_grows_with_a_dominating_point():
   points = [[0.2, 0.8], [0.8, 0.2]]
-  assert experiment.frontier_area(points + [[0.6, 0.6]]) > experiment.frontier_area(points)
+  assert scaffold.frontier_area(points + [[0.6, 0.6]]) > scaffold.frontier_area(points)
 
 
 @pytest.mark.parametrize('bad', [[0.1, 0.2, 0.3], [[0.1, 0.2, 0.3]], [[np.nan, 0.1]], [[np.inf, 0.1]]])
 def test_frontier_rejects_bad_points(bad):
   with pytest.raises(ValueError, match='points'):
-    experiment.frontier(bad)
+    scaffold.frontier(bad)
 
 
 def test_frontier_area_rejects_a_bad_reference():
   with pytest.raises(ValueError, match='reference'):
-    experiment.frontier_area([[0.1, 0.2]], reference=(0.0,))
+    scaffold.frontier_area([[0.1, 0.2]], reference=(0.0,))
 
 
 def test_family_areas_and_tradeoff_points():
@@ -73,25 +73,25 @@ def test_family_areas_and_tradeoff_points():
       + run('l2(strength=10)', 'l2', {'strength': 10.0}, [[[0.9, 0.0], [0.8, 0.2]]])
       + run('finetune', 'finetune', {}, [[[0.9, 0.0], [0.0, 0.9]]])
   )
-  families = experiment.tradeoff_points(runs)
+  families = scaffold.tradeoff_points(runs)
   assert list(families) == ['l2', 'finetune']
   first = families['l2'][0]
   np.testing.assert_allclose(first['mean'], [0.3, 0.7])
   np.testing.assert_allclose(first['std'], [0.1, 0.1])
-  areas = experiment.family_areas(families)
+  areas = scaffold.family_areas(families)
   assert areas['l2'] == pytest.approx(0.3 * 0.7 + 0.5 * 0.2)
   assert areas['finetune'] == 0.0
   with pytest.raises(ValueError, match='task index 2'):
-    experiment.tradeoff_points(runs, task_y=2)
+    scaffold.tradeoff_points(runs, task_y=2)
 
 
 def test_stability_plasticity_by_hand():
   run = {'accuracy_matrix': [[0.9, 0.1, 0.1, 0.1], [0.5, 0.8, 0.1, 0.1], [0.4, 0.6, 0.7, 0.1], [0.3, 0.5, 0.2, 1.0]]}
-  stability, plasticity = experiment.stability_plasticity(run)
+  stability, plasticity = scaffold.stability_plasticity(run)
   assert stability == pytest.approx((0.3 + 0.5 + 0.2) / 3)
   assert plasticity == pytest.approx((0.8 + 0.7 + 1.0) / 3)  # task 0 left out
   with pytest.raises(ValueError, match='at least 2 tasks'):
-    experiment.stability_plasticity({'accuracy_matrix': [[0.9]]})
+    scaffold.stability_plasticity({'accuracy_matrix': [[0.9]]})
 
 
 def test_best_per_family_picks_the_highest_mean_and_sorts():
@@ -100,10 +100,10 @@ def test_best_per_family_picks_the_highest_mean_and_sorts():
              'metrics': {'average_accuracy': a, 'forgetting': 0.0, 'backward_transfer': 0.0}} for a in accuracies]
 
   all_runs = runs('a1', 'a', [0.5, 0.7]) + runs('a2', 'a', [0.9, 0.3]) + runs('b1', 'b', [0.8, 0.8])
-  best = experiment.best_per_family(all_runs)
+  best = scaffold.best_per_family(all_runs)
   assert [(row['family'], row['method']) for row in best] == [('b', 'b1'), ('a', 'a1')]
   assert best[1]['average_accuracy'] == pytest.approx((0.6, 0.1))
-  merged = experiment.best_per_family(all_runs, family=lambda run: 'all')
+  merged = scaffold.best_per_family(all_runs, family=lambda run: 'all')
   assert [row['method'] for row in merged] == ['b1']
 
 
@@ -112,37 +112,37 @@ def test_best_per_family_picks_the_highest_mean_and_sorts():
 
 
 def test_grid_is_the_product_of_its_axes():
-  configs = experiment.method_grid('sfa', p=[0.25, 1], beta=[0.25, 0.5])
+  configs = scaffold.method_grid('sfa', p=[0.25, 1], beta=[0.25, 0.5])
   assert configs == [
       ('sfa', {'p': 0.25, 'beta': 0.25}), ('sfa', {'p': 0.25, 'beta': 0.5}),
       ('sfa', {'p': 1.0, 'beta': 0.25}), ('sfa', {'p': 1.0, 'beta': 0.5}),
   ]
   with pytest.raises(ValueError, match="unknown method 'nope'"):
-    experiment.method_grid('nope')
+    scaffold.method_grid('nope')
   with pytest.raises(ValueError, match="'p'"):
-    experiment.method_grid('sfa', p=[])
+    scaffold.method_grid('sfa', p=[])
 
 
 def test_run_grid_checks_everything_before_training():
   stream = tasks.make_stream('mnist-pair', source='digits')
-  config = continual.TrainConfig(epochs_per_task=1, batch_size=32)
+  config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
   with pytest.raises(ValueError, match='p'):
-    experiment.run_grid(stream, [('finetune', {}), ('sfa', {'p': 2.0})], config, [0], log=None)
+    scaffold.run_grid(stream, [('finetune', {}), ('sfa', {'p': 2.0})], config, [0], log=None)
   with pytest.raises(ValueError, match='repeats'):
-    experiment.run_grid(stream, [('finetune', {}), ('finetune', {})], config, [0], log=None)
+    scaffold.run_grid(stream, [('finetune', {}), ('finetune', {})], config, [0], log=None)
   with pytest.raises(ValueError, match='seeds'):
-    experiment.run_grid(stream, [('finetune', {})], config, [], log=None)
+    scaffold.run_grid(stream, [('finetune', {})], config, [], log=None)
   with pytest.raises(ValueError, match='seeds'):
-    experiment.run_grid(stream, [('finetune', {})], config, [1, 1], log=None)
+    scaffold.run_grid(stream, [('finetune', {})], config, [1, 1], log=None)
   with pytest.raises(TypeError, match='pair'):
-    experiment.run_grid(stream, ['finetune'], config, [0], log=None)
+    scaffold.run_grid(stream, ['finetune'], config, [0], log=None)
 
 
 def test_run_grid_runs_every_configuration_and_seed():
   stream = tasks.make_stream('mnist-pair', source='digits')
-  config = continual.TrainConfig(epochs_per_task=1, batch_size=32)
+  config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
   lines = []
-  runs = experiment.run_grid(stream, [('sfa', {'p': 0.5})], config, [0, 1], log=lines.append)
+  runs = scaffold.run_grid(stream, [('sfa', {'p': 0.5})], config, [0, 1], log=lines.append)
   assert [(r['method_name'], r['seed']) for r in runs] == [('sfa', 0), ('sfa', 1)]
   assert runs[0]['hyperparams'] == {'beta': 0.25, 'p': 0.5}  # defaults filled in
   assert runs[0]['method'] == 'sfa(beta=0.25, p=0.5)'
@@ -151,7 +151,7 @@ def test_run_grid_runs_every_configuration_and_seed():
   assert lines[1].startswith('run_grid: ') and ' steps per task ' in lines[1] and '[0.5]' in lines[1]
   # The seed is the run's: two seeds give different numbers.
   assert runs[0]['accuracy_matrix'] != runs[1]['accuracy_matrix']
-  finals = experiment.final_accuracies(runs)
+  finals = scaffold.final_accuracies(runs)
   assert list(finals) == ['sfa(beta=0.25, p=0.5)']
   column = [r['accuracy_matrix'][-1][1] for r in runs]
   assert finals['sfa(beta=0.25, p=0.5)'][1] == pytest.approx((np.mean(column), np.std(column)))
@@ -163,20 +163,20 @@ def test_run_grid_runs_every_configuration_and_seed():
 
 
 def test_write_results(tmp_path):
-  json_path, md_path = experiment.write_results(str(tmp_path / 'out'), 'x_quick', {'a': [1, 2]}, '# X\n\ntable', 'python x.py --quick', 3.25)
+  json_path, md_path = scaffold.write_results(str(tmp_path / 'out'), 'x_quick', {'a': [1, 2]}, '# X\n\ntable', 'python x.py --quick', 3.25)
   data = json.loads(open(json_path).read())
   assert data['a'] == [1, 2] and data['command'] == 'python x.py --quick' and data['wall_seconds'] == 3.25
   assert data['machine']['cpus'] >= 1
   text = open(md_path).read()
   assert text.startswith('# X\n\ntable\n\nCommand: `python x.py --quick` (3 s wall time')
   with pytest.raises(ValueError, match='reserved'):
-    experiment.write_results(str(tmp_path), 'y', {'command': 1}, '', '', 0.0)
+    scaffold.write_results(str(tmp_path), 'y', {'command': 1}, '', '', 0.0)
   with pytest.raises(ValueError, match='name'):
-    experiment.write_results(str(tmp_path), 'a/b', {}, '', '', 0.0)
+    scaffold.write_results(str(tmp_path), 'a/b', {}, '', '', 0.0)
 
 
 def test_experiment_parser_seeds():
-  parser = experiment.experiment_parser('x')
+  parser = scaffold.experiment_parser('x')
   assert parser.parse_args([]).seeds is None
   with pytest.raises(SystemExit):
     parser.parse_args(['--seeds', '0,0'])
@@ -185,11 +185,11 @@ def test_experiment_parser_seeds():
 def test_run_grid_as_sweeps_gives_the_runs_of_run_grid():
   """--sweep in every experiment script: each method's grid and seeds train as one vectorised sweep."""
   stream = tasks.make_stream('mnist-pair', source='digits')
-  config = continual.TrainConfig(epochs_per_task=1, batch_size=32, model_kwargs=(('hidden', (32,)),))
-  grid = experiment.method_grid('sfa', p=[0.5, 1.0]) + [('finetune', {})] + experiment.method_grid('replay', ratio=[0.25, 0.5])
-  one_by_one = experiment.run_grid(stream, grid, config, [0, 1], log=None)
+  config = engine.TrainConfig(epochs_per_task=1, batch_size=32, model_kwargs=(('hidden', (32,)),))
+  grid = scaffold.method_grid('sfa', p=[0.5, 1.0]) + [('finetune', {})] + scaffold.method_grid('replay', ratio=[0.25, 0.5])
+  one_by_one = scaffold.run_grid(stream, grid, config, [0, 1], log=None)
   lines = []
-  swept = experiment.run_grid(stream, grid, config, [0, 1], as_sweep=True, log=lines.append)
+  swept = scaffold.run_grid(stream, grid, config, [0, 1], as_sweep=True, log=lines.append)
   assert lines[0] == 'run_grid: 5 configurations x 2 seeds, one vectorised sweep per method (as asked)'
   assert [(r['method'], r['seed']) for r in swept] == [(r['method'], r['seed']) for r in one_by_one]
   for got, want in zip(swept, one_by_one):

@@ -9,10 +9,10 @@ import optax
 import pytest
 
 import sfa_jax
-from sfa_jax import continual, sweep, tasks
+from sfa_jax import tasks, engine
 from sfa_jax.engine import callbacks, feed, fused, loop, methods
 
-CONFIG = continual.TrainConfig(epochs_per_task=2, batch_size=32, eval_every=5)
+CONFIG = engine.TrainConfig(epochs_per_task=2, batch_size=32, eval_every=5)
 
 
 @pytest.fixture(scope='module')
@@ -44,13 +44,13 @@ def _same(a, b):
 
 
 def test_chunks_of_any_length_train_the_same_run(stream, monkeypatch):
-  method = continual.make_method('sfa', p=0.25, beta=0.5)
+  method = engine.make_method('sfa', p=0.25, beta=0.5)
   fused_events = []
-  chunked = continual.run_sequence(stream, method, CONFIG, callbacks=fused_events.append)
+  chunked = engine.run_sequence(stream, method, CONFIG, callbacks=fused_events.append)
   one_by_one = EveryStep()
-  stepped = continual.run_sequence(stream, method, CONFIG, callbacks=one_by_one)
+  stepped = engine.run_sequence(stream, method, CONFIG, callbacks=one_by_one)
   monkeypatch.setattr(loop, 'CHUNK_SECONDS', 1e-9)  # chunks of one step after the first
-  short = continual.run_sequence(stream, method, CONFIG)
+  short = engine.run_sequence(stream, method, CONFIG)
   _same(chunked, stepped)
   _same(chunked, short)
   assert _losses(fused_events) == one_by_one.losses
@@ -60,7 +60,7 @@ def test_chunks_of_any_length_train_the_same_run(stream, monkeypatch):
 
 def test_step_events_come_in_order_with_the_averages_and_evaluations(stream):
   events = []
-  result = continual.run_sequence(stream, continual.make_method('sfa', p=0.25), CONFIG, callbacks=events.append)
+  result = engine.run_sequence(stream, engine.make_method('sfa', p=0.25), CONFIG, callbacks=events.append)
   steps = [e.global_step for e in events if isinstance(e, callbacks.StepEvent)]
   assert steps == list(range(1, sum(result.steps_per_task) + 1))
   last_step = 0
@@ -84,25 +84,25 @@ def test_every_step_callback_gets_one_dispatch_per_step(stream, monkeypatch):
   monkeypatch.setattr(fused, 'make_chunk', counting)
   monkeypatch.setattr(loop, '_REUSED', {})
   config = dataclasses.replace(CONFIG, eval_every=0)
-  result = continual.run_sequence(stream, continual.make_method('finetune'), config, callbacks=EveryStep())
+  result = engine.run_sequence(stream, engine.make_method('finetune'), config, callbacks=EveryStep())
   assert calls == [1] * sum(result.steps_per_task)
   calls.clear()
-  continual.run_sequence(stream, continual.make_method('finetune'), config)
+  engine.run_sequence(stream, engine.make_method('finetune'), config)
   assert len(calls) < sum(result.steps_per_task) / 4  # fused: many steps per dispatch
 
 
-@pytest.mark.parametrize('method', [continual.make_method('replay', fraction=0.2, ratio=0.3), continual.make_method('sfa')])
+@pytest.mark.parametrize('method', [engine.make_method('replay', fraction=0.2, ratio=0.3), engine.make_method('sfa')])
 def test_batches_gathered_on_the_host_equal_the_device_ones(stream, method):
-  on_device = continual.run_sequence(stream, method, CONFIG)
-  on_host = continual.run_sequence(stream, method, dataclasses.replace(CONFIG, device_data_bytes=0))
+  on_device = engine.run_sequence(stream, method, CONFIG)
+  on_host = engine.run_sequence(stream, method, dataclasses.replace(CONFIG, device_data_bytes=0))
   _same(on_device, on_host)
 
 
 def test_a_sweep_of_memories_gathered_on_the_host_equals_its_runs(stream):
-  configurations = sweep.grid('replay', fraction=(0.1, 0.3), seeds=(0, 1), config=dataclasses.replace(CONFIG, device_data_bytes=0))
-  swept = sweep.run_sweep(stream, configurations)
+  configurations = engine.grid('replay', fraction=(0.1, 0.3), seeds=(0, 1), config=dataclasses.replace(CONFIG, device_data_bytes=0))
+  swept = engine.run_sweep(stream, configurations)
   for (method, config), result in zip(configurations, swept):
-    run = continual.run_sequence(stream, method, dataclasses.replace(config, device_data_bytes=2**30))
+    run = engine.run_sequence(stream, method, dataclasses.replace(config, device_data_bytes=2**30))
     np.testing.assert_allclose(result.accuracy_matrix, run.accuracy_matrix, atol=1e-6)
     assert result.steps_per_task == run.steps_per_task
 
@@ -116,7 +116,7 @@ def test_compilations_do_not_grow_with_the_number_of_tasks(monkeypatch):
   for num_tasks in (2, 5):
     monkeypatch.setattr(loop, '_REUSED', {})
     stream = tasks.make_stream('permuted-mnist', source='digits', num_tasks=num_tasks)
-    continual.run_sequence(stream, continual.make_method('sfa', p=0.5), dataclasses.replace(CONFIG, epochs_per_task=1))
+    engine.run_sequence(stream, engine.make_method('sfa', p=0.5), dataclasses.replace(CONFIG, epochs_per_task=1))
     counts.append(_compiled_programs())
   assert counts[0] == counts[1] and counts[0] > 0
 
@@ -175,18 +175,18 @@ def test_a_single_sfa_run_skips_the_anchor_between_averages_when_asked_or_large(
 
   monkeypatch.setattr(fused, 'make_chunk', counting)
   monkeypatch.setattr(loop, '_REUSED', {})
-  method = continual.make_method('sfa', p=0.25, beta=0.5)
+  method = engine.make_method('sfa', p=0.25, beta=0.5)
   config = dataclasses.replace(CONFIG, eval_every=0)
-  branchless = continual.run_sequence(stream, method, config)  # small params: the branchless update
+  branchless = engine.run_sequence(stream, method, config)  # small params: the branchless update
   assert calls.count(1) == 0
   calls.clear()
-  skipped = continual.run_sequence(stream, method, dataclasses.replace(config, skip_anchor_between_averages=True))
+  skipped = engine.run_sequence(stream, method, dataclasses.replace(config, skip_anchor_between_averages=True))
   assert calls.count(1) == len(skipped.averaging_steps) > 0  # each average alone, the steps between skip it
   assert skipped.averaging_steps == branchless.averaging_steps
   np.testing.assert_allclose(skipped.accuracy_matrix, branchless.accuracy_matrix, atol=0.02)  # rounding only
   calls.clear()
-  monkeypatch.setattr(continual, 'SKIP_ANCHOR_MIN_BYTES', 1)  # every model is large: skipped by default
-  assert continual.run_sequence(stream, method, config).averaging_steps == skipped.averaging_steps
+  monkeypatch.setattr(engine.config, 'SKIP_ANCHOR_MIN_BYTES', 1)  # every model is large: skipped by default
+  assert engine.run_sequence(stream, method, config).averaging_steps == skipped.averaging_steps
   assert calls.count(1) == len(skipped.averaging_steps)
   with pytest.raises(TypeError, match='skip_anchor_between_averages must be None, True or False'):
-    continual.TrainConfig(skip_anchor_between_averages='yes')
+    engine.TrainConfig(skip_anchor_between_averages='yes')

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from sfa_jax import continual
-from sfa_jax import lm
+from sfa_jax import engine
+from sfa_jax.engine import lm
 from sfa_jax.models.llama import Llama
 from sfa_jax.models.llama import LlamaConfig
 from sfa_jax.models.tokenizer import ByteTokenizer
@@ -102,7 +102,7 @@ def test_run_lm_sequences_methods(tiny):
   model, params, domains = tiny
   names = [('finetune', {}), ('sfa', {'p': 0.5, 'beta': 0.5}), ('task-arithmetic', {}), ('replay', {'fraction': 0.25}),
            ('ewc', {'strength': 10.0})]
-  methods = [continual.make_method(n, **h) for n, h in names]
+  methods = [engine.make_method(n, **h) for n, h in names]
   config = lm.LMConfig(steps_per_domain=(3, 2, 2), batch_size=2, learning_rate=3e-3, fisher_sequences=2)
   before = jax.tree.map(np.asarray, params)
   results = lm.run_lm_sequences(model, params, domains, methods, config)
@@ -141,12 +141,12 @@ def test_run_lm_sequences_rejects_bad_input(tiny):
 
 def test_a_language_run_is_the_engine_loop_and_resumes_bit_exact(tiny, tmp_path):
   """The sequence runs on the one loop: checkpointed mid-domain, resumed, the same numbers."""
-  from sfa_jax.checkpoint import Checkpointer
+  from sfa_jax.engine.checkpoint import Checkpointer
   from sfa_jax.engine import callbacks
 
   model, params, domains = tiny
   config = lm.LMConfig(steps_per_domain=(3, 4, 2), batch_size=2, learning_rate=3e-3)
-  method = continual.make_method('sfa', p=0.5)
+  method = engine.make_method('sfa', p=0.5)
   (whole,) = lm.run_lm_sequences(model, params, domains, [method], config)
   assert [len(x) for x in whole.train_losses] == [3, 4, 2] and whole.averaging_steps == [5, 7, 8, 9]
 

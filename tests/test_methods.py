@@ -9,13 +9,13 @@ import pytest
 from _user_methods import BakedEMA
 from _user_methods import ParamsEMA
 
-from sfa_jax import cli
-from sfa_jax import continual
-from sfa_jax import sweep
+from sfa_jax.cli import command as cli
+from sfa_jax import engine
+from sfa_jax import engine
 from sfa_jax import tasks
 from sfa_jax.engine import methods
 
-CONFIG = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, eval_batch_size=256)
+CONFIG = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, eval_batch_size=256)
 BUILT_IN = ('finetune', 'sfa', 'l2', 'ewc', 'replay', 'wise-ft', 'task-arithmetic', 'ties', 'joint', 'adaptive-sfa', 'multi-anchor-sfa')
 
 
@@ -81,16 +81,16 @@ def test_registering_checks_the_class():
 
 
 def test_a_user_method_runs_and_with_decay_zero_is_finetuning(pair):
-  finetune = continual.run_sequence(pair, methods.Finetune(), CONFIG)
-  plain = continual.run_sequence(pair, ParamsEMA(decay=0.0), CONFIG)
+  finetune = engine.run_sequence(pair, methods.Finetune(), CONFIG)
+  plain = engine.run_sequence(pair, ParamsEMA(decay=0.0), CONFIG)
   assert plain.accuracy_matrix == finetune.accuracy_matrix  # ema = θ exactly: the end is fine-tuning's
-  smoothed = continual.run_sequence(pair, ParamsEMA(decay=0.9), CONFIG)
+  smoothed = engine.run_sequence(pair, ParamsEMA(decay=0.9), CONFIG)
   assert smoothed.accuracy_matrix != finetune.accuracy_matrix and smoothed.method == 'params-ema(decay=0.9)'
 
 
 def _assert_same_as_runs(stream, configurations, results):
   for (method, config), result in zip(configurations, results):
-    expected = continual.run_sequence(stream, method, config)
+    expected = engine.run_sequence(stream, method, config)
     np.testing.assert_allclose(result.accuracy_matrix, expected.accuracy_matrix, atol=1e-6, err_msg=method.label)
     assert result.averaging_steps == expected.averaging_steps, method.label
     assert [(p.step, p.task) for p in result.curve] == [(p.step, p.task) for p in expected.curve], method.label
@@ -98,14 +98,14 @@ def _assert_same_as_runs(stream, configurations, results):
 
 
 def test_a_sweep_of_a_user_method_equals_its_runs(pair):
-  configurations = sweep.grid(ParamsEMA, decay=(0.5, 0.9), config=CONFIG)
-  _assert_same_as_runs(pair, configurations, sweep.run_sweep(pair, configurations))
+  configurations = engine.grid(ParamsEMA, decay=(0.5, 0.9), config=CONFIG)
+  _assert_same_as_runs(pair, configurations, engine.run_sweep(pair, configurations))
 
 
 def test_a_sweep_refuses_a_method_whose_update_bakes_its_hyper_parameters(pair):
   with pytest.raises(ValueError, match=r'baked-ema\(decay=0.9\) \(configuration 1\) updates by another program'):
-    sweep.run_sweep(pair, sweep.grid(BakedEMA, decay=(0.5, 0.9), config=CONFIG))
-  sweep.run_sweep(pair, sweep.grid(BakedEMA, decay=(0.5,), seeds=(0, 1), config=CONFIG))  # one decay: fine
+    engine.run_sweep(pair, engine.grid(BakedEMA, decay=(0.5, 0.9), config=CONFIG))
+  engine.run_sweep(pair, engine.grid(BakedEMA, decay=(0.5,), seeds=(0, 1), config=CONFIG))  # one decay: fine
 
 
 @pytest.mark.parametrize(
@@ -115,9 +115,9 @@ def test_a_sweep_refuses_a_method_whose_update_bakes_its_hyper_parameters(pair):
 def test_adaptive_and_multi_anchor_sweeps_equal_their_runs(name, values):
   """Averaging steps decided on the device (adaptive SFA) are read per configuration, with the evaluations after them."""
   stream = tasks.make_stream('split-mnist', source='digits', num_tasks=3)
-  config = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, eval_batch_size=256, eval_every=15)
-  configurations = sweep.grid(name, config=config, **values)
-  results = sweep.run_sweep(stream, configurations)
+  config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, eval_batch_size=256, eval_every=15)
+  configurations = engine.grid(name, config=config, **values)
+  results = engine.run_sweep(stream, configurations)
   assert all(result.averaging_steps for result in results)
   assert results[0].averaging_steps != results[1].averaging_steps
   _assert_same_as_runs(stream, configurations, results)
@@ -152,7 +152,7 @@ def test_no_module_outside_the_registry_asks_a_method_its_name():
 
 def test_runs_of_a_method_that_bakes_its_hyper_parameters_do_not_share_a_compiled_step(pair):
   """One process, two decays: each run trains with its own (a reused step would keep the first's)."""
-  half = continual.run_sequence(pair, BakedEMA(decay=0.5), CONFIG).accuracy_matrix
-  ninety = continual.run_sequence(pair, BakedEMA(decay=0.9), CONFIG).accuracy_matrix
-  assert ninety == continual.run_sequence(pair, ParamsEMA(decay=0.9), CONFIG).accuracy_matrix
-  assert half == continual.run_sequence(pair, ParamsEMA(decay=0.5), CONFIG).accuracy_matrix
+  half = engine.run_sequence(pair, BakedEMA(decay=0.5), CONFIG).accuracy_matrix
+  ninety = engine.run_sequence(pair, BakedEMA(decay=0.9), CONFIG).accuracy_matrix
+  assert ninety == engine.run_sequence(pair, ParamsEMA(decay=0.9), CONFIG).accuracy_matrix
+  assert half == engine.run_sequence(pair, ParamsEMA(decay=0.5), CONFIG).accuracy_matrix

@@ -32,8 +32,8 @@ import pytest
 from _checkpoint_helpers import steps
 import _multiprocess_worker as worker
 
-from sfa_jax import continual
-from sfa_jax.checkpoint import Checkpointer
+from sfa_jax import engine
+from sfa_jax.engine.checkpoint import Checkpointer
 
 WORKER = pathlib.Path(__file__).with_name('_multiprocess_worker.py')
 TIMEOUT_S = 300  # per phase; a hung collective fails the test instead of blocking CI
@@ -148,13 +148,13 @@ def _assert_sharded_across_the_processes(saves: list[dict]) -> None:
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume_one_run(tmp_path):
   stream, method, config = worker.stream_method_config()
-  run_id = continual.fingerprint(stream, method, config)
+  run_id = engine.run.fingerprint(stream, method, config)
 
   # 0. The reference: this process, one device.
   assert jax.process_count() == 1 and jax.device_count() == 1
   reference_folder = tmp_path / 'one-process'
   reference_checkpointer = _KeepingLast(reference_folder)
-  single = continual.run_sequence(stream, method, config, checkpointer=reference_checkpointer)
+  single = engine.run_sequence(stream, method, config, checkpointer=reference_checkpointer)
   reference = reference_checkpointer.arrays  # the run's final arrays (its last save is at its end)
 
   # 1. Both processes train, checkpoint every 4 steps, and are killed once step 32 (task 1) is saved.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sfa_jax import metrics
-from sfa_jax import report
+from sfa_jax.cli import report
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 

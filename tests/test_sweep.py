@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from sfa_jax import compile_cache as compile_cache_lib
-from sfa_jax import continual
-from sfa_jax import sweep
+from sfa_jax.engine import compile_cache as compile_cache_lib
+from sfa_jax import engine
+from sfa_jax import engine
 from sfa_jax import tasks
 
-CONFIG = continual.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, eval_batch_size=256)
+CONFIG = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, eval_batch_size=256)
 
 
 @pytest.fixture(scope='module')
@@ -36,7 +36,7 @@ def compile_cache(tmp_path_factory):
 def _assert_same_as_sequential(stream, configurations, results):
   assert len(results) == len(configurations)
   for (method, config), result in zip(configurations, results):
-    expected = continual.run_sequence(stream, method, config)
+    expected = engine.run_sequence(stream, method, config)
     label = f'{method.label} seed {config.seed}'
     assert result.method == expected.method
     np.testing.assert_allclose(result.accuracy_matrix, expected.accuracy_matrix, atol=1e-6, err_msg=label)
@@ -49,14 +49,14 @@ def _assert_same_as_sequential(stream, configurations, results):
 def test_sfa_sweep_over_p_beta_and_seeds_matches_sequential_runs(pair, caplog):
   config = dataclasses.replace(CONFIG, eval_every=7)
   configurations = [
-      (continual.make_method('sfa', p=0.25, beta=0.25), config),
-      (continual.make_method('sfa', p=0.5, beta=0.6), config),
-      (continual.make_method('sfa', p=1.0, beta=0.3), dataclasses.replace(config, seed=1)),
+      (engine.make_method('sfa', p=0.25, beta=0.25), config),
+      (engine.make_method('sfa', p=0.5, beta=0.6), config),
+      (engine.make_method('sfa', p=1.0, beta=0.3), dataclasses.replace(config, seed=1)),
   ]
   jax.config.update('jax_log_compiles', True)  # in every thread: the train program compiles in the background
   try:
     with caplog.at_level(logging.WARNING):
-      results = sweep.run_sweep(pair, configurations)
+      results = engine.run_sweep(pair, configurations)
   finally:
     jax.config.update('jax_log_compiles', False)
   step_compiles = [r.getMessage() for r in caplog.records if 'Finished XLA compilation of jit(chunk)' in r.getMessage()]
@@ -68,13 +68,13 @@ def test_sfa_sweep_over_p_beta_and_seeds_matches_sequential_runs(pair, caplog):
 
 
 def test_l2_sweep_over_strength_matches_sequential_runs(pair):
-  configurations = sweep.grid('l2', strength=(0.1, 30.0), config=CONFIG)  # one seed: the batches are passed once
-  _assert_same_as_sequential(pair, configurations, sweep.run_sweep(pair, configurations))
+  configurations = engine.grid('l2', strength=(0.1, 30.0), config=CONFIG)  # one seed: the batches are passed once
+  _assert_same_as_sequential(pair, configurations, engine.run_sweep(pair, configurations))
 
 
 def test_replay_sweep_over_fraction_matches_sequential_runs(pair):
-  configurations = sweep.grid('replay', fraction=(0.05, 0.3), config=CONFIG)
-  results = sweep.run_sweep(pair, configurations)
+  configurations = engine.grid('replay', fraction=(0.05, 0.3), config=CONFIG)
+  results = engine.run_sweep(pair, configurations)
   assert results[0].accuracy_matrix != results[1].accuracy_matrix  # different memories
   _assert_same_as_sequential(pair, configurations, results)
 
@@ -93,20 +93,20 @@ def test_replay_sweep_over_fraction_matches_sequential_runs(pair):
 )
 def test_every_other_method_matches_sequential_runs(pair, name, values):
   # Every value with seed 0, and the first value with seed 1.
-  configurations = sweep.grid(name, seeds=(0, 1), config=CONFIG, **values)
+  configurations = engine.grid(name, seeds=(0, 1), config=CONFIG, **values)
   configurations = configurations[::2] + configurations[1:2]
-  _assert_same_as_sequential(pair, configurations, sweep.run_sweep(pair, configurations))
+  _assert_same_as_sequential(pair, configurations, engine.run_sweep(pair, configurations))
 
 
 def test_grid_orders_hyper_parameters_then_seeds():
-  configurations = sweep.grid('sfa', p=(0.1, 1.0), beta=(0.25, 0.5), seeds=(3, 4), config=CONFIG)
+  configurations = engine.grid('sfa', p=(0.1, 1.0), beta=(0.25, 0.5), seeds=(3, 4), config=CONFIG)
   assert [(m.label, c.seed) for m, c in configurations][:3] == [
       ('sfa(beta=0.25, p=0.1)', 3), ('sfa(beta=0.25, p=0.1)', 4), ('sfa(beta=0.5, p=0.1)', 3)
   ]
   assert len(configurations) == 8 and all(c.batch_size == 32 for _, c in configurations)
 
 
-SFA = continual.make_method('sfa')
+SFA = engine.make_method('sfa')
 
 
 @pytest.mark.parametrize(
@@ -115,9 +115,9 @@ SFA = continual.make_method('sfa')
         ([], ValueError, 'configurations is empty'),
         ('sfa', TypeError, 'must be a sequence of'),
         ([SFA], TypeError, r'configurations\[0\] must be a \(Method, TrainConfig\) pair'),
-        ([(SFA, CONFIG), (continual.make_method('l2'), CONFIG)], ValueError, 'mix l2, sfa: run one sweep per method'),
+        ([(SFA, CONFIG), (engine.make_method('l2'), CONFIG)], ValueError, 'mix l2, sfa: run one sweep per method'),
         (
-            [(continual.make_method('replay', ratio=0.25), CONFIG), (continual.make_method('replay', ratio=0.5), CONFIG)],
+            [(engine.make_method('replay', ratio=0.25), CONFIG), (engine.make_method('replay', ratio=0.5), CONFIG)],
             ValueError,
             'ratio differs across the configurations',
         ),
@@ -131,7 +131,7 @@ SFA = continual.make_method('sfa')
 )
 def test_bad_configurations_are_refused(pair, configurations, error, message):
   with pytest.raises(error, match=message):
-    sweep.run_sweep(pair, configurations)
+    engine.run_sweep(pair, configurations)
 
 
 @pytest.mark.parametrize(
@@ -146,4 +146,4 @@ def test_bad_configurations_are_refused(pair, configurations, error, message):
 )
 def test_bad_grids_are_refused(kwargs, error, message):
   with pytest.raises(error, match=message):
-    sweep.grid('sfa', **kwargs)
+    engine.grid('sfa', **kwargs)

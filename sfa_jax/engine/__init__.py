@@ -1,6 +1,62 @@
-"""The engine above the core: methods (:mod:`~sfa_jax.engine.methods`), the one training loop
-(:mod:`~sfa_jax.engine.loop`) and its events and loggers (:mod:`~sfa_jax.engine.callbacks`).
+"""The engine: continual-learning runs, sweeps, meshes and language-model runs over the core transforms.
 
-:mod:`sfa_jax.continual` (a run), :mod:`sfa_jax.sweep` (vectorised runs) and the command line are
-built on it. Importing this package loads nothing; import its modules.
+A run trains a method on a stream of tasks and evaluates every task after each::
+
+  from sfa_jax import engine, tasks
+
+  stream = tasks.make_stream('mnist-pair')
+  result = engine.run_sequence(stream, engine.make_method('sfa', p=0.25), engine.TrainConfig())
+  result.accuracy_matrix  # R[i][j]: accuracy on task j after training on task i
+
+One module per idea:
+
+* :mod:`~sfa_jax.engine.methods`: the :class:`~sfa_jax.engine.methods.Method` classes and their
+  registry (:func:`~sfa_jax.engine.methods.make_method`);
+* :mod:`~sfa_jax.engine.config`: :class:`~sfa_jax.engine.config.TrainConfig`, how each task trains;
+* :mod:`~sfa_jax.engine.run`: one run (:func:`~sfa_jax.engine.run.run_sequence`);
+* :mod:`~sfa_jax.engine.sweep`: many configurations as one vectorised program;
+* :mod:`~sfa_jax.engine.loop`: the one training loop that runs and sweeps share, with
+  :mod:`~sfa_jax.engine.feed` (batches on the device) and :mod:`~sfa_jax.engine.fused` (fused
+  chunks of steps);
+* :mod:`~sfa_jax.engine.objectives` (loss and metric), :mod:`~sfa_jax.engine.callbacks` (events and
+  loggers), :mod:`~sfa_jax.engine.checkpoint` (orbax checkpoints and resume),
+  :mod:`~sfa_jax.engine.distributed` (meshes and several processes),
+  :mod:`~sfa_jax.engine.compile_cache` (the persistent compilation cache);
+* :mod:`~sfa_jax.engine.lm`: the same loop on language models;
+* :mod:`~sfa_jax.engine.budget`: sizing an experiment's steps per task for SFA's ``p`` grid.
+
+Importing this package loads nothing: each name loads its module when first used.
 """
+
+import importlib
+import importlib.util
+
+# Every name users write as ``engine.NAME``, and its module, imported when first used (PEP 562).
+_EXPORTS = {
+    'Method': 'methods',
+    'make_method': 'methods',
+    'TrainConfig': 'config',
+    'SequenceResult': 'run',
+    'run_sequence': 'run',
+    'check_configurations': 'sweep',
+    'grid': 'sweep',
+    'run_sweep': 'sweep',
+    'Checkpointer': 'checkpoint',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  """A public name (imported from its module) or a submodule, loaded on first use."""
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
+  elif importlib.util.find_spec(f'{__name__}.{name}') is not None:
+    value = importlib.import_module(f'{__name__}.{name}')
+  else:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))

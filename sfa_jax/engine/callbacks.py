@@ -25,14 +25,14 @@ ends come exactly after the step they follow. A callback that must see each step
 time it, say) sets an ``every_step = True`` attribute: the loop then runs one step per dispatch.
 
 Example:
-  >>> from sfa_jax import continual, tasks
+  >>> from sfa_jax import tasks, engine
   >>> from sfa_jax.engine import callbacks
   >>> ends = []
   >>> def task_ends(event):
   ...   if isinstance(event, callbacks.TaskEndEvent):
   ...     ends.append(event.task)
   >>> stream = tasks.make_stream('mnist-pair', source='digits')
-  >>> _ = continual.run_sequence(stream, continual.make_method('sfa'), continual.TrainConfig(epochs_per_task=1),
+  >>> _ = engine.run_sequence(stream, engine.make_method('sfa'), engine.TrainConfig(epochs_per_task=1),
   ...                            callbacks=[task_ends])
   >>> ends
   [0, 1]
@@ -62,7 +62,7 @@ class StepEvent(NamedTuple):
 
 
 class EvaluationEvent(NamedTuple):
-  """Accuracy on every task of configuration ``configuration`` (a :class:`sfa_jax.continual.CurvePoint`)."""
+  """Accuracy on every task of configuration ``configuration`` (a :class:`sfa_jax.engine.run.CurvePoint`)."""
 
   configuration: int
   point: Any

@@ -118,7 +118,7 @@ def on_device(part: Examples, placement: Any = None) -> Examples:
   over a mesh)."""
   if placement is None:
     return Examples(*(jax.device_put(np.asarray(leaf)) for leaf in part))
-  from sfa_jax import distributed
+  from sfa_jax.engine import distributed
 
   return Examples(*(distributed.place(np.asarray(leaf), placement) for leaf in part))
 

@@ -2,8 +2,8 @@
 
 :func:`train_stream` trains every configuration ``(method, config)`` on the tasks of a stream in
 order and evaluates every task after each. The configurations are *lanes* of one loop: a single
-run is one lane (:func:`sfa_jax.continual.run_sequence`); a sweep stacks N lanes on a leading
-axis and advances them with one ``jax.vmap``-ed step (:func:`sfa_jax.sweep.run_sweep`). The loop
+run is one lane (:func:`sfa_jax.engine.run.run_sequence`); a sweep stacks N lanes on a leading
+axis and advances them with one ``jax.vmap``-ed step (:func:`sfa_jax.engine.sweep.run_sweep`). The loop
 knows no method by name: it calls the :class:`~sfa_jax.engine.methods.Method` hooks at every task
 boundary (per lane, on that lane's :class:`RunState`), takes the batches from
 :meth:`~sfa_jax.engine.methods.Method.batch_plan`, and records the averages that
@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from sfa_jax import _validation
-from sfa_jax import distributed
+from sfa_jax.engine import distributed
 from sfa_jax import fisher as fisher_lib
 from sfa_jax import models
 from sfa_jax import partial
@@ -56,6 +56,7 @@ from sfa_jax.engine import feed as feed_lib
 from sfa_jax.engine import fused
 from sfa_jax.engine import methods as methods_lib
 from sfa_jax.engine import objectives as objectives_lib
+from sfa_jax.engine import config as config_lib
 
 CHECKPOINT_FORMAT = 3  # the layout of a checkpoint's arrays and record; part of every fingerprint
 
@@ -86,12 +87,12 @@ def initializer(model, sample: np.ndarray, mesh: Any = None) -> Callable[[int], 
   Flax's ``init`` run eagerly dispatches every initializer's operations one by one, and a fresh
   process compiles each of them; jitted, it is one program that the persistent compilation cache
   keeps. The values are bit-for-bit those of the eager ``init``. With a ``mesh``, every leaf is
-  created where :func:`sfa_jax.distributed.tree_shardings` puts it (FSDP).
+  created where :func:`sfa_jax.engine.distributed.tree_shardings` puts it (FSDP).
 
   Args:
     model: a Flax Linen module taking ``(x, task_id=, train=)``.
     sample: one batch of inputs, e.g. the first training example with its leading axis.
-    mesh: optional ``jax.sharding.Mesh`` from :func:`sfa_jax.distributed.make_mesh`.
+    mesh: optional ``jax.sharding.Mesh`` from :func:`sfa_jax.engine.distributed.make_mesh`.
 
   Returns:
     The function of the seed.
@@ -406,14 +407,14 @@ def _abstract_batch(task: tasks_lib.Task, batch_size: int) -> tuple[Any, ...]:
 
 def _skips_anchor(config: Any, trainable_params: Any) -> bool:
   """``config.skip_anchor_between_averages``, or (``None``) whether the trainable params are large
-  enough for the anchor's pass over memory to matter (``continual.SKIP_ANCHOR_MIN_BYTES``)."""
+  enough for the anchor's pass over memory to matter (``SKIP_ANCHOR_MIN_BYTES``)."""
   if config.skip_anchor_between_averages is not None:
     return bool(config.skip_anchor_between_averages)
-  from sfa_jax import continual  # the config's module (it imports this one)
+
 
   size = sum(int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
              for leaf in jax.tree.leaves(trainable_params) if hasattr(leaf, 'dtype'))
-  return size >= continual.SKIP_ANCHOR_MIN_BYTES
+  return size >= config_lib.SKIP_ANCHOR_MIN_BYTES
 
 
 class _TaskInputs(NamedTuple):
@@ -484,7 +485,7 @@ def _test_groups(batches: fused.TestBatches, budget: int, placement: Any) -> lis
 
 
 class LaneRecord(NamedTuple):
-  """What one configuration measured: the lists of :class:`sfa_jax.continual.SequenceResult`."""
+  """What one configuration measured: the lists of :class:`sfa_jax.engine.run.SequenceResult`."""
 
   matrix: list[list[float]]
   curve: list[tuple[int, int, tuple[float, ...]]]
@@ -511,12 +512,12 @@ def train_stream(
   Args:
     tasks: the tasks, built once (``list(stream)``: a stream builds a task each time it is indexed).
     configurations: ``(method, config)`` lanes: one of them (``stacked=False``) or several of one
-      method class whose configs differ only in the seed (checked by :mod:`sfa_jax.sweep`).
+      method class whose configs differ only in the seed (checked by :mod:`sfa_jax.engine.sweep`).
     model: the Flax module, built for the stream.
     fingerprint: what decides the numbers; a checkpoint must carry the same.
     stacked: vectorise the lanes (a sweep); with ``False`` there is exactly one lane.
     callbacks: called with each event of :mod:`sfa_jax.engine.callbacks`.
-    checkpointer: a :class:`sfa_jax.checkpoint.Checkpointer`: save every ``every_steps`` steps
+    checkpointer: a :class:`sfa_jax.engine.checkpoint.Checkpointer`: save every ``every_steps`` steps
       and at each task end, resume from its latest checkpoint of this ``fingerprint``.
     mesh: train the (single) lane on these devices: batches split over the mesh, params and
       optimizer state FSDP-sharded.

@@ -3,8 +3,8 @@
 A method is an Optax chain around the user's optimizer (:meth:`Method.transform`) plus, at most,
 rules at the task boundaries (:meth:`Method.start_task`, :meth:`Method.prepare_optimizer`,
 :meth:`Method.end_task`), a rule on the batches (:meth:`Method.batch_plan`: replay, joint) and the
-arrays it keeps across tasks (:meth:`Method.init_extras`). The engine (:mod:`sfa_jax.continual`,
-:mod:`sfa_jax.sweep`, :mod:`sfa_jax.lm`, the command line) calls only these hooks: it never asks
+arrays it keeps across tasks (:meth:`Method.init_extras`). The engine (:mod:`sfa_jax.engine.run`,
+:mod:`sfa_jax.engine.sweep`, :mod:`sfa_jax.engine.lm`, the command line) calls only these hooks: it never asks
 a method's name.
 
 ================ ========================================================================================

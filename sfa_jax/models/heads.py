@@ -15,7 +15,7 @@ products, and gradients reach only the heads that were selected.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -80,6 +80,11 @@ class OutputHead(nn.Module):
 
   num_outputs: int
   num_heads: int = 1
+
+  # The layout :func:`sfa_jax.diagonal_fisher`'s batched layer-wise pass reads: ``kernel`` and
+  # ``bias`` of one dense layer per head, stacked on a leading axis when ``num_heads > 1``, the
+  # head picked per example by ``task_id``.
+  stacked_heads_layout: ClassVar[bool] = True
 
   @nn.compact
   def __call__(self, features: jax.Array, task_id: Any = None) -> jax.Array:

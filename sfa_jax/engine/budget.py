@@ -111,7 +111,7 @@ def task_curves(run: Mapping[str, Any]) -> list[list[tuple[int, float]]]:
   """Each task's own accuracy while it was trained, steps counted from the task's start, from a run JSON.
 
   Args:
-    run: a run of :func:`sfa_jax.continual.run_sequence` (``SequenceResult.to_json()``) trained with
+    run: a run of :func:`sfa_jax.engine.run.run_sequence` (``SequenceResult.to_json()``) trained with
       ``eval_every > 0``.
 
   Returns:
@@ -146,7 +146,7 @@ def measure_convergence(
 
   Args:
     stream: the :class:`~sfa_jax.tasks.TaskStream`.
-    config: the experiment's :class:`~sfa_jax.continual.TrainConfig`; its ``steps_per_task`` and
+    config: the experiment's :class:`~sfa_jax.engine.config.TrainConfig`; its ``steps_per_task`` and
       ``eval_every`` are replaced.
     reference_steps: steps per task of the measuring run; longer than the experiment's budget, so
       that its end is converged.
@@ -162,14 +162,14 @@ def measure_convergence(
   """
   import time
 
-  from sfa_jax import continual
+  from sfa_jax.engine import methods, run
 
   if int(reference_steps) < 1:
     raise ValueError(f'reference_steps must be at least 1; got {reference_steps}.')
   every = int(eval_every or max(1, int(reference_steps) // 20))
   run_config = dataclasses.replace(config, steps_per_task=int(reference_steps), eval_every=every)
   begin = time.perf_counter()
-  result = continual.run_sequence(stream, continual.make_method('finetune'), run_config, initial=initial)
+  result = run.run_sequence(stream, methods.make_method('finetune'), run_config, initial=initial)
   curves = task_curves(result.to_json())
   return {'reference_steps': int(reference_steps), 'eval_every': every, 'fraction': float(fraction),
           'seed': int(config.seed), 'seconds': time.perf_counter() - begin,
@@ -182,12 +182,12 @@ def steps_per_task(stream: Any, config: Any) -> list[int]:
   ``config.steps_per_task`` when set, else ``epochs_per_task`` whole epochs of ``batch_size`` batches.
 
   Example:
-    >>> from sfa_jax import continual, tasks
+    >>> from sfa_jax import tasks, engine
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
-    >>> steps_per_task(stream, continual.TrainConfig(epochs_per_task=2, batch_size=64)) == [
+    >>> steps_per_task(stream, engine.TrainConfig(epochs_per_task=2, batch_size=64)) == [
     ...     2 * (len(stream[k].train.y) // 64) for k in range(2)]
     True
-    >>> steps_per_task(stream, continual.TrainConfig(steps_per_task=300))
+    >>> steps_per_task(stream, engine.TrainConfig(steps_per_task=300))
     [300, 300]
   """
   from sfa_jax import tasks as tasks_lib

@@ -1,6 +1,6 @@
 """Multi-device training on JAX's own engine: data parallel batches, FSDP-sharded params and state.
 
-The sequence trainer takes a device mesh, ``continual.run_sequence(stream, method, config,
+The sequence trainer takes a device mesh, ``engine.run_sequence(stream, method, config,
 mesh=mesh)``, and runs the same jitted train step on sharded inputs; XLA's SPMD partitioner
 inserts the communication. Two mesh axes have a meaning:
 
@@ -20,10 +20,11 @@ forward and backward passes gather each sharded weight when they use it, as FSDP
 
 Example, 8 devices as 2-way data parallel times 4-way FSDP::
 
-  from sfa_jax import continual, distributed, tasks
+  from sfa_jax import tasks, engine
+  from sfa_jax.engine import distributed
   mesh = distributed.make_mesh('data=2,fsdp=4')
-  result = continual.run_sequence(tasks.make_stream('split-mnist'), continual.make_method('sfa'),
-                                  continual.TrainConfig(batch_size=64), mesh=mesh)
+  result = engine.run_sequence(tasks.make_stream('split-mnist'), engine.make_method('sfa'),
+                                  engine.TrainConfig(batch_size=64), mesh=mesh)
 
 or from the command line, ``sfa-jax run --stream split-mnist --method sfa --mesh data=2,fsdp=4``.
 On a CPU the devices can be simulated: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
@@ -66,9 +67,10 @@ with ``train.py``::
 
   import jax
   jax.distributed.initialize()            # first: before any other JAX call
-  from sfa_jax import continual, distributed, tasks
+  from sfa_jax import tasks, engine
+  from sfa_jax.engine import distributed
   mesh = distributed.make_mesh({'data': jax.process_count(), 'fsdp': jax.local_device_count()})
-  result = continual.run_sequence(tasks.make_stream('split-mnist'), continual.make_method('sfa'),
+  result = engine.run_sequence(tasks.make_stream('split-mnist'), engine.make_method('sfa'),
                                   mesh=mesh)
   if jax.process_index() == 0:
     print(result.accuracy_matrix)         # every process holds the same results
@@ -79,7 +81,7 @@ its own devices); an ``'fsdp'`` axis over the devices of every host splits the m
 anchor between the hosts. A checkpointer's folder must be one that every process sees (a shared
 file system or a bucket): each process writes the shards it holds, and the checksums of arrays
 spread over several processes are computed where their shards are
-(:func:`sfa_jax.checkpoint.fold64_checksum`).
+(:func:`sfa_jax.engine.checkpoint.fold64_checksum`).
 
 ``tests/test_multiprocess.py`` runs this path on one machine: two processes, 2 simulated CPU
 devices each, one SFA run on an ``'fsdp=4'`` mesh spanning both: the accuracy matrix of one
@@ -98,7 +100,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sfa_jax.mesh_spec import AXES, DATA, FSDP, check_axes, parse_mesh_spec  # noqa: F401  (the public names here too)
+from sfa_jax.engine.mesh_spec import AXES, DATA, FSDP, check_axes, parse_mesh_spec  # noqa: F401  (the public names here too)
 
 # Leaves with fewer elements are replicated: sharding them saves little memory and costs a gather.
 FSDP_MIN_SIZE = 1024
@@ -120,7 +122,7 @@ def make_mesh(axes: Mapping[str, int] | str, devices: Sequence[jax.Device] | Non
     ValueError: on unknown axes, sizes below 1, or a product different from the device count.
 
   Example:
-    >>> from sfa_jax.distributed import make_mesh
+    >>> from sfa_jax.engine.distributed import make_mesh
     >>> dict(make_mesh({'data': 1}).shape)
     {'data': 1}
   """
@@ -160,7 +162,7 @@ def leaf_sharding(shape: Sequence[int], mesh: Mesh, min_size: int = FSDP_MIN_SIZ
     ValueError: if its axes are not among ``'data'`` and ``'fsdp'``.
 
   Example:
-    >>> from sfa_jax.distributed import leaf_sharding, make_mesh
+    >>> from sfa_jax.engine.distributed import leaf_sharding, make_mesh
     >>> tuple(leaf_sharding((784, 256), make_mesh({'fsdp': 1})).spec)
     ()
   """
@@ -193,7 +195,7 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from sfa_jax.distributed import make_mesh, tree_shardings
+    >>> from sfa_jax.engine.distributed import make_mesh, tree_shardings
     >>> tree_shardings({'w': jnp.zeros((4, 2))}, make_mesh({'data': 1}))['w'].is_fully_replicated
     True
   """
@@ -218,7 +220,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     TypeError: if ``mesh`` is not a ``Mesh``.
 
   Example:
-    >>> from sfa_jax.distributed import batch_sharding, make_mesh
+    >>> from sfa_jax.engine.distributed import batch_sharding, make_mesh
     >>> tuple(batch_sharding(make_mesh({'data': 1})).spec)
     ('data',)
   """
@@ -230,7 +232,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   """The sharding of an array every device of ``mesh`` holds whole (a task's examples, the test sets).
 
   Example:
-    >>> from sfa_jax.distributed import make_mesh, replicated
+    >>> from sfa_jax.engine.distributed import make_mesh, replicated
     >>> tuple(replicated(make_mesh({'data': 1})).spec)
     ()
   """
@@ -271,7 +273,7 @@ def place(tree: Any, shardings: Any) -> Any:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from sfa_jax.distributed import batch_sharding, make_mesh, place
+    >>> from sfa_jax.engine.distributed import batch_sharding, make_mesh, place
     >>> x = place(jnp.zeros((8, 3)), batch_sharding(make_mesh({'data': 1})))
     >>> x.shape
     (8, 3)
@@ -297,7 +299,7 @@ def shard(tree: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from sfa_jax.distributed import make_mesh, shard
+    >>> from sfa_jax.engine.distributed import make_mesh, shard
     >>> shard({'w': jnp.ones((64, 32))}, make_mesh({'fsdp': 1}))['w'].shape
     (64, 32)
   """
@@ -319,7 +321,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
   Example:
     >>> import numpy as np
-    >>> from sfa_jax.distributed import make_mesh, shard_batch
+    >>> from sfa_jax.engine.distributed import make_mesh, shard_batch
     >>> shard_batch({'x': np.zeros((4, 2))}, make_mesh({'data': 1}))['x'].shape
     (4, 2)
   """
@@ -347,7 +349,7 @@ def shard_step(
   previous step's outputs, are passed through without a copy, so the step compiles once.
 
   Args:
-    step: e.g. :func:`sfa_jax.continual.make_train_step`'s ``(params, model_state, opt_state, x,
+    step: e.g. :func:`sfa_jax.engine.run.make_train_step`'s ``(params, model_state, opt_state, x,
       y, mask, task_ids) -> ...``.
     mesh: a mesh from :func:`make_mesh`.
     state_argnums: the positions of the arguments sharded with :func:`shard`; every other
@@ -362,7 +364,7 @@ def shard_step(
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from sfa_jax.distributed import make_mesh, shard_step
+    >>> from sfa_jax.engine.distributed import make_mesh, shard_step
     >>> step = shard_step(jax.jit(lambda w, x: w + x.sum()), make_mesh({'data': 1}), state_argnums=(0,))
     >>> float(step(jnp.zeros(()), jnp.ones(4)))
     4.0

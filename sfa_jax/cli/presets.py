@@ -1,11 +1,11 @@
 """Settings shared by the command line and the experiment scripts: the offline demo's.
 
-Standard library only at import, like :mod:`sfa_jax.names`: ``sfa-jax --help`` reads them before
+Standard library only at import, like :mod:`sfa_jax.cli.names`: ``sfa-jax --help`` reads them before
 JAX is loaded. ``DEMO_DEFAULTS`` (:func:`demo_defaults`) is :data:`DEMO` with ``'config'`` as a
-:class:`~sfa_jax.continual.TrainConfig`; it is built when read (a TrainConfig imports JAX).
+:class:`~sfa_jax.engine.config.TrainConfig`; it is built when read (a TrainConfig imports JAX).
 
 Example:
-  >>> from sfa_jax import presets
+  >>> from sfa_jax.cli import presets
   >>> presets.DEMO['stream'], presets.DEMO_DEFAULTS['config'].batch_size
   ('mnist-pair', 64)
 """
@@ -36,10 +36,10 @@ DEMO: dict[str, Any] = {
 
 
 def demo_defaults() -> dict[str, Any]:
-  """The offline demo's settings, with ``'config'`` as a :class:`~sfa_jax.continual.TrainConfig`."""
-  from sfa_jax import continual
+  """The offline demo's settings, with ``'config'`` as a :class:`~sfa_jax.engine.config.TrainConfig`."""
+  from sfa_jax.engine.config import TrainConfig
 
-  return DEMO | {'config': continual.TrainConfig(**DEMO['config'])}
+  return DEMO | {'config': TrainConfig(**DEMO['config'])}
 
 
 def __getattr__(name: str) -> Any:

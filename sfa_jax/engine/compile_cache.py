@@ -41,7 +41,7 @@ def enable_compilation_cache(directory: str | None = None) -> str:
 
   Example:
     >>> import tempfile
-    >>> from sfa_jax.compile_cache import enable_compilation_cache
+    >>> from sfa_jax.engine.compile_cache import enable_compilation_cache
     >>> folder = enable_compilation_cache(tempfile.mkdtemp())  # doctest: +SKIP
   """
   directory = directory or default_cache_dir()

@@ -2,7 +2,7 @@
 
 An experiment script (``experiments/*.py``) only wires these together: it names a stream, a grid
 of method configurations and seeds, calls :func:`run_grid`, aggregates with
-:func:`final_accuracies` or :func:`sfa_jax.report.summarize_runs`, and writes ``<name>.json`` and
+:func:`final_accuracies` or :func:`sfa_jax.cli.report.summarize_runs`, and writes ``<name>.json`` and
 ``<name>.md`` with :func:`write_results`. Scripts on a long stream share its command-line options
 and defaults through :func:`add_stream_arguments` and :func:`long_stream`.
 
@@ -33,17 +33,16 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sfa_jax import continual  # noqa: E402
-from sfa_jax import report  # noqa: E402
-from sfa_jax import sweep as sweep_lib  # noqa: E402
+from sfa_jax import engine  # noqa: E402
+from sfa_jax.cli import report  # noqa: E402
 from sfa_jax import tasks  # noqa: E402
-from sfa_jax.presets import DEMO_DEFAULTS  # noqa: E402
+from sfa_jax.cli.presets import DEMO_DEFAULTS  # noqa: E402
 from sfa_jax.engine import methods as methods_lib  # noqa: E402
 
 Config = tuple[Any, dict[str, float]]
 """A method (a registered name, ``'package.module:Class'`` or a Method subclass) and its hyper-parameters."""
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'results')
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 """Where the experiment scripts write by default: ``experiments/results/`` of the checkout."""
 
 
@@ -93,7 +92,7 @@ def _check_grid(configs: Sequence[Config]) -> list[methods_lib.Method]:
 def run_grid(
     stream: tasks.TaskStream,
     grid: Sequence[Config],
-    config: continual.TrainConfig,
+    config: engine.TrainConfig,
     seeds: Sequence[int],
     *,
     as_sweep: bool | None = None,
@@ -101,9 +100,9 @@ def run_grid(
 ) -> list[dict[str, Any]]:
   """Runs every configuration of ``grid`` with every seed on ``stream``.
 
-  Each run is :func:`sfa_jax.continual.run_sequence` with ``config`` and ``seed`` replaced; as
+  Each run is :func:`sfa_jax.engine.run.run_sequence` with ``config`` and ``seed`` replaced; as
   sweeps, the configurations of one method (and their seeds) train side by side as one
-  :func:`sfa_jax.sweep.run_sweep` each (the same numbers, one compiled program; hyper-parameters a
+  :func:`sfa_jax.engine.sweep.run_sweep` each (the same numbers, one compiled program; hyper-parameters a
   sweep cannot vary split a method into several sweeps). By default sweeps are chosen on an
   accelerator, where one small model does not fill the device, and runs one after another on the
   CPU, where the step is compute-bound and a sweep does not pay (``benchmarks/RESULTS.md``); the
@@ -130,9 +129,9 @@ def run_grid(
     TypeError: on a configuration that is not a ``(name, dict)`` pair.
 
   Example:
-    >>> from sfa_jax import continual, tasks
+    >>> from sfa_jax import tasks, engine
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
-    >>> config = continual.TrainConfig(epochs_per_task=1, batch_size=32)
+    >>> config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
     >>> runs = run_grid(stream, [('finetune', {})], config, seeds=[0], log=None)
     >>> runs[0]['method_name'], runs[0]['seed'], len(runs[0]['accuracy_matrix'])
     ('finetune', 0, 2)
@@ -161,7 +160,7 @@ def run_grid(
     group = []
     for seed in seeds:
       run_config = dataclasses.replace(config, seed=seed)
-      result = results[method, seed] if results else continual.run_sequence(stream, method, run_config)
+      result = results[method, seed] if results else engine.run_sequence(stream, method, run_config)
       group.append(result.to_json() | {'seed': seed, 'method_name': method.name, 'hyperparams': method.values})
     runs += group
     if log is not None:
@@ -169,12 +168,12 @@ def run_grid(
   return runs
 
 
-def grid_budget(stream: tasks.TaskStream, grid: Sequence[Any], config: continual.TrainConfig):
-  """The budget rule (:mod:`sfa_jax.budget`) for a grid on ``stream``, warning loudly when it fails.
+def grid_budget(stream: tasks.TaskStream, grid: Sequence[Any], config: engine.TrainConfig):
+  """The budget rule (:mod:`sfa_jax.engine.budget`) for a grid on ``stream``, warning loudly when it fails.
 
   Checks the fewest steps per task of the stream against the grid's SFA ``p`` values (each period of
   the smallest ``p`` holds two steps; every two ``p`` average at different steps). Fine-tuning's
-  convergence is a measured run (:func:`sfa_jax.budget.measure_convergence`), left to the scripts
+  convergence is a measured run (:func:`sfa_jax.engine.budget.measure_convergence`), left to the scripts
   that can pay for it.
 
   Args:
@@ -183,15 +182,15 @@ def grid_budget(stream: tasks.TaskStream, grid: Sequence[Any], config: continual
     config: the training settings.
 
   Returns:
-    The :class:`sfa_jax.budget.BudgetCheck`.
+    The :class:`sfa_jax.engine.budget.BudgetCheck`.
 
   Example:
-    >>> from sfa_jax import continual, tasks
+    >>> from sfa_jax import tasks, engine
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
-    >>> grid_budget(stream, [('sfa', {'p': 0.5})], continual.TrainConfig(steps_per_task=100)).ok
+    >>> grid_budget(stream, [('sfa', {'p': 0.5})], engine.TrainConfig(steps_per_task=100)).ok
     True
   """
-  from sfa_jax import budget
+  from sfa_jax.engine import budget
 
   methods = [m if isinstance(m, methods_lib.Method) else methods_lib.make_method(m[0], **m[1]) for m in grid]
   return budget.check_budget(min(budget.steps_per_task(stream, config)), p_values=budget.grid_p_values(methods),
@@ -199,8 +198,8 @@ def grid_budget(stream: tasks.TaskStream, grid: Sequence[Any], config: continual
 
 
 def _sweep_results(
-    stream: tasks.TaskStream, methods: Sequence[methods_lib.Method], config: continual.TrainConfig, seeds: Sequence[int]
-) -> dict[tuple[methods_lib.Method, int], continual.SequenceResult]:
+    stream: tasks.TaskStream, methods: Sequence[methods_lib.Method], config: engine.TrainConfig, seeds: Sequence[int]
+) -> dict[tuple[methods_lib.Method, int], engine.SequenceResult]:
   """Every (method, seed)'s result, from one sweep per method class and values a sweep must share."""
   groups: dict[Any, list[methods_lib.Method]] = {}
   for method in methods:
@@ -209,7 +208,7 @@ def _sweep_results(
   results = {}
   for members in groups.values():
     configurations = [(method, dataclasses.replace(config, seed=seed)) for method in members for seed in seeds]
-    for (method, run_config), result in zip(configurations, sweep_lib.run_sweep(stream, configurations)):
+    for (method, run_config), result in zip(configurations, engine.run_sweep(stream, configurations)):
       results[method, run_config.seed] = result
   return results
 
@@ -378,7 +377,7 @@ def averaging_jumps(run: dict[str, Any]) -> dict[str, float | None]:
   """How SFA's averaging steps move the accuracies: mean change on the past tasks and on the current task.
 
   For each averaging step ``s`` (``run['averaging_steps']``) with an evaluation just before
-  (step ``s - 1``) and after it (step ``s``), as :func:`sfa_jax.continual.run_sequence` records
+  (step ``s - 1``) and after it (step ``s``), as :func:`sfa_jax.engine.run.run_sequence` records
   when ``eval_every > 0``: the change of the mean accuracy over the tasks before the current one,
   and of the accuracy on the current task. (Step ``s`` also holds one gradient step.)
 
@@ -657,7 +656,7 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--epochs', type=int, default=2, help='epochs per task (default 2; 1 with --quick)')
 
 
-def long_stream(args: argparse.Namespace) -> tuple[tasks.TaskStream, continual.TrainConfig]:
+def long_stream(args: argparse.Namespace) -> tuple[tasks.TaskStream, engine.TrainConfig]:
   """The stream and training config named by :func:`add_stream_arguments`'s options.
 
   Data: ``--data-dir`` reads tfds; else the bundled offline MNIST, or scikit-learn's 8x8 digits
@@ -689,15 +688,15 @@ def long_stream(args: argparse.Namespace) -> tuple[tasks.TaskStream, continual.T
   if num_tasks is not None and num_tasks < 2:
     raise ValueError(f'--tasks must be at least 2; got {num_tasks}.')
   stream = tasks.make_stream(args.stream, source=source, data_dir=args.data_dir, num_tasks=num_tasks, setting=setting)
-  config = continual.TrainConfig(
+  config = engine.TrainConfig(
       model=model, epochs_per_task=1 if args.quick else args.epochs,
       batch_size=32 if args.quick else 64, learning_rate=1e-3,
   )
   return stream, config
 
 
-def pair_stream(args: argparse.Namespace) -> tuple[tasks.TaskStream, continual.TrainConfig, tuple[int, ...]]:
-  """The MNIST task pair with the offline demo's settings (``sfa_jax.presets.DEMO_DEFAULTS``).
+def pair_stream(args: argparse.Namespace) -> tuple[tasks.TaskStream, engine.TrainConfig, tuple[int, ...]]:
+  """The MNIST task pair with the offline demo's settings (``sfa_jax.cli.presets.DEMO_DEFAULTS``).
 
   The bundled MNIST, or scikit-learn's 8x8 digits with ``--quick`` (then also one epoch per task,
   batch 32 and seed 0); evaluation only at task ends.
@@ -759,7 +758,7 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
 
 
 def best_per_family(runs: Sequence[dict[str, Any]], *, family: Callable[[dict[str, Any]], str] | None = None) -> list[dict[str, Any]]:
-  """The :func:`sfa_jax.report.summarize_runs` row of each family's best configuration.
+  """The :func:`sfa_jax.cli.report.summarize_runs` row of each family's best configuration.
 
   Best: the highest mean (over seeds) final average accuracy. Families are ``method_name`` unless
   ``family`` maps a run to another name; rows are sorted best first and carry ``'family'``.

@@ -44,9 +44,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sfa_jax import _validation
-from sfa_jax import continual
+from sfa_jax.engine import run as run_lib
+from sfa_jax.engine.config import TrainConfig
 from sfa_jax import tasks as tasks_lib
-from sfa_jax.checkpoint import Checkpointer
+from sfa_jax.engine.checkpoint import Checkpointer
 from sfa_jax.engine import callbacks as callbacks_lib
 from sfa_jax.engine import loop
 from sfa_jax.engine import methods as methods_lib
@@ -69,7 +70,7 @@ class LMConfig:
     eval_batch_size: windows (or problems) per evaluation batch.
     fisher_sequences: training windows used for EWC's Fisher.
     trainable: train and anchor only the params these path patterns select (``None``: all), as
-      :attr:`sfa_jax.continual.TrainConfig.trainable`; e.g. ``('top_layers', 'norm')`` for a model
+      :attr:`sfa_jax.engine.config.TrainConfig.trainable`; e.g. ``('top_layers', 'norm')`` for a model
       from :func:`sfa_jax.models.llama.train_top_layers`.
   """
 
@@ -97,9 +98,9 @@ class LMConfig:
     if self.optimizer not in ('adam', 'sgd'):
       raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {self.optimizer!r}.")
 
-  def train_config(self, model) -> continual.TrainConfig:
+  def train_config(self, model) -> TrainConfig:
     """The engine's settings for ``model``: these steps, batches, optimizer and seed, the next-token objective."""
-    return continual.TrainConfig(
+    return TrainConfig(
         model=model, epochs_per_task=1, batch_size=self.batch_size, learning_rate=self.learning_rate,
         optimizer=self.optimizer_for, seed=self.seed, eval_batch_size=self.eval_batch_size,
         objective=objectives_lib.NEXT_TOKEN, steps_per_task=self.steps_per_domain, fisher_examples=self.fisher_sequences,
@@ -288,11 +289,11 @@ def run_lm_sequences(
     model: a causal LM (e.g. :class:`sfa_jax.models.llama.Llama`), ``model.apply(variables, tokens)``.
     params: its initial (pretrained) params; left untouched.
     domains: from :func:`sfa_jax.tasks.text.make_text_domains`, all with one window shape.
-    methods: :class:`~sfa_jax.engine.methods.Method` s, e.g. from :func:`continual.make_method`.
+    methods: :class:`~sfa_jax.engine.methods.Method` s, e.g. from :func:`engine.make_method`.
     config: training settings.
     callbacks: called with every event of every method's run (:mod:`sfa_jax.engine.callbacks`).
-    checkpointers: one :class:`~sfa_jax.checkpoint.Checkpointer` per method (``None``: none):
-      each run is saved and resumed as :func:`sfa_jax.continual.run_sequence` is.
+    checkpointers: one :class:`~sfa_jax.engine.checkpoint.Checkpointer` per method (``None``: none):
+      each run is saved and resumed as :func:`sfa_jax.engine.run.run_sequence` is.
 
   Returns:
     One :class:`LMResult` per method, in order.
@@ -304,7 +305,8 @@ def run_lm_sequences(
 
   Example:
     >>> import jax
-    >>> from sfa_jax import continual, lm
+    >>> from sfa_jax import engine
+    >>> from sfa_jax.engine import lm
     >>> from sfa_jax.models.llama import Llama, LlamaConfig
     >>> from sfa_jax.models.tokenizer import ByteTokenizer
     >>> from sfa_jax.tasks import text
@@ -312,7 +314,7 @@ def run_lm_sequences(
     ...                                  num_problems=4, strict=False)
     >>> model = Llama(LlamaConfig.tiny())
     >>> params = jax.jit(model.init)(jax.random.key(0), domains[0].train[:1, :-1])['params']
-    >>> results = lm.run_lm_sequences(model, params, domains, [continual.make_method('sfa')],
+    >>> results = lm.run_lm_sequences(model, params, domains, [engine.make_method('sfa')],
     ...                               lm.LMConfig(steps_per_domain=2, batch_size=2))  # doctest: +SKIP
     >>> results[0].stages, len(results[0].loss_matrix[0])  # doctest: +SKIP
     (['initial', 'math', 'law', 'code'], 3)
@@ -340,7 +342,7 @@ def run_lm_sequences(
     }
 
   initial = (jax.tree.map(jnp.asarray, params), {})
-  initial_sum = continual.initial_checksum(initial)  # once: it reads every array of the model
+  initial_sum = run_lib.initial_checksum(initial)  # once: it reads every array of the model
   # Every run starts from these params: their row is measured once per process.
   data_sum = hashlib.sha256(b''.join(np.ascontiguousarray(a).tobytes() for d in domains for a in _domain_arrays(d))).hexdigest()
   starting_row = lambda: loop.reused(('lm_starting_row', model, initial_sum, data_sum, config.eval_batch_size),
@@ -359,7 +361,7 @@ def run_lm_sequences(
 
     run_id = json.dumps({
         'stream': [d.name for d in domains], 'windows': [list(d.train.shape) for d in domains],
-        'method': continual.describe_method(method), 'config': dataclasses.asdict(config),
+        'method': run_lib.describe_method(method), 'config': dataclasses.asdict(config),
         'model': repr(model), 'initial': initial_sum,
         'checkpoint_format': loop.CHECKPOINT_FORMAT,
     }, sort_keys=True, default=repr)

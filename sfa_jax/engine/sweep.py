@@ -6,7 +6,7 @@ the stacked lanes of the one training loop (:func:`sfa_jax.engine.loop.train_str
 by one ``jax.jit(jax.vmap(train_step))``. The hyper-parameters are traced values of the optimizer
 state, so SFA's averaging schedule is computed inside the step from each configuration's own
 ``p`` and ``T``. Each configuration sees exactly the batches, initialisation and replay memory of
-its own :func:`sfa_jax.continual.run_sequence`, and gets the same accuracy matrix, averaging steps
+its own :func:`sfa_jax.engine.run.run_sequence`, and gets the same accuracy matrix, averaging steps
 and curve (to float tolerance); the task-boundary hooks run per configuration.
 
 What a sweep may vary, and what it may not:
@@ -15,7 +15,7 @@ What a sweep may vary, and what it may not:
 * every hyper-parameter of that method, except those marked ``sweepable=False`` (replay's
   ``ratio``: it sets how each batch splits between the task and the memory, hence the steps);
 * the seed (model initialisation, data order, replay memory); every other
-  :class:`~sfa_jax.continual.TrainConfig` field must be equal across configurations.
+  :class:`~sfa_jax.engine.config.TrainConfig` field must be equal across configurations.
 
 A sweep's ``seconds`` are those of the whole sweep, shared by its results.
 """
@@ -28,14 +28,15 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sfa_jax import continual
+from sfa_jax.engine import run as run_lib
+from sfa_jax.engine.config import TrainConfig
 from sfa_jax import tasks as tasks_lib
-from sfa_jax.checkpoint import Checkpointer
+from sfa_jax.engine.checkpoint import Checkpointer
 from sfa_jax.engine import callbacks as callbacks_lib
 from sfa_jax.engine import loop
 from sfa_jax.engine import methods as methods_lib
 
-Configuration = tuple[methods_lib.Method, continual.TrainConfig]
+Configuration = tuple[methods_lib.Method, TrainConfig]
 """One configuration of a sweep: a method with its hyper-parameters and the config (with its seed)."""
 
 
@@ -43,7 +44,7 @@ def grid(
     name: str,
     *,
     seeds: Sequence[int] = (0,),
-    config: continual.TrainConfig = continual.TrainConfig(),
+    config: TrainConfig = TrainConfig(),
     **values: Sequence[float],
 ) -> list[Configuration]:
   """Every combination of the given hyper-parameter values and seeds, for :func:`run_sweep`.
@@ -65,8 +66,8 @@ def grid(
     TypeError: when a hyper-parameter's values or ``seeds`` are not a sequence.
 
   Example:
-    >>> from sfa_jax import sweep
-    >>> [(m.label, c.seed) for m, c in sweep.grid('sfa', p=(0.25, 0.5), beta=(0.5,), seeds=(0, 1))]
+    >>> from sfa_jax import engine
+    >>> [(m.label, c.seed) for m, c in engine.grid('sfa', p=(0.25, 0.5), beta=(0.5,), seeds=(0, 1))]
     ... # doctest: +NORMALIZE_WHITESPACE
     [('sfa(beta=0.5, p=0.25)', 0), ('sfa(beta=0.5, p=0.25)', 1), ('sfa(beta=0.5, p=0.5)', 0),
      ('sfa(beta=0.5, p=0.5)', 1)]
@@ -96,9 +97,9 @@ def check_configurations(configurations: Sequence[Configuration]) -> list[Config
       ``TrainConfig`` field other than ``seed``.
 
   Example:
-    >>> from sfa_jax import continual, sweep
-    >>> sweep.check_configurations([(continual.make_method('sfa'), continual.TrainConfig()),
-    ...                             (continual.make_method('l2'), continual.TrainConfig())])
+    >>> from sfa_jax import engine
+    >>> engine.check_configurations([(engine.make_method('sfa'), engine.TrainConfig()),
+    ...                             (engine.make_method('l2'), engine.TrainConfig())])
     Traceback (most recent call last):
     ...
     ValueError: a sweep trains one method, but the configurations mix l2, sfa: run one sweep per method.
@@ -110,7 +111,7 @@ def check_configurations(configurations: Sequence[Configuration]) -> list[Config
     raise ValueError('configurations is empty: a sweep needs at least one (Method, TrainConfig) pair.')
   for i, item in enumerate(configurations):
     if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], methods_lib.Method)
-            and isinstance(item[1], continual.TrainConfig)):
+            and isinstance(item[1], TrainConfig)):
       raise TypeError(f'configurations[{i}] must be a (Method, TrainConfig) pair; got {item!r}.')
   classes = {type(method) for method, _ in configurations}
   if len(classes) > 1:
@@ -124,7 +125,7 @@ def check_configurations(configurations: Sequence[Configuration]) -> list[Config
           f'{key} differs across the configurations ({found}); a sweep cannot vary it: it changes the batches '
           'or the number of steps, which the configurations of a sweep share.'
       )
-  for field in dataclasses.fields(continual.TrainConfig):
+  for field in dataclasses.fields(TrainConfig):
     found = {repr(getattr(config, field.name)) for _, config in configurations}
     if field.name != 'seed' and len(found) > 1:
       raise ValueError(
@@ -141,7 +142,7 @@ def check_configurations(configurations: Sequence[Configuration]) -> list[Config
 
 def fingerprint(stream: tasks_lib.TaskStream, configurations: Sequence[Configuration], initial_sum: str | None = None) -> str:
   """A JSON string of everything that decides a sweep's numbers: each configuration's run fingerprint."""
-  return json.dumps([json.loads(continual.fingerprint(stream, method, config, initial_sum)) for method, config in configurations])
+  return json.dumps([json.loads(run_lib.fingerprint(stream, method, config, initial_sum)) for method, config in configurations])
 
 
 def run_sweep(
@@ -151,7 +152,7 @@ def run_sweep(
     callbacks: callbacks_lib.Callback | Sequence[callbacks_lib.Callback] | None = None,
     checkpointer: Checkpointer | None = None,
     initial: tuple[Any, Any] | None = None,
-) -> list[continual.SequenceResult]:
+) -> list[run_lib.SequenceResult]:
   """Trains every configuration on ``stream`` as one vectorised program; one result per configuration.
 
   Args:
@@ -161,33 +162,33 @@ def run_sweep(
     callbacks: called with every event of the loop (:mod:`sfa_jax.engine.callbacks`): a step's
       loss and accuracy hold one value per configuration, an evaluation names its configuration.
     checkpointer: saves the stacked run state every ``every_steps`` steps and at each task end,
-      and resumes from it, as for :func:`sfa_jax.continual.run_sequence`.
+      and resumes from it, as for :func:`sfa_jax.engine.run.run_sequence`.
     initial: ``(params, model_state)`` every configuration starts from (as for ``run_sequence``).
 
   Returns:
-    A :class:`sfa_jax.continual.SequenceResult` per configuration, in order: what
-    :func:`sfa_jax.continual.run_sequence` returns for it, except ``seconds``, the whole sweep's.
+    A :class:`sfa_jax.engine.run.SequenceResult` per configuration, in order: what
+    :func:`sfa_jax.engine.run.run_sequence` returns for it, except ``seconds``, the whole sweep's.
 
   Raises:
     TypeError, ValueError: from :func:`check_configurations`.
 
   Example:
-    >>> from sfa_jax import continual, sweep, tasks
+    >>> from sfa_jax import tasks, engine
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
-    >>> config = continual.TrainConfig(epochs_per_task=1, batch_size=32)
-    >>> results = sweep.run_sweep(stream, sweep.grid('sfa', p=(0.25, 1.0), config=config))
+    >>> config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
+    >>> results = engine.run_sweep(stream, engine.grid('sfa', p=(0.25, 1.0), config=config))
     >>> [r.method for r in results], len(results[0].accuracy_matrix)
     (['sfa(beta=0.25, p=0.25)', 'sfa(beta=0.25, p=1)'], 2)
   """
   configurations = check_configurations(configurations)
-  continual.check_run_arguments(stream, *configurations[0])
+  run_lib.check_run_arguments(stream, *configurations[0])
   all_tasks = [stream[i] for i in range(len(stream))]
-  run_id = fingerprint(stream, configurations, None if initial is None else continual.initial_checksum(initial))
+  run_id = fingerprint(stream, configurations, None if initial is None else run_lib.initial_checksum(initial))
   records, seconds = loop.train_stream(
-      all_tasks, configurations, model=continual.build_model(stream, configurations[0][1]),
+      all_tasks, configurations, model=run_lib.build_model(stream, configurations[0][1]),
       fingerprint=run_id, stacked=True, callbacks=callbacks, checkpointer=checkpointer, initial=initial,
   )
   return [
-      continual.SequenceResult.of(stream, method, all_tasks, record, dict(seconds))
+      run_lib.SequenceResult.of(stream, method, all_tasks, record, dict(seconds))
       for (method, _), record in zip(configurations, records)
   ]

@@ -1,7 +1,7 @@
 """Device-mesh descriptions such as ``'data=2,fsdp=4'``: parsed and checked without JAX.
 
 The command line checks ``--mesh`` before it imports JAX (argument errors answer at once);
-:func:`sfa_jax.distributed.make_mesh` builds the mesh from the same description.
+:func:`sfa_jax.engine.distributed.make_mesh` builds the mesh from the same description.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
     ValueError: on a malformed pair, an unknown or repeated axis, or a size below 1.
 
   Example:
-    >>> from sfa_jax.distributed import parse_mesh_spec
+    >>> from sfa_jax.engine.distributed import parse_mesh_spec
     >>> parse_mesh_spec('data=2,fsdp=4')
     {'data': 2, 'fsdp': 4}
   """

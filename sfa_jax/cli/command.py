@@ -6,13 +6,13 @@
   sfa-jax demo [--quick]
 
 ``sweep`` trains every combination of the values and seeds as one compiled program
-(:mod:`sfa_jax.sweep`); the others train one run at a time. Each writes into its output folder
+(:mod:`sfa_jax.engine.sweep`); the others train one run at a time. Each writes into its output folder
 ``results.json``, ``results.md`` (the table, also printed on stdout), and, for the first seed of each method, ``accuracy_matrix_<method>.png`` and
 ``accuracy_curves_<method>.png``. ``results.json`` holds: ``command``; ``stream`` (``name``,
-``setting``, ``source``, ``tasks``); ``config`` (the :class:`~sfa_jax.continual.TrainConfig`
+``setting``, ``source``, ``tasks``); ``config`` (the :class:`~sfa_jax.engine.config.TrainConfig`
 fields); ``methods`` (labels such as ``'sfa(beta=0.25, p=0.25)'``); ``seeds``; ``environment``
 (``jax``, ``backend``, ``device``); ``runs`` (one ``SequenceResult.to_json()`` per method and
-seed, with ``seed`` added); ``table`` (:func:`sfa_jax.report.summarize_runs` of the runs);
+seed, with ``seed`` added); ``table`` (:func:`sfa_jax.cli.report.summarize_runs` of the runs);
 ``wall_seconds``. It is rewritten after every run, so an interrupted command loses nothing.
 
 Runs are checkpointed under ``<out>/checkpoints/`` at every task end (and every
@@ -26,7 +26,7 @@ command stops, and ``--overwrite`` deletes them first. Those of a finished comma
 
 Every argument is checked before anything is written. What needs neither JAX nor the data (names,
 numbers, ranges, repeats, the output folder and its checkpoints) is checked before either is
-loaded, against :mod:`sfa_jax.names`, so ``--help`` and those errors answer at once. Bad input
+loaded, against :mod:`sfa_jax.cli.names`, so ``--help`` and those errors answer at once. Bad input
 (an unknown stream or method, a hyper-parameter out of range or given twice, missing data, an
 output folder that cannot be written, checkpoints of another command), a failed write (a full
 disk) or an unusable checkpoint ends with one line on stderr and exit code 2.
@@ -46,13 +46,13 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sfa_jax import mesh_spec
-from sfa_jax import names
-from sfa_jax import presets
+from sfa_jax.engine import mesh_spec
+from sfa_jax.cli import names
+from sfa_jax.cli import presets
 from sfa_jax.engine import methods as methods_lib
 
 if TYPE_CHECKING:  # the heavy modules are imported where a command that runs needs them
-  from sfa_jax import continual, tasks
+  from sfa_jax import tasks, engine
 
 _COMMAND_RECORD = 'command.json'  # in <out>/checkpoints: the command the checkpoints belong to
 _FINISHED_MARK = 'finished'  # in <out>/checkpoints: written when every run of that command ended
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
       description=f'Trains one method on a stream. Methods and their default hyper-parameters: {defaults}.',
   )
   _add_training_arguments(run)
-  run.add_argument('--mesh', type=_mesh, help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.distributed)')
+  run.add_argument('--mesh', type=_mesh, help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.engine.distributed)')
   run.add_argument('--method', required=True, type=_method_name, help=methods)
   for name in _HYPERPARAM_RANGES:
     run.add_argument(_flag(name), dest=name, type=_hyperparam(name), help=f"the method's {name} (only for methods that take it)")
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
       ),
   )
   _add_training_arguments(compare)
-  compare.add_argument('--mesh', type=_mesh, help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.distributed)')
+  compare.add_argument('--mesh', type=_mesh, help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.engine.distributed)')
   compare.add_argument('--methods', required=True, type=_method_list, help=f'comma-separated methods, e.g. finetune,sfa,l2; from {methods}')
   compare.add_argument('--hp', action='append', default=[], type=_hp_setting, metavar='METHOD.NAME=VALUE', help='e.g. --hp sfa.p=0.25 (repeatable)')
   _add_output_arguments(compare, None)
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
       help='one method, a grid of hyper-parameters and seeds, as one compiled program',
       description=(
           'Trains every combination of the given hyper-parameter values and seeds side by side, as one '
-          'vectorised program (sfa_jax.sweep): e.g. --method sfa --p 0.1,0.25,0.5,1 --beta 0.25 --seeds 0,1,2. '
+          'vectorised program (sfa_jax.engine.sweep): e.g. --method sfa --p 0.1,0.25,0.5,1 --beta 0.25 --seeds 0,1,2. '
           'Each result equals its own `run`. Checkpointed as one run (--checkpoint-every, --resume). '
           "Replay's --ratio takes one value. On one device."
       ),
@@ -424,7 +424,7 @@ def _check_output(args: argparse.Namespace) -> None:
 
 
 def _check_stream(args: argparse.Namespace) -> None:
-  """Raises unless the stream has ``--source`` and takes ``--num-tasks`` (:mod:`sfa_jax.names`)."""
+  """Raises unless the stream has ``--source`` and takes ``--num-tasks`` (:mod:`sfa_jax.cli.names`)."""
   sources = names.STREAM_SOURCES[args.stream]
   if args.source not in sources:
     raise UsageError(f"argument --source: stream {args.stream!r} reads {', '.join(sources)}; got {args.source!r}")
@@ -465,15 +465,16 @@ class _Plan(NamedTuple):
   """What a command trains: the stream, the methods, the shared config, the seeds and the mesh."""
 
   stream: tasks.TaskStream
-  methods: list[continual.Method]
-  config: continual.TrainConfig
+  methods: list[engine.Method]
+  config: engine.TrainConfig
   seeds: tuple[int, ...]
   mesh: Any
 
 
 def _plan(args: argparse.Namespace) -> _Plan:
   """The :class:`_Plan` of the checked arguments (loads the data; nothing is written)."""
-  from sfa_jax import continual, distributed, sweep, tasks
+  from sfa_jax import tasks, engine
+  from sfa_jax.engine import distributed
 
   mesh = distributed.make_mesh(args.mesh) if args.mesh else None
   if args.command == 'demo':
@@ -484,13 +485,13 @@ def _plan(args: argparse.Namespace) -> _Plan:
       seeds = quick.pop('seeds')
       config = dataclasses.replace(config, **quick)
     stream = tasks.make_stream(demo['stream'], source=demo['source'])
-    methods = [continual.make_method(name, **hp) for name, hp in demo['methods']]
+    methods = [engine.make_method(name, **hp) for name, hp in demo['methods']]
     return _Plan(stream, methods, config, seeds, mesh)
   stream_kwargs = {'source': args.source, 'setting': args.setting, 'data_dir': args.data_dir}
   if args.num_tasks is not None:
     stream_kwargs['num_tasks'] = args.num_tasks
   stream = tasks.make_stream(args.stream, **stream_kwargs)
-  config = continual.TrainConfig(
+  config = engine.TrainConfig(
       model=args.model,
       epochs_per_task=args.epochs,
       batch_size=args.batch_size,
@@ -503,8 +504,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
     methods = [args.method(**given, **{s.name: s.value for s in args.hp})]
   elif args.command == 'sweep':
     values = {name: getattr(args, name) for name in _HYPERPARAM_RANGES if getattr(args, name) is not None}
-    methods = [method for method, _ in sweep.grid(args.method, **values)]
-    sweep.check_configurations(_configurations(methods, config, args.seeds))
+    methods = [method for method, _ in engine.grid(args.method, **values)]
+    engine.check_configurations(_configurations(methods, config, args.seeds))
   else:
     methods = [method(**{s.name: s.value for s in args.hp if s.method == method.name}) for method in args.methods]
   _check_batches(stream, config)
@@ -522,22 +523,22 @@ def _check_batches(stream: Any, config: Any) -> None:
 
 
 def _configurations(
-    methods: Sequence[continual.Method], config: continual.TrainConfig, seeds: Sequence[int]
-) -> list[tuple[continual.Method, continual.TrainConfig]]:
+    methods: Sequence[engine.Method], config: engine.TrainConfig, seeds: Sequence[int]
+) -> list[tuple[engine.Method, engine.TrainConfig]]:
   """``(method, config with the seed)`` of every method and seed, the seeds innermost."""
   return [(method, dataclasses.replace(config, seed=seed)) for method in methods for seed in seeds]
 
 
 def _describe_command(command: str, plan: _Plan) -> dict[str, Any]:
   """Everything that decides a command's results, as JSON values (what ``command.json`` holds)."""
-  from sfa_jax import continual
+  from sfa_jax import engine
 
   description = {
       'command': command,
-      'stream': continual.describe_stream(plan.stream),
-      'methods': [continual.describe_method(method) for method in plan.methods],
+      'stream': engine.run.describe_stream(plan.stream),
+      'methods': [engine.run.describe_method(method) for method in plan.methods],
       'seeds': list(plan.seeds),
-      'config': continual.describe_config(plan.config),
+      'config': engine.run.describe_config(plan.config),
   }
   return json.loads(json.dumps(description, default=repr))  # as it reads back
 
@@ -557,7 +558,7 @@ def _prepare_output(args: argparse.Namespace, plan: _Plan) -> None:
 
   Nothing is written before the checks: a ``--resume`` of another command leaves the folder as it was.
   """
-  from sfa_jax.checkpoint import describe_difference
+  from sfa_jax.engine.checkpoint import describe_difference
 
   checkpoints = os.path.join(args.out, 'checkpoints')
   record_path = os.path.join(checkpoints, _COMMAND_RECORD)
@@ -610,7 +611,10 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
   check_arguments(args)
   import jax
 
-  from sfa_jax import checkpoint, compile_cache, continual, report
+  from sfa_jax import engine
+  from sfa_jax.engine import checkpoint
+  from sfa_jax.engine import compile_cache
+  from sfa_jax.cli import report
 
   plan = _plan(args)
   _prepare_output(args, plan)
@@ -621,7 +625,7 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
   results: dict[str, Any] = {
       'command': args.command,
       'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': list(stream.task_names)},
-      'config': continual.describe_config(plan.config),
+      'config': engine.run.describe_config(plan.config),
       'methods': [m.label for m in plan.methods],
       'seeds': list(seeds),
       'environment': {'jax': jax.__version__, 'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind},
@@ -652,8 +656,8 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
 
 def _runs(args: argparse.Namespace, plan: _Plan) -> Iterator[tuple[Any, int, Any]]:
   """``(method, seed, result)`` of every method and seed: one checkpointed run each, or one sweep."""
-  from sfa_jax import continual, sweep
-  from sfa_jax.checkpoint import Checkpointer
+  from sfa_jax import engine
+  from sfa_jax.engine.checkpoint import Checkpointer
   from sfa_jax.engine.callbacks import ConsoleProgress
 
   configurations = _configurations(plan.methods, plan.config, plan.seeds)
@@ -661,7 +665,7 @@ def _runs(args: argparse.Namespace, plan: _Plan) -> Iterator[tuple[Any, int, Any
     label = f'sweep of {len(configurations)} {plan.methods[0].name} (mean over configurations)'
     checkpointer = Checkpointer(os.path.join(args.out, 'checkpoints', 'sweep'), every_steps=args.checkpoint_every)
     try:
-      results = sweep.run_sweep(plan.stream, configurations, callbacks=ConsoleProgress(label), checkpointer=checkpointer)
+      results = engine.run_sweep(plan.stream, configurations, callbacks=ConsoleProgress(label), checkpointer=checkpointer)
     finally:
       checkpointer.close()
     yield from ((method, run_config.seed, result) for (method, run_config), result in zip(configurations, results))
@@ -671,7 +675,7 @@ def _runs(args: argparse.Namespace, plan: _Plan) -> Iterator[tuple[Any, int, Any
     folder = os.path.join(args.out, 'checkpoints', _slug(f'{method.label}-seed{run_config.seed}'))
     checkpointer = Checkpointer(folder, every_steps=args.checkpoint_every)
     try:
-      result = continual.run_sequence(plan.stream, method, run_config, callbacks=ConsoleProgress(label), checkpointer=checkpointer, mesh=plan.mesh)
+      result = engine.run_sequence(plan.stream, method, run_config, callbacks=ConsoleProgress(label), checkpointer=checkpointer, mesh=plan.mesh)
     finally:
       checkpointer.close()
     yield method, run_config.seed, result
@@ -690,7 +694,7 @@ def _reported_errors() -> tuple[type[BaseException], ...]:
   ``CheckpointError`` is looked up only once its module is loaded (loading it imports Orbax;
   before that, none can have been raised).
   """
-  checkpoint = sys.modules.get('sfa_jax.checkpoint')
+  checkpoint = sys.modules.get('sfa_jax.engine.checkpoint')
   return (UsageError, ValueError, OSError) + ((checkpoint.CheckpointError,) if checkpoint else ())
 
 

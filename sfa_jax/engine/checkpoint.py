@@ -58,7 +58,7 @@ class Checkpointer:
 
   Example:
     >>> import tempfile, jax.numpy as jnp
-    >>> from sfa_jax.checkpoint import Checkpointer
+    >>> from sfa_jax.engine.checkpoint import Checkpointer
     >>> ckpt = Checkpointer(tempfile.mkdtemp(), every_steps=10)
     >>> ckpt.save(10, {'w': jnp.ones(2)}, {'fingerprint': 'a', 'step': 10}, force=True)
     >>> arrays, record = ckpt.restore_latest({'w': jnp.zeros(2)}, fingerprint='a')
@@ -279,7 +279,7 @@ def array_checksums(arrays: Any, *, like: dict[str, str] | None = None) -> dict[
 
   Example:
     >>> import numpy as np
-    >>> from sfa_jax.checkpoint import array_checksums
+    >>> from sfa_jax.engine.checkpoint import array_checksums
     >>> checksums = array_checksums({'w': np.zeros(3, np.float32)})
     >>> list(checksums), len(checksums["['w']"])
     (["['w']"], 64)
@@ -334,7 +334,7 @@ def fold64_checksum(arrays: Sequence[Any]) -> list[str]:
 
   Example:
     >>> import numpy as np
-    >>> from sfa_jax.checkpoint import fold64_checksum
+    >>> from sfa_jax.engine.checkpoint import fold64_checksum
     >>> a, b = fold64_checksum([np.zeros(3, np.float32), np.array([0, 0, 1], np.float32)])
     >>> a != b, a[:7], len(a)
     (True, 'fold64:', 23)
@@ -391,7 +391,7 @@ def describe_difference(saved: Any, current: Any, path: str = '') -> str | None:
     path: where the values sit, as a prefix of the answer.
 
   Example:
-    >>> from sfa_jax.checkpoint import describe_difference
+    >>> from sfa_jax.engine.checkpoint import describe_difference
     >>> describe_difference({'method': {'name': 'sfa'}, 'seed': 0}, {'method': {'name': 'l2'}, 'seed': 0})
     'method.name: "sfa" in the checkpoint, "l2" now'
   """
