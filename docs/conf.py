@@ -73,9 +73,9 @@ API_PAGES = {
     'core': ('``sfa_jax``: transforms, anchors, partial training, Fisher, merges, metrics', 'sfa_jax', [
         'transforms', 'anchors', 'partial', 'adaptive', 'fisher', 'merging', 'metrics',
     ]),
-    'engine': ('``sfa_jax.engine``: methods, the loop, runs, sweeps, meshes, checkpoints', 'sfa_jax', [
-        'engine.methods', 'engine.loop', 'engine.objectives', 'engine.callbacks', 'continual', 'sweep',
-        'distributed', 'checkpoint', 'compile_cache',
+    'engine': ('``sfa_jax.engine``: methods, runs, sweeps, grids, the loop, meshes, checkpoints', 'sfa_jax.engine', [
+        'methods', 'config', 'run', 'sweep', 'grid', 'budget', 'objectives', 'callbacks', 'loop', 'feed', 'fused',
+        'distributed', 'checkpoint', 'compile_cache', 'lm',
     ]),
     'tasks': ('``sfa_jax.tasks``: task streams on real data', 'sfa_jax.tasks', [
         'stream', 'registry', 'builders', 'batching', 'source', 'offline', 'idx', 'tfds_data', 'text',
@@ -84,29 +84,28 @@ API_PAGES = {
         'mlp', 'cnn', 'resnet', 'heads', 'registry', 'state', 'transfer', 'llama', 'hf', 'gguf_loader',
         'tokenizer',
     ]),
-    'experiments': ('Experiments, the language sequence and reports', 'sfa_jax', [
-        'experiment', 'lm', 'report',
-    ]),
+    'cli': ('``sfa_jax.cli``: tables and figures of results', 'sfa_jax.cli', ['report', 'plots']),
 }
 # Public modules without a reference section: the command line's own plumbing (its options are
 # documented in the command-line guide and by ``sfa-jax --help``).
-NOT_IN_REFERENCE = {'sfa_jax.cli', 'sfa_jax.cli.names', 'sfa_jax.cli.presets', 'sfa_jax.engine.mesh_spec', 'sfa_jax.__main__'}
-PACKAGES = ('sfa_jax', 'sfa_jax.tasks', 'sfa_jax.models')
+NOT_IN_REFERENCE = {'sfa_jax.cli.command', 'sfa_jax.cli.names', 'sfa_jax.cli.presets', 'sfa_jax.engine.mesh_spec',
+                    'sfa_jax.__main__'}
+PACKAGES = ('sfa_jax', 'sfa_jax.engine', 'sfa_jax.tasks', 'sfa_jax.models')
 
 
 def package_exports(package: str) -> dict[str, str]:
   """``{name: defining module}`` of the names a package re-exports (``__all__`` or its imports).
 
   Args:
-    package: ``'sfa_jax'``, ``'sfa_jax.tasks'`` or ``'sfa_jax.models'``.
+    package: one of :data:`PACKAGES`, e.g. ``'sfa_jax'`` or ``'sfa_jax.tasks'``.
 
   Returns:
     Each public name of the package and the module that defines it (for a constant, the module its
     ``__init__`` imports it from).
 
   Example:
-    >>> package_exports('sfa_jax')['sfa'], package_exports('sfa_jax.tasks')['STREAMS']
-    ('sfa_jax.transforms', 'sfa_jax.tasks.registry')
+    >>> package_exports('sfa_jax')['sfa'], package_exports('sfa_jax.engine')['run_sequence']
+    ('sfa_jax.transforms', 'sfa_jax.engine.run')
   """
   module = importlib.import_module(package)
   names = getattr(module, '__all__', None)
@@ -142,8 +141,8 @@ def module_names(modname: str) -> list[str]:
     private names, modules, and aliases of what another module defines.
 
   Example:
-    >>> module_names('sfa_jax.cli.report')
-    ['accuracy_heatmap', 'accuracy_curves', 'draw_curves', 'summarize_runs', 'markdown_table']
+    >>> module_names('sfa_jax.engine.objectives')
+    ['Objective', 'CLASSIFICATION', 'regression', 'NEXT_TOKEN']
   """
   module = importlib.import_module(modname)
   tree = ast.parse(pathlib.Path(module.__file__).read_text())
@@ -178,7 +177,7 @@ def page_modules() -> dict[str, list[str]]:
   """``{page: [module]}``: :data:`API_PAGES`' modules, then any public module they do not list.
 
   A module added to the package later is not lost: it joins the page of its package (``engine``,
-  ``tasks``, ``models``; the core page for the others) until :data:`API_PAGES` places it.
+  ``tasks``, ``models``, ``cli``; the core page for the others) until :data:`API_PAGES` places it.
   """
   pages = {page: [f'{package}.{m}' for m in modules] for page, (_, package, modules) in API_PAGES.items()}
   listed = {m for modules in pages.values() for m in modules}
