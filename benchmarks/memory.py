@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfa_jax import models, tasks, engine
+from sfa_jax import engine, models, tasks
 from sfa_jax.engine import callbacks, loop, methods
 from sfa_jax.models.llama import Llama, LlamaConfig
 

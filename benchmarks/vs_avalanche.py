@@ -115,7 +115,7 @@ def jax_worker(spec_path: str, out_path: str) -> None:
   from sfa_jax.engine import compile_cache
   compile_cache.enable_compilation_cache(spec['cache_dir'])
   import jax
-  from sfa_jax import tasks, engine
+  from sfa_jax import engine, tasks
 
   stream = tasks.make_stream(spec['stream'], seed=spec['seed'])
   config = engine.TrainConfig(

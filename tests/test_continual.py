@@ -129,7 +129,7 @@ def test_mismatched_or_corrupt_checkpoint_is_an_error(pair, tmp_path):
 _KILLABLE_RUN = textwrap.dedent(
     """
     import json, sys, time
-    from sfa_jax import tasks, engine
+    from sfa_jax import engine, tasks
     from sfa_jax.engine.checkpoint import Checkpointer
     stream = tasks.make_stream('mnist-pair', source='digits')
     config = engine.TrainConfig(epochs_per_task=2, batch_size=32, eval_batch_size=128, eval_every=9)

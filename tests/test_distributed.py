@@ -16,7 +16,7 @@ from sfa_jax.engine import distributed
 _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, optax
-    from sfa_jax import models, tasks, engine
+    from sfa_jax import engine, models, tasks
     from sfa_jax.engine import distributed
     from sfa_jax.engine import callbacks, loop, methods
 

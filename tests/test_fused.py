@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import sfa_jax
-from sfa_jax import tasks, engine
+from sfa_jax import engine, tasks
 from sfa_jax.engine import callbacks, feed, fused, loop, methods
 
 CONFIG = engine.TrainConfig(epochs_per_task=2, batch_size=32, eval_every=5)

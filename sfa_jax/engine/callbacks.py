@@ -25,7 +25,7 @@ ends come exactly after the step they follow. A callback that must see each step
 time it, say) sets an ``every_step = True`` attribute: the loop then runs one step per dispatch.
 
 Example:
-  >>> from sfa_jax import tasks, engine
+  >>> from sfa_jax import engine, tasks
   >>> from sfa_jax.engine import callbacks
   >>> ends = []
   >>> def task_ends(event):

@@ -20,7 +20,7 @@ forward and backward passes gather each sharded weight when they use it, as FSDP
 
 Example, 8 devices as 2-way data parallel times 4-way FSDP::
 
-  from sfa_jax import tasks, engine
+  from sfa_jax import engine, tasks
   from sfa_jax.engine import distributed
   mesh = distributed.make_mesh('data=2,fsdp=4')
   result = engine.run_sequence(tasks.make_stream('split-mnist'), engine.make_method('sfa'),
@@ -67,7 +67,7 @@ with ``train.py``::
 
   import jax
   jax.distributed.initialize()            # first: before any other JAX call
-  from sfa_jax import tasks, engine
+  from sfa_jax import engine, tasks
   from sfa_jax.engine import distributed
   mesh = distributed.make_mesh({'data': jax.process_count(), 'fsdp': jax.local_device_count()})
   result = engine.run_sequence(tasks.make_stream('split-mnist'), engine.make_method('sfa'),

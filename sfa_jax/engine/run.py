@@ -155,7 +155,7 @@ def fingerprint(stream: tasks_lib.TaskStream, method: methods_lib.Method, config
 
   Example:
     >>> import json
-    >>> from sfa_jax import tasks, engine
+    >>> from sfa_jax import engine, tasks
     >>> run = json.loads(engine.run.fingerprint(tasks.make_stream('mnist-pair', source='digits'),
     ...                                         engine.make_method('sfa'), engine.TrainConfig()))
     >>> run['stream']['tasks'], run['method']['hyperparams'], run['config']['learning_rate']
@@ -223,7 +223,7 @@ def run_sequence(
       :class:`~sfa_jax.engine.checkpoint.CheckpointWarning`).
 
   Example:
-    >>> from sfa_jax import tasks, engine
+    >>> from sfa_jax import engine, tasks
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
     >>> config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
     >>> result = engine.run_sequence(stream, engine.make_method('sfa', p=0.5), config)
