@@ -378,8 +378,8 @@ def main(argv=None) -> None:
   if args.collect:
     return collect(args, command, start)
   stream_keys = list(dict.fromkeys(args.streams.split(',')))
+  directory = args.backbone or default_backbone(stream_keys, args.quick)  # refuses a mix before any data is read
   streams = streams_of(args.quick, stream_keys, args.data_dir)
-  directory = args.backbone or default_backbone(stream_keys, args.quick)
   if not os.path.exists(os.path.join(directory, 'metadata.json')):
     data = '--data mnist --epochs 30 ' if os.path.basename(directory).startswith('smallcnn-mnist') else ''
     raise SystemExit(f'no backbone in {directory}: run python experiments/pretrain_backbone.py '
