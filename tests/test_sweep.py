@@ -98,14 +98,6 @@ def test_every_other_method_matches_sequential_runs(pair, name, values):
   _assert_same_as_sequential(pair, configurations, engine.run_sweep(pair, configurations))
 
 
-def test_grid_orders_hyper_parameters_then_seeds():
-  configurations = engine.grid('sfa', p=(0.1, 1.0), beta=(0.25, 0.5), seeds=(3, 4), config=CONFIG)
-  assert [(m.label, c.seed) for m, c in configurations][:3] == [
-      ('sfa(beta=0.25, p=0.1)', 3), ('sfa(beta=0.25, p=0.1)', 4), ('sfa(beta=0.5, p=0.1)', 3)
-  ]
-  assert len(configurations) == 8 and all(c.batch_size == 32 for _, c in configurations)
-
-
 SFA = engine.make_method('sfa')
 
 
@@ -132,18 +124,3 @@ SFA = engine.make_method('sfa')
 def test_bad_configurations_are_refused(pair, configurations, error, message):
   with pytest.raises(error, match=message):
     engine.run_sweep(pair, configurations)
-
-
-@pytest.mark.parametrize(
-    'kwargs, error, message',
-    [
-        ({'p': 0.5}, TypeError, 'p must be a sequence'),
-        ({'p': ()}, ValueError, 'p is empty'),
-        ({'seeds': ()}, ValueError, 'seeds is empty'),
-        ({'p': (0.5, 2.0)}, ValueError, 'p must lie in'),
-        ({'strength': (1.0,)}, ValueError, 'takes no hyper-parameter'),
-    ],
-)
-def test_bad_grids_are_refused(kwargs, error, message):
-  with pytest.raises(error, match=message):
-    engine.grid('sfa', **kwargs)

@@ -15,6 +15,8 @@ One module per idea:
 * :mod:`~sfa_jax.engine.config`: :class:`~sfa_jax.engine.config.TrainConfig`, how each task trains;
 * :mod:`~sfa_jax.engine.run`: one run (:func:`~sfa_jax.engine.run.run_sequence`);
 * :mod:`~sfa_jax.engine.sweep`: many configurations as one vectorised program;
+* :mod:`~sfa_jax.engine.grids`: grids of runs (methods × seeds): built, trained one after another
+  or as sweeps, summed up over seeds;
 * :mod:`~sfa_jax.engine.loop`: the one training loop that runs and sweeps share, with
   :mod:`~sfa_jax.engine.feed` (batches on the device) and :mod:`~sfa_jax.engine.fused` (fused
   chunks of steps);
@@ -39,8 +41,10 @@ _EXPORTS = {
     'SequenceResult': 'run',
     'run_sequence': 'run',
     'check_configurations': 'sweep',
-    'grid': 'sweep',
     'run_sweep': 'sweep',
+    'grid': 'grids',
+    'run_grid': 'grids',
+    'summarize_runs': 'grids',
     'Checkpointer': 'checkpoint',
 }
 __all__ = sorted(_EXPORTS)

@@ -182,7 +182,7 @@ def steps_per_task(stream: Any, config: Any) -> list[int]:
   ``config.steps_per_task`` when set, else ``epochs_per_task`` whole epochs of ``batch_size`` batches.
 
   Example:
-    >>> from sfa_jax import tasks, engine
+    >>> from sfa_jax import engine, tasks
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
     >>> steps_per_task(stream, engine.TrainConfig(epochs_per_task=2, batch_size=64)) == [
     ...     2 * (len(stream[k].train.y) // 64) for k in range(2)]
@@ -202,6 +202,37 @@ def steps_per_task(stream: Any, config: Any) -> list[int]:
 def grid_p_values(methods: Sequence[Any]) -> list[float]:
   """The averaging fractions ``p`` of the methods of a grid that have one (SFA and its variants)."""
   return sorted({float(m['p']) for m in methods if 'p' in type(m).hyperparams})
+
+
+def grid_budget(stream: Any, configurations: Sequence[tuple[Any, Any]], *, strict: bool = False) -> BudgetCheck:
+  """Rules 1 and 2 of the budget rule for a grid of runs on ``stream`` (:func:`check_budget`).
+
+  Checks the fewest steps per task of the grid's runs against its SFA ``p`` values: each period of
+  the smallest ``p`` holds two steps, and every two ``p`` average at different steps. Fine-tuning's
+  convergence (rule 3) is a measured run (:func:`measure_convergence`), left to the experiments
+  that can pay for it.
+
+  Args:
+    stream: the :class:`~sfa_jax.tasks.TaskStream`.
+    configurations: ``(method, config)`` pairs, e.g. from :func:`sfa_jax.engine.grids.grid`.
+    strict: raise :class:`BudgetError` on a failure (else warn with :class:`BudgetWarning`).
+
+  Returns:
+    The :class:`BudgetCheck`.
+
+  Raises:
+    BudgetError: with ``strict``, when a rule fails.
+
+  Example:
+    >>> from sfa_jax import engine, tasks
+    >>> stream = tasks.make_stream('mnist-pair', source='digits')
+    >>> grid_budget(stream, engine.grid('sfa', p=(0.5, 1.0), config=engine.TrainConfig(steps_per_task=100))).ok
+    True
+  """
+  configs = dict.fromkeys(dataclasses.replace(config, seed=0) for _, config in configurations)
+  steps = min(min(steps_per_task(stream, config)) for config in configs)
+  return check_budget(steps, p_values=grid_p_values([method for method, _ in configurations]), strict=strict,
+                      what=f'a grid on {stream.name}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,6 @@ A sweep's ``seconds`` are those of the whole sweep, shared by its results.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -40,52 +39,11 @@ Configuration = tuple[methods_lib.Method, TrainConfig]
 """One configuration of a sweep: a method with its hyper-parameters and the config (with its seed)."""
 
 
-def grid(
-    name: str,
-    *,
-    seeds: Sequence[int] = (0,),
-    config: TrainConfig = TrainConfig(),
-    **values: Sequence[float],
-) -> list[Configuration]:
-  """Every combination of the given hyper-parameter values and seeds, for :func:`run_sweep`.
-
-  Args:
-    name: the method: a registered name, an import path ``'package.module:Class'`` or a
-      :class:`~sfa_jax.engine.methods.Method` subclass.
-    seeds: the seeds; each combination runs once per seed (the innermost loop).
-    config: the training settings shared by every configuration (its ``seed`` is replaced).
-    **values: for each hyper-parameter, the values to sweep, e.g. ``p=(0.25, 0.5)``; hyper-parameters
-      not named keep the method's defaults.
-
-  Returns:
-    ``(method, config)`` pairs, in the order of :func:`itertools.product` over ``values`` (in the
-    order given), then the seeds.
-
-  Raises:
-    ValueError: on an unknown method or hyper-parameter, a value out of range, or no values.
-    TypeError: when a hyper-parameter's values or ``seeds`` are not a sequence.
-
-  Example:
-    >>> from sfa_jax import engine
-    >>> [(m.label, c.seed) for m, c in engine.grid('sfa', p=(0.25, 0.5), beta=(0.5,), seeds=(0, 1))]
-    ... # doctest: +NORMALIZE_WHITESPACE
-    [('sfa(beta=0.5, p=0.25)', 0), ('sfa(beta=0.5, p=0.25)', 1), ('sfa(beta=0.5, p=0.5)', 0),
-     ('sfa(beta=0.5, p=0.5)', 1)]
-  """
-  for key, options in {'seeds': seeds, **values}.items():
-    if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):
-      raise TypeError(f'{key} must be a sequence of values, e.g. (0.25, 0.5); got {options!r}.')
-    if not options:
-      raise ValueError(f'{key} is empty: give at least one value.')
-  methods = [methods_lib.make_method(name, **dict(zip(values, combination))) for combination in itertools.product(*values.values())]
-  return [(method, dataclasses.replace(config, seed=int(seed))) for method in methods for seed in seeds]
-
-
 def check_configurations(configurations: Sequence[Configuration]) -> list[Configuration]:
   """Checks that ``configurations`` can run as one sweep (see the module docstring).
 
   Args:
-    configurations: ``(method, config)`` pairs, e.g. from :func:`grid`.
+    configurations: ``(method, config)`` pairs, e.g. from :func:`sfa_jax.engine.grids.grid`.
 
   Returns:
     The configurations, as a list.
@@ -104,15 +62,7 @@ def check_configurations(configurations: Sequence[Configuration]) -> list[Config
     ...
     ValueError: a sweep trains one method, but the configurations mix l2, sfa: run one sweep per method.
   """
-  if isinstance(configurations, (str, bytes)) or not isinstance(configurations, Sequence):
-    raise TypeError(f'configurations must be a sequence of (Method, TrainConfig) pairs; got {type(configurations).__name__}.')
-  configurations = list(configurations)
-  if not configurations:
-    raise ValueError('configurations is empty: a sweep needs at least one (Method, TrainConfig) pair.')
-  for i, item in enumerate(configurations):
-    if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], methods_lib.Method)
-            and isinstance(item[1], TrainConfig)):
-      raise TypeError(f'configurations[{i}] must be a (Method, TrainConfig) pair; got {item!r}.')
+  configurations = check_pairs(configurations)
   classes = {type(method) for method, _ in configurations}
   if len(classes) > 1:
     names = ', '.join(sorted(cls.name or cls.__name__ for cls in classes))
@@ -132,11 +82,42 @@ def check_configurations(configurations: Sequence[Configuration]) -> list[Config
           f'TrainConfig.{field.name} differs across the configurations ({", ".join(sorted(found))}); a sweep '
           f'shares every training setting but the seed: run one sweep per {field.name}.'
       )
+  return configurations
+
+
+def check_pairs(configurations: Sequence[Configuration]) -> list[Configuration]:
+  """Checks that ``configurations`` is a non-empty sequence of distinct ``(Method, TrainConfig)`` pairs.
+
+  Args:
+    configurations: ``(method, config)`` pairs, e.g. from :func:`sfa_jax.engine.grids.grid`.
+
+  Returns:
+    The configurations, as a list.
+
+  Raises:
+    TypeError: when ``configurations`` is not a sequence of ``(Method, TrainConfig)`` pairs.
+    ValueError: when it is empty or repeats a configuration.
+
+  Example:
+    >>> from sfa_jax import engine
+    >>> check_pairs([(engine.make_method('sfa'), engine.TrainConfig())] * 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: configurations[1] repeats configurations[0] (sfa(beta=0.25, p=0.25), seed 0).
+  """
+  if isinstance(configurations, (str, bytes)) or not isinstance(configurations, Sequence):
+    raise TypeError(f'configurations must be a sequence of (Method, TrainConfig) pairs; got {type(configurations).__name__}.')
+  configurations = list(configurations)
+  if not configurations:
+    raise ValueError('configurations is empty: give at least one (Method, TrainConfig) pair.')
   seen: dict[Configuration, int] = {}
-  for i, (method, config) in enumerate(configurations):
-    if (method, config) in seen:
-      raise ValueError(f'configurations[{i}] repeats configurations[{seen[method, config]}] ({method.label}, seed {config.seed}).')
-    seen[method, config] = i
+  for i, item in enumerate(configurations):
+    if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], methods_lib.Method)
+            and isinstance(item[1], TrainConfig)):
+      raise TypeError(f'configurations[{i}] must be a (Method, TrainConfig) pair; got {item!r}.')
+    if item in seen:
+      raise ValueError(f'configurations[{i}] repeats configurations[{seen[item]}] ({item[0].label}, seed {item[1].seed}).')
+    seen[item] = i
   return configurations
 
 
@@ -157,7 +138,7 @@ def run_sweep(
 
   Args:
     stream: the tasks, e.g. ``sfa_jax.tasks.make_stream('mnist-pair')``.
-    configurations: ``(method, config)`` pairs of one method, e.g. from :func:`grid`; see
+    configurations: ``(method, config)`` pairs of one method, e.g. from :func:`sfa_jax.engine.grids.grid`; see
       :func:`check_configurations` for what may differ.
     callbacks: called with every event of the loop (:mod:`sfa_jax.engine.callbacks`): a step's
       loss and accuracy hold one value per configuration, an evaluation names its configuration.
@@ -173,7 +154,7 @@ def run_sweep(
     TypeError, ValueError: from :func:`check_configurations`.
 
   Example:
-    >>> from sfa_jax import tasks, engine
+    >>> from sfa_jax import engine, tasks
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
     >>> config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
     >>> results = engine.run_sweep(stream, engine.grid('sfa', p=(0.25, 1.0), config=config))
