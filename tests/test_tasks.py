@@ -1,7 +1,11 @@
 """Tests of sfa_jax.tasks on real offline data: streams, settings, sources, batching, subsets."""
 
 import gzip
+import json
 import os
+import re
+import subprocess
+import sys
 
 import hypothesis
 import hypothesis.strategies as st
@@ -85,6 +89,29 @@ def test_registry_lists_every_stream():
       ]
   )
   assert set(tasks.STREAMS) == set(tasks.list_streams())
+
+
+def test_the_package_loads_each_module_when_a_name_is_first_used():
+  """``import sfa_jax.tasks`` loads no NumPy; a stream from the bundled data loads no tfds."""
+  code = (
+      'import json, sys\n'
+      'from sfa_jax import tasks\n'
+      'heavy = lambda: [m for m in ("numpy", "jax", "tensorflow_datasets") if m in sys.modules]\n'
+      'at_import = heavy()\n'
+      'tasks.make_stream("mnist-pair", source="digits")\n'
+      'print(json.dumps([at_import, heavy()]))\n'
+  )
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads(result.stdout.splitlines()[-1]) == [[], ['numpy']]
+  assert [name for name in tasks.__all__ if not hasattr(tasks, name)] == []
+
+
+def test_make_stream_refuses_too_many_tasks_before_reading_the_data(tmp_path):
+  with pytest.raises(ValueError, match=re.escape('num_tasks must lie in [1, 100]; got 101.')):
+    tasks.make_stream('split-cifar100', source='tfds', data_dir=tmp_path, num_tasks=101)
+  with pytest.raises(FileNotFoundError):  # 100 tasks fit: the data is looked for
+    tasks.make_stream('split-cifar100', source='tfds', data_dir=tmp_path, num_tasks=100)
 
 
 def test_unknown_stream_lists_the_known_ones():

