@@ -1,5 +1,9 @@
 """Tests for sfa_jax.models: shapes, heads, BatchNorm state, the registry and the state helpers."""
 
+import json
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +12,7 @@ import pytest
 
 import sfa_jax
 
+from sfa_jax import models
 from sfa_jax.models import MLP
 from sfa_jax.models import OutputHead
 from sfa_jax.models import ResNet18
@@ -272,6 +277,21 @@ def test_make_model_builds_the_named_model():
   assert isinstance(model, ResNet18)
   assert (model.num_outputs, model.num_heads) == (100, 10)
   assert make_model('mlp', 2, hidden=(100, 100)).hidden == (100, 100)
+
+
+def test_the_package_and_its_registry_load_flax_when_a_model_is_built():
+  code = (
+      'import json, sys\n'
+      'from sfa_jax import models\n'
+      'from sfa_jax.models import registry\n'
+      'at_import = [m for m in ("numpy", "jax", "flax") if m in sys.modules]\n'
+      'models.make_model(sorted(registry.MODELS)[0], 2)\n'
+      'print(json.dumps([at_import, "flax" in sys.modules]))\n'
+  )
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads(result.stdout.splitlines()[-1]) == [[], True]
+  assert [name for name in models.__all__ if not hasattr(models, name)] == []
 
 
 def test_make_model_rejects_bad_arguments():

@@ -8,15 +8,25 @@ Every model takes NHWC float32 images in [0, 1] and is called the same way::
 head when ``num_heads > 1`` (see :mod:`sfa_jax.models.heads`). :func:`split_variables` separates the
 trainable params from the model state; :mod:`sfa_jax.models.state` explains how SFA, L2, EWC and the
 merges treat each.
+
+Importing this package loads nothing: each name loads its module when first used.
 """
 
-from sfa_jax.models.cnn import SmallCNN
-from sfa_jax.models.heads import OutputHead
-from sfa_jax.models.hf import load_hf_llama
-from sfa_jax.models.hf import save_hf_llama
-from sfa_jax.models.mlp import MLP
-from sfa_jax.models.registry import make_model
-from sfa_jax.models.resnet import ResNet18
-from sfa_jax.models.state import merge_variables
-from sfa_jax.models.state import split_variables
-from sfa_jax.models.transfer import with_new_head
+from sfa_jax import _lazy
+
+# Every public name and its module, imported when first used (PEP 562).
+_EXPORTS = {
+    'SmallCNN': 'cnn',
+    'OutputHead': 'heads',
+    'load_hf_llama': 'hf',
+    'save_hf_llama': 'hf',
+    'MLP': 'mlp',
+    'make_model': 'registry',
+    'ResNet18': 'resnet',
+    'merge_variables': 'state',
+    'split_variables': 'state',
+    'with_new_head': 'transfer',
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
