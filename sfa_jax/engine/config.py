@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ import optax
 
 from sfa_jax import _validation
 from sfa_jax.engine import objectives as objectives_lib
+from sfa_jax.engine.optimizers import OPTIMIZERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +41,10 @@ class TrainConfig:
     epochs_per_task: passes over each task's training data.
     batch_size: examples per training batch (one static shape for the whole run).
     learning_rate: the optimizer's learning rate.
-    optimizer: ``'adam'``, ``'adamw'`` or ``'sgd'`` at ``learning_rate``; or a function of the
-      learning rate returning an ``optax.GradientTransformation``; or the transformation itself
-      (schedules, clipping, masked or partitioned optimizers; ``learning_rate`` is then unused).
+    optimizer: a name of :data:`~sfa_jax.engine.optimizers.OPTIMIZERS` (``'adam'``, ``'adamw'``,
+      ``'sgd'``) at ``learning_rate``; or a function of the learning rate returning an
+      ``optax.GradientTransformation``; or the transformation itself (schedules, clipping, masked
+      or partitioned optimizers; ``learning_rate`` is then unused).
     seed: seeds the model's initialisation, the data order and the replay memory.
     eval_every: also evaluate every task every this many steps, and (SFA) just before and after
       each averaging step (0: only at task ends).
@@ -123,8 +126,8 @@ class TrainConfig:
     if not isinstance(self.objective, objectives_lib.Objective):
       raise TypeError(f'objective must be a sfa_jax.engine.objectives.Objective; got {self.objective!r}.')
     if isinstance(self.optimizer, str):
-      if self.optimizer not in _OPTIMIZERS:
-        raise ValueError(f'optimizer must be one of {sorted(_OPTIMIZERS)}; got {self.optimizer!r}.')
+      if self.optimizer not in OPTIMIZERS:
+        raise ValueError(f'optimizer must be one of {sorted(OPTIMIZERS)}; got {self.optimizer!r}.')
     elif not (isinstance(self.optimizer, optax.GradientTransformation) or callable(self.optimizer)):
       raise TypeError(
           'optimizer must be a name, an optax.GradientTransformation or a function of the learning rate '
@@ -146,7 +149,7 @@ class TrainConfig:
       True
     """
     if isinstance(self.optimizer, str):
-      return _OPTIMIZERS[self.optimizer](self.learning_rate)
+      return pkgutil.resolve_name(OPTIMIZERS[self.optimizer])(self.learning_rate)
     if isinstance(self.optimizer, optax.GradientTransformation):
       return self.optimizer
     made = self.optimizer(self.learning_rate)
@@ -162,9 +165,3 @@ class TrainConfig:
 SKIP_ANCHOR_MIN_BYTES = 2**24
 """Trainable params of at least this many bytes (16 MiB, 4M float32 params) make a single SFA run skip
 reading its anchor between averages, when ``TrainConfig.skip_anchor_between_averages`` is ``None``."""
-
-_OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
-    'adam': optax.adam,
-    'adamw': optax.adamw,
-    'sgd': optax.sgd,
-}
