@@ -20,7 +20,7 @@ def public_names() -> set[str]:
 
   names = {f'sfa_jax.{name}' for name in sfa_jax.__all__}
   for package in (tasks, models):
-    names |= {f'{package.__name__}.{n}' for n, v in vars(package).items() if not n.startswith('_') and not inspect.ismodule(v)}
+    names |= {f'{package.__name__}.{n}' for n in package.__all__}
   for short in ENGINE_MODULES:
     module = importlib.import_module(f'sfa_jax.engine.{short}')
     names |= {

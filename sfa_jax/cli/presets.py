@@ -1,7 +1,8 @@
 """Settings shared by the command line and the experiment scripts: the offline demo's.
 
-Standard library only at import, like :mod:`sfa_jax.cli.names`: ``sfa-jax --help`` reads them before
-JAX is loaded. ``DEMO_DEFAULTS`` (:func:`demo_defaults`) is :data:`DEMO` with ``'config'`` as a
+Standard library only at import, like the registries the command line checks its arguments
+against: ``sfa-jax --help`` reads them before JAX is loaded. ``DEMO_DEFAULTS``
+(:func:`demo_defaults`) is :data:`DEMO` with ``'config'`` as a
 :class:`~sfa_jax.engine.config.TrainConfig`; it is built when read (a TrainConfig imports JAX).
 
 Example:
