@@ -74,11 +74,11 @@ API_PAGES = {
         'transforms', 'anchors', 'partial', 'adaptive', 'fisher', 'merging', 'metrics',
     ]),
     'engine': ('``sfa_jax.engine``: methods, runs, sweeps, grids, the loop, meshes, checkpoints', 'sfa_jax.engine', [
-        'methods', 'config', 'run', 'sweep', 'grid', 'budget', 'objectives', 'callbacks', 'loop', 'feed', 'fused',
-        'distributed', 'checkpoint', 'compile_cache', 'lm',
+        'methods', 'config', 'run', 'sweep', 'grid', 'budget', 'objectives', 'callbacks', 'loop', 'steps', 'programs',
+        'feed', 'fused', 'distributed', 'checkpoint', 'compile_cache', 'lm',
     ]),
     'tasks': ('``sfa_jax.tasks``: task streams on real data', 'sfa_jax.tasks', [
-        'stream', 'registry', 'builders', 'batching', 'source', 'offline', 'idx', 'tfds_data', 'text',
+        'stream', 'catalog', 'registry', 'builders', 'batching', 'source', 'offline', 'idx', 'tfds_data', 'text',
     ]),
     'models': ('``sfa_jax.models``: Flax models and checkpoints', 'sfa_jax.models', [
         'mlp', 'cnn', 'resnet', 'heads', 'registry', 'state', 'transfer', 'llama', 'hf', 'gguf_loader',
@@ -88,8 +88,7 @@ API_PAGES = {
 }
 # Public modules without a reference section: the command line's own plumbing (its options are
 # documented in the command-line guide and by ``sfa-jax --help``).
-NOT_IN_REFERENCE = {'sfa_jax.cli.command', 'sfa_jax.cli.names', 'sfa_jax.cli.presets', 'sfa_jax.engine.mesh_spec',
-                    'sfa_jax.__main__'}
+NOT_IN_REFERENCE = {'sfa_jax.cli.command', 'sfa_jax.cli.presets', 'sfa_jax.engine.mesh_spec', 'sfa_jax.__main__'}
 PACKAGES = ('sfa_jax', 'sfa_jax.engine', 'sfa_jax.tasks', 'sfa_jax.models')
 
 
@@ -122,7 +121,11 @@ def package_exports(package: str) -> dict[str, str]:
 
 
 def _defining_module(package: str, name: str) -> str:
-  """The submodule whose ``from ... import name`` the package's ``__init__`` holds (data, constants)."""
+  """The submodule that defines ``name`` for the package: the module its lazy exports name, or the
+  one whose ``from ... import name`` its ``__init__`` holds (data, constants)."""
+  exports = getattr(importlib.import_module(package), '_EXPORTS', {})
+  if name in exports:
+    return f'{package}.{exports[name]}'
   tree = ast.parse(pathlib.Path(importlib.import_module(package).__file__).read_text())
   for node in tree.body:
     if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
