@@ -20,6 +20,7 @@ from _checkpoint_helpers import flip_bytes_in_arrays
 from _checkpoint_helpers import steps
 
 from sfa_jax.cli import command as cli
+from sfa_jax.engine.grids import slug
 from sfa_jax.engine import methods as methods_lib
 
 FAST = ['--source', 'digits', '--epochs', '1', '--batch-size', '32', '--no-compile-cache']
@@ -172,7 +173,7 @@ def test_quick_demo_sfa_beats_finetuning(tmp_path):
   assert mean['sfa'] > mean['finetune'] + 0.15
   for run in results['runs']:
     assert np.asarray(run['accuracy_matrix']).shape == (2, 2)
-    label = cli._slug(run['method'])
+    label = slug(run['method'])
     assert _is_png(out / f'accuracy_matrix_{label}.png') and _is_png(out / f'accuracy_curves_{label}.png')
   (sfa,) = [run for run in results['runs'] if run['method'].startswith('sfa')]
   assert len(sfa['averaging_steps']) == 4 and len(sfa['curve']) > 2 * len(sfa['averaging_steps'])
@@ -184,10 +185,10 @@ def test_adaptive_sfa_knobs_on_the_command_line():
   parser = cli.build_parser()
   common = ['--stream', 'mnist-pair', '--source', 'digits', '--out', 'unused']
   run = parser.parse_args(['run', '--method', 'adaptive-sfa', '--threshold', '0.2', '--min-p', '0.3'] + common)
-  (method,) = cli._plan(run)[1]
+  (method,) = cli._plan(run).methods
   assert (method['threshold'], method['min_p']) == (0.2, 0.3)
   sweep_args = parser.parse_args(['sweep', '--method', 'adaptive-sfa', '--threshold', '0.05,0.2'] + common)
-  assert [m['threshold'] for m in cli._plan(sweep_args)[1]] == [0.05, 0.2]
+  assert [m['threshold'] for m in cli._plan(sweep_args).methods] == [0.05, 0.2]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ def test_a_command_that_failed_before_its_first_save_holds_nothing_to_resume(tmp
     raise ValueError('the data broke before the first step')
 
   with monkeypatch.context() as patch:
-    patch.setattr(engine, 'run_sequence', fails)
+    patch.setattr(engine.run, 'run_sequence', fails)
     assert cli.main(_argv(out)) == 2
   assert (out / 'checkpoints' / 'command.json').exists()
   capsys.readouterr()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sfa_jax import engine
+from sfa_jax.cli import report
 from sfa_jax.engine import lm
 from sfa_jax.models.llama import Llama
 from sfa_jax.models.llama import LlamaConfig
@@ -124,7 +125,7 @@ def test_run_lm_sequences_methods(tiny):
     assert by_name[name].loss_matrix[2:] != ft.loss_matrix[2:], name
   summary = ft.summary()
   assert summary['mean_final_loss'] == pytest.approx(np.mean(ft.loss_matrix[-1]))
-  assert 'math exact match' in lm.lm_markdown_table(results)
+  assert 'math exact match' in report.lm_markdown_table(results)
 
 
 def test_run_lm_sequences_rejects_bad_input(tiny):

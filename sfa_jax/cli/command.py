@@ -12,7 +12,7 @@
 ``setting``, ``source``, ``tasks``); ``config`` (the :class:`~sfa_jax.engine.config.TrainConfig`
 fields); ``methods`` (labels such as ``'sfa(beta=0.25, p=0.25)'``); ``seeds``; ``environment``
 (``jax``, ``backend``, ``device``); ``runs`` (one ``SequenceResult.to_json()`` per method and
-seed, with ``seed`` added); ``table`` (:func:`sfa_jax.cli.report.summarize_runs` of the runs);
+seed, with ``seed`` added); ``table`` (:func:`sfa_jax.engine.grids.summarize_runs` of the runs);
 ``wall_seconds``. It is rewritten after every run, so an interrupted command loses nothing.
 
 Runs are checkpointed under ``<out>/checkpoints/`` at every task end (and every
@@ -45,7 +45,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sfa_jax.engine import mesh_spec
@@ -56,7 +56,7 @@ from sfa_jax.models import registry as models_registry
 from sfa_jax.tasks import catalog
 
 if TYPE_CHECKING:  # the heavy modules are imported where a command that runs needs them
-  from sfa_jax import tasks, engine
+  from sfa_jax import engine, tasks
 
 _COMMAND_RECORD = 'command.json'  # in <out>/checkpoints: the command the checkpoints belong to
 _FINISHED_MARK = 'finished'  # in <out>/checkpoints: written when every run of that command ended
@@ -466,18 +466,24 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 class _Plan(NamedTuple):
-  """What a command trains: the stream, the methods, the shared config, the seeds and the mesh."""
+  """What a command trains: the stream, every (method, config with its seed), the shared config,
+  the seeds and the mesh."""
 
   stream: tasks.TaskStream
-  methods: list[engine.Method]
+  configurations: list[tuple[engine.Method, engine.TrainConfig]]
   config: engine.TrainConfig
   seeds: tuple[int, ...]
   mesh: Any
 
+  @property
+  def methods(self) -> list[engine.Method]:
+    """The methods, each once, in order."""
+    return list(dict.fromkeys(method for method, _ in self.configurations))
+
 
 def _plan(args: argparse.Namespace) -> _Plan:
   """The :class:`_Plan` of the checked arguments (loads the data; nothing is written)."""
-  from sfa_jax import tasks, engine
+  from sfa_jax import engine, tasks
   from sfa_jax.engine import distributed
 
   mesh = distributed.make_mesh(args.mesh) if args.mesh else None
@@ -489,8 +495,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
       seeds = quick.pop('seeds')
       config = dataclasses.replace(config, **quick)
     stream = tasks.make_stream(demo['stream'], source=demo['source'])
-    methods = [engine.make_method(name, **hp) for name, hp in demo['methods']]
-    return _Plan(stream, methods, config, seeds, mesh)
+    return _Plan(stream, _configurations(demo['methods'], config, seeds), config, seeds, mesh)
   stream_kwargs = {'source': args.source, 'setting': args.setting, 'data_dir': args.data_dir}
   if args.num_tasks is not None:
     stream_kwargs['num_tasks'] = args.num_tasks
@@ -503,17 +508,17 @@ def _plan(args: argparse.Namespace) -> _Plan:
       optimizer=args.optimizer,
       eval_every=args.eval_every,
   )
-  if args.command == 'run':
+  if args.command in ('run', 'sweep'):
     given = {name: getattr(args, name) for name in _HYPERPARAM_RANGES if getattr(args, name) is not None}
-    methods = [args.method(**given, **{s.name: s.value for s in args.hp})]
+  if args.command == 'run':
+    configurations = _configurations([(args.method, given | {s.name: s.value for s in args.hp})], config, args.seeds)
   elif args.command == 'sweep':
-    values = {name: getattr(args, name) for name in _HYPERPARAM_RANGES if getattr(args, name) is not None}
-    methods = [method for method, _ in engine.grid(args.method, **values)]
-    engine.check_configurations(_configurations(methods, config, args.seeds))
+    configurations = engine.check_configurations(engine.grid(args.method, seeds=args.seeds, config=config, **given))
   else:
-    methods = [method(**{s.name: s.value for s in args.hp if s.method == method.name}) for method in args.methods]
+    hyperparams = [(method, {s.name: s.value for s in args.hp if s.method == method.name}) for method in args.methods]
+    configurations = _configurations(hyperparams, config, args.seeds)
   _check_batches(stream, config)
-  return _Plan(stream, methods, config, args.seeds, mesh)
+  return _Plan(stream, configurations, config, args.seeds, mesh)
 
 
 def _check_batches(stream: Any, config: Any) -> None:
@@ -527,10 +532,14 @@ def _check_batches(stream: Any, config: Any) -> None:
 
 
 def _configurations(
-    methods: Sequence[engine.Method], config: engine.TrainConfig, seeds: Sequence[int]
+    methods: Sequence[tuple[Any, dict[str, float]]], config: engine.TrainConfig, seeds: Sequence[int]
 ) -> list[tuple[engine.Method, engine.TrainConfig]]:
-  """``(method, config with the seed)`` of every method and seed, the seeds innermost."""
-  return [(method, dataclasses.replace(config, seed=seed)) for method in methods for seed in seeds]
+  """``(method, config with the seed)`` of every ``(method, hyper-parameters)`` and seed, the seeds
+  innermost (:func:`sfa_jax.engine.grids.grid` of each method with its one value of each)."""
+  from sfa_jax import engine
+
+  return [configuration for method, hyperparams in methods
+          for configuration in engine.grid(method, seeds=seeds, config=config, **{k: (v,) for k, v in hyperparams.items()})]
 
 
 def _describe_command(command: str, plan: _Plan) -> dict[str, Any]:
@@ -585,10 +594,6 @@ def _prepare_output(args: argparse.Namespace, plan: _Plan) -> None:
     _write_json(description, record_path)
 
 
-def _slug(label: str) -> str:
-  return re.sub(r'[^A-Za-z0-9_.=-]+', '_', label).strip('_')
-
-
 def _one_line_warnings(show: Callable[..., None], category: type[Warning]) -> Callable[..., None]:
   """A ``warnings.showwarning`` that prints ``category`` as ``sfa-jax: warning: ...``, others with ``show``."""
 
@@ -616,9 +621,11 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
   import jax
 
   from sfa_jax import engine
+  from sfa_jax.cli import plots
+  from sfa_jax.cli import report
   from sfa_jax.engine import checkpoint
   from sfa_jax.engine import compile_cache
-  from sfa_jax.cli import report
+  from sfa_jax.engine.grids import slug
 
   plan = _plan(args)
   _prepare_output(args, plan)
@@ -639,13 +646,15 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
   with warnings.catch_warnings():
     warnings.simplefilter('always', checkpoint.CheckpointWarning)
     warnings.showwarning = _one_line_warnings(warnings.showwarning, checkpoint.CheckpointWarning)
-    for method, seed, result in _runs(args, plan):
-      run = result.to_json() | {'seed': seed}
+    runs = engine.run_grid(stream, plan.configurations, as_sweep=args.command == 'sweep', progress=True, mesh=plan.mesh,
+                           checkpoints=os.path.join(args.out, 'checkpoints'), checkpoint_every=args.checkpoint_every)
+    for finished in runs:  # one checkpointed run after another (a folder each), or one sweep
+      run = finished.result.to_json() | {'seed': finished.config.seed}
       results['runs'].append(run)
-      if seed == seeds[0]:
-        report.accuracy_heatmap(run, os.path.join(args.out, f'accuracy_matrix_{_slug(method.label)}.png'))
-        report.accuracy_curves(run, os.path.join(args.out, f'accuracy_curves_{_slug(method.label)}.png'))
-      results['table'] = report.summarize_runs(results['runs'])
+      if finished.config.seed == seeds[0]:
+        plots.accuracy_heatmap(run, os.path.join(args.out, f'accuracy_matrix_{slug(finished.method.label)}.png'))
+        plots.accuracy_curves(run, os.path.join(args.out, f'accuracy_curves_{slug(finished.method.label)}.png'))
+      results['table'] = engine.summarize_runs(results['runs'])
       results['wall_seconds'] = time.perf_counter() - started
       _write_json(results, os.path.join(args.out, 'results.json'))  # after every run: nothing lost
   table = report.markdown_table(results['table'], stream.task_names)
@@ -656,33 +665,6 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
   print(table)
   print(f'\n{len(results["runs"])} runs in {results["wall_seconds"]:.1f} s; outputs in {args.out}', file=sys.stderr)
   return results
-
-
-def _runs(args: argparse.Namespace, plan: _Plan) -> Iterator[tuple[Any, int, Any]]:
-  """``(method, seed, result)`` of every method and seed: one checkpointed run each, or one sweep."""
-  from sfa_jax import engine
-  from sfa_jax.engine.checkpoint import Checkpointer
-  from sfa_jax.engine.callbacks import ConsoleProgress
-
-  configurations = _configurations(plan.methods, plan.config, plan.seeds)
-  if args.command == 'sweep':
-    label = f'sweep of {len(configurations)} {plan.methods[0].name} (mean over configurations)'
-    checkpointer = Checkpointer(os.path.join(args.out, 'checkpoints', 'sweep'), every_steps=args.checkpoint_every)
-    try:
-      results = engine.run_sweep(plan.stream, configurations, callbacks=ConsoleProgress(label), checkpointer=checkpointer)
-    finally:
-      checkpointer.close()
-    yield from ((method, run_config.seed, result) for (method, run_config), result in zip(configurations, results))
-    return
-  for method, run_config in configurations:
-    label = f'{method.label} seed {run_config.seed}'
-    folder = os.path.join(args.out, 'checkpoints', _slug(f'{method.label}-seed{run_config.seed}'))
-    checkpointer = Checkpointer(folder, every_steps=args.checkpoint_every)
-    try:
-      result = engine.run_sequence(plan.stream, method, run_config, callbacks=ConsoleProgress(label), checkpointer=checkpointer, mesh=plan.mesh)
-    finally:
-      checkpointer.close()
-    yield method, run_config.seed, result
 
 
 def _write_json(data: dict[str, Any], path: str) -> None:

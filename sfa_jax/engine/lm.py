@@ -36,12 +36,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
 
 from sfa_jax import _validation
 from sfa_jax.engine import run as run_lib
@@ -382,110 +378,3 @@ def run_lm_sequences(
         seconds=seconds,
     ))
   return results
-
-
-def lm_markdown_table(results: Sequence[LMResult]) -> str:
-  """A markdown table: per method, the final held-out loss (perplexity) per domain, exact match, forgetting.
-
-  Args:
-    results: from :func:`run_lm_sequences`.
-
-  Returns:
-    The table.
-  """
-  names = results[0].domain_names
-  em_names = list(results[0].exact_match)
-  header = ['method'] + [f'{n} loss (ppl)' for n in names] + ['mean loss'] + [f'{n} exact match' for n in em_names] + ['forgetting']
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  for r in results:
-    s = r.summary()
-    cells = [r.method] + [f'{v:.3f} ({math.exp(v):.1f})' for v in r.loss_matrix[-1]] + [f"{s['mean_final_loss']:.3f}"]
-    cells += [f'{r.exact_match[n][-1]:.3f}' for n in em_names] + [f"{s['forgetting']:+.3f}"]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
-
-
-def seed_summaries(results: Sequence[LMResult]) -> list[dict[str, Any]]:
-  """Mean and standard deviation over seeds of each method's :meth:`LMResult.summary`.
-
-  Args:
-    results: runs of several seeds, one :class:`LMResult` per (seed, method); runs of one method
-      share its label.
-
-  Returns:
-    One dict per method, in order of first appearance: ``method``, ``seeds`` (the count), and
-    ``mean`` / ``std`` dicts of every summary metric (population std, 0 for one seed) and of
-    ``{domain}_loss_after_next``, the loss of each domain right after the next one is learned.
-
-  Example:
-    >>> r = LMResult('sfa', ['a', 'b'], ['initial', 'a', 'b'], [[3.0, 3.0], [1.0, 3.0], [2.0, 1.0]], {}, [], [], {})
-    >>> s = seed_summaries([r, dataclasses.replace(r, loss_matrix=[[3.0, 3.0], [1.0, 3.0], [1.0, 1.0]])])[0]
-    >>> s['seeds'], s['mean']['final_loss_a'], s['std']['final_loss_a'], s['mean']['forgetting']
-    (2, 1.5, 0.5, 0.5)
-  """
-  groups: dict[str, list[dict[str, float]]] = {}
-  for r in results:
-    summary = r.summary()
-    for j, name in enumerate(r.domain_names[:-1]):
-      summary[f'{name}_loss_after_next'] = r.loss_matrix[j + 2][j]
-    groups.setdefault(r.method, []).append(summary)
-  out = []
-  for method, summaries in groups.items():
-    keys = list(summaries[0])
-    values = {k: np.asarray([s[k] for s in summaries], float) for k in keys}
-    out.append({'method': method, 'seeds': len(summaries),
-                'mean': {k: float(v.mean()) for k, v in values.items()},
-                'std': {k: float(v.std()) for k, v in values.items()}})
-  return out
-
-
-def lm_seed_table(results: Sequence[LMResult]) -> str:
-  """A markdown table of :func:`seed_summaries`: final loss per domain, mean final loss, exact
-  match and forgetting, each as mean ± std over the seeds.
-
-  Args:
-    results: runs of several seeds (see :func:`seed_summaries`).
-
-  Returns:
-    The table.
-  """
-  names = results[0].domain_names
-  em_names = list(results[0].exact_match)
-  keys = [f'final_loss_{n}' for n in names] + ['mean_final_loss'] + [f'final_exact_match_{n}' for n in em_names] + ['forgetting']
-  header = ['method', 'seeds'] + [f'{n} loss' for n in names] + ['mean loss'] + [f'{n} exact match' for n in em_names] + ['forgetting']
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  for row in seed_summaries(results):
-    cells = [row['method'], str(row['seeds'])]
-    cells += [f"{row['mean'][k]:{'+' if k == 'forgetting' else ''}.3f} ± {row['std'][k]:.3f}" for k in keys]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
-
-
-def plot_results(results: Sequence[LMResult], path: str) -> None:
-  """Writes a PNG: held-out loss of each domain (and exact match) after each stage, one line per method.
-
-  Args:
-    results: from :func:`run_lm_sequences`.
-    path: where the PNG goes.
-  """
-  names = results[0].domain_names
-  em_names = list(results[0].exact_match)
-  panels = len(names) + len(em_names)
-  fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.4))
-  stages = results[0].stages
-  for r in results:
-    matrix = np.asarray(r.loss_matrix)
-    for j, name in enumerate(names):
-      axes[j].plot(range(len(stages)), matrix[:, j], marker='o', label=r.method)
-    for j, name in enumerate(em_names):
-      axes[len(names) + j].plot(range(len(stages)), r.exact_match[name], marker='o', label=r.method)
-  for j, name in enumerate(names):
-    axes[j].set_title(f'{name}: held-out loss')
-  for j, name in enumerate(em_names):
-    axes[len(names) + j].set_title(f'{name}: exact match')
-  for ax in axes:
-    ax.set_xticks(range(len(stages)), ['init'] + [f'after {s}' for s in stages[1:]], rotation=30, fontsize=7)
-  axes[-1].legend(fontsize=6, loc='best')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
