@@ -25,26 +25,24 @@ the table also gives how many averages it made on task B and where the first one
 Writes experiments/results/adaptive_p.{json,md,png}.
 """
 
-import dataclasses
 import os
-import time
 
 import numpy as np
 
-from sfa_jax.engine import compile_cache
 from sfa_jax import engine
+from sfa_jax.cli import plots
+
 import scaffold
 
 MIN_P = 0.05
-GRID = (
-    scaffold.method_grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25, 0.5))
-    + scaffold.method_grid('adaptive-sfa', threshold=(0.05, 0.1, 0.15, 0.2), beta=(0.25, 0.5), min_p=(MIN_P,))
-    + [('finetune', {})]
-)
+GRID = [
+    ('sfa', {'p': (0.1, 0.25, 0.5, 1.0), 'beta': (0.25, 0.5)}),
+    ('adaptive-sfa', {'threshold': (0.05, 0.1, 0.15, 0.2), 'beta': (0.25, 0.5), 'min_p': (MIN_P,)}),
+    ('finetune', {}),
+]
 FOLLOW_UP_THRESHOLDS = (0.25, 0.3, 0.4)
-FOLLOW_UP = scaffold.method_grid('adaptive-sfa', threshold=FOLLOW_UP_THRESHOLDS, beta=(0.25, 0.5), min_p=(MIN_P,))
-QUICK_GRID = scaffold.method_grid('sfa', p=(0.25,), beta=(0.5,)) + scaffold.method_grid(
-    'adaptive-sfa', threshold=(0.1,), beta=(0.5,), min_p=(MIN_P,))
+FOLLOW_UP = [('adaptive-sfa', {'threshold': FOLLOW_UP_THRESHOLDS, 'beta': (0.25, 0.5), 'min_p': (MIN_P,)})]
+QUICK_GRID = [('sfa', {'p': (0.25,), 'beta': (0.5,)}), ('adaptive-sfa', {'threshold': (0.1,), 'beta': (0.5,), 'min_p': (MIN_P,)})]
 
 
 def _family(run):
@@ -83,12 +81,9 @@ def _markdown(families, areas, stats, png_name, seeds):
   return '\n'.join(lines)
 
 
-def main(argv=None) -> None:
-  args = scaffold.experiment_parser(__doc__).parse_args(argv)
-  compile_cache.enable_compilation_cache()
-  start = time.perf_counter()
+def experiment(args) -> scaffold.Outcome:
   stream, config, seeds = scaffold.pair_stream(args)
-  runs = scaffold.run_grid(stream, QUICK_GRID if args.quick else GRID + FOLLOW_UP, config, seeds, as_sweep=args.sweep)
+  runs = scaffold.train(stream, QUICK_GRID if args.quick else GRID + FOLLOW_UP, config, seeds, args.sweep)
 
   families = scaffold.tradeoff_points(runs, family=_family)
   areas = scaffold.family_areas(families)
@@ -96,17 +91,17 @@ def main(argv=None) -> None:
     both = families['adaptive-sfa'] + families['adaptive-sfa (follow-up)']
     areas[f'adaptive-sfa (all {len(both)})'] = scaffold.family_areas({'all': both})['all']
   stats = averaging_stats(runs)
-  name = 'adaptive_p_quick' if args.quick else 'adaptive_p'
-  os.makedirs(args.out, exist_ok=True)
-  scaffold.tradeoff_plot(families, os.path.join(args.out, f'{name}.png'),
-                           axis_labels=('task A accuracy (even digits)', 'task B accuracy (odd digits)'),
-                           title=f'MNIST pair: fixed p against adaptive p ({len(seeds)} seeds)')
+  name = scaffold.output_name(args, 'adaptive_p')
+  plots.tradeoff_plot(families, os.path.join(args.out, f'{name}.png'), frontiers=scaffold.family_frontiers(families),
+                      axis_labels=('task A accuracy (even digits)', 'task B accuracy (odd digits)'),
+                      title=f'MNIST pair: fixed p against adaptive p ({len(seeds)} seeds)')
   payload = {'stream': stream.name, 'source': stream.source, 'seeds': list(seeds), 'config': engine.run.describe_config(config),
              'min_p': MIN_P, 'families': families, 'frontier_areas': areas, 'averaging': stats, 'runs': runs}
-  markdown = _markdown(families, areas, stats, f'{name}.png', seeds)
-  scaffold.write_results(args.out, name, payload, markdown, scaffold.command_line(__file__, argv),
-                           time.perf_counter() - start)
-  print(markdown)
+  return scaffold.Outcome(name, payload, _markdown(families, areas, stats, f'{name}.png', seeds))
+
+
+def main(argv=None) -> None:
+  scaffold.run_script(__file__, scaffold.experiment_parser(__doc__), argv, experiment)
 
 
 if __name__ == '__main__':

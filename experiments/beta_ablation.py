@@ -16,21 +16,20 @@ the best final average accuracy of each group.
 Writes experiments/results/beta_ablation.{json,md,png} and beta_ablation_average.png.
 """
 
-import dataclasses
 import os
-import time
 
-from sfa_jax.engine import compile_cache
 from sfa_jax import engine
-import scaffold
+from sfa_jax.cli import plots
 from sfa_jax.cli import report
 
-GRID = (
-    scaffold.method_grid('sfa', p=(1.0,), beta=(0.1, 0.25, 0.5, 0.75, 0.9))
-    + scaffold.method_grid('sfa', p=(0.25, 0.5), beta=(0.25, 0.5, 0.75))
-    + [('finetune', {})]
-)
-QUICK_GRID = scaffold.method_grid('sfa', p=(1.0, 0.5), beta=(0.5,))
+import scaffold
+
+GRID = [
+    ('sfa', {'p': (1.0,), 'beta': (0.1, 0.25, 0.5, 0.75, 0.9)}),
+    ('sfa', {'p': (0.25, 0.5), 'beta': (0.25, 0.5, 0.75)}),
+    ('finetune', {}),
+]
+QUICK_GRID = [('sfa', {'p': (1.0, 0.5), 'beta': (0.5,)})]
 
 
 def _group(run):
@@ -40,28 +39,22 @@ def _group(run):
   return 'p < 1'
 
 
-def main(argv=None) -> None:
-  parser = scaffold.experiment_parser(__doc__)
-  scaffold.add_stream_arguments(parser)
-  args = parser.parse_args(argv)
-  compile_cache.enable_compilation_cache()
-  start = time.perf_counter()
+def experiment(args) -> scaffold.Outcome:
   stream, config = scaffold.long_stream(args)
   seeds = scaffold.seeds_of(args)
-  runs = scaffold.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds, as_sweep=args.sweep)
+  runs = scaffold.train(stream, QUICK_GRID if args.quick else GRID, config, seeds, args.sweep)
 
   groups = scaffold.tradeoff_points(runs, point=scaffold.stability_plasticity, family=_group)
   areas = scaffold.family_areas(groups)
   best = scaffold.best_per_family(runs, family=_group)
-  name = 'beta_ablation_quick' if args.quick else 'beta_ablation'
-  os.makedirs(args.out, exist_ok=True)
-  scaffold.tradeoff_plot(groups, os.path.join(args.out, f'{name}.png'),
-                           axis_labels=('final accuracy on the past tasks (stability)',
-                                        'accuracy on each task right after training it (plasticity)'),
-                           title=f'{stream.name}, {len(stream)} tasks: beta at p = 1 vs p < 1')
-  scaffold.average_accuracy_plot(runs, os.path.join(args.out, f'{name}_average.png'),
-                                   title=f'{stream.name} ({len(stream)} tasks): beta at p = 1 vs p < 1')
-  rows = sorted(report.summarize_runs(runs), key=lambda row: -row['average_accuracy'][0])
+  name = scaffold.output_name(args, 'beta_ablation')
+  plots.tradeoff_plot(groups, os.path.join(args.out, f'{name}.png'), frontiers=scaffold.family_frontiers(groups),
+                      axis_labels=('final accuracy on the past tasks (stability)',
+                                   'accuracy on each task right after training it (plasticity)'),
+                      title=f'{stream.name}, {len(stream)} tasks: beta at p = 1 vs p < 1')
+  plots.average_accuracy_plot(runs, os.path.join(args.out, f'{name}_average.png'),
+                              title=f'{stream.name} ({len(stream)} tasks): beta at p = 1 vs p < 1')
+  rows = sorted(engine.summarize_runs(runs), key=lambda row: -row['average_accuracy'][0])
   best_lines = '\n'.join(f"| {row['family']} | {row['method']} | {row['average_accuracy'][0]:.3f} ± "
                          f"{row['average_accuracy'][1]:.3f} | {areas[row['family']]:.3f} |" for row in best)
   points = '\n'.join(f"| {p['label']} | {p['mean'][0]:.3f} ± {p['std'][0]:.3f} | {p['mean'][1]:.3f} ± {p['std'][1]:.3f} |"
@@ -78,9 +71,13 @@ def main(argv=None) -> None:
   payload = {'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': len(stream)},
              'seeds': list(seeds), 'config': engine.run.describe_config(config), 'groups': groups, 'frontier_areas': areas,
              'best': best, 'table': rows, 'runs': runs}
-  scaffold.write_results(args.out, name, payload, markdown, scaffold.command_line(__file__, argv),
-                           time.perf_counter() - start)
-  print(markdown)
+  return scaffold.Outcome(name, payload, markdown)
+
+
+def main(argv=None) -> None:
+  parser = scaffold.experiment_parser(__doc__)
+  scaffold.add_stream_arguments(parser)
+  scaffold.run_script(__file__, parser, argv, experiment)
 
 
 if __name__ == '__main__':

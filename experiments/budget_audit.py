@@ -11,16 +11,14 @@ but that one fine-tuning run per stream; the verdicts of REPORT.md are re-judged
 """
 
 import dataclasses
-import json
-import os
 import time
 
-from sfa_jax.engine import budget
-from sfa_jax.engine import compile_cache
 from sfa_jax import engine
-import scaffold
 from sfa_jax import tasks
 from sfa_jax.cli.presets import DEMO_DEFAULTS
+from sfa_jax.engine import budget
+
+import scaffold
 
 
 def audits(quick):
@@ -44,12 +42,8 @@ def audits(quick):
   ]
 
 
-def main(argv=None) -> None:
-  parser = scaffold.experiment_parser(__doc__)
-  args = parser.parse_args(argv)
-  compile_cache.enable_compilation_cache()
+def experiment(args) -> scaffold.Outcome:
   start = time.perf_counter()
-  command = scaffold.command_line(__file__, argv)
   measured, rows = {}, []
   for section, name, stream, config, p_values in audits(args.quick):
     steps = min(budget.steps_per_task(stream, config))
@@ -74,9 +68,11 @@ def main(argv=None) -> None:
               f"{'met' if c['ok'] else 'FAILED: ' + ' '.join(c['problems'])} |")
   payload = {'audits': rows, 'convergence': [dict(zip(('stream', 'tasks', 'setting', 'steps', 'batch_size'), k)) | v
                                              for k, v in measured.items()]}
-  scaffold.write_results(args.out, 'budget_audit' + ('_quick' if args.quick else ''), payload, '\n'.join(md), command,
-                           time.perf_counter() - start)
-  print('\n'.join(md))
+  return scaffold.Outcome(scaffold.output_name(args, 'budget_audit'), payload, '\n'.join(md))
+
+
+def main(argv=None) -> None:
+  scaffold.run_script(__file__, scaffold.experiment_parser(__doc__), argv, experiment)
 
 
 if __name__ == '__main__':

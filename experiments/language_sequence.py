@@ -25,21 +25,23 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
 
-from sfa_jax.engine import compile_cache
 from sfa_jax import engine
-import scaffold
-from sfa_jax.engine import lm
+from sfa_jax.cli import plots
+from sfa_jax.cli import report
 from sfa_jax.engine import callbacks
+from sfa_jax.engine import compile_cache
+from sfa_jax.engine import lm
 from sfa_jax.models.llama import Llama
 from sfa_jax.models.llama import LlamaConfig
 from sfa_jax.models.llama import train_top_layers
 from sfa_jax.models.tokenizer import ByteTokenizer
 from sfa_jax.tasks import text
+
+import scaffold
 
 METHODS = [
     ('finetune', {}),
@@ -88,7 +90,7 @@ def setup(quick: bool):
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--quick', action='store_true')
-  parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results'))
+  parser.add_argument('--out', default=scaffold.RESULTS_DIR, help='output folder (default: experiments/results)')
   args = parser.parse_args(argv)
   compile_cache.enable_compilation_cache()
   start = time.perf_counter()
@@ -130,15 +132,15 @@ def main(argv=None) -> None:
         scaffold.append_run(runs_path, done[key])
       results.append(lm.LMResult(**done[key]['result']))
       seeds.append(seed)
-  table = lm.lm_seed_table(results)
+  table = report.lm_seed_table(results)
   total = time.perf_counter() - start
   setting |= {'setup_seconds': setup_seconds, 'total_seconds_this_process': total, 'load_average': os.getloadavg(),
               'run_seconds': {f'{r.method} seed {seed}': r.seconds['total'] for seed, r in zip(seeds, results)}}
-  command = 'python experiments/language_sequence.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:]))
+  command = scaffold.command_line(__file__, argv)
   with open(stem + '.json', 'w') as f:
-    json.dump({'command': command, 'setting': setting, 'summaries': lm.seed_summaries(results),
+    json.dump({'command': command, 'setting': setting, 'summaries': report.seed_summaries(results),
                'runs': [r.to_json() | {'seed': seed} for seed, r in zip(seeds, results)]}, f, indent=1)
-  lm.plot_results(results[:len(specs)], stem + '.png')
+  plots.lm_stages_plot(results[:len(specs)], stem + '.png')
   run_minutes = sum(r.seconds['total'] for r in results) / 60
   with open(stem + '.md', 'w') as f:
     f.write(f'# Math → Law → Code ({setting["model"]}, {setting["trained"]})\n\nCommand: `{command}` '

@@ -24,35 +24,30 @@ the 10-task runs).
 
 import dataclasses
 import os
-import time
 
-import matplotlib
+import numpy as np
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from sfa_jax import engine
+from sfa_jax import metrics
+from sfa_jax import tasks
+from sfa_jax.cli import plots
 
-from sfa_jax.engine import compile_cache  # noqa: E402
-from sfa_jax import engine  # noqa: E402
-import scaffold  # noqa: E402
-from sfa_jax import metrics  # noqa: E402
-from sfa_jax.cli import report  # noqa: E402
-from sfa_jax import tasks  # noqa: E402
+import scaffold
 
-LONG_GRID = (
-    [('finetune', {})]
-    + scaffold.method_grid('sfa', p=(0.1, 0.25, 0.5, 1.0), beta=(0.25,))
-    + scaffold.method_grid('multi-anchor-sfa', p=(0.25,), beta=(0.25,))
-    + scaffold.method_grid('replay', fraction=(0.1,))
-)
-SHORT_GRID = (
-    [('finetune', {})]
-    + scaffold.method_grid('sfa', p=(0.25,), beta=(0.25, 0.5))
-    + scaffold.method_grid('multi-anchor-sfa', p=(0.25,), beta=(0.25, 0.5))
-    + scaffold.method_grid('replay', fraction=(0.1,))
-)
-QUICK_LONG_GRID = [('finetune', {})] + scaffold.method_grid('multi-anchor-sfa', p=(0.5,), beta=(0.25,))
-QUICK_SHORT_GRID = scaffold.method_grid('sfa', p=(0.5,), beta=(0.25,)) + scaffold.method_grid('replay', fraction=(0.1,))
+LONG_GRID = [
+    ('finetune', {}),
+    ('sfa', {'p': (0.1, 0.25, 0.5, 1.0), 'beta': (0.25,)}),
+    ('multi-anchor-sfa', {'p': (0.25,), 'beta': (0.25,)}),
+    ('replay', {'fraction': (0.1,)}),
+]
+SHORT_GRID = [
+    ('finetune', {}),
+    ('sfa', {'p': (0.25,), 'beta': (0.25, 0.5)}),
+    ('multi-anchor-sfa', {'p': (0.25,), 'beta': (0.25, 0.5)}),
+    ('replay', {'fraction': (0.1,)}),
+]
+QUICK_LONG_GRID = [('finetune', {}), ('multi-anchor-sfa', {'p': (0.5,), 'beta': (0.25,)})]
+QUICK_SHORT_GRID = [('sfa', {'p': (0.5,), 'beta': (0.25,)}), ('replay', {'fraction': (0.1,)})]
 EARLY_TASKS = 10  # "early tasks": the first ten of the long stream
 
 
@@ -71,32 +66,6 @@ def long_run_summary(run):
       'train_seconds': run['seconds']['train'],
       'seconds': run['seconds']['total'],
   }
-
-
-def long_plot(runs, path, title):
-  """Three panels: average accuracy so far; accuracy of the early tasks over time; final accuracy per task."""
-  fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-  for i, run in enumerate(runs):
-    matrix = np.asarray(run['accuracy_matrix'])
-    early = min(EARLY_TASKS, len(matrix))
-    trained = np.arange(1, len(matrix) + 1)
-    color = f'C{i % 10}'
-    axes[0].plot(trained, metrics.average_accuracy_curve(matrix), color=color, label=run['method'])
-    axes[1].plot(trained[early - 1:], matrix[early - 1:, :early].mean(1), color=color)
-    axes[1].plot(trained, matrix[:, 0], ':', color=color, alpha=0.7)
-    axes[2].plot(trained, matrix[-1], '.', color=color, markersize=3)
-  axes[0].set_ylabel('average accuracy on the tasks seen so far')
-  axes[1].set_ylabel(f'accuracy: tasks 0-{EARLY_TASKS - 1} (line), task 0 (dotted)')
-  axes[2].set_ylabel('final accuracy')
-  for ax, xlabel in zip(axes, ('tasks trained', 'tasks trained', 'task index')):
-    ax.set_xlabel(xlabel)
-    ax.set_ylim(0.0, 1.02)
-    ax.grid(alpha=0.3)
-  fig.legend(*axes[0].get_legend_handles_labels(), loc='lower center', ncol=len(runs), fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout(rect=(0, 0.08, 1, 1))
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def _markdown(long_rows, long_name, short_rows, short_name, png_names):
@@ -118,10 +87,7 @@ def _markdown(long_rows, long_name, short_rows, short_name, png_names):
   return '\n'.join(lines)
 
 
-def main(argv=None) -> None:
-  args = scaffold.experiment_parser(__doc__).parse_args(argv)
-  compile_cache.enable_compilation_cache()
-  start = time.perf_counter()
+def experiment(args) -> scaffold.Outcome:
   source = 'digits' if args.quick else 'offline'
   seeds = scaffold.seeds_of(args)
   setting = tasks.DOMAIN_INCREMENTAL
@@ -132,19 +98,18 @@ def main(argv=None) -> None:
   short_config = dataclasses.replace(base, epochs_per_task=1 if args.quick else 2)
 
   print(f'Part 1: {len(long_stream)} tasks, seed {seeds[0]}', flush=True)
-  long_runs = scaffold.run_grid(long_stream, QUICK_LONG_GRID if args.quick else LONG_GRID, long_config, seeds[:1], as_sweep=args.sweep)
+  long_runs = scaffold.train(long_stream, QUICK_LONG_GRID if args.quick else LONG_GRID, long_config, seeds[:1], args.sweep)
   print(f'Part 2: {len(short_stream)} tasks, seeds {list(seeds)}', flush=True)
-  short_runs = scaffold.run_grid(short_stream, QUICK_SHORT_GRID if args.quick else SHORT_GRID, short_config, seeds, as_sweep=args.sweep)
+  short_runs = scaffold.train(short_stream, QUICK_SHORT_GRID if args.quick else SHORT_GRID, short_config, seeds, args.sweep)
 
-  name = 'many_tasks_quick' if args.quick else 'many_tasks'
+  name = scaffold.output_name(args, 'many_tasks')
   png_names = (f'{name}.png', f'{name}_10.png')
-  os.makedirs(args.out, exist_ok=True)
   long_name = f'{len(long_stream)} permuted-MNIST tasks ({source}), 1 epoch per task, seed {seeds[0]}'
-  long_plot(long_runs, os.path.join(args.out, png_names[0]), long_name)
-  scaffold.average_accuracy_plot(short_runs, os.path.join(args.out, png_names[1]),
-                                   title=f'{len(short_stream)} permuted-MNIST tasks, {len(seeds)} seeds')
+  plots.long_stream_plot(long_runs, os.path.join(args.out, png_names[0]), early_tasks=EARLY_TASKS, title=long_name)
+  plots.average_accuracy_plot(short_runs, os.path.join(args.out, png_names[1]),
+                              title=f'{len(short_stream)} permuted-MNIST tasks, {len(seeds)} seeds')
   long_rows = [long_run_summary(run) for run in long_runs]
-  short_rows = report.summarize_runs(short_runs)
+  short_rows = engine.summarize_runs(short_runs)
   payload = {
       'source': source, 'setting': setting, 'seeds': list(seeds),
       # The long runs' curves (eval only at task ends) repeat their accuracy matrices: left out.
@@ -153,10 +118,11 @@ def main(argv=None) -> None:
       'short': {'tasks': len(short_stream), 'config': engine.run.describe_config(short_config), 'table': short_rows, 'runs': short_runs},
   }
   short_name = f'{len(short_stream)} tasks, {short_config.epochs_per_task} epochs per task, {len(seeds)} seeds'
-  markdown = _markdown(long_rows, long_name, short_rows, short_name, png_names)
-  scaffold.write_results(args.out, name, payload, markdown, scaffold.command_line(__file__, argv),
-                           time.perf_counter() - start)
-  print(markdown)
+  return scaffold.Outcome(name, payload, _markdown(long_rows, long_name, short_rows, short_name, png_names))
+
+
+def main(argv=None) -> None:
+  scaffold.run_script(__file__, scaffold.experiment_parser(__doc__), argv, experiment)
 
 
 if __name__ == '__main__':

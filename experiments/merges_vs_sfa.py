@@ -24,51 +24,45 @@ validation split: the choice is made on the test accuracies, alike for every fam
 Writes experiments/results/merges_vs_sfa.{json,md} and merges_vs_sfa_average.png.
 """
 
-import dataclasses
 import os
-import time
 
-from sfa_jax.engine import compile_cache
 from sfa_jax import engine
-import scaffold
+from sfa_jax.cli import plots
 from sfa_jax.cli import report
 
-GRID = (
-    scaffold.method_grid('sfa', p=(0.25, 0.5), beta=(0.25, 0.5, 0.75))
-    + scaffold.method_grid('wise-ft', beta=(0.25, 0.5, 0.75))
-    + scaffold.method_grid('task-arithmetic', scaling=(0.3, 0.5, 0.7, 1.0))
-    + scaffold.method_grid('ties', density=(0.1, 0.2, 0.5), scaling=(0.5, 1.0))
-    + scaffold.method_grid('l2', strength=(0.1, 1.0, 10.0))
-    + scaffold.method_grid('replay', fraction=(0.05, 0.1))
-    + [('finetune', {}), ('joint', {})]
-)
-QUICK_GRID = [
-    ('sfa', {'p': 0.5, 'beta': 0.5}), ('wise-ft', {'beta': 0.5}), ('ties', {'density': 0.2, 'scaling': 1.0}),
-    ('replay', {'fraction': 0.1}),
+import scaffold
+
+GRID = [
+    ('sfa', {'p': (0.25, 0.5), 'beta': (0.25, 0.5, 0.75)}),
+    ('wise-ft', {'beta': (0.25, 0.5, 0.75)}),
+    ('task-arithmetic', {'scaling': (0.3, 0.5, 0.7, 1.0)}),
+    ('ties', {'density': (0.1, 0.2, 0.5), 'scaling': (0.5, 1.0)}),
+    ('l2', {'strength': (0.1, 1.0, 10.0)}),
+    ('replay', {'fraction': (0.05, 0.1)}),
+    ('finetune', {}),
+    ('joint', {}),
 ]
-EWC_GRID = scaffold.method_grid('ewc', strength=(1e2, 1e3, 1e4))
+QUICK_GRID = [
+    ('sfa', {'p': (0.5,), 'beta': (0.5,)}), ('wise-ft', {'beta': (0.5,)}), ('ties', {'density': (0.2,), 'scaling': (1.0,)}),
+    ('replay', {'fraction': (0.1,)}),
+]
+EWC_GRID = [('ewc', {'strength': (1e2, 1e3, 1e4)})]
+QUICK_EWC_GRID = [('ewc', {'strength': (1e2,)})]
 
 
-def main(argv=None) -> None:
-  parser = scaffold.experiment_parser(__doc__)
-  scaffold.add_stream_arguments(parser)
-  parser.add_argument('--ewc', action='store_true', help='run the EWC family alone (merges_vs_sfa_ewc.*)')
-  args = parser.parse_args(argv)
-  compile_cache.enable_compilation_cache()
-  start = time.perf_counter()
+def experiment(args) -> scaffold.Outcome:
   stream, config = scaffold.long_stream(args)
   seeds = scaffold.seeds_of(args)
-  grid = EWC_GRID if args.ewc else (QUICK_GRID if args.quick else GRID)
-  runs = scaffold.run_grid(stream, grid[:1] if args.quick and args.ewc else grid, config, seeds, as_sweep=args.sweep)
+  grid = (QUICK_EWC_GRID if args.quick else EWC_GRID) if args.ewc else (QUICK_GRID if args.quick else GRID)
+  runs = scaffold.train(stream, grid, config, seeds, args.sweep)
 
   best = scaffold.best_per_family(runs)
-  rows = sorted(report.summarize_runs(runs), key=lambda row: -row['average_accuracy'][0])
-  name = 'merges_vs_sfa' + ('_ewc' if args.ewc else '') + ('_quick' if args.quick else '')
-  os.makedirs(args.out, exist_ok=True)
+  rows = sorted(engine.summarize_runs(runs), key=lambda row: -row['average_accuracy'][0])
+  name = scaffold.output_name(args, 'merges_vs_sfa' + ('_ewc' if args.ewc else ''))
   best_labels = {row['method'] for row in best}
-  scaffold.average_accuracy_plot([run for run in runs if run['method'] in best_labels],
-                                   os.path.join(args.out, f'{name}_average.png'),
-                                   title=f'{stream.name} ({len(stream)} tasks): best configuration of each family')
+  plots.average_accuracy_plot([run for run in runs if run['method'] in best_labels],
+                              os.path.join(args.out, f'{name}_average.png'),
+                              title=f'{stream.name} ({len(stream)} tasks): best configuration of each family')
   markdown = (
       f'# SFA against merges and baselines: {stream.name}, {len(stream)} tasks, {stream.setting}\n\n'
       '## Best configuration of each family (by final average accuracy)\n\n'
@@ -77,9 +71,14 @@ def main(argv=None) -> None:
   )
   payload = {'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': len(stream)},
              'seeds': list(seeds), 'config': engine.run.describe_config(config), 'best': best, 'table': rows, 'runs': runs}
-  scaffold.write_results(args.out, name, payload, markdown, scaffold.command_line(__file__, argv),
-                           time.perf_counter() - start)
-  print(markdown)
+  return scaffold.Outcome(name, payload, markdown)
+
+
+def main(argv=None) -> None:
+  parser = scaffold.experiment_parser(__doc__)
+  scaffold.add_stream_arguments(parser)
+  parser.add_argument('--ewc', action='store_true', help='run the EWC family alone (merges_vs_sfa_ewc.*)')
+  scaffold.run_script(__file__, parser, argv, experiment)
 
 
 if __name__ == '__main__':

@@ -19,29 +19,28 @@ trade-off is summed up by the area its Pareto frontier dominates above (0, 0) (`
 Writes experiments/results/mnist_pair_tradeoff.{json,md,png}.
 """
 
-import dataclasses
 import os
-import time
 
 import numpy as np
 
-from sfa_jax.engine import compile_cache
 from sfa_jax import engine
+from sfa_jax.cli import plots
+
 import scaffold
 
-GRID = (
-    scaffold.method_grid('sfa', p=(0.05, 0.1, 0.25, 0.5, 0.75, 0.96, 1.0), beta=(0.25, 0.5, 0.75))
-    + scaffold.method_grid('l2', strength=np.logspace(-2, 2, 13).round(4).tolist())
-    + scaffold.method_grid('ewc', strength=(1e2, 1e3, 1e4, 1e5, 1e7))
-    + scaffold.method_grid('replay', fraction=(0.01, 0.05, 0.1))
-    + [('finetune', {})]
-)
-QUICK_GRID = (
-    scaffold.method_grid('sfa', p=(0.5, 1.0), beta=(0.5,))
-    + scaffold.method_grid('l2', strength=(1.0,))
-    + scaffold.method_grid('replay', fraction=(0.1,))
-    + [('finetune', {})]
-)
+GRID = [
+    ('sfa', {'p': (0.05, 0.1, 0.25, 0.5, 0.75, 0.96, 1.0), 'beta': (0.25, 0.5, 0.75)}),
+    ('l2', {'strength': np.logspace(-2, 2, 13).round(4).tolist()}),
+    ('ewc', {'strength': (1e2, 1e3, 1e4, 1e5, 1e7)}),
+    ('replay', {'fraction': (0.01, 0.05, 0.1)}),
+    ('finetune', {}),
+]
+QUICK_GRID = [
+    ('sfa', {'p': (0.5, 1.0), 'beta': (0.5,)}),
+    ('l2', {'strength': (1.0,)}),
+    ('replay', {'fraction': (0.1,)}),
+    ('finetune', {}),
+]
 
 
 def _sfa_split(run):
@@ -65,28 +64,25 @@ def _markdown(families, areas, split_areas, png_name):
   return '\n'.join(lines)
 
 
-def main(argv=None) -> None:
-  args = scaffold.experiment_parser(__doc__).parse_args(argv)
-  compile_cache.enable_compilation_cache()
-  start = time.perf_counter()
+def experiment(args) -> scaffold.Outcome:
   stream, config, seeds = scaffold.pair_stream(args)
-  runs = scaffold.run_grid(stream, QUICK_GRID if args.quick else GRID, config, seeds, as_sweep=args.sweep)
+  runs = scaffold.train(stream, QUICK_GRID if args.quick else GRID, config, seeds, args.sweep)
 
   families = scaffold.tradeoff_points(runs)
   areas = scaffold.family_areas(families)
   split_areas = {k: v for k, v in scaffold.family_areas(scaffold.tradeoff_points(runs, family=_sfa_split)).items()
                  if k.startswith('sfa (')}
-  name = 'mnist_pair_tradeoff_quick' if args.quick else 'mnist_pair_tradeoff'
-  os.makedirs(args.out, exist_ok=True)
-  scaffold.tradeoff_plot(families, os.path.join(args.out, f'{name}.png'),
-                           axis_labels=('task A accuracy (even digits)', 'task B accuracy (odd digits)'),
-                           title=f'MNIST pair: accuracy after task B ({len(seeds)} seeds, mean ± std)')
+  name = scaffold.output_name(args, 'mnist_pair_tradeoff')
+  plots.tradeoff_plot(families, os.path.join(args.out, f'{name}.png'), frontiers=scaffold.family_frontiers(families),
+                      axis_labels=('task A accuracy (even digits)', 'task B accuracy (odd digits)'),
+                      title=f'MNIST pair: accuracy after task B ({len(seeds)} seeds, mean ± std)')
   payload = {'stream': stream.name, 'source': stream.source, 'seeds': list(seeds), 'config': engine.run.describe_config(config),
              'families': families, 'frontier_areas': areas | split_areas, 'runs': runs}
-  markdown = _markdown(families, areas, split_areas, f'{name}.png')
-  scaffold.write_results(args.out, name, payload, markdown, scaffold.command_line(__file__, argv),
-                           time.perf_counter() - start)
-  print(markdown)
+  return scaffold.Outcome(name, payload, _markdown(families, areas, split_areas, f'{name}.png'))
+
+
+def main(argv=None) -> None:
+  scaffold.run_script(__file__, scaffold.experiment_parser(__doc__), argv, experiment)
 
 
 if __name__ == '__main__':

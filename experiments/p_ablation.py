@@ -18,21 +18,20 @@ during the run, first seed) and p_ablation_average.png (average accuracy after e
 
 import dataclasses
 import os
-import time
 
 import numpy as np
 
-from sfa_jax.engine import compile_cache
 from sfa_jax import engine
+from sfa_jax.cli import plots
+
 import scaffold
-from sfa_jax.cli import report
 
 P_VALUES = (0.25, 0.5, 0.75, 0.96, 1.0)
 BETA_PROBE = (0.25, 0.5, 0.75)
 
 
 def _table(runs, task_names):
-  rows = report.summarize_runs(runs)
+  rows = engine.summarize_runs(runs)
   points = {p['label']: p for points in scaffold.tradeoff_points(runs, point=scaffold.stability_plasticity).values()
             for p in points}
   jumps = {}
@@ -56,13 +55,7 @@ def _table(runs, task_names):
   return '\n'.join(lines)
 
 
-def main(argv=None) -> None:
-  parser = scaffold.experiment_parser(__doc__)
-  scaffold.add_stream_arguments(parser)
-  parser.add_argument('--beta', type=float, help='fix beta instead of probing it')
-  args = parser.parse_args(argv)
-  compile_cache.enable_compilation_cache()
-  start = time.perf_counter()
+def experiment(args) -> scaffold.Outcome:
   stream, config = scaffold.long_stream(args)
   seeds = scaffold.seeds_of(args)
   p_values = (0.5, 1.0) if args.quick else P_VALUES
@@ -71,20 +64,18 @@ def main(argv=None) -> None:
   beta = args.beta
   if beta is None:
     probe_betas = (0.5,) if args.quick else BETA_PROBE
-    probe = scaffold.run_grid(stream, scaffold.method_grid('sfa', p=(0.5,), beta=probe_betas), config, seeds[:1], as_sweep=args.sweep)
+    probe = scaffold.train(stream, [('sfa', {'p': (0.5,), 'beta': probe_betas})], config, seeds[:1], args.sweep)
     beta = max(probe, key=lambda run: run['metrics']['average_accuracy'])['hyperparams']['beta']
     print(f'beta = {beta} (probe at p = 0.5, seed {seeds[0]})', flush=True)
 
   curve_config = dataclasses.replace(config, eval_every=20 if args.quick else 50)
-  grid = scaffold.method_grid('sfa', p=p_values, beta=(beta,)) + [('finetune', {})]
-  runs = scaffold.run_grid(stream, grid, curve_config, seeds, as_sweep=args.sweep)
+  runs = scaffold.train(stream, [('sfa', {'p': p_values, 'beta': (beta,)}), ('finetune', {})], curve_config, seeds, args.sweep)
 
-  name = 'p_ablation_quick' if args.quick else 'p_ablation'
-  os.makedirs(args.out, exist_ok=True)
+  name = scaffold.output_name(args, 'p_ablation')
   first_seed = [run for run in runs if run['seed'] == seeds[0]]
-  scaffold.curves_grid(first_seed, os.path.join(args.out, f'{name}_curves.png'))
-  scaffold.average_accuracy_plot(runs, os.path.join(args.out, f'{name}_average.png'),
-                                   title=f'{stream.name} ({len(stream)} tasks, {stream.setting}): SFA by p, beta = {beta:g}')
+  plots.curves_grid(first_seed, os.path.join(args.out, f'{name}_curves.png'))
+  plots.average_accuracy_plot(runs, os.path.join(args.out, f'{name}_average.png'),
+                              title=f'{stream.name} ({len(stream)} tasks, {stream.setting}): SFA by p, beta = {beta:g}')
   probe_lines = ''.join(f"\n| {run['method']} | {run['metrics']['average_accuracy']:.3f} |" for run in probe)
   probe_text = (f'beta = {beta:g}, chosen by a probe at p = 0.5 (seed {seeds[0]}, final average accuracy):\n\n'
                 f'| probe | final average accuracy |\n|---|---:|{probe_lines}' if probe else f'beta = {beta:g} (given).')
@@ -99,10 +90,15 @@ def main(argv=None) -> None:
   )
   payload = {'stream': {'name': stream.name, 'setting': stream.setting, 'source': stream.source, 'tasks': len(stream)},
              'seeds': list(seeds), 'config': engine.run.describe_config(curve_config), 'beta': beta, 'beta_probe': probe,
-             'table': report.summarize_runs(runs), 'runs': runs}
-  scaffold.write_results(args.out, name, payload, markdown, scaffold.command_line(__file__, argv),
-                           time.perf_counter() - start)
-  print(markdown)
+             'table': engine.summarize_runs(runs), 'runs': runs}
+  return scaffold.Outcome(name, payload, markdown)
+
+
+def main(argv=None) -> None:
+  parser = scaffold.experiment_parser(__doc__)
+  scaffold.add_stream_arguments(parser)
+  parser.add_argument('--beta', type=float, help='fix beta instead of probing it')
+  scaffold.run_script(__file__, parser, argv, experiment)
 
 
 if __name__ == '__main__':

@@ -50,43 +50,42 @@ import time
 
 import numpy as np
 
-from sfa_jax.engine import budget
-from sfa_jax.engine import compile_cache
-from sfa_jax import engine
-import scaffold
-from sfa_jax.cli import report
+import importlib.util
+
 from sfa_jax import engine
 from sfa_jax import tasks
+from sfa_jax.cli import plots
+from sfa_jax.engine import budget
+from sfa_jax.engine import compile_cache
 from sfa_jax.engine import loop
-from sfa_jax.engine import methods as methods_lib
 from sfa_jax.models.transfer import with_new_head
 
-import importlib.util
+import scaffold
 
 _spec = importlib.util.spec_from_file_location('pretrain_backbone', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrain_backbone.py'))
 pretrain_backbone = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pretrain_backbone)
 
-SFA = scaffold.method_grid('sfa', p=(0.25, 0.5, 0.75, 0.96, 1.0), beta=(0.25, 0.5))
-SPLIT_GRID = (  # shrunk grid at the full budget: 23 configurations (the last round: 30 at 12 steps per task)
-    [('finetune', {})] + SFA
-    + scaffold.method_grid('replay', fraction=(0.01, 0.05, 0.1))
-    + scaffold.method_grid('l2', strength=(0.1, 1.0, 10.0, 100.0))
-    + scaffold.method_grid('ewc', strength=(10.0, 1e3, 1e5))
-    + scaffold.method_grid('task-arithmetic', scaling=(0.5,))
-    + scaffold.method_grid('ties', density=(0.2,), scaling=(1.0,))
-)
-PERMUTED_GRID = (  # smaller: a permuted-MNIST run (10 tasks) costs ~2 split-MNIST runs
-    [('finetune', {})]
-    + scaffold.method_grid('sfa', p=(0.25, 0.5, 0.96, 1.0), beta=(0.25,))
-    + scaffold.method_grid('replay', fraction=(0.1,))
-    + scaffold.method_grid('l2', strength=(1.0, 10.0))
-    + scaffold.method_grid('ewc', strength=(100.0, 1e4))
-    + scaffold.method_grid('task-arithmetic', scaling=(0.5,))
-    + scaffold.method_grid('ties', density=(0.2,), scaling=(1.0,))
-)
+SPLIT_GRID = [  # shrunk grid at the full budget: 23 configurations (the last round: 30 at 12 steps per task)
+    ('finetune', {}),
+    ('sfa', {'p': (0.25, 0.5, 0.75, 0.96, 1.0), 'beta': (0.25, 0.5)}),
+    ('replay', {'fraction': (0.01, 0.05, 0.1)}),
+    ('l2', {'strength': (0.1, 1.0, 10.0, 100.0)}),
+    ('ewc', {'strength': (10.0, 1e3, 1e5)}),
+    ('task-arithmetic', {'scaling': (0.5,)}),
+    ('ties', {'density': (0.2,), 'scaling': (1.0,)}),
+]
+PERMUTED_GRID = [  # smaller: a permuted-MNIST run (10 tasks) costs ~2 split-MNIST runs
+    ('finetune', {}),
+    ('sfa', {'p': (0.25, 0.5, 0.96, 1.0), 'beta': (0.25,)}),
+    ('replay', {'fraction': (0.1,)}),
+    ('l2', {'strength': (1.0, 10.0)}),
+    ('ewc', {'strength': (100.0, 1e4)}),
+    ('task-arithmetic', {'scaling': (0.5,)}),
+    ('ties', {'density': (0.2,), 'scaling': (1.0,)}),
+]
 STEPS = 300  # optimizer steps per task (the budget rule checks it per stream)
-QUICK_GRID = [('sfa', {'p': 0.5, 'beta': 0.5})]
+QUICK_GRID = [('sfa', {'p': (0.5,), 'beta': (0.5,)})]
 REGIMES = ('pretrained', 'scratch')
 PERMUTED_TRAIN, PERMUTED_TEST = 500, 250  # images per permuted-MNIST task (of 4000 / 1000)
 
@@ -154,37 +153,9 @@ def initial_of(stream, config, backbone, seed):
   return with_new_head(backbone[0], params), with_new_head(backbone[1], model_state)
 
 
-def run_group(stream, methods, config, seeds, initial_for, as_sweep, skip=frozenset(), on_result=None):
-  """Every (method, seed) of one method family, but those in ``skip``: ``{(label, seed): result}``.
-
-  ``on_result(method, seed, result)`` is called as each run (one after another) finishes.
-  """
-  results = {}
-  if as_sweep:
-    groups = {}
-    for method in methods:
-      fixed = tuple(method[k] for k, spec in type(method).hyperparams.items() if not spec.sweepable)
-      groups.setdefault(fixed, []).append(method)
-    for members in groups.values():
-      for seed in seeds:  # one sweep per seed: the seed initialises the head of the initial variables
-        configurations = [(m, dataclasses.replace(config, seed=seed)) for m in members]
-        for m, result in zip(members, sweep_lib.run_sweep(stream, configurations, initial=initial_for(seed))):
-          results[m.label, seed] = result
-  else:
-    for method in methods:
-      for seed in seeds:
-        if (method.label, seed) in skip:
-          continue
-        results[method.label, seed] = engine.run_sequence(stream, method, dataclasses.replace(config, seed=seed),
-                                                             initial=initial_for(seed))
-        if on_result is not None:
-          on_result(method, seed, results[method.label, seed])
-  return results
-
-
 def summary_rows(runs):
   """summarize_runs rows plus each task's accuracy right after training it (mean of the diagonal)."""
-  rows = report.summarize_runs(runs)
+  rows = engine.summarize_runs(runs)
   for row in rows:
     diagonals = [float(np.mean(np.diag(r['accuracy_matrix']))) for r in runs if r['method'] == row['method']]
     row['just_trained'] = (float(np.mean(diagonals)), float(np.std(diagonals)))
@@ -232,7 +203,7 @@ def all_configs_table(rows):
   return lines
 
 
-def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, command, start, done, plots=True, note='', budgets=None):
+def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, command, start, done, draw=True, note='', budgets=None):
   budgets = budgets or {}
   os.makedirs(args.out, exist_ok=True)
   payload_streams, md = {}, [f'# Continual fine-tuning from a pretrained backbone against from scratch{" (partial)" if not done else ""}', '']
@@ -253,10 +224,10 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
     for regime, rows in rows_by_regime.items():
       png = f'{name}_{key}_{regime}.png'
       families = scaffold.tradeoff_points([r for r in mine if r['regime'] == regime], point=scaffold.stability_plasticity)
-      if plots:
-        scaffold.tradeoff_plot(families, os.path.join(args.out, png),
-                                 axis_labels=('final accuracy on the tasks before the last', 'accuracy right after training (tasks 1..)'),
-                                 title=f'{key}, {regime}')
+      if draw:
+        plots.tradeoff_plot(families, os.path.join(args.out, png), frontiers=scaffold.family_frontiers(families),
+                            axis_labels=('final accuracy on the tasks before the last', 'accuracy right after training (tasks 1..)'),
+                            title=f'{key}, {regime}')
       md += [f'### {regime}: every configuration', '', f'![{key} {regime}]({png})', ''] + all_configs_table(rows) + ['']
     payload_streams[key] = {'stream': engine.run.describe_stream(stream), 'tables': rows_by_regime,
                             'budget': budgets.get((key, 'pretrained')), 'budget_scratch': budgets.get((key, 'scratch'))}
@@ -358,8 +329,8 @@ def main(argv=None) -> None:
                       'smallcnn-mnist for split Fashion-MNIST; _quick with --quick)')
   parser.add_argument('--streams', default=','.join(DEFAULT_STREAMS), help=f'comma-separated stream keys, of {", ".join(STREAMS)}')
   parser.add_argument('--data-dir', help="a folder with the four Fashion-MNIST IDX files (default: Debian's)")
-  parser.add_argument('--grid', type=json.loads, help='a JSON list of [method, {hyper-parameters}] pairs that replaces '
-                      'the grids, e.g. to extend a grid whose best point is on its edge')
+  parser.add_argument('--grid', type=json.loads, help='a JSON list of [method, {hyper-parameter: value}] pairs that '
+                      'replaces the grids, e.g. to extend a grid whose best point is on its edge')
   parser.add_argument('--steps', type=int, default=None, help=f'optimizer steps per task (default {STEPS}; 10 with --quick)')
   parser.add_argument('--allow-short-budget', action='store_true', help='warn, instead of stopping, when the budget rule fails')
   parser.add_argument('--regimes', default='pretrained,scratch', help='comma-separated: pretrained, scratch')
@@ -397,43 +368,33 @@ def main(argv=None) -> None:
     if tuple(stream.input_shape) != tuple(meta['input_shape']):
       raise SystemExit(f'{key} has images of shape {stream.input_shape}; the backbone takes {meta["input_shape"]}.')
     grid = QUICK_GRID if args.quick else (PERMUTED_GRID if key == 'permuted-mnist' else SPLIT_GRID)
-    grid = [tuple(pair) for pair in args.grid] if args.grid else grid
-    methods = [methods_lib.make_method(n, **hp) for n, hp in grid]
+    grid = [(name, {k: (v,) for k, v in hp.items()}) for name, hp in args.grid] if args.grid else grid
+    configurations = scaffold.configurations(grid, config, seeds)
+    methods = list(dict.fromkeys(method for method, _ in configurations))
     for regime in regimes:  # budgets[key, regime]: the rule's record, each regime measured from its own start
       initial = initial_of(stream, config, (params, model_state), seeds[0]) if regime == 'pretrained' else None
       budgets[key, regime] = stream_budget(
           args, key, stream, config, methods, initial, seeds[0], regime)
     # Configuration by configuration in the grid's order (put the most telling first: a stop keeps them).
-    for members in [[method] for method in methods]:
-      family = members[0].name
+    for method in methods:
       for regime in regimes:
-        initial_for = (lambda seed: initial_of(stream, config, (params, model_state), seed)) if regime == 'pretrained' else (lambda seed: None)
+        initial_for = (lambda seed: initial_of(stream, config, (params, model_state), seed)) if regime == 'pretrained' else None
         t0 = time.perf_counter()
-        todo = [m for m in members if any((key, regime, m.label, seed) not in done_runs for seed in seeds)]
-
-        def record(method, seed, result, key=key, regime=regime):  # appended at once: a stopped run loses one run
-          run = {k: v for k, v in result.to_json().items() if k != 'curve'} | {
-              'seed': seed, 'method_name': method.name, 'hyperparams': method.values, 'stream': key, 'regime': regime,
-              'loadavg': os.getloadavg()}
-          done_runs[key, regime, method.label, seed] = run
-          scaffold.append_run(runs_path, run)
-
-        results = run_group(stream, todo, config, seeds, initial_for, args.sweep, skip={
-            (m.label, seed) for m in todo for seed in seeds if (key, regime, m.label, seed) in done_runs},
-            on_result=None if args.sweep else record) if todo else {}
-        for (label, seed), result in results.items():  # sweeps: recorded when the family's sweep ends
-          method = next(m for m in todo if m.label == label)
-          if (key, regime, label, seed) not in done_runs:
-            record(method, seed, result)
-        group = [done_runs[key, regime, m.label, seed] for m in members for seed in seeds]
+        todo = [(m, c) for m, c in configurations if m == method and (key, regime, m.label, c.seed) not in done_runs]
+        for finished in engine.run_grid(stream, todo, as_sweep=args.sweep, initial=initial_for) if todo else ():
+          run = {k: v for k, v in finished.to_json().items() if k != 'curve'} | {
+              'stream': key, 'regime': regime, 'loadavg': os.getloadavg()}
+          done_runs[key, regime, method.label, run['seed']] = run
+          scaffold.append_run(runs_path, run)  # at once: a stopped run loses one run
+        group = [done_runs[key, regime, method.label, seed] for seed in seeds]
         runs += group
-        runs_before, seconds_before = seconds_by_group.get((key, regime, family), (0, 0.0))
-        seconds_by_group[key, regime, family] = (runs_before + len(group), seconds_before + time.perf_counter() - t0)
+        runs_before, seconds_before = seconds_by_group.get((key, regime, method.name), (0, 0.0))
+        seconds_by_group[key, regime, method.name] = (runs_before + len(group), seconds_before + time.perf_counter() - t0)
         best = max(summary_rows(group), key=lambda row: row['average_accuracy'][0])
-        print(f'[{time.perf_counter() - start:6.0f} s] {key:15s} {regime:10s} {family:16s} {len(group):3d} runs '
+        print(f'[{time.perf_counter() - start:6.0f} s] {key:15s} {regime:10s} {method.name:16s} {len(group):3d} runs '
               f'{time.perf_counter() - t0:6.1f} s  best {best["method"]} {_cell(best["average_accuracy"])} '
               f'(load {os.getloadavg()[0]:.1f})', flush=True)
-        write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False, plots=False, budgets=budgets)
+        write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False, draw=False, budgets=budgets)
     write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False, budgets=budgets)  # plots: at each stream's end
   write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True, budgets=budgets)
   print(open(os.path.join(args.out, f'{name}.md')).read())

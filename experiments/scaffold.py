@@ -1,10 +1,13 @@
-"""Shared pieces of the experiment scripts: grids of runs, their aggregation, trade-off frontiers, outputs.
+"""Shared pieces of the experiment scripts: their entry, grids, aggregation, trade-off frontiers, outputs.
 
-An experiment script (``experiments/*.py``) only wires these together: it names a stream, a grid
-of method configurations and seeds, calls :func:`run_grid`, aggregates with
-:func:`final_accuracies` or :func:`sfa_jax.cli.report.summarize_runs`, and writes ``<name>.json`` and
-``<name>.md`` with :func:`write_results`. Scripts on a long stream share its command-line options
-and defaults through :func:`add_stream_arguments` and :func:`long_stream`.
+An experiment script (``experiments/*.py``) only wires these together. Its ``main`` is
+:func:`run_script`: the arguments (:func:`experiment_parser`), the compilation cache, the timing,
+and the outputs ``<name>.json`` and ``<name>.md`` (:func:`write_results`, with the command that ran
+it). In between it names a stream, its grid (``(method, {hyper-parameter: values})`` pairs) and
+seeds, trains them with :func:`train` (the engine's :func:`sfa_jax.engine.grids.run_grid`),
+aggregates with :func:`final_accuracies` or :func:`sfa_jax.engine.grids.summarize_runs`, and draws
+with :mod:`sfa_jax.cli.plots`. Scripts on a long stream share its command-line options and defaults
+through :func:`add_stream_arguments` and :func:`long_stream`.
 
 Trade-off frontiers. Two tasks (or two groups of tasks) give each configuration a point
 ``(accuracy on A, accuracy on B)``. :func:`frontier` keeps the Pareto-optimal points (both
@@ -18,208 +21,80 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-import jax
-import matplotlib
+import numpy as np
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from sfa_jax import engine
+from sfa_jax import tasks
+from sfa_jax.cli.presets import DEMO_DEFAULTS
+from sfa_jax.engine import compile_cache
 
-from sfa_jax import engine  # noqa: E402
-from sfa_jax.cli import report  # noqa: E402
-from sfa_jax import tasks  # noqa: E402
-from sfa_jax.cli.presets import DEMO_DEFAULTS  # noqa: E402
-from sfa_jax.engine import methods as methods_lib  # noqa: E402
-
-Config = tuple[Any, dict[str, float]]
-"""A method (a registered name, ``'package.module:Class'`` or a Method subclass) and its hyper-parameters."""
+Grid = Sequence[tuple[Any, Mapping[str, Sequence[float]]]]
+"""A grid of several methods: ``(method, {hyper-parameter: values})`` pairs, each expanded by
+:func:`sfa_jax.engine.grids.grid` (a method is a registered name, ``'package.module:Class'`` or a
+Method subclass; hyper-parameters not named keep their defaults)."""
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 """Where the experiment scripts write by default: ``experiments/results/`` of the checkout."""
 
 
-def method_grid(name: Any, **axes: Sequence[float]) -> list[Config]:
-  """Every combination of the values of ``axes`` for method ``name`` (the first axis varies slowest).
+def configurations(grid: Grid, config: engine.TrainConfig, seeds: Sequence[int]) -> list[tuple[engine.Method, engine.TrainConfig]]:
+  """Every configuration of ``grid`` with every seed: :func:`sfa_jax.engine.grids.grid` of each of its methods.
 
   Args:
-    name: a registered method's name, an import path ``'package.module:Class'``, or a
-      :class:`~sfa_jax.engine.methods.Method` subclass.
-    **axes: each hyper-parameter and the values it takes.
+    grid: ``(method, {hyper-parameter: values})`` pairs.
+    config: the training settings shared by every run (its ``seed`` is replaced).
+    seeds: the seeds, the innermost loop.
 
   Returns:
-    The configurations, e.g. ``[('sfa', {'p': 0.5, 'beta': 0.25}), ...]``.
+    ``(method, config)`` pairs, method by method in the order of ``grid``.
 
   Raises:
-    ValueError: on an unknown method, or an empty axis.
+    ValueError, TypeError: from :func:`sfa_jax.engine.grids.grid` (an unknown method or
+      hyper-parameter, a value out of range, no values).
 
   Example:
-    >>> method_grid('sfa', p=[0.5, 1.0], beta=[0.25])
-    [('sfa', {'p': 0.5, 'beta': 0.25}), ('sfa', {'p': 1.0, 'beta': 0.25})]
-    >>> method_grid('finetune')
-    [('finetune', {})]
+    >>> grid = [('finetune', {}), ('sfa', {'p': (0.5, 1.0), 'beta': (0.25,)})]
+    >>> [(m.label, c.seed) for m, c in configurations(grid, engine.TrainConfig(), seeds=(0,))]
+    [('finetune', 0), ('sfa(beta=0.25, p=0.5)', 0), ('sfa(beta=0.25, p=1)', 0)]
   """
-  methods_lib.method_class(name)  # an unknown method fails here, before any run
-  for key, values in axes.items():
-    if len(values) == 0:
-      raise ValueError(f'the axis {key!r} of the {name} grid has no values.')
-  keys = list(axes)
-  return [(name, {k: float(v) for k, v in zip(keys, combo)}) for combo in itertools.product(*axes.values())]
+  return [configuration for name, values in grid
+          for configuration in engine.grid(name, seeds=tuple(seeds), config=config, **values)]
 
 
-def _check_grid(configs: Sequence[Config]) -> list[methods_lib.Method]:
-  if len(configs) == 0:
-    raise ValueError('grid must hold at least one configuration.')
-  methods = []
-  for config in configs:
-    if not (isinstance(config, tuple) and len(config) == 2 and isinstance(config[1], Mapping)):
-      raise TypeError(f'each configuration of grid must be a (name, hyperparams dict) pair; got {config!r}.')
-    methods.append(methods_lib.make_method(config[0], **config[1]))
-  labels = [m.label for m in methods]
-  repeated = sorted({label for label in labels if labels.count(label) > 1})
-  if repeated:
-    raise ValueError(f'grid repeats the configurations {repeated}.')
-  return methods
-
-
-def run_grid(
+def train(
     stream: tasks.TaskStream,
-    grid: Sequence[Config],
+    grid: Grid,
     config: engine.TrainConfig,
     seeds: Sequence[int],
-    *,
-    as_sweep: bool | None = None,
-    log: Callable[[str], None] | None = print,
+    as_sweep: bool | None,
 ) -> list[dict[str, Any]]:
-  """Runs every configuration of ``grid`` with every seed on ``stream``.
+  """Trains every configuration of ``grid`` with every seed on ``stream``, logging as it goes.
 
-  Each run is :func:`sfa_jax.engine.run.run_sequence` with ``config`` and ``seed`` replaced; as
-  sweeps, the configurations of one method (and their seeds) train side by side as one
-  :func:`sfa_jax.engine.sweep.run_sweep` each (the same numbers, one compiled program; hyper-parameters a
-  sweep cannot vary split a method into several sweeps). By default sweeps are chosen on an
-  accelerator, where one small model does not fill the device, and runs one after another on the
-  CPU, where the step is compute-bound and a sweep does not pay (``benchmarks/RESULTS.md``); the
-  choice is logged.
+  :func:`sfa_jax.engine.grids.run_grid` on :func:`configurations`, printing its lines (how it
+  trains, the budget rule on the ``p`` grid, a line per configuration).
 
   Args:
     stream: the tasks.
-    grid: the configurations, e.g. from :func:`method_grid`.
+    grid: ``(method, {hyper-parameter: values})`` pairs.
     config: training settings shared by all runs (its ``seed`` is replaced by each of ``seeds``).
     seeds: the seeds.
-    as_sweep: ``True``: vectorised sweeps; ``False``: one run after another; ``None``: chosen by
-      the backend, as above.
-    log: called with one line per configuration (its label, the mean ± std of the final average
-      accuracy, of the final accuracy on each task up to 5 tasks, and its seconds); ``None`` is quiet.
+    as_sweep: ``--sweep``: ``True`` vectorised sweeps, ``False`` one run after another, ``None``
+      chosen by the backend.
 
   Returns:
-    One dict per run, configuration by configuration and seed by seed: ``SequenceResult.to_json()``
-    plus ``'seed'``, ``'method_name'`` and ``'hyperparams'`` (every hyper-parameter, defaults
-    included).
-
-  Raises:
-    ValueError: on an empty grid or seed list, a repeated configuration or seed, or a bad
-      hyper-parameter (before anything is trained).
-    TypeError: on a configuration that is not a ``(name, dict)`` pair.
-
-  Example:
-    >>> from sfa_jax import tasks, engine
-    >>> stream = tasks.make_stream('mnist-pair', source='digits')
-    >>> config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
-    >>> runs = run_grid(stream, [('finetune', {})], config, seeds=[0], log=None)
-    >>> runs[0]['method_name'], runs[0]['seed'], len(runs[0]['accuracy_matrix'])
-    ('finetune', 0, 2)
+    One run JSON per configuration and seed, in order (:meth:`sfa_jax.engine.grids.GridRun.to_json`:
+    with ``'seed'``, ``'method_name'`` and ``'hyperparams'``).
   """
-  methods = _check_grid(grid)
-  seeds = [int(s) for s in seeds]
-  if not seeds:
-    raise ValueError('seeds must hold at least one seed.')
-  if len(set(seeds)) != len(seeds):
-    raise ValueError(f'seeds must not repeat; got {seeds}.')
-  if as_sweep is None:
-    backend = jax.default_backend()
-    as_sweep, reason = backend != 'cpu', f'chosen for the {backend} backend'
-  else:
-    reason = 'as asked'
-  if log is not None:
-    how = 'one vectorised sweep per method' if as_sweep else 'one configuration after another'
-    log(f'run_grid: {len(methods)} configurations x {len(seeds)} seeds, {how} ({reason})')
-  check = grid_budget(stream, methods, config)
-  if log is not None:
-    log(f"run_grid: {check.steps_per_task} steps per task (the fewest of the stream); budget rules on the p grid "
-        f"{list(check.p_values)}: {'met' if check.ok else 'FAILED'} (fine-tuning convergence not measured here)")
-  results = _sweep_results(stream, methods, config, seeds) if as_sweep else None
-  runs: list[dict[str, Any]] = []
-  for method in methods:
-    group = []
-    for seed in seeds:
-      run_config = dataclasses.replace(config, seed=seed)
-      result = results[method, seed] if results else engine.run_sequence(stream, method, run_config)
-      group.append(result.to_json() | {'seed': seed, 'method_name': method.name, 'hyperparams': method.values})
-    runs += group
-    if log is not None:
-      log(_summary_line(group))
-  return runs
-
-
-def grid_budget(stream: tasks.TaskStream, grid: Sequence[Any], config: engine.TrainConfig):
-  """The budget rule (:mod:`sfa_jax.engine.budget`) for a grid on ``stream``, warning loudly when it fails.
-
-  Checks the fewest steps per task of the stream against the grid's SFA ``p`` values (each period of
-  the smallest ``p`` holds two steps; every two ``p`` average at different steps). Fine-tuning's
-  convergence is a measured run (:func:`sfa_jax.engine.budget.measure_convergence`), left to the scripts
-  that can pay for it.
-
-  Args:
-    stream: the tasks.
-    grid: configurations (``(name, hyperparams)`` pairs) or made methods.
-    config: the training settings.
-
-  Returns:
-    The :class:`sfa_jax.engine.budget.BudgetCheck`.
-
-  Example:
-    >>> from sfa_jax import tasks, engine
-    >>> stream = tasks.make_stream('mnist-pair', source='digits')
-    >>> grid_budget(stream, [('sfa', {'p': 0.5})], engine.TrainConfig(steps_per_task=100)).ok
-    True
-  """
-  from sfa_jax.engine import budget
-
-  methods = [m if isinstance(m, methods_lib.Method) else methods_lib.make_method(m[0], **m[1]) for m in grid]
-  return budget.check_budget(min(budget.steps_per_task(stream, config)), p_values=budget.grid_p_values(methods),
-                             strict=False, what=f'a grid on {stream.name}')
-
-
-def _sweep_results(
-    stream: tasks.TaskStream, methods: Sequence[methods_lib.Method], config: engine.TrainConfig, seeds: Sequence[int]
-) -> dict[tuple[methods_lib.Method, int], engine.SequenceResult]:
-  """Every (method, seed)'s result, from one sweep per method class and values a sweep must share."""
-  groups: dict[Any, list[methods_lib.Method]] = {}
-  for method in methods:
-    fixed = tuple(method[key] for key, spec in type(method).hyperparams.items() if not spec.sweepable)
-    groups.setdefault((type(method), fixed), []).append(method)
-  results = {}
-  for members in groups.values():
-    configurations = [(method, dataclasses.replace(config, seed=seed)) for method in members for seed in seeds]
-    for (method, run_config), result in zip(configurations, engine.run_sweep(stream, configurations)):
-      results[method, run_config.seed] = result
-  return results
-
-
-def _summary_line(group: Sequence[dict[str, Any]]) -> str:
-  row = report.summarize_runs(group)[0]
-  cells = [f"{row['method']:<36}", 'avg {:.3f} ± {:.3f}'.format(*row['average_accuracy'])]
-  if len(row['final_accuracy']) <= 5:
-    cells.append('tasks ' + ' '.join(f'{m:.3f}' for m, _ in row['final_accuracy']))
-  cells.append('{:.1f} s'.format(sum(run['seconds']['total'] for run in group)))
-  return ' | '.join(cells)
+  runs = engine.run_grid(stream, configurations(grid, config, seeds), as_sweep=as_sweep, log=lambda line: print(line, flush=True))
+  return [run.to_json() for run in runs]
 
 
 def load_runs(path: str, key: Callable[[dict[str, Any]], Any]) -> dict[Any, dict[str, Any]]:
@@ -259,7 +134,7 @@ def final_accuracies(runs: Sequence[dict[str, Any]]) -> dict[str, list[tuple[flo
   """The final accuracy on each task, ``(mean, std)`` over seeds, per method label.
 
   Args:
-    runs: run JSONs (from :func:`run_grid`).
+    runs: run JSONs (from :func:`train`).
 
   Returns:
     ``{label: [(mean, std) of the final accuracy on task j, for each j]}``, labels in order of
@@ -271,7 +146,7 @@ def final_accuracies(runs: Sequence[dict[str, Any]]) -> dict[str, list[tuple[flo
     >>> final_accuracies(runs)
     {'m': [(0.4, 0.0), (0.8, 0.0)]}
   """
-  return {row['method']: row['final_accuracy'] for row in report.summarize_runs(runs)}
+  return {row['method']: row['final_accuracy'] for row in engine.summarize_runs(runs)}
 
 
 def _check_points(points: Any) -> np.ndarray:
@@ -426,7 +301,7 @@ def tradeoff_points(
   its ``method_name``.
 
   Args:
-    runs: run JSONs from :func:`run_grid` (with ``'method'``, ``'method_name'`` and ``'hyperparams'``).
+    runs: run JSONs from :func:`train` (with ``'method'``, ``'method_name'`` and ``'hyperparams'``).
     task_x: the task on the first axis.
     task_y: the task on the second axis.
     point: if given, maps a run to its ``(x, y)`` instead (e.g. :func:`stability_plasticity`).
@@ -515,89 +390,15 @@ def family_areas(families: Mapping[str, Sequence[dict[str, Any]]], reference: Se
   return {name: frontier_area([p['mean'] for p in points], reference) for name, points in families.items()}
 
 
-def tradeoff_plot(
-    families: Mapping[str, Sequence[dict[str, Any]]],
-    path: str,
-    *,
-    axis_labels: Sequence[str] = ('task A accuracy', 'task B accuracy'),
-    title: str = '',
-) -> None:
-  """Writes a PNG of the trade-off: one colour and marker per family, error bars, frontiers drawn.
-
-  Args:
-    families: from :func:`tradeoff_points`.
-    path: where the PNG goes.
-    axis_labels: the x and y axis labels.
-    title: the plot's title.
+def family_frontiers(families: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, np.ndarray]:
+  """:func:`frontier` of each family's mean points (from :func:`tradeoff_points`), e.g. for
+  :func:`sfa_jax.cli.plots.tradeoff_plot`.
 
   Example:
-    >>> import os, tempfile
-    >>> families = {'sfa': [{'mean': [0.5, 0.6], 'std': [0.01, 0.02]}, {'mean': [0.7, 0.3], 'std': [0.0, 0.0]}]}
-    >>> path = os.path.join(tempfile.mkdtemp(), 'tradeoff.png')
-    >>> tradeoff_plot(families, path)
-    >>> os.path.getsize(path) > 0
-    True
+    >>> family_frontiers({'sfa': [{'mean': [0.5, 0.5]}, {'mean': [0.4, 0.4]}]})['sfa'].tolist()
+    [[0.5, 0.5]]
   """
-  markers = 'osD^vP*Xhp<>'
-  fig, ax = plt.subplots(figsize=(7, 6))
-  for i, (name, points) in enumerate(families.items()):
-    mean = np.asarray([p['mean'] for p in points]).reshape(-1, 2)
-    std = np.asarray([p.get('std', [0.0, 0.0]) for p in points]).reshape(-1, 2)
-    color = f'C{i % 10}'
-    ax.errorbar(mean[:, 0], mean[:, 1], xerr=std[:, 0], yerr=std[:, 1], fmt=markers[i % len(markers)],
-                color=color, alpha=0.8, capsize=2, markersize=6, label=name)
-    front = frontier(mean)
-    if len(front) > 1:
-      ax.plot(front[:, 0], front[:, 1], '-', color=color, alpha=0.6, linewidth=1.2)
-  ax.set_xlim(-0.02, 1.02)
-  ax.set_ylim(-0.02, 1.02)
-  ax.set_xlabel(axis_labels[0])
-  ax.set_ylabel(axis_labels[1])
-  ax.grid(alpha=0.3)
-  ax.legend(loc='lower left', fontsize=9)
-  if title:
-    ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def curves_grid(runs: Sequence[dict[str, Any]], path: str, *, columns: int = 3) -> None:
-  """Writes a PNG with one panel per run: every task's accuracy over the run (see ``report.accuracy_curves``).
-
-  Args:
-    runs: run JSONs with a ``curve`` (trained with ``eval_every > 0``), e.g. the first seed of
-      each configuration.
-    path: where the PNG goes.
-    columns: panels per row.
-
-  Raises:
-    ValueError: on no runs.
-
-  Example:
-    >>> import os, tempfile
-    >>> points = [(4, 0, [0.98, 0.0]), (6, 1, [0.8, 0.5]), (8, 1, [0.7, 0.9])]
-    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'steps_per_task': [4, 4], 'averaging_steps': [6, 8],
-    ...        'curve': [{'step': s, 'task': t, 'accuracies': a} for s, t, a in points]}
-    >>> path = os.path.join(tempfile.mkdtemp(), 'curves.png')
-    >>> curves_grid([run, run], path)
-    >>> os.path.getsize(path) > 0
-    True
-  """
-  if not runs:
-    raise ValueError('runs must hold at least one run.')
-  columns = min(columns, len(runs))
-  rows = -(-len(runs) // columns)
-  fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False, sharey=True)
-  for ax, run in zip(axes.flat, runs):
-    report.draw_curves(ax, run, legend=False)
-  for ax in axes.flat[len(runs):]:
-    ax.axis('off')
-  handles, labels = axes.flat[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc='lower center', ncol=min(10, len(labels)), fontsize=8)
-  fig.tight_layout(rect=(0, 0.06, 1, 1))
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return {name: frontier([p['mean'] for p in points]) for name, points in families.items()}
 
 
 def experiment_parser(description: str) -> argparse.ArgumentParser:
@@ -739,6 +540,67 @@ def _seed_list(text: str) -> tuple[int, ...]:
   return seeds
 
 
+def output_name(args: argparse.Namespace, name: str) -> str:
+  """The base name of a script's output files: ``name``, with ``_quick`` under ``--quick``.
+
+  Example:
+    >>> output_name(experiment_parser('demo').parse_args(['--quick']), 'p_ablation')
+    'p_ablation_quick'
+  """
+  return name + ('_quick' if args.quick else '')
+
+
+class Outcome(NamedTuple):
+  """What an experiment wrote down: ``<name>.json`` holds ``payload``, ``<name>.md`` ``markdown``."""
+
+  name: str
+  payload: dict[str, Any]
+  markdown: str
+
+
+def run_script(
+    script: str,
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    experiment: Callable[[argparse.Namespace], Outcome],
+) -> Outcome:
+  """An experiment script's ``main``: parses ``argv``, runs ``experiment``, writes and prints its outcome.
+
+  The compilation cache is enabled (:mod:`sfa_jax.engine.compile_cache`) and the output folder
+  ``--out`` created before ``experiment`` runs; its :class:`Outcome` is written by
+  :func:`write_results` with the command (:func:`command_line`) and the wall time since the
+  arguments were read, and its markdown printed.
+
+  Args:
+    script: the script's ``__file__``.
+    parser: the script's parser (from :func:`experiment_parser`, with its own arguments).
+    argv: the arguments given to its ``main`` (``None``: this process's).
+    experiment: runs the experiment on the parsed arguments.
+
+  Returns:
+    The outcome.
+
+  Example:
+    >>> import os, tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> outcome = run_script('/x/experiments/demo.py', experiment_parser('demo'), ['--quick', '--out', out],
+    ...                      lambda args: Outcome(output_name(args, 'demo'), {'seeds': seeds_of(args)}, '# Demo'))
+    # Demo
+    >>> sorted(os.listdir(out))
+    ['demo_quick.json', 'demo_quick.md']
+    >>> json.load(open(os.path.join(out, 'demo_quick.json')))['command'] == f'python experiments/demo.py --quick --out {out}'
+    True
+  """
+  args = parser.parse_args(argv)
+  compile_cache.enable_compilation_cache()
+  start = time.perf_counter()
+  os.makedirs(args.out, exist_ok=True)
+  outcome = experiment(args)
+  write_results(args.out, outcome.name, outcome.payload, outcome.markdown, command_line(script, argv), time.perf_counter() - start)
+  print(outcome.markdown)
+  return outcome
+
+
 def command_line(script: str, argv: Sequence[str] | None) -> str:
   """The command that ran ``script`` with ``argv`` (``None``: this process's arguments), for the records.
 
@@ -758,13 +620,13 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
 
 
 def best_per_family(runs: Sequence[dict[str, Any]], *, family: Callable[[dict[str, Any]], str] | None = None) -> list[dict[str, Any]]:
-  """The :func:`sfa_jax.cli.report.summarize_runs` row of each family's best configuration.
+  """The :func:`sfa_jax.engine.grids.summarize_runs` row of each family's best configuration.
 
   Best: the highest mean (over seeds) final average accuracy. Families are ``method_name`` unless
   ``family`` maps a run to another name; rows are sorted best first and carry ``'family'``.
 
   Args:
-    runs: run JSONs from :func:`run_grid`.
+    runs: run JSONs from :func:`train`.
     family: maps a run to its family's name (default: its ``method_name``).
 
   Returns:
@@ -781,52 +643,11 @@ def best_per_family(runs: Sequence[dict[str, Any]], *, family: Callable[[dict[st
   family = family or (lambda run: run['method_name'])
   family_of = {run['method']: family(run) for run in runs}
   best: dict[str, dict[str, Any]] = {}
-  for row in report.summarize_runs(runs):
+  for row in engine.summarize_runs(runs):
     name = family_of[row['method']]
     if name not in best or row['average_accuracy'][0] > best[name]['average_accuracy'][0]:
       best[name] = row | {'family': name}
   return sorted(best.values(), key=lambda row: -row['average_accuracy'][0])
-
-
-def average_accuracy_plot(runs: Sequence[dict[str, Any]], path: str, *, title: str = '') -> None:
-  """Writes a PNG of the average accuracy over the tasks seen so far after each task, one line per configuration.
-
-  Mean over seeds with a band of ± one std (``metrics['average_accuracy_curve']`` of each run).
-
-  Args:
-    runs: run JSONs from :func:`run_grid`.
-    path: where the PNG goes.
-    title: the plot's title.
-
-  Example:
-    >>> import os, tempfile
-    >>> runs = [{'method': 'm', 'metrics': {'average_accuracy_curve': [0.9, 0.6, 0.5]}}]
-    >>> path = os.path.join(tempfile.mkdtemp(), 'average.png')
-    >>> average_accuracy_plot(runs, path)
-    >>> os.path.getsize(path) > 0
-    True
-  """
-  grouped: dict[str, list[list[float]]] = {}
-  for run in runs:
-    grouped.setdefault(run['method'], []).append(run['metrics']['average_accuracy_curve'])
-  fig, ax = plt.subplots(figsize=(8, 5))
-  for i, (label, curves) in enumerate(grouped.items()):
-    values = np.asarray(curves)
-    mean, std = values.mean(0), values.std(0)
-    steps = np.arange(1, values.shape[1] + 1)
-    style = '-' if i < 10 else '--'
-    ax.plot(steps, mean, style, marker='.', color=f'C{i % 10}', label=label)
-    ax.fill_between(steps, mean - std, mean + std, color=f'C{i % 10}', alpha=0.15)
-  ax.set_ylim(0.0, 1.02)
-  ax.set_xlabel('tasks trained')
-  ax.set_ylabel('average accuracy on the tasks seen so far')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc='lower left', ncol=2)
-  if title:
-    ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def write_results(

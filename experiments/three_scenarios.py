@@ -45,12 +45,12 @@ import time
 
 import numpy as np
 
+from sfa_jax import engine
+from sfa_jax import tasks
 from sfa_jax.engine import budget
 from sfa_jax.engine import compile_cache
-from sfa_jax import engine
+
 import scaffold
-from sfa_jax.cli import report
-from sfa_jax import tasks
 
 PROTOCOLS = {
     'split': {'stream': 'split-mnist', 'hidden': (400, 400), 'learning_rate': 1e-3, 'steps': 2000, 'tasks': 5,
@@ -114,11 +114,12 @@ SHORT = {tasks.TASK_INCREMENTAL: 'Task-IL', tasks.DOMAIN_INCREMENTAL: 'Domain-IL
 
 
 def methods_for(protocol, scenario, extra_ewc=()):
-  """``(selector, method name, hyper-parameters)``: the four methods, then EWC at the --ewc-strengths (selector 'ewc-tuned')."""
+  """``(selector, (method name, {hyper-parameter: (value,)}))``: the four methods, then EWC at the --ewc-strengths
+  (selector 'ewc-tuned'); the second item is a grid entry of :func:`scaffold.configurations`."""
   strength, gamma = ONLINE_EWC[protocol, scenario]
-  return ([('finetune', 'finetune', {}), ('joint', 'joint', {}), ('ewc', 'ewc', {'strength': strength, 'gamma': gamma}),
-           ('replay', 'replay', {'fraction': REPLAY_FRACTION})]
-          + [('ewc-tuned', 'ewc', {'strength': float(x), 'gamma': gamma}) for x in extra_ewc if float(x) != strength])
+  return ([('finetune', ('finetune', {})), ('joint', ('joint', {})), ('ewc', ('ewc', {'strength': (strength,), 'gamma': (gamma,)})),
+           ('replay', ('replay', {'fraction': (REPLAY_FRACTION,)}))]
+          + [('ewc-tuned', ('ewc', {'strength': (float(x),), 'gamma': (gamma,)})) for x in extra_ewc if float(x) != strength])
 
 
 def stream_of(protocol, scenario, quick):
@@ -257,23 +258,20 @@ def main(argv=None) -> None:
     for scenario in scenarios:
       stream = stream_of(protocol, scenario, args.quick)
       extra = [x for x in args.ewc_strengths.split(',') if x]
-      for selector, method_name, hp in methods_for(protocol, scenario, extra):
-        if selector not in wanted_methods:
-          continue
-        method = engine.make_method(method_name, **hp)
-        for seed in seeds:
-          key = run_key(protocol, scenario, method.label, seed)
-          if key in runs:
-            continue
-          t0 = time.perf_counter()
-          result = engine.run_sequence(stream, method, dataclasses.replace(config, seed=seed))
-          run = {k: v for k, v in result.to_json().items() if k != 'curve'} | {
-              'key': key, 'protocol': protocol, 'scenario': scenario, 'seed': seed, 'method_name': method.name,
-              'hyperparams': method.values, 'wall_seconds': time.perf_counter() - t0, 'loadavg': os.getloadavg()}
-          runs[key] = run
-          scaffold.append_run(runs_path, run)
-          print(f'[{time.perf_counter() - start:6.0f} s] {protocol} {scenario:18s} {method.label:32s} seed {seed}: '
-                f"avg {run['metrics']['average_accuracy']:.4f} ({run['wall_seconds']:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
+      grid = [entry for selector, entry in methods_for(protocol, scenario, extra) if selector in wanted_methods]
+      todo = [(method, run_config) for method, run_config in scaffold.configurations(grid, config, seeds)
+              if run_key(protocol, scenario, method.label, run_config.seed) not in runs]
+      t0 = time.perf_counter()
+      for finished in engine.run_grid(stream, todo, as_sweep=args.sweep) if todo else ():
+        key = run_key(protocol, scenario, finished.method.label, finished.config.seed)
+        run = {k: v for k, v in finished.to_json().items() if k != 'curve'} | {
+            'key': key, 'protocol': protocol, 'scenario': scenario, 'wall_seconds': time.perf_counter() - t0,
+            'loadavg': os.getloadavg()}
+        t0 = time.perf_counter()
+        runs[key] = run
+        scaffold.append_run(runs_path, run)
+        print(f'[{time.perf_counter() - start:6.0f} s] {protocol} {scenario:18s} {finished.method.label:32s} seed {run["seed"]}: '
+              f"avg {run['metrics']['average_accuracy']:.4f} ({run['wall_seconds']:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
     runs = load_runs(runs_path)  # with the runs of any other process on this protocol (run side by side)
     summary = summarize(protocol, runs)
     table = side_by_side(protocol, summary, PROTOCOLS[protocol]['scenarios'])
@@ -289,7 +287,7 @@ def main(argv=None) -> None:
           '| scenario | method | final avg acc (mean ± std) | forgetting | seeds | train s per run |', '|---|---|---:|---:|---:|---:|']
     for scenario in PROTOCOLS[protocol]['scenarios']:
       mine = [r for r in runs.values() if r['scenario'] == scenario]
-      for row in report.summarize_runs(mine):
+      for row in engine.summarize_runs(mine):
         md.append(f"| {scenario} | {row['method']} | {row['average_accuracy'][0]:.4f} ± {row['average_accuracy'][1]:.4f} | "
                   f"{row['forgetting'][0]:.4f} ± {row['forgetting'][1]:.4f} | {row['seeds']} | {row['train_seconds'][0]:.0f} |")
     payload = {'protocol': protocol, 'settings': {**{k: v for k, v in PROTOCOLS[protocol].items() if k != 'scenarios'},

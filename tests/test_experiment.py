@@ -1,6 +1,8 @@
-"""The shared experiment module: frontiers and their areas by hand, grids, a tiny run_grid, outputs."""
+"""The experiment scripts' scaffolding: frontiers and their areas by hand, grids of several methods, the
+scripts' entry and outputs."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -108,51 +110,32 @@ def test_best_per_family_picks_the_highest_mean_and_sorts():
 
 
 # ---------------------------------------------------------------------------------------------
-# Grids and run_grid.
+# Grids of several methods, trained.
 
 
-def test_grid_is_the_product_of_its_axes():
-  configs = scaffold.method_grid('sfa', p=[0.25, 1], beta=[0.25, 0.5])
-  assert configs == [
-      ('sfa', {'p': 0.25, 'beta': 0.25}), ('sfa', {'p': 0.25, 'beta': 0.5}),
-      ('sfa', {'p': 1.0, 'beta': 0.25}), ('sfa', {'p': 1.0, 'beta': 0.5}),
+def test_configurations_expand_each_method_then_the_seeds():
+  config = engine.TrainConfig(batch_size=16)
+  configurations = scaffold.configurations([('sfa', {'p': [0.25, 1], 'beta': [0.5]}), ('finetune', {})], config, [0, 1])
+  assert [(m.label, c.seed) for m, c in configurations] == [
+      ('sfa(beta=0.5, p=0.25)', 0), ('sfa(beta=0.5, p=0.25)', 1), ('sfa(beta=0.5, p=1)', 0), ('sfa(beta=0.5, p=1)', 1),
+      ('finetune', 0), ('finetune', 1),
   ]
+  assert all(c.batch_size == 16 for _, c in configurations)
   with pytest.raises(ValueError, match="unknown method 'nope'"):
-    scaffold.method_grid('nope')
-  with pytest.raises(ValueError, match="'p'"):
-    scaffold.method_grid('sfa', p=[])
+    scaffold.configurations([('nope', {})], config, [0])
+  with pytest.raises(ValueError, match='p is empty'):
+    scaffold.configurations([('sfa', {'p': []})], config, [0])
 
 
-def test_run_grid_checks_everything_before_training():
+def test_train_gives_each_runs_json_and_logs(capsys):
   stream = tasks.make_stream('mnist-pair', source='digits')
   config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
-  with pytest.raises(ValueError, match='p'):
-    scaffold.run_grid(stream, [('finetune', {}), ('sfa', {'p': 2.0})], config, [0], log=None)
-  with pytest.raises(ValueError, match='repeats'):
-    scaffold.run_grid(stream, [('finetune', {}), ('finetune', {})], config, [0], log=None)
-  with pytest.raises(ValueError, match='seeds'):
-    scaffold.run_grid(stream, [('finetune', {})], config, [], log=None)
-  with pytest.raises(ValueError, match='seeds'):
-    scaffold.run_grid(stream, [('finetune', {})], config, [1, 1], log=None)
-  with pytest.raises(TypeError, match='pair'):
-    scaffold.run_grid(stream, ['finetune'], config, [0], log=None)
-
-
-def test_run_grid_runs_every_configuration_and_seed():
-  stream = tasks.make_stream('mnist-pair', source='digits')
-  config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
-  lines = []
-  runs = scaffold.run_grid(stream, [('sfa', {'p': 0.5})], config, [0, 1], log=lines.append)
-  assert [(r['method_name'], r['seed']) for r in runs] == [('sfa', 0), ('sfa', 1)]
-  assert runs[0]['hyperparams'] == {'beta': 0.25, 'p': 0.5}  # defaults filled in
-  assert runs[0]['method'] == 'sfa(beta=0.25, p=0.5)'
-  assert len(lines) == 3 and lines[2].startswith('sfa(beta=0.25, p=0.5)')
-  assert lines[0] == 'run_grid: 1 configurations x 2 seeds, one configuration after another (chosen for the cpu backend)'
-  assert lines[1].startswith('run_grid: ') and ' steps per task ' in lines[1] and '[0.5]' in lines[1]
-  # The seed is the run's: two seeds give different numbers.
-  assert runs[0]['accuracy_matrix'] != runs[1]['accuracy_matrix']
+  runs = scaffold.train(stream, [('sfa', {'p': (0.5,)})], config, [0, 1], as_sweep=False)
+  assert [(r['method_name'], r['seed'], r['hyperparams']) for r in runs] == [
+      ('sfa', 0, {'beta': 0.25, 'p': 0.5}), ('sfa', 1, {'beta': 0.25, 'p': 0.5})]
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith('run_grid: 2 runs of 1 configurations and 2 seeds') and lines[2].startswith('sfa(beta=0.25, p=0.5)')
   finals = scaffold.final_accuracies(runs)
-  assert list(finals) == ['sfa(beta=0.25, p=0.5)']
   column = [r['accuracy_matrix'][-1][1] for r in runs]
   assert finals['sfa(beta=0.25, p=0.5)'][1] == pytest.approx((np.mean(column), np.std(column)))
   json.dumps(runs)  # plain JSON
@@ -182,16 +165,14 @@ def test_experiment_parser_seeds():
     parser.parse_args(['--seeds', '0,0'])
 
 
-def test_run_grid_as_sweeps_gives_the_runs_of_run_grid():
-  """--sweep in every experiment script: each method's grid and seeds train as one vectorised sweep."""
-  stream = tasks.make_stream('mnist-pair', source='digits')
-  config = engine.TrainConfig(epochs_per_task=1, batch_size=32, model_kwargs=(('hidden', (32,)),))
-  grid = scaffold.method_grid('sfa', p=[0.5, 1.0]) + [('finetune', {})] + scaffold.method_grid('replay', ratio=[0.25, 0.5])
-  one_by_one = scaffold.run_grid(stream, grid, config, [0, 1], log=None)
-  lines = []
-  swept = scaffold.run_grid(stream, grid, config, [0, 1], as_sweep=True, log=lines.append)
-  assert lines[0] == 'run_grid: 5 configurations x 2 seeds, one vectorised sweep per method (as asked)'
-  assert [(r['method'], r['seed']) for r in swept] == [(r['method'], r['seed']) for r in one_by_one]
-  for got, want in zip(swept, one_by_one):
-    np.testing.assert_allclose(got['accuracy_matrix'], want['accuracy_matrix'], atol=1e-6, err_msg=got['method'])
-    assert got['averaging_steps'] == want['averaging_steps'] and got['hyperparams'] == want['hyperparams']
+def test_run_script_writes_the_outcome_with_the_command(tmp_path, capsys):
+  def experiment(args):
+    assert os.path.isdir(args.out)  # made before the experiment runs
+    return scaffold.Outcome(scaffold.output_name(args, 'x'), {'seeds': list(scaffold.seeds_of(args))}, '# X')
+
+  argv = ['--quick', '--seeds', '3', '--out', str(tmp_path / 'out')]
+  outcome = scaffold.run_script('/a/experiments/x.py', scaffold.experiment_parser('x'), argv, experiment)
+  assert outcome.name == 'x_quick' and capsys.readouterr().out == '# X\n'
+  data = json.loads((tmp_path / 'out' / 'x_quick.json').read_text())
+  assert data['seeds'] == [3] and data['command'] == 'python experiments/x.py ' + ' '.join(argv)
+  assert (tmp_path / 'out' / 'x_quick.md').read_text().startswith('# X\n\nCommand: `python experiments/x.py --quick')
