@@ -30,7 +30,7 @@ printed and compared.
 The breakdown (`steps` worker, warm, one process, the second task's steps 4 times over per
 measurement, interleaved rounds) tells where the engine's time per step goes: the engine itself;
 the scan with and without its host stacking; the engine's own compiled step
-(`engine.loop.jitted_train_step`) driven by a bare Python loop on batches already on the device,
+(`engine.steps.jitted_train_step`) driven by a bare Python loop on batches already on the device,
 then on NumPy batches gathered per step (the engine's feed before its fused chunks); the host
 gathering alone; what a warm engine run still compiles
 (`jax_log_compiles`); and a profile of a warm engine run.
@@ -208,13 +208,13 @@ def steps_worker(source: str, rounds: int, stream_name: str = 'pair', passes: in
   import numpy as np
 
   from sfa_jax import engine
-  from sfa_jax.engine import loop
+  from sfa_jax.engine import steps
 
   stream, method, config = setup(source, stream_name)
   hand = HandLoop(stream, method, config)
   model = engine.run.build_model(stream, config)
   tx = method.transform(config.make_optimizer())
-  step = loop.jitted_train_step(model, tx)  # the engine's step, compiled the same way
+  step = steps.jitted_train_step(model, tx)  # the engine's step, compiled the same way
   k = 1  # the second task: SFA active, averaging
   xs, ys, ids = hand.batches(k)
   data, b, order = hand.tasks[k].train, config.batch_size, hand.order(k)

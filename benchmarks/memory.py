@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from sfa_jax import engine, models, tasks
-from sfa_jax.engine import callbacks, loop, methods
+from sfa_jax.engine import callbacks, loop, methods, steps
 from sfa_jax.models.llama import Llama, LlamaConfig
 
 METHODS = ('finetune', 'sfa', 'l2', 'ewc', 'replay')
@@ -92,7 +92,7 @@ def measure_step(model, x, y, method_name: str) -> dict:
   del run, variables
   gc.collect()
   resident = live_bytes() - before
-  step = loop.jitted_train_step(model, tx)
+  step = steps.jitted_train_step(model, tx)
   mask = np.ones(y.shape, bool)
   ids = np.zeros(x.shape[0], np.int32)
   compiled = step.lower(params, model_state, opt_state, x, y, mask, ids).compile()

@@ -3,7 +3,7 @@
   python benchmarks/partial_step.py [--top 7,4,3] [--batch 8] [--seq 64] [--steps 4]
 
 One process measures, side by side on the same batch, the engine's jitted train step
-(``sfa_jax.engine.loop.jitted_train_step``, Adam 3e-4 with SFA chained last, the language
+(``sfa_jax.engine.steps.jitted_train_step``, Adam 3e-4 with SFA chained last, the language
 sequence's next-token objective) for every parameter trained and for the top ``n`` blocks and the
 final norm (``TrainConfig.trainable``'s mask of ``Llama(config, top_layers=n)``: the frozen
 leaves are not differentiated), and a forward pass alone. It prints seconds per step, tokens per
@@ -24,8 +24,8 @@ import optax
 
 import sfa_jax
 from sfa_jax import partial
-from sfa_jax.engine import loop
 from sfa_jax.engine import objectives
+from sfa_jax.engine import steps
 from sfa_jax.models import gguf_loader
 from sfa_jax.models.llama import Llama
 from sfa_jax.models.llama import train_top_layers
@@ -34,7 +34,7 @@ from sfa_jax.models.llama import train_top_layers
 def time_step(model, params, mask, tokens, steps: int) -> float:
   """Median seconds of the engine's train step for ``mask`` (``None``: every param trains)."""
   tx = optax.chain(optax.adam(3e-4), sfa_jax.sfa(p=0.25, beta=0.5, total_steps=1000))
-  step = loop.jitted_train_step(model, tx, objectives.NEXT_TOKEN, mask)
+  step = steps.jitted_train_step(model, tx, objectives.NEXT_TOKEN, mask)
   trainable = params if mask is None else partial.split_trainable(params, mask)[0]
   state = (jax.tree.map(jnp.copy, params), {}, tx.init(trainable))
   x, y = tokens[:, :-1], tokens[:, 1:]

@@ -89,6 +89,7 @@ def step_worker(seeds: int, source: str, size: int = 8, repeats: int = 30) -> di
   from sfa_jax import engine
   from sfa_jax import models
   from sfa_jax.engine import loop
+  from sfa_jax.engine import steps
   from sfa_jax.engine import methods
 
   stream = _stream(source)
@@ -108,9 +109,9 @@ def step_worker(seeds: int, source: str, size: int = 8, repeats: int = 30) -> di
   stack = lambda tree: jax.tree.map(lambda leaf: jnp.stack([leaf] * count), tree)
   data_axis = None if seeds == 1 else 0
   stacked_batch = batch if seeds == 1 else tuple(np.stack([b] * count) for b in batch)
-  single = loop.jitted_train_step(model, tx)
+  single = steps.jitted_train_step(model, tx)
   vectorised = jax.jit(
-      jax.vmap(loop.make_train_step(model, tx), in_axes=(0, 0, 0, data_axis, data_axis, None, data_axis)),
+      jax.vmap(steps.make_train_step(model, tx), in_axes=(0, 0, 0, data_axis, data_axis, None, data_axis)),
       donate_argnums=(0, 2),
   )
   out = {}

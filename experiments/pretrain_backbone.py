@@ -46,7 +46,7 @@ from sfa_jax.engine import compile_cache
 import scaffold
 from sfa_jax import models
 from sfa_jax import tasks
-from sfa_jax.engine import loop
+from sfa_jax.engine import steps
 
 DATA = ('fashion-mnist', 'mnist')
 INSTALL_HINT = 'sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu: the idx files in /usr/share/datasets/fashion-mnist)'
@@ -84,7 +84,7 @@ def load_data(args):
 
 def pretrain(model, train, test, *, epochs, batch_size, learning_rate, seed, log=print):
   """Trains ``model`` (one 10-way head) on ``train`` with Adam; ``(params, model_state, record)``."""
-  params, model_state = loop.initializer(model, train.x[:1])(seed)
+  params, model_state = steps.initializer(model, train.x[:1])(seed)
   params, model_state = jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, model_state)
   tx = optax.adam(learning_rate)
   opt_state = tx.init(params)
@@ -151,7 +151,7 @@ def load_backbone(directory):
     metadata = json.load(f)
   model = models.make_model(metadata['model'], 10, **_kwargs(metadata['model_kwargs']))
   shape = [1] + list(metadata['input_shape'])
-  params, model_state = jax.eval_shape(loop.initializer(model, np.zeros(shape, np.float32)), 0)
+  params, model_state = jax.eval_shape(steps.initializer(model, np.zeros(shape, np.float32)), 0)
   target = {'params': params, **({'model_state': model_state} if model_state else {})}
   restored = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), 'variables'), target)
   restored = jax.tree.map(np.asarray, restored)

@@ -57,7 +57,7 @@ from sfa_jax import tasks
 from sfa_jax.cli import plots
 from sfa_jax.engine import budget
 from sfa_jax.engine import compile_cache
-from sfa_jax.engine import loop
+from sfa_jax.engine import steps
 from sfa_jax.models.transfer import with_new_head
 
 import scaffold
@@ -149,7 +149,7 @@ def shrunk(stream: tasks.TaskStream, train: int, test: int) -> tasks.TaskStream:
 
 def initial_of(stream, config, backbone, seed):
   """The backbone with a new head for ``stream``, the head initialised with ``seed``."""
-  params, model_state = loop.initializer(engine.run.build_model(stream, config), stream[0].train.x[:1])(seed)
+  params, model_state = steps.initializer(engine.run.build_model(stream, config), stream[0].train.x[:1])(seed)
   return with_new_head(backbone[0], params), with_new_head(backbone[1], model_state)
 
 

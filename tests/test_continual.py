@@ -20,6 +20,8 @@ import sfa_jax
 from sfa_jax import engine
 from sfa_jax.engine import loop
 from sfa_jax.engine import methods
+from sfa_jax.engine import programs
+from sfa_jax.engine import steps
 from sfa_jax import models
 from sfa_jax import tasks
 from sfa_jax.engine.checkpoint import CheckpointError
@@ -186,7 +188,7 @@ def test_jitted_initializer_is_bit_equal_to_eager_init(pair, model_name):
   sample = pair[0].train.x[:1]
   for seed in (0, 3):
     eager = model.init(jax.random.key(seed), sample, task_id=np.zeros(1, np.int32), train=False)
-    jitted = loop.initializer(model, sample)(seed)
+    jitted = steps.initializer(model, sample)(seed)
     chex.assert_trees_all_equal(jitted, models.split_variables(eager))
 
 
@@ -194,7 +196,7 @@ def test_jitted_initializer_is_bit_equal_to_eager_init(pair, model_name):
 def test_only_wise_ft_keeps_a_copy_of_the_task_start(pair, name, keeps_start):
   method = engine.make_method(name)
   model = engine.run.build_model(pair, CONFIG)
-  params, model_state = loop.initializer(model, pair[0].train.x[:1])(0)
+  params, model_state = steps.initializer(model, pair[0].train.x[:1])(0)
   state = loop.RunState(params, model_state, method.transform(CONFIG.make_optimizer()).init(params),
                         method.init_extras(params, model_state, len(pair)))
   state = method.start_task(state, methods.Boundary(1, len(pair), 10, fisher=None))
@@ -206,9 +208,9 @@ def test_only_wise_ft_keeps_a_copy_of_the_task_start(pair, name, keeps_start):
 
 def test_runs_of_one_process_reuse_the_compiled_step(pair, caplog):
   """Another p reuses the step compiled for the first run, and gives the numbers of a fresh one."""
-  loop._REUSED.clear()
+  programs._REUSED.clear()
   fresh = engine.run_sequence(pair, engine.make_method('sfa', p=0.5, beta=0.5), CONFIG).accuracy_matrix
-  loop._REUSED.clear()
+  programs._REUSED.clear()
   engine.run_sequence(pair, engine.make_method('sfa', p=0.25, beta=0.25), CONFIG)
   caplog.clear()
   with jax.log_compiles(), caplog.at_level(logging.WARNING):

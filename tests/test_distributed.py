@@ -18,7 +18,7 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np, optax
     from sfa_jax import engine, models, tasks
     from sfa_jax.engine import distributed
-    from sfa_jax.engine import callbacks, loop, methods
+    from sfa_jax.engine import callbacks, loop, methods, steps
 
     assert jax.device_count() == 8, jax.devices()
     mesh = distributed.make_mesh('data=2,fsdp=4')
@@ -40,8 +40,8 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
     stream = tasks.make_stream('mnist-pair', source='digits')
     init_model = engine.run.build_model(stream, engine.TrainConfig(model_kwargs=(('hidden', (64,)),)))
     sample = stream[0].train.x[:1]
-    sharded_init = loop.initializer(init_model, sample, mesh)(3)
-    for got, want, sharding in zip(jax.tree.leaves(sharded_init), jax.tree.leaves(loop.initializer(init_model, sample)(3)),
+    sharded_init = steps.initializer(init_model, sample, mesh)(3)
+    for got, want, sharding in zip(jax.tree.leaves(sharded_init), jax.tree.leaves(steps.initializer(init_model, sample)(3)),
                                    jax.tree.leaves(distributed.tree_shardings(sharded_init, mesh))):
       assert got.sharding.is_equivalent_to(sharding, got.ndim), (got.sharding, sharding)
       np.testing.assert_array_equal(got, want)
@@ -114,7 +114,7 @@ _EIGHT_DEVICES_SCRIPT = textwrap.dedent(
       for collective in ('all-gather', 'all-reduce', 'all-to-all', 'collective-permute', 'reduce-scatter'):
         assert collective not in hlo, (name, collective)
 
-      step = loop.jitted_train_step(model, tx)
+      step = steps.jitted_train_step(model, tx)
       p, ms, s = sharded_params, model_state, state
       for _ in range(5):  # crosses SFA's averaging steps (T = 4, p = 0.25)
         batch = distributed.shard_batch((x, y, mask, ids), mesh)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ENGINE_MODULES = ('methods', 'loop', 'objectives', 'callbacks')
+ENGINE_MODULES = ('methods', 'loop', 'steps', 'programs', 'objectives', 'callbacks')
 
 
 def public_names() -> set[str]:

@@ -13,9 +13,9 @@ import sfa_jax
 from sfa_jax import engine
 from sfa_jax import engine
 from sfa_jax import tasks
-from sfa_jax.engine import loop
 from sfa_jax.engine import methods
 from sfa_jax.engine import objectives
+from sfa_jax.engine import steps
 
 
 class Regressor(nn.Module):
@@ -67,7 +67,7 @@ def test_ewc_takes_the_fisher_of_a_user_loss(stream):
       return x * self.param('w', nn.initializers.ones, (1,))
 
   split = tasks.Split(np.array([[1.0], [2.0]], np.float32), np.array([0.0, 0.0], np.float32))
-  fisher = loop.task_fisher(Line(), params, {}, split, 0, batch_size=4, objective=objectives.regression())
+  fisher = steps.task_fisher(Line(), params, {}, split, 0, batch_size=4, objective=objectives.regression())
   # Per example, d/dw (w·x − 0)² = 2·w·x²: 4 and 16; the Fisher is the mean of their squares.
   np.testing.assert_allclose(fisher['w'], [(4.0**2 + 16.0**2) / 2])
 
@@ -104,7 +104,7 @@ def test_a_frozen_partition_stays_where_it_started():
                                       lambda params: {name: 'frozen' if name == 'Dense_0' else 'train' for name in params})
   config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, optimizer=partitioned)
   model = engine.run.build_model(pair, config)
-  start, _ = loop.initializer(model, pair[0].train.x[:1])(0)
+  start, _ = steps.initializer(model, pair[0].train.x[:1])(0)
   ends = []
 
   class KeepEnd(methods.SFA):
@@ -142,7 +142,7 @@ def test_trainable_trains_and_anchors_only_the_selected_params(method_class, hyp
   pair = tasks.make_stream('mnist-pair', source='digits')
   config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, trainable='head')
   model = engine.run.build_model(pair, config)
-  start, _ = loop.initializer(model, pair[0].train.x[:1])(0)
+  start, _ = steps.initializer(model, pair[0].train.x[:1])(0)
   kept = _KeepEnds()
   result = engine.run_sequence(pair, kept.of(method_class)(**hyperparams), config)
   assert len(result.accuracy_matrix) == 2
@@ -298,13 +298,13 @@ def test_a_run_starts_from_given_params_and_resumes_from_them(tmp_path):
   pair = tasks.make_stream('mnist-pair', source='digits')
   config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32)
   model = engine.run.build_model(pair, config)
-  seed_one = loop.initializer(model, pair[0].train.x[:1])(1)
+  seed_one = steps.initializer(model, pair[0].train.x[:1])(1)
   started = engine.run_sequence(pair, methods.SFA(), config, initial=seed_one)
   # Starting from seed 1's initialisation is the seed-0 data order on seed 1's model: not the seed-0 run.
   assert started.accuracy_matrix != engine.run_sequence(pair, methods.SFA(), config).accuracy_matrix
   swept = engine.run_sweep(pair, [(methods.SFA(), config)], initial=seed_one)
   np.testing.assert_allclose(swept[0].accuracy_matrix, started.accuracy_matrix, atol=1e-6)
-  np.testing.assert_array_equal(seed_one[0]['head']['kernel'], loop.initializer(model, pair[0].train.x[:1])(1)[0]['head']['kernel'])
+  np.testing.assert_array_equal(seed_one[0]['head']['kernel'], steps.initializer(model, pair[0].train.x[:1])(1)[0]['head']['kernel'])
   resumed = engine.run_sequence(pair, methods.SFA(), config, initial=seed_one, checkpointer=Checkpointer(tmp_path))
   assert resumed.accuracy_matrix == started.accuracy_matrix
   bad = (jax.tree.map(lambda x: x[..., :3] if x.ndim == 2 else x, seed_one[0]), seed_one[1])

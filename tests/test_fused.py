@@ -10,7 +10,7 @@ import pytest
 
 import sfa_jax
 from sfa_jax import engine, tasks
-from sfa_jax.engine import callbacks, feed, fused, loop, methods
+from sfa_jax.engine import callbacks, feed, fused, loop, methods, programs
 
 CONFIG = engine.TrainConfig(epochs_per_task=2, batch_size=32, eval_every=5)
 
@@ -82,7 +82,7 @@ def test_every_step_callback_gets_one_dispatch_per_step(stream, monkeypatch):
     return lambda *a: (calls.append(int(a[-1])) if a[-1] else None) or program(*a)  # not the warm-up's 0 steps
 
   monkeypatch.setattr(fused, 'make_chunk', counting)
-  monkeypatch.setattr(loop, '_REUSED', {})
+  monkeypatch.setattr(programs, '_REUSED', {})
   config = dataclasses.replace(CONFIG, eval_every=0)
   result = engine.run_sequence(stream, engine.make_method('finetune'), config, callbacks=EveryStep())
   assert calls == [1] * sum(result.steps_per_task)
@@ -108,13 +108,13 @@ def test_a_sweep_of_memories_gathered_on_the_host_equals_its_runs(stream):
 
 
 def _compiled_programs() -> int:
-  return sum(value._cache_size() for value in loop._REUSED.values() if hasattr(value, '_cache_size'))
+  return sum(value._cache_size() for value in programs._REUSED.values() if hasattr(value, '_cache_size'))
 
 
 def test_compilations_do_not_grow_with_the_number_of_tasks(monkeypatch):
   counts = []
   for num_tasks in (2, 5):
-    monkeypatch.setattr(loop, '_REUSED', {})
+    monkeypatch.setattr(programs, '_REUSED', {})
     stream = tasks.make_stream('permuted-mnist', source='digits', num_tasks=num_tasks)
     engine.run_sequence(stream, engine.make_method('sfa', p=0.5), dataclasses.replace(CONFIG, epochs_per_task=1))
     counts.append(_compiled_programs())
@@ -174,7 +174,7 @@ def test_a_single_sfa_run_skips_the_anchor_between_averages_when_asked_or_large(
     return lambda *a: (calls.append(int(a[-1])) if a[-1] else None) or program(*a)
 
   monkeypatch.setattr(fused, 'make_chunk', counting)
-  monkeypatch.setattr(loop, '_REUSED', {})
+  monkeypatch.setattr(programs, '_REUSED', {})
   method = engine.make_method('sfa', p=0.25, beta=0.5)
   config = dataclasses.replace(CONFIG, eval_every=0)
   branchless = engine.run_sequence(stream, method, config)  # small params: the branchless update

@@ -112,11 +112,11 @@ def test_run_grid_yields_each_run_as_it_finishes(pair):
 
 
 def test_run_grid_starts_each_seed_from_its_initial_variables(pair):
-  from sfa_jax.engine import loop
+  from sfa_jax.engine import steps
 
   def initial(seed):
     model = engine.run.build_model(pair, CONFIG)
-    return loop.initializer(model, pair[0].train.x[:1])(seed + 10)
+    return steps.initializer(model, pair[0].train.x[:1])(seed + 10)
 
   configurations = engine.grid('finetune', seeds=(0, 1), config=CONFIG)
   swept = list(engine.run_grid(pair, configurations, as_sweep=True, initial=initial))

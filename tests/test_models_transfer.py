@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 
 from sfa_jax import models
-from sfa_jax.engine import loop
+from sfa_jax.engine import steps
 from sfa_jax.models.transfer import with_new_head
 
 
 def test_cnn_backbone_keeps_layers_and_takes_new_head():
   sample = np.zeros((1, 28, 28, 1), np.float32)
   kwargs = {'features': (4, 8), 'hidden': 16}
-  pretrained, _ = loop.initializer(models.make_model('cnn', 10, **kwargs), sample)(0)
-  fresh, _ = loop.initializer(models.make_model('cnn', 2, num_heads=5, **kwargs), sample)(1)
+  pretrained, _ = steps.initializer(models.make_model('cnn', 10, **kwargs), sample)(0)
+  fresh, _ = steps.initializer(models.make_model('cnn', 2, num_heads=5, **kwargs), sample)(1)
   out = with_new_head(pretrained, fresh)
   assert jax.tree.structure(out) == jax.tree.structure(fresh)
   for name in pretrained:

@@ -18,6 +18,8 @@ One module per idea:
 * :mod:`~sfa_jax.engine.grids`: grids of runs (methods × seeds): built, trained one after another
   or as sweeps, summed up over seeds;
 * :mod:`~sfa_jax.engine.loop`: the one training loop that runs and sweeps share, with
+  :mod:`~sfa_jax.engine.steps` (the model's variables, train step, score and Fisher),
+  :mod:`~sfa_jax.engine.programs` (their compiled programs, kept and compiled in the background),
   :mod:`~sfa_jax.engine.feed` (batches on the device) and :mod:`~sfa_jax.engine.fused` (fused
   chunks of steps);
 * :mod:`~sfa_jax.engine.objectives` (loss and metric), :mod:`~sfa_jax.engine.callbacks` (events and

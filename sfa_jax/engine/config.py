@@ -35,7 +35,7 @@ class TrainConfig:
   Attributes:
     model: a name of :func:`sfa_jax.models.make_model` (``'mlp'``, ``'cnn'``, ``'resnet18'``), or
       your Flax Linen module (its output sized for the stream; it may take ``task_id=`` and
-      ``train=`` keywords, see :func:`sfa_jax.engine.loop.initializer`).
+      ``train=`` keywords, see :func:`sfa_jax.engine.steps.initializer`).
     model_kwargs: extra attributes of a named model, as ``(name, value)`` pairs, e.g.
       ``(('hidden', (256,)),)``.
     epochs_per_task: passes over each task's training data.

@@ -349,7 +349,7 @@ def shard_step(
   previous step's outputs, are passed through without a copy, so the step compiles once.
 
   Args:
-    step: e.g. :func:`sfa_jax.engine.run.make_train_step`'s ``(params, model_state, opt_state, x,
+    step: e.g. :func:`sfa_jax.engine.steps.make_train_step`'s ``(params, model_state, opt_state, x,
       y, mask, task_ids) -> ...``.
     mesh: a mesh from :func:`make_mesh`.
     state_argnums: the positions of the arguments sharded with :func:`shard`; every other

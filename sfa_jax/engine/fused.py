@@ -43,7 +43,7 @@ def make_chunk(
 
   Args:
     step: ``(params, model_state, opt_state, x, y, mask, task_ids) -> (params, model_state,
-      opt_state, loss, metric)``, unjitted (:func:`sfa_jax.engine.loop.make_train_step`).
+      opt_state, loss, metric)``, unjitted (:func:`sfa_jax.engine.steps.make_train_step`).
     layout: the lanes' :class:`Layout`.
     averaged: ``averaged(opt_state)``, whether the latest update averaged (a method whose averages
       are decided on the device); ``None``: never (the flags come back False).

@@ -48,6 +48,7 @@ from sfa_jax.engine import callbacks as callbacks_lib
 from sfa_jax.engine import loop
 from sfa_jax.engine import methods as methods_lib
 from sfa_jax.engine import objectives as objectives_lib
+from sfa_jax.engine import programs
 from sfa_jax.tasks.text import ExactMatchSet
 from sfa_jax.tasks.text import TextDomain
 
@@ -328,7 +329,7 @@ def run_lm_sequences(
     raise ValueError(f'checkpointers has {len(checkpointers)} entries for {len(methods)} methods.')
   tasks = list(domain_stream(domains))
   train_config = config.train_config(model)
-  heldout_loss, exact_match = loop.reused(  # later calls of this process: compiled already
+  heldout_loss, exact_match = programs.reused(  # later calls of this process: compiled already
       ('lm_evaluator', model, config.eval_batch_size), lambda: make_lm_evaluator(model, config.eval_batch_size))
 
   def evaluate(params) -> dict[str, Any]:
@@ -341,8 +342,8 @@ def run_lm_sequences(
   initial_sum = run_lib.initial_checksum(initial)  # once: it reads every array of the model
   # Every run starts from these params: their row is measured once per process.
   data_sum = hashlib.sha256(b''.join(np.ascontiguousarray(a).tobytes() for d in domains for a in _domain_arrays(d))).hexdigest()
-  starting_row = lambda: loop.reused(('lm_starting_row', model, initial_sum, data_sum, config.eval_batch_size),
-                                     lambda: evaluate(initial[0]))
+  starting_row = lambda: programs.reused(('lm_starting_row', model, initial_sum, data_sum, config.eval_batch_size),
+                                         lambda: evaluate(initial[0]))
 
   def evaluate_state(state, after_task):
     return starting_row() if after_task is None else evaluate(state.params)

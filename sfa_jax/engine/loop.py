@@ -21,42 +21,42 @@ Compile once. The chunk program is one ``jax.jit`` function per (model, method c
 optimizer): anchors, Fisher and hyper-parameters live in the optimizer state, the task id is an
 array argument, the chunk's length is a traced count, and every batch has one static shape (the
 ragged end of each shuffled epoch is dropped; evaluation pads and masks). Cold, the train
-programs compile in a background thread while the model's initialisation compiles.
+programs compile in a background thread while the model's initialisation compiles
+(:mod:`sfa_jax.engine.programs`). The functions the programs are made of come from the model
+(:mod:`sfa_jax.engine.steps`).
 
 A checkpoint is the run state (params, model state, optimizer state, the method's extras; stacked
 in a sweep) and a JSON record (position, accuracy matrices, curves); it restores into the state of
 a fresh start, whose structure never changes during a run. On CPU a resumed run is bit for bit an
 uninterrupted one.
+
+:func:`train_stream` reads as its steps: ``_TaskInputs`` prepares a task's batches, ``_Lanes``
+holds the lanes' state and calls the methods' hooks at task boundaries, ``_TaskRunner`` trains a
+task in chunks and reports their events, ``_Evaluator`` scores every task, and ``_Record`` keeps
+the results and the position, and saves and restores the checkpoints.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import dataclasses
 import functools
-import hashlib
-import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from sfa_jax import _validation
-from sfa_jax.engine import distributed
-from sfa_jax import fisher as fisher_lib
-from sfa_jax import models
-from sfa_jax import partial
 from sfa_jax import tasks as tasks_lib
 from sfa_jax.engine import callbacks as callbacks_lib
+from sfa_jax.engine import distributed
 from sfa_jax.engine import feed as feed_lib
 from sfa_jax.engine import fused
 from sfa_jax.engine import methods as methods_lib
-from sfa_jax.engine import objectives as objectives_lib
-from sfa_jax.engine import config as config_lib
+from sfa_jax.engine import programs
+from sfa_jax.engine import steps
 
 CHECKPOINT_FORMAT = 3  # the layout of a checkpoint's arrays and record; part of every fingerprint
 
@@ -77,411 +77,18 @@ class RunState(NamedTuple):
   extras: Any
 
 
-# ------------------------------------------------------------------------------------------------
-# The pieces of a run: model variables, the train step, the evaluator, the Fisher.
+class CurvePoint(NamedTuple):
+  """Accuracy on every task at one step of the run.
 
-
-def initializer(model, sample: np.ndarray, mesh: Any = None) -> Callable[[int], tuple[Any, Any]]:
-  """``init(seed) -> (params, model_state)`` for ``model``, one jitted program for every seed.
-
-  Flax's ``init`` run eagerly dispatches every initializer's operations one by one, and a fresh
-  process compiles each of them; jitted, it is one program that the persistent compilation cache
-  keeps. The values are bit-for-bit those of the eager ``init``. With a ``mesh``, every leaf is
-  created where :func:`sfa_jax.engine.distributed.tree_shardings` puts it (FSDP).
-
-  Args:
-    model: a Flax Linen module taking ``(x, task_id=, train=)``.
-    sample: one batch of inputs, e.g. the first training example with its leading axis.
-    mesh: optional ``jax.sharding.Mesh`` from :func:`sfa_jax.engine.distributed.make_mesh`.
-
-  Returns:
-    The function of the seed.
-
-  Example:
-    >>> import numpy as np
-    >>> from sfa_jax import models
-    >>> from sfa_jax.engine import loop
-    >>> init = loop.initializer(models.make_model('mlp', 10), np.zeros((1, 8, 8, 1), np.float32))
-    >>> params, model_state = init(0)
-    >>> sorted(params)
-    ['Dense_0', 'Dense_1', 'head']
-  """
-  if mesh is None:
-    return lambda seed: _init_variables(model, jax.random.key(seed), sample)
-  shapes = jax.eval_shape(_init_variables, model, jax.random.key(0), sample)
-  sharded = jax.jit(
-      lambda key: _init_variables(model, key, sample), out_shardings=distributed.tree_shardings(shapes, mesh)
-  )
-  return lambda seed: sharded(jax.random.key(seed))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_variables(model, key: jax.Array, sample: jax.Array) -> tuple[Any, Any]:
-  variables = _call(model, model.init, key, sample, jnp.zeros(1, jnp.int32), train=False)
-  return models.split_variables(variables)
-
-
-@functools.lru_cache(maxsize=None)
-def _keywords(module_type: type) -> frozenset[str]:
-  """Which of ``task_id`` and ``train`` the module's ``__call__`` takes (by keyword, or ``**kwargs``)."""
-  try:
-    parameters = inspect.signature(module_type.__call__).parameters
-  except (TypeError, ValueError):
-    return frozenset()
-  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-    return frozenset({'task_id', 'train'})
-  return frozenset({'task_id', 'train'} & set(parameters))
-
-
-def _call(model, method: Callable, first: Any, x: Any, task_ids: Any, *, train: bool, **kwargs) -> Any:
-  """``method(first, x, ...)`` with ``task_id=`` and ``train=`` passed only if the module takes them.
-
-  The built-in models take both (one head per task, BatchNorm's mode); any Flax Linen module
-  ``__call__(self, x)`` works too (a module written in NNX: through ``flax.nnx.bridge.to_linen``).
-  """
-  takes = _keywords(getattr(model, 'nnx_class', type(model)))  # flax.nnx.bridge.to_linen: the NNX module's
-  if 'task_id' in takes:
-    kwargs['task_id'] = task_ids
-  if 'train' in takes:
-    kwargs['train'] = train
-  return method(first, x, **kwargs)
-
-
-def make_train_step(model, tx: optax.GradientTransformation, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION,
-                    trainable: Any = None, *, may_average: bool = True):
-  """The train step ``(params, model_state, opt_state, x, y, mask, task_ids) -> (..., loss, metric)``, unjitted.
-
-  With ``trainable`` (a mask of the params, :func:`sfa_jax.partial.path_mask`), only those leaves
-  are differentiated and updated: ``tx`` and its state see the trainable tree alone
-  (``optax.MaskedNode`` at the frozen leaves), the frozen leaves pass through unchanged. With
-  ``may_average=False`` the update is ``tx.update(..., may_average=False)``: a step known not to
-  average (SFA then skips its anchor, :func:`sfa_jax.sfa`).
-
-  :func:`jitted_train_step` compiles it alone; :func:`train_stream` fuses it into chunks of steps
-  (:func:`sfa_jax.engine.fused.make_chunk`), vmapped for a sweep.
-  """
-  hint = {} if may_average else {'may_average': False}
-
-  def apply(params, model_state, x, task_ids):
-    variables = models.merge_variables(params, model_state)
-    if not model_state:
-      return _call(model, model.apply, variables, x, task_ids, train=True), model_state
-    return _call(model, model.apply, variables, x, task_ids, train=True, mutable=list(model_state))
-
-  def step(params, model_state, opt_state, x, y, mask, task_ids):
-    def loss_fn(p):
-      logits, new_state = apply(p, model_state, x, task_ids)
-      loss, accuracy = objective.loss(logits, y, mask)
-      return loss, (new_state, accuracy)
-
-    if trainable is None:
-      (loss, (new_state, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params, **hint)
-      return optax.apply_updates(params, updates), new_state, opt_state, loss, accuracy
-    train, frozen = partial.split_trainable(params, trainable)
-    (loss, (new_state, accuracy)), grads = partial.trainable_value_and_grad(loss_fn, has_aux=True)(train, frozen)
-    updates, opt_state = tx.update(grads, opt_state, train, **hint)
-    return partial.merge_trainable(optax.apply_updates(train, updates), frozen), new_state, opt_state, loss, accuracy
-
-  return step
-
-
-def jitted_train_step(model, tx: optax.GradientTransformation, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION,
-                      trainable: Any = None):
-  """:func:`make_train_step` jitted, params and optimizer state donated; traced once per batch shape."""
-  return jax.jit(make_train_step(model, tx, objective, trainable), donate_argnums=(0, 2))
-
-
-def make_score(model, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION) -> Callable[..., Any]:
-  """``score(params, model_state, x, y, mask, task_ids)``: the objective's score summed over one batch.
-
-  The per-batch function that :func:`sfa_jax.engine.fused.make_scorer` runs over every task's test
-  batches in one program; the accuracy matrix's entries are these sums over each test set's size.
+  Attributes:
+    step: global optimizer steps done so far.
+    task: the task being trained.
+    accuracies: accuracy on every task of the stream.
   """
 
-  def score(params, model_state, x, y, mask, task_ids):
-    logits = _call(model, model.apply, models.merge_variables(params, model_state), x, task_ids, train=False)
-    return objective.score(logits, y, mask)
-
-  return score
-
-
-@dataclasses.dataclass(frozen=True)
-class _VariablesLogits:
-  """``(variables, (x, task_ids)) -> logits``: a hashable logits function for the Fisher.
-
-  Equal for equal models, so the Fisher's jitted chunk function compiles once per run, not per task.
-  """
-
-  model: Any
-
-  def __call__(self, variables, inputs):
-    x, task_ids = inputs
-    return _call(self.model, self.model.apply, variables, x, task_ids, train=False)
-
-
-def task_fisher(
-    model, params, model_state, split: tasks_lib.Split, task_index: int, batch_size: int,
-    objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION, trainable: Any = None,
-) -> Any:
-  """The empirical diagonal Fisher of ``params`` on ``split``: the mean squared per-example gradient.
-
-  For :data:`~sfa_jax.engine.objectives.CLASSIFICATION`, of the log-likelihood (with the batched
-  layer-wise pass of :func:`sfa_jax.fisher.diagonal_fisher`); for any other objective, or with a
-  ``trainable`` mask (:func:`sfa_jax.partial.path_mask`), of its per-example loss, the frozen
-  leaves' entries zero (their gradients are never formed).
-  """
-  task_ids = np.full(len(split.y), task_index, np.int32)
-  if objective is objectives_lib.CLASSIFICATION and trainable is None:
-    variables = models.merge_variables(params, model_state)
-    full = fisher_lib.diagonal_fisher(_VariablesLogits(model), variables, (split.x, task_ids), split.y, batch_size=batch_size)
-    return models.split_variables(full)[0]
-  return _loss_fisher(model, objective, params, model_state, split, task_ids, batch_size, trainable)
-
-
-def _loss_fisher(model, objective, params, model_state, split, task_ids, batch_size, trainable=None) -> Any:
-  """``mean_i g_i²``, ``g_i`` the gradient of example ``i``'s loss under ``objective`` (chunks of
-  ``batch_size``), with respect to the ``trainable`` leaves (all if ``None``; zero elsewhere)."""
-  train, frozen = (params, None) if trainable is None else partial.split_trainable(params, trainable)
-
-  def example_loss(t, frozen, x, y, task_id):
-    p = t if frozen is None else partial.merge_trainable(t, frozen)
-    outputs = _call(model, model.apply, models.merge_variables(p, model_state), x[None], task_id[None], train=False)
-    return objective.loss(outputs, y[None], jnp.ones(1, bool))[0]
-
-  @jax.jit
-  def chunk_sum(t, frozen, x, y, ids, valid):
-    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, None, 0, 0, 0))(t, frozen, x, y, ids)
-    return jax.tree.map(lambda g: jnp.einsum('n,n...->...', valid, jnp.square(g)), grads)
-
-  total = jax.tree.map(jnp.zeros_like, train)
-  n = len(split.y)
-  for start in range(0, n, batch_size):
-    rows = np.arange(start, start + batch_size) % n
-    valid = (np.arange(start, start + batch_size) < n).astype(np.float32)
-    part = chunk_sum(train, frozen, split.x[rows], split.y[rows], task_ids[rows], valid)
-    total = jax.tree.map(jnp.add, total, part)
-  fisher = jax.tree.map(lambda t: t / n, total)
-  return fisher if frozen is None else partial.merge_trainable(fisher, jax.tree.map(jnp.zeros_like, frozen))
-
-
-_REUSED: dict[Any, Any] = {}
-_REUSED_LIMIT = 64  # compiled programs (and update digests) kept; the oldest is dropped beyond
-
-
-def reused(key: tuple, build: Callable[[], Any]) -> Any:
-  """``build()``, kept under ``key`` for later runs of this process (built afresh if unhashable).
-
-  A jitted function made anew for every run traces, lowers and (without the persistent
-  compilation cache) compiles anew: ~0.5 s a run for the MLP, several seconds cold. At most
-  ``_REUSED_LIMIT`` are kept (each holds its compiled programs).
-  """
-  try:
-    hash(key)
-  except TypeError:  # a model or optimizer with an unhashable field
-    return build()
-  if key not in _REUSED:
-    if len(_REUSED) >= _REUSED_LIMIT:
-      del _REUSED[next(iter(_REUSED))]
-    _REUSED[key] = build()
-  return _REUSED[key]
-
-
-# ------------------------------------------------------------------------------------------------
-# Batches.
-
-
-def check_batch_size(tasks: Sequence[tasks_lib.Task], batch_size: int) -> None:
-  """Raises ``ValueError`` unless every task's training set makes at least one batch of ``batch_size``.
-
-  :func:`train_stream` checks it before the first step (a run does not train the first tasks and
-  then fail at a smaller one); the command line checks it before it writes anything.
-  """
-  smallest = min(tasks, key=lambda task: len(task.train.y))
-  if tasks_lib.num_batches(len(smallest.train.y), batch_size) == 0:
-    raise ValueError(f'{batch_size} is more than the {len(smallest.train.y)} training examples of the smallest '
-                     f'task ({smallest.name}); lower batch_size.')
-
-
-def _task_steps(num_examples: int, batch_size: int, config: Any, task_index: int) -> int:
-  """A task's steps: ``config.steps_per_task`` (one number, or this task's entry), or
-  ``epochs_per_task`` whole epochs of ``batch_size`` (the ragged end of each dropped)."""
-  per_epoch = tasks_lib.num_batches(num_examples, batch_size)
-  if per_epoch == 0:
-    raise ValueError(f'{num_examples} training examples make no batch of {batch_size}: lower batch_size.')
-  budget = config.steps_per_task
-  if budget is None:
-    return per_epoch * config.epochs_per_task
-  return budget[task_index] if isinstance(budget, tuple) else budget
-
-
-# ------------------------------------------------------------------------------------------------
-# The loop.
-
-
-@dataclasses.dataclass
-class _Position:
-  """Where a run is: ``step_in_task`` steps of task ``task`` done, ``global_step`` in all."""
-
-  task: int = 0
-  step_in_task: int = 0
-  global_step: int = 0
-
-
-@jax.jit
-def _stack(trees: list[Any]) -> Any:
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack(tree: Any, count: int) -> list[Any]:
-  return [jax.tree.map(lambda leaf: leaf[i], tree) for i in range(count)]
-
-
-def _starting_point(model, task: tasks_lib.Task, initial: Any, mesh: Any) -> Callable[[int], tuple[Any, Any]]:
-  """``init(seed)`` returning copies of ``initial``, checked against the model's own variables."""
-  if not (isinstance(initial, (tuple, list)) and len(initial) == 2):
-    raise TypeError(f'initial must be a (params, model_state) pair; got {type(initial).__name__}.')
-  expected = jax.eval_shape(_init_variables, model, jax.random.key(0), task.train.x[:1])
-  for name, given, want in zip(('params', 'model_state'), initial, expected):
-    _validation.check_matching_tree(want, given, reference_name=f"the model's {name}", other_name=f'initial {name}')
-  shardings = distributed.tree_shardings(expected, mesh) if mesh is not None else None
-  copy = jax.jit(_validation.copy_tree, out_shardings=shardings)
-  return lambda seed: copy(tuple(initial))
-
-
-def _trainable_mask(model, task: tasks_lib.Task, patterns: str | tuple[str, ...] | None) -> Any:
-  """The mask of the params ``patterns`` select (:func:`sfa_jax.partial.path_mask`), or ``None`` for all."""
-  if patterns is None:
-    return None
-  params_shapes, _ = jax.eval_shape(_init_variables, model, jax.random.key(0), task.train.x[:1])
-  return partial.path_mask(params_shapes, patterns)
-
-
-def update_program(tx: optax.GradientTransformation, opt_state: Any, params: Any) -> str:
-  """A digest of the program ``tx.update`` runs on states and params of these shapes (jaxpr and constants).
-
-  Two transforms with one digest update alike from the same state: their hyper-parameters are
-  read from the state, not baked into the update. Traced abstractly (nothing runs).
-  """
-  abstract = lambda tree: jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype), tree)
-  shapes = abstract(params)
-  closed = jax.make_jaxpr(tx.update)(shapes, abstract(opt_state), shapes)
-  digest = hashlib.sha256(str(closed.jaxpr).encode())
-  for const in closed.consts:
-    const = np.asarray(const)
-    digest.update(f'{const.dtype}{const.shape}'.encode() + np.ascontiguousarray(const).tobytes())
-  return digest.hexdigest()
-
-
-def check_one_update_rule(methods: Sequence[methods_lib.Method], txs: Sequence[optax.GradientTransformation],
-                          opt_states: Sequence[Any], params: Any) -> None:
-  """Raises unless every lane's transform updates by one program, its hyper-parameters read from its state.
-
-  A sweep advances all lanes with the first lane's update: a method whose transform bakes a
-  hyper-parameter into its update function (a Python number in a closure, not a field of the
-  state) would silently train every lane with the first lane's value.
-
-  Raises:
-    ValueError: naming the method and the first lane whose update program differs.
-  """
-  reference, seen = update_program(txs[0], opt_states[0], params), {methods[0]}
-  for i in range(1, len(methods)):
-    if methods[i] in seen:
-      continue
-    seen.add(methods[i])
-    if update_program(txs[i], opt_states[i], params) != reference:
-      raise ValueError(
-          f'{methods[i].label} (configuration {i}) updates by another program than {methods[0].label}: its '
-          'transform bakes a hyper-parameter into its update. Keep hyper-parameters in the optimizer state '
-          '(as sfa_jax.sfa does) to sweep them, or run the configurations one by one.'
-      )
-
-
-def _abstract_batch(task: tasks_lib.Task, batch_size: int) -> tuple[Any, ...]:
-  """The shapes of a train step's ``(x, y, mask, task_ids)`` for ``task``'s examples."""
-  shape = lambda array, dtype=None: jax.ShapeDtypeStruct((batch_size,) + np.shape(array)[1:], dtype or array.dtype)
-  return (shape(task.train.x), shape(task.train.y), jax.ShapeDtypeStruct((batch_size,), bool),
-          jax.ShapeDtypeStruct((batch_size,), np.int32))
-
-
-def _skips_anchor(config: Any, trainable_params: Any) -> bool:
-  """``config.skip_anchor_between_averages``, or (``None``) whether the trainable params are large
-  enough for the anchor's pass over memory to matter (``SKIP_ANCHOR_MIN_BYTES``)."""
-  if config.skip_anchor_between_averages is not None:
-    return bool(config.skip_anchor_between_averages)
-
-
-  size = sum(int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-             for leaf in jax.tree.leaves(trainable_params) if hasattr(leaf, 'dtype'))
-  return size >= config_lib.SKIP_ANCHOR_MIN_BYTES
-
-
-class _TaskInputs(NamedTuple):
-  """A task's step count and feed, prepared before it starts."""
-
+  step: int
   task: int
-  total_steps: int
-  feed: feed_lib.TaskFeed
-
-
-_COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='sfa_jax-compile')
-
-
-def _warm_up(program: Callable[..., Any], state: RunState, block: feed_lib.Block) -> concurrent.futures.Future:
-  """Compiles ``program`` for these shapes in a background thread, by running it on zeros for no step
-  (an unlooped program, :func:`sfa_jax.engine.fused.loops_slowly`, runs its one step on them).
-
-  XLA compiles without holding Python's lock, so a second core compiles the train program while
-  the caller compiles the model's initialisation. Shapes it cannot make zeros of (PRNG keys in
-  the state) are left to the first real call.
-  """
-  return _COMPILER.submit(_zeros_call, program, (state.params, state.model_state, state.opt_state), *block, np.int32(0))
-
-
-def _zeros_call(function: Callable[..., Any], shapes: Any, *args: Any) -> None:
-  """``function(zeros shaped like shapes, *args)``, for its compilation alone. Shapes it cannot make
-  zeros of (PRNG keys) and any error are left to the first real call, which compiles and reports."""
-  if any(not isinstance(leaf.dtype, np.dtype) for leaf in jax.tree.leaves(shapes)):
-    return
-  try:
-    jax.block_until_ready(function(jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes), *args))
-  except Exception:  # pylint: disable=broad-except
-    pass
-
-
-class _Pace:
-  """How many steps the next chunk runs: about :data:`CHUNK_SECONDS` of the latest measured step time.
-
-  A chunk's events (a progress bar's) come when it ends, so chunks stay short enough that the host
-  reports at least every second; the first chunk, which may compile, runs few steps.
-  """
-
-  def __init__(self):
-    self._per_step = None
-
-  def steps(self) -> int:
-    if self._per_step is None:
-      return 8
-    return max(1, int(CHUNK_SECONDS / max(self._per_step, 1e-9)))
-
-  def record(self, steps: int, seconds: float) -> None:
-    self._per_step = seconds / max(steps, 1)
-
-
-CHUNK_SECONDS = 0.5  # a fused chunk's target duration
-
-
-def _test_groups(batches: fused.TestBatches, budget: int, placement: Any) -> list[fused.TestBatches]:
-  """The test batches on the device (one group) if they fit in ``budget`` bytes, else host groups
-  of as many batches as fit (shipped at each evaluation)."""
-  size = sum(leaf.nbytes for leaf in batches)
-  if size <= budget:
-    put = jax.device_put if placement is None else (lambda leaf: distributed.place(leaf, placement))
-    return [fused.TestBatches(*(put(leaf) for leaf in batches))]
-  per_batch = max(1, size // len(batches.task))
-  step = max(1, budget // per_batch)
-  return [fused.TestBatches(*(leaf[i:i + step] for leaf in batches)) for i in range(0, len(batches.task), step)]
+  accuracies: tuple[float, ...]
 
 
 class LaneRecord(NamedTuple):
@@ -534,300 +141,615 @@ def train_stream(
   """
   start_time = time.perf_counter()
   emit = callbacks_lib.as_callbacks(callbacks)
-  methods = [method for method, _ in configurations]
+  all_tasks = _checked_tasks(tasks, configurations, stacked=stacked, evaluate_state=evaluate_state)
+  shared = configurations[0][1]
+  placement = None if mesh is None else distributed.replicated(mesh)
+  lanes = _Lanes(configurations, all_tasks, model, stacked=stacked, mesh=mesh, initial=initial)
+  chunks = _chunk_programs(model, lanes, all_tasks[0], mesh)
+  inputs = _TaskInputs(all_tasks, lanes.methods, lanes.configs, stacked=stacked, placement=placement)
+  lanes.state = _fresh_state(lanes, chunks, inputs.ahead(0), warm=mesh is None)
+  evaluator = _Evaluator(model, all_tasks, shared, stacked=stacked, placement=placement)
+  record = _Record(fingerprint, lanes.count, checkpointer, emit, evaluate_state)
+  lanes.state = record.begin(lanes.state)
+  boundaries = _Boundaries(model, all_tasks, shared, lanes.trainable, record)
+  runner = _TaskRunner(lanes, chunks, evaluator, record, shared, every_step=callbacks_lib.wants_every_step(callbacks),
+                       emit=emit)
+  while record.position.task < len(all_tasks):
+    k = record.position.task
+    task = inputs(k)
+    at = boundaries.of(k, task.total_steps)
+    if record.position.step_in_task == 0:
+      lanes.start_task(at)
+    runner.train(k, task)
+    lanes.end_task(at)
+    record.end_task(k, runner.evaluate(k, range(lanes.count)), lanes.state)
+    record.save(lanes.state, force=True)
+  return record.results(start_time)
+
+
+def check_batch_size(tasks: Sequence[tasks_lib.Task], batch_size: int) -> None:
+  """Raises ``ValueError`` unless every task's training set makes at least one batch of ``batch_size``.
+
+  :func:`train_stream` checks it before the first step (a run does not train the first tasks and
+  then fail at a smaller one); the command line checks it before it writes anything.
+  """
+  smallest = min(tasks, key=lambda task: len(task.train.y))
+  if tasks_lib.num_batches(len(smallest.train.y), batch_size) == 0:
+    raise ValueError(f'{batch_size} is more than the {len(smallest.train.y)} training examples of the smallest '
+                     f'task ({smallest.name}); lower batch_size.')
+
+
+def _checked_tasks(tasks: Sequence[tasks_lib.Task], configurations: Sequence[tuple[methods_lib.Method, Any]], *,
+                   stacked: bool, evaluate_state: Any) -> list[tasks_lib.Task]:
+  """The tasks as a list, once the lanes are checked against them (before anything is built)."""
   configs = [config for _, config in configurations]
-  shared, count = configs[0], len(configurations)
-  if not stacked and count != 1:
-    raise ValueError(f'an unstacked run has one configuration; got {count}.')
+  if not stacked and len(configs) != 1:
+    raise ValueError(f'an unstacked run has one configuration; got {len(configs)}.')
   if stacked and evaluate_state is not None:
     raise ValueError('evaluate_state evaluates one run: it is not available in a sweep.')
   all_tasks = list(tasks)
-  check_batch_size(all_tasks, shared.batch_size)
+  check_batch_size(all_tasks, configs[0].batch_size)
   for config in configs:
     if isinstance(config.steps_per_task, tuple) and len(config.steps_per_task) != len(all_tasks):
       raise ValueError(f'steps_per_task has {len(config.steps_per_task)} entries for {len(all_tasks)} tasks: give one per task.')
-  init = initializer(model, all_tasks[0].train.x[:1], mesh) if initial is None else _starting_point(model, all_tasks[0], initial, mesh)
-  trainable = _trainable_mask(model, all_tasks[0], shared.trainable)
-  cut = (lambda params: params) if trainable is None else (lambda params: partial.split_trainable(params, trainable)[0])
-  optimizer = shared.make_optimizer()
-  txs = [method.transform(optimizer) for method in methods]
-  # One transform per lane for its initial state (its constructor's hyper-parameters); the lanes
-  # share one update rule, which reads them from the state. A sweep's inits run eagerly (zeros
-  # and copies): jitting each would compile it once per configuration. The optimizer state holds
-  # the trainable leaves alone.
-  if stacked:
-    init_opt = [lambda params, tx=tx: tx.init(cut(params)) for tx in txs]
-  else:
-    jitted_init = reused(('opt_init', methods[0], shared.optimizer_key(), model, shared.trainable),
-                         lambda: jax.jit(lambda params: txs[0].init(cut(params))))
-    init_opt = [jitted_init]
-
-  def fresh_lane(i: int) -> RunState:
-    params, model_state = init(configs[i].seed)
-    extras = methods[i].init_extras(params, model_state, len(all_tasks))
-    return RunState(params, model_state, init_opt[i](params), extras)
-
-  objective = shared.objective
-  # The shapes the programs take (traced once per process: the jitted init and optimizer init).
-  variables = jax.eval_shape(_init_variables, model, jax.random.key(0), all_tasks[0].train.x[:1])
-  abstract = RunState(*variables, jax.eval_shape(init_opt[0], variables[0]), None)
-  # XLA's CPU backend runs a convolution in a loop several times slower: such steps go one a call.
-  sample = all_tasks[0].train.x
-  looped = not reused(
-      ('loops_slowly', model, objective, shared.trainable, sample.shape[1:], str(sample.dtype), shared.batch_size),
-      lambda: fused.loops_slowly(make_train_step(model, txs[0], objective, trainable), abstract.params,
-                                 abstract.model_state, abstract.opt_state, *_abstract_batch(all_tasks[0], shared.batch_size)))
-  if stacked:
-    data_keys = {(config.seed, method.data_key()) for method, config in configurations}
-    one_group = len(data_keys) == 1  # the same batches for all lanes: gathered once
-    step_key = None  # a sweep's programs are its own
-    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((count,) + leaf.shape, leaf.dtype), abstract)
-  else:
-    one_group = True
-    # Runs of one process share compiled programs when their updates are one program (the
-    # hyper-parameters in the state); a method that bakes them into its update gets its own.
-    digest = reused(('update_program', methods[0], shared.optimizer_key(), shared.trainable, model, sample.shape[1:],
-                     str(sample.dtype)), lambda: update_program(txs[0], abstract.opt_state, cut(abstract.params)))
-    step_key = ('train_step', model, shared.optimizer_key(), objective, shared.trainable, digest, mesh)
-  placement = None if mesh is None else distributed.replicated(mesh)
-  batch_sharding = None if mesh is None else distributed.batch_sharding(mesh)
-  # A single run of a method whose averaging schedule is exact may run the steps between its
-  # averages without the averaging arithmetic (``may_average=False``) and each average alone.
-  skips_between_averages = not stacked and methods[0].schedule_is_exact and _skips_anchor(shared, cut(abstract.params))
-  programs: dict[Any, Any] = {}
-  warming: dict[Any, Any] = {}
-
-  def chunk_program(layout: feed_lib.Layout, skip: bool, on_device: bool, stop_on_average: bool):
-    """The fused steps for this layout; ``skip``: steps known not to average (``may_average=False``)."""
-    key = (layout, skip, on_device, stop_on_average)
-    if key not in programs:
-      build = lambda: fused.make_chunk(
-          make_train_step(model, txs[0], objective, trainable, may_average=not skip), layout,
-          averaged=methods[0].averaged if on_device else None, stop_on_average=stop_on_average,
-          batch_sharding=batch_sharding, looped=looped)
-      programs[key] = build() if step_key is None else reused(step_key + key, build)
-    if key in warming:  # compiling in the background: wait for it rather than compile it twice
-      warming.pop(key).result()
-    return programs[key]
-
-  largest_task = max(len(task.train.y) for task in all_tasks)  # examples on the device: one shape for all
-
-  def prepare(k: int) -> _TaskInputs:
-    groups = range(1 if one_group else count)
-    plans = [methods[i].batch_plan(all_tasks, k, configs[i].batch_size, configs[i].seed) for i in groups]
-    total_steps = _task_steps(len(plans[0].data.y), shared.batch_size - plans[0].replay_size, shared, k)
-    rows = [feed_lib.task_rows(plans[i], configs[i].batch_size, methods_lib.task_seed(configs[i].seed, k), total_steps)
-            for i in groups]
-    task_feed = feed_lib.task_feed(plans, rows, lanes=stacked, budget=shared.device_data_bytes, min_rows=largest_task,
-                                   placement=placement)
-    return _TaskInputs(k, total_steps, task_feed)
-
-  # Cold, compiling is most of a small run: the train programs compile in the background while
-  # the model's initialisation compiles here (on a run's first task's shapes).
-  prepared = prepare(0)
-  if mesh is None and not stacked:  # the optimizer's init is needed first, right after the model's
-    warmed_init = _COMPILER.submit(_zeros_call, init_opt[0], abstract.params)
-  if mesh is None:
-    on_device = methods[0].averaging_schedule(0, prepared.total_steps) is None
-    variants = [True, False] if skips_between_averages and not on_device else [False]
-    stop = on_device and bool(shared.eval_every)
-    for skip in variants:
-      key = (prepared.feed.layout, skip, on_device, stop)
-      program = chunk_program(*key)
-      warming[key] = _warm_up(program, abstract, prepared.feed.block(0, 1))
-  if stacked:
-    fresh = [fresh_lane(i) for i in range(count)]
-    check_one_update_rule(methods, txs, [lane.opt_state for lane in fresh], cut(fresh[0].params))
-    state = _stack(fresh)
-  else:
-    if mesh is None:
-      warmed_init.result()
-    state = fresh_lane(0)
-  scorer = reused(('scorer', model, objective, stacked), lambda: fused.make_scorer(make_score(model, objective), stacked=stacked))
-  test_sizes = np.array([len(t.test.y) for t in all_tasks])
-  test_groups = _test_groups(fused.test_batches([t.test for t in all_tasks], [t.index for t in all_tasks],
-                                                shared.eval_batch_size), shared.device_data_bytes, placement)
-  every_step = callbacks_lib.wants_every_step(callbacks)
-
-  record: dict[str, Any] = {
-      'fingerprint': fingerprint,
-      'position': dataclasses.asdict(_Position()),
-      'lanes': [{'matrix': [], 'curve': [], 'steps_per_task': [], 'averaging_steps': [], 'extra': []} for _ in range(count)],
-      'seconds': {'train': 0.0, 'evaluate': 0.0, 'fisher': 0.0},
-  }
-  if checkpointer is not None:
-    restored = checkpointer.restore_latest(state._asdict(), fingerprint=fingerprint)
-    if restored is not None:
-      arrays, record = restored
-      state = RunState(**arrays)
-      emit(callbacks_lib.ResumeEvent(record['position']['global_step']))
-  pos = _Position(**record['position'])
-  seconds, lanes = record['seconds'], record['lanes']
-
-  def evaluate_extra(after_task: int | None) -> None:
-    if evaluate_state is not None:
-      begin = time.perf_counter()
-      lanes[0]['extra'].append(evaluate_state(state, after_task))
-      seconds['evaluate'] += time.perf_counter() - begin
-
-  if pos.global_step == 0 and not lanes[0]['extra']:
-    evaluate_extra(None)  # before any training: the starting point's row
-
-  def lane_states() -> list[RunState]:
-    return _unstack(state, count) if stacked else [state]
-
-  def joined(states: list[RunState]) -> RunState:
-    return _stack(states) if stacked else states[0]
-
-  def save(force: bool) -> None:
-    if checkpointer is not None:
-      record['position'] = dataclasses.asdict(pos)
-      checkpointer.save(pos.global_step, state._asdict(), record, force=force)
-      emit(callbacks_lib.CheckpointEvent(pos.global_step, checkpointer.directory))
-
-  def evaluate_all(task_index: int, which: Sequence[int]) -> np.ndarray:
-    begin = time.perf_counter()
-    totals = sum(np.asarray(scorer(state.params, state.model_state, group, len(all_tasks))) for group in test_groups)
-    accuracies = np.atleast_2d(totals / test_sizes)
-    seconds['evaluate'] += time.perf_counter() - begin
-    for i in which:
-      point = (pos.global_step, task_index, tuple(float(a) for a in accuracies[i]))
-      lanes[i]['curve'].append(list(point))
-      emit(callbacks_lib.EvaluationEvent(i, _curve_point(point)))
-    return accuracies
-
-  def boundary(k: int, total_steps: int) -> methods_lib.Boundary:
-    def fisher(lane: RunState) -> Any:
-      begin = time.perf_counter()
-      split = all_tasks[k].train
-      if shared.fisher_examples is not None:
-        split = tasks_lib.Split(split.x[: shared.fisher_examples], split.y[: shared.fisher_examples])
-      value = task_fisher(model, lane.params, lane.model_state, split, k, shared.eval_batch_size, objective, trainable)
-      seconds['fisher'] += time.perf_counter() - begin
-      return value
-
-    return methods_lib.Boundary(k, len(all_tasks), total_steps, fisher)
-
-  pace = _Pace()
-  while pos.task < len(all_tasks):
-    k = pos.task
-    inputs = prepared if prepared is not None and prepared.task == k else prepare(k)
-    prepared = None
-    total_steps, task_feed = inputs.total_steps, inputs.feed
-    at = boundary(k, total_steps)
-    if pos.step_in_task == 0:
-      started = []
-      for i, lane in enumerate(lane_states()):
-        lane = methods[i].start_task(lane, at)
-        if configs[i].reset_optimizer:
-          lane = lane._replace(opt_state=init_opt[i](lane.params))
-        started.append(lane._replace(opt_state=methods[i].prepare_optimizer(lane.opt_state, lane, at)))
-      state = joined(started)
-    schedules = [method.averaging_schedule(k, total_steps) for method in methods]
-    on_device = any(schedule is None for schedule in schedules)
-    schedules = np.stack([np.zeros(total_steps + 2, bool) if s is None else s for s in schedules])
-    # The steps after which the host must act, whatever the device decides: evaluations (with
-    # curves on: also just before and after each known average), checkpoints, the task's end.
-    after = np.arange(total_steps + 1)
-    global_after = pos.global_step - pos.step_in_task + after
-    host_stop = after == total_steps
-    if shared.eval_every:
-      host_stop |= (global_after % shared.eval_every == 0) | schedules[:, after].any(0) | schedules[:, after + 1].any(0)
-    if checkpointer is not None and checkpointer.every_steps:
-      host_stop |= global_after % checkpointer.every_steps == 0
-    split = skips_between_averages and not on_device
-    stop_on_average = on_device and bool(shared.eval_every)
-    pending: list[tuple[int, int, Any]] = []  # dispatched chunks whose events are not emitted yet
-
-    def report(keep_last: bool = False) -> np.ndarray:
-      """Emits the pending chunks' step and average events in order (all but the newest chunk, if
-      ``keep_last``: it runs while the host waits for the others); the last step's averages."""
-      averaged = np.zeros(count, bool)
-      reporting = pending[:-1] if keep_last else list(pending)
-      for first, start_global, outputs in reporting:
-        losses, metrics, flags, done = jax.device_get(outputs)
-        for j in range(int(done)):
-          step, global_step = first + j + 1, start_global + j + 1
-          averaged = schedules[:, step] | np.reshape(flags[j], count)
-          for i in np.flatnonzero(averaged):
-            lanes[i]['averaging_steps'].append(global_step)
-            emit(callbacks_lib.AverageEvent(int(i), k, global_step))
-          emit(callbacks_lib.StepEvent(k, step, total_steps, global_step, losses[j], metrics[j]))
-      del pending[:len(reporting)]
-      return averaged
-
-    begin = reported = time.perf_counter()
-    reported_steps = pos.step_in_task
-    while pos.step_in_task < total_steps:
-      t = pos.step_in_task
-      averages_next = split and schedules[0, t + 1]
-      if averages_next or every_step or not looped:
-        n = 1
-      else:
-        n = int(np.argmax(host_stop[t + 1:])) + 1
-        if split and schedules[0, t + 1:total_steps + 1].any():
-          n = min(n, int(np.argmax(schedules[0, t + 1:total_steps + 1])))
-        n = min(n, task_feed.block_steps, pace.steps())
-      program = chunk_program(task_feed.layout, split and not averages_next, on_device, stop_on_average)
-      (params, model_state, opt_state), *outputs = program(
-          (state.params, state.model_state, state.opt_state), *task_feed.block(t, n), np.int32(n))
-      state = state._replace(params=params, model_state=model_state, opt_state=opt_state)
-      pending.append((t, pos.global_step, outputs))
-      # Without early stops every chunk runs its n steps, so the host goes on: it dispatches the
-      # next chunk before it waits for this one's events (at most one chunk ahead of them).
-      done = int(outputs[-1]) if stop_on_average else n
-      pos.step_in_task += done
-      pos.global_step += done
-      acts = host_stop[pos.step_in_task] or stop_on_average or every_step
-      if acts or len(pending) > 1:
-        steps_before = pos.step_in_task - (0 if acts else done)
-        averaged = report(keep_last=not acts)
-        now = time.perf_counter()
-        pace.record(steps_before - reported_steps, now - reported)
-        reported, reported_steps = now, steps_before
-      if pos.step_in_task == total_steps or not acts:
-        continue
-      due = (pos.global_step % max(shared.eval_every, 1) == 0) | averaged | schedules[:, pos.step_in_task + 1]
-      if shared.eval_every and due.any():
-        seconds['train'] += time.perf_counter() - begin
-        evaluate_all(k, np.flatnonzero(due))
-        begin = time.perf_counter()
-      if checkpointer is not None and checkpointer.due(pos.global_step):
-        save(force=False)
-    seconds['train'] += time.perf_counter() - begin
-    ended = []
-    for i, lane in enumerate(lane_states()):
-      lanes[i]['steps_per_task'].append(pos.step_in_task)
-      ended.append(methods[i].end_task(lane, at))
-    state = joined(ended)
-    for i, row in enumerate(evaluate_all(k, range(count))):
-      lanes[i]['matrix'].append([float(a) for a in row])
-      emit(callbacks_lib.TaskEndEvent(i, k, tuple(lanes[i]['matrix'][-1])))
-    evaluate_extra(k)
-    pos.task, pos.step_in_task = k + 1, 0
-    save(force=True)
-
-  seconds['total'] = seconds.get('total', 0.0) + time.perf_counter() - start_time
-  results = [
-      LaneRecord(lane['matrix'], [_curve_point(p) for p in lane['curve']], lane['steps_per_task'], lane['averaging_steps'],
-                 lane['extra'])
-      for lane in lanes
-  ]
-  return results, dict(seconds)
+  return all_tasks
 
 
-class CurvePoint(NamedTuple):
-  """Accuracy on every task at one step of the run.
+def _task_steps(num_examples: int, batch_size: int, config: Any, task_index: int) -> int:
+  """A task's steps: ``config.steps_per_task`` (one number, or this task's entry), or
+  ``epochs_per_task`` whole epochs of ``batch_size`` (the ragged end of each dropped)."""
+  per_epoch = tasks_lib.num_batches(num_examples, batch_size)
+  if per_epoch == 0:
+    raise ValueError(f'{num_examples} training examples make no batch of {batch_size}: lower batch_size.')
+  budget = config.steps_per_task
+  if budget is None:
+    return per_epoch * config.epochs_per_task
+  return budget[task_index] if isinstance(budget, tuple) else budget
 
-  Attributes:
-    step: global optimizer steps done so far.
-    task: the task being trained.
-    accuracies: accuracy on every task of the stream.
+
+# ------------------------------------------------------------------------------------------------
+# A task's inputs.
+
+
+class _TaskInput(NamedTuple):
+  """A task's step count and feed, prepared before it starts."""
+
+  task: int
+  total_steps: int
+  feed: feed_lib.TaskFeed
+
+
+class _TaskInputs:
+  """Prepares a task's inputs for every lane: its step count, every step's batch rows, its examples on the device.
+
+  The lanes of a sweep that draw the same batches (one seed, one data plan) share one group:
+  their rows are drawn and their examples gathered once.
   """
 
-  step: int
-  task: int
-  accuracies: tuple[float, ...]
+  def __init__(self, all_tasks: Sequence[tasks_lib.Task], methods: Sequence[methods_lib.Method], configs: Sequence[Any],
+               *, stacked: bool, placement: Any):
+    self._tasks, self._methods, self._configs = all_tasks, methods, configs
+    self._stacked, self._placement = stacked, placement
+    one_group = not stacked or len({(config.seed, method.data_key()) for method, config in zip(methods, configs)}) == 1
+    self._groups = range(1 if one_group else len(configs))
+    self._largest = max(len(task.train.y) for task in all_tasks)  # examples on the device: one shape for all
+    self._ahead: _TaskInput | None = None
+
+  def ahead(self, k: int) -> _TaskInput:
+    """Task ``k``'s inputs, prepared ahead (to compile its programs) and kept for its start."""
+    self._ahead = self._prepare(k)
+    return self._ahead
+
+  def __call__(self, k: int) -> _TaskInput:
+    """Task ``k``'s inputs: those prepared ahead if they are this task's, else prepared now."""
+    ahead, self._ahead = self._ahead, None
+    return ahead if ahead is not None and ahead.task == k else self._prepare(k)
+
+  def _prepare(self, k: int) -> _TaskInput:
+    shared, configs = self._configs[0], self._configs
+    plans = [self._methods[i].batch_plan(self._tasks, k, configs[i].batch_size, configs[i].seed) for i in self._groups]
+    total_steps = _task_steps(len(plans[0].data.y), shared.batch_size - plans[0].replay_size, shared, k)
+    rows = [feed_lib.task_rows(plans[i], configs[i].batch_size, methods_lib.task_seed(configs[i].seed, k), total_steps)
+            for i in self._groups]
+    task_feed = feed_lib.task_feed(plans, rows, lanes=self._stacked, budget=shared.device_data_bytes,
+                                   min_rows=self._largest, placement=self._placement)
+    return _TaskInput(k, total_steps, task_feed)
+
+
+# ------------------------------------------------------------------------------------------------
+# The lanes' state and the methods' hooks.
+
+
+@jax.jit
+def _stack(trees: list[Any]) -> Any:
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(tree: Any, count: int) -> list[Any]:
+  return [jax.tree.map(lambda leaf: leaf[i], tree) for i in range(count)]
+
+
+class _Lanes:
+  """The lanes' :class:`RunState` (stacked on a leading axis in a sweep) and their methods' hooks at task boundaries.
+
+  Attributes:
+    methods: each lane's method.
+    configs: each lane's config.
+    count: the number of lanes.
+    stacked: whether the lanes are stacked (a sweep).
+    trainable: the mask of the trained params (``TrainConfig.trainable``), or ``None`` for all.
+    txs: each lane's transform around the optimizer.
+    init_opt: each lane's ``init_opt(params)``, its optimizer state for the trainable params.
+    state: the run state the loop advances.
+  """
+
+  def __init__(self, configurations: Sequence[tuple[methods_lib.Method, Any]], all_tasks: Sequence[tasks_lib.Task],
+               model: Any, *, stacked: bool, mesh: Any, initial: Any):
+    self.methods = [method for method, _ in configurations]
+    self.configs = [config for _, config in configurations]
+    self.count, self.stacked, self._num_tasks = len(configurations), stacked, len(all_tasks)
+    shared, sample = self.configs[0], all_tasks[0].train.x[:1]
+    self._init = steps.initializer(model, sample, mesh) if initial is None else steps.starting_point(model, sample, initial, mesh)
+    self.trainable = steps.trainable_mask(model, sample, shared.trainable)
+    optimizer = shared.make_optimizer()
+    self.txs = [method.transform(optimizer) for method in self.methods]
+    self.init_opt = _optimizer_inits(self.txs, self.trainable, model, shared, self.methods[0], stacked=stacked)
+    self.state: RunState | None = None
+
+  def fresh(self) -> RunState:
+    """The lanes' starting state, each lane's from its seed (or the initial variables), stacked in a sweep.
+
+    Raises:
+      ValueError: when a sweep's lanes do not update by one program
+        (:func:`sfa_jax.engine.programs.check_one_update_rule`).
+    """
+    fresh = [self._fresh_lane(i) for i in range(self.count)]
+    if not self.stacked:
+      return fresh[0]
+    programs.check_one_update_rule(self.methods, self.txs, [lane.opt_state for lane in fresh],
+                                   steps.trainable_part(fresh[0].params, self.trainable))
+    return _stack(fresh)
+
+  def _fresh_lane(self, i: int) -> RunState:
+    params, model_state = self._init(self.configs[i].seed)
+    extras = self.methods[i].init_extras(params, model_state, self._num_tasks)
+    return RunState(params, model_state, self.init_opt[i](params), extras)
+
+  def start_task(self, at: methods_lib.Boundary) -> None:
+    """Each lane's :meth:`~sfa_jax.engine.methods.Method.start_task`, optimizer reset and
+    :meth:`~sfa_jax.engine.methods.Method.prepare_optimizer`."""
+    started = []
+    for i, lane in enumerate(self._split()):
+      lane = self.methods[i].start_task(lane, at)
+      if self.configs[i].reset_optimizer:
+        lane = lane._replace(opt_state=self.init_opt[i](lane.params))
+      started.append(lane._replace(opt_state=self.methods[i].prepare_optimizer(lane.opt_state, lane, at)))
+    self._join(started)
+
+  def end_task(self, at: methods_lib.Boundary) -> None:
+    """Each lane's :meth:`~sfa_jax.engine.methods.Method.end_task`."""
+    self._join([self.methods[i].end_task(lane, at) for i, lane in enumerate(self._split())])
+
+  def advance(self, program: Callable[..., Any], block: feed_lib.Block, n: int) -> list[Any]:
+    """Runs ``n`` steps of the chunk ``program`` on ``block``; its outputs ``[losses, metrics, flags, done]``."""
+    state = self.state
+    (params, model_state, opt_state), *outputs = program(
+        (state.params, state.model_state, state.opt_state), *block, np.int32(n))
+    self.state = state._replace(params=params, model_state=model_state, opt_state=opt_state)
+    return outputs
+
+  def _split(self) -> list[RunState]:
+    return _unstack(self.state, self.count) if self.stacked else [self.state]
+
+  def _join(self, states: list[RunState]) -> None:
+    self.state = _stack(states) if self.stacked else states[0]
+
+
+def _optimizer_inits(txs: Sequence[Any], trainable: Any, model: Any, config: Any, method: methods_lib.Method, *,
+                     stacked: bool) -> list[Callable[[Any], Any]]:
+  """Each lane's ``init_opt(params)``: its transform's state for the trainable leaves of ``params``.
+
+  One transform per lane for its initial state (its constructor's hyper-parameters); the lanes
+  share one update rule, which reads them from the state. A sweep's inits run eagerly (zeros and
+  copies): jitting each would compile it once per configuration. A single run's is jitted and kept
+  for the process's later runs. The optimizer state holds the trainable leaves alone.
+  """
+  if stacked:
+    return [lambda params, tx=tx: tx.init(steps.trainable_part(params, trainable)) for tx in txs]
+  tx = txs[0]
+  return [programs.reused(('opt_init', method, config.optimizer_key(), model, config.trainable),
+                          lambda: jax.jit(lambda params: tx.init(steps.trainable_part(params, trainable))))]
+
+
+def _chunk_programs(model: Any, lanes: _Lanes, task: tasks_lib.Task, mesh: Any) -> programs.ChunkPrograms:
+  """The lanes' chunk programs, for the shapes of their state (traced once per process: the jitted
+  init and optimizer init)."""
+  variables = steps.variable_shapes(model, task.train.x[:1])
+  abstract = RunState(*variables, jax.eval_shape(lanes.init_opt[0], variables[0]), None)
+  return programs.ChunkPrograms(model, lanes.txs[0], lanes.methods[0], lanes.configs[0], lanes.trainable, abstract, task,
+                                count=lanes.count, stacked=lanes.stacked, mesh=mesh)
+
+
+def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _TaskInput, *, warm: bool) -> RunState:
+  """The lanes' starting state; with ``warm``, the first task's train programs compile meanwhile.
+
+  Cold, compiling is most of a small run: the train programs compile in the background while the
+  model's initialisation compiles here (on the first task's shapes).
+  """
+  warmed_init = None
+  if warm and not lanes.stacked:  # the optimizer's init is needed first, right after the model's
+    warmed_init = programs.compile_in_background(lanes.init_opt[0], chunks.abstract.params)
+  if warm:
+    on_device = lanes.methods[0].averaging_schedule(0, first.total_steps) is None
+    variants = [True, False] if chunks.skips_between_averages and not on_device else [False]
+    stop_on_average = on_device and bool(lanes.configs[0].eval_every)
+    for skip in variants:
+      chunks.warm(first.feed.layout, skip, on_device, stop_on_average, first.feed.block(0, 1))
+  if warmed_init is not None:
+    warmed_init.result()
+  return lanes.fresh()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Boundaries:
+  """The :class:`~sfa_jax.engine.methods.Boundary` of each task, with the Fisher its methods may ask for (timed)."""
+
+  model: Any
+  tasks: Sequence[tasks_lib.Task]
+  config: Any
+  trainable: Any
+  record: _Record
+
+  def of(self, k: int, total_steps: int) -> methods_lib.Boundary:
+    """Task ``k``'s boundary; its ``fisher(lane)`` is the lane's Fisher on the task's training examples."""
+
+    def fisher(lane: RunState) -> Any:
+      with self.record.timed('fisher'):
+        split, limit = self.tasks[k].train, self.config.fisher_examples
+        if limit is not None:
+          split = tasks_lib.Split(split.x[:limit], split.y[:limit])
+        return steps.task_fisher(self.model, lane.params, lane.model_state, split, k, self.config.eval_batch_size,
+                                 self.config.objective, self.trainable)
+
+    return methods_lib.Boundary(k, len(self.tasks), total_steps, fisher)
+
+
+# ------------------------------------------------------------------------------------------------
+# A task's training: fused chunks, their events, the evaluations between them.
+
+
+class _TaskPlan(NamedTuple):
+  """Where the host acts among a task's steps, and how its chunks run.
+
+  Attributes:
+    total_steps: the task's steps.
+    averages: ``(lanes, total_steps + 2)`` bools: after which steps each lane's method averages,
+      as its schedule lists them ahead (none for a method that decides on the device).
+    host_stop: ``(total_steps + 1,)`` bools: the steps after which the host must act, whatever
+      the device decides.
+    on_device: whether a lane's method decides its averages on the device.
+    skip_between_averages: whether the steps between averages run with ``may_average=False``
+      (each average then runs alone).
+    stop_on_average: whether a chunk ends after a step on which a lane averaged on the device.
+  """
+
+  total_steps: int
+  averages: np.ndarray
+  host_stop: np.ndarray
+  on_device: bool
+  skip_between_averages: bool
+  stop_on_average: bool
+
+
+def _plan_task(methods: Sequence[methods_lib.Method], k: int, total_steps: int, position: _Position, config: Any,
+               checkpoint_every: int, skips_between_averages: bool) -> _TaskPlan:
+  """Task ``k``'s plan, from the methods' averaging schedules, the evaluations and the checkpoints."""
+  schedules = [method.averaging_schedule(k, total_steps) for method in methods]
+  on_device = any(schedule is None for schedule in schedules)
+  averages = np.stack([np.zeros(total_steps + 2, bool) if s is None else s for s in schedules])
+  # The steps after which the host must act, whatever the device decides: evaluations (with
+  # curves on: also just before and after each known average), checkpoints, the task's end.
+  after = np.arange(total_steps + 1)
+  global_after = position.global_step - position.step_in_task + after
+  host_stop = after == total_steps
+  if config.eval_every:
+    host_stop |= (global_after % config.eval_every == 0) | averages[:, after].any(0) | averages[:, after + 1].any(0)
+  if checkpoint_every:
+    host_stop |= global_after % checkpoint_every == 0
+  return _TaskPlan(total_steps, averages, host_stop, on_device, skips_between_averages and not on_device,
+                   on_device and bool(config.eval_every))
+
+
+class _TaskRunner:
+  """Trains the lanes on a task in fused chunks of steps; evaluates and checkpoints where the host acts.
+
+  Args:
+    lanes: the lanes it advances.
+    chunks: their chunk programs.
+    evaluator: scores every task.
+    record: where the results and the position go.
+    config: the lanes' shared settings (``eval_every``).
+    every_step: one step per dispatch (a callback must see each step as it ends).
+    emit: the callbacks.
+  """
+
+  def __init__(self, lanes: _Lanes, chunks: programs.ChunkPrograms, evaluator: _Evaluator, record: _Record, config: Any,
+               *, every_step: bool, emit: Callable[[Any], None]):
+    self._lanes, self._chunks, self._evaluator, self._record, self._config = lanes, chunks, evaluator, record, config
+    self._every_step, self._emit = every_step, emit
+    self._pace = _Pace()
+
+  def evaluate(self, k: int, which: Sequence[int]) -> np.ndarray:
+    """Every lane's accuracy on every task (``(lanes, tasks)``); a point of the curves of the lanes ``which``."""
+    with self._record.timed('evaluate'):
+      accuracies = self._evaluator(self._lanes.state)
+    self._record.add_points(k, accuracies, which)
+    return accuracies
+
+  def train(self, k: int, inputs: _TaskInput) -> None:
+    """Trains task ``k`` from the record's position to its end, emitting every step's events."""
+    position, config = self._record.position, self._config
+    plan = _plan_task(self._lanes.methods, k, inputs.total_steps, position, config, self._record.checkpoint_every,
+                      self._chunks.skips_between_averages)
+    reporter = _Reporter(k, plan, self._lanes.count, self._record, self._emit)
+    self._pace.start(position.step_in_task)
+    begin = time.perf_counter()
+    while position.step_in_task < plan.total_steps:
+      averaged = self._run_chunk(plan, inputs.feed, reporter)
+      if averaged is None:
+        continue
+      due = (position.global_step % max(config.eval_every, 1) == 0) | averaged | plan.averages[:, position.step_in_task + 1]
+      if config.eval_every and due.any():
+        self._record.seconds['train'] += time.perf_counter() - begin
+        self.evaluate(k, np.flatnonzero(due))
+        begin = time.perf_counter()
+      if self._record.checkpoint_due():
+        self._record.save(self._lanes.state, force=False)
+    self._record.seconds['train'] += time.perf_counter() - begin
+
+  def _run_chunk(self, plan: _TaskPlan, task_feed: feed_lib.TaskFeed, reporter: _Reporter) -> np.ndarray | None:
+    """Dispatches the next chunk; which lanes averaged on its last step if the host acts after it
+    before the task's end, else ``None``."""
+    position = self._record.position
+    t = position.step_in_task
+    averages_next = plan.skip_between_averages and plan.averages[0, t + 1]
+    n = 1 if averages_next or self._every_step or not self._chunks.looped else self._chunk_length(plan, t, task_feed)
+    program = self._chunks.chunk(task_feed.layout, plan.skip_between_averages and not averages_next, plan.on_device,
+                                 plan.stop_on_average)
+    outputs = self._lanes.advance(program, task_feed.block(t, n), n)
+    reporter.add(t, position.global_step, outputs)
+    # Without early stops every chunk runs its n steps, so the host goes on: it dispatches the
+    # next chunk before it waits for this one's events (at most one chunk ahead of them).
+    done = int(outputs[-1]) if plan.stop_on_average else n
+    position.step_in_task += done
+    position.global_step += done
+    acts = plan.host_stop[position.step_in_task] or plan.stop_on_average or self._every_step
+    if not acts and len(reporter) == 1:
+      return None
+    averaged = reporter.report(keep_last=not acts)
+    self._pace.reached(position.step_in_task - (0 if acts else done))
+    return averaged if acts and position.step_in_task < plan.total_steps else None
+
+  def _chunk_length(self, plan: _TaskPlan, t: int, task_feed: feed_lib.TaskFeed) -> int:
+    """The steps from step ``t`` to the next host stop (or known average, when each runs alone), at
+    most a block's and about :data:`CHUNK_SECONDS` of them."""
+    n = int(np.argmax(plan.host_stop[t + 1:])) + 1
+    ahead = plan.averages[0, t + 1:plan.total_steps + 1]
+    if plan.skip_between_averages and ahead.any():
+      n = min(n, int(np.argmax(ahead)))
+    return min(n, task_feed.block_steps, self._pace.steps())
+
+
+class _Reporter:
+  """A task's dispatched chunks whose events are not emitted yet; emits them in order."""
+
+  def __init__(self, k: int, plan: _TaskPlan, count: int, record: _Record, emit: Callable[[Any], None]):
+    self._k, self._plan, self._count, self._record, self._emit = k, plan, count, record, emit
+    self._pending: list[tuple[int, int, Any]] = []
+
+  def __len__(self) -> int:
+    return len(self._pending)
+
+  def add(self, first_step: int, first_global_step: int, outputs: Any) -> None:
+    """A chunk dispatched after ``first_step`` of the task (``first_global_step`` in all)."""
+    self._pending.append((first_step, first_global_step, outputs))
+
+  def report(self, keep_last: bool = False) -> np.ndarray:
+    """Emits the pending chunks' step and average events in order (all but the newest chunk, if
+    ``keep_last``: it runs while the host waits for the others); the last step's averages."""
+    averaged = np.zeros(self._count, bool)
+    reporting = self._pending[:-1] if keep_last else list(self._pending)
+    for first, start_global, outputs in reporting:
+      losses, metrics, flags, done = jax.device_get(outputs)
+      for j in range(int(done)):
+        step, global_step = first + j + 1, start_global + j + 1
+        averaged = self._plan.averages[:, step] | np.reshape(flags[j], self._count)
+        for i in np.flatnonzero(averaged):
+          self._record.add_average(int(i), self._k, global_step)
+        self._emit(callbacks_lib.StepEvent(self._k, step, self._plan.total_steps, global_step, losses[j], metrics[j]))
+    del self._pending[:len(reporting)]
+    return averaged
+
+
+class _Pace:
+  """How many steps the next chunk runs: about :data:`CHUNK_SECONDS` of the latest measured step time.
+
+  A chunk's events (a progress bar's) come when it ends, so chunks stay short enough that the host
+  reports at least every second; the first chunk, which may compile, runs few steps.
+  """
+
+  def __init__(self):
+    self._per_step = None
+    self._since = (0, time.perf_counter())
+
+  def steps(self) -> int:
+    if self._per_step is None:
+      return 8
+    return max(1, int(CHUNK_SECONDS / max(self._per_step, 1e-9)))
+
+  def start(self, step: int) -> None:
+    """Measures from ``step``, now (a task's start)."""
+    self._since = (step, time.perf_counter())
+
+  def reached(self, step: int) -> None:
+    """The steps up to ``step`` have been reported: the time per step since the last measure."""
+    now = time.perf_counter()
+    before, then = self._since
+    self._per_step = (now - then) / max(step - before, 1)
+    self._since = (step, now)
+
+
+CHUNK_SECONDS = 0.5  # a fused chunk's target duration
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation and the record.
+
+
+class _Evaluator:
+  """Every lane's accuracy on every task's test set, by one program (:func:`sfa_jax.engine.fused.make_scorer`)."""
+
+  def __init__(self, model: Any, all_tasks: Sequence[tasks_lib.Task], config: Any, *, stacked: bool, placement: Any):
+    objective = config.objective
+    self._scorer = programs.reused(('scorer', model, objective, stacked),
+                                   lambda: fused.make_scorer(steps.make_score(model, objective), stacked=stacked))
+    self._sizes = np.array([len(t.test.y) for t in all_tasks])
+    batches = fused.test_batches([t.test for t in all_tasks], [t.index for t in all_tasks], config.eval_batch_size)
+    self._groups = _test_groups(batches, config.device_data_bytes, placement)
+
+  def __call__(self, state: RunState) -> np.ndarray:
+    """The ``(lanes, tasks)`` accuracies of ``state`` (one row for a single run)."""
+    totals = sum(np.asarray(self._scorer(state.params, state.model_state, group, len(self._sizes))) for group in self._groups)
+    return np.atleast_2d(totals / self._sizes)
+
+
+def _test_groups(batches: fused.TestBatches, budget: int, placement: Any) -> list[fused.TestBatches]:
+  """The test batches on the device (one group) if they fit in ``budget`` bytes, else host groups
+  of as many batches as fit (shipped at each evaluation)."""
+  size = sum(leaf.nbytes for leaf in batches)
+  if size <= budget:
+    put = jax.device_put if placement is None else (lambda leaf: distributed.place(leaf, placement))
+    return [fused.TestBatches(*(put(leaf) for leaf in batches))]
+  per_batch = max(1, size // len(batches.task))
+  step = max(1, budget // per_batch)
+  return [fused.TestBatches(*(leaf[i:i + step] for leaf in batches)) for i in range(0, len(batches.task), step)]
+
+
+@dataclasses.dataclass
+class _Position:
+  """Where a run is: ``step_in_task`` steps of task ``task`` done, ``global_step`` in all."""
+
+  task: int = 0
+  step_in_task: int = 0
+  global_step: int = 0
+
+
+class _Record:
+  """What a run measured and where it is: the JSON record a checkpoint saves beside the run state.
+
+  Args:
+    fingerprint: what decides the run's numbers; its checkpoints carry it.
+    count: the number of lanes.
+    checkpointer: a :class:`sfa_jax.engine.checkpoint.Checkpointer`, or ``None``.
+    emit: the callbacks.
+    evaluate_state: the further evaluation of the (single) lane's state, or ``None``.
+
+  Attributes:
+    position: where the run is.
+  """
+
+  def __init__(self, fingerprint: str, count: int, checkpointer: Any, emit: Callable[[Any], None],
+               evaluate_state: Callable[[RunState, int | None], Any] | None):
+    self._data: dict[str, Any] = {
+        'fingerprint': fingerprint,
+        'position': dataclasses.asdict(_Position()),
+        'lanes': [{'matrix': [], 'curve': [], 'steps_per_task': [], 'averaging_steps': [], 'extra': []} for _ in range(count)],
+        'seconds': {'train': 0.0, 'evaluate': 0.0, 'fisher': 0.0},
+    }
+    self._checkpointer, self._emit, self._evaluate_state = checkpointer, emit, evaluate_state
+    self.position = _Position()
+
+  @property
+  def seconds(self) -> dict[str, float]:
+    """The seconds spent training, evaluating and in the Fisher (over every start of the run)."""
+    return self._data['seconds']
+
+  @property
+  def checkpoint_every(self) -> int:
+    """The steps between periodic checkpoints (0: only at task ends)."""
+    return 0 if self._checkpointer is None else self._checkpointer.every_steps
+
+  @contextlib.contextmanager
+  def timed(self, key: str) -> Iterator[None]:
+    """Adds the seconds the ``with`` block takes to ``seconds[key]``."""
+    begin = time.perf_counter()
+    yield
+    self.seconds[key] += time.perf_counter() - begin
+
+  def begin(self, state: RunState) -> RunState:
+    """The state to go on from: the checkpointer's latest of this run (this record then its), or ``state``.
+
+    A run that has not trained yet evaluates its starting point first (``evaluate_state``).
+    """
+    if self._checkpointer is not None:
+      restored = self._checkpointer.restore_latest(state._asdict(), fingerprint=self._data['fingerprint'])
+      if restored is not None:
+        arrays, self._data = restored
+        self.position = _Position(**self._data['position'])
+        state = RunState(**arrays)
+        self._emit(callbacks_lib.ResumeEvent(self.position.global_step))
+    if self.position.global_step == 0 and not self._data['lanes'][0]['extra']:
+      self._evaluate_extra(state, None)  # before any training: the starting point's row
+    return state
+
+  def add_average(self, lane: int, k: int, global_step: int) -> None:
+    """Lane ``lane``'s method averaged after ``global_step``, in task ``k``."""
+    self._data['lanes'][lane]['averaging_steps'].append(global_step)
+    self._emit(callbacks_lib.AverageEvent(lane, k, global_step))
+
+  def add_points(self, k: int, accuracies: np.ndarray, which: Sequence[int]) -> None:
+    """A point of the curves of the lanes ``which``, during task ``k``, from the ``(lanes, tasks)`` accuracies."""
+    for i in which:
+      point = (self.position.global_step, k, tuple(float(a) for a in accuracies[i]))
+      self._data['lanes'][i]['curve'].append(list(point))
+      self._emit(callbacks_lib.EvaluationEvent(i, _curve_point(point)))
+
+  def end_task(self, k: int, accuracies: np.ndarray, state: RunState) -> None:
+    """Task ``k`` ended with these ``(lanes, tasks)`` accuracies: each lane's steps and row of its
+    matrix, the further evaluation of ``state``; the position moves to the next task."""
+    for i, row in enumerate(accuracies):
+      lane = self._data['lanes'][i]
+      lane['steps_per_task'].append(self.position.step_in_task)
+      lane['matrix'].append([float(a) for a in row])
+      self._emit(callbacks_lib.TaskEndEvent(i, k, tuple(lane['matrix'][-1])))
+    self._evaluate_extra(state, k)
+    self.position.task, self.position.step_in_task = k + 1, 0
+
+  def checkpoint_due(self) -> bool:
+    """Whether a periodic checkpoint is due at the position."""
+    return self._checkpointer is not None and self._checkpointer.due(self.position.global_step)
+
+  def save(self, state: RunState, force: bool) -> None:
+    """Checkpoints ``state`` with this record, at the position (if there is a checkpointer)."""
+    if self._checkpointer is not None:
+      self._data['position'] = dataclasses.asdict(self.position)
+      self._checkpointer.save(self.position.global_step, state._asdict(), self._data, force=force)
+      self._emit(callbacks_lib.CheckpointEvent(self.position.global_step, self._checkpointer.directory))
+
+  def results(self, start_time: float) -> tuple[list[LaneRecord], dict[str, float]]:
+    """Every lane's :class:`LaneRecord`, and the seconds (``'total'`` counted from ``start_time``)."""
+    self.seconds['total'] = self.seconds.get('total', 0.0) + time.perf_counter() - start_time
+    return [
+        LaneRecord(lane['matrix'], [_curve_point(p) for p in lane['curve']], lane['steps_per_task'], lane['averaging_steps'],
+                   lane['extra'])
+        for lane in self._data['lanes']
+    ], dict(self.seconds)
+
+  def _evaluate_extra(self, state: RunState, after_task: int | None) -> None:
+    if self._evaluate_state is not None:
+      with self.timed('evaluate'):
+        self._data['lanes'][0]['extra'].append(self._evaluate_state(state, after_task))
 
 
 def _curve_point(point: Sequence[Any]) -> CurvePoint:

@@ -1,0 +1,263 @@
+"""The functions a run is made of, built from its model: the variables, the train step, the score, the Fisher.
+
+Each takes a Flax Linen module and returns plain functions of arrays, unjitted where the loop fuses
+them (:func:`make_train_step`, :func:`make_score`, fused into chunks by :mod:`sfa_jax.engine.fused`)
+and jitted where they run alone (:func:`initializer`, :func:`jitted_train_step`). A module's
+``__call__`` may take ``task_id=`` and ``train=`` keywords (the built-in models take both); they
+are passed only if it does, so any Linen module works (a module written in NNX: through
+``flax.nnx.bridge.to_linen``). With a ``trainable`` mask (:func:`sfa_jax.partial.path_mask`) only
+those params are differentiated, updated and held in the optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sfa_jax import _validation
+from sfa_jax import fisher as fisher_lib
+from sfa_jax import models
+from sfa_jax import partial
+from sfa_jax import tasks as tasks_lib
+from sfa_jax.engine import distributed
+from sfa_jax.engine import objectives as objectives_lib
+
+
+def initializer(model, sample: np.ndarray, mesh: Any = None) -> Callable[[int], tuple[Any, Any]]:
+  """``init(seed) -> (params, model_state)`` for ``model``, one jitted program for every seed.
+
+  Flax's ``init`` run eagerly dispatches every initializer's operations one by one, and a fresh
+  process compiles each of them; jitted, it is one program that the persistent compilation cache
+  keeps. The values are bit-for-bit those of the eager ``init``. With a ``mesh``, every leaf is
+  created where :func:`sfa_jax.engine.distributed.tree_shardings` puts it (FSDP).
+
+  Args:
+    model: a Flax Linen module taking ``(x, task_id=, train=)``.
+    sample: one batch of inputs, e.g. the first training example with its leading axis.
+    mesh: optional ``jax.sharding.Mesh`` from :func:`sfa_jax.engine.distributed.make_mesh`.
+
+  Returns:
+    The function of the seed.
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax import models
+    >>> from sfa_jax.engine import steps
+    >>> init = steps.initializer(models.make_model('mlp', 10), np.zeros((1, 8, 8, 1), np.float32))
+    >>> params, model_state = init(0)
+    >>> sorted(params)
+    ['Dense_0', 'Dense_1', 'head']
+  """
+  if mesh is None:
+    return lambda seed: _init_variables(model, jax.random.key(seed), sample)
+  shapes = jax.eval_shape(_init_variables, model, jax.random.key(0), sample)
+  sharded = jax.jit(
+      lambda key: _init_variables(model, key, sample), out_shardings=distributed.tree_shardings(shapes, mesh)
+  )
+  return lambda seed: sharded(jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(model, key: jax.Array, sample: jax.Array) -> tuple[Any, Any]:
+  variables = _call(model, model.init, key, sample, jnp.zeros(1, jnp.int32), train=False)
+  return models.split_variables(variables)
+
+
+def variable_shapes(model, sample: np.ndarray) -> tuple[Any, Any]:
+  """The shapes and dtypes of ``model``'s ``(params, model_state)``, traced once per process (nothing runs)."""
+  return jax.eval_shape(_init_variables, model, jax.random.key(0), sample)
+
+
+def starting_point(model, sample: np.ndarray, initial: Any, mesh: Any = None) -> Callable[[int], tuple[Any, Any]]:
+  """``init(seed)`` returning copies of ``initial``, checked against the model's own variables.
+
+  Args:
+    model: the Flax module.
+    sample: one batch of inputs, as for :func:`initializer`.
+    initial: ``(params, model_state)`` to start from (a pretrained model, another run's end).
+    mesh: optional mesh; the copies are then placed as :func:`initializer` places its variables.
+
+  Returns:
+    The function of the seed (which it ignores).
+
+  Raises:
+    TypeError: when ``initial`` is not a pair.
+    ValueError: when its trees differ from the model's variables.
+  """
+  if not (isinstance(initial, (tuple, list)) and len(initial) == 2):
+    raise TypeError(f'initial must be a (params, model_state) pair; got {type(initial).__name__}.')
+  expected = variable_shapes(model, sample)
+  for name, given, want in zip(('params', 'model_state'), initial, expected):
+    _validation.check_matching_tree(want, given, reference_name=f"the model's {name}", other_name=f'initial {name}')
+  shardings = distributed.tree_shardings(expected, mesh) if mesh is not None else None
+  copy = jax.jit(_validation.copy_tree, out_shardings=shardings)
+  return lambda seed: copy(tuple(initial))
+
+
+def trainable_mask(model, sample: np.ndarray, patterns: str | tuple[str, ...] | None) -> Any:
+  """The mask of the params ``patterns`` select (:func:`sfa_jax.partial.path_mask`), or ``None`` for all."""
+  if patterns is None:
+    return None
+  params_shapes, _ = variable_shapes(model, sample)
+  return partial.path_mask(params_shapes, patterns)
+
+
+def trainable_part(params: Any, trainable: Any) -> Any:
+  """The leaves of ``params`` that ``trainable`` selects (:func:`sfa_jax.partial.split_trainable`); all if ``None``.
+
+  The optimizer state holds these alone.
+  """
+  return params if trainable is None else partial.split_trainable(params, trainable)[0]
+
+
+
+@functools.lru_cache(maxsize=None)
+def _keywords(module_type: type) -> frozenset[str]:
+  """Which of ``task_id`` and ``train`` the module's ``__call__`` takes (by keyword, or ``**kwargs``)."""
+  try:
+    parameters = inspect.signature(module_type.__call__).parameters
+  except (TypeError, ValueError):
+    return frozenset()
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    return frozenset({'task_id', 'train'})
+  return frozenset({'task_id', 'train'} & set(parameters))
+
+
+def _call(model, method: Callable, first: Any, x: Any, task_ids: Any, *, train: bool, **kwargs) -> Any:
+  """``method(first, x, ...)`` with ``task_id=`` and ``train=`` passed only if the module takes them.
+
+  The built-in models take both (one head per task, BatchNorm's mode); any Flax Linen module
+  ``__call__(self, x)`` works too (a module written in NNX: through ``flax.nnx.bridge.to_linen``).
+  """
+  takes = _keywords(getattr(model, 'nnx_class', type(model)))  # flax.nnx.bridge.to_linen: the NNX module's
+  if 'task_id' in takes:
+    kwargs['task_id'] = task_ids
+  if 'train' in takes:
+    kwargs['train'] = train
+  return method(first, x, **kwargs)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION,
+                    trainable: Any = None, *, may_average: bool = True):
+  """The train step ``(params, model_state, opt_state, x, y, mask, task_ids) -> (..., loss, metric)``, unjitted.
+
+  With ``trainable`` (a mask of the params, :func:`sfa_jax.partial.path_mask`), only those leaves
+  are differentiated and updated: ``tx`` and its state see the trainable tree alone
+  (``optax.MaskedNode`` at the frozen leaves), the frozen leaves pass through unchanged. With
+  ``may_average=False`` the update is ``tx.update(..., may_average=False)``: a step known not to
+  average (SFA then skips its anchor, :func:`sfa_jax.sfa`).
+
+  :func:`jitted_train_step` compiles it alone; :func:`sfa_jax.engine.loop.train_stream` fuses it into chunks of steps
+  (:func:`sfa_jax.engine.fused.make_chunk`), vmapped for a sweep.
+  """
+  hint = {} if may_average else {'may_average': False}
+
+  def apply(params, model_state, x, task_ids):
+    variables = models.merge_variables(params, model_state)
+    if not model_state:
+      return _call(model, model.apply, variables, x, task_ids, train=True), model_state
+    return _call(model, model.apply, variables, x, task_ids, train=True, mutable=list(model_state))
+
+  def step(params, model_state, opt_state, x, y, mask, task_ids):
+    def loss_fn(p):
+      logits, new_state = apply(p, model_state, x, task_ids)
+      loss, accuracy = objective.loss(logits, y, mask)
+      return loss, (new_state, accuracy)
+
+    if trainable is None:
+      (loss, (new_state, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params, **hint)
+      return optax.apply_updates(params, updates), new_state, opt_state, loss, accuracy
+    train, frozen = partial.split_trainable(params, trainable)
+    (loss, (new_state, accuracy)), grads = partial.trainable_value_and_grad(loss_fn, has_aux=True)(train, frozen)
+    updates, opt_state = tx.update(grads, opt_state, train, **hint)
+    return partial.merge_trainable(optax.apply_updates(train, updates), frozen), new_state, opt_state, loss, accuracy
+
+  return step
+
+
+def jitted_train_step(model, tx: optax.GradientTransformation, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION,
+                      trainable: Any = None):
+  """:func:`make_train_step` jitted, params and optimizer state donated; traced once per batch shape."""
+  return jax.jit(make_train_step(model, tx, objective, trainable), donate_argnums=(0, 2))
+
+
+def make_score(model, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION) -> Callable[..., Any]:
+  """``score(params, model_state, x, y, mask, task_ids)``: the objective's score summed over one batch.
+
+  The per-batch function that :func:`sfa_jax.engine.fused.make_scorer` runs over every task's test
+  batches in one program; the accuracy matrix's entries are these sums over each test set's size.
+  """
+
+  def score(params, model_state, x, y, mask, task_ids):
+    logits = _call(model, model.apply, models.merge_variables(params, model_state), x, task_ids, train=False)
+    return objective.score(logits, y, mask)
+
+  return score
+
+
+@dataclasses.dataclass(frozen=True)
+class _VariablesLogits:
+  """``(variables, (x, task_ids)) -> logits``: a hashable logits function for the Fisher.
+
+  Equal for equal models, so the Fisher's jitted chunk function compiles once per run, not per task.
+  """
+
+  model: Any
+
+  def __call__(self, variables, inputs):
+    x, task_ids = inputs
+    return _call(self.model, self.model.apply, variables, x, task_ids, train=False)
+
+
+def task_fisher(
+    model, params, model_state, split: tasks_lib.Split, task_index: int, batch_size: int,
+    objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION, trainable: Any = None,
+) -> Any:
+  """The empirical diagonal Fisher of ``params`` on ``split``: the mean squared per-example gradient.
+
+  For :data:`~sfa_jax.engine.objectives.CLASSIFICATION`, of the log-likelihood (with the batched
+  layer-wise pass of :func:`sfa_jax.fisher.diagonal_fisher`); for any other objective, or with a
+  ``trainable`` mask (:func:`sfa_jax.partial.path_mask`), of its per-example loss, the frozen
+  leaves' entries zero (their gradients are never formed).
+  """
+  task_ids = np.full(len(split.y), task_index, np.int32)
+  if objective is objectives_lib.CLASSIFICATION and trainable is None:
+    variables = models.merge_variables(params, model_state)
+    full = fisher_lib.diagonal_fisher(_VariablesLogits(model), variables, (split.x, task_ids), split.y, batch_size=batch_size)
+    return models.split_variables(full)[0]
+  return _loss_fisher(model, objective, params, model_state, split, task_ids, batch_size, trainable)
+
+
+def _loss_fisher(model, objective, params, model_state, split, task_ids, batch_size, trainable=None) -> Any:
+  """``mean_i g_i²``, ``g_i`` the gradient of example ``i``'s loss under ``objective`` (chunks of
+  ``batch_size``), with respect to the ``trainable`` leaves (all if ``None``; zero elsewhere)."""
+  train, frozen = (params, None) if trainable is None else partial.split_trainable(params, trainable)
+
+  def example_loss(t, frozen, x, y, task_id):
+    p = t if frozen is None else partial.merge_trainable(t, frozen)
+    outputs = _call(model, model.apply, models.merge_variables(p, model_state), x[None], task_id[None], train=False)
+    return objective.loss(outputs, y[None], jnp.ones(1, bool))[0]
+
+  @jax.jit
+  def chunk_sum(t, frozen, x, y, ids, valid):
+    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, None, 0, 0, 0))(t, frozen, x, y, ids)
+    return jax.tree.map(lambda g: jnp.einsum('n,n...->...', valid, jnp.square(g)), grads)
+
+  total = jax.tree.map(jnp.zeros_like, train)
+  n = len(split.y)
+  for start in range(0, n, batch_size):
+    rows = np.arange(start, start + batch_size) % n
+    valid = (np.arange(start, start + batch_size) < n).astype(np.float32)
+    part = chunk_sum(train, frozen, split.x[rows], split.y[rows], task_ids[rows], valid)
+    total = jax.tree.map(jnp.add, total, part)
+  fisher = jax.tree.map(lambda t: t / n, total)
+  return fisher if frozen is None else partial.merge_trainable(fisher, jax.tree.map(jnp.zeros_like, frozen))
