@@ -6,7 +6,7 @@ plots the guides show into ``docs/_static/figures/``::
   python docs/make_figures.py                    # run the demo, then copy its plots
   python docs/make_figures.py --from outputs/demo  # copy the plots of a demo already run
 
-The figures are the demo's own output (``sfa_jax.cli.report``), not drawn for the docs: the accuracy
+The figures are the demo's own output (``sfa_jax.cli.plots``), not drawn for the docs: the accuracy
 matrices of fine-tuning and SFA, and both methods' accuracy curves (SFA's shows the jumps of the
 even digits' accuracy at its averaging steps).
 """
