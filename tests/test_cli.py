@@ -525,3 +525,22 @@ _ENTRY_POINT = textwrap.dedent(
 def test_python_dash_m_sfa_jax_answers_without_loading_jax(argv, code):
   result = subprocess.run([sys.executable, '-c', _ENTRY_POINT, *argv], capture_output=True, text=True, timeout=60)
   assert json.loads(result.stdout.splitlines()[-1]) == {'code': code, 'loaded': []}, result.stderr[-2000:]
+
+
+_WITHOUT_THE_ENGINE = textwrap.dedent(
+    """
+    import sys
+    sys.modules['orbax'] = None  # as on a machine with the core alone: `import orbax` fails
+    from sfa_jax.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_a_missing_engine_package_names_the_extra(tmp_path):
+  argv = ['run', '--method', 'finetune', '--source', 'digits', '--out', str(tmp_path / 'out')]
+  result = subprocess.run([sys.executable, '-c', _WITHOUT_THE_ENGINE, *argv], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      "sfa-jax: error: orbax is not installed: the command line runs the engine, which pip install "
+      "'sfa-jax[engine]' installs")

@@ -30,8 +30,9 @@ loaded, against the registries, which import only the standard library
 (:mod:`sfa_jax.tasks.catalog`, :mod:`sfa_jax.models.registry`, :mod:`sfa_jax.engine.optimizers`,
 :mod:`sfa_jax.engine.methods`), so ``--help`` and those errors answer at once. Bad input (an unknown
 stream or method, a hyper-parameter out of range or given twice, missing data, an output folder
-that cannot be written, checkpoints of another command), a failed write (a full disk) or an
-unusable checkpoint ends with one line on stderr and exit code 2.
+that cannot be written, checkpoints of another command), a failed write (a full disk), an
+unusable checkpoint, or a package of the ``engine`` extra that is not installed (``pip install
+sfa-jax`` alone brings the core) ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -691,6 +692,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     print('\nsfa-jax: interrupted; continue with the same command and --resume', file=sys.stderr)
     return 130
+  except ModuleNotFoundError as error:
+    package = (error.name or 'sfa_jax').split('.')[0]
+    if package == 'sfa_jax':
+      raise
+    print(f"sfa-jax: error: {package} is not installed: the command line runs the engine, which "
+          "pip install 'sfa-jax[engine]' installs", file=sys.stderr)
+    return 2
   except _reported_errors() as error:
     message = ' '.join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
     print(f'sfa-jax: error: {message}', file=sys.stderr)
