@@ -32,8 +32,7 @@ One module per idea:
 Importing this package loads nothing: each name loads its module when first used.
 """
 
-import importlib
-import importlib.util
+from sfa_jax import _lazy
 
 # Every name users write as ``engine.NAME``, and its module, imported when first used (PEP 562).
 _EXPORTS = {
@@ -52,17 +51,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-  """A public name (imported from its module) or a submodule, loaded on first use."""
-  if name in _EXPORTS:
-    value = getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
-  elif importlib.util.find_spec(f'{__name__}.{name}') is not None:
-    value = importlib.import_module(f'{__name__}.{name}')
-  else:
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-  globals()[name] = value
-  return value
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
