@@ -30,7 +30,7 @@ in a sweep) and a JSON record (position, accuracy matrices, curves); it restores
 a fresh start, whose structure never changes during a run. On CPU a resumed run is bit for bit an
 uninterrupted one.
 
-:func:`train_stream` reads as its steps: ``_TaskInputs`` prepares a task's batches, ``_Lanes``
+:func:`train_stream` reads as its steps: ``_TaskPreparer`` prepares a task's batches, ``_Lanes``
 holds the lanes' state and calls the methods' hooks at task boundaries, ``_TaskRunner`` trains a
 task in chunks and reports their events, ``_Evaluator`` scores every task, and ``_Record`` keeps
 the results and the position, and saves and restores the checkpoints.
@@ -146,23 +146,24 @@ def train_stream(
   placement = None if mesh is None else distributed.replicated(mesh)
   lanes = _Lanes(configurations, all_tasks, model, stacked=stacked, mesh=mesh, initial=initial)
   chunks = _chunk_programs(model, lanes, all_tasks[0], mesh)
-  inputs = _TaskInputs(all_tasks, lanes.methods, lanes.configs, stacked=stacked, placement=placement)
-  lanes.state = _fresh_state(lanes, chunks, inputs.ahead(0), warm=mesh is None)
+  prepare = _TaskPreparer(all_tasks, lanes.methods, lanes.configs, stacked=stacked, placement=placement)
+  lanes.state = _fresh_state(lanes, chunks, prepare.ahead(0), warm=mesh is None)
   evaluator = _Evaluator(model, all_tasks, shared, stacked=stacked, placement=placement)
   record = _Record(fingerprint, lanes.count, checkpointer, emit, evaluate_state)
-  lanes.state = record.begin(lanes.state)
+  lanes.state = record.start(lanes.state)
   boundaries = _Boundaries(model, all_tasks, shared, lanes.trainable, record)
   runner = _TaskRunner(lanes, chunks, evaluator, record, shared, every_step=callbacks_lib.wants_every_step(callbacks),
                        emit=emit)
   while record.position.task < len(all_tasks):
     k = record.position.task
-    task = inputs(k)
-    at = boundaries.of(k, task.total_steps)
+    prepared = prepare(k)
+    at = boundaries.of(k, prepared.total_steps)
     if record.position.step_in_task == 0:
       lanes.start_task(at)
-    runner.train(k, task)
+    runner.train(k, prepared)
     lanes.end_task(at)
-    record.end_task(k, runner.evaluate(k, range(lanes.count)), lanes.state)
+    accuracies = runner.evaluate(k, range(lanes.count))
+    record.end_task(k, accuracies, lanes.state)
     record.save(lanes.state, force=True)
   return record.results(start_time)
 
@@ -211,7 +212,7 @@ def _task_steps(num_examples: int, batch_size: int, config: Any, task_index: int
 # A task's inputs.
 
 
-class _TaskInput(NamedTuple):
+class _PreparedTask(NamedTuple):
   """A task's step count and feed, prepared before it starts."""
 
   task: int
@@ -219,7 +220,7 @@ class _TaskInput(NamedTuple):
   feed: feed_lib.TaskFeed
 
 
-class _TaskInputs:
+class _TaskPreparer:
   """Prepares a task's inputs for every lane: its step count, every step's batch rows, its examples on the device.
 
   The lanes of a sweep that draw the same batches (one seed, one data plan) share one group:
@@ -233,19 +234,19 @@ class _TaskInputs:
     one_group = not stacked or len({(config.seed, method.data_key()) for method, config in zip(methods, configs)}) == 1
     self._groups = range(1 if one_group else len(configs))
     self._largest = max(len(task.train.y) for task in all_tasks)  # examples on the device: one shape for all
-    self._ahead: _TaskInput | None = None
+    self._ahead: _PreparedTask | None = None
 
-  def ahead(self, k: int) -> _TaskInput:
+  def ahead(self, k: int) -> _PreparedTask:
     """Task ``k``'s inputs, prepared ahead (to compile its programs) and kept for its start."""
     self._ahead = self._prepare(k)
     return self._ahead
 
-  def __call__(self, k: int) -> _TaskInput:
+  def __call__(self, k: int) -> _PreparedTask:
     """Task ``k``'s inputs: those prepared ahead if they are this task's, else prepared now."""
     ahead, self._ahead = self._ahead, None
     return ahead if ahead is not None and ahead.task == k else self._prepare(k)
 
-  def _prepare(self, k: int) -> _TaskInput:
+  def _prepare(self, k: int) -> _PreparedTask:
     shared, configs = self._configs[0], self._configs
     plans = [self._methods[i].batch_plan(self._tasks, k, configs[i].batch_size, configs[i].seed) for i in self._groups]
     total_steps = _task_steps(len(plans[0].data.y), shared.batch_size - plans[0].replay_size, shared, k)
@@ -253,7 +254,7 @@ class _TaskInputs:
             for i in self._groups]
     task_feed = feed_lib.task_feed(plans, rows, lanes=self._stacked, budget=shared.device_data_bytes,
                                    min_rows=self._largest, placement=self._placement)
-    return _TaskInput(k, total_steps, task_feed)
+    return _PreparedTask(k, total_steps, task_feed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,7 +291,10 @@ class _Lanes:
     self.configs = [config for _, config in configurations]
     self.count, self.stacked, self._num_tasks = len(configurations), stacked, len(all_tasks)
     shared, sample = self.configs[0], all_tasks[0].train.x[:1]
-    self._init = steps.initializer(model, sample, mesh) if initial is None else steps.starting_point(model, sample, initial, mesh)
+    if initial is None:
+      self._init = steps.initializer(model, sample, mesh)
+    else:
+      self._init = steps.starting_point(model, sample, initial, mesh)
     self.trainable = steps.trainable_mask(model, sample, shared.trainable)
     optimizer = shared.make_optimizer()
     self.txs = [method.transform(optimizer) for method in self.methods]
@@ -371,7 +375,7 @@ def _chunk_programs(model: Any, lanes: _Lanes, task: tasks_lib.Task, mesh: Any) 
                                 count=lanes.count, stacked=lanes.stacked, mesh=mesh)
 
 
-def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _TaskInput, *, warm: bool) -> RunState:
+def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _PreparedTask, *, warm: bool) -> RunState:
   """The lanes' starting state; with ``warm``, the first task's train programs compile meanwhile.
 
   Cold, compiling is most of a small run: the train programs compile in the background while the
@@ -487,16 +491,16 @@ class _TaskRunner:
     self._record.add_points(k, accuracies, which)
     return accuracies
 
-  def train(self, k: int, inputs: _TaskInput) -> None:
+  def train(self, k: int, prepared: _PreparedTask) -> None:
     """Trains task ``k`` from the record's position to its end, emitting every step's events."""
     position, config = self._record.position, self._config
-    plan = _plan_task(self._lanes.methods, k, inputs.total_steps, position, config, self._record.checkpoint_every,
+    plan = _plan_task(self._lanes.methods, k, prepared.total_steps, position, config, self._record.checkpoint_every,
                       self._chunks.skips_between_averages)
     reporter = _Reporter(k, plan, self._lanes.count, self._record, self._emit)
     self._pace.start(position.step_in_task)
     begin = time.perf_counter()
     while position.step_in_task < plan.total_steps:
-      averaged = self._run_chunk(plan, inputs.feed, reporter)
+      averaged = self._run_chunk(plan, prepared.feed, reporter)
       if averaged is None:
         continue
       due = (position.global_step % max(config.eval_every, 1) == 0) | averaged | plan.averages[:, position.step_in_task + 1]
@@ -687,7 +691,7 @@ class _Record:
     yield
     self.seconds[key] += time.perf_counter() - begin
 
-  def begin(self, state: RunState) -> RunState:
+  def start(self, state: RunState) -> RunState:
     """The state to go on from: the checkpointer's latest of this run (this record then its), or ``state``.
 
     A run that has not trained yet evaluates its starting point first (``evaluate_state``).

@@ -152,7 +152,8 @@ class ChunkPrograms:
 
   def __init__(self, model: Any, tx: optax.GradientTransformation, method: methods_lib.Method, config: Any,
                trainable: Any, abstract: Any, task: tasks_lib.Task, *, count: int, stacked: bool, mesh: Any):
-    self._model, self._tx, self._averaged, self._objective, self._trainable = model, tx, method.averaged, config.objective, trainable
+    self._model, self._tx, self._objective, self._trainable = model, tx, config.objective, trainable
+    self._averaged = method.averaged
     sample = task.train.x
     trained = steps.trainable_part(abstract.params, trainable)
     # XLA's CPU backend runs a convolution in a loop several times slower: such steps go one a call.
