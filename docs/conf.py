@@ -74,8 +74,8 @@ API_PAGES = {
         'transforms', 'anchors', 'partial', 'adaptive', 'fisher', 'merging', 'metrics',
     ]),
     'engine': ('``sfa_jax.engine``: methods, runs, sweeps, grids, the loop, meshes, checkpoints', 'sfa_jax.engine', [
-        'methods', 'config', 'run', 'sweep', 'grid', 'budget', 'objectives', 'callbacks', 'loop', 'steps', 'programs',
-        'feed', 'fused', 'distributed', 'checkpoint', 'compile_cache', 'lm',
+        'methods', 'config', 'optimizers', 'run', 'sweep', 'grids', 'budget', 'objectives', 'callbacks', 'loop',
+        'steps', 'programs', 'feed', 'fused', 'distributed', 'checkpoint', 'compile_cache', 'lm',
     ]),
     'tasks': ('``sfa_jax.tasks``: task streams on real data', 'sfa_jax.tasks', [
         'stream', 'catalog', 'registry', 'builders', 'batching', 'source', 'offline', 'idx', 'tfds_data', 'text',
