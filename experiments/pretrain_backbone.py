@@ -117,16 +117,16 @@ def pretrain(model, train, test, *, epochs, batch_size, learning_rate, seed, log
   rng = np.random.default_rng(seed)
   steps_per_epoch = len(train.y) // batch_size
   start = time.perf_counter()
-  steps = 0
+  steps_done = 0
   for epoch in range(epochs):
     order = rng.permutation(len(train.y))
     for i in range(steps_per_epoch):
       idx = order[i * batch_size:(i + 1) * batch_size]
       params, model_state, opt_state, loss = step(params, model_state, opt_state, train.x[idx], train.y[idx])
-      steps += 1
+      steps_done += 1
     log(f'epoch {epoch + 1}/{epochs}: loss {float(loss):.3f}, test accuracy {accuracy(test):.4f} '
         f'({time.perf_counter() - start:.0f} s)')
-  record = {'steps': steps, 'epochs': epochs, 'batch_size': batch_size, 'learning_rate': learning_rate,
+  record = {'steps': steps_done, 'epochs': epochs, 'batch_size': batch_size, 'learning_rate': learning_rate,
             'seed': seed, 'test_accuracy': accuracy(test), 'train_accuracy': accuracy(train),
             'train_seconds': time.perf_counter() - start}
   return params, model_state, record
