@@ -5,7 +5,7 @@ several methods are added up as lists. :func:`run_grid` trains them on one strea
 another (:func:`sfa_jax.engine.run.run_sequence`) or as vectorised sweeps
 (:func:`sfa_jax.engine.sweep.run_sweep`, one per group of configurations a sweep can hold), and
 yields each :class:`GridRun` as soon as it and the configurations before it have finished.
-:func:`summarize_runs` aggregates finished runs over their seeds (mean ± std).
+:func:`summarize_runs` aggregates finished runs over their seeds (mean ± std)::
 
   from sfa_jax import engine, tasks
 
