@@ -106,7 +106,8 @@ def path_mask(params: Any, patterns: str | Sequence[str]) -> Any:
     A tree of Python bools with the structure of ``params`` (``optax.MaskedNode`` kept as it is).
 
   Raises:
-    TypeError: if ``patterns`` holds something other than strings.
+    TypeError: if ``patterns`` is not a string or a sequence of strings (``None``, a number, a
+      set, an empty sequence).
     ValueError: if a pattern is not a valid regular expression or matches no leaf (the message
       lists some of the paths there are).
 
@@ -116,6 +117,8 @@ def path_mask(params: Any, patterns: str | Sequence[str]) -> Any:
     >>> path_mask(params, 'norm')
     {'layers': {'attention_norm': {'scale': False}}, 'norm': {'scale': True}}
   """
+  if not isinstance(patterns, (str, Sequence)):
+    raise TypeError(f'patterns must be a string or a sequence of strings; got {type(patterns).__name__} {patterns!r}.')
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
   if not patterns or not all(isinstance(pattern, str) for pattern in patterns):
     raise TypeError(f'patterns must be a string or a sequence of strings; got {patterns!r}.')

@@ -173,6 +173,7 @@ def test_path_mask_matches_whole_path_components():
     (lambda p: partial.path_mask(p, 'lm_head'), ValueError, "'lm_head' matches no leaf of params; its paths include"),
     (lambda p: partial.path_mask(p, '(['), ValueError, "patterns: '\\(\\[' is not a regular expression"),
     (lambda p: partial.path_mask(p, [3]), TypeError, 'patterns must be a string'),
+    (lambda p: partial.path_mask(p, None), TypeError, 'patterns must be a string or a sequence of strings; got NoneType None'),
     (lambda p: partial.split_trainable(p, {'body': 1, 'head': True, 'norm': True}), TypeError, r"mask\['body'\] must be True or False"),
     (lambda p: partial.split_trainable(p, {'body': True}), ValueError, 'mask must have the tree structure of params'),
     (lambda p: partial.merge_trainable(p, p), ValueError, r"params\['body'\]\['b'\] is held by both trees"),
