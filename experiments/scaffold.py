@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -97,12 +99,30 @@ def train(
   return [run.to_json() for run in runs]
 
 
+class RunLogWarning(UserWarning):
+  """A run log (:func:`load_runs`, :func:`append_run`) ends in a line a stopped writer left unfinished."""
+
+
 def load_runs(path: str, key: Callable[[dict[str, Any]], Any]) -> dict[Any, dict[str, Any]]:
   """The finished runs recorded in the JSON-lines file ``path`` (none if it is missing), by ``key(run)``.
 
   A long experiment appends each run as it finishes (:func:`append_run`) and skips those it finds
   here on a rerun, so a stop loses at most the run in progress. ``key`` may return ``None`` for a
-  run that belongs to another setting: it is left out.
+  run that belongs to another setting: it is left out. A last line without its newline that holds
+  no run is the run being appended when its writer stopped: it is left out with a warning (the
+  next :func:`append_run` removes it). The file is read under a shared lock, so a run another
+  process is appending is not mistaken for one.
+
+  Args:
+    path: the run log.
+    key: maps a run to its key (``None``: leave the run out).
+
+  Returns:
+    ``{key(run): run}``; a later run with the same key replaces an earlier one.
+
+  Raises:
+    ValueError: naming the file and the line, when a line other than an unfinished last one is not
+      a JSON object.
 
   Example:
     >>> import os, tempfile
@@ -111,23 +131,89 @@ def load_runs(path: str, key: Callable[[dict[str, Any]], Any]) -> dict[Any, dict
     >>> sorted(load_runs(path, lambda run: (run['method'], run['seed'])))
     [('sfa', 0), ('sfa', 1)]
   """
-  runs = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          run = json.loads(line)
-          run_key = key(run)
-          if run_key is not None:
-            runs[run_key] = run
-  return runs
+  if not os.path.exists(path):
+    return {}
+  with open(path, 'rb') as f:
+    fcntl.flock(f, fcntl.LOCK_SH)
+    data = f.read()
+  *complete, last = data.split(b'\n')
+  runs = [_run_on_line(path, number, line) for number, line in enumerate(complete, 1) if line.strip()]
+  if last.strip():
+    run = _decode_run(last)
+    if run is None:
+      warnings.warn(f'{path}, line {len(complete) + 1}: an unfinished last line (a run being appended when its writer '
+                    'stopped) is left out; the next append_run removes it.', RunLogWarning, stacklevel=2)
+    else:
+      runs.append(run)
+  keyed = ((key(run), run) for run in runs)
+  return {run_key: run for run_key, run in keyed if run_key is not None}
 
 
 def append_run(path: str, run: Mapping[str, Any]) -> None:
-  """Appends ``run`` to the JSON-lines file ``path`` (created with its folder), flushed at once."""
+  """Appends ``run`` as one line to the JSON-lines file ``path`` (created with its folder), on disk at once.
+
+  The line is written at the end of the file in one piece under an exclusive lock (processes that
+  append side by side take turns), and synced before this returns; a crash can only leave this
+  line unfinished. If the file ends in an unfinished line (a writer that stopped mid-append),
+  that line is removed first, with a warning; a finished last line without its newline gets one.
+  Earlier lines are never rewritten.
+
+  Args:
+    path: the run log.
+    run: the run, JSON values.
+
+  Raises:
+    TypeError: when ``run`` is not JSON values (nothing is written).
+  """
+  line = (json.dumps(run) + '\n').encode()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'a') as f:
-    f.write(json.dumps(run) + '\n')
+  fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    line = _after_unfinished_line(path, fd) + line
+    while line:
+      line = line[os.write(fd, line):]
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _decode_run(line: bytes) -> dict[str, Any] | None:
+  """The run a line of a run log holds, or ``None`` when it holds no JSON object."""
+  try:
+    run = json.loads(line)
+  except ValueError:  # not JSON, or not UTF-8
+    return None
+  return run if isinstance(run, dict) else None
+
+
+def _run_on_line(path: str, number: int, line: bytes) -> dict[str, Any]:
+  """The run on the finished line ``number`` of the run log ``path``; raises ``ValueError`` naming both."""
+  run = _decode_run(line)
+  if run is None:
+    raise ValueError(f'{path}, line {number}: not a run (one JSON object a line): {line[:80]!r}. Only an unfinished '
+                     'last line is left out on its own; repair or remove this line.')
+  return run
+
+
+def _after_unfinished_line(path: str, fd: int) -> bytes:
+  """Makes the run log open at ``fd`` (locked) end where a new line can start: the bytes to write first.
+
+  An unfinished last line that holds no run is cut off (with a :class:`RunLogWarning`); one that
+  holds a run needs only its newline.
+  """
+  size = os.lseek(fd, 0, os.SEEK_END)
+  if size == 0 or os.pread(fd, 1, size - 1) == b'\n':
+    return b''
+  data = os.pread(fd, size, 0)
+  start = data.rfind(b'\n') + 1
+  if _decode_run(data[start:]) is not None:
+    return b'\n'
+  os.ftruncate(fd, start)
+  number = data.count(b'\n') + 1
+  warnings.warn(f'{path}, line {number}: an unfinished last line (a run being appended when its writer '
+                'stopped) is removed before the next run is appended.', RunLogWarning, stacklevel=3)
+  return b''
 
 
 def final_accuracies(runs: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:

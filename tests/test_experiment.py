@@ -1,8 +1,9 @@
 """The experiment scripts' scaffolding: frontiers and their areas by hand, grids of several methods, the
-scripts' entry and outputs."""
+scripts' entry and outputs, the run logs."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -139,6 +140,48 @@ def test_train_gives_each_runs_json_and_logs(capsys):
   column = [r['accuracy_matrix'][-1][1] for r in runs]
   assert finals['sfa(beta=0.25, p=0.5)'][1] == pytest.approx((np.mean(column), np.std(column)))
   json.dumps(runs)  # plain JSON
+
+
+# ---------------------------------------------------------------------------------------------
+# Run logs: a run appended as it finishes, read back on a rerun.
+
+
+def _by_seed(run):
+  return run['seed']
+
+
+def test_a_run_log_torn_by_a_crash_keeps_its_runs_and_takes_the_next(tmp_path):
+  path = str(tmp_path / 'runs.jsonl')
+  scaffold.append_run(path, {'seed': 0})
+  scaffold.append_run(path, {'seed': 1})
+  with open(path, 'a') as f:
+    f.write('{"seed": 2, "accur')  # the writer stopped mid-append
+  with pytest.warns(scaffold.RunLogWarning, match=re.escape(path) + r', line 3: an unfinished last line'):
+    assert list(scaffold.load_runs(path, _by_seed)) == [0, 1]
+  with pytest.warns(scaffold.RunLogWarning, match=re.escape(path) + r', line 3: an unfinished last line .* removed'):
+    scaffold.append_run(path, {'seed': 2})
+  assert list(scaffold.load_runs(path, _by_seed)) == [0, 1, 2]
+  assert open(path).read() == '{"seed": 0}\n{"seed": 1}\n{"seed": 2}\n'
+
+
+def test_a_finished_run_without_its_newline_is_kept_and_the_next_starts_a_line(tmp_path):
+  path = str(tmp_path / 'runs.jsonl')
+  with open(path, 'w') as f:
+    f.write('{"seed": 0}')
+  scaffold.append_run(path, {'seed': 1})
+  assert open(path).read() == '{"seed": 0}\n{"seed": 1}\n'
+
+
+def test_a_run_log_damaged_before_its_last_line_is_refused_naming_the_line(tmp_path):
+  path = str(tmp_path / 'runs.jsonl')
+  with open(path, 'w') as f:
+    f.write('{"seed": 0}\n{"seed": 1\n{"seed": 2}\n')
+  with pytest.raises(ValueError, match=re.escape(path) + r', line 2: not a run'):
+    scaffold.load_runs(path, _by_seed)
+  with open(path, 'w') as f:
+    f.write('{"seed": 0}\n[1]\n')  # JSON, but not a run
+  with pytest.raises(ValueError, match=re.escape(path) + r', line 2: not a run'):
+    scaffold.load_runs(path, _by_seed)
 
 
 # ---------------------------------------------------------------------------------------------
