@@ -23,8 +23,10 @@ a model is built and evaluated (``TaskStream.setting`` tells the trainer which).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
@@ -260,6 +262,11 @@ def split_from_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], directo
   arrays: training gathers each batch's rows from the files, so only what a step uses is loaded.
   The inputs of every batch share one shape after the batch axis, and so do the targets.
 
+  Both files are written whole under new names and then renamed over ``x.npy`` and ``y.npy``: an
+  error or a crash while writing leaves the directory's earlier split as it was, and a split
+  already reading the old files (memory-mapped, in this process or another) keeps reading the old
+  data after a rebuild.
+
   Args:
     batches: ``(x, y)`` pairs, e.g. a generator reading shards of a data set.
     directory: where the two files go (created; existing files are replaced).
@@ -283,10 +290,38 @@ def split_from_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], directo
   """
   os.makedirs(directory, exist_ok=True)
   paths = {name: os.path.join(directory, f'{name}.npy') for name in ('x', 'y')}
+  staged = {name: f'{path}.{uuid.uuid4().hex}' for name, path in paths.items()}
+  raw = {name: f'{path}.raw' for name, path in staged.items()}
+  try:
+    layout, count = _write_raw(batches, raw)
+    for name, shape, dtype in (('x', layout[0], layout[1]), ('y', layout[2], layout[3])):
+      _npy_from_raw(raw[name], staged[name], (count, *shape), dtype)
+    for name, path in paths.items():
+      os.replace(staged[name], path)  # a reader's memory map keeps the old file
+  finally:
+    for path in (*raw.values(), *staged.values()):  # all of them after an error; the raw ones otherwise
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+  return Split(np.load(paths['x'], mmap_mode='r'), np.load(paths['y'], mmap_mode='r'))
+
+
+def _write_raw(batches: Iterable[tuple[np.ndarray, np.ndarray]], raw: dict[str, str]) -> tuple[tuple, int]:
+  """Writes the batches' inputs and targets, one after the other, as raw bytes.
+
+  Args:
+    batches: ``(x, y)`` pairs.
+    raw: ``{'x': file, 'y': file}``, the new files the bytes go to.
+
+  Returns:
+    ``(layout, count)``: the batches' ``(x row shape, x dtype, y row shape, y dtype)`` and their
+    total number of rows.
+
+  Raises:
+    ValueError: as :func:`split_from_batches` does.
+  """
   layout = None
   count = 0
-  raw = {name: open(paths[name] + '.part', 'wb') for name in paths}
-  try:
+  with open(raw['x'], 'xb') as x_file, open(raw['y'], 'xb') as y_file:
     for i, (x, y) in enumerate(batches):
       x, y = np.asarray(x), np.asarray(y)
       if len(x) != len(y):
@@ -297,26 +332,31 @@ def split_from_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], directo
       elif this != layout:
         raise ValueError(f'batch {i} has inputs {x.dtype}{list(x.shape[1:])} and targets {y.dtype}{list(y.shape[1:])}; '
                          f'the first had {layout[1]}{list(layout[0])} and {layout[3]}{list(layout[2])}.')
-      raw['x'].write(np.ascontiguousarray(x).tobytes())
-      raw['y'].write(np.ascontiguousarray(y).tobytes())
+      x_file.write(np.ascontiguousarray(x).tobytes())
+      y_file.write(np.ascontiguousarray(y).tobytes())
       count += len(x)
-  finally:
-    for f in raw.values():
-      f.close()
   if layout is None:
     raise ValueError('batches is empty: give at least one (x, y) batch.')
-  arrays = {}
-  for name, shape, dtype in (('x', layout[0], layout[1]), ('y', layout[2], layout[3])):
-    header = np.lib.format.open_memmap(paths[name], mode='w+', dtype=dtype, shape=(count, *shape))
-    with open(paths[name] + '.part', 'rb') as f:  # copied in chunks: the part file is never loaded whole
-      row_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-      rows_per_chunk = max(1, (64 << 20) // max(row_bytes, 1))
-      for start in range(0, count, rows_per_chunk):
-        chunk = f.read(rows_per_chunk * row_bytes)
-        rows = len(chunk) // max(row_bytes, 1) if row_bytes else min(rows_per_chunk, count - start)
-        header[start:start + rows] = np.frombuffer(chunk, dtype).reshape(rows, *shape)
-    header.flush()
-    del header
-    os.remove(paths[name] + '.part')
-    arrays[name] = np.load(paths[name], mmap_mode='r')
-  return Split(arrays['x'], arrays['y'])
+  return layout, count
+
+
+def _npy_from_raw(raw: str, path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+  """Writes the new ``.npy`` file ``path`` of the array whose raw bytes are in ``raw``, to disk.
+
+  Args:
+    raw: a file of the array's bytes, in C order.
+    path: the ``.npy`` file to create, a new name.
+    shape: the array's shape.
+    dtype: the array's dtype.
+  """
+  array = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
+  row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+  rows_per_chunk = max(1, (64 << 20) // max(row_bytes, 1))
+  with open(raw, 'rb') as f:  # copied in chunks: the raw file is never loaded whole
+    for start in range(0, shape[0], rows_per_chunk):
+      rows = min(rows_per_chunk, shape[0] - start)
+      array[start:start + rows] = np.frombuffer(f.read(rows * row_bytes), dtype).reshape(rows, *shape[1:])
+  array.flush()
+  del array
+  with open(path, 'rb') as f:
+    os.fsync(f.fileno())
