@@ -1,6 +1,7 @@
 """The budget rule of the experiments (sfa_jax.engine.budget): each rule fails when it should, and only then."""
 
 import json
+import re
 
 import pytest
 
@@ -44,6 +45,17 @@ def test_check_budget_warns_instead_when_not_strict():
   assert not check.ok and check.identical_schedules == ((0.96, 1.0),)
 
 
+@pytest.mark.parametrize('p_values, error, message', [
+    (0.5, TypeError, 'p_values must be a sequence of averaging fractions, e.g. (0.25, 0.5); got float 0.5'),
+    ('0.5', TypeError, 'p_values must be a sequence of averaging fractions'),
+    ([0.5, '1'], TypeError, 'p_values[1] must be a number'),
+    ([0.5, 1.5], ValueError, 'p_values[1] must be in (0, 1]; got 1.5'),
+])
+def test_check_budget_names_a_bad_p_grid(p_values, error, message):
+  with pytest.raises(error, match=re.escape(message)):
+    budget.check_budget(100, p_values=p_values)
+
+
 def test_check_budget_needs_a_positive_integer():
   with pytest.raises(ValueError, match='steps_per_task'):
     budget.check_budget(0)
@@ -83,3 +95,30 @@ def test_measure_convergence_on_a_real_stream():
     assert 0.8 < task['converged_accuracy'] <= 1.0 and task['steps_to_fraction'] in (10, 20, 30, 40)
   with pytest.raises(ValueError, match='reference_steps'):
     budget.measure_convergence(stream, config, 0)
+
+
+@pytest.fixture(scope='module')
+def pair():
+  return tasks.make_stream('mnist-pair', source='digits')
+
+
+def test_steps_per_task_counts_the_batches_a_method_plans(pair):
+  config = engine.TrainConfig(epochs_per_task=2, batch_size=32)
+  sizes = [len(pair[k].train.y) for k in range(2)]
+  own = [2 * (n // 32) for n in sizes]
+  assert budget.steps_per_task(pair, config) == budget.steps_per_task(pair, config, method=engine.make_method('sfa')) == own
+  # Replay: half of each batch of task 1 from the memory, so 16 of its own examples a step.
+  assert budget.steps_per_task(pair, config, method=engine.make_method('replay', ratio=0.5)) == [own[0], 2 * (sizes[1] // 16)]
+  # Joint: task 1 on both tasks' examples.
+  assert budget.steps_per_task(pair, config, method=engine.make_method('joint')) == [own[0], 2 * (sum(sizes) // 32)]
+  with pytest.raises(ValueError, match='steps_per_task has 3 entries for 2 tasks'):
+    budget.steps_per_task(pair, engine.TrainConfig(steps_per_task=(5, 5, 5)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['replay', 'joint'])
+def test_steps_per_task_is_the_engines_count(pair, name):
+  config = engine.TrainConfig(epochs_per_task=1, batch_size=32, model_kwargs=(('hidden', (8,)),))
+  method = engine.make_method(name)
+  assert budget.steps_per_task(pair, config, method=method) == engine.run_sequence(pair, method, config).steps_per_task
+

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -176,27 +177,53 @@ def measure_convergence(
           'tasks': [converged_steps(curve, fraction=fraction) | {'curve': curve} for curve in curves]}
 
 
-def steps_per_task(stream: Any, config: Any) -> list[int]:
+def steps_per_task(stream: Any, config: Any, *, method: Any = None) -> list[int]:
   """The optimizer steps each task of ``stream`` trains for under ``config``, as the engine counts them.
 
-  ``config.steps_per_task`` when set, else ``epochs_per_task`` whole epochs of ``batch_size`` batches.
+  ``config.steps_per_task`` when set, else ``epochs_per_task`` whole epochs of the task's batch
+  plan (:meth:`~sfa_jax.engine.methods.Method.batch_plan`): its examples in batches of
+  ``batch_size`` less the examples the plan takes from a memory. So replay, whose batches hold
+  fewer of the task's examples, takes more steps per epoch, and joint training, on the union of
+  the tasks so far, more as the tasks go on. The plans are made as the engine makes them (replay's
+  memories included).
+
+  Args:
+    stream: the :class:`~sfa_jax.tasks.TaskStream`.
+    config: the :class:`~sfa_jax.engine.config.TrainConfig`.
+    method: the :class:`~sfa_jax.engine.methods.Method` whose batch plan the tasks train on;
+      ``None``: each task on its own examples (fine-tuning, SFA and every method without a plan
+      of its own).
+
+  Returns:
+    One step count per task.
+
+  Raises:
+    ValueError: when a ``steps_per_task`` tuple does not hold one entry per task, or a task's
+      examples make no batch.
 
   Example:
     >>> from sfa_jax import engine, tasks
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
-    >>> steps_per_task(stream, engine.TrainConfig(epochs_per_task=2, batch_size=64)) == [
-    ...     2 * (len(stream[k].train.y) // 64) for k in range(2)]
+    >>> config = engine.TrainConfig(epochs_per_task=2, batch_size=64)
+    >>> steps_per_task(stream, config) == [2 * (len(stream[k].train.y) // 64) for k in range(2)]
+    True
+    >>> replay = engine.make_method('replay', ratio=0.5)  # task 1: 32 of each batch from the memory
+    >>> steps_per_task(stream, config, method=replay) == [2 * (len(stream[0].train.y) // 64),
+    ...                                                   2 * (len(stream[1].train.y) // 32)]
     True
     >>> steps_per_task(stream, engine.TrainConfig(steps_per_task=300))
     [300, 300]
   """
-  from sfa_jax import tasks as tasks_lib
+  from sfa_jax.engine import loop
+  from sfa_jax.engine import methods
 
+  all_tasks = [stream[k] for k in range(len(stream))]
   budget = config.steps_per_task
-  if budget is not None:
-    return list(budget) if isinstance(budget, tuple) else [int(budget)] * len(stream)
-  return [tasks_lib.num_batches(len(stream[k].train.y), config.batch_size) * config.epochs_per_task
-          for k in range(len(stream))]
+  if isinstance(budget, tuple) and len(budget) != len(all_tasks):
+    raise ValueError(f'steps_per_task has {len(budget)} entries for {len(all_tasks)} tasks: give one per task.')
+  method = methods.make_method('finetune') if method is None else method
+  plans = (method.batch_plan(all_tasks, k, config.batch_size, config.seed) for k in range(len(all_tasks)))
+  return [loop._task_steps(len(plan.data.y), config.batch_size - plan.replay_size, config, k) for k, plan in enumerate(plans)]
 
 
 def grid_p_values(methods: Sequence[Any]) -> list[float]:
@@ -207,10 +234,10 @@ def grid_p_values(methods: Sequence[Any]) -> list[float]:
 def grid_budget(stream: Any, configurations: Sequence[tuple[Any, Any]], *, strict: bool = False) -> BudgetCheck:
   """Rules 1 and 2 of the budget rule for a grid of runs on ``stream`` (:func:`check_budget`).
 
-  Checks the fewest steps per task of the grid's runs against its SFA ``p`` values: each period of
-  the smallest ``p`` holds two steps, and every two ``p`` average at different steps. Fine-tuning's
-  convergence (rule 3) is a measured run (:func:`measure_convergence`), left to the experiments
-  that can pay for it.
+  Checks the fewest steps per task of the grid's runs that have a ``p`` (all its runs when none
+  has) against its ``p`` values: each period of the smallest ``p`` holds two steps, and every two
+  ``p`` average at different steps. Fine-tuning's convergence (rule 3) is a measured run
+  (:func:`measure_convergence`), left to the experiments that can pay for it.
 
   Args:
     stream: the :class:`~sfa_jax.tasks.TaskStream`.
@@ -222,6 +249,7 @@ def grid_budget(stream: Any, configurations: Sequence[tuple[Any, Any]], *, stric
 
   Raises:
     BudgetError: with ``strict``, when a rule fails.
+    ValueError: from :func:`steps_per_task`.
 
   Example:
     >>> from sfa_jax import engine, tasks
@@ -229,10 +257,18 @@ def grid_budget(stream: Any, configurations: Sequence[tuple[Any, Any]], *, stric
     >>> grid_budget(stream, engine.grid('sfa', p=(0.5, 1.0), config=engine.TrainConfig(steps_per_task=100))).ok
     True
   """
-  configs = dict.fromkeys(dataclasses.replace(config, seed=0) for _, config in configurations)
-  steps = min(min(steps_per_task(stream, config)) for config in configs)
+  with_p = [(method, config) for method, config in configurations if 'p' in type(method).hyperparams]
+  counted = {_step_count_key(method, config): (method, config) for method, config in with_p or configurations}
+  steps = min(min(steps_per_task(stream, config, method=method)) for method, config in counted.values())
   return check_budget(steps, p_values=grid_p_values([method for method, _ in configurations]), strict=strict,
                       what=f'a grid on {stream.name}')
+
+
+def _step_count_key(method: Any, config: Any) -> tuple[Any, ...]:
+  """What decides a run's step counts: its method's class and the hyper-parameters a sweep cannot vary
+  (those that change the batches), and its settings but the seed."""
+  fixed = tuple(method[key] for key, spec in type(method).hyperparams.items() if not spec.sweepable)
+  return type(method), fixed, dataclasses.replace(config, seed=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +316,7 @@ def check_budget(
 
   Raises:
     BudgetError: with ``strict``, when a rule fails; the message names each failure.
+    TypeError: when ``p_values`` is not a sequence of numbers (a bare ``p``, a string).
     ValueError: on ``steps_per_task`` below 1 or a ``p`` outside (0, 1].
 
   Example:
@@ -291,7 +328,7 @@ def check_budget(
   if int(steps_per_task) != steps_per_task or steps_per_task < 1:
     raise ValueError(f'steps_per_task must be a positive integer; got {steps_per_task!r}.')
   T = int(steps_per_task)
-  ps = tuple(sorted({float(p) for p in p_values}))
+  ps = _p_grid(p_values)
   problems = []
   needed = None
   same = []
@@ -323,3 +360,18 @@ def check_budget(
       raise BudgetError(message)
     warnings.warn('\n' + '!' * 72 + f'\n{message}\n' + '!' * 72, BudgetWarning, stacklevel=2)
   return check
+
+
+def _p_grid(p_values: Any) -> tuple[float, ...]:
+  """The distinct values of the grid ``p_values``, increasing; raises naming the argument unless each is in (0, 1]."""
+  if isinstance(p_values, (str, bytes)) or not isinstance(p_values, Iterable) or getattr(p_values, 'ndim', 1) == 0:
+    raise TypeError(f'p_values must be a sequence of averaging fractions, e.g. (0.25, 0.5); got {type(p_values).__name__} '
+                    f'{p_values!r}.')
+  grid = []
+  for i, p in enumerate(p_values):
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
+      raise TypeError(f'p_values[{i}] must be a number; got {type(p).__name__} {p!r}.')
+    if not 0.0 < float(p) <= 1.0:
+      raise ValueError(f'p_values[{i}] must be in (0, 1]; got {p!r}.')
+    grid.append(float(p))
+  return tuple(sorted(set(grid)))
