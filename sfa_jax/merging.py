@@ -15,6 +15,9 @@ Conventions shared by all merges:
   fine-tuned model for :func:`task_arithmetic` and :func:`ties`.
 * Each result leaf keeps its dtype; leaves narrower than float32 (bfloat16, float16) are computed in
   float32 and rounded once at the end.
+* Where every model agrees (the same value in the anchor and ``params``, or in the base and every
+  fine-tuned model), the merge is that value bit for bit: an entry no model changed (a frozen
+  param) stays as it was, although ``β·a + (1−β)·a`` need not round to ``a``.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def interpolate(anchor: optax.Params, params: optax.Params, beta: chex.Numeric) 
 
   def mix(anchor_leaf, params_leaf, dtype):
     weight = jnp.asarray(beta, dtype)
-    return weight * anchor_leaf + (1 - weight) * params_leaf
+    return _kept_where_agreed(params_leaf, [anchor_leaf], weight * anchor_leaf + (1 - weight) * params_leaf)
 
   return _map_float_leaves(mix, anchor, params)
 
@@ -158,7 +161,7 @@ def task_arithmetic(
 
   def merge(base_leaf, *model_leaves, dtype):
     total = sum(leaf - base_leaf for leaf in model_leaves)
-    return base_leaf + jnp.asarray(scaling, dtype) * total
+    return _kept_where_agreed(base_leaf, model_leaves, base_leaf + jnp.asarray(scaling, dtype) * total)
 
   return _map_float_leaves(merge, base, *finetuned_models)
 
@@ -336,14 +339,22 @@ def _ties_float_leaves(
   if ranks is not None:
     deltas = _trim_to_ranks(deltas, ranks, trim)
   return [
-      (base_leaf.astype(delta.dtype) + scaling * _disjoint_mean(delta)).astype(base_leaf.dtype)
-      for base_leaf, delta in zip(base_leaves, deltas)
+      _kept_where_agreed(base_leaf, [leaves[i] for leaves in model_leaves],
+                         (base_leaf.astype(delta.dtype) + scaling * _disjoint_mean(delta)).astype(base_leaf.dtype))
+      for i, (base_leaf, delta) in enumerate(zip(base_leaves, deltas))
   ]
 
 
 def _compute_dtype(leaf: chex.Array) -> Any:
   """The dtype the merge maths runs in: the leaf's, widened to at least float32."""
   return jnp.promote_types(leaf.dtype, jnp.float32)
+
+
+def _kept_where_agreed(reference: chex.Array, others: Sequence[chex.Array], merged: chex.Array) -> chex.Array:
+  """``merged``, but ``reference`` wherever every one of ``others`` equals it, bit for bit (a merge of
+  equal entries is that entry, although ``β·a + (1−β)·a`` or ``a + λ·0`` may round to another value)."""
+  agreed = functools.reduce(jnp.logical_and, [other == reference for other in others])
+  return jnp.where(agreed, reference, merged)
 
 
 def _map_float_leaves(fn: Callable[..., chex.Array], *trees: Any) -> Any:

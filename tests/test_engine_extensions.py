@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,19 @@ def test_trainable_trains_and_anchors_only_the_selected_params(method_class, hyp
     fisher = kept.ends[0].extras['fisher']
     assert not np.any(fisher['Dense_0']['kernel']) and np.any(fisher['head']['kernel'])  # frozen: zero, never formed
     assert isinstance(state.fisher['Dense_0']['kernel'], optax.MaskedNode)
+
+
+@pytest.mark.parametrize('method', [methods.WiseFT(beta=0.3), methods.TaskArithmetic(), methods.TIES()], ids=str)
+def test_merges_keep_the_frozen_params_bit_for_bit(method):
+  pair = tasks.make_stream('mnist-pair', source='digits')
+  config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, trainable='head')
+  model = engine.run.build_model(pair, config)
+  start, _ = steps.initializer(model, pair[0].train.x[:1])(0)
+  kept = _KeepEnds()
+  engine.run_sequence(pair, kept.of(type(method))(**method.values), config)
+  for end in kept.ends:  # after each task's merge
+    chex.assert_trees_all_equal(end.params['Dense_0'], start['Dense_0'])
+    assert not np.array_equal(end.params['head']['kernel'], start['head']['kernel'])
 
 
 def test_trainable_everything_is_the_full_run_bit_for_bit():

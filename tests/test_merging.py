@@ -256,6 +256,30 @@ class PropertyTest(chex.TestCase):
       assert np.all(np.abs(np.asarray(got[name]) - base[name]) <= bound * (1 + 1e-6) + 1e-6)
 
 
+_FINITE = st.floats(-1e4, 1e4, width=32)  # within float16's range; -0.0 and subnormals included
+
+
+@hypothesis.given(data=st.data(), dtype=st.sampled_from([np.float32, jnp.bfloat16, np.float16]),
+                  num_models=st.integers(1, 2), beta=st.floats(0.0, 1.0), scaling=st.floats(-3.0, 3.0),
+                  density=st.sampled_from([0.3, 1.0]), trim=st.sampled_from(merging.TRIM_SCOPES))
+def test_every_merge_keeps_where_the_models_agree_bit_for_bit(data, dtype, num_models, beta, scaling, density, trim):
+  """Where the anchor and params (or the base and every fine-tuned model) hold the same value, the
+  merge is that value, bit for bit: a frozen entry stays frozen."""
+  shape = (3, 4)  # one shape: the merges compile once per dtype and number of models
+  draw = lambda: data.draw(hnp.arrays(np.float32, shape, elements=_FINITE)).astype(dtype)
+  shared, agreed = draw(), data.draw(hnp.arrays(np.bool_, shape))
+  base, *models = ({'w': jnp.asarray(np.where(agreed, shared, draw()))} for _ in range(num_models + 1))
+  merges = {
+      'interpolate': merging.interpolate(base, models[0], beta),
+      'task_arithmetic': merging.task_arithmetic(base, models, scaling),
+      'ties': merging.ties(base, models, density, scaling, trim=trim),
+  }
+  bits = lambda array: np.asarray(array).view(np.uint16 if np.dtype(dtype).itemsize == 2 else np.uint32)
+  for name, merged in merges.items():
+    assert merged['w'].dtype == dtype, name
+    np.testing.assert_array_equal(bits(merged['w'])[agreed], bits(shared)[agreed], err_msg=name)
+
+
 def test_mismatched_trees_name_the_leaf_path():
   base = _tree([1.0, 2.0], [[1.0]])
   wrong_shape = _tree([1.0, 2.0, 3.0], [[1.0]])
