@@ -1,5 +1,6 @@
 """Methods as classes in one registry (sfa_jax.engine.methods), and a user's own method everywhere."""
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -13,6 +14,7 @@ from sfa_jax.cli import command as cli
 from sfa_jax import engine
 from sfa_jax import engine
 from sfa_jax import tasks
+from sfa_jax.engine import callbacks
 from sfa_jax.engine import methods
 
 CONFIG = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, eval_batch_size=256)
@@ -121,6 +123,26 @@ def test_adaptive_and_multi_anchor_sweeps_equal_their_runs(name, values):
   assert all(result.averaging_steps for result in results)
   assert results[0].averaging_steps != results[1].averaging_steps
   _assert_same_as_runs(stream, configurations, results)
+
+
+@pytest.mark.parametrize('schedule, error, message', [
+    (lambda steps: np.zeros(steps + 1, bool), ValueError, r'has shape \(11,\); it must have 12 entries'),
+    (lambda steps: np.zeros(steps, bool), ValueError, r'has shape \(10,\); it must have 12 entries'),
+    (lambda steps: np.zeros((1, steps + 2), bool), ValueError, r'has shape \(1, 12\); it must have 12 entries'),
+    (lambda steps: np.zeros(steps + 2, int), TypeError, 'must be a boolean array'),
+], ids=['one-short', 'two-short', 'two-dimensional', 'integers'])
+def test_a_wrong_averaging_schedule_is_refused_before_its_task_trains(pair, schedule, error, message):
+  class WrongSchedule(methods.Finetune):
+    name = 'wrong-schedule'
+
+    def averaging_schedule(self, task_index, total_steps):
+      return super().averaging_schedule(task_index, total_steps) if task_index == 0 else schedule(total_steps)
+
+  trained = []
+  record = lambda event: trained.append(event.task) if isinstance(event, callbacks.StepEvent) else None
+  with pytest.raises(error, match=r"wrong-schedule's averaging_schedule\(1, 10\) for task 1 " + message):
+    engine.run_sequence(pair, WrongSchedule(), dataclasses.replace(CONFIG, steps_per_task=10), callbacks=record)
+  assert trained == [0] * 10  # task 0 only: task 1's schedule is refused before its first step
 
 
 def test_the_command_line_takes_a_user_method_by_import_path(tmp_path, capsys):

@@ -385,7 +385,7 @@ def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _Prepared
   if warm and not lanes.stacked:  # the optimizer's init is needed first, right after the model's
     warmed_init = programs.compile_in_background(lanes.init_opt[0], chunks.abstract.params)
   if warm:
-    on_device = lanes.methods[0].averaging_schedule(0, first.total_steps) is None
+    on_device = methods_lib.checked_schedule(lanes.methods[0], 0, first.total_steps) is None
     variants = [True, False] if chunks.skips_between_averages and not on_device else [False]
     stop_on_average = on_device and bool(lanes.configs[0].eval_every)
     for skip in variants:
@@ -449,7 +449,7 @@ class _TaskPlan(NamedTuple):
 def _plan_task(methods: Sequence[methods_lib.Method], k: int, total_steps: int, position: _Position, config: Any,
                checkpoint_every: int, skips_between_averages: bool) -> _TaskPlan:
   """Task ``k``'s plan, from the methods' averaging schedules, the evaluations and the checkpoints."""
-  schedules = [method.averaging_schedule(k, total_steps) for method in methods]
+  schedules = [methods_lib.checked_schedule(method, k, total_steps) for method in methods]
   on_device = any(schedule is None for schedule in schedules)
   averages = np.stack([np.zeros(total_steps + 2, bool) if s is None else s for s in schedules])
   # The steps after which the host must act, whatever the device decides: evaluations (with

@@ -261,8 +261,9 @@ class Method:
   def averaging_schedule(self, task_index: int, total_steps: int) -> np.ndarray | None:
     """Whether the method averages after each step ``0 .. T + 1`` of a task, known ahead.
 
-    ``None`` means the averages are decided on the device: the engine reads :meth:`averaged` from
-    the optimizer state after every step. The default never averages.
+    A boolean array of ``total_steps + 2`` entries (:func:`checked_schedule` checks it before the
+    task's first step). ``None`` means the averages are decided on the device: the engine reads
+    :meth:`averaged` from the optimizer state after every step. The default never averages.
     """
     import numpy as np
 
@@ -271,6 +272,48 @@ class Method:
   def averaged(self, opt_state: Any) -> Any:
     """Whether the latest update averaged, from the state (only called when the schedule is ``None``)."""
     raise NotImplementedError(f'{type(self).__name__} returns no averaging schedule, so it must define averaged().')
+
+
+def checked_schedule(method: Method, task_index: int, total_steps: int) -> np.ndarray | None:
+  """``method.averaging_schedule(task_index, total_steps)``, checked before the task's first step.
+
+  Args:
+    method: the method.
+    task_index: the task.
+    total_steps: the task's number of steps ``T``.
+
+  Returns:
+    ``None`` (the averages are decided on the device), or the schedule as a NumPy boolean array
+    of shape ``(T + 2,)``.
+
+  Raises:
+    TypeError: when the schedule is not boolean (the method and the task are named).
+    ValueError: when it does not have ``T + 2`` entries, one per step ``0 .. T + 1`` (the method,
+      the task and the expected length are named).
+
+  Example:
+    >>> import numpy as np
+    >>> class Short(Finetune):
+    ...   def averaging_schedule(self, task_index, total_steps):
+    ...     return np.zeros(total_steps, bool)
+    >>> checked_schedule(Short(), 1, 10)
+    Traceback (most recent call last):
+    ...
+    ValueError: finetune's averaging_schedule(1, 10) for task 1 has shape (10,); it must have 12 entries, one per step 0 .. T + 1 (T = 10).
+  """
+  import numpy as np
+
+  schedule = method.averaging_schedule(task_index, total_steps)
+  if schedule is None:
+    return None
+  where = f"{method.label}'s averaging_schedule({task_index}, {total_steps}) for task {task_index}"
+  array = np.asarray(schedule)
+  if array.dtype != np.bool_:
+    raise TypeError(f'{where} must be a boolean array (or None); got {array.dtype} values.')
+  if array.shape != (total_steps + 2,):
+    raise ValueError(f'{where} has shape {array.shape}; it must have {total_steps + 2} entries, one per step '
+                     f'0 .. T + 1 (T = {total_steps}).')
+  return array
 
 
 def _own_data(task: tasks_lib.Task) -> BatchPlan:
