@@ -40,11 +40,23 @@ def test_grid_orders_hyper_parameters_then_seeds():
         ({'seeds': ()}, ValueError, 'seeds is empty'),
         ({'p': (0.5, 2.0)}, ValueError, 'p must lie in'),
         ({'strength': (1.0,)}, ValueError, 'takes no hyper-parameter'),
+        # Seeds are refused as TrainConfig refuses its seed, not rounded to an integer.
+        ({'seeds': (0, 1.5)}, TypeError, r'seeds\[1\] must be an integer; got float 1.5'),
+        ({'seeds': (0.5,)}, TypeError, r'seeds\[0\] must be an integer; got float 0.5'),
+        ({'seeds': (True,)}, TypeError, r'seeds\[0\] must be an integer; got bool True'),
+        ({'seeds': ('1',)}, TypeError, r"seeds\[0\] must be an integer; got str '1'"),
+        ({'seeds': (np.float32(2.0),)}, TypeError, r'seeds\[0\] must be an integer; got float32'),
+        ({'seeds': (-1,)}, ValueError, r'seeds\[0\] must be an integer in \[0, 4294967295\]'),
     ],
 )
 def test_bad_grids_are_refused(kwargs, error, message):
   with pytest.raises(error, match=message):
     engine.grid('sfa', **kwargs)
+
+
+def test_numpy_integer_seeds_become_python_integers():
+  (_, config), = engine.grid('finetune', seeds=(np.int64(3),))
+  assert config.seed == 3 and type(config.seed) is int
 
 
 def test_unknown_method_is_refused():
@@ -69,6 +81,34 @@ def test_run_grid_checks_everything_before_training(pair):
   other_batches = engine.grid('finetune', config=dataclasses.replace(CONFIG, batch_size=16))
   with pytest.raises(ValueError, match="share the checkpoint folder 'finetune-seed0'"):
     engine.run_grid(pair, finetune + other_batches, checkpoints='unused')
+
+
+@pytest.mark.parametrize('setting, error, message', [
+    ({'batch_size': 4096}, ValueError, 'is more than the .* training examples'),
+    ({'steps_per_task': (5, 5, 5)}, ValueError, 'steps_per_task has 3 entries for 2 tasks'),
+    ({'trainable': 'nope'}, ValueError, "'nope' matches no leaf of params"),
+    ({'model': 'nope'}, ValueError, "Unknown model 'nope'"),
+    ({'model_kwargs': (('nope', 1),)}, TypeError, "unexpected keyword argument 'nope'"),
+    ({'optimizer': lambda learning_rate: None}, TypeError, 'must return an optax.GradientTransformation'),
+])
+def test_run_grid_checks_every_configuration_before_the_first_run(pair, setting, error, message):
+  good = engine.grid('finetune', seeds=(0, 1), config=CONFIG)
+  bad = engine.grid('sfa', p=(0.5,), seeds=(0, 1), config=dataclasses.replace(CONFIG, **setting))
+  with pytest.raises(error, match=message) as raised:  # when called: nothing has trained
+    engine.run_grid(pair, good + bad, as_sweep=False)
+  assert raised.value.__notes__ == ['run_grid: configurations[2] (sfa(beta=0.25, p=0.5), seed 0).']
+
+
+def test_run_grid_checks_the_stream_each_sweep_and_initial_when_called(pair):
+  finetune = engine.grid('finetune', seeds=(0, 1), config=CONFIG)
+  with pytest.raises(TypeError, match='stream must be a sfa_jax.tasks.TaskStream'):
+    engine.run_grid('mnist-pair', finetune)
+  with pytest.raises(TypeError, match='initial must map a seed'):
+    engine.run_grid(pair, finetune, initial=(None, None))
+  # Equal settings by value, written apart: one group, which a sweep refuses, before the first sweep.
+  numpy_batch = engine.grid('sfa', seeds=(0,), config=dataclasses.replace(CONFIG, batch_size=np.int64(32)))
+  with pytest.raises(ValueError, match='TrainConfig.batch_size differs across the configurations'):
+    engine.run_grid(pair, finetune + numpy_batch + engine.grid('sfa', seeds=(1,), config=CONFIG), as_sweep=True)
 
 
 def test_run_grid_runs_every_configuration_and_seed(pair):

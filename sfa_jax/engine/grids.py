@@ -30,10 +30,13 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from sfa_jax import _validation
 from sfa_jax import tasks as tasks_lib
 from sfa_jax.engine import budget
+from sfa_jax.engine import loop
 from sfa_jax.engine import methods as methods_lib
 from sfa_jax.engine import run as run_lib
+from sfa_jax.engine import steps
 from sfa_jax.engine import sweep
 from sfa_jax.engine.callbacks import ConsoleProgress
 from sfa_jax.engine.checkpoint import Checkpointer
@@ -64,8 +67,10 @@ def grid(
     order given), then the seeds.
 
   Raises:
-    ValueError: on an unknown method or hyper-parameter, a value out of range, or no values.
-    TypeError: when a hyper-parameter's values or ``seeds`` are not a sequence.
+    ValueError: on an unknown method or hyper-parameter, a value out of range, no values, or a seed
+      outside ``[0, 2**32 - 1]``.
+    TypeError: when a hyper-parameter's values or ``seeds`` are not a sequence, or a seed is not an
+      integer (``1.5``, ``True``, ``'1'``; NumPy integers are integers), as ``TrainConfig`` refuses it.
 
   Example:
     >>> from sfa_jax import engine
@@ -79,6 +84,8 @@ def grid(
       raise TypeError(f'{key} must be a sequence of values, e.g. (0.25, 0.5); got {options!r}.')
     if not options:
       raise ValueError(f'{key} is empty: give at least one value.')
+  for i, seed in enumerate(seeds):
+    _validation.check_int(f'seeds[{i}]', seed, low=0, high=2**32 - 1)  # as TrainConfig checks its seed
   methods = [methods_lib.make_method(name, **dict(zip(values, combination))) for combination in itertools.product(*values.values())]
   return [(method, dataclasses.replace(config, seed=int(seed))) for method in methods for seed in seeds]
 
@@ -118,8 +125,11 @@ def run_grid(
   where one small model does not fill the device, and runs one after another on the CPU, where the
   step is compute-bound and a sweep does not pay (``benchmarks/RESULTS.md``), or on a mesh.
 
-  Everything is checked when this is called, before anything trains; the training happens as the
-  runs are taken from the iterator.
+  Every configuration is checked when this is called, before anything trains, as its run would
+  check it before its first step (the stream; each sweep's configurations; each configuration's
+  batch size and step budget against the stream, its model, optimizer and trainable params), and
+  an error names the configuration. The training happens as the runs are taken from the iterator;
+  ``initial`` is called for a seed when its first run starts.
 
   Args:
     stream: the tasks.
@@ -147,9 +157,14 @@ def run_grid(
     An iterator of :class:`GridRun`, one per configuration, in the order of ``configurations``.
 
   Raises:
-    TypeError: when ``configurations`` is not a sequence of ``(Method, TrainConfig)`` pairs.
+    TypeError: when ``stream`` is not a :class:`~sfa_jax.tasks.TaskStream`, ``configurations`` not
+      a sequence of ``(Method, TrainConfig)`` pairs, or ``initial`` not callable; or from a
+      configuration's model or optimizer.
     ValueError: when it is empty or repeats a configuration, when two runs would share a checkpoint
-      folder, or on sweeps asked for with a ``mesh``.
+      folder, on sweeps asked for with a ``mesh``, when the configurations of a sweep could not share
+      one (:func:`sfa_jax.engine.sweep.check_configurations`), or when a configuration does not fit
+      the stream (a batch larger than a task, a ``steps_per_task`` tuple of another length, trainable
+      patterns that match no param).
 
   Example:
     >>> from sfa_jax import engine, tasks
@@ -168,9 +183,13 @@ def run_grid(
     reason = f'chosen for the {backend} backend' + (' and the mesh' if mesh is not None else '')
   else:
     reason = 'as asked'
+  if initial is not None and not callable(initial):
+    raise TypeError(f'initial must map a seed to (params, model_state), or be None; got {type(initial).__name__}.')
   groups = _sweep_groups(configurations, by_seed=initial is not None) if as_sweep else [[i] for i in range(len(configurations))]
   folders = [None] * len(groups) if checkpoints is None else [
       os.path.join(checkpoints, folder) for folder in _checkpoint_folders(configurations, groups, as_sweep)]
+  _check_runs(stream, configurations, groups if as_sweep else [])
+  check = None if log is None else budget.grid_budget(stream, configurations)
 
   def train(group: list[int], folder: str | None) -> list[run_lib.SequenceResult]:
     members = [configurations[i] for i in group]
@@ -189,25 +208,51 @@ def run_grid(
 
   how = f'as {len(groups)} vectorised sweeps' if as_sweep else 'one after another'
   seeds = {config.seed for _, config in configurations}
-  opening = (f'run_grid: {len(configurations)} runs of {len(_methods(configurations))} configurations and {len(seeds)} seeds, '
-             f'{how} ({reason})')
+  opening = [f'run_grid: {len(configurations)} runs of {len(_methods(configurations))} configurations and {len(seeds)} seeds, '
+             f'{how} ({reason})']
+  if check is not None:
+    opening.append(f"run_grid: {check.steps_per_task} steps per task (the fewest of the stream); budget rules on the p grid "
+                   f"{list(check.p_values)}: {'met' if check.ok else 'FAILED'} (fine-tuning convergence not measured here)")
   trained = ((group, train(group, folder)) for group, folder in zip(groups, folders))
-  return _in_order(stream, configurations, trained, log, opening)
+  return _in_order(configurations, trained, log, opening)
+
+
+def _check_runs(stream: Any, configurations: Sequence[Configuration], sweeps: Sequence[list[int]]) -> None:
+  """Raises what the runs of ``configurations`` would raise before their first step, naming the configuration.
+
+  Args:
+    stream: the tasks.
+    configurations: checked ``(method, config)`` pairs.
+    sweeps: the indices of the configurations of each sweep (none when the runs are one after another).
+  """
+  run_lib.check_run_arguments(stream, *configurations[0])
+  for group in sweeps:
+    sweep.check_configurations([configurations[i] for i in group])
+  all_tasks = [stream[k] for k in range(len(stream))]
+  first: dict[TrainConfig, int] = {}  # the first configuration of each setting (the checks do not read the seed)
+  for i, (_, config) in enumerate(configurations):
+    first.setdefault(dataclasses.replace(config, seed=0), i)
+  for i in first.values():
+    method, config = configurations[i]
+    try:
+      loop._checked_tasks(all_tasks, [(method, config)], stacked=False, evaluate_state=None)
+      config.make_optimizer()
+      steps.trainable_mask(run_lib.build_model(stream, config), all_tasks[0].train.x[:1], config.trainable)
+    except (TypeError, ValueError) as error:
+      error.add_note(f'run_grid: configurations[{i}] ({method.label}, seed {config.seed}).')
+      raise
 
 
 def _in_order(
-    stream: tasks_lib.TaskStream,
     configurations: Sequence[Configuration],
     trained: Iterator[tuple[list[int], list[run_lib.SequenceResult]]],
     log: Callable[[str], None] | None,
-    opening: str,
+    opening: Sequence[str],
 ) -> Iterator[GridRun]:
   """Each configuration's :class:`GridRun` once it and those before it are trained; the log lines."""
   if log is not None:
-    log(opening)
-    check = budget.grid_budget(stream, configurations)
-    log(f"run_grid: {check.steps_per_task} steps per task (the fewest of the stream); budget rules on the p grid "
-        f"{list(check.p_values)}: {'met' if check.ok else 'FAILED'} (fine-tuning convergence not measured here)")
+    for line in opening:
+      log(line)
   remaining = collections.Counter(method for method, _ in configurations)
   finished: dict[methods_lib.Method, list[dict[str, Any]]] = {}
   ready: dict[int, run_lib.SequenceResult] = {}
