@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 
+from sfa_jax.engine.budget import BudgetWarning
+
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments')
 
 
@@ -15,6 +17,11 @@ def _main(script):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.main
+
+
+def _short_budget():
+  """The quick modes train a few steps per task: fewer than the budget rule asks, which they say loudly."""
+  return pytest.warns(BudgetWarning, match='budget rule failed')
 
 
 def _load(tmp_path, name, pngs=()):
@@ -114,7 +121,8 @@ def test_pretrained_continual_quick(tmp_path):
   meta = json.loads((backbone / 'metadata.json').read_text())
   assert meta['command'].endswith('--quick --out ' + str(tmp_path)) and meta['steps'] > 0
   assert meta['input_shape'] == [8, 8, 1] and 0.0 <= meta['test_accuracy'] <= 1.0
-  _main('pretrained_continual')(['--backbone', str(backbone), '--quick', '--out', str(tmp_path)])
+  with _short_budget():
+    _main('pretrained_continual')(['--backbone', str(backbone), '--quick', '--out', str(tmp_path)])
   keys = ('split-mnist-ci', 'split-mnist-ti', 'permuted-mnist')
   data = _load(tmp_path, 'pretrained_continual_quick',
                [f'pretrained_continual_quick_{key}_{regime}.png' for key in keys for regime in ('pretrained', 'scratch')])
@@ -130,7 +138,8 @@ def test_pretrained_continual_quick(tmp_path):
   # A rerun trains nothing: every finished run was recorded in the runs file and is skipped.
   lines = (tmp_path / 'pretrained_continual_quick.runs.jsonl').read_text().splitlines()
   assert len(lines) == len(data['runs'])
-  _main('pretrained_continual')(['--backbone', str(backbone), '--quick', '--out', str(tmp_path)])
+  with _short_budget():  # the budget is checked again; no run is
+    _main('pretrained_continual')(['--backbone', str(backbone), '--quick', '--out', str(tmp_path)])
   assert (tmp_path / 'pretrained_continual_quick.runs.jsonl').read_text().splitlines() == lines
   # --collect: the union of finished outputs (here just one), written again without training.
   _main('pretrained_continual')(['--collect', str(tmp_path / 'pretrained_continual_quick.json'),
@@ -209,7 +218,8 @@ def test_language_sequence_quick_over_seeds_and_resumed_run_by_run(tmp_path, cap
 def test_three_scenarios_quick(tmp_path):
   # van de Ven & Tolias' split-MNIST protocol in its three scenarios, on the 8x8 digits: the side-by-side
   # table, the budget record, and a rerun that trains nothing (every run is recorded and skipped).
-  _main('three_scenarios')(['--protocols', 'split', '--quick', '--out', str(tmp_path)])
+  with _short_budget():
+    _main('three_scenarios')(['--protocols', 'split', '--quick', '--out', str(tmp_path)])
   data = _load(tmp_path, 'three_scenarios_split_quick')
   assert {(run['scenario'], run['method_name']) for run in data['runs']} == {
       (s, m) for s in ('task-incremental', 'domain-incremental', 'class-incremental') for m in ('finetune', 'joint', 'ewc', 'replay')}
@@ -222,7 +232,8 @@ def test_three_scenarios_quick(tmp_path):
 
 
 def test_budget_audit_quick(tmp_path):
-  _main('budget_audit')(['--quick', '--out', str(tmp_path)])
+  with _short_budget():
+    _main('budget_audit')(['--quick', '--out', str(tmp_path)])
   data = _load(tmp_path, 'budget_audit_quick')
   [row] = data['audits']
   assert row['section'] == '§1' and row['check']['p_values'] == [0.25, 1.0] and row['check']['min_steps_for_p'] == 8
