@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -336,7 +337,9 @@ def test_a_corrupt_checkpoint_is_skipped_on_resume_for_the_same_results(finished
   assert cli.main(_argv(copied_run) + ['--resume']) == 0
   warning = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
   assert len(warning) == 1 and warning[0].startswith(f'sfa-jax: warning: skipped and deleted the unusable checkpoint {folder / str(latest)}')
-  assert 'corrupt: the checksum of' in warning[0] and warning[0].endswith(f'resumed from step {previous}')
+  # Flipped bytes fail the arrays' checksums, or (in a compressed chunk) Orbax's own read first.
+  assert re.search(r'\((corrupt: the checksum of .* differs|cannot restore the arrays: .*)\)', warning[0]), warning[0]
+  assert warning[0].endswith(f'resumed from step {previous}')
   matrix = lambda out: json.loads((out / 'results.json').read_text())['runs'][0]['accuracy_matrix']
   assert matrix(copied_run) == matrix(finished_run)
 
