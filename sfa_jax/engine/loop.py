@@ -14,7 +14,8 @@ on the host and puts the task's examples on the device once (:mod:`sfa_jax.engin
 steps between two points where the host must act (an evaluation, a checkpoint, the task's end, an
 average it must see) run as fused chunks of about half a second each, one dispatch per chunk
 (:mod:`sfa_jax.engine.fused`), and their step events are emitted from the stacked losses after
-each. All tasks' test sets are evaluated by one program. A single SFA run trains the steps
+each: a loss that is NaN or infinite stops the run there (:class:`DivergedError`), as does a model
+that is at a task's end or a checkpoint. All tasks' test sets are evaluated by one program. A single SFA run trains the steps
 between its averages without reading the anchor (``may_average=False``, :func:`sfa_jax.sfa`).
 
 Compile once. The chunk program is one ``jax.jit`` function per (model, method class,
@@ -59,6 +60,32 @@ from sfa_jax.engine import programs
 from sfa_jax.engine import steps
 
 CHECKPOINT_FORMAT = 3  # the layout of a checkpoint's arrays and record; part of every fingerprint
+
+
+class DivergedError(FloatingPointError, ValueError):
+  """A run diverged: a step's loss, or the model where the host looks at it, is NaN or infinite.
+
+  The run stops at the first such step, before it records or checkpoints anything past it: the
+  checkpoints saved before it stay as they were, and a resume goes on from the latest of them. A
+  ``FloatingPointError``; also a ``ValueError``, as a setting (a learning rate too high) is its
+  usual cause, so that the command line reports it in one line.
+
+  Args:
+    message: what diverged, and where.
+    task: the task being trained.
+    step: the step of the task (counted from 1, as :class:`~sfa_jax.engine.callbacks.StepEvent`'s)
+      whose loss is not finite, or after which the model is not.
+    global_step: that step counted over every task.
+    configurations: the lanes that diverged there: indices of a sweep's configurations, ``(0,)``
+      for a single run.
+  """
+
+  def __init__(self, message: str, task: int, step: int, global_step: int, configurations: tuple[int, ...]):
+    super().__init__(message)
+    self.task, self.step, self.global_step, self.configurations = task, step, global_step, configurations
+
+  def __reduce__(self):
+    return type(self), (self.args[0], self.task, self.step, self.global_step, self.configurations)
 
 
 class RunState(NamedTuple):
@@ -138,6 +165,13 @@ def train_stream(
   Returns:
     One :class:`LaneRecord` per configuration, and the seconds spent training, evaluating, in
     the Fisher, and in all.
+
+  Raises:
+    DivergedError: when a step's loss is NaN or infinite, or the params or model state are at a
+      task's end or a periodic checkpoint (the lane, task and step are named). The losses are
+      checked as the chunks' events are reported, the model where the host stops anyway.
+    TypeError, ValueError: when a method's averaging schedule is not a boolean array of the
+      task's steps + 2 (:func:`sfa_jax.engine.methods.checked_schedule`), before the task's first step.
   """
   start_time = time.perf_counter()
   emit = callbacks_lib.as_callbacks(callbacks)
@@ -483,6 +517,7 @@ class _TaskRunner:
     self._lanes, self._chunks, self._evaluator, self._record, self._config = lanes, chunks, evaluator, record, config
     self._every_step, self._emit = every_step, emit
     self._pace = _Pace()
+    self._names = _lane_names(lanes)
 
   def evaluate(self, k: int, which: Sequence[int]) -> np.ndarray:
     """Every lane's accuracy on every task (``(lanes, tasks)``); a point of the curves of the lanes ``which``."""
@@ -496,7 +531,7 @@ class _TaskRunner:
     position, config = self._record.position, self._config
     plan = _plan_task(self._lanes.methods, k, prepared.total_steps, position, config, self._record.checkpoint_every,
                       self._chunks.skips_between_averages)
-    reporter = _Reporter(k, plan, self._lanes.count, self._record, self._emit)
+    reporter = _Reporter(k, plan, self._names, self._record, self._emit)
     self._pace.start(position.step_in_task)
     begin = time.perf_counter()
     while position.step_in_task < plan.total_steps:
@@ -509,8 +544,26 @@ class _TaskRunner:
         self.evaluate(k, np.flatnonzero(due))
         begin = time.perf_counter()
       if self._record.checkpoint_due():
+        self._check_finite(k)
         self._record.save(self._lanes.state, force=False)
     self._record.seconds['train'] += time.perf_counter() - begin
+    self._check_finite(k)
+
+  def _check_finite(self, k: int) -> None:
+    """Raises :class:`DivergedError` when a lane's params or model state hold a NaN or infinite
+    entry at the position (in task ``k``): a divergence of the latest step, whose loss no step shows yet."""
+    state = self._lanes.state
+    finite = np.asarray(_finite_leaves((state.params, state.model_state), self._lanes.stacked))
+    if finite.all():
+      return
+    paths = _float_leaf_paths((state.params, state.model_state), ('params', 'model_state'))
+    diverged = tuple(int(i) for i in np.flatnonzero(~finite.all(0)))
+    leaf = paths[int(np.argmin(finite[:, diverged[0]]))]
+    position = self._record.position
+    raise DivergedError(
+        f'{_which(self._names, diverged)} diverged in task {k}: after its step {position.step_in_task} (global step '
+        f'{position.global_step}), {leaf} holds NaN or infinite entries. {_KEPT}', k, position.step_in_task,
+        position.global_step, diverged)
 
   def _run_chunk(self, plan: _TaskPlan, task_feed: feed_lib.TaskFeed, reporter: _Reporter) -> np.ndarray | None:
     """Dispatches the next chunk; which lanes averaged on its last step if the host acts after it
@@ -546,10 +599,20 @@ class _TaskRunner:
 
 
 class _Reporter:
-  """A task's dispatched chunks whose events are not emitted yet; emits them in order."""
+  """A task's dispatched chunks whose events are not emitted yet; emits them in order, up to a
+  step whose loss is not finite (:class:`DivergedError`).
 
-  def __init__(self, k: int, plan: _TaskPlan, count: int, record: _Record, emit: Callable[[Any], None]):
-    self._k, self._plan, self._count, self._record, self._emit = k, plan, count, record, emit
+  Args:
+    k: the task.
+    plan: the task's plan.
+    names: each lane's name, for the errors.
+    record: where the averages go.
+    emit: the callbacks.
+  """
+
+  def __init__(self, k: int, plan: _TaskPlan, names: Sequence[str], record: _Record, emit: Callable[[Any], None]):
+    self._k, self._plan, self._names, self._record, self._emit = k, plan, names, record, emit
+    self._count = len(names)
     self._pending: list[tuple[int, int, Any]] = []
 
   def __len__(self) -> int:
@@ -561,19 +624,72 @@ class _Reporter:
 
   def report(self, keep_last: bool = False) -> np.ndarray:
     """Emits the pending chunks' step and average events in order (all but the newest chunk, if
-    ``keep_last``: it runs while the host waits for the others); the last step's averages."""
+    ``keep_last``: it runs while the host waits for the others); the last step's averages.
+
+    Raises:
+      DivergedError: at the first step whose loss is NaN or infinite in a lane, once the events
+        of the steps before it are emitted.
+    """
     averaged = np.zeros(self._count, bool)
     reporting = self._pending[:-1] if keep_last else list(self._pending)
     for first, start_global, outputs in reporting:
       losses, metrics, flags, done = jax.device_get(outputs)
-      for j in range(int(done)):
+      finite = _finite_losses(losses, int(done), self._count)
+      healthy = int(np.argmin(finite.all(1))) if not finite.all() else int(done)
+      for j in range(healthy):
         step, global_step = first + j + 1, start_global + j + 1
         averaged = self._plan.averages[:, step] | np.reshape(flags[j], self._count)
         for i in np.flatnonzero(averaged):
           self._record.add_average(int(i), self._k, global_step)
         self._emit(callbacks_lib.StepEvent(self._k, step, self._plan.total_steps, global_step, losses[j], metrics[j]))
+      if healthy < int(done):
+        raise self._diverged(first + healthy + 1, start_global + healthy + 1, losses[healthy], finite[healthy])
     del self._pending[:len(reporting)]
     return averaged
+
+  def _diverged(self, step: int, global_step: int, loss: Any, finite: np.ndarray) -> DivergedError:
+    """The error of the lanes whose loss at ``step`` is not ``finite``."""
+    diverged = tuple(int(i) for i in np.flatnonzero(~finite))
+    values = np.reshape(loss, -1)[list(diverged)]
+    return DivergedError(
+        f'{_which(self._names, diverged)} diverged at step {step} of task {self._k} (global step {global_step}): '
+        f"loss {', '.join(str(v) for v in values)}. {_KEPT}", self._k, step, global_step, diverged)
+
+
+_KEPT = 'The run stopped there; the checkpoints saved before it are kept.'
+
+
+def _finite_losses(losses: Any, done: int, count: int) -> np.ndarray:
+  """``(done, count)`` bools: whether each of the first ``done`` steps' loss of each lane is finite."""
+  return np.isfinite(np.reshape(np.asarray(losses[:done], np.float64), (done, count)))
+
+
+def _lane_names(lanes: _Lanes) -> list[str]:
+  """Each lane's name in an error: the method's label, with its index and seed in a sweep."""
+  if not lanes.stacked:
+    return [lanes.methods[0].label]
+  return [f'configuration {i} ({method.label}, seed {config.seed})'
+          for i, (method, config) in enumerate(zip(lanes.methods, lanes.configs))]
+
+
+def _which(names: Sequence[str], lanes: Sequence[int]) -> str:
+  """The lanes ``lanes`` by name."""
+  return ' and '.join(names[i] for i in lanes)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _finite_leaves(tree: Any, stacked: bool) -> jax.Array:
+  """``(floating leaves, lanes)`` bools: whether each floating leaf of each lane of ``tree`` is finite."""
+  flags = [jnp.isfinite(leaf).reshape(leaf.shape[0] if stacked else 1, -1).all(1)
+           for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return jnp.stack(flags) if flags else jnp.ones((0, 1), bool)
+
+
+def _float_leaf_paths(tree: Any, names: Sequence[str]) -> list[str]:
+  """The paths of the floating leaves of the tuple ``tree``, in :func:`_finite_leaves`' order, its
+  entries called ``names``."""
+  return [names[path[0].idx] + jax.tree_util.keystr(path[1:])
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if jnp.issubdtype(leaf.dtype, jnp.inexact)]
 
 
 class _Pace:

@@ -218,9 +218,16 @@ def run_sequence(
     TypeError: when ``stream`` is not a :class:`~sfa_jax.tasks.TaskStream`, ``method`` not a
       :class:`Method` instance or ``config`` not a :class:`~sfa_jax.engine.config.TrainConfig`.
     ValueError: when a ``steps_per_task`` tuple does not have one entry per task.
+    TypeError, ValueError: when the method's averaging schedule of a task is not a boolean array
+      of its steps + 2 (:func:`~sfa_jax.engine.methods.checked_schedule`), before that task's first step.
     CheckpointError: when the checkpointer holds a checkpoint of another configuration, or
       checkpoints of which none is usable (a corrupt one is skipped for the previous one, with a
       :class:`~sfa_jax.engine.checkpoint.CheckpointWarning`).
+    DivergedError: (:class:`sfa_jax.engine.loop.DivergedError`, a ``FloatingPointError`` and a
+      ``ValueError``) when the run diverges: a step's loss is NaN or infinite, or the params or
+      model state are at a task's end or a periodic checkpoint. The run stops there, naming the
+      task and the step (``error.task``, ``error.step``, ``error.global_step``); the checkpoints
+      saved before it are kept, and none is written past it.
 
   Example:
     >>> from sfa_jax import engine, tasks

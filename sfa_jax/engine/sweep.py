@@ -151,7 +151,13 @@ def run_sweep(
     :func:`sfa_jax.engine.run.run_sequence` returns for it, except ``seconds``, the whole sweep's.
 
   Raises:
-    TypeError, ValueError: from :func:`check_configurations`.
+    TypeError, ValueError: from :func:`check_configurations`, and those of
+      :func:`sfa_jax.engine.run.run_sequence` (the averaging schedules, the checkpoints).
+    DivergedError: (:class:`sfa_jax.engine.loop.DivergedError`, a ``FloatingPointError`` and a
+      ``ValueError``) when a configuration diverges: its loss at a step is NaN or infinite, or its
+      params or model state are at a task's end or a periodic checkpoint. The whole sweep stops
+      there, naming the configurations (their indices in ``error.configurations``), the task and
+      the step; the checkpoints saved before it are kept, and none is written past it.
 
   Example:
     >>> from sfa_jax import engine, tasks
