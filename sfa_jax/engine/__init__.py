@@ -47,6 +47,8 @@ _EXPORTS = {
     'run_grid': 'grids',
     'summarize_runs': 'grids',
     'Checkpointer': 'checkpoint',
+    'CheckpointError': 'checkpoint',
+    'DivergedError': 'loop',
 }
 __all__ = sorted(_EXPORTS)
 

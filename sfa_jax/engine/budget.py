@@ -217,13 +217,10 @@ def steps_per_task(stream: Any, config: Any, *, method: Any = None) -> list[int]
   from sfa_jax.engine import loop
   from sfa_jax.engine import methods
 
-  all_tasks = [stream[k] for k in range(len(stream))]
-  budget = config.steps_per_task
-  if isinstance(budget, tuple) and len(budget) != len(all_tasks):
-    raise ValueError(f'steps_per_task has {len(budget)} entries for {len(all_tasks)} tasks: give one per task.')
   method = methods.make_method('finetune') if method is None else method
+  all_tasks = loop.check_lanes([stream[k] for k in range(len(stream))], [(method, config)], stacked=False)
   plans = (method.batch_plan(all_tasks, k, config.batch_size, config.seed) for k in range(len(all_tasks)))
-  return [loop._task_steps(len(plan.data.y), config.batch_size - plan.replay_size, config, k) for k, plan in enumerate(plans)]
+  return [loop.task_steps(plan, config, k) for k, plan in enumerate(plans)]
 
 
 def grid_p_values(methods: Sequence[Any]) -> list[float]:

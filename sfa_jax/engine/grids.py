@@ -235,7 +235,7 @@ def _check_runs(stream: Any, configurations: Sequence[Configuration], sweeps: Se
   for i in first.values():
     method, config = configurations[i]
     try:
-      loop._checked_tasks(all_tasks, [(method, config)], stacked=False, evaluate_state=None)
+      loop.check_lanes(all_tasks, [(method, config)], stacked=False)
       config.make_optimizer()
       steps.trainable_mask(run_lib.build_model(stream, config), all_tasks[0].train.x[:1], config.trainable)
     except (TypeError, ValueError) as error:

@@ -175,7 +175,7 @@ def train_stream(
   """
   start_time = time.perf_counter()
   emit = callbacks_lib.as_callbacks(callbacks)
-  all_tasks = _checked_tasks(tasks, configurations, stacked=stacked, evaluate_state=evaluate_state)
+  all_tasks = check_lanes(tasks, configurations, stacked=stacked, evaluate_state=evaluate_state)
   shared = configurations[0][1]
   placement = None if mesh is None else distributed.replicated(mesh)
   lanes = _Lanes(configurations, all_tasks, model, stacked=stacked, mesh=mesh, initial=initial)
@@ -214,9 +214,26 @@ def check_batch_size(tasks: Sequence[tasks_lib.Task], batch_size: int) -> None:
                      f'task ({smallest.name}); lower batch_size.')
 
 
-def _checked_tasks(tasks: Sequence[tasks_lib.Task], configurations: Sequence[tuple[methods_lib.Method, Any]], *,
-                   stacked: bool, evaluate_state: Any) -> list[tasks_lib.Task]:
-  """The tasks as a list, once the lanes are checked against them (before anything is built)."""
+def check_lanes(tasks: Sequence[tasks_lib.Task], configurations: Sequence[tuple[methods_lib.Method, Any]], *,
+                stacked: bool, evaluate_state: Any = None) -> list[tasks_lib.Task]:
+  """The tasks as a list, once the lanes are checked against them (before anything is built).
+
+  :func:`train_stream` runs these checks first; :func:`sfa_jax.engine.grids.run_grid` runs them
+  for every configuration before its first run.
+
+  Args:
+    tasks: the stream's tasks.
+    configurations: the lanes' ``(method, config)`` pairs.
+    stacked: whether the lanes run as one sweep (else there must be exactly one).
+    evaluate_state: :func:`train_stream`'s further evaluation, if any (one run only).
+
+  Returns:
+    The tasks, as a list.
+
+  Raises:
+    ValueError: on several lanes unstacked, ``evaluate_state`` in a sweep, a batch larger than the
+      smallest task (:func:`check_batch_size`), or a ``steps_per_task`` tuple without one entry per task.
+  """
   configs = [config for _, config in configurations]
   if not stacked and len(configs) != 1:
     raise ValueError(f'an unstacked run has one configuration; got {len(configs)}.')
@@ -230,9 +247,25 @@ def _checked_tasks(tasks: Sequence[tasks_lib.Task], configurations: Sequence[tup
   return all_tasks
 
 
-def _task_steps(num_examples: int, batch_size: int, config: Any, task_index: int) -> int:
-  """A task's steps: ``config.steps_per_task`` (one number, or this task's entry), or
-  ``epochs_per_task`` whole epochs of ``batch_size`` (the ragged end of each dropped)."""
+def task_steps(plan: methods_lib.BatchPlan, config: Any, task_index: int) -> int:
+  """The optimizer steps of task ``task_index`` trained on ``plan``'s examples under ``config``.
+
+  ``config.steps_per_task`` (one number, or this task's entry), or ``epochs_per_task`` whole epochs
+  of the task's share of each batch (``batch_size`` less the plan's replayed examples; the ragged
+  end of each epoch dropped).
+
+  Args:
+    plan: the method's :class:`~sfa_jax.engine.methods.BatchPlan` for the task.
+    config: the run's :class:`~sfa_jax.engine.config.TrainConfig`.
+    task_index: the task's index in the stream.
+
+  Returns:
+    The number of steps.
+
+  Raises:
+    ValueError: when the task's examples make no batch.
+  """
+  num_examples, batch_size = len(plan.data.y), config.batch_size - plan.replay_size
   per_epoch = tasks_lib.num_batches(num_examples, batch_size)
   if per_epoch == 0:
     raise ValueError(f'{num_examples} training examples make no batch of {batch_size}: lower batch_size.')
@@ -283,7 +316,7 @@ class _TaskPreparer:
   def _prepare(self, k: int) -> _PreparedTask:
     shared, configs = self._configs[0], self._configs
     plans = [self._methods[i].batch_plan(self._tasks, k, configs[i].batch_size, configs[i].seed) for i in self._groups]
-    total_steps = _task_steps(len(plans[0].data.y), shared.batch_size - plans[0].replay_size, shared, k)
+    total_steps = task_steps(plans[0], shared, k)
     rows = [feed_lib.task_rows(plans[i], configs[i].batch_size, methods_lib.task_seed(configs[i].seed, k), total_steps)
             for i in self._groups]
     task_feed = feed_lib.task_feed(plans, rows, lanes=self._stacked, budget=shared.device_data_bytes,
