@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed benchmarks of issue 17 on an accelerator, as one script (run from the repository root on
+# The engine's speed benchmarks (fused chunks, SFA's step, sweeps) on an accelerator, as one script (run from the repository root on
 # a machine whose JAX sees the GPU or TPU; figures into $OUT, default benchmarks/device/):
 #   bash benchmarks/device_suite.sh
 # Each line is one benchmark of benchmarks/RESULTS.md, measured side by side in one run; the

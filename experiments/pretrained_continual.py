@@ -66,7 +66,7 @@ _spec = importlib.util.spec_from_file_location('pretrain_backbone', os.path.join
 pretrain_backbone = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pretrain_backbone)
 
-SPLIT_GRID = [  # shrunk grid at the full budget: 23 configurations (the last round: 30 at 12 steps per task)
+SPLIT_GRID = [  # shrunk grid at the full budget: 23 configurations (30 at the 12 steps per task that failed the budget rule)
     ('finetune', {}),
     ('sfa', {'p': (0.25, 0.5, 0.75, 0.96, 1.0), 'beta': (0.25, 0.5)}),
     ('replay', {'fraction': (0.01, 0.05, 0.1)}),

@@ -24,7 +24,7 @@ def test_min_steps_for_p():
 def test_averaging_steps_is_the_transform_schedule():
   assert budget.averaging_steps(0.25, 10) == (3, 6, 9, 10)
   assert budget.averaging_steps(1.0, 7) == (7,)
-  # The last round's failure: at 12 steps per task p = 0.96 averages only at the end, as p = 1 does.
+  # A budget that fails the rule: at 12 steps per task p = 0.96 averages only at the end, as p = 1 does.
   assert budget.averaging_steps(0.96, 12) == budget.averaging_steps(1.0, 12) == (12,)
   assert budget.averaging_steps(0.96, 13) == (12, 13)
 
