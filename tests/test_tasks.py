@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sfa_jax import tasks
-from sfa_jax.tasks import idx, offline
+from sfa_jax.tasks import catalog, idx, offline
 from sfa_jax.tasks.stream import remap_labels, task_labels
 
 FASHION_AVAILABLE = os.path.isfile(
@@ -138,6 +138,30 @@ def test_unknown_stream_lists_the_known_ones():
 def test_make_stream_rejects_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):
     tasks.make_stream(**kwargs)
+
+
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [
+        (dict(name='mnist-pair', data_dir='/tmp'), "source='offline' of stream 'mnist-pair' reads data bundled with a package: leave data_dir None"),
+        (dict(name='permuted-mnist', source='digits', data_dir='/tmp'), "source='digits' of stream 'permuted-mnist' reads data bundled"),
+        (dict(name='split-fashion-mnist', source='tfds'), "pass data_dir=<tfds data folder>, the one holding fashion_mnist/<version>/"),
+    ],
+)
+def test_a_data_folder_is_refused_or_asked_for_by_its_keyword_before_any_data_is_read(kwargs, message, monkeypatch):
+  monkeypatch.setattr(offline, 'mnist_source', lambda: pytest.fail('the data was read'))
+  monkeypatch.setattr(offline, 'digits_source', lambda: pytest.fail('the data was read'))
+  with pytest.raises(ValueError, match=re.escape(message)) as error:
+    tasks.make_stream(**kwargs)
+  assert '--' not in str(error.value)  # the command line's options are its own to name
+
+
+def test_the_catalog_says_which_sources_read_a_data_folder():
+  uses = {(name, source): catalog.data_dir_use(name, source) for name in catalog.STREAMS for source in catalog.stream_sources(name)}
+  assert {key for key, use in uses.items() if use == 'optional'} == {('split-fashion-mnist', 'offline')}
+  assert all(use == 'required' for (_, source), use in uses.items() if source == 'tfds')
+  with pytest.raises(ValueError, match=r"stream 'split-cifar100' has sources \['tfds'\]; got source='offline'"):
+    catalog.data_dir_use('split-cifar100', 'offline')
 
 
 def test_mnist_pair_is_even_then_odd_digits():

@@ -38,6 +38,8 @@ class Dataset:
     test_split: the tfds split that serves as its test set.
     default_image_size: the side its tfds images are resized to when no ``image_size`` is given
       (``None``: kept as stored).
+    offline_files: its ``'offline'`` source reads files from a data folder (a default one when
+      none is given); ``False``: data bundled with a package, no folder.
   """
 
   tfds_name: str
@@ -45,11 +47,12 @@ class Dataset:
   sources: tuple[str, ...]
   test_split: str = 'test'
   default_image_size: int | None = None
+  offline_files: bool = False
 
 
 DATASETS = {
     'mnist': Dataset('mnist', 10, ('offline', 'digits', 'tfds')),
-    'fashion_mnist': Dataset('fashion_mnist', 10, ('offline', 'tfds')),
+    'fashion_mnist': Dataset('fashion_mnist', 10, ('offline', 'tfds'), offline_files=True),
     'cifar100': Dataset('cifar100', 100, ('tfds',)),
     'food101': Dataset('food101', 101, ('tfds',), test_split='validation', default_image_size=64),
 }
@@ -139,6 +142,34 @@ def stream_sources(name: str) -> tuple[str, ...]:
     (('offline', 'digits', 'tfds'), ('tfds',))
   """
   return DATASETS[stream_spec(name).dataset].sources
+
+
+def data_dir_use(name: str, source: str) -> str:
+  """How the named stream ``name`` read from ``source`` takes a data folder (``data_dir``).
+
+  Args:
+    name: a named stream.
+    source: one of the stream's :func:`stream_sources`.
+
+  Returns:
+    ``'required'`` (``'tfds'``: the tfds data folder), ``'optional'`` (an ``'offline'`` source that
+    reads files, from a default folder when none is given) or ``'none'`` (bundled data).
+
+  Raises:
+    ValueError: ``name`` is not a named stream, or ``source`` not one of its sources.
+
+  Example:
+    >>> data_dir_use('split-cifar100', 'tfds'), data_dir_use('split-fashion-mnist', 'offline')
+    ('required', 'optional')
+    >>> data_dir_use('mnist-pair', 'offline'), data_dir_use('mnist-pair', 'digits')
+    ('none', 'none')
+  """
+  sources = stream_sources(name)
+  if source not in sources:
+    raise ValueError(f'stream {name!r} has sources {list(sources)}; got source={source!r}.')
+  if source == 'tfds':
+    return 'required'
+  return 'optional' if source == 'offline' and DATASETS[stream_spec(name).dataset].offline_files else 'none'
 
 
 def task_counts(name: str) -> tuple[int, int | None]:

@@ -83,6 +83,24 @@ def _find(data_dir: str, stem: str) -> str | None:
   return None
 
 
+def fashion_mnist_missing(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+  """The IDX files of Fashion-MNIST that ``data_dir`` lacks (each may be gzipped, ``.gz``, or not).
+
+  Args:
+    data_dir: the folder; ``None`` means Debian's :data:`FASHION_MNIST_DIR`.
+
+  Returns:
+    The missing files' names, without ``.gz``, in the order of the train then test images and labels.
+
+  Example:
+    >>> import tempfile
+    >>> fashion_mnist_missing(tempfile.mkdtemp())[:2]
+    ['train-images-idx3-ubyte', 'train-labels-idx1-ubyte']
+  """
+  folder = os.fspath(FASHION_MNIST_DIR if data_dir is None else data_dir)
+  return [stem for stems in _FASHION_FILES.values() for stem in stems if _find(folder, stem) is None]
+
+
 def fashion_mnist_source(data_dir: str | os.PathLike[str] | None = None) -> DataSource:
   """Fashion-MNIST read from its four IDX files, the official 60000/10000 train/test split.
 
@@ -98,8 +116,7 @@ def fashion_mnist_source(data_dir: str | os.PathLike[str] | None = None) -> Data
     FileNotFoundError: a file is missing; the message says how to install the data.
   """
   data_dir = os.fspath(FASHION_MNIST_DIR if data_dir is None else data_dir)
-  paths = {stem: _find(data_dir, stem) for stems in _FASHION_FILES.values() for stem in stems}
-  missing = [stem for stem, path in paths.items() if path is None]
+  missing = fashion_mnist_missing(data_dir)
   if missing:
     raise FileNotFoundError(
         f'Fashion-MNIST not found in {data_dir}: missing {missing} (.gz or not). Install Debian\'s '
@@ -108,6 +125,7 @@ def fashion_mnist_source(data_dir: str | os.PathLike[str] | None = None) -> Data
         f"or pass data_dir= a folder holding the four IDX files, or use source='tfds' with a "
         f'prepared fashion_mnist data set.'
     )
+  paths = {stem: _find(data_dir, stem) for stems in _FASHION_FILES.values() for stem in stems}
   train, test = (
       Split(
           (read_idx(paths[images]).astype(np.float32) / 255.0)[..., None],

