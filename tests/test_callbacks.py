@@ -93,9 +93,33 @@ def test_console_progress_redraws_one_bar_per_task_on_a_terminal():
   assert '100/100' in last and 'loss 0.500 acc 0.750' in last
 
 
-def test_console_progress_prints_a_line_every_tenth_of_a_task_off_a_terminal():
+def test_console_progress_is_quiet_off_a_terminal_unless_asked():
   log = io.StringIO()
   progress = callbacks.ConsoleProgress('l2', log)
+  for event in _steps(0, 50):
+    progress(event)
+  assert log.getvalue() == ''
+  progress(callbacks.ResumeEvent(7))  # a resume is said all the same
+  assert log.getvalue() == 'l2: resumed at step 7\n'
+
+
+def test_console_progress_disabled_draws_nothing_even_on_a_terminal():
+  terminal = _Terminal()
+  progress = callbacks.ConsoleProgress('l2', terminal, disable=True)
+  for event in [callbacks.ResumeEvent(7), *_steps(0, 50)]:
+    progress(event)
+  assert terminal.getvalue() == ''
+
+
+@pytest.mark.parametrize('disable', ['no', 0, 1])
+def test_console_progress_refuses_a_disable_that_is_not_none_or_a_bool(disable):
+  with pytest.raises(ValueError, match='disable must be None, False or True'):
+    callbacks.ConsoleProgress('l2', disable=disable)
+
+
+def test_console_progress_asked_prints_a_line_every_tenth_of_a_task_off_a_terminal():
+  log = io.StringIO()
+  progress = callbacks.ConsoleProgress('l2', log, disable=False)
   progress(callbacks.ResumeEvent(7))
   for event in _steps(0, 50):
     progress(event)

@@ -130,28 +130,42 @@ def wants_every_step(callbacks: Callback | Sequence[Callback] | None) -> bool:
 class ConsoleProgress:
   """A progress bar per task on the console (tqdm), with the mean loss and accuracy.
 
-  On a terminal the bar redraws in place (at most ten times a second); elsewhere (a log file) a
-  line in tqdm's format is printed every 10 % of each task. Loss and accuracy are fetched from the
-  device only when they are drawn, so the other steps run asynchronously.
+  On a terminal the bar redraws in place (at most ten times a second). Elsewhere (output redirected
+  to a file or a pipe) it is quiet by default, as tqdm with ``disable=None``; asked for
+  (``disable=False``), it prints a line in tqdm's format every 10 % of each task. A resumed run is
+  said in one line either way. Loss and accuracy are fetched from the device only when they are
+  drawn, so the other steps run asynchronously.
 
   Args:
     label: what the bar is of, e.g. ``'sfa seed 0'``.
     file: where to draw (default: standard error).
+    disable: as tqdm's: ``None`` draws on a terminal only, ``False`` everywhere (lines in a log
+      file), ``True`` nothing at all.
+
+  Raises:
+    ValueError: when ``disable`` is not ``None``, ``False`` or ``True``.
   """
 
-  def __init__(self, label: str = '', file: TextIO | None = None):
+  def __init__(self, label: str = '', file: TextIO | None = None, disable: bool | None = None):
+    if disable is not None and not isinstance(disable, bool):
+      raise ValueError(f'disable must be None, False or True; got {disable!r}.')
     self.label = label
     self.file = file or sys.stderr
+    self.disable = disable
     self._bar = None
     self._started = 0.0
     self._shown = 0.0
 
   def __call__(self, event: Any) -> None:
+    if self.disable:
+      return
     if isinstance(event, ResumeEvent):
       print(f'{self.label}: resumed at step {event.global_step}', file=self.file, flush=True)
     if not isinstance(event, StepEvent):
       return
     tty = hasattr(self.file, 'isatty') and self.file.isatty()
+    if not tty and self.disable is None:
+      return
     now = time.monotonic()
     if event.step == 1 or not self._started:
       self._started = now

@@ -145,7 +145,8 @@ def run_grid(
     checkpoint_every: with ``checkpoints``, also checkpoint every this many steps (0: only at
       task ends).
     progress: draw a progress bar per run (``'<label> seed <seed>'``) or per sweep (``'sweep of
-      <n> <method> (mean over configurations)'``) on standard error.
+      <n> <method> (mean over configurations)'``) on standard error; off a terminal, a line every
+      10 % of each task (:class:`~sfa_jax.engine.callbacks.ConsoleProgress` with ``disable=False``).
     mesh: train each run on these devices (:func:`sfa_jax.engine.distributed.make_mesh`); runs
       one after another only.
     log: called with how the grid trains, the budget rule's verdict on its SFA ``p`` values
@@ -302,7 +303,7 @@ def _checkpoint_folders(configurations: Sequence[Configuration], groups: list[li
 
 
 def _progress(progress: bool, label: str) -> list[ConsoleProgress]:
-  return [ConsoleProgress(label)] if progress else []
+  return [ConsoleProgress(label, disable=False)] if progress else []
 
 
 def _summary_line(group: Sequence[dict[str, Any]]) -> str:
