@@ -9,8 +9,8 @@ temporary working folder. Markers, HTML comments that neither the site nor GitHu
   runs in a fresh Python (a page that sets ``XLA_FLAGS`` before JAX starts);
 * ``<!-- docs-test: slow (reason) -->`` on a line of its own: the page's test is marked slow.
 
-``CHECKS`` holds what each page's example must have computed, so a block that runs but goes wrong
-fails too. The ``sfa-jax`` command lines of the pages' ```bash blocks are parsed and checked by the
+``CHECKS`` holds what each page's example must have computed (and printed: ``ns['__printed__']``
+is its standard output), so a block that runs but goes wrong fails too. The ``sfa-jax`` command lines of the pages' ```bash blocks are parsed and checked by the
 command line's own argument checks (nothing trained).
 """
 
@@ -96,6 +96,9 @@ def _check_readme(ns):
   x, y, loss = ns['x'], ns['y'], ns['loss_fn']
   assert float(loss(ns['params'], x, y)) < 0.8 * float(np.log(3))  # the last task is learnt
   assert int(sfa_jax.find_state(ns['opt_state']).count) == 40 and bool(sfa_jax.find_state(ns['opt_state']).averaged)
+  printed = ns['__printed__'].splitlines()  # the accuracy on both tasks after each, rounded
+  assert [line.split(':')[0] for line in printed] == ['after task 0, accuracy on tasks 0 and 1', 'after task 1, accuracy on tasks 0 and 1']
+  assert all(re.fullmatch(r'.*: \[0\.\d{1,2}, 0\.\d{1,2}\]', line) for line in printed), printed
 
 
 def _check_index(ns):
@@ -161,6 +164,8 @@ def _check_engine(ns):
   fused_run = ns['fused_run']
   assert fused_run.accuracy_matrix == ns['stepped_run'].accuracy_matrix == ns['on_host'].accuracy_matrix
   assert len(ns['watched'].losses) == sum(fused_run.steps_per_task) and fused_run.averaging_steps
+  printed = ns['__printed__']
+  assert re.findall(r'\d\.\d+', printed) and not re.search(r'\d\.\d{3}', printed), printed  # rounded
 
 
 def _check_sweeps(ns):
@@ -223,7 +228,7 @@ CHECKS = {
 
 
 @pytest.mark.parametrize('page', _params())
-def test_the_page_examples_run(page: Page, tmp_path, monkeypatch):
+def test_the_page_examples_run(page: Page, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   if page.name in SETUP:
     SETUP[page.name](tmp_path)
@@ -238,6 +243,7 @@ def test_the_page_examples_run(page: Page, tmp_path, monkeypatch):
   namespace: dict = {'__name__': '__docs__'}
   for i, code in enumerate(page.blocks):
     exec(compile(code, f'docs/{page.name} (block {i + 1})', 'exec'), namespace)
+  namespace['__printed__'] = capsys.readouterr().out
   CHECKS[page.name](namespace)
 
 
