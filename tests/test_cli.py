@@ -50,6 +50,9 @@ def test_run_writes_every_output(tmp_path, capsys):
   table = (out / 'results.md').read_text()
   captured = capsys.readouterr()
   assert 'sfa(beta=0.3, p=0.5)' in table and table.strip() in captured.out
+  # Finished: its checkpoints are deleted, and the last line says so.
+  assert not (out / 'checkpoints').exists() and os.listdir(out)
+  assert captured.err.splitlines()[-1].endswith(f'outputs in {out}; checkpoints deleted (--keep-checkpoints keeps them)')
   # Not a terminal: about one progress line per 10 % of each task, the last one at 100 %.
   for task in (0, 1):
     lines = [line for line in captured.err.splitlines() if f'seed 0 task {task}:' in line]
@@ -71,15 +74,101 @@ def test_compare_aggregates_seeds(tmp_path):
   assert f'{np.mean(averages):.3f} ± {np.std(averages):.3f}' in (out / 'results.md').read_text()
 
 
-def test_resume_skips_finished_runs(tmp_path, capsys):
+def test_kept_checkpoints_are_named_with_their_size_and_resume_skips_finished_runs(tmp_path, capsys):
   out = tmp_path / 'resume'
   args = ['run', '--method', 'finetune', '--out', str(out)] + FAST
-  assert cli.main(args) == 0
+  assert cli.main(args + ['--keep-checkpoints']) == 0
   first = json.loads((out / 'results.json').read_text())['runs'][0]['accuracy_matrix']
-  capsys.readouterr()
-  assert cli.main(args + ['--resume']) == 0
+  size = sum(p.stat().st_size for p in (out / 'checkpoints').rglob('*') if p.is_file())
+  last = capsys.readouterr().err.splitlines()[-1]
+  assert last.endswith(f'; checkpoints kept in {out / "checkpoints"} ({size / 2**20:.1f} MiB)') and size > 0
+  assert cli.main(args + ['--resume']) == 0  # restored, not trained again; then deleted, as not kept
   assert 'resumed at step' in capsys.readouterr().err
   assert json.loads((out / 'results.json').read_text())['runs'][0]['accuracy_matrix'] == first
+  assert not (out / 'checkpoints').exists()
+
+
+def test_a_deletion_of_checkpoints_cut_short_leaves_those_of_a_finished_command(tmp_path, monkeypatch, capsys):
+  out = tmp_path / 'out'
+  args = ['run', '--method', 'finetune', '--out', str(out)] + FAST
+  real_rmtree = shutil.rmtree
+
+  def interrupted_once_finished(path, *args, **kwargs):  # Ctrl-C as the finished command deletes its checkpoints
+    if (out / 'results.md').exists():
+      raise KeyboardInterrupt
+    real_rmtree(path, *args, **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(shutil, 'rmtree', interrupted_once_finished)
+    assert cli.main(args) == 130
+  assert (out / 'checkpoints' / 'finished').exists() and (out / 'results.json').exists()
+  capsys.readouterr()
+  assert cli.main(args) == 0  # replaced, not refused as an interrupted run's
+  assert 'interrupted' not in capsys.readouterr().err and not (out / 'checkpoints').exists()
+
+
+def test_the_results_say_why_replay_takes_more_steps(tmp_path, capsys):
+  out = tmp_path / 'cmp'
+  assert cli.main(['compare', '--methods', 'finetune,replay', '--out', str(out)] + FAST) == 0
+  runs = json.loads((out / 'results.json').read_text())['runs']
+  finetune, replay = (run['steps_per_task'] for run in runs)
+  assert replay[0] == finetune[0] and replay[1] > finetune[1]  # half of each replay batch is memory
+  note = (out / 'results.md').read_text().strip().splitlines()[-1]
+  assert note.startswith(f"Optimizer steps per task: finetune: {finetune[0]}, {finetune[1]}; "
+                         f"replay(fraction=0.1, ratio=0.5): {replay[0]}, {replay[1]} (")
+  assert 'replay fills part of each batch from its memory' in note and note in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--stream', 'split-cifar100'], "stream 'split-cifar100' reads only --source tfds, a data set prepared on disk: "
+                                         'pass --data-dir, the tfds data folder holding cifar100/<version>/'),
+        (['--source', 'tfds'], '--source tfds reads a data set prepared on disk: pass --data-dir, the tfds data folder holding mnist/<version>/'),
+        (['--data-dir', '/tmp'], "argument --data-dir: stream 'mnist-pair' from --source offline reads data bundled with a package, "
+                                 'from no folder: leave --data-dir out, or pass --source tfds with a tfds data folder'),
+        (['--source', 'digits', '--data-dir', '/tmp'], "argument --data-dir: stream 'mnist-pair' from --source digits reads data bundled"),
+        (['--stream', 'split-fashion-mnist', '--data-dir', os.path.dirname(__file__)],
+         f'argument --data-dir: no Fashion-MNIST in {os.path.dirname(__file__)}: missing train-images-idx3-ubyte, '),
+        (['--stream', 'split-fashion-mnist', '--data-dir', os.path.dirname(__file__)],
+         'pass --data-dir a folder holding the four IDX files, or pass --source tfds --data-dir the tfds data folder holding'),
+    ],
+)
+def test_a_data_error_names_the_command_lines_options(tmp_path, capsys, argv, message):
+  """Not make_stream's keywords (data_dir=, source='tfds'), nor an option that was not given."""
+  assert cli.main(['run', '--method', 'sfa', *argv, '--out', str(tmp_path / 'x'), '--no-compile-cache']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('sfa-jax: error: ') and message in err and err.count('\n') == 1, err
+  assert not re.search(r"data_dir|source=|'tfds'", err), err
+  assert not (tmp_path / 'x').exists()
+
+
+def test_a_stream_only_tfds_serves_reads_tfds_without_source(tmp_path, capsys):
+  assert cli.main(['run', '--method', 'sfa', '--stream', 'split-cifar100', '--data-dir', str(tmp_path), '--out', str(tmp_path / 'x')]) == 2
+  assert f"No tfds data set 'cifar100' prepared in the array_record format under {tmp_path}" in capsys.readouterr().err
+
+
+def test_every_commands_help_shows_the_defaults(capsys):
+  help_of = {}
+  for command in ('run', 'compare', 'sweep', 'demo'):
+    with pytest.raises(SystemExit) as stop:
+      cli.main([command, '--help'])
+    assert stop.value.code == 0
+    help_of[command] = ' '.join(capsys.readouterr().out.split())
+  for command in ('run', 'compare', 'sweep'):
+    for shown in ('task stream: mnist-pair', '(default: mnist-pair)', 'epochs per task (default: 2)', 'examples per batch (default: 64)',
+                  'learning rate (default: 0.001)', 'adam, adamw, sgd (default: adam)', 'e.g. 0,1,2 (default: 0)',
+                  "default: offline, or tfds for split-cifar100, split-food101", 'at task ends only (default: 0)'):
+      assert shown in help_of[command], (command, shown)
+  assert 'output folder (default: outputs/demo)' in help_of['demo']
+  assert "the method's p, for methods that take it (default: the method's, listed above)" in help_of['run']
+  for text in help_of.values():
+    assert '(default: None)' not in text and '(default: False)' not in text and '(default: [])' not in text
+  with pytest.raises(SystemExit):
+    cli.main(['--help'])
+  top = capsys.readouterr().out
+  assert '\n  sfa-jax demo [--quick]\n' in top  # the description's lines as written
+  assert 'Bad input: one line on stderr, exit code 2.' in top.replace('\n', ' ')
 
 
 @pytest.mark.parametrize(
@@ -125,7 +214,7 @@ def test_resume_skips_finished_runs(tmp_path, capsys):
         (['run', '--method', 'sfa', '--data-dir', '/nonexistent'], "argument --data-dir: no folder '/nonexistent'"),
         (['run', '--method', 'sfa', '--mesh', 'data=2;fsdp=4'], "argument --mesh: mesh must look like 'data=2,fsdp=4'"),
         (['run', '--method', 'sfa', '--mesh', 'model=2'], 'argument --mesh: mesh axes must be among'),
-        (['run', '--method', 'sfa', '--stream', 'split-cifar100'], "argument --source: stream 'split-cifar100' reads tfds; got 'offline'"),
+        (['run', '--method', 'sfa', '--stream', 'split-cifar100', '--source', 'offline'], "argument --source: stream 'split-cifar100' reads tfds; got 'offline'"),
         (['run', '--method', 'sfa', '--stream', 'split-fashion-mnist', '--source', 'digits'], 'reads offline, tfds'),
         (['run', '--method', 'sfa', '--num-tasks', '3'], "argument --num-tasks: stream 'mnist-pair' takes exactly 2 tasks; got 3"),
         (['run', '--method', 'sfa', '--stream', 'split-mnist', '--num-tasks', '11'], 'takes 1 to 10 tasks; got 11'),
@@ -179,6 +268,9 @@ def test_quick_demo_sfa_beats_finetuning(tmp_path):
   (sfa,) = [run for run in results['runs'] if run['method'].startswith('sfa')]
   assert len(sfa['averaging_steps']) == 4 and len(sfa['curve']) > 2 * len(sfa['averaging_steps'])
   assert (out / 'results.md').read_text().strip() in result.stdout
+  (replay,) = [run for run in results['runs'] if run['method'].startswith('replay')]
+  assert f"replay(fraction=0.1, ratio=0.5): {', '.join(map(str, replay['steps_per_task']))} (" in result.stdout
+  assert not (out / 'checkpoints').exists(), 'the demo left its checkpoints'
   assert any(cache.iterdir()), 'the persistent compilation cache stayed empty'
 
 
@@ -216,7 +308,7 @@ def first_run(tmp_path_factory):
   out = tmp_path_factory.mktemp('finished') / 'out'
   err = io.StringIO()
   with contextlib.redirect_stderr(err):
-    assert cli.main(_argv(out) + ['--resume']) == 0
+    assert cli.main(_argv(out) + ['--resume', '--keep-checkpoints']) == 0
   return out, err.getvalue()
 
 
@@ -261,7 +353,7 @@ def test_a_finished_commands_checkpoints_are_replaced_by_the_next_command(finish
   out = tmp_path / 'out'
   shutil.copytree(finished_run, out)
   assert (out / 'checkpoints' / 'finished').exists()
-  assert cli.main(_argv(out, **{'--method': 'finetune', '--p': None})) == 0  # no --overwrite needed
+  assert cli.main(_argv(out, **{'--method': 'finetune', '--p': None}) + ['--keep-checkpoints']) == 0  # no --overwrite needed
   assert _only_run_checkpoints(out).name == 'finetune-seed0' and (out / 'checkpoints' / 'finished').exists()
 
 
@@ -300,7 +392,7 @@ def test_resume_of_another_command_is_refused_and_writes_nothing(copied_run, cap
         ({}, 'holds the checkpoints of an interrupted run: pass --resume to continue it, or --overwrite to delete them'),
         # A folder without the idx files: the data fails to load, after parsing.
         ({'--stream': 'split-fashion-mnist', '--source': 'offline', '--data-dir': os.path.dirname(__file__), '--resume': None},
-         'not found'),
+         'no Fashion-MNIST in'),
     ],
 )
 def test_a_failing_command_leaves_the_checkpoints_alone(copied_run, capsys, changes, message):
@@ -324,7 +416,7 @@ def test_sweep_refuses_a_folder_with_checkpoints_of_another_command(copied_run, 
 
 
 def test_overwrite_deletes_the_earlier_checkpoints(copied_run):
-  assert cli.main(_argv(copied_run, **{'--method': 'finetune', '--p': None}) + ['--overwrite']) == 0
+  assert cli.main(_argv(copied_run, **{'--method': 'finetune', '--p': None}) + ['--overwrite', '--keep-checkpoints']) == 0
   assert _only_run_checkpoints(copied_run).name == 'finetune-seed0'
   saved = json.loads((copied_run / 'checkpoints' / 'command.json').read_text())
   assert saved['methods'] == [{'name': 'finetune', 'class': 'sfa_jax.engine.methods:Finetune', 'hyperparams': {}}] and saved["stream"]["tasks"] == ["split-mnist/0", "split-mnist/1"]
@@ -422,12 +514,14 @@ def test_help_and_argument_errors_load_neither_jax_nor_the_data(tmp_path):
       ['run', '--method', 'sfa', '--p', '0.5', '--p', '0.2', *out], ['run', '--method', 'sfa', '--mesh', 'foo', *out],
       ['run', '--method', 'sfa', '--num-tasks', '3', *out], ['run', '--method', 'sfa', '--stream', 'split-cifar100', *out],
       ['run', '--method', 'sfa', '--data-dir', str(tmp_path / 'none'), *out],
+      ['compare', '--help'], ['demo', '--help'], ['run', '--method', 'sfa', '--data-dir', str(tmp_path), *out],
+      ['run', '--method', 'sfa', '--source', 'tfds', *out],
   ]
   result = subprocess.run([sys.executable, '-c', _WITHOUT_JAX, json.dumps(argvs)], capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(result.stdout.splitlines()[-1])
-  assert report == {'codes': [0, 0, 0] + [2] * 13, 'loaded': []}
-  assert result.stderr.count('sfa-jax: error: ') == 13 and not (tmp_path / 'x').exists()
+  assert report == {'codes': [0, 0, 0] + [2] * 13 + [0, 0, 2, 2], 'loaded': []}
+  assert result.stderr.count('sfa-jax: error: ') == 15 and not (tmp_path / 'x').exists()
 
 
 def _cli_accepts(argv):
@@ -460,15 +554,26 @@ def test_the_command_line_takes_the_streams_sources_and_task_counts_that_make_st
   disagree = []
   for stream in (*catalog.STREAMS, 'split-mnsit'):
     for source in (*catalog.SOURCES, 'internet'):
-      data_dir = str(tmp_path) if source == 'tfds' else None  # an empty tfds folder
-      for num_tasks in (None, 0, 1, 2, 3, 10, 11, 100, 101, 102, 1000):
-        argv = ['--stream', stream, '--source', source, *out]
-        argv += [] if num_tasks is None else ['--num-tasks', str(num_tasks)]
-        argv += [] if data_dir is None else ['--data-dir', data_dir]
-        verdicts = _cli_accepts(argv), _make_stream_accepts(name=stream, source=source, num_tasks=num_tasks, data_dir=data_dir)
-        if verdicts[0] != verdicts[1]:
-          disagree.append((stream, source, num_tasks, verdicts))
-  assert not disagree, f'(stream, source, num_tasks, (command line, make_stream)): {disagree}'
+      for data_dir in (None, str(tmp_path)):  # an empty folder: no tfds data set, no IDX files
+        for num_tasks in (None, 0, 1, 2, 3, 10, 11, 100, 101, 102, 1000):
+          argv = ['--stream', stream, '--source', source, *out]
+          argv += [] if num_tasks is None else ['--num-tasks', str(num_tasks)]
+          argv += [] if data_dir is None else ['--data-dir', data_dir]
+          verdicts = _cli_accepts(argv), _make_stream_accepts(name=stream, source=source, num_tasks=num_tasks, data_dir=data_dir)
+          if verdicts[0] != verdicts[1]:
+            disagree.append((stream, source, data_dir, num_tasks, verdicts))
+  assert not disagree, f'(stream, source, data_dir, num_tasks, (command line, make_stream)): {disagree}'
+
+
+def test_without_source_a_stream_reads_its_first_source(tmp_path):
+  """``offline`` where the stream has it, else ``tfds``: what make_stream takes with that source."""
+  from sfa_jax.tasks import catalog
+
+  for stream in catalog.STREAMS:
+    first = catalog.stream_sources(stream)[0]
+    for data_dir in (None, str(tmp_path)):
+      argv = ['--stream', stream, '--out', str(tmp_path / 'out')] + ([] if data_dir is None else ['--data-dir', data_dir])
+      assert _cli_accepts(argv) == _make_stream_accepts(name=stream, source=first, data_dir=data_dir), (stream, data_dir)
 
 
 def test_the_command_line_takes_the_settings_models_and_optimizers_that_the_registries_take(tmp_path):

