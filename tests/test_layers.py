@@ -1,14 +1,17 @@
 """The package's layers: the core, tasks and models, the engine, the command line.
 
 ``import sfa_jax`` loads nothing heavy and its names load the core alone; no module imports a
-module of a layer above its own; no two modules import each other, directly or around a circle.
+module of a layer above its own; no two modules import each other, directly or around a circle;
+no function is longer than 80 lines of code.
 """
 
 import ast
+import io
 import json
 import pathlib
 import subprocess
 import sys
+import tokenize
 
 import sfa_jax
 
@@ -113,3 +116,37 @@ def test_the_core_is_at_most_twelve_modules_and_nothing_else_sits_beside_it():
   assert len(top) <= 12, top
   assert {path.name for path in PACKAGE.iterdir() if path.is_dir() and (path / '__init__.py').exists()} == {
       'tasks', 'models', 'engine', 'cli'}
+
+
+def _code_lines(path: pathlib.Path) -> dict[str, int]:
+  """``{'file:line:function': lines of code}`` of every top-level function and method of ``path``:
+  docstrings, comments and blank lines left out, nested functions counted toward their parent."""
+  source = path.read_text()
+  tree = ast.parse(source)
+  docstrings = set()
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)) and node.body:
+      first = node.body[0]
+      if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        docstrings.update(range(first.lineno, first.end_lineno + 1))
+  skipped = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+  code = {line for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type not in skipped
+          for line in range(token.start[0], token.end[0] + 1) if line not in docstrings}
+  counts = {}
+
+  def visit(node: ast.AST, prefix: str) -> None:
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        lines = sum(1 for line in range(child.lineno, child.end_lineno + 1) if line in code)
+        counts[f'{path.relative_to(PACKAGE.parent)}:{child.lineno}:{prefix}{child.name}'] = lines
+      elif isinstance(child, ast.ClassDef):
+        visit(child, f'{prefix}{child.name}.')
+
+  visit(tree, '')
+  return counts
+
+
+def test_no_function_is_over_80_lines_of_code():
+  counts = {name: lines for path in PACKAGE.rglob('*.py') for name, lines in _code_lines(path).items()}
+  assert max(counts.values()) > 40  # the count sees real functions (the loop's is about 40)
+  assert not {name: lines for name, lines in counts.items() if lines > 80}
