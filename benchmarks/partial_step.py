@@ -25,7 +25,7 @@ import optax
 import sfa_jax
 from sfa_jax import partial
 from sfa_jax.engine import objectives
-from sfa_jax.engine import steps
+from sfa_jax.engine import steps as steps_lib
 from sfa_jax.models import gguf_loader
 from sfa_jax.models.llama import Llama
 from sfa_jax.models.llama import train_top_layers
@@ -34,7 +34,7 @@ from sfa_jax.models.llama import train_top_layers
 def time_step(model, params, mask, tokens, steps: int) -> float:
   """Median seconds of the engine's train step for ``mask`` (``None``: every param trains)."""
   tx = optax.chain(optax.adam(3e-4), sfa_jax.sfa(p=0.25, beta=0.5, total_steps=1000))
-  step = steps.jitted_train_step(model, tx, objectives.NEXT_TOKEN, mask)
+  step = steps_lib.jitted_train_step(model, tx, objectives.NEXT_TOKEN, mask)
   trainable = params if mask is None else partial.split_trainable(params, mask)[0]
   state = (jax.tree.map(jnp.copy, params), {}, tx.init(trainable))
   x, y = tokens[:, :-1], tokens[:, 1:]

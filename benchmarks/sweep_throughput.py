@@ -61,7 +61,6 @@ def worker(variant: str, cache: str | None, seeds: int, source: str, size: int =
   """One measurement in this (fresh) process: wall seconds of the variant, and its accuracy matrices."""
   from sfa_jax.engine import compile_cache
   from sfa_jax import engine
-  from sfa_jax import engine
 
   if cache:
     compile_cache.enable_compilation_cache(cache)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from sfa_jax import engine
-from sfa_jax import engine
 from sfa_jax import tasks
 from sfa_jax.engine import callbacks
 

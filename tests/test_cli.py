@@ -6,7 +6,6 @@ import contextlib
 import errno
 import io
 import json
-import math
 import os
 import re
 import shutil

@@ -12,7 +12,6 @@ import pytest
 
 import sfa_jax
 from sfa_jax import engine
-from sfa_jax import engine
 from sfa_jax import tasks
 from sfa_jax.engine import methods
 from sfa_jax.engine import objectives

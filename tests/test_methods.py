@@ -12,7 +12,6 @@ from _user_methods import ParamsEMA
 
 from sfa_jax.cli import command as cli
 from sfa_jax import engine
-from sfa_jax import engine
 from sfa_jax import tasks
 from sfa_jax.engine import callbacks
 from sfa_jax.engine import methods

@@ -1,7 +1,6 @@
 """Tables: the mean ± std of runs over seeds in markdown, as computed by hand."""
 
 import numpy as np
-import pytest
 
 from sfa_jax import engine
 from sfa_jax import metrics

@@ -10,7 +10,6 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from sfa_jax.engine import compile_cache as compile_cache_lib
 from sfa_jax import engine
-from sfa_jax import engine
 from sfa_jax import tasks
 
 CONFIG = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, eval_batch_size=256)
