@@ -194,3 +194,28 @@ def test_silenced_failure_reports_hide_the_unawaited_write_coroutines_of_a_faile
   )
   result = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and result.stderr == '', result.stderr
+
+
+def test_silenced_failure_reports_hide_never_retrieved_tensorstore_errors_and_keep_others():
+  """TensorStore sets its errors on asyncio futures from C++, so they carry no traceback into Orbax."""
+  import subprocess
+  import sys
+  import textwrap
+
+  program = textwrap.dedent(
+      """
+      import asyncio, gc, logging
+      logging.basicConfig()
+      from sfa_jax.engine.checkpoint import silence_orbax_failure_reports
+      silence_orbax_failure_reports()
+      loop = asyncio.new_event_loop()
+      for text in ['OUT_OF_RANGE: Error writing "w/0" in OCDBT database [os_error_code=27]', 'a bug of the caller']:
+        future = loop.create_future()
+        future.set_exception(ValueError(text))
+        del future
+        gc.collect()
+      loop.close()
+      """
+  )
+  result = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True, timeout=120)
+  assert 'a bug of the caller' in result.stderr and 'os_error_code' not in result.stderr, result.stderr

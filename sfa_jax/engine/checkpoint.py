@@ -437,13 +437,22 @@ class _ReadOnlyNotes(logging.Filter):
 
 
 class _OrbaxFailureLogs(logging.Filter):
-  """Drops the errors logged from Orbax's code, or about an exception raised there."""
+  """Drops the errors logged from Orbax's code, or about an exception raised there or in TensorStore."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR:
       return True
+    error = record.exc_info[1] if record.exc_info else None
+    if _from_tensorstore(error):  # set on an asyncio future from C++: it may carry no traceback
+      return False
     frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info else []
     return not any(path.startswith(_ORBAX_DIR) for path in [record.pathname, *(frame.filename for frame in frames)])
+
+
+def _from_tensorstore(error: BaseException | None) -> bool:
+  """Whether ``error`` is TensorStore's report of a failed read or write ("... [os_error_code=...]")."""
+  text = str(error) if isinstance(error, ValueError) else ''
+  return 'os_error_code=' in text or 'OCDBT database' in text or 'TensorStore' in text
 
 
 class _SkipClosedLoopErrors:
