@@ -1,10 +1,11 @@
-"""The budget rule (`sfa_jax.engine.budget`) applied to the earlier experiments of REPORT.md, at the budgets they ran.
+"""The budget rule (`sfa_jax.engine.budget`) applied to the from-scratch experiments of REPORT.md, at their budgets.
 
-For each earlier experiment: its stream, its training config and its SFA p grid, as the script ran them;
-the steps per task (the fewest of the stream); the rule on the p grid (each period of p_min holds two
-steps; every two p average at different steps); and fine-tuning's convergence on the stream, measured
-with twice the experiment's steps per task (100-task stream: its first 10 tasks). Nothing is re-run
-but that one fine-tuning run per stream; the verdicts of REPORT.md are re-judged against this record.
+For each experiment on the MNIST pair and the permuted-MNIST streams: its stream, its training config
+and its SFA p grid, as the script ran them; the steps per task (the fewest of the stream); the rule on
+the p grid (each period of p_min holds two steps; every two p average at different steps); and
+fine-tuning's convergence on the stream, measured with twice the experiment's steps per task (100-task
+stream: its first 10 tasks). Nothing is re-run but that one fine-tuning run per stream; the verdicts of
+REPORT.md are judged against this record.
 
   python experiments/budget_audit.py            # writes budget_audit.{json,md}
   python experiments/budget_audit.py --quick    # 8x8 digits, one stream
@@ -22,7 +23,7 @@ import scaffold
 
 
 def audits(quick):
-  """``(section, experiment, stream, config, p grid)`` for every earlier experiment."""
+  """``(section, experiment, stream, config, p grid)`` for every audited experiment."""
   source = 'digits' if quick else 'offline'
   pair = tasks.make_stream('mnist-pair', source=source)
   pair_config = dataclasses.replace(DEMO_DEFAULTS['config'], eval_every=0)
@@ -55,7 +56,7 @@ def experiment(args) -> scaffold.Outcome:
     rows.append({'section': section, 'experiment': name, 'stream': f'{stream.name}, {len(stream)} tasks, {stream.setting}',
                  'config': engine.run.describe_config(config), 'check': check.to_json(),
                  'converged_accuracy': [t['converged_accuracy'] for t in measured[key]['tasks']]})
-  md = ['# The budget rule against the earlier experiments, at the budgets they ran', '',
+  md = ['# The budget rule against the from-scratch experiments, at their budgets', '',
         'Rule (sfa_jax.engine.budget): each averaging period of the smallest p holds two steps (T ≥ ceil(2/p_min)); every two '
         'p of the grid average at different steps; fine-tuning reaches 95 % of its converged accuracy on every task '
         'within T (converged: the mean of the last three evaluations of a fine-tuning run with 2T steps per task, seed 0).', '',

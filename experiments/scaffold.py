@@ -626,14 +626,62 @@ def _seed_list(text: str) -> tuple[int, ...]:
   return seeds
 
 
-def output_name(args: argparse.Namespace, name: str) -> str:
-  """The base name of a script's output files: ``name``, with ``_quick`` under ``--quick``.
+def output_name(args: argparse.Namespace, experiment: str, *variant: str) -> str:
+  """The base name of an experiment's output files, relative to ``--out``: every script names its files here.
+
+  An experiment with one output writes ``<experiment>.json`` (and ``.md``, ``.png``, ...); one with
+  several (a protocol; a stream and a regime) writes each into its own folder,
+  ``<experiment>/<variant>.json``, the variant's parts joined by ``_``. Under ``--quick`` the
+  experiment is ``<experiment>_quick``, so a quick run never overwrites a full one.
+
+  Args:
+    args: the parsed arguments (``quick``).
+    experiment: the script's name, e.g. ``'p_ablation'``.
+    *variant: the parts that name one output of several, e.g. ``('split-mnist-ci', 'pretrained')``.
+
+  Returns:
+    The base name, without extension.
+
+  Raises:
+    ValueError: on an empty part or one holding a path separator.
 
   Example:
     >>> output_name(experiment_parser('demo').parse_args(['--quick']), 'p_ablation')
     'p_ablation_quick'
+    >>> output_name(experiment_parser('demo').parse_args([]), 'pretrained_continual', 'split-mnist-ci', 'pretrained')
+    'pretrained_continual/split-mnist-ci_pretrained'
   """
-  return name + ('_quick' if args.quick else '')
+  parts = (experiment, *variant)
+  if not all(parts) or any('/' in part or os.sep in part for part in parts):
+    raise ValueError(f'output name parts must be non-empty and hold no path separator; got {parts!r}.')
+  base = experiment + ('_quick' if args.quick else '')
+  return f"{base}/{'_'.join(variant)}" if variant else base
+
+
+def streams_label(keys: Sequence[str]) -> str:
+  """The part of an output name that names the streams ``keys``, for :func:`output_name`.
+
+  Each key in order, joined by ``_``; a stream whose class- and task-incremental forms (``<stream>-ci``,
+  ``<stream>-ti``) are both present is named once, by ``<stream>``.
+
+  Args:
+    keys: stream keys, e.g. ``['split-mnist-ci', 'split-mnist-ti']``.
+
+  Returns:
+    The label, e.g. ``'split-mnist'``.
+
+  Example:
+    >>> streams_label(['split-mnist-ci', 'split-mnist-ti', 'permuted-mnist'])
+    'split-mnist_permuted-mnist'
+    >>> streams_label(['split-mnist-ti'])
+    'split-mnist-ti'
+  """
+  def label(key: str) -> str:
+    stream, _, setting = key.rpartition('-')
+    both = setting in ('ci', 'ti') and {f'{stream}-ci', f'{stream}-ti'} <= set(keys)
+    return stream if both else key
+
+  return '_'.join(dict.fromkeys(label(key) for key in keys))
 
 
 class Outcome(NamedTuple):
@@ -751,7 +799,8 @@ def write_results(
 
   Args:
     out_dir: the folder (created if missing).
-    name: the files' base name, e.g. ``'p_ablation'`` or ``'p_ablation_quick'``.
+    name: the files' base name from :func:`output_name`, e.g. ``'p_ablation'`` or
+      ``'three_scenarios/split'`` (its folder is created).
     payload: JSON-serialisable results; must not use the keys ``command``, ``wall_seconds``,
       ``machine``.
     markdown: the report's body (title, tables, links to PNGs).
@@ -762,7 +811,8 @@ def write_results(
     The paths of the JSON and markdown files.
 
   Raises:
-    ValueError: on an empty or path-like name, or a payload using a reserved key.
+    ValueError: on a name that is not ``<base>`` or ``<folder>/<base>``, or a payload using a
+      reserved key.
 
   Example:
     >>> import json, os, tempfile
@@ -771,21 +821,27 @@ def write_results(
     >>> json.load(open(json_path))['x'], json.load(open(json_path))['wall_seconds']
     (1, 2.0)
   """
-  if not name or os.sep in name or name.startswith('.'):
-    raise ValueError(f'name must be a plain file base name; got {name!r}.')
+  if not _plain_output_name(name):
+    raise ValueError(f'name must be a file base name, or a folder and a file base name (from output_name); got {name!r}.')
   reserved = sorted({'command', 'wall_seconds', 'machine'} & set(payload))
   if reserved:
     raise ValueError(f'payload must not use the reserved keys {reserved}.')
   machine = {'cpus': os.cpu_count(), 'platform': platform.platform(), 'loadavg_at_end': _loadavg()}
-  os.makedirs(out_dir, exist_ok=True)
   json_path = os.path.join(out_dir, f'{name}.json')
   md_path = os.path.join(out_dir, f'{name}.md')
+  os.makedirs(os.path.dirname(json_path), exist_ok=True)
   with open(json_path, 'w') as f:
     json.dump(payload | {'command': command, 'wall_seconds': float(seconds), 'machine': machine}, f, indent=1)
   load = '' if machine['loadavg_at_end'] is None else f", load average {machine['loadavg_at_end']} at the end"
   with open(md_path, 'w') as f:
     f.write(f'{markdown.rstrip()}\n\nCommand: `{command}` ({seconds:.0f} s wall time on {machine["cpus"]} CPUs{load}).\n')
   return json_path, md_path
+
+
+def _plain_output_name(name: str) -> bool:
+  """Whether ``name`` is ``<base>`` or ``<folder>/<base>``, each part a plain name (no ``..``, no hidden file)."""
+  parts = name.split('/')
+  return 1 <= len(parts) <= 2 and all(part and not part.startswith('.') and os.sep not in part for part in parts)
 
 
 def _loadavg() -> str | None:

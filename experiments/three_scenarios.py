@@ -31,7 +31,7 @@ the true labels (theirs: the model's predicted labels); class-incremental trains
   python experiments/three_scenarios.py --protocols permuted --scenarios domain-incremental --seeds 0
   python experiments/three_scenarios.py --quick                      # 8x8 digits, few steps
 
-Each finished run is appended to <out>/three_scenarios_<protocol>.runs.jsonl at once and skipped on a
+Each finished run is appended to <out>/three_scenarios/<protocol>.runs.jsonl at once and skipped on a
 rerun (the long runs survive a stop). The budget rule (`sfa_jax.engine.budget`) is checked once per protocol:
 fine-tuning's convergence is measured with twice the steps per task (permuted: on its first two tasks)
 and recorded in the results.
@@ -230,9 +230,9 @@ def main(argv=None) -> None:
     if protocol not in PROTOCOLS:
       raise SystemExit(f'--protocols: unknown protocol {protocol!r}; choose from {sorted(PROTOCOLS)}.')
     scenarios = [s for s in PROTOCOLS[protocol]['scenarios'] if args.scenarios is None or s in args.scenarios.split(',')]
-    name = f'three_scenarios_{protocol}' + ('_quick' if args.quick else '')
-    os.makedirs(args.out, exist_ok=True)
+    name = scaffold.output_name(args, 'three_scenarios', protocol)
     runs_path = os.path.join(args.out, f'{name}.runs.jsonl')
+    os.makedirs(os.path.dirname(runs_path), exist_ok=True)
     runs = load_runs(runs_path)
     config = config_of(protocol, args.quick)
     # The budget rule, once per protocol: fine-tuning's convergence at twice the budget, on the first

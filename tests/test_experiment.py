@@ -197,8 +197,25 @@ def test_write_results(tmp_path):
   assert text.startswith('# X\n\ntable\n\nCommand: `python x.py --quick` (3 s wall time')
   with pytest.raises(ValueError, match='reserved'):
     scaffold.write_results(str(tmp_path), 'y', {'command': 1}, '', '', 0.0)
-  with pytest.raises(ValueError, match='name'):
-    scaffold.write_results(str(tmp_path), 'a/b', {}, '', '', 0.0)
+  json_path, _ = scaffold.write_results(str(tmp_path / 'out'), 'x/split', {}, '# X', 'python x.py', 1.0)
+  assert json_path == str(tmp_path / 'out' / 'x' / 'split.json') and (tmp_path / 'out' / 'x' / 'split.md').is_file()
+  for bad in ('', 'a/b/c', '../b', 'a/.b', '/b', 'a/'):
+    with pytest.raises(ValueError, match='name'):
+      scaffold.write_results(str(tmp_path), bad, {}, '', '', 0.0)
+
+
+def test_output_names_are_short_and_systematic():
+  full, quick = (scaffold.experiment_parser('x').parse_args(argv) for argv in ([], ['--quick']))
+  assert scaffold.output_name(full, 'p_ablation') == 'p_ablation'
+  assert scaffold.output_name(quick, 'three_scenarios', 'split') == 'three_scenarios_quick/split'
+  keys = ['split-fashion-mnist-ci', 'split-fashion-mnist-ti']
+  assert scaffold.output_name(full, 'pretrained_continual', scaffold.streams_label(keys), 'scratch') == (
+      'pretrained_continual/split-fashion-mnist_scratch')
+  assert scaffold.streams_label(['split-mnist-ci', 'permuted-mnist', 'split-mnist-ti']) == 'split-mnist_permuted-mnist'
+  assert scaffold.streams_label(['split-mnist-ci', 'split-fashion-mnist-ti']) == 'split-mnist-ci_split-fashion-mnist-ti'
+  for bad in (('',), ('x', 'a/b'), ('x', ''), ('a/b',)):
+    with pytest.raises(ValueError, match='path separator'):
+      scaffold.output_name(full, *bad)
 
 
 def test_experiment_parser_seeds():

@@ -124,8 +124,12 @@ def test_pretrained_continual_quick(tmp_path):
   with _short_budget():
     _main('pretrained_continual')(['--backbone', str(backbone), '--quick', '--out', str(tmp_path)])
   keys = ('split-mnist-ci', 'split-mnist-ti', 'permuted-mnist')
-  data = _load(tmp_path, 'pretrained_continual_quick',
-               [f'pretrained_continual_quick_{key}_{regime}.png' for key in keys for regime in ('pretrained', 'scratch')])
+  folder = tmp_path / 'pretrained_continual_quick'
+  data = _load(tmp_path, 'pretrained_continual_quick/split-mnist_permuted-mnist',
+               [f'pretrained_continual_quick/{key}_{regime}.png' for key in keys for regime in ('pretrained', 'scratch')])
+  assert {path.name for path in folder.glob('*.budget.json')} == {
+      f'{key}_{regime}.budget.json' for key in keys for regime in ('pretrained', 'scratch')}
+  assert '![split-mnist-ci pretrained](split-mnist-ci_pretrained.png)' in (folder / 'split-mnist_permuted-mnist.md').read_text()
   assert data['done'] and set(data['streams']) == set(keys)
   assert {(run['stream'], run['regime']) for run in data['runs']} == {(k, r) for k in keys for r in ('pretrained', 'scratch')}
   assert {run['method_name'] for run in data['runs']} == {'sfa'}
@@ -136,15 +140,16 @@ def test_pretrained_continual_quick(tmp_path):
       assert record['convergence']['regime'] == regime  # each regime measured from its own start
   assert all(run['steps_per_task'] == [10] * len(run['steps_per_task']) for run in data['runs'])
   # A rerun trains nothing: every finished run was recorded in the runs file and is skipped.
-  lines = (tmp_path / 'pretrained_continual_quick.runs.jsonl').read_text().splitlines()
+  lines = (folder / 'split-mnist_permuted-mnist.runs.jsonl').read_text().splitlines()
   assert len(lines) == len(data['runs'])
   with _short_budget():  # the budget is checked again; no run is
     _main('pretrained_continual')(['--backbone', str(backbone), '--quick', '--out', str(tmp_path)])
-  assert (tmp_path / 'pretrained_continual_quick.runs.jsonl').read_text().splitlines() == lines
+  assert (folder / 'split-mnist_permuted-mnist.runs.jsonl').read_text().splitlines() == lines
   # --collect: the union of finished outputs (here just one), written again without training.
-  _main('pretrained_continual')(['--collect', str(tmp_path / 'pretrained_continual_quick.json'),
+  (folder / 'permuted-mnist_scratch.png').unlink()
+  _main('pretrained_continual')(['--collect', str(folder / 'split-mnist_permuted-mnist.json'),
                                  '--name', 'collected', '--quick', '--out', str(tmp_path)])
-  collected = _load(tmp_path, 'collected', ['collected_permuted-mnist_scratch.png'])
+  collected = _load(tmp_path, 'pretrained_continual_quick/collected', ['pretrained_continual_quick/permuted-mnist_scratch.png'])
   assert len(collected['runs']) == len(data['runs']) and collected['streams'].keys() == data['streams'].keys()
 
 
@@ -172,7 +177,7 @@ def test_split_fashion_mnist_from_an_mnist_backbone(tmp_path):
     _main('pretrained_continual')(['--streams', 'split-fashion-mnist-ti', '--regimes', 'pretrained', '--steps', '4',
                                    '--allow-short-budget', '--seeds', '0', '--grid', '[["finetune", {}]]',
                                    '--data-dir', str(fashion), '--backbone', str(backbone), '--out', str(tmp_path)])
-  data = json.loads((tmp_path / 'pretrained_continual_split-fashion-mnist-ti_pretrained.json').read_text())
+  data = json.loads((tmp_path / 'pretrained_continual' / 'split-fashion-mnist-ti_pretrained.json').read_text())
   [run] = data['runs']
   assert data['done'] and data['backbone']['data'] == meta['data'] and run['stream'] == 'split-fashion-mnist-ti'
   assert run['steps_per_task'] == [4] * 5 and data['streams']['split-fashion-mnist-ti']['stream']['setting'] == 'task-incremental'
@@ -220,15 +225,16 @@ def test_three_scenarios_quick(tmp_path):
   # table, the budget record, and a rerun that trains nothing (every run is recorded and skipped).
   with _short_budget():
     _main('three_scenarios')(['--protocols', 'split', '--quick', '--out', str(tmp_path)])
-  data = _load(tmp_path, 'three_scenarios_split_quick')
+  data = _load(tmp_path, 'three_scenarios_quick/split')
   assert {(run['scenario'], run['method_name']) for run in data['runs']} == {
       (s, m) for s in ('task-incremental', 'domain-incremental', 'class-incremental') for m in ('finetune', 'joint', 'ewc', 'replay')}
   assert data['budget']['check']['steps_per_task'] == 20 and len(data['budget']['convergence']['tasks']) == 5
-  md = (tmp_path / 'three_scenarios_split_quick.md').read_text()
+  md = (tmp_path / 'three_scenarios_quick' / 'split.md').read_text()
   assert '| None (`finetune`) | 87.19' in md and 'not in the engine' in md
-  lines = (tmp_path / 'three_scenarios_split_quick.runs.jsonl').read_text().splitlines()
+  lines = (tmp_path / 'three_scenarios_quick' / 'split.runs.jsonl').read_text().splitlines()
   _main('three_scenarios')(['--protocols', 'split', '--quick', '--out', str(tmp_path)])
-  assert (tmp_path / 'three_scenarios_split_quick.runs.jsonl').read_text().splitlines() == lines
+  assert (tmp_path / 'three_scenarios_quick' / 'split.runs.jsonl').read_text().splitlines() == lines
+  assert (tmp_path / 'three_scenarios_quick' / 'split.budget.json').is_file()
 
 
 def test_budget_audit_quick(tmp_path):
