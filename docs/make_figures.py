@@ -1,10 +1,12 @@
-"""Regenerates the documentation's figures from the offline demo.
+"""Regenerates the documentation's figures and quoted results from the offline demo.
 
-Runs ``sfa-jax demo --out outputs/demo`` (about 30 s to 1 min on two CPU cores), then copies the
-plots the guides show into ``docs/_static/figures/``::
+Runs ``sfa-jax demo --out outputs/demo`` (about 30 s to 1 min on two CPU cores), copies the
+plots the guides show into ``docs/_static/figures/`` and its ``results.json`` to
+``docs/demo/results.json``, then rewrites the pages' generated blocks from it
+(``docs/page_numbers.py``)::
 
   python docs/make_figures.py                    # run the demo, then copy its plots
-  python docs/make_figures.py --from outputs/demo  # copy the plots of a demo already run
+  python docs/make_figures.py --from outputs/demo  # copy the output of a demo already run
 
 The figures are the demo's own output (``sfa_jax.cli.plots``), not drawn for the docs: the accuracy
 matrices of fine-tuning and SFA, and both methods' accuracy curves (SFA's shows the jumps of the
@@ -19,6 +21,7 @@ import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
 FIGURES = DOCS / '_static' / 'figures'
+RESULTS = DOCS / 'demo' / 'results.json'
 # The demo's file name (``sfa_jax.cli``: ``accuracy_<kind>_<method label>.png``) -> the docs' name.
 COPIES = {
     'accuracy_matrix_finetune.png': 'demo_matrix_finetune.png',
@@ -62,6 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     subprocess.run([sys.executable, '-m', 'sfa_jax', 'demo', '--out', str(demo_dir), '--overwrite'], check=True)
   for path in copy_figures(demo_dir):
     print(path.relative_to(DOCS.parent))
+  RESULTS.parent.mkdir(exist_ok=True)
+  shutil.copyfile(demo_dir / 'results.json', RESULTS)
+  print(RESULTS.relative_to(DOCS.parent))
+  sys.path.insert(0, str(DOCS))
+  import page_numbers
+
+  for page in page_numbers.update_pages():
+    print(page)
 
 
 if __name__ == '__main__':

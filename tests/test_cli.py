@@ -44,7 +44,7 @@ def test_run_writes_every_output(tmp_path, capsys):
   assert run['averaging_steps'] and run['curve'] and run['seconds']['train'] > 0
   assert _is_png(out / 'accuracy_matrix_sfa_beta=0.3_p=0.5.png')
   assert _is_png(out / 'accuracy_curves_sfa_beta=0.3_p=0.5.png')
-  assert set(results['environment']) == {'jax', 'backend', 'device'}
+  assert set(results['environment']) == {'jax', 'backend', 'device', 'cpus'}
   assert results['config']['epochs_per_task'] == 1 and results['config']['batch_size'] == 32
   table = (out / 'results.md').read_text()
   captured = capsys.readouterr()

@@ -704,7 +704,12 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
       'config': engine.run.describe_config(plan.config),
       'methods': [m.label for m in plan.methods],
       'seeds': list(seeds),
-      'environment': {'jax': jax.__version__, 'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind},
+      'environment': {
+          'jax': jax.__version__,
+          'backend': jax.default_backend(),
+          'device': jax.devices()[0].device_kind,
+          'cpus': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
+      },
       'runs': [],
   }
   started = time.perf_counter()
