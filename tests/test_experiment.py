@@ -236,3 +236,32 @@ def test_run_script_writes_the_outcome_with_the_command(tmp_path, capsys):
   data = json.loads((tmp_path / 'out' / 'x_quick.json').read_text())
   assert data['seeds'] == [3] and data['command'] == 'python experiments/x.py ' + ' '.join(argv)
   assert (tmp_path / 'out' / 'x_quick.md').read_text().startswith('# X\n\nCommand: `python experiments/x.py --quick')
+
+
+# ---------------------------------------------------------------------------------------------
+# The results page: what it names is there.
+
+
+def _expand_braces(name):
+  """``a.{json,md}`` -> ``['a.json', 'a.md']``, each ``{...}`` in turn."""
+  match = re.search(r'\{([^{}]*)\}', name)
+  if not match:
+    return [name]
+  return [expanded for part in match.group(1).split(',')
+          for expanded in _expand_braces(name[:match.start()] + part + name[match.end():])]
+
+
+def test_the_report_names_every_results_file_and_only_files_that_exist():
+  results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'results')
+  with open(os.path.join(results, 'REPORT.md')) as f:
+    report = f.read()
+  named = set(re.findall(r'!\[[^\]]*\]\(([^)]+)\)', report))  # figures
+  named |= {name for token in re.findall(r'`([^`\s<>*\[\]]+)`', report) for name in _expand_braces(token)
+            if re.search(r'\.(json|jsonl|md|png)$', name) and not name.startswith('.')}
+  missing = sorted(name for name in named if not os.path.isfile(os.path.join(results, name)))
+  assert not missing, f'REPORT.md names results files that are not in experiments/results: {missing}'
+  present = {os.path.relpath(os.path.join(folder, name), results) for folder, _, names in os.walk(results)
+             for name in names if not folder.startswith(os.path.join(results, 'backbones')) and '_quick' not in name}
+  unnamed = sorted(present - named - {'REPORT.md'})
+  assert not unnamed, f'results files that REPORT.md does not name: {unnamed}'
+  assert len(report.splitlines()) <= 400
