@@ -45,6 +45,8 @@ from sfa_jax import _validation
 from sfa_jax import anchors
 from sfa_jax import transforms
 
+__all__ = ['AdaptiveSFAState', 'is_adaptive_averaging_step', 'adaptive_sfa']
+
 
 class AdaptiveSFAState(NamedTuple):
   """State of :func:`adaptive_sfa`.

@@ -33,6 +33,8 @@ import optax
 
 from sfa_jax import _validation
 
+__all__ = ['interpolate', 'task_vectors', 'task_arithmetic', 'trim_by_magnitude', 'ties']
+
 
 TRIM_SCOPES = ('per_tensor', 'global')
 

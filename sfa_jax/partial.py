@@ -57,8 +57,8 @@ import jax
 import numpy as np
 import optax
 
-TRAIN = 'train'
-FROZEN = 'frozen'
+_TRAIN = 'train'
+_FROZEN = 'frozen'
 """The labels :func:`train_only` gives the trainable and the frozen leaves (its ``multi_transform`` groups)."""
 
 
@@ -287,6 +287,6 @@ def train_only(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTra
   """
 
   def labels(params):
-    return jax.tree.map(lambda flag: TRAIN if flag else FROZEN, _resolve(mask, params))
+    return jax.tree.map(lambda flag: _TRAIN if flag else _FROZEN, _resolve(mask, params))
 
-  return optax.multi_transform({TRAIN: tx, FROZEN: optax.set_to_zero()}, labels)
+  return optax.multi_transform({_TRAIN: tx, _FROZEN: optax.set_to_zero()}, labels)

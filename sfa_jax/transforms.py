@@ -28,6 +28,10 @@ import optax
 
 from sfa_jax import _validation
 
+__all__ = [
+    'SFAState', 'L2State', 'EWCState', 'averaging_period', 'is_averaging_step', 'sfa', 'l2', 'ewc',
+]
+
 
 _NO_TOTAL_STEPS_MSG = (
     'sfa needs total_steps=T, the number of optimizer steps in the task: it averages after every '
@@ -162,7 +166,7 @@ def is_averaging_step(step: chex.Numeric, p: chex.Numeric, total_steps: chex.Num
   return in_task & ((step % period == 0) | (step == total_steps))
 
 
-def anchor_storage_dtype(anchor_dtype: Any) -> Any:
+def _anchor_storage_dtype(anchor_dtype: Any) -> Any:
   """``anchor_dtype`` checked: ``None`` (each param's own dtype) or a real floating dtype.
 
   Args:
@@ -180,7 +184,7 @@ def anchor_storage_dtype(anchor_dtype: Any) -> Any:
   Example:
     >>> import jax.numpy as jnp
     >>> from sfa_jax import transforms
-    >>> transforms.anchor_storage_dtype(jnp.float32), transforms.anchor_storage_dtype(None)
+    >>> transforms._anchor_storage_dtype(jnp.float32), transforms._anchor_storage_dtype(None)
     (dtype('float32'), None)
   """
   if anchor_dtype is None:
@@ -492,7 +496,7 @@ def sfa(
     raise TypeError(_NO_TOTAL_STEPS_MSG)
   check_hyperparams(p=p, beta=beta, total_steps=total_steps)
   _validation.check_full_precision('p', p)
-  storage = anchor_storage_dtype(anchor_dtype)
+  storage = _anchor_storage_dtype(anchor_dtype)
 
   def init_fn(params: optax.Params) -> SFAState:
     return SFAState(
@@ -575,7 +579,7 @@ def l2(
     <https://arxiv.org/abs/1612.00796>`_, 2017 (the L2 baseline)
   """
   check_hyperparams(strength=strength)
-  storage = anchor_storage_dtype(anchor_dtype)
+  storage = _anchor_storage_dtype(anchor_dtype)
 
   def make_state(params: optax.Params) -> L2State:
     anchor_copy = copy_anchor(params, anchor, storage)
@@ -633,7 +637,7 @@ def ewc(
   if fisher is None:
     raise ValueError('ewc needs a Fisher estimate with the structure of the params; got None.')
   _validation.check_finite_tree(fisher, 'fisher', non_negative=True)
-  storage = anchor_storage_dtype(anchor_dtype)
+  storage = _anchor_storage_dtype(anchor_dtype)
 
   def make_state(params: optax.Params) -> EWCState:
     anchor_copy = copy_anchor(params, anchor, storage)

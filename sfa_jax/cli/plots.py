@@ -82,12 +82,12 @@ def accuracy_curves(result: dict[str, Any], path: str) -> None:
     True
   """
   fig, ax = plt.subplots(figsize=(8, 4))
-  draw_curves(ax, result)
+  _draw_curves(ax, result)
   ax.set_title(f"{result['method']}: accuracy on every task during the run")
   _save(fig, path)
 
 
-def draw_curves(ax: Any, result: dict[str, Any], legend: bool = True) -> None:
+def _draw_curves(ax: Any, result: dict[str, Any], legend: bool = True) -> None:
   """Draws :func:`accuracy_curves`'s lines on the matplotlib axes ``ax``, titled by the method.
 
   Args:
@@ -99,7 +99,7 @@ def draw_curves(ax: Any, result: dict[str, Any], legend: bool = True) -> None:
     >>> fig, ax = plt.subplots()
     >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'steps_per_task': [4, 4], 'averaging_steps': [8],
     ...        'curve': [{'step': 4, 'task': 0, 'accuracies': [0.9, 0.0]}, {'step': 8, 'task': 1, 'accuracies': [0.7, 0.8]}]}
-    >>> draw_curves(ax, run)
+    >>> _draw_curves(ax, run)
     >>> len(ax.get_lines())  # a task boundary, an average, two tasks
     4
     >>> plt.close(fig)
@@ -148,7 +148,7 @@ def curves_grid(runs: Sequence[dict[str, Any]], path: str, *, columns: int = 3) 
   rows = -(-len(runs) // columns)
   fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False, sharey=True)
   for ax, run in zip(axes.flat, runs):
-    draw_curves(ax, run, legend=False)
+    _draw_curves(ax, run, legend=False)
   for ax in axes.flat[len(runs):]:
     ax.axis('off')
   handles, labels = axes.flat[0].get_legend_handles_labels()

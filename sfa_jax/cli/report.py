@@ -17,6 +17,8 @@ import numpy as np
 if TYPE_CHECKING:
   from sfa_jax.engine.lm import LMResult
 
+__all__ = ['markdown_table', 'lm_markdown_table', 'seed_summaries', 'lm_seed_table']
+
 
 def markdown_table(rows: Sequence[dict[str, Any]], task_names: Sequence[str]) -> str:
   """A markdown table of :func:`~sfa_jax.engine.grids.summarize_runs` rows: mean ± std over seeds.

@@ -223,7 +223,7 @@ def steps_per_task(stream: Any, config: Any, *, method: Any = None) -> list[int]
   return [loop.task_steps(plan, config, k) for k, plan in enumerate(plans)]
 
 
-def grid_p_values(methods: Sequence[Any]) -> list[float]:
+def _grid_p_values(methods: Sequence[Any]) -> list[float]:
   """The averaging fractions ``p`` of the methods of a grid that have one (SFA and its variants)."""
   return sorted({float(m['p']) for m in methods if 'p' in type(m).hyperparams})
 
@@ -257,7 +257,7 @@ def grid_budget(stream: Any, configurations: Sequence[tuple[Any, Any]], *, stric
   with_p = [(method, config) for method, config in configurations if 'p' in type(method).hyperparams]
   counted = {_step_count_key(method, config): (method, config) for method, config in with_p or configurations}
   steps = min(min(steps_per_task(stream, config, method=method)) for method, config in counted.values())
-  return check_budget(steps, p_values=grid_p_values([method for method, _ in configurations]), strict=strict,
+  return check_budget(steps, p_values=_grid_p_values([method for method, _ in configurations]), strict=strict,
                       what=f'a grid on {stream.name}')
 
 

@@ -47,6 +47,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TextIO
 
+__all__ = [
+    'StepEvent', 'EvaluationEvent', 'AverageEvent', 'TaskEndEvent', 'CheckpointEvent',
+    'ResumeEvent', 'ConsoleProgress', 'JsonlLogger', 'TensorBoardLogger',
+]
+
 Callback = Callable[[Any], None]
 
 

@@ -36,6 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+__all__ = ['CheckpointError', 'CheckpointWarning', 'Checkpointer']
+
 _CHECKSUMS = 'array_checksums'  # the record's key for the arrays' checksums
 _ORBAX_DIR = os.path.dirname(ocp.__file__)
 

@@ -15,13 +15,13 @@ import os
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-CACHE_DIR_ENV = 'SFA_JAX_CACHE_DIR'
+_CACHE_DIR_ENV = 'SFA_JAX_CACHE_DIR'
 """The environment variable that moves the persistent compilation cache."""
 
 
 def default_cache_dir() -> str:
   """``$SFA_JAX_CACHE_DIR`` if set, else ``~/.cache/sfa_jax/jax``."""
-  return os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser('~'), '.cache', 'sfa_jax', 'jax')
+  return os.environ.get(_CACHE_DIR_ENV) or os.path.join(os.path.expanduser('~'), '.cache', 'sfa_jax', 'jax')
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:

@@ -22,6 +22,8 @@ import numpy as np
 from sfa_jax import tasks as tasks_lib
 from sfa_jax.engine import methods as methods_lib
 
+__all__ = ['Examples', 'examples', 'gathered']
+
 
 class Examples(NamedTuple):
   """Inputs, targets and task ids of some examples (NumPy on the host, arrays on the device)."""

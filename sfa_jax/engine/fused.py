@@ -30,6 +30,8 @@ import numpy as np
 from sfa_jax import tasks as tasks_lib
 from sfa_jax.engine.feed import Layout
 
+__all__ = ['make_chunk', 'make_scorer']
+
 def make_chunk(
     step: Callable[..., Any],
     layout: Layout = Layout(),

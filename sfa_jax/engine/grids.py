@@ -42,6 +42,8 @@ from sfa_jax.engine.callbacks import ConsoleProgress
 from sfa_jax.engine.checkpoint import Checkpointer
 from sfa_jax.engine.config import TrainConfig
 
+__all__ = ['grid', 'GridRun', 'run_grid', 'summarize_runs']
+
 Configuration = sweep.Configuration
 
 

@@ -59,6 +59,8 @@ from sfa_jax.engine import methods as methods_lib
 from sfa_jax.engine import programs
 from sfa_jax.engine import steps
 
+__all__ = ['DivergedError', 'RunState', 'CurvePoint', 'train_stream']
+
 CHECKPOINT_FORMAT = 3  # the layout of a checkpoint's arrays and record; part of every fingerprint
 
 

@@ -30,6 +30,8 @@ from sfa_jax.engine import fused
 from sfa_jax.engine import methods as methods_lib
 from sfa_jax.engine import steps
 
+__all__ = ['reused']
+
 _REUSED: dict[Any, Any] = {}
 _REUSED_LIMIT = 64  # compiled programs (and update digests) kept; the oldest is dropped beyond
 

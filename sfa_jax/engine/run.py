@@ -37,6 +37,8 @@ from sfa_jax.engine import methods as methods_lib
 from sfa_jax.engine import objectives as objectives_lib
 from sfa_jax.engine.config import TrainConfig
 
+__all__ = ['SequenceResult', 'build_model', 'run_sequence']
+
 @dataclasses.dataclass
 class SequenceResult:
   """What a run of one method on a stream measured.

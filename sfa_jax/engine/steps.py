@@ -30,6 +30,8 @@ from sfa_jax import tasks as tasks_lib
 from sfa_jax.engine import distributed
 from sfa_jax.engine import objectives as objectives_lib
 
+__all__ = ['initializer', 'make_train_step', 'jitted_train_step', 'task_fisher']
+
 
 def initializer(model, sample: np.ndarray, mesh: Any = None) -> Callable[[int], tuple[Any, Any]]:
   """``init(seed) -> (params, model_state)`` for ``model``, one jitted program for every seed.

@@ -35,6 +35,8 @@ from sfa_jax.engine import callbacks as callbacks_lib
 from sfa_jax.engine import loop
 from sfa_jax.engine import methods as methods_lib
 
+__all__ = ['check_configurations', 'run_sweep']
+
 Configuration = tuple[methods_lib.Method, TrainConfig]
 """One configuration of a sweep: a method with its hyper-parameters and the config (with its seed)."""
 

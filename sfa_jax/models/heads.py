@@ -25,7 +25,7 @@ import numpy as np
 from sfa_jax import _validation
 
 
-def check_task_id(task_id: Any, num_heads: int, batch_size: int) -> None:
+def _check_task_id(task_id: Any, num_heads: int, batch_size: int) -> None:
   """Raises ``ValueError`` unless ``task_id`` can select among ``num_heads`` heads.
 
   ``task_id`` must be given, hold integers, and be a scalar or a vector of ``batch_size`` entries.
@@ -107,7 +107,7 @@ class OutputHead(nn.Module):
       )
       bias = self.param('bias', nn.initializers.zeros_init(), (self.num_outputs,))
       return features @ kernel + bias
-    check_task_id(task_id, self.num_heads, features.shape[0])
+    _check_task_id(task_id, self.num_heads, features.shape[0])
     # Each head is initialised like its own dense layer: axis 0 indexes heads, not inputs.
     kernel_init = nn.initializers.lecun_normal(batch_axis=(0,))
     kernel = self.param('kernel', kernel_init, (self.num_heads, num_features, self.num_outputs))

@@ -59,9 +59,9 @@ import numpy as np
 from sfa_jax.models.llama import Llama
 from sfa_jax.models.llama import LlamaConfig
 
-CONFIG_FILE = 'config.json'
-WEIGHTS_FILE = 'model.safetensors'
-INDEX_FILE = 'model.safetensors.index.json'
+_CONFIG_FILE = 'config.json'
+_WEIGHTS_FILE = 'model.safetensors'
+_INDEX_FILE = 'model.safetensors.index.json'
 
 # Hugging Face name inside block i (model.layers.{i}.NAME) -> (Flax path under 'layers', is linear).
 _BLOCK_TENSORS = {
@@ -321,7 +321,7 @@ def _leaf_paths(tree: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]
 
 def _weight_files(directory: str) -> dict[str, str]:
   """``{tensor name: safetensors file}`` of a directory (one file, or shards with their index)."""
-  single, index = os.path.join(directory, WEIGHTS_FILE), os.path.join(directory, INDEX_FILE)
+  single, index = os.path.join(directory, _WEIGHTS_FILE), os.path.join(directory, _INDEX_FILE)
   if os.path.isfile(single):  # transformers' own order of preference
     with _open_safetensors(single) as f:
       return dict.fromkeys(f.keys(), single)
@@ -337,7 +337,7 @@ def _weight_files(directory: str) -> dict[str, str]:
       files[name] = path
     return files
   others = sorted(n for n in os.listdir(directory) if n.endswith(('.bin', '.pt', '.pth', '.safetensors', '.gguf')))
-  raise FileNotFoundError(f'{directory} has neither {WEIGHTS_FILE} nor {INDEX_FILE}'
+  raise FileNotFoundError(f'{directory} has neither {_WEIGHTS_FILE} nor {_INDEX_FILE}'
                           + (f' (it has {others}: only safetensors checkpoints are read).' if others else '.'))
 
 
@@ -357,7 +357,7 @@ def _check_stored(path: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
     stored = set(f.keys())
     for name, shape in shapes.items():
       if name not in stored:
-        raise ValueError(f'tensor {name} is not in {path}, the file {INDEX_FILE} puts it in.')
+        raise ValueError(f'tensor {name} is not in {path}, the file {_INDEX_FILE} puts it in.')
       header = f.get_slice(name)
       if header.get_dtype() not in _STORED_DTYPES:
         raise ValueError(f'tensor {name} in {path} is stored as {header.get_dtype()}; '
@@ -397,9 +397,9 @@ def load_hf_llama(directory: str | os.PathLike, *, dtype: Any = np.float32) -> t
   """
   dtype = None if dtype is None else _dtype_among(dtype, _LOAD_DTYPES, 'dtype')
   directory = os.fspath(directory)
-  config_path = os.path.join(directory, CONFIG_FILE)
+  config_path = os.path.join(directory, _CONFIG_FILE)
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'no {CONFIG_FILE} in {directory!r}.')
+    raise FileNotFoundError(f'no {_CONFIG_FILE} in {directory!r}.')
   config = config_from_hf(_read_json(config_path))
   files = _weight_files(directory)
   expected = _hf_shapes(config)
@@ -574,7 +574,7 @@ def save_hf_llama(directory: str | os.PathLike, params: Mapping[str, Any], confi
       size = 0
     shards[-1][name] = value
     size += value.nbytes
-  names = ([WEIGHTS_FILE] if len(shards) == 1 else
+  names = ([_WEIGHTS_FILE] if len(shards) == 1 else
            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
 
   stored = {str(v.dtype) for v in tensors.values()}
@@ -586,8 +586,8 @@ def save_hf_llama(directory: str | os.PathLike, params: Mapping[str, Any], confi
   if len(shards) > 1:
     index = {'metadata': {'total_size': sum(v.nbytes for v in tensors.values())},
              'weight_map': {tensor: name for name, shard in zip(names, shards) for tensor in shard}}
-    writers[INDEX_FILE] = lambda path: _write_json(path, index)
-  writers[CONFIG_FILE] = lambda path: _write_json(path, hf_config)
+    writers[_INDEX_FILE] = lambda path: _write_json(path, index)
+  writers[_CONFIG_FILE] = lambda path: _write_json(path, hf_config)
 
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)

@@ -43,6 +43,8 @@ import numpy as np
 
 from sfa_jax import _validation
 
+__all__ = ['LlamaConfig', 'Llama', 'split_layers', 'join_layers', 'train_top_layers']
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from sfa_jax.models._inputs import check_images
 from sfa_jax.models.heads import OutputHead
 
+__all__ = ['ResNet18']
+
 _STAGE_WIDTHS = (64, 128, 256, 512)
 _BLOCKS_PER_STAGE = 2
 

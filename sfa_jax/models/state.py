@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 
-PARAMS = 'params'
+_PARAMS = 'params'
 
 
 def split_variables(variables: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -58,12 +58,12 @@ def split_variables(variables: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     >>> list(state)
     ['batch_stats']
   """
-  if PARAMS not in variables:
+  if _PARAMS not in variables:
     raise ValueError(
         f"variables must hold a 'params' collection; got the collections {sorted(variables)}."
     )
-  state = {name: collection for name, collection in variables.items() if name != PARAMS}
-  return variables[PARAMS], state
+  state = {name: collection for name, collection in variables.items() if name != _PARAMS}
+  return variables[_PARAMS], state
 
 
 def merge_variables(params: Any, model_state: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,6 +84,6 @@ def merge_variables(params: Any, model_state: Mapping[str, Any]) -> dict[str, An
     >>> sorted(merge_variables({'w': 1.0}, {'batch_stats': {'mean': 0.0}}))
     ['batch_stats', 'params']
   """
-  if PARAMS in model_state:
+  if _PARAMS in model_state:
     raise ValueError("model_state must not hold a 'params' collection: pass the params separately.")
-  return {PARAMS: params, **model_state}
+  return {_PARAMS: params, **model_state}

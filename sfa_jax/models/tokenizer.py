@@ -22,6 +22,8 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
+__all__ = ['Tokenizer', 'BPETokenizer', 'ByteTokenizer']
+
 # GPT-2's pre-tokenizer pattern, with \p{L} -> [^\W\d_] and \p{N} -> \d (see the module docstring).
 _GPT2_PATTERN = re.compile(
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""

@@ -16,6 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 
+__all__ = [
+    'CLASS_INCREMENTAL', 'TASK_INCREMENTAL', 'DOMAIN_INCREMENTAL', 'SETTINGS', 'SOURCES',
+    'STREAMS', 'list_streams', 'stream_sources', 'task_counts',
+]
+
 CLASS_INCREMENTAL = 'class-incremental'
 TASK_INCREMENTAL = 'task-incremental'
 DOMAIN_INCREMENTAL = 'domain-incremental'

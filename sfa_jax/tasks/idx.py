@@ -15,7 +15,10 @@ import numpy as np
 from sfa_jax.tasks.source import DataSource, in_memory_source
 from sfa_jax.tasks.stream import Split
 
+__all__ = ['FASHION_MNIST_DIR', 'read_idx', 'fashion_mnist_source']
+
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+"""Where Debian's ``dataset-fashion-mnist`` package installs the four IDX files: the default data folder."""
 
 _IDX_DTYPES = {
     0x08: np.dtype('u1'),

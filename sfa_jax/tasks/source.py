@@ -15,6 +15,8 @@ import numpy as np
 
 from sfa_jax.tasks.stream import Split
 
+__all__ = ['DataSource', 'in_memory_source']
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSource:
@@ -34,12 +36,12 @@ class DataSource:
   load: Callable[[Sequence[int]], tuple[Split, Split]] = dataclasses.field(repr=False)
 
 
-def select_classes(split: Split, classes: Sequence[int]) -> Split:
+def _select_classes(split: Split, classes: Sequence[int]) -> Split:
   """The examples of ``split`` whose label is in ``classes``, in their original order.
 
   Example:
     >>> split = Split(np.zeros((4, 1, 1, 1), np.float32), np.array([0, 1, 2, 1], np.int32))
-    >>> select_classes(split, (1,)).y.tolist()
+    >>> _select_classes(split, (1,)).y.tolist()
     [1, 1]
   """
   keep = np.isin(split.y, np.asarray(classes))
@@ -56,13 +58,13 @@ def in_memory_source(name: str, train: Split, test: Split, num_classes: int) -> 
     num_classes: the number of classes.
 
   Returns:
-    A source whose ``load`` selects classes with :func:`select_classes`.
+    A source whose ``load`` selects classes with :func:`_select_classes`.
   """
   return DataSource(
       name=name,
       num_classes=num_classes,
       input_shape=tuple(train.x.shape[1:]),
-      load=lambda classes: (select_classes(train, classes), select_classes(test, classes)),
+      load=lambda classes: (_select_classes(train, classes), _select_classes(test, classes)),
   )
 
 

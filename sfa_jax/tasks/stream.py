@@ -34,6 +34,8 @@ import numpy as np
 
 from sfa_jax.tasks.catalog import CLASS_INCREMENTAL, DOMAIN_INCREMENTAL, SETTINGS
 
+__all__ = ['Split', 'Task', 'TaskStream', 'task_labels', 'stream_of', 'split_from_batches']
+
 
 class Split(NamedTuple):
   """A labelled set of images (a NamedTuple, hence also a JAX pytree).

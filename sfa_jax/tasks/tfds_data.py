@@ -31,6 +31,8 @@ import tensorflow_datasets as tfds
 from sfa_jax.tasks.source import DataSource
 from sfa_jax.tasks.stream import Split
 
+__all__ = ['tfds_source']
+
 try:
   from PIL import Image, ImageOps
 except ImportError:  # checked by tfds_source, the only user
@@ -40,7 +42,7 @@ _READ_CHUNK = 1024
 _MODES = {1: 'L', 3: 'RGB'}
 
 
-def how_to_prepare(name: str, data_dir: str) -> str:
+def _how_to_prepare(name: str, data_dir: str) -> str:
   """The instructions, for an error message, to prepare tfds data set ``name`` in ``data_dir``."""
   return (
       f'No tfds data set {name!r} prepared in the array_record format under {data_dir} (looked '
@@ -80,7 +82,7 @@ def find_prepared(name: str, data_dir: str | os.PathLike[str]) -> str:
       ):
         versions.append(tfds.core.Version(entry))
   if not versions:
-    raise FileNotFoundError(how_to_prepare(name, data_dir))
+    raise FileNotFoundError(_how_to_prepare(name, data_dir))
   return os.path.join(root, str(max(versions)))
 
 
@@ -142,7 +144,7 @@ def tfds_source(
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise ValueError(
         f'{builder.data_dir} holds {builder.info.file_format.value} files, which only TensorFlow '
-        f'reads.\n' + how_to_prepare(name, os.fspath(data_dir))
+        f'reads.\n' + _how_to_prepare(name, os.fspath(data_dir))
     )
   for split in ('train', test_split):
     if split not in builder.info.splits:
