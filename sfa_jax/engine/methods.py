@@ -40,7 +40,8 @@ Example:
   >>> class SmoothedUpdates(methods.Method):
   ...   '''The optimizer's updates smoothed by an exponential moving average.'''
   ...   name = 'smoothed-updates'
-  ...   hyperparams = {'decay': methods.Hyperparam(0.9, methods.Interval(0.0, 1.0, high_open=True))}
+  ...   decay = methods.Hyperparam(0.9, methods.Interval(0.0, 1.0, high_open=True))
+  ...   hyperparams = {'decay': decay}
   ...   def transform(self, optimizer):
   ...     return optax.chain(optimizer, optax.ema(self['decay']))
   >>> SmoothedUpdates(decay=0.5).label
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -62,6 +64,13 @@ if TYPE_CHECKING:
   import optax
 
   from sfa_jax import tasks as tasks_lib
+
+__all__ = [
+    'Interval', 'UNIT', 'UNIT_OPEN_LOW', 'NON_NEGATIVE', 'Hyperparam', 'Boundary', 'BatchPlan',
+    'Method', 'Finetune', 'SFA', 'MultiAnchorSFA', 'AdaptiveSFA', 'L2', 'EWC', 'Replay', 'Joint',
+    'WiseFT', 'TaskArithmetic', 'TIES', 'register_method', 'registered', 'method_class',
+    'make_method',
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +158,29 @@ class BatchPlan(NamedTuple):
   replay_size: int = 0
 
 
+def _hyperparam_signature(hyperparams: Mapping[str, Hyperparam]) -> inspect.Signature:
+  """The signature of a method's constructor: one keyword per hyper-parameter, with its default.
+
+  Each :class:`Method` subclass gets it as ``__signature__``, so ``help()``, an editor and the
+  API reference show ``SFA(*, p=0.25, beta=0.25)`` rather than ``SFA(**values)``.
+
+  Args:
+    hyperparams: a method's ``hyperparams``.
+
+  Returns:
+    The signature, keyword-only parameters in the order of ``hyperparams``.
+
+  Example:
+    >>> _hyperparam_signature({'p': Hyperparam(0.25, UNIT_OPEN_LOW), 'beta': Hyperparam(0.5, UNIT)})
+    <Signature (*, p: float = 0.25, beta: float = 0.5)>
+  """
+  return inspect.Signature([  # a spec that is no Hyperparam is refused by register_method
+      inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=float,
+                        default=getattr(spec, 'default', inspect.Parameter.empty))
+      for key, spec in hyperparams.items()
+  ])
+
+
 class Method:
   """Base class of a continual-learning method: hyper-parameters, a transform, boundary hooks.
 
@@ -173,6 +205,10 @@ class Method:
   """True when :meth:`averaging_schedule` lists exactly the steps on which the :meth:`transform`
   averages: a single run then trains the other steps with ``tx.update(..., may_average=False)``
   (:func:`sfa_jax.sfa` skips reading its anchor). Leave it False unless that holds."""
+
+  def __init_subclass__(cls, **kwargs: Any):
+    super().__init_subclass__(**kwargs)
+    cls.__signature__ = _hyperparam_signature(cls.hyperparams)
 
   def __init__(self, **values: float):
     unknown = sorted(set(values) - set(self.hyperparams))
@@ -347,13 +383,42 @@ def task_seed(seed: int, task_index: int) -> int:
 
 
 class Finetune(Method):
-  """Plain sequential fine-tuning: each task starts from the end of the previous one."""
+  """Plain sequential fine-tuning: each task starts from the end of the previous one.
+
+  No hyper-parameter: the optimizer alone, the lower bound every method is compared with.
+
+  Example:
+    >>> import optax
+    >>> from sfa_jax.engine import methods
+    >>> optimizer = optax.adam(1e-3)
+    >>> methods.Finetune().transform(optimizer) is optimizer, methods.Finetune().label
+    (True, 'finetune')
+  """
 
   name = 'finetune'
 
 
 class SFA(Method):
   """Sequential Fine-tuning with Averaging: every ``p·T`` steps ``θ ← β·θ_{k-1} + (1−β)·θ``.
+
+  The chain ``optax.chain(optimizer, sfa_jax.sfa(p=p, beta=beta))``, re-anchored at each task's
+  start on the end of the previous task (:func:`sfa_jax.reanchor`) with the task's ``T``.
+
+  Args:
+    p: the averaging period as a fraction of the task's steps ``T``, in ``(0, 1]`` (default
+      0.25: four averages per task; 1: one, at the task's end).
+    beta: the weight of the anchor ``θ_{k-1}`` in each average, in ``[0, 1]`` (default 0.25).
+
+  Example:
+    >>> from sfa_jax.engine import methods
+    >>> method = methods.SFA(p=0.5, beta=0.5)
+    >>> method, method.label
+    (SFA(beta=0.5, p=0.5), 'sfa(beta=0.5, p=0.5)')
+    >>> schedule = method.averaging_schedule(1, 4)  # task 1, of 4 steps
+    >>> schedule.nonzero()[0].tolist()  # averages after steps 2 and 4
+    [2, 4]
+
+    Train it with :func:`~sfa_jax.engine.run_sequence` (or ``engine.make_method('sfa', p=0.5)``).
 
   References:
     Kleiman et al, `Soup to go: mitigating forgetting during continual learning with model
@@ -397,7 +462,29 @@ class SFA(Method):
 
 
 class MultiAnchorSFA(SFA):
-  """SFA toward the running mean of the checkpoints at the ends of all past tasks."""
+  """SFA toward the running mean of the checkpoints at the ends of all past tasks.
+
+  Averaging toward each past end ``θ_j`` with weight ``β/k`` is averaging toward their mean with
+  ``β``: the anchor of task ``k`` is ``(1/k)·Σ_{j<k} θ_j``, kept in the run's extras.
+
+  Args:
+    p: the averaging period as a fraction of the task's steps, in ``(0, 1]`` (default 0.25).
+    beta: the weight of the mean anchor in each average, in ``[0, 1]`` (default 0.25).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax.engine import methods
+    >>> from sfa_jax.engine.loop import RunState
+    >>> method = methods.MultiAnchorSFA(p=0.5)
+    >>> params = {'w': jnp.zeros(1)}
+    >>> state = RunState(params, {}, None, method.init_extras(params, {}, 3))
+    >>> for k, end in ((1, 3.0), (2, 5.0)):  # the ends of tasks 0 and 1: 3, then 5
+    ...   boundary = methods.Boundary(k, num_tasks=3, total_steps=4, fisher=None)
+    ...   state = state._replace(params={'w': jnp.full(1, end)})
+    ...   state = method.start_task(state, boundary)
+    >>> method.anchor(state, boundary)['w'].tolist()  # task 2 pulls toward (3 + 5) / 2
+    [4.0]
+  """
 
   name = 'multi-anchor-sfa'
 
@@ -418,7 +505,23 @@ class MultiAnchorSFA(SFA):
 
 
 class AdaptiveSFA(SFA):
-  """SFA that averages when the drift from the anchor reaches ``threshold·‖θ_{k-1}‖`` (:mod:`sfa_jax.adaptive`)."""
+  """SFA that averages when the drift from the anchor reaches ``threshold·‖θ_{k-1}‖`` (:mod:`sfa_jax.adaptive`).
+
+  Args:
+    threshold: the drift ``‖θ − θ_{k-1}‖`` that triggers an average, relative to ``‖θ_{k-1}‖``,
+      at least 0 (default 0.1).
+    beta: the weight of the anchor in each average, in ``[0, 1]`` (default 0.25).
+    min_p: the fewest steps between two averages, as a fraction of the task, in ``(0, 1]``
+      (default 0.1).
+
+  Example:
+    >>> from sfa_jax.engine import methods
+    >>> method = methods.AdaptiveSFA(threshold=0.2)
+    >>> method  # its averages are decided on the device, step by step
+    AdaptiveSFA(beta=0.25, min_p=0.1, threshold=0.2)
+    >>> method.averaging_schedule(1, 10) is None
+    True
+  """
 
   name = 'adaptive-sfa'
   schedule_is_exact = False  # its averages are decided on the device
@@ -447,7 +550,28 @@ class AdaptiveSFA(SFA):
 
 
 class L2(Method):
-  """An L2 penalty ``strength/2·‖θ − θ_{k-1}‖²`` toward the end of the previous task."""
+  """An L2 penalty ``strength/2·‖θ − θ_{k-1}‖²`` toward the end of the previous task.
+
+  The chain ``optax.chain(sfa_jax.l2(strength), optimizer)``: the penalty's gradient is added
+  before the optimizer sees the gradients; task 0 trains without it.
+
+  Args:
+    strength: λ of the penalty, at least 0 (default 1.0).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from sfa_jax.engine import methods
+    >>> from sfa_jax.engine.loop import RunState
+    >>> method = methods.L2(strength=0.1)
+    >>> tx = method.transform(optax.sgd(1.0))
+    >>> params = {'w': jnp.ones(2)}
+    >>> boundary = methods.Boundary(task_index=1, num_tasks=2, total_steps=10, fisher=None)
+    >>> end_of_task_0 = RunState({'w': jnp.zeros(2)}, {}, None, {})
+    >>> opt_state = method.prepare_optimizer(tx.init(params), end_of_task_0, boundary)
+    >>> updates, _ = tx.update({'w': jnp.zeros(2)}, opt_state, params)
+    >>> [round(u, 6) for u in updates['w'].tolist()]  # -lr·λ·(θ − θ_0)
+    [-0.1, -0.1]
+  """
 
   name = 'l2'
   hyperparams = {'strength': Hyperparam(1.0, NON_NEGATIVE, doc='λ of the penalty')}
@@ -469,6 +593,28 @@ class L2(Method):
 
 class EWC(Method):
   """Online EWC: ``strength/2·Σ F·(θ − θ_{k-1})²`` with ``F ← γ·F + F_{k-1}`` after each task.
+
+  ``F_{k-1}`` is the empirical diagonal Fisher (per-example squared gradients) of the task just
+  trained, computed by the engine on its training data (at most
+  :class:`~sfa_jax.engine.TrainConfig`'s ``fisher_examples`` of them).
+
+  Args:
+    strength: λ of the penalty, at least 0 (default 100.0).
+    gamma: the decay ``γ`` of the past tasks' Fisher, in ``[0, 1]`` (default 1.0: no decay).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax.engine import methods
+    >>> from sfa_jax.engine.loop import RunState
+    >>> method = methods.EWC(strength=10.0, gamma=0.5)
+    >>> params = {'w': jnp.ones(2)}
+    >>> state = RunState(params, {}, None, method.init_extras(params, {}, 3))
+    >>> fisher = lambda state: {'w': jnp.full(2, 2.0)}  # each task's Fisher is 2 here
+    >>> for k in (0, 1):
+    ...   boundary = methods.Boundary(k, num_tasks=3, total_steps=10, fisher=fisher)
+    ...   state = method.end_task(state, boundary)
+    >>> state.extras['fisher']['w'].tolist()  # 0.5·2 + 2
+    [3.0, 3.0]
 
   References:
     Schwarz et al, `Progress & Compress: A scalable framework for continual learning
@@ -532,7 +678,31 @@ def _ewc_from_zero_fisher(strength: float):
 
 
 class Replay(Method):
-  """Experience replay: ``ratio`` of each batch from a memory of ``fraction`` of every past task."""
+  """Experience replay: ``ratio`` of each batch from a memory of ``fraction`` of every past task.
+
+  The memory of task ``k`` holds ``fraction`` of each past task's training set, stratified by
+  class; each batch takes ``round(ratio·batch_size)`` examples from it (at least 1, at most
+  ``batch_size - 1``) and the rest from task ``k``. Task 0 trains on whole batches of its own.
+
+  Args:
+    fraction: the share of each past task's training set kept, in ``(0, 1]`` (default 0.1).
+    ratio: the share of each batch drawn from the memory, in ``(0, 1)`` (default 0.5); the
+      configurations of one sweep share it.
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax import tasks
+    >>> from sfa_jax.engine import methods
+    >>> split = tasks.Split(np.zeros((20, 2), np.float32), np.arange(20) % 2)
+    >>> toy = [('a', split, split), ('b', split, split)]
+    >>> stream = tasks.stream_of('toy', toy, num_outputs=2)
+    >>> method = methods.Replay(fraction=0.5, ratio=0.25)
+    >>> plan = method.batch_plan(list(stream), 1, batch_size=8, seed=0)  # task 1
+    >>> len(plan.data.y), len(plan.replay.y)  # its 20 examples; 10 of task 0's 20 kept
+    (20, 10)
+    >>> plan.replay_size  # of each batch of 8
+    2
+  """
 
   name = 'replay'
   hyperparams = {
@@ -560,7 +730,21 @@ class Replay(Method):
 
 
 class Joint(Method):
-  """Cumulative joint training: stage ``k`` trains on the union of tasks ``0..k`` (the upper bound)."""
+  """Cumulative joint training: stage ``k`` trains on the union of tasks ``0..k`` (the upper bound).
+
+  No hyper-parameter. Stage ``k`` takes ``k + 1`` times the steps of a task's epochs.
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax import tasks
+    >>> from sfa_jax.engine import methods
+    >>> split = tasks.Split(np.zeros((20, 2), np.float32), np.arange(20) % 2)
+    >>> toy = [('a', split, split), ('b', split, split)]
+    >>> stream = tasks.stream_of('toy', toy, num_outputs=2)
+    >>> plan = methods.Joint().batch_plan(list(stream), 1, batch_size=8, seed=0)
+    >>> len(plan.data.y), np.bincount(plan.task_ids).tolist()  # tasks 0 and 1 together
+    (40, [20, 20])
+  """
 
   name = 'joint'
 
@@ -571,6 +755,21 @@ class Joint(Method):
 
 class WiseFT(Method):
   """WiSE-FT at every task end: ``θ_k ← interpolate(θ_{k-1}, θ_k, beta)`` (SFA with ``p = 1``).
+
+  Args:
+    beta: the weight of the previous task's model ``θ_{k-1}``, in ``[0, 1]`` (default 0.5).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax.engine import methods
+    >>> from sfa_jax.engine.loop import RunState
+    >>> method = methods.WiseFT(beta=0.25)
+    >>> boundary = methods.Boundary(task_index=1, num_tasks=2, total_steps=10, fisher=None)
+    >>> end_of_task_0 = RunState({'w': jnp.zeros(2)}, {}, None, {})  # θ_0 = 0
+    >>> state = method.start_task(end_of_task_0, boundary)
+    >>> state = state._replace(params={'w': jnp.ones(2)})  # task 1 trained: θ = 1
+    >>> method.end_task(state, boundary).params['w'].tolist()  # 0.25·θ_0 + 0.75·θ
+    [0.75, 0.75]
 
   References:
     Wortsman et al, `Robust fine-tuning of zero-shot models <https://arxiv.org/abs/2109.01903>`_, 2022
@@ -599,6 +798,18 @@ class TaskArithmetic(Method):
 
   Each task ``k ≥ 1`` is trained from the base ``θ_b``; the fine-tuned models are kept, one slot
   per task, from the start (the run state keeps one structure).
+
+  Args:
+    scaling: the weight of the summed task vectors, at least 0 (default 0.5).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax.engine import methods
+    >>> base = {'w': jnp.zeros(2)}
+    >>> finetuned = [{'w': jnp.ones(2)}, {'w': jnp.array([1.0, -1.0])}]
+    >>> method = methods.TaskArithmetic(scaling=0.5)
+    >>> method.merge(base, finetuned)['w'].tolist()  # 0.5·(τ_1 + τ_2)
+    [1.0, 0.0]
 
   References:
     Ilharco et al, `Editing models with task arithmetic <https://arxiv.org/abs/2212.04089>`_, 2023
@@ -642,6 +853,21 @@ class TaskArithmetic(Method):
 
 class TIES(TaskArithmetic):
   """TIES-merging of the task vectors: trim to ``density``, elect signs, average the agreeing ones.
+
+  Trained as :class:`TaskArithmetic`, merged with :func:`sfa_jax.ties`.
+
+  Args:
+    density: the share of each task vector's entries kept (the largest magnitudes), in
+      ``(0, 1]`` (default 0.2).
+    scaling: the weight of the merged task vector, at least 0 (default 0.5).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax.engine import methods
+    >>> base = {'w': jnp.zeros(2)}
+    >>> finetuned = [{'w': jnp.array([1.0, 0.1])}, {'w': jnp.array([3.0, -2.0])}]
+    >>> methods.TIES(density=0.5, scaling=1.0).merge(base, finetuned)['w'].tolist()
+    [2.0, 0.0]
 
   References:
     Yadav et al, `TIES-Merging: Resolving Interference When Merging Models
