@@ -66,6 +66,13 @@ class AdaptiveSFAState(NamedTuple):
       from (measured by the latest step, after its average if any; at ``init``, of the params).
     anchor_norm: float32 scalar, :math:`\\lVert\\theta_o\\rVert`, the scale of the threshold.
     anchor: the checkpoint :math:`\\theta_o` the parameters are pulled toward.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> sfa = sfa_jax.adaptive_sfa(threshold=0.1, beta=0.5, total_steps=10)
+    >>> state = sfa_jax.find_state(optax.chain(optax.sgd(0.1), sfa).init({'w': jnp.ones(4)}))
+    >>> round(float(state.threshold), 6), float(state.anchor_norm)  # ‖θ_o‖ = 2
+    (0.1, 2.0)
   """
 
   count: chex.Array

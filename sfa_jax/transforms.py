@@ -62,6 +62,13 @@ class SFAState(NamedTuple):
     averaged: bool scalar, whether the latest update averaged (as ``optax.MultiSteps`` has
       ``has_updated``).
     anchor: the checkpoint θ_o the parameters are pulled toward; same structure as the params.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> tx = optax.chain(optax.sgd(0.1), sfa_jax.sfa(p=0.5, beta=0.5, total_steps=4))
+    >>> state = sfa_jax.find_state(tx.init({'w': jnp.zeros(2)}))
+    >>> int(state.count), float(state.p), float(state.beta), int(state.total_steps)
+    (0, 0.5, 0.5, 4)
   """
 
   count: chex.Array
@@ -80,6 +87,13 @@ class L2State(NamedTuple):
     strength: float32 scalar, λ.
     active: bool scalar; while false the penalty is off (see ``wait_for_anchor``).
     anchor: the parameters θ_o the penalty pulls toward; same structure as the params.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> tx = optax.chain(sfa_jax.l2(0.1), optax.sgd(0.1))
+    >>> state = sfa_jax.find_state(tx.init({'w': jnp.ones(2)}))
+    >>> round(float(state.strength), 6), bool(state.active), state.anchor['w'].tolist()
+    (0.1, True, [1.0, 1.0])
   """
 
   strength: chex.Array
@@ -95,6 +109,14 @@ class EWCState(NamedTuple):
     active: bool scalar; while false the penalty is off (see ``wait_for_anchor``).
     anchor: the parameters θ* at the end of the previous task(s); same structure as the params.
     fisher: the diagonal Fisher information F; same structure as the params.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> params = {'w': jnp.ones(2)}
+    >>> tx = optax.chain(sfa_jax.ewc({'w': jnp.full(2, 0.5)}, 10.0), optax.sgd(0.1))
+    >>> state = sfa_jax.find_state(tx.init(params))
+    >>> float(state.strength), state.fisher['w'].tolist()
+    (10.0, [0.5, 0.5])
   """
 
   strength: chex.Array

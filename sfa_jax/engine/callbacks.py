@@ -56,7 +56,18 @@ Callback = Callable[[Any], None]
 
 
 class StepEvent(NamedTuple):
-  """One optimizer step: ``step`` of ``steps`` in ``task``; ``global_step`` counts every task."""
+  """One optimizer step: ``step`` of ``steps`` in ``task``; ``global_step`` counts every task.
+
+  Example:
+    >>> from sfa_jax.engine import callbacks
+    >>> losses = []
+    >>> def record(event):  # a callback: any callable of one event
+    ...   if isinstance(event, callbacks.StepEvent):
+    ...     losses.append(float(event.loss))
+    >>> record(callbacks.StepEvent(task=0, step=1, steps=10, global_step=1, loss=2.5, accuracy=0.1))
+    >>> losses
+    [2.5]
+  """
 
   task: int
   step: int
@@ -67,14 +78,31 @@ class StepEvent(NamedTuple):
 
 
 class EvaluationEvent(NamedTuple):
-  """Accuracy on every task of configuration ``configuration`` (a :class:`sfa_jax.engine.run.CurvePoint`)."""
+  """Accuracy on every task of configuration ``configuration`` (a :class:`sfa_jax.engine.loop.CurvePoint`).
+
+  Example:
+    >>> from sfa_jax.engine import callbacks
+    >>> from sfa_jax.engine.loop import CurvePoint
+    >>> event = callbacks.EvaluationEvent(0, CurvePoint(step=20, task=1, accuracies=(0.9, 0.5)))
+    >>> event.point.accuracies[0]  # task 0, while task 1 trains
+    0.9
+  """
 
   configuration: int
   point: Any
 
 
 class AverageEvent(NamedTuple):
-  """Configuration ``configuration``'s method averaged after ``global_step``."""
+  """Configuration ``configuration``'s method averaged after ``global_step``.
+
+  Example:
+    >>> from sfa_jax.engine import callbacks
+    >>> def announce(event):
+    ...   if isinstance(event, callbacks.AverageEvent):
+    ...     print(f'task {event.task}: averaged after step {event.global_step}')
+    >>> announce(callbacks.AverageEvent(configuration=0, task=1, global_step=78))
+    task 1: averaged after step 78
+  """
 
   configuration: int
   task: int
@@ -82,7 +110,14 @@ class AverageEvent(NamedTuple):
 
 
 class TaskEndEvent(NamedTuple):
-  """Task ``task`` ended for configuration ``configuration``: its row of the accuracy matrix."""
+  """Task ``task`` ended for configuration ``configuration``: its row of the accuracy matrix.
+
+  Example:
+    >>> from sfa_jax.engine import callbacks
+    >>> event = callbacks.TaskEndEvent(configuration=0, task=1, accuracies=(0.62, 0.97))
+    >>> event.accuracies[event.task]  # the task just trained
+    0.97
+  """
 
   configuration: int
   task: int
@@ -90,14 +125,26 @@ class TaskEndEvent(NamedTuple):
 
 
 class CheckpointEvent(NamedTuple):
-  """A checkpoint of the run after ``global_step`` was written to ``directory``."""
+  """A checkpoint of the run after ``global_step`` was written to ``directory``.
+
+  Example:
+    >>> from sfa_jax.engine import callbacks
+    >>> callbacks.CheckpointEvent(global_step=50, directory='outputs/run').global_step
+    50
+  """
 
   global_step: int
   directory: str
 
 
 class ResumeEvent(NamedTuple):
-  """The run resumed from its checkpoint after ``global_step``."""
+  """The run resumed from its checkpoint after ``global_step``.
+
+  Example:
+    >>> from sfa_jax.engine import callbacks
+    >>> callbacks.ResumeEvent(global_step=50)
+    ResumeEvent(global_step=50)
+  """
 
   global_step: int
 
@@ -149,6 +196,16 @@ class ConsoleProgress:
 
   Raises:
     ValueError: when ``disable`` is not ``None``, ``False`` or ``True``.
+
+  Example:
+    >>> import io
+    >>> from sfa_jax.engine import callbacks
+    >>> progress = callbacks.ConsoleProgress('sfa seed 0', file=io.StringIO(), disable=False)
+    >>> progress(callbacks.StepEvent(task=0, step=1, steps=10, global_step=1, loss=2.5, accuracy=0.1))
+    >>> progress.file.getvalue().startswith('sfa seed 0')
+    True
+
+    In a run: ``engine.run_sequence(stream, method, config, callbacks=[progress])``.
   """
 
   def __init__(self, label: str = '', file: TextIO | None = None, disable: bool | None = None):
@@ -215,6 +272,16 @@ class JsonlLogger:
   Args:
     path: the file; its folder is created. An existing file is appended to.
     every_steps: log a step event every this many global steps (0: no step events).
+
+  Example:
+    >>> import json, os, tempfile
+    >>> from sfa_jax.engine import callbacks
+    >>> path = os.path.join(tempfile.mkdtemp(), 'events.jsonl')
+    >>> logger = callbacks.JsonlLogger(path)
+    >>> logger(callbacks.AverageEvent(configuration=0, task=1, global_step=78))
+    >>> logger.close()
+    >>> json.loads(open(path).read())
+    {'event': 'AverageEvent', 'configuration': 0, 'task': 1, 'global_step': 78}
   """
 
   def __init__(self, path: str | os.PathLike[str], every_steps: int = 1):
@@ -245,6 +312,16 @@ class TensorBoardLogger:
   Args:
     logdir: the folder of the event files.
     every_steps: log the training scalars every this many global steps.
+
+  Example:
+    >>> import os, tempfile
+    >>> from sfa_jax.engine import callbacks
+    >>> logdir = tempfile.mkdtemp()
+    >>> logger = callbacks.TensorBoardLogger(logdir)
+    >>> logger(callbacks.AverageEvent(configuration=0, task=1, global_step=78))
+    >>> logger.close()
+    >>> os.listdir(logdir)
+    ['0']
   """
 
   def __init__(self, logdir: str | os.PathLike[str], every_steps: int = 10):

@@ -43,7 +43,16 @@ _ORBAX_DIR = os.path.dirname(ocp.__file__)
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint exists but cannot be used to resume this run, or cannot be saved."""
+  """A checkpoint exists but cannot be used to resume this run, or cannot be saved.
+
+  Example:
+    >>> from sfa_jax import engine
+    >>> try:  # what a run says when its folder holds another configuration's checkpoint
+    ...   raise engine.CheckpointError('the checkpoint in outputs/run is of another run')
+    ... except RuntimeError as error:
+    ...   print(type(error).__name__, error)
+    CheckpointError the checkpoint in outputs/run is of another run
+  """
 
 
 class CheckpointWarning(UserWarning):

@@ -93,7 +93,16 @@ def grid(
 
 
 class GridRun(NamedTuple):
-  """One finished run of :func:`run_grid`: its configuration and its result."""
+  """One finished run of :func:`run_grid`: its configuration and its result.
+
+  Example:
+    >>> from sfa_jax import engine, tasks
+    >>> stream = tasks.make_stream('mnist-pair', source='digits')
+    >>> config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
+    >>> run = next(engine.run_grid(stream, engine.grid('l2', strength=(0.1,), config=config)))
+    >>> run.method, run.config.seed, len(run.result.accuracy_matrix)
+    (L2(strength=0.1), 0, 2)
+  """
 
   method: methods_lib.Method
   config: TrainConfig

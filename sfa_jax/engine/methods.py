@@ -115,6 +115,12 @@ class Hyperparam:
     sweepable: ``False`` when the configurations of one sweep must share it (it changes the
       number of steps or the shapes of the run, as replay's ``ratio`` does).
     doc: a short description for help texts.
+
+  Example:
+    >>> from sfa_jax.engine import methods
+    >>> decay = methods.Hyperparam(0.9, methods.Interval(0.0, 1.0, high_open=True), doc='EMA decay')
+    >>> decay.default, str(decay.interval), decay.sweepable
+    (0.9, '[0, 1)', True)
   """
 
   default: float
@@ -132,6 +138,12 @@ class Boundary(NamedTuple):
     total_steps: the task's number of optimizer steps (SFA's ``T``).
     fisher: ``fisher(state) -> tree``, the empirical diagonal Fisher of ``state.params`` on this
       task's training data, computed by the engine with its model and loss (EWC uses it).
+
+  Example:
+    >>> from sfa_jax.engine import methods
+    >>> boundary = methods.Boundary(task_index=1, num_tasks=5, total_steps=62, fisher=None)
+    >>> boundary.task_index + 1 == boundary.num_tasks  # the last task?
+    False
   """
 
   task_index: int
@@ -149,6 +161,15 @@ class BatchPlan(NamedTuple):
     replay: the memory's examples, or ``None``.
     replay_ids: the memory's task ids, or ``None``.
     replay_size: how many examples of each batch come from the memory (0 without one).
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax import tasks
+    >>> from sfa_jax.engine import methods
+    >>> data = tasks.Split(np.zeros((6, 2), np.float32), np.arange(6) % 2)
+    >>> plan = methods.BatchPlan(data, task_ids=np.zeros(6, np.int32))  # task 0's own data
+    >>> plan.replay is None, plan.replay_size
+    (True, 0)
   """
 
   data: Any
@@ -197,6 +218,23 @@ class Method:
   Raises:
     TypeError: when a value is not a real number.
     ValueError: on an unknown hyper-parameter or a value out of its range (both named).
+
+  Example:
+    >>> import optax
+    >>> from sfa_jax.engine import methods
+    >>> class Clipped(methods.Method):
+    ...   '''The optimizer after gradient clipping.'''
+    ...   name = 'clipped'
+    ...   hyperparams = {'max_norm': methods.Hyperparam(1.0, methods.NON_NEGATIVE)}
+    ...   def transform(self, optimizer):
+    ...     return optax.chain(optax.clip_by_global_norm(self['max_norm']), optimizer)
+    >>> method = Clipped(max_norm=0.5)
+    >>> method.label, method.values, method.replace(max_norm=2.0)
+    ('clipped(max_norm=0.5)', {'max_norm': 0.5}, Clipped(max_norm=2))
+    >>> Clipped(max_norm=-1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_norm must lie in [0, inf); got -1.0.
   """
 
   name: ClassVar[str] = ''
@@ -898,6 +936,18 @@ def register_method(cls: type[Method]) -> type[Method]:
   Raises:
     TypeError: when ``cls`` is not a :class:`Method` subclass.
     ValueError: when it has no name, or the name belongs to another class.
+
+  Example:
+    As a decorator, ``@register_method`` above ``class MyMethod(Method): name = 'mine'`` lets
+    :func:`make_method` and the command line take ``'mine'``. A name is taken once:
+
+    >>> from sfa_jax.engine import methods
+    >>> methods.register_method(methods.SFA) is methods.SFA  # the same class again: nothing to do
+    True
+    >>> methods.register_method(type('OtherSFA', (methods.Method,), {'name': 'sfa'}))
+    Traceback (most recent call last):
+    ...
+    ValueError: a method named 'sfa' is registered already (SFA).
   """
   if not (isinstance(cls, type) and issubclass(cls, Method)):
     raise TypeError(f'register_method takes a subclass of sfa_jax.engine.methods.Method; got {cls!r}.')
@@ -917,7 +967,13 @@ for _cls in (Finetune, SFA, L2, EWC, Replay, WiseFT, TaskArithmetic, TIES, Joint
 
 
 def registered() -> dict[str, type[Method]]:
-  """The registered methods, by name, in registration order."""
+  """The registered methods, by name, in registration order.
+
+  Example:
+    >>> from sfa_jax.engine import methods
+    >>> list(methods.registered())[:4]
+    ['finetune', 'sfa', 'l2', 'ewc']
+  """
   return dict(_REGISTRY)
 
 
@@ -926,6 +982,11 @@ def method_class(spec: str | type[Method]) -> type[Method]:
 
   Raises:
     ValueError: on an unknown name or an import path that does not lead to a :class:`Method` subclass.
+
+  Example:
+    >>> from sfa_jax.engine import methods
+    >>> methods.method_class('sfa'), methods.method_class('sfa_jax.engine.methods:EWC')
+    (<class 'sfa_jax.engine.methods.SFA'>, <class 'sfa_jax.engine.methods.EWC'>)
   """
   if isinstance(spec, type) and issubclass(spec, Method):
     return spec

@@ -53,6 +53,16 @@ class SequenceResult:
     steps_per_task: optimizer steps taken on each task.
     averaging_steps: for SFA, the global steps after which it averaged.
     seconds: wall time of the training, evaluation, and of the whole run.
+
+  Example:
+    >>> from sfa_jax import engine, tasks
+    >>> stream = tasks.make_stream('mnist-pair', source='digits')
+    >>> config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
+    >>> result = engine.run_sequence(stream, engine.make_method('sfa', p=0.5), config)
+    >>> result.method, result.task_names
+    ('sfa(beta=0.25, p=0.5)', ['mnist-pair/even', 'mnist-pair/odd'])
+    >>> sorted(result.summary())[:3]
+    ['average_accuracy', 'average_accuracy_curve', 'backward_transfer']
   """
 
   stream: str

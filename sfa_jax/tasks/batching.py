@@ -27,6 +27,14 @@ class Batches(NamedTuple):
     y: the labels, int32, shape ``(num_batches, batch_size)`` (real-valued targets keep their dtype
       and shape after the batch axes).
     mask: bool, shape ``(num_batches, batch_size)``: True for real examples, False for padding.
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax import tasks
+    >>> split = tasks.Split(np.zeros((10, 2), np.float32), np.arange(10, dtype=np.int32))
+    >>> batches = tasks.eval_batches(split, batch_size=4)  # the last batch padded
+    >>> batches.x.shape, batches.mask.sum(axis=1).tolist()
+    ((3, 4, 2), [4, 4, 2])
   """
 
   x: np.ndarray

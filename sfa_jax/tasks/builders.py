@@ -171,6 +171,12 @@ def permuted_stream(
 
   Returns:
     A :class:`TaskStream`.
+
+  Example:
+    >>> from sfa_jax import tasks
+    >>> stream = tasks.permuted_stream(tasks.digits_source(), 3, name='permuted-digits')
+    >>> len(stream), stream.num_classes  # class-incremental: 10 new outputs per task
+    (3, 30)
   """
   check_setting(setting)
   if num_tasks < 1:

@@ -28,6 +28,15 @@ class DataSource:
     input_shape: the shape ``(H, W, C)`` of one image.
     load: ``load(classes)`` returns the ``(train, test)`` splits holding exactly the examples whose
       label is in ``classes``, labels unchanged, in the source's own order.
+
+  Example:
+    >>> from sfa_jax import tasks
+    >>> digits = tasks.digits_source()
+    >>> digits.num_classes, digits.input_shape
+    (10, (8, 8, 1))
+    >>> train, test = digits.load((3, 5))  # the examples of classes 3 and 5 only
+    >>> sorted(set(train.y.tolist()))
+    [3, 5]
   """
 
   name: str
@@ -58,7 +67,17 @@ def in_memory_source(name: str, train: Split, test: Split, num_classes: int) -> 
     num_classes: the number of classes.
 
   Returns:
-    A source whose ``load`` selects classes with :func:`_select_classes`.
+    A source whose ``load`` selects the examples of the classes asked for, in their order.
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax import tasks
+    >>> x = np.random.default_rng(0).random((12, 4, 4, 1), dtype=np.float32)
+    >>> split = tasks.Split(x, np.arange(12, dtype=np.int32) % 4)
+    >>> source = tasks.in_memory_source('toy', split, split, num_classes=4)
+    >>> stream = tasks.split_stream(source, [(0, 1), (2, 3)], name='toy-split')
+    >>> len(stream), stream[1].classes
+    (2, (2, 3))
   """
   return DataSource(
       name=name,

@@ -43,6 +43,13 @@ class Split(NamedTuple):
   Attributes:
     x: float32 images in ``[0, 1]``, shape ``(N, H, W, C)``.
     y: int32 labels, shape ``(N,)``.
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax import tasks
+    >>> split = tasks.Split(np.zeros((4, 8, 8, 1), np.float32), np.array([0, 1, 0, 1]))
+    >>> len(split.y), split.x.shape[1:]
+    (4, (8, 8, 1))
   """
 
   x: np.ndarray
@@ -60,6 +67,13 @@ class Task:
     test: the test split, labels already mapped.
     classes: the original label values of the data set that the task holds, in head order.
     labels: the label each of ``classes`` was mapped to (same order), see :func:`task_labels`.
+
+  Example:
+    >>> from sfa_jax import tasks
+    >>> stream = tasks.make_stream('split-mnist', source='digits', setting='task-incremental')
+    >>> task = stream[1]  # loaded when first asked for
+    >>> task.index, task.name, task.classes, task.label_map
+    (1, 'split-mnist/1', (2, 3), {2: 0, 3: 1})
   """
 
   index: int
