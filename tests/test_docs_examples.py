@@ -10,8 +10,11 @@ temporary working folder. Markers, HTML comments that neither the site nor GitHu
 * ``<!-- docs-test: slow (reason) -->`` on a line of its own: the page's test is marked slow.
 
 ``CHECKS`` holds what each page's example must have computed (and printed: ``ns['__printed__']``
-is its standard output), so a block that runs but goes wrong fails too. The ``sfa-jax`` command lines of the pages' ```bash blocks are parsed and checked by the
-command line's own argument checks (nothing trained).
+is its standard output), so a block that runs but goes wrong fails too. The ``sfa-jax`` command
+lines of the pages' ```bash blocks (a line ending in ``\\`` continues on the next) are parsed and
+checked by the command line's own argument checks (nothing trained). No line of a code block is
+wider than :data:`MAX_COLUMNS` (what a page shows at 1280 px without cutting it off), but for the
+README's two set-up commands.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ FENCE = re.compile(
     re.M | re.S)
 SLOW = re.compile(r'^<!-- docs-test: slow \([^)]+\) -->$', re.M)
 MAX_SKIPPED = 3
+MAX_COLUMNS = 88
+README_SETUP = ('python3 -m venv .venv && ',)  # the README's two set-up commands, each one line to copy
 
 
 @dataclasses.dataclass
@@ -201,6 +206,10 @@ def _check_huggingface(ns):
   assert all(isinstance(leaf, optax.MaskedNode) for leaf in jax.tree.leaves(anchor['layers'], is_leaf=lambda n: isinstance(n, optax.MaskedNode)))
 
 
+def _check_api_reference(ns):
+  assert len(ns['result'].accuracy_matrix) == 2 and ns['result'].method == 'sfa(beta=0.25, p=0.25)'
+
+
 def _check_distributed(stdout):
   lines = stdout.strip().splitlines()
   assert lines[-2].startswith('8 devices:') and lines[-1] == 'the same as on one device: True'
@@ -208,6 +217,7 @@ def _check_distributed(stdout):
 
 CHECKS = {
     'README.md': _check_readme,
+    'api_reference.md': _check_api_reference,
     'index.md': _check_index,
     'getting_started.md': _check_getting_started,
     'guides/sequence.md': _check_sequence,
@@ -264,15 +274,23 @@ def test_every_python_block_is_run_or_skipped_with_a_reason():
   assert sum(len(page.blocks) for page in ALL) >= 15
 
 
+def command_lines(text: str) -> list[str]:
+  """The ``sfa-jax`` command lines of a page's ```bash blocks, each continued line (``\\``) joined."""
+  found = []
+  for match in FENCE.finditer(text):
+    if match['info'].strip() != 'bash':
+      continue
+    for line in match['code'].replace('\\\n', ' ').splitlines():
+      line = line.split('#', 1)[0].strip()
+      if line.startswith('sfa-jax ') and '...' not in line and '[' not in line:
+        found.append(' '.join(line.split()))
+  return found
+
+
 def _command_lines():
   for page in ALL:
-    for match in FENCE.finditer(page.path.read_text()):
-      if match['info'].strip() != 'bash':
-        continue
-      for line in match['code'].splitlines():
-        line = line.split('#', 1)[0].strip()
-        if line.startswith('sfa-jax ') and '...' not in line and '[' not in line:
-          yield pytest.param(line, id=f'{page.name}: {line[:60]}')
+    for line in command_lines(page.path.read_text()):
+      yield pytest.param(line, id=f'{page.name}: {line[:60]}')
 
 
 @pytest.mark.parametrize('line', list(_command_lines()))
@@ -282,3 +300,28 @@ def test_the_pages_command_lines_pass_the_command_lines_checks(line, tmp_path, m
   monkeypatch.chdir(tmp_path)
   args = cli.build_parser().parse_args(shlex.split(line)[1:])
   cli.check_arguments(args)
+
+
+def wide_lines(page: Page) -> list[str]:
+  """The lines of the page's code blocks (every language) wider than :data:`MAX_COLUMNS`."""
+  lines = [line for match in FENCE.finditer(page.path.read_text()) for line in match['code'].splitlines()]
+  setup = README_SETUP if page.path == README else ()
+  return [line for line in lines if len(line) > MAX_COLUMNS and not line.startswith(setup)]
+
+
+@pytest.mark.parametrize('page', ALL, ids=[page.name for page in ALL])
+def test_no_code_line_is_wider_than_the_page(page: Page):
+  assert wide_lines(page) == [], f'{page.name}: code lines over {MAX_COLUMNS} columns'
+
+
+def test_wide_lines_finds_a_wide_line_and_lets_the_readme_set_up_commands_be(tmp_path):
+  page = tmp_path / 'page.md'
+  page.write_text('```python\n' + 'x' * (MAX_COLUMNS + 1) + '\ny = 1\n```\n')
+  assert wide_lines(read_page(page)) == ['x' * (MAX_COLUMNS + 1)]
+  setup = [line for m in FENCE.finditer(README.read_text()) for line in m['code'].splitlines() if line.startswith(README_SETUP)]
+  assert len(setup) == 2 and not set(setup) & set(wide_lines(read_page(README)))
+
+
+def test_a_continued_command_line_is_read_whole():
+  text = '```bash\nsfa-jax run --stream mnist-pair \\\n  --method sfa  # a comment\nsfa-jax demo\n```\n'
+  assert command_lines(text) == ['sfa-jax run --stream mnist-pair --method sfa', 'sfa-jax demo']
