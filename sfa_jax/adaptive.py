@@ -70,7 +70,8 @@ class AdaptiveSFAState(NamedTuple):
   Example:
     >>> import jax.numpy as jnp, optax, sfa_jax
     >>> sfa = sfa_jax.adaptive_sfa(threshold=0.1, beta=0.5, total_steps=10)
-    >>> state = sfa_jax.find_state(optax.chain(optax.sgd(0.1), sfa).init({'w': jnp.ones(4)}))
+    >>> tx = optax.chain(optax.sgd(0.1), sfa)
+    >>> state = sfa_jax.find_state(tx.init({'w': jnp.ones(4)}))
     >>> round(float(state.threshold), 6), float(state.anchor_norm)  # ‖θ_o‖ = 2
     (0.1, 2.0)
   """
@@ -147,7 +148,8 @@ def is_adaptive_averaging_step(
 
   Example:
     >>> from sfa_jax import adaptive
-    >>> bool(adaptive.is_adaptive_averaging_step(5, 0, 2.0, 10.0, 0.1, 0.5, 10))  # 2 >= 0.1 * 10, gap 5
+    >>> # a drift of 2 >= 0.1 * 10, 5 steps after the last average
+    >>> bool(adaptive.is_adaptive_averaging_step(5, 0, 2.0, 10.0, 0.1, 0.5, 10))
     True
     >>> bool(adaptive.is_adaptive_averaging_step(4, 0, 2.0, 10.0, 0.1, 0.5, 10))  # too soon
     False
@@ -219,15 +221,16 @@ def adaptive_sfa(
     >>> import jax.numpy as jnp, optax, sfa_jax
     >>> from sfa_jax import adaptive
     >>> params = {'w': jnp.array([1.0, 0.0])}  # the anchor: norm 1
-    >>> tx = optax.chain(optax.sgd(0.1), adaptive.adaptive_sfa(threshold=0.25, beta=0.5, min_p=0.1,
-    ...                                                        total_steps=10))
+    >>> sfa = adaptive.adaptive_sfa(threshold=0.25, beta=0.5, min_p=0.1, total_steps=10)
+    >>> tx = optax.chain(optax.sgd(0.1), sfa)
     >>> state, averaged = tx.init(params), []
     >>> for step in range(1, 11):
     ...   updates, state = tx.update({'w': jnp.array([0.0, -1.0])}, state, params)
     ...   params = optax.apply_updates(params, updates)
     ...   if sfa_jax.find_state(state).averaged:
     ...     averaged.append(step)
-    >>> averaged  # the drift grows by 0.1 a step; steps starting 0.25 or more away average (and T)
+    >>> # the drift grows by 0.1 a step; steps starting 0.25 or more away average (and T)
+    >>> averaged
     [4, 6, 8, 10]
 
   References:

@@ -59,7 +59,8 @@ def register_anchored_state(state_type: type, rule: Callable[[Any, optax.Params]
   Example:
     >>> import jax.numpy as jnp, sfa_jax
     >>> from sfa_jax import adaptive  # registers AdaptiveSFAState
-    >>> state = adaptive.adaptive_sfa(threshold=0.1, total_steps=10).init({'w': jnp.zeros(2)})
+    >>> tx = adaptive.adaptive_sfa(threshold=0.1, total_steps=10)
+    >>> state = tx.init({'w': jnp.zeros(2)})
     >>> new_state = sfa_jax.reanchor(state, {'w': jnp.full(2, 2.0, jnp.float32)})
     >>> new_state.anchor['w'], new_state.anchor_norm
     (Array([2., 2.], dtype=float32), Array(2.828427, dtype=float32))
@@ -176,10 +177,10 @@ def find_states(opt_state: Any, state_type: type | None = None) -> list[Any]:
   Example:
     >>> import jax.numpy as jnp, optax, sfa_jax
     >>> params = {'body': jnp.zeros(2), 'head': jnp.zeros(3)}
-    >>> tx = optax.multi_transform(
-    ...     {'body': optax.chain(optax.sgd(0.1), sfa_jax.sfa(p=0.5, beta=0.5, total_steps=4)),
-    ...      'head': optax.chain(optax.sgd(0.1), sfa_jax.sfa(p=1.0, beta=0.5, total_steps=4))},
-    ...     {'body': 'body', 'head': 'head'})
+    >>> sgd_sfa = lambda p: optax.chain(optax.sgd(0.1),
+    ...                                 sfa_jax.sfa(p=p, beta=0.5, total_steps=4))
+    >>> tx = optax.multi_transform({'body': sgd_sfa(0.5), 'head': sgd_sfa(1.0)},
+    ...                            {'body': 'body', 'head': 'head'})
     >>> [float(s.p) for s in sfa_jax.find_states(tx.init(params))]
     [0.5, 1.0]
   """
@@ -210,7 +211,8 @@ def find_state(opt_state: Any, state_type: type | None = None) -> Any:
     >>> state = tx.init(params)
     >>> for _ in range(2):
     ...   updates, state = tx.update({'w': jnp.ones(2)}, state, params)
-    ...   print(int(sfa_jax.find_state(state).count), bool(sfa_jax.find_state(state).averaged))
+    ...   sfa = sfa_jax.find_state(state)
+    ...   print(int(sfa.count), bool(sfa.averaged))
     1 False
     2 True
   """
@@ -258,7 +260,8 @@ def check_placement(opt_state: Any) -> None:
 
   Example:
     >>> import jax.numpy as jnp, optax, sfa_jax
-    >>> tx = optax.chain(optax.MultiSteps(optax.adam(1e-3), 4), sfa_jax.sfa(p=0.5, total_steps=8))
+    >>> sfa = sfa_jax.sfa(p=0.5, total_steps=8)
+    >>> tx = optax.chain(optax.MultiSteps(optax.adam(1e-3), 4), sfa)
     >>> sfa_jax.check_placement(tx.init({'w': jnp.zeros(2)}))
     Traceback (most recent call last):
     ...
@@ -409,7 +412,8 @@ def reanchor(
   Example:
     >>> import jax.numpy as jnp, optax, sfa_jax
     >>> params = {'w': jnp.zeros(2)}
-    >>> tx = optax.chain(optax.adam(1e-3), sfa_jax.sfa(p=0.5, beta=0.5, total_steps=10, wait_for_anchor=True))
+    >>> sfa = sfa_jax.sfa(p=0.5, beta=0.5, total_steps=10, wait_for_anchor=True)
+    >>> tx = optax.chain(optax.adam(1e-3), sfa)
     >>> state = tx.init(params)
     >>> state = sfa_jax.reanchor(state, {'w': jnp.ones(2)}, total_steps=20)
     >>> sfa = sfa_jax.find_state(state)

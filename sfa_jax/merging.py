@@ -107,7 +107,8 @@ def task_vectors(
   Example:
     >>> import jax.numpy as jnp
     >>> from sfa_jax import merging
-    >>> merging.task_vectors({'w': jnp.ones(2)}, [{'w': jnp.array([3.0, 0.0])}])[0]['w'].tolist()
+    >>> vectors = merging.task_vectors({'w': jnp.ones(2)}, [{'w': jnp.array([3.0, 0.0])}])
+    >>> vectors[0]['w'].tolist()
     [2.0, -1.0]
 
   References:

@@ -27,10 +27,10 @@ Example: a train step that differentiates the trainable leaves only.
   >>> import jax, jax.numpy as jnp, optax, sfa_jax
   >>> from sfa_jax import partial
   >>> params = {'body': {'w': jnp.ones((3, 3))}, 'head': {'w': jnp.ones((3, 2))}}
-  >>> mask = partial.path_mask(params, 'head')               # only the head trains
+  >>> mask = partial.path_mask(params, 'head')  # only the head trains
   >>> trainable, frozen = partial.split_trainable(params, mask)
   >>> tx = optax.chain(optax.adam(1e-2), sfa_jax.sfa(p=0.5, beta=0.5, total_steps=4))
-  >>> opt_state = tx.init(trainable)                           # moments and anchor: the head only
+  >>> opt_state = tx.init(trainable)  # moments and anchor: the head only
   >>> loss = lambda p, x: jnp.sum((x @ p['body']['w'] @ p['head']['w']) ** 2)
   >>> grad = partial.trainable_value_and_grad(loss)
   >>> @jax.jit
@@ -84,7 +84,8 @@ def path_string(path: Sequence[Any]) -> str:
 
   Example:
     >>> import jax
-    >>> [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path({'a': [1, {'b': 2}]})[0]]
+    >>> leaves, _ = jax.tree_util.tree_flatten_with_path({'a': [1, {'b': 2}]})
+    >>> [path_string(path) for path, _ in leaves]
     ['a/0', 'a/1/b']
   """
   return '/'.join(_key_name(key) for key in path)
@@ -113,7 +114,8 @@ def path_mask(params: Any, patterns: str | Sequence[str]) -> Any:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> params = {'layers': {'attention_norm': {'scale': jnp.ones(2)}}, 'norm': {'scale': jnp.ones(2)}}
+    >>> norm = {'scale': jnp.ones(2)}
+    >>> params = {'layers': {'attention_norm': norm}, 'norm': norm}
     >>> path_mask(params, 'norm')
     {'layers': {'attention_norm': {'scale': False}}, 'norm': {'scale': True}}
   """
@@ -175,7 +177,8 @@ def split_trainable(params: Any, mask: Any) -> tuple[Any, Any]:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> trainable, frozen = split_trainable({'a': jnp.zeros(2), 'b': jnp.ones(2)}, {'a': False, 'b': True})
+    >>> params = {'a': jnp.zeros(2), 'b': jnp.ones(2)}
+    >>> trainable, frozen = split_trainable(params, {'a': False, 'b': True})
     >>> trainable['a'], frozen['b']
     (MaskedNode(), MaskedNode())
   """
@@ -243,8 +246,10 @@ def trainable_value_and_grad(loss_fn: Callable[..., Any], *, has_aux: bool = Fal
 
   Example:
     >>> import jax.numpy as jnp
-    >>> trainable, frozen = split_trainable({'a': jnp.ones(2), 'b': jnp.full(2, 3.0)}, {'a': True, 'b': False})
-    >>> value, grads = trainable_value_and_grad(lambda p: jnp.sum(p['a'] * p['b']))(trainable, frozen)
+    >>> params = {'a': jnp.ones(2), 'b': jnp.full(2, 3.0)}
+    >>> trainable, frozen = split_trainable(params, {'a': True, 'b': False})
+    >>> loss = lambda p: jnp.sum(p['a'] * p['b'])
+    >>> value, grads = trainable_value_and_grad(loss)(trainable, frozen)
     >>> float(value), grads['a'], grads['b']
     (6.0, Array([3., 3.], dtype=float32), MaskedNode())
   """
@@ -277,10 +282,11 @@ def train_only(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTra
   Example:
     >>> import jax.numpy as jnp, optax, sfa_jax
     >>> params = {'body': jnp.ones(3), 'head': jnp.ones(2)}
-    >>> tx = train_only(optax.chain(optax.sgd(0.5), sfa_jax.sfa(p=1.0, beta=0.5, total_steps=1)),
-    ...                 {'body': False, 'head': True})
+    >>> sfa = sfa_jax.sfa(p=1.0, beta=0.5, total_steps=1)
+    >>> tx = train_only(optax.chain(optax.sgd(0.5), sfa), {'body': False, 'head': True})
     >>> state = tx.init(params)
-    >>> updates, state = tx.update({'body': jnp.ones(3), 'head': jnp.ones(2)}, state, params)
+    >>> grads = {'body': jnp.ones(3), 'head': jnp.ones(2)}
+    >>> updates, state = tx.update(grads, state, params)
     >>> new = optax.apply_updates(params, updates)
     >>> new['body'], new['head']   # the head lands on 0.5 * 1 + 0.5 * (1 - 0.5)
     (Array([1., 1., 1.], dtype=float32), Array([0.75, 0.75], dtype=float32))

@@ -496,7 +496,8 @@ def sfa(
     >>> import jax.numpy as jnp, optax, sfa_jax
     >>> params = {'w': jnp.array([1.0, 2.0])}
     >>> anchor = {'w': jnp.zeros(2)}
-    >>> tx = optax.chain(optax.sgd(0.1), sfa_jax.sfa(anchor, p=0.5, beta=0.5, total_steps=4))
+    >>> sfa = sfa_jax.sfa(anchor, p=0.5, beta=0.5, total_steps=4)
+    >>> tx = optax.chain(optax.sgd(0.1), sfa)
     >>> state = tx.init(params)
     >>> grads = {'w': jnp.array([1.0, 1.0])}
     >>> for step in range(1, 5):
@@ -646,7 +647,8 @@ def ewc(
     >>> import jax.numpy as jnp, optax, sfa_jax
     >>> params = {'w': jnp.array([1.0, 1.0])}
     >>> fisher = {'w': jnp.array([0.0, 2.0])}
-    >>> tx = optax.chain(sfa_jax.ewc(fisher, 0.5, anchor={'w': jnp.zeros(2)}), optax.sgd(1.0))
+    >>> ewc = sfa_jax.ewc(fisher, 0.5, anchor={'w': jnp.zeros(2)})
+    >>> tx = optax.chain(ewc, optax.sgd(1.0))
     >>> updates, _ = tx.update({'w': jnp.zeros(2)}, tx.init(params), params)
     >>> updates['w']
     Array([-0., -1.], dtype=float32)

@@ -32,8 +32,8 @@ Example:
   ...   if isinstance(event, callbacks.TaskEndEvent):
   ...     ends.append(event.task)
   >>> stream = tasks.make_stream('mnist-pair', source='digits')
-  >>> _ = engine.run_sequence(stream, engine.make_method('sfa'), engine.TrainConfig(epochs_per_task=1),
-  ...                            callbacks=[task_ends])
+  >>> config = engine.TrainConfig(epochs_per_task=1)
+  >>> _ = engine.run_sequence(stream, engine.make_method('sfa'), config, callbacks=[task_ends])
   >>> ends
   [0, 1]
 """
@@ -64,7 +64,9 @@ class StepEvent(NamedTuple):
     >>> def record(event):  # a callback: any callable of one event
     ...   if isinstance(event, callbacks.StepEvent):
     ...     losses.append(float(event.loss))
-    >>> record(callbacks.StepEvent(task=0, step=1, steps=10, global_step=1, loss=2.5, accuracy=0.1))
+    >>> event = callbacks.StepEvent(task=0, step=1, steps=10, global_step=1, loss=2.5,
+    ...                             accuracy=0.1)
+    >>> record(event)
     >>> losses
     [2.5]
   """
@@ -83,7 +85,8 @@ class EvaluationEvent(NamedTuple):
   Example:
     >>> from sfa_jax.engine import callbacks
     >>> from sfa_jax.engine.loop import CurvePoint
-    >>> event = callbacks.EvaluationEvent(0, CurvePoint(step=20, task=1, accuracies=(0.9, 0.5)))
+    >>> point = CurvePoint(step=20, task=1, accuracies=(0.9, 0.5))
+    >>> event = callbacks.EvaluationEvent(0, point)
     >>> event.point.accuracies[0]  # task 0, while task 1 trains
     0.9
   """
@@ -200,8 +203,10 @@ class ConsoleProgress:
   Example:
     >>> import io
     >>> from sfa_jax.engine import callbacks
-    >>> progress = callbacks.ConsoleProgress('sfa seed 0', file=io.StringIO(), disable=False)
-    >>> progress(callbacks.StepEvent(task=0, step=1, steps=10, global_step=1, loss=2.5, accuracy=0.1))
+    >>> progress = callbacks.ConsoleProgress('sfa seed 0', file=io.StringIO(),
+    ...                                      disable=False)
+    >>> progress(callbacks.StepEvent(task=0, step=1, steps=10, global_step=1, loss=2.5,
+    ...                              accuracy=0.1))
     >>> progress.file.getvalue().startswith('sfa seed 0')
     True
 

@@ -196,7 +196,8 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
   Example:
     >>> import jax.numpy as jnp
     >>> from sfa_jax.engine.distributed import make_mesh, tree_shardings
-    >>> tree_shardings({'w': jnp.zeros((4, 2))}, make_mesh({'data': 1}))['w'].is_fully_replicated
+    >>> shardings = tree_shardings({'w': jnp.zeros((4, 2))}, make_mesh({'data': 1}))
+    >>> shardings['w'].is_fully_replicated
     True
   """
   def sharding(leaf):
@@ -365,7 +366,8 @@ def shard_step(
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from sfa_jax.engine.distributed import make_mesh, shard_step
-    >>> step = shard_step(jax.jit(lambda w, x: w + x.sum()), make_mesh({'data': 1}), state_argnums=(0,))
+    >>> add = jax.jit(lambda w, x: w + x.sum())
+    >>> step = shard_step(add, make_mesh({'data': 1}), state_argnums=(0,))
     >>> float(step(jnp.zeros(()), jnp.ones(4)))
     4.0
   """

@@ -76,7 +76,8 @@ def grid(
 
   Example:
     >>> from sfa_jax import engine
-    >>> [(m.label, c.seed) for m, c in engine.grid('sfa', p=(0.25, 0.5), beta=(0.5,), seeds=(0, 1))]
+    >>> configurations = engine.grid('sfa', p=(0.25, 0.5), beta=(0.5,), seeds=(0, 1))
+    >>> [(m.label, c.seed) for m, c in configurations]
     ... # doctest: +NORMALIZE_WHITESPACE
     [('sfa(beta=0.5, p=0.25)', 0), ('sfa(beta=0.5, p=0.25)', 1), ('sfa(beta=0.5, p=0.5)', 0),
      ('sfa(beta=0.5, p=0.5)', 1)]
@@ -99,7 +100,8 @@ class GridRun(NamedTuple):
     >>> from sfa_jax import engine, tasks
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
     >>> config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
-    >>> run = next(engine.run_grid(stream, engine.grid('l2', strength=(0.1,), config=config)))
+    >>> configurations = engine.grid('l2', strength=(0.1,), config=config)
+    >>> run = next(engine.run_grid(stream, configurations))
     >>> run.method, run.config.seed, len(run.result.accuracy_matrix)
     (L2(strength=0.1), 0, 2)
   """
@@ -182,7 +184,8 @@ def run_grid(
     >>> from sfa_jax import engine, tasks
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
     >>> config = engine.TrainConfig(epochs_per_task=1, batch_size=32)
-    >>> runs = [run.to_json() for run in engine.run_grid(stream, engine.grid('finetune', seeds=(0, 1), config=config))]
+    >>> configurations = engine.grid('finetune', seeds=(0, 1), config=config)
+    >>> runs = [run.to_json() for run in engine.run_grid(stream, configurations)]
     >>> [(run['method_name'], run['seed']) for run in runs], len(runs[0]['accuracy_matrix'])
     ([('finetune', 0), ('finetune', 1)], 2)
   """
@@ -342,8 +345,9 @@ def summarize_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     The rows.
 
   Example:
-    >>> runs = [{'method': 'm', 'accuracy_matrix': [[1.0, 0.0], [0.5, 1.0]], 'seconds': {'train': 1.0},
-    ...          'metrics': {'average_accuracy': 0.75, 'forgetting': 0.5, 'backward_transfer': -0.5}}]
+    >>> metrics = {'average_accuracy': 0.75, 'forgetting': 0.5, 'backward_transfer': -0.5}
+    >>> runs = [{'method': 'm', 'accuracy_matrix': [[1.0, 0.0], [0.5, 1.0]],
+    ...          'seconds': {'train': 1.0}, 'metrics': metrics}]
     >>> summarize_runs(runs)[0]['average_accuracy']
     (0.75, 0.0)
   """

@@ -118,7 +118,8 @@ class Hyperparam:
 
   Example:
     >>> from sfa_jax.engine import methods
-    >>> decay = methods.Hyperparam(0.9, methods.Interval(0.0, 1.0, high_open=True), doc='EMA decay')
+    >>> below_one = methods.Interval(0.0, 1.0, high_open=True)
+    >>> decay = methods.Hyperparam(0.9, below_one, doc='EMA decay')
     >>> decay.default, str(decay.interval), decay.sweepable
     (0.9, '[0, 1)', True)
   """
@@ -942,7 +943,7 @@ def register_method(cls: type[Method]) -> type[Method]:
     :func:`make_method` and the command line take ``'mine'``. A name is taken once:
 
     >>> from sfa_jax.engine import methods
-    >>> methods.register_method(methods.SFA) is methods.SFA  # the same class again: nothing to do
+    >>> methods.register_method(methods.SFA) is methods.SFA  # the same class: nothing to do
     True
     >>> methods.register_method(type('OtherSFA', (methods.Method,), {'name': 'sfa'}))
     Traceback (most recent call last):

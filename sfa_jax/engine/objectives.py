@@ -76,7 +76,8 @@ def regression(tolerance: float = 0.1) -> Objective:
   Example:
     >>> import jax.numpy as jnp
     >>> objective = regression(0.5)
-    >>> loss, within = objective.loss(jnp.array([[0.2], [2.0]]), jnp.zeros(2), jnp.ones(2, bool))
+    >>> outputs, targets, mask = jnp.array([[0.2], [2.0]]), jnp.zeros(2), jnp.ones(2, bool)
+    >>> loss, within = objective.loss(outputs, targets, mask)
     >>> round(float(loss), 3), float(within)
     (2.02, 0.5)
   """

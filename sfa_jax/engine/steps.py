@@ -53,7 +53,8 @@ def initializer(model, sample: np.ndarray, mesh: Any = None) -> Callable[[int], 
     >>> import numpy as np
     >>> from sfa_jax import models
     >>> from sfa_jax.engine import steps
-    >>> init = steps.initializer(models.make_model('mlp', 10), np.zeros((1, 8, 8, 1), np.float32))
+    >>> images = np.zeros((1, 8, 8, 1), np.float32)
+    >>> init = steps.initializer(models.make_model('mlp', 10), images)
     >>> params, model_state = init(0)
     >>> sorted(params)
     ['Dense_0', 'Dense_1', 'head']

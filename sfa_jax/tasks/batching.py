@@ -131,7 +131,8 @@ def epoch_batches(
     >>> batches = epoch_batches(split, 4, seed=0, epoch=0)
     >>> batches.x.shape, batches.y.shape, bool(batches.mask.all())
     ((2, 4, 2, 2, 1), (2, 4), True)
-    >>> epoch_batches(split, 4, seed=0, epoch=0, drop_remainder=False).mask.sum(axis=1).tolist()
+    >>> padded = epoch_batches(split, 4, seed=0, epoch=0, drop_remainder=False)
+    >>> padded.mask.sum(axis=1).tolist()
     [4, 4, 2]
   """
   indices, mask = epoch_indices(
@@ -176,7 +177,8 @@ def subsample(split: Split, fraction: float, seed: int) -> Split:
     A new :class:`Split`.
 
   Example:
-    >>> split = Split(np.zeros((10, 1, 1, 1), np.float32), np.array([0] * 8 + [1] * 2, np.int32))
+    >>> labels = np.array([0] * 8 + [1] * 2, np.int32)
+    >>> split = Split(np.zeros((10, 1, 1, 1), np.float32), labels)
     >>> np.bincount(subsample(split, 0.25, seed=0).y).tolist()
     [2, 1]
   """

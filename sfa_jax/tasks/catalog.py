@@ -164,8 +164,10 @@ def data_dir_use(name: str, source: str) -> str:
     ValueError: ``name`` is not a named stream, or ``source`` not one of its sources.
 
   Example:
-    >>> data_dir_use('split-cifar100', 'tfds'), data_dir_use('split-fashion-mnist', 'offline')
-    ('required', 'optional')
+    >>> data_dir_use('split-cifar100', 'tfds')
+    'required'
+    >>> data_dir_use('split-fashion-mnist', 'offline')
+    'optional'
     >>> data_dir_use('mnist-pair', 'offline'), data_dir_use('mnist-pair', 'digits')
     ('none', 'none')
   """
@@ -187,8 +189,10 @@ def task_counts(name: str) -> tuple[int, int | None]:
     ValueError: ``name`` is not a named stream.
 
   Example:
-    >>> task_counts('mnist-pair'), task_counts('split-food101'), task_counts('permuted-mnist')
-    ((2, 2), (1, 101), (1, None))
+    >>> task_counts('mnist-pair'), task_counts('split-food101')
+    ((2, 2), (1, 101))
+    >>> task_counts('permuted-mnist')  # no most
+    (1, None)
   """
   spec = stream_spec(name)
   if spec.groups is not None:

@@ -70,7 +70,8 @@ class Task:
 
   Example:
     >>> from sfa_jax import tasks
-    >>> stream = tasks.make_stream('split-mnist', source='digits', setting='task-incremental')
+    >>> stream = tasks.make_stream('split-mnist', source='digits',
+    ...                            setting='task-incremental')
     >>> task = stream[1]  # loaded when first asked for
     >>> task.index, task.name, task.classes, task.label_map
     (1, 'split-mnist/1', (2, 3), {2: 0, 3: 1})
@@ -111,7 +112,8 @@ class TaskStream(Sequence[Task]):
 
   Example:
     >>> from sfa_jax import tasks
-    >>> stream = tasks.make_stream('split-mnist', source='digits', setting='task-incremental')
+    >>> stream = tasks.make_stream('split-mnist', source='digits',
+    ...                            setting='task-incremental')
     >>> len(stream), stream.num_classes, stream.task_classes[1]
     (5, 2, (2, 3))
     >>> task = stream[1]
@@ -227,7 +229,8 @@ def stream_of(
     >>> from sfa_jax import tasks
     >>> x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
     >>> split = tasks.Split(x, x.sum(1))
-    >>> stream = tasks.stream_of('sums', [('a', split, split), ('b', split, split)], num_outputs=1)
+    >>> splits = [('a', split, split), ('b', split, split)]  # (task name, train, test)
+    >>> stream = tasks.stream_of('sums', splits, num_outputs=1)
     >>> len(stream), stream.input_shape, stream[1].name
     (2, (3,), 'sums/b')
   """
