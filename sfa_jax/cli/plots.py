@@ -37,7 +37,8 @@ def accuracy_heatmap(result: dict[str, Any], path: str) -> None:
 
   Example:
     >>> import os, tempfile
-    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'accuracy_matrix': [[0.98, 0.0], [0.7, 0.9]]}
+    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'],
+    ...        'accuracy_matrix': [[0.98, 0.0], [0.7, 0.9]]}
     >>> path = os.path.join(tempfile.mkdtemp(), 'matrix.png')
     >>> accuracy_heatmap(run, path)
     >>> os.path.getsize(path) > 0
@@ -73,8 +74,10 @@ def accuracy_curves(result: dict[str, Any], path: str) -> None:
 
   Example:
     >>> import os, tempfile
-    >>> points = [(4, 0, [0.98, 0.0]), (5, 1, [0.5, 0.6]), (6, 1, [0.8, 0.5]), (8, 1, [0.7, 0.9])]
-    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'steps_per_task': [4, 4], 'averaging_steps': [6, 8],
+    >>> points = [(4, 0, [0.98, 0.0]), (5, 1, [0.5, 0.6]), (6, 1, [0.8, 0.5]),
+    ...           (8, 1, [0.7, 0.9])]
+    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'steps_per_task': [4, 4],
+    ...        'averaging_steps': [6, 8],
     ...        'curve': [{'step': s, 'task': t, 'accuracies': a} for s, t, a in points]}
     >>> path = os.path.join(tempfile.mkdtemp(), 'curves.png')
     >>> accuracy_curves(run, path)
@@ -97,8 +100,10 @@ def _draw_curves(ax: Any, result: dict[str, Any], legend: bool = True) -> None:
 
   Example:
     >>> fig, ax = plt.subplots()
-    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'steps_per_task': [4, 4], 'averaging_steps': [8],
-    ...        'curve': [{'step': 4, 'task': 0, 'accuracies': [0.9, 0.0]}, {'step': 8, 'task': 1, 'accuracies': [0.7, 0.8]}]}
+    >>> curve = [{'step': 4, 'task': 0, 'accuracies': [0.9, 0.0]},
+    ...          {'step': 8, 'task': 1, 'accuracies': [0.7, 0.8]}]
+    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'steps_per_task': [4, 4],
+    ...        'averaging_steps': [8], 'curve': curve}
     >>> _draw_curves(ax, run)
     >>> len(ax.get_lines())  # a task boundary, an average, two tasks
     4
@@ -135,7 +140,8 @@ def curves_grid(runs: Sequence[dict[str, Any]], path: str, *, columns: int = 3) 
   Example:
     >>> import os, tempfile
     >>> points = [(4, 0, [0.98, 0.0]), (6, 1, [0.8, 0.5]), (8, 1, [0.7, 0.9])]
-    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'steps_per_task': [4, 4], 'averaging_steps': [6, 8],
+    >>> run = {'method': 'sfa', 'task_names': ['even', 'odd'], 'steps_per_task': [4, 4],
+    ...        'averaging_steps': [6, 8],
     ...        'curve': [{'step': s, 'task': t, 'accuracies': a} for s, t, a in points]}
     >>> path = os.path.join(tempfile.mkdtemp(), 'curves.png')
     >>> curves_grid([run, run], path)
@@ -209,7 +215,8 @@ def long_stream_plot(runs: Sequence[dict[str, Any]], path: str, *, early_tasks: 
 
   Example:
     >>> import os, tempfile
-    >>> runs = [{'method': 'm', 'accuracy_matrix': [[0.9, 0.1, 0.1], [0.6, 0.9, 0.1], [0.5, 0.7, 0.9]]}]
+    >>> matrix = [[0.9, 0.1, 0.1], [0.6, 0.9, 0.1], [0.5, 0.7, 0.9]]
+    >>> runs = [{'method': 'm', 'accuracy_matrix': matrix}]
     >>> path = os.path.join(tempfile.mkdtemp(), 'long.png')
     >>> long_stream_plot(runs, path, early_tasks=2)
     >>> os.path.getsize(path) > 0
@@ -259,7 +266,8 @@ def tradeoff_plot(
 
   Example:
     >>> import os, tempfile
-    >>> families = {'sfa': [{'mean': [0.5, 0.6], 'std': [0.01, 0.02]}, {'mean': [0.7, 0.3], 'std': [0.0, 0.0]}]}
+    >>> families = {'sfa': [{'mean': [0.5, 0.6], 'std': [0.01, 0.02]},
+    ...                     {'mean': [0.7, 0.3], 'std': [0.0, 0.0]}]}
     >>> path = os.path.join(tempfile.mkdtemp(), 'tradeoff.png')
     >>> tradeoff_plot(families, path, frontiers={'sfa': [[0.5, 0.6], [0.7, 0.3]]})
     >>> os.path.getsize(path) > 0
@@ -299,7 +307,8 @@ def lm_stages_plot(results: Sequence[Any], path: str) -> None:
   Example:
     >>> import os, tempfile
     >>> from sfa_jax.engine.lm import LMResult
-    >>> result = LMResult('sfa', ['a', 'b'], ['initial', 'a', 'b'], [[3.0, 3.0], [1.0, 3.0], [2.0, 1.0]],
+    >>> losses = [[3.0, 3.0], [1.0, 3.0], [2.0, 1.0]]
+    >>> result = LMResult('sfa', ['a', 'b'], ['initial', 'a', 'b'], losses,
     ...                   {'a': [0.0, 0.5, 0.4]}, [], [], {})
     >>> path = os.path.join(tempfile.mkdtemp(), 'lm.png')
     >>> lm_stages_plot([result], path)

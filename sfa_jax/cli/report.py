@@ -34,8 +34,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], task_names: Sequence[str]) ->
     The table, without a final newline.
 
   Example:
-    >>> row = {'method': 'm', 'seeds': 2, 'final_accuracy': [(0.5, 0.1)], 'average_accuracy': (0.5, 0.1),
-    ...        'forgetting': (0.2, 0.0), 'backward_transfer': (-0.2, 0.0), 'train_seconds': (1.0, 0.0)}
+    >>> row = {'method': 'm', 'seeds': 2, 'final_accuracy': [(0.5, 0.1)],
+    ...        'average_accuracy': (0.5, 0.1), 'forgetting': (0.2, 0.0),
+    ...        'backward_transfer': (-0.2, 0.0), 'train_seconds': (1.0, 0.0)}
     >>> print(markdown_table([row], ['t0']).splitlines()[2])
     | m | 2 | 0.500 ± 0.100 | **0.500 ± 0.100** | 0.200 ± 0.000 | -0.200 ± 0.000 | 1.0 ± 0.0 |
   """
@@ -121,9 +122,12 @@ def seed_summaries(results: Sequence[LMResult]) -> list[dict[str, Any]]:
   Example:
     >>> import dataclasses
     >>> from sfa_jax.engine.lm import LMResult
-    >>> r = LMResult('sfa', ['a', 'b'], ['initial', 'a', 'b'], [[3.0, 3.0], [1.0, 3.0], [2.0, 1.0]], {}, [], [], {})
-    >>> s = seed_summaries([r, dataclasses.replace(r, loss_matrix=[[3.0, 3.0], [1.0, 3.0], [1.0, 1.0]])])[0]
-    >>> s['seeds'], s['mean']['final_loss_a'], s['std']['final_loss_a'], s['mean']['forgetting']
+    >>> losses = [[3.0, 3.0], [1.0, 3.0], [2.0, 1.0]]
+    >>> r = LMResult('sfa', ['a', 'b'], ['initial', 'a', 'b'], losses, {}, [], [], {})
+    >>> other_seed = dataclasses.replace(r, loss_matrix=[[3.0, 3.0], [1.0, 3.0], [1.0, 1.0]])
+    >>> s = seed_summaries([r, other_seed])[0]
+    >>> mean, std = s['mean'], s['std']
+    >>> s['seeds'], mean['final_loss_a'], std['final_loss_a'], mean['forgetting']
     (2, 1.5, 0.5, 0.5)
   """
   groups: dict[str, list[dict[str, float]]] = {}

@@ -91,7 +91,8 @@ def converged_steps(
     ValueError: on an empty curve or a ``fraction`` outside (0, 1].
 
   Example:
-    >>> converged_steps([(10, 0.5), (20, 0.9), (30, 0.96), (40, 0.97), (50, 0.97)])['steps_to_fraction']
+    >>> curve = [(10, 0.5), (20, 0.9), (30, 0.96), (40, 0.97), (50, 0.97)]
+    >>> converged_steps(curve)['steps_to_fraction']
     30
   """
   if not 0.0 < fraction <= 1.0:
@@ -119,8 +120,10 @@ def task_curves(run: Mapping[str, Any]) -> list[list[tuple[int, float]]]:
     One curve per task: ``[(steps into task k, accuracy on task k), ...]``.
 
   Example:
-    >>> run = {'steps_per_task': [4, 4], 'curve': [{'step': 2, 'task': 0, 'accuracies': [0.5, 0.1]},
-    ...        {'step': 4, 'task': 0, 'accuracies': [0.9, 0.1]}, {'step': 8, 'task': 1, 'accuracies': [0.2, 0.8]}]}
+    >>> curve = [{'step': 2, 'task': 0, 'accuracies': [0.5, 0.1]},
+    ...          {'step': 4, 'task': 0, 'accuracies': [0.9, 0.1]},
+    ...          {'step': 8, 'task': 1, 'accuracies': [0.2, 0.8]}]
+    >>> run = {'steps_per_task': [4, 4], 'curve': curve}
     >>> task_curves(run)
     [[(2, 0.5), (4, 0.9)], [(4, 0.8)]]
   """
@@ -205,11 +208,12 @@ def steps_per_task(stream: Any, config: Any, *, method: Any = None) -> list[int]
     >>> from sfa_jax import engine, tasks
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
     >>> config = engine.TrainConfig(epochs_per_task=2, batch_size=64)
-    >>> steps_per_task(stream, config) == [2 * (len(stream[k].train.y) // 64) for k in range(2)]
+    >>> examples = [len(stream[k].train.y) for k in range(2)]
+    >>> steps_per_task(stream, config) == [2 * (n // 64) for n in examples]
     True
-    >>> replay = engine.make_method('replay', ratio=0.5)  # task 1: 32 of each batch from the memory
-    >>> steps_per_task(stream, config, method=replay) == [2 * (len(stream[0].train.y) // 64),
-    ...                                                   2 * (len(stream[1].train.y) // 32)]
+    >>> replay = engine.make_method('replay', ratio=0.5)  # task 1: 32 a batch from memory
+    >>> steps_per_task(stream, config, method=replay) == [2 * (examples[0] // 64),
+    ...                                                   2 * (examples[1] // 32)]
     True
     >>> steps_per_task(stream, engine.TrainConfig(steps_per_task=300))
     [300, 300]
@@ -251,7 +255,8 @@ def grid_budget(stream: Any, configurations: Sequence[tuple[Any, Any]], *, stric
   Example:
     >>> from sfa_jax import engine, tasks
     >>> stream = tasks.make_stream('mnist-pair', source='digits')
-    >>> grid_budget(stream, engine.grid('sfa', p=(0.5, 1.0), config=engine.TrainConfig(steps_per_task=100))).ok
+    >>> config = engine.TrainConfig(steps_per_task=100)
+    >>> grid_budget(stream, engine.grid('sfa', p=(0.5, 1.0), config=config)).ok
     True
   """
   with_p = [(method, config) for method, config in configurations if 'p' in type(method).hyperparams]

@@ -33,7 +33,8 @@ Example:
   ...     ends.append(event.task)
   >>> stream = tasks.make_stream('mnist-pair', source='digits')
   >>> config = engine.TrainConfig(epochs_per_task=1)
-  >>> _ = engine.run_sequence(stream, engine.make_method('sfa'), config, callbacks=[task_ends])
+  >>> method = engine.make_method('sfa')
+  >>> _ = engine.run_sequence(stream, method, config, callbacks=[task_ends])
   >>> ends
   [0, 1]
 """

@@ -70,10 +70,12 @@ def make_chunk(
     >>> from sfa_jax.engine import feed, fused
     >>> def step(w, s, o, x, y, mask, ids):  # a sum of the inputs; loss: the batch's mean
     ...   return w + x.sum(), s, o, x.mean(), y.mean()
-    >>> data = feed.on_device(feed.Examples(np.arange(8.0), np.zeros(8), np.zeros(8, np.int32)))
+    >>> examples = feed.Examples(np.arange(8.0), np.zeros(8), np.zeros(8, np.int32))
+    >>> data = feed.on_device(examples)
     >>> chunk = fused.make_chunk(step)
     >>> rows = np.array([[0, 1], [2, 3], [0, 0]], np.int32)
-    >>> (w, _, _), losses, _, _, done = chunk((jnp.float32(0), {}, {}), data, None, rows, None, 2)
+    >>> state = (jnp.float32(0), {}, {})
+    >>> (w, _, _), losses, _, _, done = chunk(state, data, None, rows, None, 2)
     >>> float(w), losses[:2].tolist(), int(done)
     (6.0, [0.5, 2.5], 2)
   """
@@ -183,7 +185,8 @@ def make_scorer(score: Callable[..., Any], *, stacked: bool = False) -> Callable
     >>> from sfa_jax.engine import fused
     >>> splits = [tasks.Split(np.ones((3, 1), np.float32), np.zeros(3, np.int32))] * 2
     >>> batches = fused.test_batches(splits, [0, 1], batch_size=2)
-    >>> totals = fused.make_scorer(lambda p, s, x, y, mask, ids: (x[:, 0] * mask * (ids + 1)).sum())
+    >>> score = lambda p, s, x, y, mask, ids: (x[:, 0] * mask * (ids + 1)).sum()
+    >>> totals = fused.make_scorer(score)
     >>> totals(None, None, batches, 2).tolist()
     [3.0, 6.0]
   """

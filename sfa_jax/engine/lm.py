@@ -229,7 +229,8 @@ def greedy_generate(model, params, prompt: Sequence[int], num_tokens: int) -> li
     >>> import jax
     >>> from sfa_jax.models.llama import Llama, LlamaConfig
     >>> model = Llama(LlamaConfig.tiny())
-    >>> params = jax.jit(model.init)(jax.random.key(0), jax.numpy.zeros((1, 4), jax.numpy.int32))['params']
+    >>> tokens = jax.numpy.zeros((1, 4), jax.numpy.int32)
+    >>> params = jax.jit(model.init)(jax.random.key(0), tokens)['params']
     >>> len(greedy_generate(model, params, [1, 2, 3], 2))
     2
   """
@@ -307,12 +308,13 @@ def run_lm_sequences(
     >>> from sfa_jax.models.llama import Llama, LlamaConfig
     >>> from sfa_jax.models.tokenizer import ByteTokenizer
     >>> from sfa_jax.tasks import text
-    >>> domains = text.make_text_domains(ByteTokenizer(), 16, train_sequences=8, heldout_sequences=4,
-    ...                                  num_problems=4, strict=False)
+    >>> domains = text.make_text_domains(ByteTokenizer(), 16, train_sequences=8,
+    ...                                  heldout_sequences=4, num_problems=4, strict=False)
     >>> model = Llama(LlamaConfig.tiny())
     >>> params = jax.jit(model.init)(jax.random.key(0), domains[0].train[:1, :-1])['params']
+    >>> config = lm.LMConfig(steps_per_domain=2, batch_size=2)
     >>> results = lm.run_lm_sequences(model, params, domains, [engine.make_method('sfa')],
-    ...                               lm.LMConfig(steps_per_domain=2, batch_size=2))  # doctest: +SKIP
+    ...                               config)  # doctest: +SKIP
     >>> results[0].stages, len(results[0].loss_matrix[0])  # doctest: +SKIP
     (['initial', 'math', 'law', 'code'], 3)
   """

@@ -28,7 +28,8 @@ class SmallCNN(nn.Module):
     >>> from sfa_jax.models import SmallCNN
     >>> model = SmallCNN(num_outputs=2, num_heads=5)
     >>> x = jnp.zeros((2, 28, 28, 1))
-    >>> variables = jax.eval_shape(model.init, jax.random.key(0), x, task_id=0)  # shapes only
+    >>> # shapes only: nothing runs
+    >>> variables = jax.eval_shape(model.init, jax.random.key(0), x, task_id=0)
     >>> variables['params']['head']['kernel'].shape
     (5, 128, 2)
     >>> jax.eval_shape(model.apply, variables, x, task_id=3).shape

@@ -309,9 +309,11 @@ def split_layers(params: Mapping[str, Any], top_layers: int) -> dict[str, Any]:
   Example:
     >>> import jax, jax.numpy as jnp
     >>> config = LlamaConfig.tiny(num_layers=3)
-    >>> params = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+    >>> tokens = jnp.zeros((1, 4), jnp.int32)
+    >>> params = jax.eval_shape(Llama(config).init, jax.random.key(0), tokens)['params']
     >>> split = split_layers(params, 1)
-    >>> split['layers']['mlp']['up']['kernel'].shape, split['top_layers']['mlp']['up']['kernel'].shape
+    >>> up = lambda stack: split[stack]['mlp']['up']['kernel'].shape
+    >>> up('layers'), up('top_layers')
     ((2, 64, 128), (1, 64, 128))
   """
   if 'layers' not in params or 'top_layers' in params:
@@ -342,9 +344,11 @@ def join_layers(params: Mapping[str, Any]) -> dict[str, Any]:
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> params = Llama(LlamaConfig.tiny(num_layers=3)).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+    >>> model = Llama(LlamaConfig.tiny(num_layers=3))
+    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
     >>> joined = join_layers(split_layers(params, 2))
-    >>> bool(jnp.all(joined['layers']['mlp']['up']['kernel'] == params['layers']['mlp']['up']['kernel']))
+    >>> up = lambda params: params['layers']['mlp']['up']['kernel']
+    >>> bool(jnp.all(up(joined) == up(params)))
     True
   """
   new = {key: value for key, value in params.items() if key not in ('layers', 'top_layers')}

@@ -83,7 +83,7 @@ class ResNet18(nn.Module):
     >>> from sfa_jax.models import ResNet18
     >>> model = ResNet18(num_outputs=10)
     >>> x = jnp.zeros((2, 32, 32, 3))
-    >>> shapes = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes only: nothing runs
+    >>> shapes = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes only
     >>> sorted(shapes)
     ['batch_stats', 'params']
     >>> sum(leaf.size for leaf in jax.tree.leaves(shapes['params']))

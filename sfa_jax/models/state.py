@@ -53,7 +53,8 @@ def split_variables(variables: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from sfa_jax.models import ResNet18, split_variables
-    >>> variables = jax.eval_shape(ResNet18().init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    >>> images = jnp.zeros((1, 8, 8, 3))
+    >>> variables = jax.eval_shape(ResNet18().init, jax.random.key(0), images)
     >>> params, state = split_variables(variables)
     >>> list(state)
     ['batch_stats']

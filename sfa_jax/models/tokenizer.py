@@ -105,7 +105,8 @@ class BPETokenizer:
   Example:
     >>> from sfa_jax.models.tokenizer import BPETokenizer, bytes_to_unicode
     >>> alphabet = [bytes_to_unicode()[b] for b in range(256)]
-    >>> tok = BPETokenizer(alphabet + ['ab', 'abc', '<eos>'], ['a b', 'ab c'], eos_id=258, special_ids=[258])
+    >>> vocabulary = alphabet + ['ab', 'abc', '<eos>']
+    >>> tok = BPETokenizer(vocabulary, ['a b', 'ab c'], eos_id=258, special_ids=[258])
     >>> tok.encode('abcab')
     [257, 256]
     >>> tok.decode([257, 256, 258])

@@ -34,8 +34,10 @@ def with_new_head(backbone: Mapping[str, Any], fresh: Mapping[str, Any], head: s
 
   Example:
     >>> import numpy as np
-    >>> backbone = {'conv': {'kernel': np.ones((3, 3))}, 'head': {'kernel': np.ones((4, 10))}}
-    >>> fresh = {'conv': {'kernel': np.zeros((3, 3))}, 'head': {'kernel': np.zeros((5, 4, 2))}}
+    >>> backbone = {'conv': {'kernel': np.ones((3, 3))},
+    ...             'head': {'kernel': np.ones((4, 10))}}
+    >>> fresh = {'conv': {'kernel': np.zeros((3, 3))},
+    ...          'head': {'kernel': np.zeros((5, 4, 2))}}
     >>> out = with_new_head(backbone, fresh)
     >>> float(out['conv']['kernel'].sum()), out['head']['kernel'].shape
     (9.0, (5, 4, 2))
