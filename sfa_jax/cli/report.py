@@ -37,8 +37,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], task_names: Sequence[str]) ->
     >>> row = {'method': 'm', 'seeds': 2, 'final_accuracy': [(0.5, 0.1)],
     ...        'average_accuracy': (0.5, 0.1), 'forgetting': (0.2, 0.0),
     ...        'backward_transfer': (-0.2, 0.0), 'train_seconds': (1.0, 0.0)}
-    >>> print(markdown_table([row], ['t0']).splitlines()[2])
-    | m | 2 | 0.500 ± 0.100 | **0.500 ± 0.100** | 0.200 ± 0.000 | -0.200 ± 0.000 | 1.0 ± 0.0 |
+    >>> print(markdown_table([row], ['t0']).splitlines()[2])  # doctest: +ELLIPSIS
+    | m | 2 | 0.500 ± 0.100 | **0.500 ± 0.100** | 0.200 ± 0.000 | -0.200 ± 0.000 | ...|
   """
   show_tasks = len(task_names) <= 5
   header = ['method', 'seeds'] + ([f'acc. {name}' for name in task_names] if show_tasks else [])
@@ -124,7 +124,8 @@ def seed_summaries(results: Sequence[LMResult]) -> list[dict[str, Any]]:
     >>> from sfa_jax.engine.lm import LMResult
     >>> losses = [[3.0, 3.0], [1.0, 3.0], [2.0, 1.0]]
     >>> r = LMResult('sfa', ['a', 'b'], ['initial', 'a', 'b'], losses, {}, [], [], {})
-    >>> other_seed = dataclasses.replace(r, loss_matrix=[[3.0, 3.0], [1.0, 3.0], [1.0, 1.0]])
+    >>> other_losses = [[3.0, 3.0], [1.0, 3.0], [1.0, 1.0]]
+    >>> other_seed = dataclasses.replace(r, loss_matrix=other_losses)
     >>> s = seed_summaries([r, other_seed])[0]
     >>> mean, std = s['mean'], s['std']
     >>> s['seeds'], mean['final_loss_a'], std['final_loss_a'], mean['forgetting']

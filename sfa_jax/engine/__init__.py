@@ -5,7 +5,8 @@ A run trains a method on a stream of tasks and evaluates every task after each::
   from sfa_jax import engine, tasks
 
   stream = tasks.make_stream('mnist-pair')
-  result = engine.run_sequence(stream, engine.make_method('sfa', p=0.25), engine.TrainConfig())
+  method = engine.make_method('sfa', p=0.25)
+  result = engine.run_sequence(stream, method, engine.TrainConfig())
   result.accuracy_matrix  # R[i][j]: accuracy on task j after training on task i
 
 One module per idea:

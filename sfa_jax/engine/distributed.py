@@ -23,8 +23,9 @@ Example, 8 devices as 2-way data parallel times 4-way FSDP::
   from sfa_jax import engine, tasks
   from sfa_jax.engine import distributed
   mesh = distributed.make_mesh('data=2,fsdp=4')
-  result = engine.run_sequence(tasks.make_stream('split-mnist'), engine.make_method('sfa'),
-                                  engine.TrainConfig(batch_size=64), mesh=mesh)
+  stream, method = tasks.make_stream('split-mnist'), engine.make_method('sfa')
+  config = engine.TrainConfig(batch_size=64)
+  result = engine.run_sequence(stream, method, config, mesh=mesh)
 
 or from the command line, ``sfa-jax run --stream split-mnist --method sfa --mesh data=2,fsdp=4``.
 On a CPU the devices can be simulated: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
@@ -59,8 +60,10 @@ and :func:`place` hands each device its own slice of it.
 * **Several processes on one machine**, CPU only (how ``tests/test_multiprocess.py`` runs it:
   Gloo collectives, JAX's default on CPU, and simulated devices)::
 
-    # process i of 2 (i = 0, 1), each with XLA_FLAGS=--xla_force_host_platform_device_count=2:
-    jax.distributed.initialize(coordinator_address='localhost:1234', num_processes=2, process_id=i)
+    # process i of 2 (i = 0, 1), each with
+    # XLA_FLAGS=--xla_force_host_platform_device_count=2:
+    jax.distributed.initialize(coordinator_address='localhost:1234', num_processes=2,
+                               process_id=i)
     mesh = distributed.make_mesh('fsdp=4')  # the 4 devices of both processes
 
 with ``train.py``::
@@ -69,9 +72,10 @@ with ``train.py``::
   jax.distributed.initialize()            # first: before any other JAX call
   from sfa_jax import engine, tasks
   from sfa_jax.engine import distributed
-  mesh = distributed.make_mesh({'data': jax.process_count(), 'fsdp': jax.local_device_count()})
-  result = engine.run_sequence(tasks.make_stream('split-mnist'), engine.make_method('sfa'),
-                                  mesh=mesh)
+  axes = {'data': jax.process_count(), 'fsdp': jax.local_device_count()}
+  mesh = distributed.make_mesh(axes)
+  stream, method = tasks.make_stream('split-mnist'), engine.make_method('sfa')
+  result = engine.run_sequence(stream, method, mesh=mesh)
   if jax.process_index() == 0:
     print(result.accuracy_matrix)         # every process holds the same results
 

@@ -79,8 +79,8 @@ def grid(
     >>> configurations = engine.grid('sfa', p=(0.25, 0.5), beta=(0.5,), seeds=(0, 1))
     >>> [(m.label, c.seed) for m, c in configurations]
     ... # doctest: +NORMALIZE_WHITESPACE
-    [('sfa(beta=0.5, p=0.25)', 0), ('sfa(beta=0.5, p=0.25)', 1), ('sfa(beta=0.5, p=0.5)', 0),
-     ('sfa(beta=0.5, p=0.5)', 1)]
+    [('sfa(beta=0.5, p=0.25)', 0), ('sfa(beta=0.5, p=0.25)', 1),
+     ('sfa(beta=0.5, p=0.5)', 0), ('sfa(beta=0.5, p=0.5)', 1)]
   """
   for key, options in {'seeds': seeds, **values}.items():
     if isinstance(options, (str, bytes)) or not isinstance(options, Sequence):

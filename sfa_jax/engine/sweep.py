@@ -60,9 +60,10 @@ def check_configurations(configurations: Sequence[Configuration]) -> list[Config
     >>> from sfa_jax import engine
     >>> engine.check_configurations([(engine.make_method('sfa'), engine.TrainConfig()),
     ...                             (engine.make_method('l2'), engine.TrainConfig())])
+    ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: a sweep trains one method, but the configurations mix l2, sfa: run one sweep per method.
+    ValueError: a sweep trains one method, but the configurations mix l2, sfa: run one ...
   """
   configurations = check_pairs(configurations)
   classes = {type(method) for method, _ in configurations}
