@@ -135,6 +135,21 @@ def test_the_api_pages_show_what_users_need(site):
   assert 'sfa_jax.engine.run_sequence.html' in exports and 'sfa_jax.engine.methods.SFA.html' not in exports
 
 
+@pytest.mark.slow
+def test_no_code_line_of_the_site_is_wider_than_the_page(site):
+  import html as html_lib
+
+  wide = {}
+  for page in site.rglob('*.html'):
+    if '_static' in page.parts or '_modules' in page.parts:  # highlighted source files scroll
+      continue
+    blocks = re.findall(r'<div class="highlight"><pre>(.*?)</pre>', article(page.read_text()), re.S)
+    lines = [line for block in blocks for line in html_lib.unescape(re.sub(r'<[^>]+>', '', block)).splitlines()]
+    wide[page.relative_to(site).as_posix()] = [line for line in lines if len(line) > 88]
+  wide = {page: lines for page, lines in wide.items() if lines}
+  assert not wide, wide
+
+
 def test_every_built_in_method_documents_its_hyper_parameters_with_an_example():
   from sfa_jax.engine import methods
 
