@@ -101,3 +101,37 @@ def test_the_demo_prints_the_quoted_accuracies_to_the_last_digit(tmp_path):
   drop_seconds = lambda rows: [{k: v for k, v in row.items() if k != 'train_seconds'} for row in rows]
   assert drop_seconds(fresh['table']) == drop_seconds(quoted['table'])
   assert [run['accuracy_matrix'] for run in fresh['runs']] == [run['accuracy_matrix'] for run in quoted['runs']]
+
+
+def _numbers_in(value, found: set[str]) -> set[str]:
+  """Every number of a parsed JSON value, as it prints with 1 to 4 decimals, signed either way."""
+  if isinstance(value, dict):
+    for item in value.values():
+      _numbers_in(item, found)
+  elif isinstance(value, list):
+    for item in value:
+      _numbers_in(item, found)
+  elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    found |= {f'{sign * value:.{digits}f}' for sign in (1, -1) for digits in (1, 2, 3, 4)}
+  return found
+
+
+def test_every_number_of_the_results_page_is_in_a_results_file():
+  """REPORT.md's numbers (two decimals or more) are values of its folder's JSON files or tables."""
+  folder = ROOT / 'experiments' / 'results'
+  found: set[str] = set()
+  for path in folder.rglob('*.json'):
+    _numbers_in(json.loads(path.read_text()), found)
+  for path in folder.rglob('*.jsonl'):
+    for line in path.read_text().splitlines():
+      _numbers_in(json.loads(line), found)
+  for path in folder.rglob('*.md'):
+    if path.name != 'REPORT.md':
+      found |= set(re.findall(r'\d+\.\d+', path.read_text()))
+  text = re.sub(r'\]\([^)]*\)|arXiv \S+', '', _prose_of_code((folder / 'REPORT.md').read_text()))
+  numbers = re.findall(r'(?<![\w.])\d+\.\d{2,}(?![\w.])', text)
+  assert len(numbers) > 500 and [n for n in numbers if n not in found] == []
+
+
+def _prose_of_code(text: str) -> str:
+  return re.sub(r'`[^`]*`', '', re.sub(r'```.*?```', '', text, flags=re.DOTALL))

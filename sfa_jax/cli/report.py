@@ -116,8 +116,9 @@ def seed_summaries(results: Sequence[LMResult]) -> list[dict[str, Any]]:
 
   Returns:
     One dict per method, in order of first appearance: ``method``, ``seeds`` (the count), and
-    ``mean`` / ``std`` dicts of every summary metric (population std, 0 for one seed) and of
-    ``{domain}_loss_after_next``, the loss of each domain right after the next one is learned.
+    ``mean`` / ``std`` dicts of every summary metric (population std, 0 for one seed), of
+    ``{domain}_loss_when_learned``, the loss of each domain right after it is learned, and of
+    ``{domain}_loss_after_next``, right after the next one is learned.
 
   Example:
     >>> import dataclasses
@@ -134,6 +135,8 @@ def seed_summaries(results: Sequence[LMResult]) -> list[dict[str, Any]]:
   groups: dict[str, list[dict[str, float]]] = {}
   for r in results:
     summary = r.summary()
+    for j, name in enumerate(r.domain_names):
+      summary[f'{name}_loss_when_learned'] = r.loss_matrix[j + 1][j]
     for j, name in enumerate(r.domain_names[:-1]):
       summary[f'{name}_loss_after_next'] = r.loss_matrix[j + 2][j]
     groups.setdefault(r.method, []).append(summary)
