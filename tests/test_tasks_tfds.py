@@ -207,3 +207,17 @@ def test_the_catalog_has_the_class_counts_of_the_tfds_data_sets(tmp_path):
   for dataset in catalog.DATASETS.values():
     info = tfds.builder(dataset.tfds_name, data_dir=tmp_path).info
     assert info.features['label'].num_classes == dataset.num_classes, dataset.tfds_name
+
+
+def test_without_pillow_the_command_line_says_so_in_one_line(data_dir, monkeypatch, capsys):
+  from sfa_jax import cli
+
+  monkeypatch.setattr(tfds_data, 'Image', None)
+  with pytest.raises(ModuleNotFoundError, match='needs Pillow') as caught:
+    tfds_data.tfds_source('mnist', data_dir)
+  assert caught.value.name == 'PIL'
+  argv = ['run', '--method', 'finetune', '--stream', 'split-mnist', '--source', 'tfds', '--data-dir', str(data_dir), '--out', str(data_dir / 'out')]
+  assert cli.main(argv) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      "sfa-jax: error: Pillow is not installed: the command line runs the engine, which pip install 'sfa-jax[engine]' installs"
+  ]

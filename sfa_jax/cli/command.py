@@ -790,6 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     package = (error.name or 'sfa_jax').split('.')[0]
     if package == 'sfa_jax':
       raise
+    package = {'PIL': 'Pillow'}.get(package, package)
     print(f"sfa-jax: error: {package} is not installed: the command line runs the engine, which "
           "pip install 'sfa-jax[engine]' installs", file=sys.stderr)
     return 2

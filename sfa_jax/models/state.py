@@ -31,10 +31,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
-
-
 _PARAMS = 'params'
 
 

@@ -131,7 +131,7 @@ def tfds_source(
     ValueError: no ``data_dir``, data not in array_record format, or variable-size images without
       ``image_size``.
     FileNotFoundError: nothing prepared under ``data_dir``; the message says how to prepare it.
-    ImportError: Pillow is missing.
+    ModuleNotFoundError: Pillow is missing (its ``name`` is ``'PIL'``, as Python's own).
   """
   if data_dir is None:
     raise ValueError(
@@ -139,7 +139,7 @@ def tfds_source(
         f'the one holding {name}/<version>/.'
     )
   if Image is None:
-    raise ImportError('Reading tfds images needs Pillow: pip install pillow')
+    raise ModuleNotFoundError('reading tfds images needs Pillow: pip install pillow', name='PIL')
   builder = tfds.builder_from_directory(find_prepared(name, data_dir))
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise ValueError(
