@@ -196,3 +196,12 @@ def test_summary_is_mean_and_population_std_over_seeds():
   assert sfa['backward_transfer'] == pytest.approx((-0.45, 0.05))
   assert sfa['train_seconds'] == pytest.approx((3.0, 1.0))
   assert finetune['average_accuracy'] == pytest.approx((0.5, 0.0))
+
+
+def test_a_hand_built_config_holds_python_integers_so_task_seeds_do_not_wrap():
+  config = engine.TrainConfig(seed=np.uint32(5_000_000), batch_size=np.int32(8), steps_per_task=(np.int64(3), 4))
+  assert type(config.seed) is int and type(config.batch_size) is int and config.steps_per_task == (3, 4)
+  from sfa_jax.engine import methods
+
+  assert methods.task_seed(config.seed, 1) == 5_000_000_001
+  assert engine.TrainConfig(seed=np.uint32(7)) == engine.TrainConfig(seed=7)

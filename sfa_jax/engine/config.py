@@ -103,14 +103,19 @@ class TrainConfig:
     _validation.check_int('device_data_bytes', self.device_data_bytes, low=0, high=2**62)
     _validation.check_int('eval_every', self.eval_every, low=0)
     _validation.check_int('seed', self.seed, low=0, high=2**32 - 1)
+    for name in ('epochs_per_task', 'batch_size', 'eval_batch_size', 'device_data_bytes', 'eval_every', 'seed'):
+      object.__setattr__(self, name, int(getattr(self, name)))  # a NumPy integer would wrap in task seeds
     _validation.check_in_interval('learning_rate', self.learning_rate, 0.0, math.inf, low_open=True, high_open=True)
     if self.steps_per_task is not None:
       if isinstance(self.steps_per_task, tuple) and not self.steps_per_task:
         raise ValueError('steps_per_task must be a number of steps or one per task; got an empty tuple.')
       for value in self.steps_per_task if isinstance(self.steps_per_task, tuple) else (self.steps_per_task,):
         _validation.check_int('steps_per_task', value)
+      steps = tuple(map(int, self.steps_per_task)) if isinstance(self.steps_per_task, tuple) else int(self.steps_per_task)
+      object.__setattr__(self, 'steps_per_task', steps)
     if self.fisher_examples is not None:
       _validation.check_int('fisher_examples', self.fisher_examples)
+      object.__setattr__(self, 'fisher_examples', int(self.fisher_examples))
     if not isinstance(self.reset_optimizer, (bool, np.bool_)):
       raise TypeError(f'reset_optimizer must be True or False; got {self.reset_optimizer!r}.')
     if self.skip_anchor_between_averages is not None and not isinstance(self.skip_anchor_between_averages, (bool, np.bool_)):
