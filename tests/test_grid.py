@@ -106,9 +106,9 @@ def test_run_grid_checks_the_stream_each_sweep_and_initial_when_called(pair):
   with pytest.raises(TypeError, match='initial must map a seed'):
     engine.run_grid(pair, finetune, initial=(None, None))
   # Equal settings by value, written apart: one group, which a sweep refuses, before the first sweep.
-  numpy_batch = engine.grid('sfa', seeds=(0,), config=dataclasses.replace(CONFIG, batch_size=np.int64(32)))
-  with pytest.raises(ValueError, match='TrainConfig.batch_size differs across the configurations'):
-    engine.run_grid(pair, finetune + numpy_batch + engine.grid('sfa', seeds=(1,), config=CONFIG), as_sweep=True)
+  numpy_rate = engine.grid('sfa', seeds=(0,), config=dataclasses.replace(CONFIG, learning_rate=np.float64(CONFIG.learning_rate)))
+  with pytest.raises(ValueError, match='TrainConfig.learning_rate differs across the configurations'):
+    engine.run_grid(pair, finetune + numpy_rate + engine.grid('sfa', seeds=(1,), config=CONFIG), as_sweep=True)
 
 
 def test_run_grid_runs_every_configuration_and_seed(pair):
