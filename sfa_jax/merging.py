@@ -452,7 +452,8 @@ def fisher_merge(
   (Marouf et al) applies this merge at every task boundary to the previous merged model and the
   newly trained one, with ``w = (1 − α, α)`` and ``α = 0.4``, no floor (``0/0`` where both Fishers
   vanish) and its Fisher, from squared mini-batch gradients, capped at 1e-4:
-  :class:`sfa_jax.engine.methods.CoFiMA` runs it with the floor, the previous model first.
+  :class:`sfa_jax.engine.methods.CoFiMA` runs it with every Fisher floored (``favor_first=False``),
+  so that entries without Fisher information take the plain weighted average (the paper's CoMA).
 
   Args:
     models: a non-empty ``list`` or ``tuple`` of ``K`` parameter trees with the structure, shapes

@@ -31,9 +31,9 @@ def numpy_magmax(base, models, scaling):
 
 
 def numpy_cofima(previous, trained, previous_fisher, fisher, beta, floor=1e-6):
-  """CoFiMA's average in float64, the previous model's Fisher floored."""
+  """CoFiMA's average in float64, both Fishers floored."""
   weighted_previous = beta * np.maximum(np.float64(previous_fisher), floor)
-  weighted_trained = (1 - beta) * np.float64(fisher)
+  weighted_trained = (1 - beta) * np.maximum(np.float64(fisher), floor)
   return (weighted_previous * previous + weighted_trained * trained) / (weighted_previous + weighted_trained)
 
 
@@ -95,12 +95,16 @@ def test_cofima_averages_the_previous_merge_and_the_trained_model_with_their_fis
     chex.assert_trees_all_close(ends[k].extras['fisher'], running, rtol=1e-6)
 
 
-def test_cofima_keeps_an_entry_without_fisher_information_and_the_frozen_params():
-  previous = {'w': jnp.array([1.0, 2.0, 3.0])}
-  trained = {'w': jnp.array([5.0, 6.0, 3.0])}  # the last entry frozen
-  merged, _ = methods.CoFiMA().merge((previous, {}), (trained, {}), {'w': jnp.array([0.0, 1.0, 0.0])},
-                                     {'w': jnp.array([0.0, 1.0, 0.0])})
-  np.testing.assert_allclose(merged['w'], [1.0, 0.6 * 2.0 + 0.4 * 6.0, 3.0], rtol=1e-6)
+def test_cofima_averages_plainly_without_fisher_information_and_keeps_the_frozen_params():
+  previous = {'w': jnp.array([1.0, 2.0, 3.0, 4.0])}
+  trained = {'w': jnp.array([5.0, 6.0, 3.0, 8.0])}  # the third entry frozen
+  previous_fisher, fisher = {'w': jnp.array([0.0, 1.0, 0.0, 3.0])}, {'w': jnp.array([0.0, 1.0, 0.0, 1.0])}
+  merged, _ = methods.CoFiMA().merge((previous, {}), (trained, {}), previous_fisher, fisher)
+  # No Fisher: CoMA's 0.6·θ* + 0.4·θ. Equal Fishers: the same. Fishers 3 and 1: (1.8·4 + 0.4·8) / 2.2.
+  np.testing.assert_allclose(merged['w'], [2.6, 3.6, 3.0, (1.8 * 4.0 + 0.4 * 8.0) / 2.2], rtol=1e-6)
+  assert merged['w'][2] == 3.0
+  only_trained, _ = methods.CoFiMA(beta=0.0).merge((previous, {}), (trained, {}), previous_fisher, fisher)
+  np.testing.assert_allclose(only_trained['w'], trained['w'], rtol=1e-6)
 
 
 class _Recorded:

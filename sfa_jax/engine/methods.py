@@ -987,9 +987,10 @@ class CoFiMA(Method):
     \\theta^*_k = \\frac{\\beta F^*_{k-1} \\odot \\theta^*_{k-1} + (1 - \\beta) F_k \\odot \\theta_k}
                        {\\beta F^*_{k-1} + (1 - \\beta) F_k}
 
-  (:func:`sfa_jax.fisher_merge` of ``[θ*_{k-1}, θ_k]`` with weights ``(β, 1 − β)``: the previous
-  model's Fisher is floored at 1e-6, so an entry without Fisher information keeps its previous
-  value). ``F_k`` is the empirical diagonal Fisher of ``θ_k`` on task ``k``'s training data,
+  (:func:`sfa_jax.fisher_merge` of ``[θ*_{k-1}, θ_k]`` with weights ``(β, 1 − β)``, both Fishers
+  floored at 1e-6: an entry without Fisher information takes the plain average
+  ``β·θ*_{k-1} + (1 − β)·θ_k``, the paper's CoMA; ``β = 0`` keeps the trained model, up to
+  rounding). ``F_k`` is the empirical diagonal Fisher of ``θ_k`` on task ``k``'s training data,
   computed by the engine as for :class:`EWC` (at most :class:`~sfa_jax.engine.TrainConfig`'s
   ``fisher_examples`` examples); the running Fisher ``F*_k = γ·F*_{k-1} + F_k`` (``F*_0 = F_0``)
   is kept in the run's extras. ``γ = 0``, as in CoFiMA, weighs the previous model by the previous
@@ -1000,7 +1001,7 @@ class CoFiMA(Method):
   Fisher and caps it at 1e-4, and floors no Fisher (``0/0`` where both vanish).
 
   Args:
-    beta: the weight ``β`` of the previous model, in ``(0, 1]`` (default 0.6: CoFiMA's
+    beta: the weight ``β`` of the previous model, in ``[0, 1]`` (default 0.6: CoFiMA's
       ``α = 0.4`` on the trained model).
     gamma: the decay ``γ`` of the past tasks' Fisher, in ``[0, 1]`` (default 0: the previous
       task's Fisher alone, as in CoFiMA).
@@ -1032,7 +1033,7 @@ class CoFiMA(Method):
 
   name = 'cofima'
   hyperparams = {
-      'beta': Hyperparam(0.6, UNIT_OPEN_LOW, doc="weight of the previous model (CoFiMA's 1 − α)"),
+      'beta': Hyperparam(0.6, UNIT, doc="weight of the previous model (CoFiMA's 1 − α)"),
       'gamma': Hyperparam(0.0, UNIT, doc='decay of the past Fisher'),
   }
 
@@ -1051,7 +1052,8 @@ class CoFiMA(Method):
     from sfa_jax import merging
 
     beta = self['beta']
-    params = merging.fisher_merge([previous[0], trained[0]], [previous_fisher, fisher], [beta, 1.0 - beta])
+    params = merging.fisher_merge([previous[0], trained[0]], [previous_fisher, fisher], [beta, 1.0 - beta],
+                                  favor_first=False)
     return params, merging.interpolate(previous[1], trained[1], beta)
 
   def end_task(self, state, boundary):
