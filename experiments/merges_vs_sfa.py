@@ -1,4 +1,5 @@
-"""SFA against model merging (WiSE-FT, Task Arithmetic, TIES) and the classical baselines on a long stream.
+"""SFA against model merging (WiSE-FT, Task Arithmetic, TIES, MagMax, CoFiMA) and the classical baselines on a long
+stream.
 
 On the long stream of `p_ablation.py` (default: permuted MNIST, 10 tasks, domain-incremental), 3 seeds,
 each method with its own small hyper-parameter search:
@@ -7,12 +8,15 @@ each method with its own small hyper-parameter search:
   wise-ft           beta in {0.25, 0.5, 0.75}                        (SFA's p = 1)
   task-arithmetic   scaling in {0.3, 0.5, 0.7, 1.0}                  (task vectors from the task-0 model)
   ties              density in {0.1, 0.2, 0.5} x scaling in {0.5, 1.0}
+  magmax            scaling in {0.3, 0.5, 0.7, 1.0}                  (task vectors of sequential fine-tuning)
   l2                strength in {0.1, 1, 10}
   replay            5 % and 10 % of each past task kept (half of each batch from the memory)
   finetune, joint   (lower and upper reference)
 
 EWC runs separately, with --ewc (strength in {1e2, 1e3, 1e4}; writes merges_vs_sfa_ewc.*): its
 diagonal Fisher (per-example gradients, once per task, 9 per run) costs far more than training here.
+CoFiMA, which needs the same Fisher at every task end (10 per run), runs separately too, with --cofima
+(beta in {0.4, 0.6, 0.8} x gamma in {0, 1}; writes merges_vs_sfa_cofima.*).
 
 Each family is represented by its best configuration (highest mean final average accuracy). There is no
 validation split: the choice is made on the test accuracies, alike for every family.
@@ -20,6 +24,7 @@ validation split: the choice is made on the test accuracies, alike for every fam
   python experiments/merges_vs_sfa.py              # full run
   python experiments/merges_vs_sfa.py --quick      # digits 8x8, 3 tasks, one seed, one config each
   python experiments/merges_vs_sfa.py --ewc        # the EWC family alone
+  python experiments/merges_vs_sfa.py --cofima     # the CoFiMA family alone
 
 Writes experiments/results/merges_vs_sfa.{json,md} and merges_vs_sfa_average.png.
 """
@@ -37,6 +42,7 @@ GRID = [
     ('wise-ft', {'beta': (0.25, 0.5, 0.75)}),
     ('task-arithmetic', {'scaling': (0.3, 0.5, 0.7, 1.0)}),
     ('ties', {'density': (0.1, 0.2, 0.5), 'scaling': (0.5, 1.0)}),
+    ('magmax', {'scaling': (0.3, 0.5, 0.7, 1.0)}),
     ('l2', {'strength': (0.1, 1.0, 10.0)}),
     ('replay', {'fraction': (0.05, 0.1)}),
     ('finetune', {}),
@@ -44,21 +50,39 @@ GRID = [
 ]
 QUICK_GRID = [
     ('sfa', {'p': (0.5,), 'beta': (0.5,)}), ('wise-ft', {'beta': (0.5,)}), ('ties', {'density': (0.2,), 'scaling': (1.0,)}),
-    ('replay', {'fraction': (0.1,)}),
+    ('replay', {'fraction': (0.1,)}), ('magmax', {'scaling': (0.5,)}),
 ]
 EWC_GRID = [('ewc', {'strength': (1e2, 1e3, 1e4)})]
 QUICK_EWC_GRID = [('ewc', {'strength': (1e2,)})]
+COFIMA_GRID = [('cofima', {'beta': (0.4, 0.6, 0.8), 'gamma': (0.0, 1.0)})]
+QUICK_COFIMA_GRID = [('cofima', {'beta': (0.6,)})]
+SEPARATE = {'ewc': (EWC_GRID, QUICK_EWC_GRID), 'cofima': (COFIMA_GRID, QUICK_COFIMA_GRID)}
+"""The families that need a Fisher per task, each run alone by its flag: ``{flag: (grid, quick grid)}``."""
+
+
+def grid_of(args) -> tuple[str | None, list]:
+  """The family run alone (``None``: the main grid) and its grid, from the flags.
+
+  Example:
+    >>> import argparse
+    >>> grid_of(argparse.Namespace(quick=True, ewc=False, cofima=True))
+    ('cofima', [('cofima', {'beta': (0.6,)})])
+  """
+  for flag, (grid, quick_grid) in SEPARATE.items():
+    if getattr(args, flag):
+      return flag, quick_grid if args.quick else grid
+  return None, QUICK_GRID if args.quick else GRID
 
 
 def experiment(args) -> scaffold.Outcome:
   stream, config = scaffold.long_stream(args)
   seeds = scaffold.seeds_of(args)
-  grid = (QUICK_EWC_GRID if args.quick else EWC_GRID) if args.ewc else (QUICK_GRID if args.quick else GRID)
+  alone, grid = grid_of(args)
   runs = scaffold.train(stream, grid, config, seeds, args.sweep)
 
   best = scaffold.best_per_family(runs)
   rows = sorted(engine.summarize_runs(runs), key=lambda row: -row['average_accuracy'][0])
-  name = scaffold.output_name(args, 'merges_vs_sfa' + ('_ewc' if args.ewc else ''))
+  name = scaffold.output_name(args, 'merges_vs_sfa' + (f'_{alone}' if alone else ''))
   best_labels = {row['method'] for row in best}
   plots.average_accuracy_plot([run for run in runs if run['method'] in best_labels],
                               os.path.join(args.out, f'{name}_average.png'),
@@ -77,7 +101,9 @@ def experiment(args) -> scaffold.Outcome:
 def main(argv=None) -> None:
   parser = scaffold.experiment_parser(__doc__)
   scaffold.add_stream_arguments(parser)
-  parser.add_argument('--ewc', action='store_true', help='run the EWC family alone (merges_vs_sfa_ewc.*)')
+  alone = parser.add_mutually_exclusive_group()
+  alone.add_argument('--ewc', action='store_true', help='run the EWC family alone (merges_vs_sfa_ewc.*)')
+  alone.add_argument('--cofima', action='store_true', help='run the CoFiMA family alone (merges_vs_sfa_cofima.*)')
   scaffold.run_script(__file__, parser, argv, experiment)
 
 

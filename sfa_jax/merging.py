@@ -1,29 +1,35 @@
-"""Post-hoc model merges over pytrees: interpolation (WiSE-FT), task arithmetic and TIES.
+"""Post-hoc model merges over pytrees: interpolation (WiSE-FT), task arithmetic, TIES, MagMax and
+Fisher-weighted averaging.
 
 Every merge is a pure function of parameter trees, applied leaf by leaf, that runs eagerly or under
-``jax.jit``. The weights ``beta`` and ``scaling`` may be traced arrays, so that a sweep can ``vmap``
-over them; ``density`` and ``trim`` of TIES set how many entries are kept and must be static.
+``jax.jit``. The weights ``beta``, ``scaling``, ``weights`` and ``fisher_floor`` may be traced
+arrays, so that a sweep can ``vmap`` over them; ``density`` and ``trim`` of TIES set how many
+entries are kept and must be static.
 Element-wise maths keeps the sharding of the inputs; the only cross-entry work is what the maths
 needs: the reductions that find the TIES magnitude threshold, per tensor or over the whole model.
 
 Conventions shared by all merges:
 
 * The fine-tuned models are a ``list`` or ``tuple`` of parameter trees, each with the structure,
-  shapes and dtypes of the base (a mismatch raises ``ValueError`` naming the leaf path).
+  shapes and dtypes of the base (or, for :func:`fisher_merge`, of the first model; a mismatch
+  raises ``ValueError`` naming the leaf path).
 * Only floating leaves are merged. Integer, boolean and PRNG-key leaves are never averaged: they are
-  taken unchanged from the most recent model, ``params`` for :func:`interpolate` and the last
-  fine-tuned model for :func:`task_arithmetic` and :func:`ties`.
+  taken unchanged from the most recent model, ``params`` for :func:`interpolate`, the last
+  fine-tuned model for :func:`task_arithmetic`, :func:`ties` and :func:`magmax`, and the last
+  model for :func:`fisher_merge`.
 * Each result leaf keeps its dtype; leaves narrower than float32 (bfloat16, float16) are computed in
   float32 and rounded once at the end.
-* Where every model agrees (the same value in the anchor and ``params``, or in the base and every
-  fine-tuned model), the merge is that value bit for bit: an entry no model changed (a frozen
-  param) stays as it was, although ``β·a + (1−β)·a`` need not round to ``a``.
+* Where every model agrees (the same value in the anchor and ``params``, in the base and every
+  fine-tuned model, or in every model merged by :func:`fisher_merge`), the merge is that value bit
+  for bit: an entry no model changed (a frozen param) stays as it was, although ``β·a + (1−β)·a``
+  need not round to ``a``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
+import math
 from typing import Any, Callable
 
 import chex
@@ -33,7 +39,10 @@ import optax
 
 from sfa_jax import _validation
 
-__all__ = ['interpolate', 'task_vectors', 'task_arithmetic', 'trim_by_magnitude', 'ties']
+__all__ = [
+    'interpolate', 'task_vectors', 'task_arithmetic', 'trim_by_magnitude', 'ties', 'magmax',
+    'fisher_merge',
+]
 
 
 TRIM_SCOPES = ('per_tensor', 'global')
@@ -348,6 +357,164 @@ def _ties_float_leaves(
   ]
 
 
+def magmax(
+    base: optax.Params,
+    finetuned_models: Sequence[optax.Params],
+    scaling: chex.Numeric = 0.5,
+) -> optax.Params:
+  """MagMax: per entry, the task vector of largest magnitude, scaled and added to the base.
+
+  With task vectors ``τ_k = θ_k − θ_base`` (computed in float32 or wider), for every entry:
+
+  .. math::
+
+    \\tau_{max} = \\tau_{k^*}, \\quad k^* = \\arg\\max_k |\\tau_k|, \\qquad
+    \\theta = \\theta_{base} + \\lambda \\, \\tau_{max}
+
+  Ties in magnitude go to the later model: walking ``k = 1 .. K``, ``τ_k`` replaces the kept
+  vector where ``|τ_k| ≥ |τ_max|``, as in the paper's code. The merge is therefore invariant to
+  the order of the models except where two task vectors have the same magnitude and opposite
+  signs. With one model, MagMax is task arithmetic with the same ``λ``.
+
+  In the paper the models come from *sequential* fine-tuning: ``θ_k`` is trained from
+  ``θ_{k−1}`` (the fine-tuned model, not the merge), while every ``τ_k`` is taken relative to the
+  pre-trained base; ``λ = 0.5`` in all its experiments. :class:`sfa_jax.engine.methods.MagMax`
+  runs it so at the task boundaries.
+
+  Args:
+    base: the parameters the first model was fine-tuned from (the pre-trained model).
+    finetuned_models: a non-empty ``list`` or ``tuple`` of fine-tuned parameter trees, each
+      matching ``base`` in structure, shapes and dtypes.
+    scaling: ``λ``, any real number (default 0.5, the paper's); a Python number or a (possibly
+      traced) scalar array.
+
+  Returns:
+    The merged tree; non-floating leaves are those of the last fine-tuned model.
+
+  Raises:
+    TypeError: when ``finetuned_models`` is not a list or tuple.
+    ValueError: when ``finetuned_models`` is empty, a model does not match ``base``, or
+      ``scaling`` is not finite.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax import merging
+    >>> base = {'w': jnp.zeros(3)}
+    >>> models = [{'w': jnp.array([3.0, -1.0, 2.0])},
+    ...           {'w': jnp.array([1.0, -4.0, -2.0])}]  # |2| = |-2|: the later one
+    >>> merging.magmax(base, models)['w'].tolist()
+    [1.5, -2.0, -1.0]
+
+  References:
+    Marczak et al, `MagMax: Leveraging model merging for seamless continual learning
+    <https://arxiv.org/abs/2407.06322>`_, 2024
+  """
+  _check_models(base, finetuned_models)
+  _validation.check_finite('scaling', scaling)
+
+  def merge(base_leaf, *model_leaves, dtype):
+    selected = functools.reduce(
+        lambda kept, vector: jnp.where(jnp.abs(vector) >= jnp.abs(kept), vector, kept),
+        [leaf - base_leaf for leaf in model_leaves],
+    )
+    return _kept_where_agreed(base_leaf, model_leaves, base_leaf + jnp.asarray(scaling, dtype) * selected)
+
+  return _map_float_leaves(merge, base, *finetuned_models)
+
+
+def fisher_merge(
+    models: Sequence[optax.Params],
+    fishers: Sequence[optax.Params],
+    weights: Sequence[chex.Numeric] | chex.Array | None = None,
+    *,
+    fisher_floor: chex.Numeric = 1e-6,
+    favor_first: bool = True,
+) -> optax.Params:
+  """Fisher-weighted averaging: per entry, the models' average weighted by ``w_k·F_k``.
+
+  With the diagonal Fisher ``F_k`` of each model and model weights ``w_k``:
+
+  .. math::
+
+    \\theta = \\frac{\\sum_k w_k \\tilde F_k \\odot \\theta_k}{\\sum_k w_k \\tilde F_k}, \\qquad
+    \\tilde F_k = \\max(F_k, \\epsilon)
+
+  The floor ``ε`` (``fisher_floor``, 1e-6 by default) is Matena & Raffel's implementation: with
+  ``favor_first`` (their ``favor_target_model``, on by default) only the first model's Fisher is
+  floored, so that where no model has Fisher information the merge is the first model (their
+  "target"); ``favor_first=False`` floors every model's. Hence, up to rounding: equal Fishers (at
+  least ``ε``) give the ``w``-weighted plain average; where only model ``j``'s Fisher is non-zero
+  the merge is ``θ_j`` (within ``ε·w_1·|θ_1 − θ_j| / (w_j F_j)`` for ``j > 1``); and every entry
+  is a convex combination of the models' entries. Only the ratios of the weights matter.
+
+  Their code also divides each ``w_k`` by the L2 norm of model ``k``'s whole Fisher
+  (``normalize_fishers``, on by default): pass ``w_k / ‖F_k‖`` as the weights for that. CoFiMA
+  (Marouf et al) applies this merge at every task boundary to the previous merged model and the
+  newly trained one, with ``w = (1 − α, α)`` and ``α = 0.4``, no floor (``0/0`` where both Fishers
+  vanish) and its Fisher, from squared mini-batch gradients, capped at 1e-4:
+  :class:`sfa_jax.engine.methods.CoFiMA` runs it with every Fisher floored (``favor_first=False``),
+  so that entries without Fisher information take the plain weighted average (the paper's CoMA).
+
+  Args:
+    models: a non-empty ``list`` or ``tuple`` of ``K`` parameter trees with the structure, shapes
+      and dtypes of the first.
+    fishers: ``K`` diagonal Fisher estimates, one per model in the same order (e.g. from
+      :func:`sfa_jax.diagonal_fisher`), with the models' structure and shapes in any floating
+      dtype, finite and non-negative; their leaves at non-floating params are ignored.
+    weights: the ``K`` model weights ``w_k``, non-negative, as a sequence or an array of shape
+      ``(K,)`` (possibly traced); ``None`` weighs the models equally. The floored models' weights
+      must not all be 0: ``w_1 > 0`` with ``favor_first``, else some ``w_k > 0``.
+    fisher_floor: ``ε``, positive and finite (default 1e-6); possibly traced.
+    favor_first: floor only the first model's Fisher (default), or every model's.
+
+  Returns:
+    The merged tree; non-floating leaves are those of the last model.
+
+  Raises:
+    TypeError: when ``models`` or ``fishers`` is not a list or tuple.
+    ValueError: when they are empty or of different lengths, a tree does not match the first
+      model, a Fisher holds a negative, NaN or infinite entry, or ``weights`` or
+      ``fisher_floor`` is out of range (each is named).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax import merging
+    >>> models = [{'w': jnp.array([0.0, 0.0])}, {'w': jnp.array([10.0, 10.0])}]
+    >>> fishers = [{'w': jnp.array([1.0, 3.0])}, {'w': jnp.array([3.0, 1.0])}]
+    >>> merging.fisher_merge(models, fishers)['w'].tolist()
+    [7.5, 2.5]
+    >>> merging.fisher_merge(models, fishers, weights=[3.0, 1.0])['w'].tolist()
+    [5.0, 1.0]
+
+  References:
+    Matena & Raffel, `Merging models with Fisher-weighted averaging
+    <https://arxiv.org/abs/2111.09832>`_, 2022
+
+    Marouf et al, `Weighted ensemble models are strong continual learners
+    <https://arxiv.org/abs/2312.08977>`_, 2024
+  """
+  _check_fisher_merge_trees(models, fishers)
+  _validation.check_in_interval('fisher_floor', fisher_floor, 0.0, math.inf, low_open=True, high_open=True)
+  weights = _model_weights(weights, len(models), favor_first)
+  count = len(models)
+
+  def merge(*leaves):
+    model_leaves, fisher_leaves = leaves[:count], leaves[count:]
+    if not _validation.is_float_leaf(model_leaves[0]):
+      return model_leaves[-1]
+    arrays = [jnp.asarray(leaf) for leaf in model_leaves]
+    dtype = _compute_dtype(arrays[0])
+    floor = jnp.asarray(fisher_floor, dtype)
+    coefficients = [
+        weights[k].astype(dtype) * (jnp.maximum(fisher, floor) if k == 0 or not favor_first else fisher)
+        for k, fisher in enumerate(jnp.asarray(leaf).astype(dtype) for leaf in fisher_leaves)
+    ]
+    total = sum(c * array.astype(dtype) for c, array in zip(coefficients, arrays)) / sum(coefficients)
+    return _kept_where_agreed(arrays[0], arrays, total.astype(arrays[0].dtype))
+
+  return jax.tree.map(merge, *models, *fishers)
+
+
 def _compute_dtype(leaf: chex.Array) -> Any:
   """The dtype the merge maths runs in: the leaf's, widened to at least float32."""
   return jnp.promote_types(leaf.dtype, jnp.float32)
@@ -378,19 +545,65 @@ def _map_float_leaves(fn: Callable[..., chex.Array], *trees: Any) -> Any:
 
 def _check_models(base: optax.Params, finetuned_models: Sequence[optax.Params]) -> None:
   """Raises unless ``finetuned_models`` is a non-empty list or tuple of trees matching ``base``."""
-  if not isinstance(finetuned_models, (list, tuple)):
-    raise TypeError(
-        'finetuned_models must be a list or tuple of parameter trees; got '
-        f'{type(finetuned_models).__name__}. To merge a single model, pass [model].'
-    )
-  if not finetuned_models:
-    raise ValueError('finetuned_models is empty: pass at least one fine-tuned parameter tree.')
+  _check_tree_list(finetuned_models, 'finetuned_models', 'model')
   _validation.check_finite_tree(base, 'base')
   for k, model in enumerate(finetuned_models):
     _validation.check_matching_tree(
         base, model, reference_name='base', other_name=f'finetuned_models[{k}]'
     )
     _validation.check_finite_tree(model, f'finetuned_models[{k}]')
+
+
+def _check_fisher_merge_trees(models: Sequence[optax.Params], fishers: Sequence[optax.Params]) -> None:
+  """Raises unless ``models`` and ``fishers`` are equally long non-empty lists or tuples of trees
+  matching the first model (the Fishers in any dtype, non-negative), every one finite."""
+  _check_tree_list(models, 'models', 'model')
+  _check_tree_list(fishers, 'fishers', 'fisher')
+  if len(fishers) != len(models):
+    raise ValueError(f'fishers has {len(fishers)} trees for {len(models)} models: give one Fisher per model.')
+  for k, model in enumerate(models):
+    _validation.check_matching_tree(models[0], model, reference_name='models[0]', other_name=f'models[{k}]')
+    _validation.check_finite_tree(model, f'models[{k}]')
+  for k, fisher in enumerate(fishers):
+    _validation.check_matching_tree(models[0], fisher, reference_name='models[0]', other_name=f'fishers[{k}]',
+                                    check_dtypes=False)
+    _validation.check_finite_tree(fisher, f'fishers[{k}]', non_negative=True)
+
+
+def _check_tree_list(trees: Any, name: str, item: str) -> None:
+  """Raises unless ``trees`` is a non-empty list or tuple (``item`` names one of them in the hint)."""
+  if not isinstance(trees, (list, tuple)):
+    raise TypeError(
+        f'{name} must be a list or tuple of parameter trees; got {type(trees).__name__}. To merge a '
+        f'single model, pass [{item}].'
+    )
+  if not trees:
+    raise ValueError(f'{name} is empty: pass at least one parameter tree.')
+
+
+def _model_weights(weights: Any, count: int, favor_first: bool) -> chex.Array:
+  """The model weights of :func:`fisher_merge` as a ``(count,)`` array, checked where concrete.
+
+  Raises:
+    ValueError: when ``weights`` does not hold one number per model, or (concrete) one is
+      negative or not finite, or the floored models' weights are all 0.
+  """
+  if weights is None:
+    return jnp.ones(count, jnp.float32)
+  array = jnp.asarray(weights)
+  if array.shape != (count,):
+    raise ValueError(f'weights must hold one number per model ({count}); got shape {array.shape}.')
+  if _validation.is_traced(array):
+    return array
+  values = [float(value) for value in jax.device_get(array)]
+  if not all(math.isfinite(value) and value >= 0 for value in values):
+    raise ValueError(f'weights must be finite and non-negative; got {values}.')
+  if favor_first and values[0] == 0:
+    raise ValueError('weights[0] must be positive with favor_first=True: the first model carries the '
+                     f'Fisher floor, which keeps every denominator positive; got {values}.')
+  if not any(values):
+    raise ValueError(f'weights are all 0; got {values}.')
+  return array
 
 
 def _check_density_and_trim(density: Any, trim: str) -> None:

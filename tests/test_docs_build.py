@@ -55,6 +55,8 @@ LINKED = {
     'guides/engine': ['sfa_jax.engine.run_sequence', 'sfa_jax.engine.TrainConfig', 'sfa_jax.engine.methods.SFA',
                       'sfa_jax.engine.methods.Replay', 'sfa_jax.tasks.make_stream'],
     'guides/sweeps': ['sfa_jax.engine.run_sweep', 'sfa_jax.engine.grid'],
+    'guides/merges': ['sfa_jax.magmax', 'sfa_jax.fisher_merge', 'sfa_jax.engine.methods.MagMax',
+                      'sfa_jax.engine.methods.CoFiMA'],
     'guides/checkpoints': ['sfa_jax.engine.Checkpointer', 'sfa_jax.engine.make_method'],
 }
 

@@ -157,6 +157,18 @@ def _check_sfa_and_l2(ns):
   assert not np.allclose(ns['ends'][0], ns['start']['w'])
 
 
+def _check_merges(ns):
+  accuracy, data, merged = ns['accuracy'], ns['data'], ns['merged']
+  last, magmax = ([accuracy(merged[name], x, y) for x, y in data] for name in ('last model', 'magmax'))
+  assert magmax[0] > last[0] + 0.1 and magmax[1] > last[1] + 0.1  # the earlier tasks kept
+  assert ns['__printed__'].splitlines()[:3] == [
+      f'{name}: {[round(accuracy(merged[name], x, y), 2) for x, y in data]}' for name in merged]
+  finetune, magmax_run, cofima_run = ns['results']
+  assert [r.method for r in ns['results']] == ['finetune', 'magmax(scaling=0.5)', 'cofima(beta=0.6, gamma=0)']
+  assert all(len(r.accuracy_matrix) == 3 for r in ns['results'])
+  assert magmax_run.summary()['average_accuracy'] > finetune.summary()['average_accuracy']
+
+
 def _check_engine(ns):
   result, results = ns['result'], ns['results']
   assert len(result.accuracy_matrix) == 2 and len(results) == 4
@@ -226,6 +238,7 @@ CHECKS = {
     'guides/placement.md': _check_placement,
     'guides/schedule.md': _check_schedule,
     'guides/sfa_and_l2.md': _check_sfa_and_l2,
+    'guides/merges.md': _check_merges,
     'guides/engine.md': _check_engine,
     'guides/sweeps.md': _check_sweeps,
     'guides/checkpoints.md': _check_checkpoints,

@@ -162,7 +162,8 @@ def test_trainable_trains_and_anchors_only_the_selected_params(method_class, hyp
     assert isinstance(state.fisher['Dense_0']['kernel'], optax.MaskedNode)
 
 
-@pytest.mark.parametrize('method', [methods.WiseFT(beta=0.3), methods.TaskArithmetic(), methods.TIES()], ids=str)
+@pytest.mark.parametrize('method', [methods.WiseFT(beta=0.3), methods.TaskArithmetic(), methods.TIES(), methods.MagMax(),
+                                    pytest.param(methods.CoFiMA(), marks=pytest.mark.slow)], ids=str)
 def test_merges_keep_the_frozen_params_bit_for_bit(method):
   pair = tasks.make_stream('mnist-pair', source='digits')
   config = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1, batch_size=32, trainable='head')

@@ -158,6 +158,8 @@ class ConventionsTest(chex.TestCase):
         lambda b, ms: merging.task_arithmetic(b, ms, 0.3),
         lambda b, ms: merging.ties(b, ms, 0.3, 0.7),
         lambda b, ms: merging.ties(b, ms, 0.3, 0.7, trim='global'),
+        lambda b, ms: merging.magmax(b, ms, 0.7),
+        lambda b, ms: merging.fisher_merge([b, *ms], [{'w': jnp.arange(64.0) % 5}] * (len(ms) + 1)),
     ):
       got = merge(base, models)
       assert got['w'].dtype == jnp.bfloat16
@@ -175,6 +177,8 @@ class ConventionsTest(chex.TestCase):
         merging.task_arithmetic(base, [first, last], 1.0),
         merging.ties(base, [first, last], 0.5),
         merging.task_vectors(base, [last])[0],
+        merging.magmax(base, [first, last]),
+        merging.fisher_merge([base, first, last], [tree(1.0, 0, 0)] * 3),
     ):
       assert int(merged['step']) == 3 and bool(merged['flag'])
       np.testing.assert_array_equal(jax.random.key_data(merged['key']),
@@ -273,6 +277,9 @@ def test_every_merge_keeps_where_the_models_agree_bit_for_bit(data, dtype, num_m
       'interpolate': merging.interpolate(base, models[0], beta),
       'task_arithmetic': merging.task_arithmetic(base, models, scaling),
       'ties': merging.ties(base, models, density, scaling, trim=trim),
+      'magmax': merging.magmax(base, models, scaling),
+      'fisher_merge': merging.fisher_merge([base, *models], [{'w': np.abs(draw()).astype(np.float32)}
+                                                             for _ in range(num_models + 1)]),
   }
   bits = lambda array: np.asarray(array).view(np.uint16 if np.dtype(dtype).itemsize == 2 else np.uint32)
   for name, merged in merges.items():
@@ -320,3 +327,187 @@ def test_unknown_trim_and_complex_leaves():
   complex_tree = {'z': jnp.ones(2, jnp.complex64)}
   with pytest.raises(ValueError, match=r"base\['z'\] is complex64"):
     merging.ties(complex_tree, [complex_tree], 0.5)
+
+
+# -- MagMax and Fisher-weighted averaging ---------------------------------------------------------
+
+
+def numpy_magmax(base, models, scaling):
+  """MagMax from the paper, per entry: the task vector of largest magnitude, the later one on ties.
+
+  The last maximum is found as the first maximum of the reversed stack (float32 task vectors).
+  """
+  taus = np.stack([np.asarray(m, np.float32) - np.asarray(base, np.float32) for m in models])
+  last_max = len(models) - 1 - np.argmax(np.abs(taus)[::-1], axis=0)
+  selected = np.take_along_axis(taus, last_max[None], axis=0)[0]
+  return base + np.float32(scaling) * selected
+
+
+def numpy_fisher_merge(models, fishers, weights, floor, favor_first):
+  """Matena & Raffel's merge in float64: Σ w_k F̃_k θ_k / Σ w_k F̃_k, F̃ floored for the first model
+  (or all)."""
+  total, norm = 0.0, 0.0
+  for k, (model, fisher, weight) in enumerate(zip(models, fishers, weights)):
+    fisher = np.asarray(fisher, np.float64)
+    if k == 0 or not favor_first:
+      fisher = np.maximum(fisher, floor)
+    total, norm = total + weight * fisher * np.asarray(model, np.float64), norm + weight * fisher
+  return total / norm
+
+
+def _random_fishers(rng, like, zeros=0.3):
+  """Non-negative Fishers shaped as ``like``, a share ``zeros`` of their entries exactly 0."""
+  return {name: np.where(rng.random(x.shape) < zeros, 0.0, rng.exponential(size=x.shape)).astype(np.float32)
+          for name, x in like.items()}
+
+
+class MagMaxTest(chex.TestCase):
+
+  @chex.all_variants(with_pmap=False)
+  def test_keeps_the_largest_magnitude_and_the_later_model_on_ties(self):
+    base = _w([1.0, 1.0, 1.0, 1.0])
+    # Task vectors, entry by entry: (+2, -3) -> -3; (-1, +1) tie -> +1; (0, 0) -> 0; (+5, +4) -> +5.
+    models = [_w(1.0 + np.array([2.0, -1.0, 0.0, 5.0])), _w(1.0 + np.array([-3.0, 1.0, 0.0, 4.0]))]
+    got = self.variant(merging.magmax)(base, models, 0.5)['w']
+    np.testing.assert_array_equal(got, 1.0 + 0.5 * np.array([-3.0, 1.0, 0.0, 5.0]))
+    # The default scaling is the paper's 0.5.
+    chex.assert_trees_all_equal(merging.magmax(base, models), merging.magmax(base, models, 0.5))
+
+  @hypothesis.given(seed=st.integers(0, 2**31), num_models=st.integers(1, 4), scaling=st.floats(-2.0, 2.0))
+  def test_equals_numpy(self, seed, num_models, scaling):
+    base, models = _random_models(seed, num_models)
+    got = merging.magmax(base, models, scaling)
+    for name in base:
+      expected = numpy_magmax(base[name], [m[name] for m in models], scaling)
+      np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-6)
+
+  @hypothesis.given(
+      data=st.data(), num_models=st.integers(1, 4), scaling=st.sampled_from([0.5, 1.0, -2.0]))
+  def test_magnitude_ties_go_to_the_later_model(self, data, num_models, scaling):
+    # Small integers: equal magnitudes of either sign are the rule, and the sums are exact.
+    draw = lambda: data.draw(hnp.arrays(np.float32, (3, 4), elements=st.integers(-3, 3).map(float)))
+    base, models = draw(), [draw() for _ in range(num_models)]
+    got = merging.magmax({'w': base}, [{'w': m} for m in models], scaling)['w']
+    np.testing.assert_array_equal(got, numpy_magmax(base, models, scaling))
+
+  @hypothesis.given(seed=st.integers(0, 2**31), scaling=st.floats(-2.0, 2.0))
+  def test_one_model_is_task_arithmetic(self, seed, scaling):
+    base, (model,) = _random_models(seed, 1)
+    chex.assert_trees_all_equal(merging.magmax(base, [model], scaling),
+                                merging.task_arithmetic(base, [model], scaling))
+
+  @hypothesis.given(seed=st.integers(0, 2**31), num_models=st.integers(2, 4), scaling=st.floats(-2.0, 2.0))
+  def test_the_order_of_the_models_does_not_matter(self, seed, num_models, scaling):
+    base, models = _random_models(seed, num_models)  # continuous values: no magnitude ties
+    order = np.random.default_rng(seed).permutation(num_models)
+    chex.assert_trees_all_equal(merging.magmax(base, models, scaling),
+                                merging.magmax(base, [models[i] for i in order], scaling))
+
+  @chex.all_variants(with_pmap=False)
+  def test_traced_scaling_under_vmap(self):
+    sweep = self.variant(jax.vmap(merging.magmax, in_axes=(None, None, 0)))
+    got = sweep(_w([1.0, 1.0]), [_w([3.0, 0.0])], jnp.array([0.0, 0.5, 1.0]))['w']
+    np.testing.assert_allclose(got, [[1.0, 1.0], [2.0, 0.5], [3.0, 0.0]])
+
+
+class FisherMergeTest(chex.TestCase):
+
+  @hypothesis.given(
+      seed=st.integers(0, 2**31),
+      num_models=st.integers(1, 4),
+      floor=st.sampled_from([1e-6, 0.1, 1.0]),
+      favor_first=st.booleans(),
+  )
+  def test_equals_numpy(self, seed, num_models, floor, favor_first):
+    _, models = _random_models(seed, num_models)
+    rng = np.random.default_rng(seed + 1)
+    fishers = [_random_fishers(rng, models[0]) for _ in models]
+    weights = rng.uniform(0.1, 2.0, size=num_models)
+    got = merging.fisher_merge(models, fishers, list(weights), fisher_floor=floor, favor_first=favor_first)
+    for name in models[0]:
+      expected = numpy_fisher_merge([m[name] for m in models], [f[name] for f in fishers], weights, floor,
+                                    favor_first)
+      np.testing.assert_allclose(got[name], expected, rtol=2e-5, atol=2e-5)
+
+  @hypothesis.given(seed=st.integers(0, 2**31), num_models=st.integers(1, 4), favor_first=st.booleans())
+  def test_equal_fishers_give_the_weighted_plain_average(self, seed, num_models, favor_first):
+    _, models = _random_models(seed, num_models)
+    rng = np.random.default_rng(seed + 1)
+    fisher = _random_fishers(rng, models[0], zeros=0.0 if favor_first else 0.3)
+    if favor_first:  # at or above the floor, which only the first model's Fisher gets
+      fisher = jax.tree.map(lambda f: f + np.float32(1e-6), fisher)
+    weights = rng.uniform(0.1, 2.0, size=num_models)
+    got = merging.fisher_merge(models, [fisher] * num_models, list(weights), favor_first=favor_first)
+    for name in models[0]:
+      expected = np.average(np.stack([m[name] for m in models]).astype(np.float64), axis=0, weights=weights)
+      np.testing.assert_allclose(got[name], expected, rtol=1e-5, atol=1e-5)
+
+  @hypothesis.given(seed=st.integers(0, 2**31), num_models=st.integers(2, 4), data=st.data())
+  def test_a_model_alone_with_fisher_information_is_the_merge(self, seed, num_models, data):
+    _, models = _random_models(seed, num_models)
+    only = data.draw(st.integers(0, num_models - 1))
+    rng = np.random.default_rng(seed + 1)
+    fisher = jax.tree.map(lambda x: rng.uniform(1.0, 2.0, size=x.shape).astype(np.float32), models[0])
+    fishers = [fisher if k == only else jax.tree.map(np.zeros_like, fisher) for k in range(num_models)]
+    weights = rng.uniform(0.1, 2.0, size=num_models)
+    floor = 1e-6
+    got = merging.fisher_merge(models, fishers, list(weights), fisher_floor=floor)
+    for name in models[0]:
+      # Exact but for rounding for the first model; within the first model's floored pull otherwise.
+      pull = 0.0 if only == 0 else floor * weights[0] * np.abs(models[0][name] - models[only][name]) / (
+          weights[only] * fisher[name])
+      np.testing.assert_array_less(np.abs(got[name] - models[only][name]),
+                                   pull + 1e-6 * np.abs(models[only][name]) + 1e-6)
+
+  @hypothesis.given(seed=st.integers(0, 2**31), num_models=st.integers(1, 4), favor_first=st.booleans())
+  def test_each_entry_is_a_convex_combination_of_the_models(self, seed, num_models, favor_first):
+    _, models = _random_models(seed, num_models)
+    rng = np.random.default_rng(seed + 1)
+    fishers = [_random_fishers(rng, models[0], zeros=0.5) for _ in models]
+    weights = rng.uniform(0.0, 2.0, size=num_models)
+    weights[0] += 0.1
+    got = merging.fisher_merge(models, fishers, list(weights), favor_first=favor_first)
+    for name in models[0]:
+      stacked = np.stack([m[name] for m in models])
+      slack = 1e-6 * np.abs(stacked).max(axis=0)
+      assert np.all(got[name] >= stacked.min(axis=0) - slack) and np.all(got[name] <= stacked.max(axis=0) + slack)
+
+  @chex.all_variants(with_pmap=False)
+  def test_traced_weights_and_floor(self):
+    models, fishers = [_w([0.0, 0.0]), _w([10.0, 10.0])], [_w([1.0, 0.0]), _w([1.0, 0.0])]
+    sweep = self.variant(jax.vmap(lambda b: merging.fisher_merge(models, fishers, [b, 1 - b])))
+    # Entry 1 has no Fisher information: the first model, through its floor.
+    np.testing.assert_allclose(sweep(jnp.array([0.25, 0.5, 1.0]))['w'], [[7.5, 0.0], [5.0, 0.0], [0.0, 0.0]])
+    floors = self.variant(jax.vmap(lambda f: merging.fisher_merge(models, fishers, favor_first=False,
+                                                                   fisher_floor=f)))
+    np.testing.assert_allclose(floors(jnp.array([1e-6, 1.0]))['w'], [[5.0, 5.0], [5.0, 5.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    'models, fishers, kwargs, error, message',
+    [
+        (_w([1.0]), [_w([1.0])], {}, TypeError, r'models must be a list or tuple.*got dict'),
+        ([], [], {}, ValueError, 'models is empty'),
+        ([_w([1.0])], _w([1.0]), {}, TypeError, r'fishers must be a list or tuple.*\[fisher\]'),
+        ([_w([1.0]), _w([2.0])], [_w([1.0])], {}, ValueError, 'fishers has 1 trees for 2 models'),
+        ([_w([1.0]), _w([2.0, 3.0])], [_w([1.0])] * 2, {}, ValueError, r"models\[1\]\['w'\] has shape \(2,\)"),
+        ([_w([1.0])], [{'v': jnp.ones(1)}], {}, ValueError, r'fishers\[0\] does not have the tree structure'),
+        ([_w([1.0])], [_w([-1.0])], {}, ValueError, r"fishers\[0\]\['w'\] has negative entries"),
+        ([_w([1.0])], [_w([np.inf])], {}, ValueError, r"fishers\[0\]\['w'\] has NaN or infinite entries"),
+        ([_w([1.0])] * 2, [_w([1.0])] * 2, {'weights': [1.0]}, ValueError, r'one number per model \(2\)'),
+        ([_w([1.0])] * 2, [_w([1.0])] * 2, {'weights': [1.0, -1.0]}, ValueError, 'finite and non-negative'),
+        ([_w([1.0])] * 2, [_w([1.0])] * 2, {'weights': [0.0, 1.0]}, ValueError, r'weights\[0\] must be positive'),
+        ([_w([1.0])] * 2, [_w([1.0])] * 2, {'weights': [0.0, 0.0], 'favor_first': False}, ValueError, 'all 0'),
+        ([_w([1.0])], [_w([1.0])], {'fisher_floor': 0.0}, ValueError, r'fisher_floor must lie in \(0.0, inf\)'),
+    ],
+)
+def test_fisher_merge_names_what_is_wrong(models, fishers, kwargs, error, message):
+  with pytest.raises(error, match=message):
+    merging.fisher_merge(models, fishers, **kwargs)
+
+
+def test_magmax_names_a_non_finite_scaling_and_a_mismatched_model():
+  with pytest.raises(ValueError, match='scaling must be a finite number'):
+    merging.magmax(_w([1.0]), [_w([2.0])], float('nan'))
+  with pytest.raises(ValueError, match=r"finetuned_models\[0\]\['w'\] has shape \(2,\)"):
+    merging.magmax(_w([1.0]), [_w([2.0, 3.0])])

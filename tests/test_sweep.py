@@ -87,6 +87,8 @@ def test_replay_sweep_over_fraction_matches_sequential_runs(pair):
         ('wise-ft', {'beta': (0.3, 0.7)}),
         ('task-arithmetic', {'scaling': (0.5, 1.0)}),
         ('ties', {'density': (0.2, 0.8)}),
+        ('magmax', {'scaling': (0.3, 1.0)}),
+        ('cofima', {'beta': (0.3, 0.8)}),
         ('joint', {}),
     ],
 )

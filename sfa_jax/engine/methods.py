@@ -26,6 +26,11 @@ joint            cumulative joint training: stage ``k`` trains on the union of t
 adaptive-sfa     ``chain(optimizer, adaptive_sfa(anchor=θ_{k-1}, threshold, beta, min_p, total_steps=T_k))``.
 multi-anchor-sfa SFA whose anchor is the running mean ``(1/k)·Σ_{j<k} θ_j`` of the past tasks' ends
                  (averaging toward each with weight ``β/k`` is averaging toward their mean with ``β``).
+magmax           as task-arithmetic, but task ``k ≥ 1`` trains from ``θ_{k-1}`` as trained (sequential
+                 fine-tuning); the model evaluated after task ``k`` is ``θ_b + scaling·τ_max``, per entry
+                 ``τ_max`` the ``θ_j − θ_b`` (``j ≤ k``) of largest magnitude.
+cofima           fine-tune from the previous merge ``θ*_{k-1}``, then ``θ*_k ← fisher_merge([θ*_{k-1},
+                 θ_k], [F*, F_k], weights=(beta, 1 − beta))`` and ``F* ← gamma·F* + F_k``.
 ================ ========================================================================================
 
 A method of your own is a subclass with a ``name``, its ``hyperparams`` and the hooks it needs;
@@ -68,7 +73,7 @@ if TYPE_CHECKING:
 __all__ = [
     'Interval', 'UNIT', 'UNIT_OPEN_LOW', 'NON_NEGATIVE', 'Hyperparam', 'Boundary', 'BatchPlan',
     'Method', 'Finetune', 'SFA', 'MultiAnchorSFA', 'AdaptiveSFA', 'L2', 'EWC', 'Replay', 'Joint',
-    'WiseFT', 'TaskArithmetic', 'TIES', 'register_method', 'registered', 'method_class',
+    'WiseFT', 'TaskArithmetic', 'TIES', 'MagMax', 'CoFiMA', 'register_method', 'registered', 'method_class',
     'make_method',
 ]
 
@@ -925,6 +930,144 @@ class TIES(TaskArithmetic):
     return merging.ties(base, list(finetuned), self['density'], self['scaling'])
 
 
+class MagMax(TaskArithmetic):
+  """MagMax at every task end: sequential fine-tuning, merged by the largest-magnitude task vectors.
+
+  The model after task 0 is the base ``θ_b`` (the paper's pre-trained model). Task ``k ≥ 1`` is
+  trained from the end of task ``k-1`` *as trained*, not from its merge (sequential fine-tuning,
+  as in the paper: the merges are evaluated, never trained on); the model evaluated after task
+  ``k`` is :func:`sfa_jax.magmax` ``(θ_b, [θ_1, ..., θ_k], scaling)``: per entry the task vector
+  ``θ_j − θ_b`` of largest magnitude (the later task on ties), times ``scaling``, added to ``θ_b``.
+  The trained models are kept, one slot per task, as for :class:`TaskArithmetic`.
+
+  Args:
+    scaling: ``λ``, the weight of the selected task vector, at least 0 (default 0.5, the
+      paper's).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax.engine import methods
+    >>> base = {'w': jnp.zeros(2)}
+    >>> finetuned = [{'w': jnp.array([3.0, -1.0])}, {'w': jnp.array([1.0, -4.0])}]
+    >>> methods.MagMax(scaling=0.5).merge(base, finetuned)['w'].tolist()
+    [1.5, -2.0]
+
+  References:
+    Marczak et al, `MagMax: Leveraging model merging for seamless continual learning
+    <https://arxiv.org/abs/2407.06322>`_, 2024
+  """
+
+  name = 'magmax'
+  hyperparams = {'scaling': Hyperparam(0.5, NON_NEGATIVE, doc='weight of the largest-magnitude task vector')}
+
+  def start_task(self, state, boundary):
+    k = boundary.task_index
+    if k < 2:  # task 1 trains from the base, the end of task 0, which no merge changed
+      return state
+    import jax
+
+    params, model_state = jax.tree.map(lambda slot: slot[k - 2], state.extras['finetuned'])  # slices: new arrays
+    return state._replace(params=params, model_state=model_state)
+
+  def merge(self, base, finetuned):
+    from sfa_jax import merging
+
+    return merging.magmax(base, list(finetuned), self['scaling'])
+
+
+class CoFiMA(Method):
+  """Continual Fisher-weighted model averaging: at every task end, the previous model and the trained
+  one averaged with their Fishers.
+
+  With ``θ*_{k-1}`` the model task ``k ≥ 1`` started from (the previous merge) and ``θ_k`` the
+  trained one, the model evaluated after the task, and trained on by the next, is
+
+  .. math::
+
+    \\theta^*_k = \\frac{\\beta F^*_{k-1} \\odot \\theta^*_{k-1} + (1 - \\beta) F_k \\odot \\theta_k}
+                       {\\beta F^*_{k-1} + (1 - \\beta) F_k}
+
+  (:func:`sfa_jax.fisher_merge` of ``[θ*_{k-1}, θ_k]`` with weights ``(β, 1 − β)``, both Fishers
+  floored at 1e-6: an entry without Fisher information takes the plain average
+  ``β·θ*_{k-1} + (1 − β)·θ_k``, the paper's CoMA; ``β = 0`` keeps the trained model, up to
+  rounding). ``F_k`` is the empirical diagonal Fisher of ``θ_k`` on task ``k``'s training data,
+  computed by the engine as for :class:`EWC` (at most :class:`~sfa_jax.engine.TrainConfig`'s
+  ``fisher_examples`` examples); the running Fisher ``F*_k = γ·F*_{k-1} + F_k`` (``F*_0 = F_0``)
+  is kept in the run's extras. ``γ = 0``, as in CoFiMA, weighs the previous model by the previous
+  task's Fisher alone; ``γ = 1`` by the sum over all past tasks (online EWC's Fisher). The model
+  state (BatchNorm statistics), which has no Fisher, is interpolated with ``β``.
+
+  CoFiMA's code writes ``α = 1 − β`` (``wt_alpha = 0.4``), squares mini-batch gradients for its
+  Fisher and caps it at 1e-4, and floors no Fisher (``0/0`` where both vanish).
+
+  Args:
+    beta: the weight ``β`` of the previous model, in ``[0, 1]`` (default 0.6: CoFiMA's
+      ``α = 0.4`` on the trained model).
+    gamma: the decay ``γ`` of the past tasks' Fisher, in ``[0, 1]`` (default 0: the previous
+      task's Fisher alone, as in CoFiMA).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax.engine import methods
+    >>> from sfa_jax.engine.loop import RunState
+    >>> method = methods.CoFiMA(beta=0.5)
+    >>> params = {'w': jnp.zeros(2)}
+    >>> state = RunState(params, {}, None, method.init_extras(params, {}, 2))
+    >>> fishers = iter([{'w': jnp.array([3.0, 1.0])}, {'w': jnp.array([1.0, 3.0])}])
+    >>> fisher = lambda state: next(fishers)  # task 0's Fisher, then task 1's
+    >>> for k, trained in ((0, 0.0), (1, 4.0)):  # θ_0 = 0, then θ_1 = 4
+    ...   boundary = methods.Boundary(k, num_tasks=2, total_steps=10, fisher=fisher)
+    ...   state = method.start_task(state, boundary)
+    ...   state = state._replace(params={'w': jnp.full(2, trained)})
+    ...   state = method.end_task(state, boundary)
+    >>> state.params['w'].tolist()  # (3·0 + 1·4) / (3 + 1) and (1·0 + 3·4) / (1 + 3)
+    [1.0, 3.0]
+
+  References:
+    Marouf et al, `Weighted ensemble models are strong continual learners
+    <https://arxiv.org/abs/2312.08977>`_, 2024
+
+    Matena & Raffel, `Merging models with Fisher-weighted averaging
+    <https://arxiv.org/abs/2111.09832>`_, 2022
+  """
+
+  name = 'cofima'
+  hyperparams = {
+      'beta': Hyperparam(0.6, UNIT, doc="weight of the previous model (CoFiMA's 1 − α)"),
+      'gamma': Hyperparam(0.0, UNIT, doc='decay of the past Fisher'),
+  }
+
+  def init_extras(self, params, model_state, num_tasks):
+    import jax
+    import jax.numpy as jnp
+
+    return {'start': _copy((params, model_state)), 'fisher': jax.tree.map(jnp.zeros_like, params)}
+
+  def start_task(self, state, boundary):
+    return state._replace(extras={**state.extras, 'start': _copy((state.params, state.model_state))})
+
+  def merge(self, previous: Any, trained: Any, previous_fisher: Any, fisher: Any) -> Any:
+    """The model after a task: the ``(params, model_state)`` pairs ``previous`` and ``trained``
+    averaged, the params with their Fishers, the model state with ``beta``."""
+    from sfa_jax import merging
+
+    beta = self['beta']
+    params = merging.fisher_merge([previous[0], trained[0]], [previous_fisher, fisher], [beta, 1.0 - beta],
+                                  favor_first=False)
+    return params, merging.interpolate(previous[1], trained[1], beta)
+
+  def end_task(self, state, boundary):
+    current = boundary.fisher(state)
+    if boundary.task_index == 0:
+      return state._replace(extras={**state.extras, 'fisher': current})
+    from sfa_jax import fisher as fisher_lib
+
+    previous_fisher = state.extras['fisher']
+    params, model_state = self.merge(state.extras['start'], (state.params, state.model_state), previous_fisher, current)
+    fisher = fisher_lib.online_fisher(previous_fisher, current, self['gamma'])
+    return state._replace(params=params, model_state=model_state, extras={**state.extras, 'fisher': fisher})
+
+
 # ------------------------------------------------------------------------------------------------
 # The registry.
 
@@ -964,6 +1107,8 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 for _cls in (Finetune, SFA, L2, EWC, Replay, WiseFT, TaskArithmetic, TIES, Joint, AdaptiveSFA, MultiAnchorSFA):
+  register_method(_cls)
+for _cls in (MagMax, CoFiMA):
   register_method(_cls)
 
 

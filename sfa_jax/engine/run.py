@@ -1,7 +1,7 @@
 """One continual-learning run: a method trained on a stream of tasks, every task evaluated after each.
 
 The methods (finetune, sfa, l2, ewc, replay, wise-ft, task-arithmetic, ties, joint, adaptive-sfa,
-multi-anchor-sfa, and yours) are the classes of :mod:`sfa_jax.engine.methods`; the loop is
+multi-anchor-sfa, magmax, cofima, and yours) are the classes of :mod:`sfa_jax.engine.methods`; the loop is
 :func:`sfa_jax.engine.loop.train_stream`, which :mod:`sfa_jax.engine.sweep` shares; the settings
 are a :class:`~sfa_jax.engine.config.TrainConfig`. This module holds :func:`run_sequence`, its
 :class:`SequenceResult`, and the fingerprint that ties a run to its checkpoints.
@@ -10,8 +10,8 @@ The optimizer state (e.g. Adam's moments) is re-initialised at the start of ever
 (``TrainConfig.reset_optimizer``); SFA keeps it across its averaging steps within a task.
 
 Non-parameter model state (ResNet18's BatchNorm statistics) is trained as usual and is not touched
-by SFA, L2 or EWC; the merges (WiSE-FT, task arithmetic, TIES) apply to it like to the params (see
-:mod:`sfa_jax.models.state`).
+by SFA, L2 or EWC; the merges (WiSE-FT, task arithmetic, TIES, MagMax) apply to it like to the
+params, and CoFiMA, which has no Fisher for it, interpolates it (see :mod:`sfa_jax.models.state`).
 """
 
 from __future__ import annotations
