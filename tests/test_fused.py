@@ -166,27 +166,30 @@ def test_padded_lengths_are_few_and_close():
 
 
 def test_a_single_sfa_run_skips_the_anchor_between_averages_when_asked_or_large(stream, monkeypatch):
+  """Each dispatch is recorded as (skips the anchor, steps); chunks between averages may have any
+  length (the pace of dispatches follows the clock), each average runs alone."""
   calls = []
-  make_chunk = fused.make_chunk
+  chunk = programs.ChunkPrograms.chunk
 
-  def counting(*args, **kwargs):
-    program = make_chunk(*args, **kwargs)
-    return lambda *a: (calls.append(int(a[-1])) if a[-1] else None) or program(*a)
+  def counting(self, layout, skip, *args):
+    program = chunk(self, layout, skip, *args)
+    return lambda *a: (calls.append((skip, int(a[-1]))) if a[-1] else None) or program(*a)
 
-  monkeypatch.setattr(fused, 'make_chunk', counting)
+  monkeypatch.setattr(programs.ChunkPrograms, 'chunk', counting)
   monkeypatch.setattr(programs, '_REUSED', {})
+  averaging = lambda: [steps for skip, steps in calls if not skip]
   method = engine.make_method('sfa', p=0.25, beta=0.5)
   config = dataclasses.replace(CONFIG, eval_every=0)
   branchless = engine.run_sequence(stream, method, config)  # small params: the branchless update
-  assert calls.count(1) == 0
+  assert calls and all(not skip for skip, _ in calls)
   calls.clear()
   skipped = engine.run_sequence(stream, method, dataclasses.replace(config, skip_anchor_between_averages=True))
-  assert calls.count(1) == len(skipped.averaging_steps) > 0  # each average alone, the steps between skip it
+  assert averaging() == [1] * len(skipped.averaging_steps) and skipped.averaging_steps  # each average alone
   assert skipped.averaging_steps == branchless.averaging_steps
   np.testing.assert_allclose(skipped.accuracy_matrix, branchless.accuracy_matrix, atol=0.02)  # rounding only
   calls.clear()
   monkeypatch.setattr(engine.config, 'SKIP_ANCHOR_MIN_BYTES', 1)  # every model is large: skipped by default
   assert engine.run_sequence(stream, method, config).averaging_steps == skipped.averaging_steps
-  assert calls.count(1) == len(skipped.averaging_steps)
+  assert averaging() == [1] * len(skipped.averaging_steps)
   with pytest.raises(TypeError, match='skip_anchor_between_averages must be None, True or False'):
     engine.TrainConfig(skip_anchor_between_averages='yes')
