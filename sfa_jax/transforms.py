@@ -700,8 +700,11 @@ def ewc(
   :math:`\lambda F\odot(\theta-\theta^*)` is added to the incoming gradients (Avalanche writes the
   penalty without the 1/2, so its :math:`\lambda` is half of ours). Chain it *before* the optimizer.
   ``F`` is a diagonal Fisher estimate, e.g. from :func:`sfa_jax.fisher.diagonal_fisher`; for online
-  EWC accumulate it across tasks and pass the new one to :func:`reanchor`. Leaves whose param is an
-  integer or a PRNG key are not penalised.
+  EWC accumulate it across tasks and pass the new one to :func:`reanchor`. With Memory Aware
+  Synapses' importance (:func:`sfa_jax.fisher.mas_importance`, summed over the tasks with
+  ``online_fisher(Ω_old, Ω_new, gamma=1.0)``) in place of ``F``, this is MAS's penalty (Aljundi et
+  al, 2018). One penalty per past task is :func:`offline_ewc`. Leaves whose param is an integer or
+  a PRNG key are not penalised.
 
   Args:
     fisher: the diagonal Fisher, a pytree with the params' structure, shapes and dtypes and
