@@ -14,12 +14,17 @@ Methods the engine has, and their rows in the paper's Tables 4-5:
   finetune      "None - lower bound"
   joint         "Offline - upper bound" (stage k trains on tasks 0..k, the same iterations per stage)
   ewc           "Online EWC" (one quadratic penalty toward the last task's end, F <- gamma F + F_new), at the
-                lambda and gamma of their grid search (param_values.py); their offline "EWC" (one penalty per
-                past task) is not in the engine
+                lambda and gamma of their grid search (param_values.py)
+  ewc-offline   "EWC" (one penalty per past task, Kirkpatrick et al's), at the lambda of their grid search (the
+                same 1/2 convention: their ewc_lambda is the engine's strength)
+  si            "SI" (Zenke et al's path integral), at the c of their grid search: the engine's penalty has
+                EWC's 1/2, so strength = 2c; damping = their epsilon, 0.1. The engine's path integral uses the
+                gradient of the task's loss (Zenke et al's definition), theirs that of the total loss, the SI
+                penalty included
   replay        no row in the 2019 tables (their memory-based row is iCaRL, budget 2000, class-IL); run with
                 25 % of each past task kept (200 images per task, 100 per class) and half of each batch replayed
 
-SI, LwF, DGR, DGR+distill, iCaRL and XdG are not in the engine: their rows are shown, not run.
+LwF, DGR, DGR+distill, iCaRL and XdG are not in the engine: their rows are shown, not run.
 
 What differs from the paper, beyond the methods: the bundled 5000 MNIST images (4000 train, 1000 test:
 800 / 200 per split-MNIST task) instead of 60 000 / 10 000; permuted MNIST permutes the 28x28 pixels (theirs:
@@ -27,7 +32,7 @@ zero-padded to 32x32) and uses the 4000 training images per task; 3 seeds instea
 the true labels (theirs: the model's predicted labels); class-incremental trains the full 10-way head
 (theirs: the softmax over the classes seen so far).
 
-  python experiments/three_scenarios.py --protocols split            # 3 scenarios x 4 methods x 3 seeds
+  python experiments/three_scenarios.py --protocols split            # 3 scenarios x 6 methods x 3 seeds
   python experiments/three_scenarios.py --protocols permuted --scenarios domain-incremental --seeds 0
   python experiments/three_scenarios.py --quick                      # 8x8 digits, few steps
 
@@ -71,6 +76,25 @@ ONLINE_EWC = {
     ('permuted', tasks.DOMAIN_INCREMENTAL): (1000.0, 0.9),
     ('permuted', tasks.CLASS_INCREMENTAL): (5.0, 1.0),
 }
+# Their SI c and offline-EWC lambda per (protocol, scenario), from the same param_values.py (si_c, ewc_lambda); SI's
+# epsilon is their --epsilon default, 0.1. The engine's SI strength is 2c (its penalty has EWC's 1/2).
+SI_C = {
+    ('split', tasks.TASK_INCREMENTAL): 50.0,
+    ('split', tasks.DOMAIN_INCREMENTAL): 500.0,
+    ('split', tasks.CLASS_INCREMENTAL): 0.5,
+    ('permuted', tasks.TASK_INCREMENTAL): 5.0,
+    ('permuted', tasks.DOMAIN_INCREMENTAL): 5.0,
+    ('permuted', tasks.CLASS_INCREMENTAL): 0.1,
+}
+SI_EPSILON = 0.1
+OFFLINE_EWC = {
+    ('split', tasks.TASK_INCREMENTAL): 1e7,
+    ('split', tasks.DOMAIN_INCREMENTAL): 1e6,
+    ('split', tasks.CLASS_INCREMENTAL): 1e8,
+    ('permuted', tasks.TASK_INCREMENTAL): 500.0,
+    ('permuted', tasks.DOMAIN_INCREMENTAL): 500.0,
+    ('permuted', tasks.CLASS_INCREMENTAL): 1.0,
+}
 REPLAY_FRACTION = 0.25
 
 # The paper's Tables 4 (split MNIST) and 5 (permuted MNIST): mean over 20 seeds, in %, with the spread it
@@ -108,16 +132,18 @@ VERIFIED = {
     'split': {(row, s) for row in PUBLISHED['split'] for s in range(3)},
     'permuted': {('EWC', 2), ('SI', 2), ('Online EWC', 2), ('DGR', 2), ('DGR+distill', 2), ('iCaRL (budget 2000)', 2)},
 }
-ROW_OF = {'finetune': 'None', 'joint': 'Offline', 'ewc': 'Online EWC'}
+ROW_OF = {'finetune': 'None', 'joint': 'Offline', 'ewc': 'Online EWC', 'ewc-offline': 'EWC', 'si': 'SI'}
 SCENARIO_COLUMN = {tasks.TASK_INCREMENTAL: 0, tasks.DOMAIN_INCREMENTAL: 1, tasks.CLASS_INCREMENTAL: 2}
 SHORT = {tasks.TASK_INCREMENTAL: 'Task-IL', tasks.DOMAIN_INCREMENTAL: 'Domain-IL', tasks.CLASS_INCREMENTAL: 'Class-IL'}
 
 
 def methods_for(protocol, scenario, extra_ewc=()):
-  """``(selector, (method name, {hyper-parameter: (value,)}))``: the four methods, then EWC at the --ewc-strengths
+  """``(selector, (method name, {hyper-parameter: (value,)}))``: the six methods, then EWC at the --ewc-strengths
   (selector 'ewc-tuned'); the second item is a grid entry of :func:`scaffold.configurations`."""
   strength, gamma = ONLINE_EWC[protocol, scenario]
+  si = {'strength': (2.0 * SI_C[protocol, scenario],), 'damping': (SI_EPSILON,)}
   return ([('finetune', ('finetune', {})), ('joint', ('joint', {})), ('ewc', ('ewc', {'strength': (strength,), 'gamma': (gamma,)})),
+           ('ewc-offline', ('ewc-offline', {'strength': (OFFLINE_EWC[protocol, scenario],)})), ('si', ('si', si)),
            ('replay', ('replay', {'fraction': (REPLAY_FRACTION,)}))]
           + [('ewc-tuned', ('ewc', {'strength': (float(x),), 'gamma': (gamma,)})) for x in extra_ewc if float(x) != strength])
 
@@ -216,8 +242,9 @@ def main(argv=None) -> None:
   parser = scaffold.experiment_parser(__doc__)
   parser.add_argument('--protocols', default='split,permuted', help='comma-separated: split, permuted')
   parser.add_argument('--scenarios', help='comma-separated settings (default: every scenario of each protocol)')
-  parser.add_argument('--methods', default='finetune,joint,ewc,replay',
-                      help="comma-separated: finetune, joint, ewc (at the paper's strength), replay, ewc-tuned (at --ewc-strengths)")
+  parser.add_argument('--methods', default='finetune,joint,ewc,ewc-offline,si,replay',
+                      help="comma-separated: finetune, joint, ewc, ewc-offline, si (at the paper's strengths), replay, "
+                           'ewc-tuned (at --ewc-strengths)')
   parser.add_argument('--ewc-strengths', default='', help='comma-separated EWC strengths run as ewc-tuned (the paper\'s '
                       'strengths do not transfer: on 800 images per task trained for 2000 steps the Fisher is ~1e6 times smaller)')
   args = parser.parse_args(argv)
@@ -292,6 +319,9 @@ def main(argv=None) -> None:
                   f"{row['forgetting'][0]:.4f} ± {row['forgetting'][1]:.4f} | {row['seeds']} | {row['train_seconds'][0]:.0f} |")
     payload = {'protocol': protocol, 'settings': {**{k: v for k, v in PROTOCOLS[protocol].items() if k != 'scenarios'},
                                                   'batch_size': BATCH, 'online_ewc': {f'{p}|{s}': v for (p, s), v in ONLINE_EWC.items() if p == protocol},
+                                                  'offline_ewc': {f'{p}|{s}': v for (p, s), v in OFFLINE_EWC.items() if p == protocol},
+                                                  'si_c': {f'{p}|{s}': v for (p, s), v in SI_C.items() if p == protocol},
+                                                  'si_epsilon': SI_EPSILON,
                                                   'replay_fraction': REPLAY_FRACTION, 'config': engine.run.describe_config(config)},
                'published': PUBLISHED[protocol], 'verified_cells': sorted(map(list, VERIFIED[protocol])),
                'summary': [{'scenario': s, 'method_name': n, **v} for (s, n), v in summary.items()],

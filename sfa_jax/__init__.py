@@ -1,4 +1,4 @@
-"""sfa_jax: Sequential Fine-tuning with Averaging (SFA), L2 and EWC as Optax transforms.
+"""sfa_jax: Sequential Fine-tuning with Averaging (SFA), L2, EWC and SI as Optax transforms.
 
 Chain one transform into any Optax optimizer to fight catastrophic forgetting::
 
@@ -22,6 +22,10 @@ _EXPORTS = {
     'is_averaging_step': 'transforms',
     'l2': 'transforms',
     'sfa': 'transforms',
+    'OfflineEWCState': 'transforms',
+    'SIState': 'transforms',
+    'offline_ewc': 'transforms',
+    'si': 'transforms',
     'check_placement': 'anchors',
     'find_state': 'anchors',
     'find_states': 'anchors',
@@ -38,6 +42,8 @@ _EXPORTS = {
     'diagonal_fisher': 'fisher',
     'online_fisher': 'fisher',
     'fisher_merge': 'merging',
+    'offline_fisher': 'fisher',
+    'mas_importance': 'fisher',
     'interpolate': 'merging',
     'magmax': 'merging',
     'task_arithmetic': 'merging',

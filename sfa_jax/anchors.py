@@ -5,7 +5,8 @@ a ``NamedTuple`` around the inner state, ``optax.masked`` and ``optax.multi_tran
 group whose params are masked (``optax.MaskedNode`` where a leaf is left out), and ``flax.nnx``
 wraps every array in a ``Variable``. The functions here find every anchored state
 (:class:`~sfa_jax.transforms.SFAState`, :class:`~sfa_jax.transforms.L2State`,
-:class:`~sfa_jax.transforms.EWCState`, and those taught by :func:`register_anchored_state`)
+:class:`~sfa_jax.transforms.EWCState`, :class:`~sfa_jax.transforms.OfflineEWCState`,
+:class:`~sfa_jax.transforms.SIState`, and those taught by :func:`register_anchored_state`)
 wherever it sits, and fit the params to each one's own sub-tree, so users never index the chain
 (``opt_state[1].count``).
 """
@@ -21,10 +22,13 @@ import jax.numpy as jnp
 import optax
 
 from sfa_jax import _validation
+from sfa_jax import fisher as fisher_lib
 from sfa_jax import transforms
 from sfa_jax.transforms import EWCState
 from sfa_jax.transforms import L2State
+from sfa_jax.transforms import OfflineEWCState
 from sfa_jax.transforms import SFAState
+from sfa_jax.transforms import SIState
 
 # State type -> rule ``(state, params) -> state`` giving the next task's state (anchor at a copy of
 # ``params``, counters restarted). Fields named ``active`` and ``total_steps`` are set by reanchor.
@@ -34,6 +38,8 @@ _RULES: dict[type, Callable[[Any, optax.Params], Any]] = {
     ),
     L2State: lambda state, params: state._replace(anchor=_validation.copy_tree(params)),
     EWCState: lambda state, params: state._replace(anchor=_validation.copy_tree(params)),
+    OfflineEWCState: lambda state, params: state,  # the task's end and Fisher are added by reanchor (fisher=)
+    SIState: transforms.si_next_task,
 }
 # The states whose transform rewrites the final update (they must sit last in their chain).
 _AVERAGING: set[type] = {SFAState}
@@ -372,19 +378,22 @@ def reanchor(
     params: Any = None,
     *,
     fisher: optax.Params | None = None,
+    importance: optax.Params | None = None,
     total_steps: int | None = None,
 ) -> Any:
   """The optimizer state for the next task: every anchor becomes a copy of ``params``.
 
-  Finds every anchored state (SFA, L2, EWC, adaptive SFA, and those taught by
+  Finds every anchored state (SFA, L2, EWC, offline EWC, SI, adaptive SFA, and those taught by
   :func:`register_anchored_state`) anywhere inside ``opt_state`` (chains, ``inject_hyperparams``,
   ``MultiSteps``, ``masked``, ``multi_transform``, any NamedTuple, tuple, list or dict) and sets its
   anchor to a copy of ``params``, cut to that state's own sub-tree (so SFA on a masked group, or
   two SFA groups of a ``multi_transform``, each get their leaves) and cast to the anchor's dtype
   where it was stored in another (``anchor_dtype=``); SFA's step counter restarts at
-  0 and every state becomes active (see ``wait_for_anchor``). Optimizer moments and other state
-  are left as they are. Call it outside ``jit``, between tasks. It also runs
-  :func:`check_placement`.
+  0 and every state becomes active (see ``wait_for_anchor``). SI's state turns the finished task's
+  path integral into importance (:func:`sfa_jax.si`); offline EWC's adds the task's ``fisher``
+  with ``params`` as its end, its anchor becoming the Fisher-weighted mean of the ends
+  (:func:`sfa_jax.offline_ewc`). Optimizer moments and other state are left as they are. Call it
+  outside ``jit``, between tasks. It also runs :func:`check_placement`.
 
   With Flax NNX, ``reanchor(optimizer, model)`` changes the optimizer in place (and returns it);
   ``reanchor(optimizer.opt_state, nnx.state(model, nnx.Param))`` does the same to that state. With a
@@ -392,11 +401,14 @@ def reanchor(
   re-anchored at its own params.
 
   Args:
-    opt_state: the state of a transformation containing SFA, L2 or EWC; or an ``nnx.Optimizer``;
-      or a ``TrainState``.
+    opt_state: the state of a transformation containing SFA, L2, EWC or SI; or an
+      ``nnx.Optimizer``; or a ``TrainState``.
     params: the parameters at the end of the finished task: the new anchor (finite values); with
       an ``nnx.Optimizer``, the ``nnx.Module``; with a ``TrainState``, ``None`` means its params.
-    fisher: for EWC, the new (e.g. online-accumulated) Fisher estimate; ``None`` keeps the old one.
+    fisher: for EWC, the new (e.g. online-accumulated) Fisher estimate, ``None`` keeping the old
+      one; for offline EWC, the finished task's Fisher, which it adds (required there).
+    importance: for SI, the importance Ω to hold from now on instead of the one accumulated (one
+      restored after the optimizer state was reset, as the engine does); ``None``: accumulated.
     total_steps: the next task's ``T`` for the states that have one (SFA, adaptive SFA); ``None``
       keeps the current one. ``inject_hyperparams`` states around them get it too.
 
@@ -405,9 +417,10 @@ def reanchor(
     for NNX; the new ``TrainState`` for a ``TrainState``).
 
   Raises:
-    ValueError: when ``opt_state`` holds none of these states, ``params`` / ``fisher`` do not
-      match the anchors' structure, shapes and dtypes or hold NaN / infinite values, or
-      ``total_steps`` is given but no state has one.
+    ValueError: when ``opt_state`` holds none of these states, ``params`` / ``fisher`` /
+      ``importance`` do not match the anchors' structure, shapes and dtypes or hold NaN / infinite
+      (or negative: ``fisher``, ``importance``) values, ``fisher``, ``importance`` or
+      ``total_steps`` is given but no state takes it, or an offline EWC state gets no ``fisher``.
 
   Example:
     >>> import jax.numpy as jnp, optax, sfa_jax
@@ -424,28 +437,21 @@ def reanchor(
   opt_state, params = _target(opt_state, params)
   if params is None:
     raise TypeError('reanchor needs params, the new anchor: reanchor(opt_state, params).')
-  params, fisher = _unwrap(params), _unwrap(fisher)
+  params, fisher, importance = _unwrap(params), _unwrap(fisher), _unwrap(importance)
   if total_steps is not None:
     transforms.check_hyperparams(total_steps=total_steps)
   pure = _unwrap(opt_state)
   walk = list(_walk(pure))
-  states = [state for state, _ in walk]
-  if not states:
-    raise ValueError('reanchor found no SFAState, L2State, EWCState or other anchored state inside opt_state.')
-  if fisher is not None and not any(isinstance(state, EWCState) for state in states):
-    raise ValueError('reanchor got a fisher, but opt_state holds no EWCState.')
-  if total_steps is not None and not any('total_steps' in state._fields for state in states):
-    raise ValueError('reanchor got total_steps, but no state inside opt_state has a total_steps (only SFA does).')
+  _check_reanchor_arguments([state for state, _ in walk], fisher, importance, total_steps)
   _validation.check_finite_tree(params, 'params')
-  if fisher is not None:
-    _validation.check_finite_tree(fisher, 'fisher', non_negative=True)
+  for name, tree in (('fisher', fisher), ('importance', importance)):
+    if tree is not None:
+      _validation.check_finite_tree(tree, name, non_negative=True)
   _check_walk(walk)
 
   def replace(state):
     fitted = _validation.fit_to(state.anchor, _in_anchor_dtypes(state.anchor, params), reference_name='anchor', other_name='params')
-    new = _RULES[type(state)](state, fitted)
-    if isinstance(new, EWCState) and fisher is not None:
-      new = new._replace(fisher=_validation.copy_tree(_validation.fit_to(state.fisher, fisher, reference_name="the state's fisher", other_name='fisher')))
+    new = _with_given_trees(_RULES[type(state)](state, fitted), state, fitted, fisher, importance)
     fields = {'active': True} if 'active' in new._fields else {}
     if total_steps is not None and 'total_steps' in new._fields:
       fields['total_steps'] = total_steps
@@ -457,11 +463,41 @@ def reanchor(
   return _give_back(holder, opt_state, new_state)
 
 
+def _check_reanchor_arguments(states: list[Any], fisher: Any, importance: Any, total_steps: Any) -> None:
+  """Raises ``ValueError`` unless :func:`reanchor`'s trees and ``total_steps`` fit the ``states`` it found."""
+  if not states:
+    raise ValueError('reanchor found no SFAState, L2State, EWCState or other anchored state inside opt_state.')
+  if fisher is not None and not any(isinstance(state, (EWCState, OfflineEWCState)) for state in states):
+    raise ValueError('reanchor got a fisher, but opt_state holds no EWCState or OfflineEWCState.')
+  if fisher is None and any(isinstance(state, OfflineEWCState) for state in states):
+    raise ValueError("offline EWC adds the finished task's Fisher: reanchor(opt_state, params, fisher=F).")
+  if importance is not None and not any(isinstance(state, SIState) for state in states):
+    raise ValueError('reanchor got an importance, but opt_state holds no SIState.')
+  if total_steps is not None and not any('total_steps' in state._fields for state in states):
+    raise ValueError('reanchor got total_steps, but no state inside opt_state has a total_steps (only SFA does).')
+
+
+def _with_given_trees(new: Any, state: Any, params: Any, fisher: Any, importance: Any) -> Any:
+  """``new`` (the next task's ``state`` by its rule) with :func:`reanchor`'s ``fisher`` and
+  ``importance``: EWC's Fisher replaced, offline EWC's task added at ``params``, SI's importance set."""
+  if fisher is not None and isinstance(new, (EWCState, OfflineEWCState)):
+    fitted = _validation.fit_to(state.fisher, fisher, reference_name="the state's fisher", other_name='fisher')
+    if isinstance(new, EWCState):
+      return new._replace(fisher=_validation.copy_tree(fitted))
+    total, mean = fisher_lib.offline_fisher(state.fisher, state.anchor, fitted, params)
+    return new._replace(fisher=total, anchor=mean)
+  if importance is not None and isinstance(new, SIState):
+    fitted = _validation.fit_to(state.importance, _in_anchor_dtypes(state.importance, importance),
+                                reference_name="the state's importance", other_name='importance')
+    return new._replace(importance=_validation.copy_tree(fitted))
+  return new
+
+
 def set_hyperparams(opt_state: Any, **values: Any) -> Any:
   """The state with hyper-parameters changed in every anchored state that has them.
 
-  SFA's ``p``, ``beta`` and ``total_steps``, the penalties' ``strength`` and adaptive SFA's
-  ``threshold`` and ``min_p`` live in the state; this sets them (checked as the factories check
+  SFA's ``p``, ``beta`` and ``total_steps``, the penalties' ``strength``, SI's ``damping`` and
+  adaptive SFA's ``threshold`` and ``min_p`` live in the state; this sets them (checked as the factories check
   them), and in the ``inject_hyperparams`` states around them. It works inside ``jit`` too (traced
   values are checked for their shape only). For NNX the state is changed in place.
 

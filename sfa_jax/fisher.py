@@ -1,4 +1,4 @@
-r"""Diagonal Fisher information estimates for EWC, and their online accumulation across tasks.
+r"""Diagonal Fisher information estimates for EWC, their accumulation across tasks, and MAS's importance.
 
 For a classifier :math:`p(y \mid x; \theta) = \mathrm{softmax}(f_\theta(x))_y` the diagonal of the
 Fisher information over a data set :math:`\{x_i, y_i\}_{i=1}^N` is estimated from *per-example*
@@ -11,6 +11,11 @@ gradients :math:`g_i(y) = \nabla_\theta \log p(y \mid x_i; \theta)`, squared ent
 * ``'expected'``: the exact expectation over the classes,
   :math:`\frac{1}{N}\sum_i\sum_c p(c \mid x_i; \theta)\, g_i(c)^2`, of which ``'sampled'`` is an
   unbiased Monte Carlo estimate.
+
+Across tasks, :func:`online_fisher` keeps online EWC's running Fisher and :func:`offline_fisher`
+offline EWC's sum of the tasks' Fishers with their weighted mean end. :func:`mas_importance` is
+Memory Aware Synapses' importance (the gradient of the output's squared norm, no labels), which
+EWC's penalty takes in place of the Fisher.
 
 Convention: the square is taken per example, as in Kirkpatrick et al and most papers. Avalanche
 squares the gradient of each *mini-batch* mean loss instead: cross terms between examples enter,
@@ -231,6 +236,157 @@ def online_fisher(
     return total.astype(jnp.result_type(new))
 
   return jax.tree.map(combine, previous, current)
+
+
+def offline_fisher(
+    fisher_sum: chex.ArrayTree, mean_anchor: chex.ArrayTree, fisher: chex.ArrayTree, anchor: chex.ArrayTree
+) -> tuple[chex.ArrayTree, chex.ArrayTree]:
+  r"""Offline EWC's two trees after one more task: :math:`S + F_k` and the new Fisher-weighted mean end.
+
+  Offline EWC's gradient :math:`\lambda\sum_k F_k\odot(\theta-\theta_k)` is
+  :math:`\lambda S\odot(\theta-\bar\theta)` with :math:`S = \sum_k F_k` and
+  :math:`\bar\theta = \sum_k F_k\odot\theta_k / S` (:func:`sfa_jax.offline_ewc`). Adding task
+  :math:`k` gives :math:`S' = S + F_k` and
+  :math:`\bar\theta' = \bar\theta + (F_k / S')\odot(\theta_k - \bar\theta)`, and
+  :math:`\bar\theta' = \theta_k` where :math:`S' = 0` (no penalty there). Computed in float32 and
+  cast to the dtypes of ``fisher`` and ``anchor``; non-float leaves are taken from ``fisher`` and
+  ``anchor``. :func:`sfa_jax.reanchor` applies it to an :class:`~sfa_jax.OfflineEWCState`; the
+  engine's ``ewc-offline`` keeps the two trees itself and passes them to :func:`sfa_jax.ewc`.
+
+  Args:
+    fisher_sum: :math:`S`, the sum of the past tasks' Fishers (zeros before the first task).
+    mean_anchor: :math:`\bar\theta` (anything finite before the first task).
+    fisher: :math:`F_k`, the Fisher of the task just finished (e.g. :func:`diagonal_fisher`).
+    anchor: :math:`\theta_k`, the params at its end.
+
+  Returns:
+    ``(S', θ̄')``, new trees shaped and typed like ``fisher`` and ``anchor``.
+
+  Raises:
+    ValueError: if the trees do not match, or a Fisher holds a negative, NaN or infinite entry (the
+      leaf is named).
+
+  Example:
+    >>> import jax.numpy as jnp, sfa_jax.fisher
+    >>> total, mean = {'w': jnp.array([1.0, 0.0])}, {'w': jnp.array([2.0, 2.0])}
+    >>> total, mean = sfa_jax.fisher.offline_fisher(total, mean, {'w': jnp.array([3.0, 0.0])},
+    ...                                             {'w': jnp.array([6.0, 5.0])})
+    >>> total['w'].tolist(), mean['w'].tolist()  # (1·2 + 3·6) / 4; no Fisher: the new end
+    ([4.0, 0.0], [5.0, 5.0])
+  """
+  for name, tree in (('mean_anchor', mean_anchor), ('fisher', fisher), ('anchor', anchor)):
+    _validation.check_matching_tree(fisher_sum, tree, reference_name='fisher_sum', other_name=name)
+  _validation.check_finite_tree(fisher_sum, 'fisher_sum', non_negative=True)
+  _validation.check_finite_tree(fisher, 'fisher', non_negative=True)
+
+  def total(old_sum, new):
+    if not _validation.is_float_leaf(new):
+      return new
+    return (jnp.asarray(old_sum, jnp.float32) + jnp.asarray(new, jnp.float32)).astype(jnp.result_type(new))
+
+  def mean(old_sum, old_mean, new, end):
+    if not _validation.is_float_leaf(new):
+      return end
+    new_sum = jnp.asarray(old_sum, jnp.float32) + jnp.asarray(new, jnp.float32)
+    share = jnp.where(new_sum > 0, jnp.asarray(new, jnp.float32) / jnp.where(new_sum > 0, new_sum, 1.0), 1.0)
+    old_mean = jnp.asarray(old_mean, jnp.float32)
+    return (old_mean + share * (jnp.asarray(end, jnp.float32) - old_mean)).astype(jnp.result_type(end))
+
+  return jax.tree.map(total, fisher_sum, fisher), jax.tree.map(mean, fisher_sum, mean_anchor, fisher, anchor)
+
+
+def mas_importance(
+    apply_fn: Callable[[Any, Any], Any],
+    params: chex.ArrayTree,
+    inputs: chex.ArrayTree,
+    *,
+    batch_size: int = 256,
+) -> chex.ArrayTree:
+  r"""Memory Aware Synapses' importance: the mean over examples of :math:`|\partial\lVert f(x)\rVert_2^2/\partial\theta|`.
+
+  With :math:`f_\theta(x)` the model's output for one example (all its entries: the logits of a
+  classifier), the importance of each parameter is
+
+  .. math::
+    \Omega = \frac{1}{N}\sum_{i=1}^N \Big|\frac{\partial \lVert f_\theta(x_i)\rVert_2^2}{\partial\theta}\Big|,
+
+  the absolute value taken per example, as in Aljundi et al's definition (their Eq. 4 with the
+  squared :math:`\ell_2` norm); no label is used. MAS's penalty is :func:`sfa_jax.ewc` with
+  :math:`\Omega` in place of the Fisher, accumulated over the tasks as a sum, as the paper does:
+  ``reanchor(state, params, fisher=online_fisher(Ω_old, Ω_new, gamma=1.0))``.
+
+  Conventions: Aljundi et al's code and Avalanche's ``MASPlugin`` take the absolute value of each
+  *mini-batch's* gradient (of the summed, resp. averaged, squared norms), whose entries cancel
+  between examples: their importance is at most this one, equal for batches of one. Avalanche also
+  runs the model in training mode, combines the tasks by :math:`\alpha\Omega_{\mathrm{old}} +
+  (1-\alpha)\Omega_{\mathrm{new}}` (:math:`\alpha = 0.5`) rather than the sum, and writes the penalty
+  :math:`\lambda\sum\Omega(\theta-\theta^*)^2` without EWC's 1/2, as the paper does: their
+  :math:`\lambda` is ``strength / 2`` of :func:`sfa_jax.ewc`.
+
+  The examples are walked in chunks of ``batch_size`` of one shape (the last padded and masked), one
+  example's gradient at a time inside each chunk (a loop, so memory is one gradient, not
+  ``batch_size`` of them); the jitted chunk function compiles once per ``apply_fn``, chunk shape
+  and dtypes. Sums are float32, cast back to each leaf's dtype; non-float leaves get zeros.
+
+  Args:
+    apply_fn: ``apply_fn(params, x_batch)``, the model's output for a batch (any shape with the
+      batch first), e.g. ``lambda p, x: model.apply(p, x)`` in inference mode; hashable.
+    params: the parameters :math:`\theta` (at the end of the task).
+    inputs: the examples, an array of shape ``(N, ...)`` or a pytree of such arrays sharing ``N``.
+    batch_size: the examples per chunk, at least 1.
+
+  Returns:
+    A pytree like ``params``, non-negative.
+
+  Raises:
+    ValueError: for inputs without examples or of unequal lengths, or ``batch_size`` below 1.
+
+  Example:
+    >>> import jax.numpy as jnp, sfa_jax.fisher
+    >>> apply_fn = lambda params, x: x @ params['w']  # f(x) = x·w, ‖f‖² = (x·w)²
+    >>> params = {'w': jnp.array([[1.0], [2.0]])}
+    >>> inputs = jnp.array([[1.0, 0.0], [1.0, -1.0]])  # f = 1 and -1: |2 f x|
+    >>> sfa_jax.fisher.mas_importance(apply_fn, params, inputs)['w'].tolist()
+    [[2.0], [1.0]]
+
+  References:
+    Aljundi et al, `Memory Aware Synapses: Learning what (not) to forget
+    <https://arxiv.org/abs/1711.09601>`_, 2018
+  """
+  _validation.check_int('batch_size', batch_size)
+  num_examples, batch_size = _num_examples(inputs), int(batch_size)
+  leaves, treedef = jax.tree.flatten(params)
+  sums = [jnp.zeros_like(leaf, jnp.float32) for leaf in leaves if _validation.is_float_leaf(leaf)]
+  for start in range(0, num_examples, batch_size):
+    sums = _add_output_gradients(sums, params, _chunk(inputs, start, batch_size),
+                                 np.int32(min(batch_size, num_examples - start)), apply_fn=apply_fn)
+  sums = iter(sums)
+  return treedef.unflatten([
+      (next(sums) / num_examples).astype(jnp.result_type(leaf)) if _validation.is_float_leaf(leaf) else jnp.zeros_like(leaf)
+      for leaf in leaves
+  ])
+
+
+@functools.partial(jax.jit, static_argnames=('apply_fn',), donate_argnums=0)
+def _add_output_gradients(sums: list[chex.Array], params: chex.ArrayTree, inputs: chex.ArrayTree, num_valid: chex.Array, *,
+                          apply_fn: Callable[[Any, Any], Any]) -> list[chex.Array]:
+  """Adds ``|∂‖f(x_i)‖²/∂θ|`` of the chunk's first ``num_valid`` examples to the float32 ``sums`` (one per float leaf)."""
+  leaves, treedef = jax.tree.flatten(params)
+  is_float = [_validation.is_float_leaf(leaf) for leaf in leaves]
+
+  def squared_norm(differentiated, x):
+    replaced = iter(differentiated)
+    full = treedef.unflatten([next(replaced) if flt else leaf for leaf, flt in zip(leaves, is_float)])
+    return jnp.sum(jnp.square(jnp.asarray(apply_fn(full, x), jnp.float32)))
+
+  float_leaves = [leaf for leaf, flt in zip(leaves, is_float) if flt]
+
+  def add_example(i, total):
+    x = jax.tree.map(lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, i, 1), inputs)
+    grads = jax.grad(squared_norm)(float_leaves, x)
+    return [t + jnp.abs(g.astype(jnp.float32)) for t, g in zip(total, grads)]
+
+  return jax.lax.fori_loop(0, num_valid, add_example, sums)
 
 
 def _num_examples(inputs: chex.ArrayTree) -> int:

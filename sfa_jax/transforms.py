@@ -6,8 +6,9 @@ Optax optimizer:
 
 * ``sfa`` goes *after* the optimizer: it rewrites the final updates so that ``optax.apply_updates``
   lands on the averaged parameters at the averaging steps.
-* ``l2`` and ``ewc`` go *before* the optimizer: they add the gradient of a quadratic penalty toward
-  the anchor, like ``optax.add_decayed_weights`` adds the gradient of weight decay.
+* ``l2``, ``ewc``, ``offline_ewc`` and ``si`` go *before* the optimizer: they add the gradient of a
+  quadratic penalty toward the anchor, like ``optax.add_decayed_weights`` adds the gradient of weight
+  decay (``si`` also reads the raw gradient there, for its path integral).
 
 At a task boundary, ``reanchor`` turns the end of the finished task into the anchor of the next one,
 wherever the transforms sit inside chains and wrappers.
@@ -18,6 +19,7 @@ unchanged, and their anchors are kept only so that the state mirrors the params'
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import chex
@@ -30,6 +32,7 @@ from sfa_jax import _validation
 
 __all__ = [
     'SFAState', 'L2State', 'EWCState', 'averaging_period', 'is_averaging_step', 'sfa', 'l2', 'ewc',
+    'SIState', 'OfflineEWCState', 'si', 'offline_ewc',
 ]
 
 
@@ -123,6 +126,77 @@ class EWCState(NamedTuple):
   active: chex.Array
   anchor: optax.Params
   fisher: optax.Params
+
+
+class OfflineEWCState(NamedTuple):
+  r"""State of :func:`offline_ewc`: one penalty per past task, held in two trees of the params' size.
+
+  :math:`\sum_k F_k\odot(\theta-\theta_k) = S\odot(\theta-\bar\theta)` with :math:`S = \sum_k F_k`
+  and :math:`\bar\theta = \sum_k F_k\odot\theta_k / S`, so the past tasks' Fishers and ends are kept
+  as their sum and their Fisher-weighted mean, whatever the number of tasks.
+
+  Attributes:
+    strength: float32 scalar, λ.
+    active: bool scalar; while false the penalty is off (see ``wait_for_anchor``).
+    anchor: :math:`\bar\theta`, the Fisher-weighted mean of the past tasks' ends (where
+      :math:`S = 0`, the latest end); same structure as the params.
+    fisher: :math:`S`, the sum of the past tasks' Fishers; same structure as the params.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> tx = optax.chain(sfa_jax.offline_ewc(10.0), optax.sgd(0.1))
+    >>> state = tx.init({'w': jnp.zeros(2)})
+    >>> for end, fisher in ((1.0, 1.0), (4.0, 2.0)):  # two tasks' ends and Fishers
+    ...   state = sfa_jax.reanchor(state, {'w': jnp.full(2, end)},
+    ...                            fisher={'w': jnp.full(2, fisher)})
+    >>> found = sfa_jax.find_state(state)
+    >>> found.fisher['w'].tolist(), found.anchor['w'].tolist()  # 1 + 2; (1·1 + 2·4) / 3
+    ([3.0, 3.0], [3.0, 3.0])
+  """
+
+  strength: chex.Array
+  active: chex.Array
+  anchor: optax.Params
+  fisher: optax.Params
+
+
+class SIState(NamedTuple):
+  r"""State of :func:`si`.
+
+  Attributes:
+    strength: float32 scalar, λ.
+    damping: float32 scalar, ξ (read by :func:`sfa_jax.reanchor`).
+    active: bool scalar; while false the penalty is off (the path integral still accumulates).
+    anchor: :math:`\theta^*`, the params where the task began; same structure as the params.
+    importance: :math:`\Omega`, the importance summed over the finished tasks (at least 0).
+    path: :math:`\omega`, the task's path integral so far (its latest step's term is added at
+      the next update, or by :func:`sfa_jax.reanchor`).
+    previous_params: the params at the latest update.
+    previous_grad: the raw gradient at the latest update (zero before the task's first).
+
+    ``importance``, ``path`` and ``previous_grad`` are held in at least float32.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> tx = optax.chain(sfa_jax.si(1.0, damping=0.1), optax.sgd(0.5))
+    >>> params, state = {'w': jnp.zeros(2)}, tx.init({'w': jnp.zeros(2)})
+    >>> for _ in range(2):  # two steps on the gradient 1
+    ...   updates, state = tx.update({'w': jnp.ones(2)}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> state = sfa_jax.reanchor(state, params)  # ω = 2·0.5 = 1, Δ = -1
+    >>> si = sfa_jax.find_state(state)
+    >>> [round(x, 4) for x in si.importance['w'].tolist()]  # 1 / (1 + 0.1)
+    [0.9091, 0.9091]
+  """
+
+  strength: chex.Array
+  damping: chex.Array
+  active: chex.Array
+  anchor: optax.Params
+  importance: optax.Params
+  path: optax.Params
+  previous_params: optax.Params
+  previous_grad: optax.Params
 
 
 def averaging_period(p: chex.Numeric, total_steps: chex.Numeric) -> chex.Array:
@@ -626,8 +700,11 @@ def ewc(
   :math:`\lambda F\odot(\theta-\theta^*)` is added to the incoming gradients (Avalanche writes the
   penalty without the 1/2, so its :math:`\lambda` is half of ours). Chain it *before* the optimizer.
   ``F`` is a diagonal Fisher estimate, e.g. from :func:`sfa_jax.fisher.diagonal_fisher`; for online
-  EWC accumulate it across tasks and pass the new one to :func:`reanchor`. Leaves whose param is an
-  integer or a PRNG key are not penalised.
+  EWC accumulate it across tasks and pass the new one to :func:`reanchor`. With Memory Aware
+  Synapses' importance (:func:`sfa_jax.fisher.mas_importance`, summed over the tasks with
+  ``online_fisher(Ω_old, Ω_new, gamma=1.0)``) in place of ``F``, this is MAS's penalty (Aljundi et
+  al, 2018). One penalty per past task is :func:`offline_ewc`. Leaves whose param is an integer or
+  a PRNG key are not penalised.
 
   Args:
     fisher: the diagonal Fisher, a pytree with the params' structure, shapes and dtypes and
@@ -673,6 +750,230 @@ def ewc(
   return _penalty_transform(strength, make_state)
 
 
+def offline_ewc(
+    strength: chex.Numeric,
+    fisher: optax.Params | None = None,
+    anchor: optax.Params | None = None,
+    *,
+    wait_for_anchor: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Offline EWC: one penalty per past task, :math:`\sum_k \frac{\lambda}{2} F_k\odot(\theta - \theta_k)^2`.
+
+  Kirkpatrick et al's original EWC keeps, for every finished task :math:`k`, its diagonal Fisher
+  :math:`F_k` and its end :math:`\theta_k`. The gradient of the sum,
+  :math:`\lambda\sum_k F_k\odot(\theta-\theta_k) = \lambda(S\odot\theta - M)` with
+  :math:`S = \sum_k F_k` and :math:`M = \sum_k F_k\odot\theta_k`, needs two trees of the params'
+  size whatever the number of tasks. The state holds :math:`S` and :math:`\bar\theta = M/S` (the
+  Fisher-weighted mean of the ends, :class:`OfflineEWCState`), and the pull is computed as
+  :math:`\lambda S\odot(\theta-\bar\theta)`, as :func:`ewc`'s: the same gradient, without the
+  cancellation of :math:`S\odot\theta - M` in floating point. Chain it *before* the optimizer.
+
+  :func:`sfa_jax.reanchor` adds a finished task: ``reanchor(state, params, fisher=F_k)`` (the
+  Fisher is required) adds :math:`F_k` to :math:`S` and moves :math:`\bar\theta` to the new
+  weighted mean with :math:`\theta_k` = ``params`` (:func:`sfa_jax.fisher.offline_fisher`).
+  :func:`ewc` is online EWC (Schwarz et al): one penalty toward the latest end with an accumulated
+  Fisher, whose :func:`sfa_jax.reanchor` replaces the Fisher and the anchor.
+
+  Conventions: the penalty has FACIL's 1/2, as :func:`ewc`'s; van de Ven et al's offline EWC
+  (``--ewc`` in GMvandeVen/continual-learning) has the same 1/2, so their ``ewc_lambda`` is this
+  ``strength`` (their Fisher uses the model's predicted labels by default, the engine's the true
+  ones). Avalanche's ``EWCPlugin(mode='separate')`` has no 1/2: its ``ewc_lambda`` is half of ours.
+
+  Args:
+    strength: :math:`\lambda \ge 0`, the initial value of the state's ``strength`` (see :func:`l2`).
+    fisher: the Fisher of a task learnt before ``init`` (``None``: no past task yet, :math:`S = 0`
+      and no penalty until :func:`sfa_jax.reanchor` adds one); finite, non-negative, shaped and
+      typed like the params.
+    anchor: that task's end :math:`\theta_k`; ``None`` means the params at ``init``.
+    wait_for_anchor: start inactive (no penalty) until :func:`sfa_jax.reanchor` adds a task.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`OfflineEWCState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> params = {'w': jnp.array([2.0, 2.0])}
+    >>> tx = optax.chain(sfa_jax.offline_ewc(1.0), optax.sgd(1.0))
+    >>> state = tx.init(params)
+    >>> state = sfa_jax.reanchor(state, {'w': jnp.array([0.0, 0.0])},
+    ...                          fisher={'w': jnp.array([1.0, 0.0])})  # task 0
+    >>> state = sfa_jax.reanchor(state, {'w': jnp.array([1.0, 1.0])},
+    ...                          fisher={'w': jnp.array([1.0, 1.0])})  # task 1
+    >>> updates, _ = tx.update({'w': jnp.zeros(2)}, state, params)
+    >>> updates['w']  # -(1·(2 - 0) + 1·(2 - 1)), -(0·(2 - 0) + 1·(2 - 1))
+    Array([-3., -1.], dtype=float32)
+
+  References:
+    Kirkpatrick et al, `Overcoming catastrophic forgetting in neural networks
+    <https://arxiv.org/abs/1612.00796>`_, 2017
+
+    van de Ven et al, `Three types of incremental learning
+    <https://www.nature.com/articles/s42256-022-00568-3>`_, 2022
+  """
+  check_hyperparams(strength=strength)
+  if fisher is not None:
+    _validation.check_finite_tree(fisher, 'fisher', non_negative=True)
+
+  def make_state(params: optax.Params) -> OfflineEWCState:
+    anchor_copy = copy_anchor(params, anchor)
+    if fisher is None:
+      total = jax.tree.map(lambda leaf: jnp.zeros_like(leaf) if _validation.is_float_leaf(leaf) else jnp.copy(leaf), params)
+    else:
+      total = _validation.copy_tree(_validation.fit_to(params, fisher, reference_name='params', other_name='fisher'))
+    return OfflineEWCState(scalar(strength, jnp.float32), scalar(not wait_for_anchor, jnp.bool_), anchor_copy, total)
+
+  return _penalty_transform(strength, make_state)
+
+
+def si(
+    strength: chex.Numeric,
+    damping: chex.Numeric = 0.1,
+    anchor: optax.Params | None = None,
+    *,
+    wait_for_anchor: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Synaptic Intelligence: a quadratic penalty weighted by each parameter's path integral.
+
+  Chained *before* the optimizer, at every update it sees the raw task gradient :math:`g_t` and
+  the params :math:`\theta_t`, and keeps both in its state (:class:`SIState`), so that at the next
+  update it adds the previous step's term to the task's path integral
+
+  .. math::
+    \omega \mathrel{+}= -g_t\odot(\theta_{t+1} - \theta_t),
+
+  where :math:`\theta_{t+1}-\theta_t` is the update the optimizer actually applied, whatever the
+  optimizer (Adam, momentum, clipping after this transform). At a task boundary
+  :func:`sfa_jax.reanchor` adds the last step's term, turns :math:`\omega` into importance,
+
+  .. math::
+    \Omega \leftarrow \max\Big(0,\ \Omega + \frac{\omega}{(\theta_{\mathrm{end}}-\theta^*)^2+\xi}\Big),
+
+  and restarts the task: :math:`\omega = 0`, :math:`\theta^* = \theta_{\mathrm{end}}`. :math:`\Omega`
+  is summed over the tasks and clipped at 0 after each, as Zenke et al's implementation does (a
+  ReLU of the running sum; ``ganguli-lab/pathint``). Each update adds the gradient
+  :math:`\lambda\,\Omega\odot(\theta-\theta^*)` of the penalty
+  :math:`\frac{\lambda}{2}\sum_i\Omega_i(\theta_i-\theta^*_i)^2` to the gradients, as :func:`ewc`
+  does with the Fisher (the path integral accumulates also while the penalty is off, during the
+  first task). Leaves whose param is an integer or a PRNG key are not penalised.
+
+  Which gradient: :math:`\omega` uses the gradient of the task's loss alone, what this transform
+  sees before it adds its penalty, as Zenke et al define it (their code's ``unreg_grads``). Chain
+  it first, on the raw gradient: a transformation before it (clipping, noise) changes the
+  :math:`g_t` of the path integral. van de Ven et al's implementation, Avalanche's and Mammoth's use
+  the gradient of the total loss, the penalty's included; Mammoth also replaces
+  :math:`-g\odot\Delta\theta` by ``lr``·:math:`g^2`, which is the same only for plain SGD.
+
+  Conventions: the penalty has FACIL's 1/2, as :func:`ewc`'s, while the paper writes
+  :math:`c\sum_i\Omega_i(\theta_i-\theta^*_i)^2`: ``strength`` is :math:`2c`. So van de Ven et al's
+  ``--c`` (``si_c``), Zenke et al's ``c`` and Mammoth's ``--c`` give ``strength = 2·c``, with their
+  ``epsilon`` / ``xi`` as ``damping``. Avalanche's ``SynapticIntelligence(si_lambda, eps)`` has the
+  1/2 but scales its importance by a fixed 0.0015 and clips it *above* at ``clip_to`` (0.001), not
+  below at 0: its ``si_lambda`` is about ``strength / 0.0015`` only while no importance reaches the
+  clip.
+
+  Args:
+    strength: :math:`\lambda \ge 0`, the initial value of the state's ``strength`` (see :func:`l2`).
+    damping: :math:`\xi > 0`, which bounds :math:`\Omega` where a parameter hardly moved during the
+      task (default 0.1, van de Ven et al's); the state's ``damping``, read by
+      :func:`sfa_jax.reanchor`.
+    anchor: :math:`\theta^*` of the first task; ``None`` means the params at ``init``.
+    wait_for_anchor: start inactive (no penalty, the path integral accumulating) until
+      :func:`sfa_jax.reanchor` ends the first task.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`SIState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> params = {'w': jnp.zeros(2)}
+    >>> tx = optax.chain(sfa_jax.si(2.0, damping=0.1), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> curvature = jnp.array([4.0, 1.0])  # task 0: ½·Σ a·(w − 1)², w from 0 to 1
+    >>> grad = lambda p: {'w': curvature * (p['w'] - 1.0)}
+    >>> for _ in range(100):
+    ...   updates, state = tx.update(grad(params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> state = sfa_jax.reanchor(state, params)  # task 0 ends: Ω from its path integral
+    >>> omega = sfa_jax.find_state(state).importance['w']
+    >>> [round(x, 3) for x in omega.tolist()]  # ω = a / (2 − 0.1·a), over Δ² + ξ = 1.1
+    [2.273, 0.478]
+
+  References:
+    Zenke, Poole and Ganguli, `Continual learning through synaptic intelligence
+    <https://arxiv.org/abs/1703.04200>`_, 2017
+  """
+  check_hyperparams(strength=strength, damping=damping)
+
+  def init_fn(params: optax.Params) -> SIState:
+    anchor_copy = copy_anchor(params, anchor)
+    return SIState(
+        scalar(strength, jnp.float32), scalar(damping, jnp.float32), scalar(not wait_for_anchor, jnp.bool_), anchor_copy,
+        _accumulator(params), _accumulator(params), _validation.copy_tree(params), _accumulator(params),
+    )
+
+  def update_fn(
+      updates: optax.Updates,
+      state: SIState,
+      params: optax.Params | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, SIState]:
+    del extra_args
+    if params is None:
+      raise ValueError(NO_PARAMS_MSG)
+    strength_now, damping_now = current(strength, state.strength), current(damping, state.damping)
+    path = map_float_params(_path_step, state.path, params, state.previous_params, state.previous_grad)
+    grads = map_float_params(lambda old, _, grad: grad.astype(old.dtype), state.previous_grad, params, updates)
+    new_updates = _penalised(updates, params, state.anchor, state.importance, jnp.where(state.active, strength_now, 0.0))
+    new_state = state._replace(strength=strength_now, damping=damping_now, path=path, previous_params=params,
+                               previous_grad=grads)
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _accumulator(params: optax.Params) -> optax.Params:
+  """Zeros shaped like the floating leaves of ``params``, in at least float32; a copy of the others."""
+  def zeros(leaf):
+    leaf = jnp.asarray(leaf)
+    return jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32)) if _validation.is_float_leaf(leaf) else jnp.copy(leaf)
+
+  return jax.tree.map(zeros, params)
+
+
+def _path_step(path: chex.Array, param: chex.Array, previous: chex.Array, grad: chex.Array) -> chex.Array:
+  """SI's path integral after one more step: ``ω − g_t⊙(θ_{t+1} − θ_t)``, in ``ω``'s dtype."""
+  dtype = path.dtype
+  return path - grad.astype(dtype) * (param.astype(dtype) - previous.astype(dtype))
+
+
+def si_next_task(state: SIState, params: optax.Params) -> SIState:
+  r""":func:`si`'s state for the next task, the finished one ending at ``params`` (:func:`sfa_jax.reanchor`'s rule).
+
+  Adds the last step's term to :math:`\omega`, then
+  :math:`\Omega \leftarrow \max(0, \Omega + \omega / ((\theta_{\mathrm{end}}-\theta^*)^2 + \xi))`, and
+  restarts the task at ``params``: anchor and previous params copies of them, :math:`\omega` and the
+  previous gradient zero.
+
+  Args:
+    state: the state at the end of the task.
+    params: the params at the end of the task, shaped like the state's anchor.
+
+  Returns:
+    The new state.
+  """
+  path = map_float_params(_path_step, state.path, params, state.previous_params, state.previous_grad)
+
+  def importance(old, param, omega, anchor_leaf):
+    dtype = old.dtype
+    moved = param.astype(dtype) - anchor_leaf.astype(dtype)
+    return jnp.maximum(old + omega / (moved * moved + state.damping.astype(dtype)), 0.0)
+
+  omega = map_float_params(importance, state.importance, params, path, state.anchor)
+  zeros = map_float_params(lambda leaf, _: jnp.zeros_like(leaf), state.path, params)
+  return state._replace(anchor=_validation.copy_tree(params), importance=omega, path=zeros,
+                        previous_params=_validation.copy_tree(params), previous_grad=jax.tree.map(jnp.copy, zeros))
+
+
 def _check_not_schedule(**hyperparams: Any) -> None:
   for name, value in hyperparams.items():
     if callable(value):
@@ -687,6 +988,7 @@ _RANGES: dict[str, Callable[[str, Any], None]] = {
     'beta': lambda name, v: _validation.check_in_interval(name, v, 0.0, 1.0),
     'total_steps': _validation.check_positive_int,
     'strength': _validation.check_non_negative,
+    'damping': lambda name, v: _validation.check_in_interval(name, v, 0.0, math.inf, low_open=True, high_open=True),
 }
 
 
@@ -721,31 +1023,42 @@ def check_hyperparams(**values: Any) -> None:
 
 def _penalty_transform(
     strength: chex.Numeric,
-    make_state: Callable[[optax.Params], L2State | EWCState],
+    make_state: Callable[[optax.Params], L2State | EWCState | OfflineEWCState],
 ) -> optax.GradientTransformationExtraArgs:
-  """A transform adding ``strength·w⊙(θ − anchor)`` to the updates, with ``w`` = 1 (L2) or F (EWC)."""
+  """A transform adding ``strength·w⊙(θ − anchor)`` to the updates, with ``w`` = 1 (L2) or the state's Fisher."""
 
   def update_fn(
       updates: optax.Updates,
-      state: L2State | EWCState,
+      state: L2State | EWCState | OfflineEWCState,
       params: optax.Params | None = None,
       **extra_args: Any,
-  ) -> tuple[optax.Updates, L2State | EWCState]:
+  ) -> tuple[optax.Updates, L2State | EWCState | OfflineEWCState]:
     del extra_args
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
     strength_now = current(strength, state.strength)
     weight_now = jnp.where(state.active, strength_now, 0.0)
-
-    def add_penalty(update, param, anchor_leaf, weight=None):
-      dtype = jnp.promote_types(update.dtype, jnp.float32)
-      pull = param.astype(dtype) - anchor_leaf.astype(dtype)
-      if weight is not None:
-        pull = weight.astype(dtype) * pull
-      return (update.astype(dtype) + weight_now.astype(dtype) * pull).astype(update.dtype)
-
-    extra = (state.fisher,) if isinstance(state, EWCState) else ()
-    new_updates = map_float_params(add_penalty, updates, params, state.anchor, *extra)
+    new_updates = _penalised(updates, params, state.anchor, getattr(state, 'fisher', None), weight_now)
     return new_updates, state._replace(strength=strength_now)
 
   return optax.GradientTransformationExtraArgs(make_state, update_fn)
+
+
+def _penalised(
+    updates: optax.Updates,
+    params: optax.Params,
+    anchor: optax.Params,
+    weights: optax.Params | None,
+    coefficient: chex.Array,
+) -> optax.Updates:
+  """``updates + coefficient·w⊙(params − anchor)`` on the floating leaves, in at least float32 (``w`` = 1 without ``weights``)."""
+
+  def add_penalty(update, param, anchor_leaf, weight=None):
+    dtype = jnp.promote_types(update.dtype, jnp.float32)
+    pull = param.astype(dtype) - anchor_leaf.astype(dtype)
+    if weight is not None:
+      pull = weight.astype(dtype) * pull
+    return (update.astype(dtype) + coefficient.astype(dtype) * pull).astype(update.dtype)
+
+  extra = () if weights is None else (weights,)
+  return map_float_params(add_penalty, updates, params, anchor, *extra)

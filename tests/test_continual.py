@@ -143,7 +143,7 @@ _KILLABLE_RUN = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize('name', ['sfa', pytest.param('ewc', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('name', ['sfa', pytest.param('ewc', marks=pytest.mark.slow), pytest.param('si', marks=pytest.mark.slow)])
 def test_sigkill_mid_task_then_resume_is_bit_exact(pair, tmp_path, name):
   ckpt_dir = str(tmp_path / 'ckpt')
   env = dict(os.environ, JAX_PLATFORMS='cpu')

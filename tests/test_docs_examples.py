@@ -169,6 +169,15 @@ def _check_merges(ns):
   assert magmax_run.summary()['average_accuracy'] > finetune.summary()['average_accuracy']
 
 
+def _check_regularisers(ns):
+  losses = ns['losses']
+  finetune = losses.pop('finetune')
+  assert finetune[0] > 0.3 and finetune[1] < 1e-3  # fine-tuning forgets task 0
+  for name, (first, second) in losses.items():
+    assert first < 0.3 * finetune[0] and second < 0.3, name  # each keeps task 0, and learns task 1
+  assert len(ns['__printed__'].splitlines()) == 4
+
+
 def _check_engine(ns):
   result, results = ns['result'], ns['results']
   assert len(result.accuracy_matrix) == 2 and len(results) == 4
@@ -239,6 +248,7 @@ CHECKS = {
     'guides/schedule.md': _check_schedule,
     'guides/sfa_and_l2.md': _check_sfa_and_l2,
     'guides/merges.md': _check_merges,
+    'guides/regularisers.md': _check_regularisers,
     'guides/engine.md': _check_engine,
     'guides/sweeps.md': _check_sweeps,
     'guides/checkpoints.md': _check_checkpoints,

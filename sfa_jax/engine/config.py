@@ -55,8 +55,8 @@ class TrainConfig:
     steps_per_task: train each task for this many optimizer steps (one number, or one per task),
       the batches drawn from shuffled epochs over its data, the last cut where the budget ends;
       ``None``: ``epochs_per_task`` whole epochs.
-    fisher_examples: EWC's Fisher from at most this many of a task's training examples
-      (``None``: all of them).
+    fisher_examples: EWC's Fisher (and MAS's importance) from at most this many of a task's
+      training examples (``None``: all of them).
     trainable: train (and anchor) only the params whose paths match these patterns (one or a
       tuple of regular expressions, as :func:`sfa_jax.partial.path_mask` reads them, e.g.
       ``('top_layers', 'norm')`` for a Llama split by

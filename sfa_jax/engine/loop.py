@@ -475,17 +475,25 @@ class _Boundaries:
   record: _Record
 
   def of(self, k: int, total_steps: int) -> methods_lib.Boundary:
-    """Task ``k``'s boundary; its ``fisher(lane)`` is the lane's Fisher on the task's training examples."""
+    """Task ``k``'s boundary; its ``fisher(lane)`` and ``mas_importance(lane)`` are the lane's Fisher
+    and MAS importance on the task's training examples."""
 
     def fisher(lane: RunState) -> Any:
       with self.record.timed('fisher'):
-        split, limit = self.tasks[k].train, self.config.fisher_examples
-        if limit is not None:
-          split = tasks_lib.Split(split.x[:limit], split.y[:limit])
-        return steps.task_fisher(self.model, lane.params, lane.model_state, split, k, self.config.eval_batch_size,
-                                 self.config.objective, self.trainable)
+        return steps.task_fisher(self.model, lane.params, lane.model_state, self._examples(k), k,
+                                 self.config.eval_batch_size, self.config.objective, self.trainable)
 
-    return methods_lib.Boundary(k, len(self.tasks), total_steps, fisher)
+    def mas_importance(lane: RunState) -> Any:
+      with self.record.timed('fisher'):
+        return steps.task_mas_importance(self.model, lane.params, lane.model_state, self._examples(k), k,
+                                         self.config.eval_batch_size, self.trainable)
+
+    return methods_lib.Boundary(k, len(self.tasks), total_steps, fisher, mas_importance)
+
+  def _examples(self, k: int) -> tasks_lib.Split:
+    """Task ``k``'s training examples, at most ``fisher_examples`` of them."""
+    split, limit = self.tasks[k].train, self.config.fisher_examples
+    return split if limit is None else tasks_lib.Split(split.x[:limit], split.y[:limit])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,6 +31,12 @@ magmax           as task-arithmetic, but task ``k ≥ 1`` trains from ``θ_{k-1}
                  ``τ_max`` the ``θ_j − θ_b`` (``j ≤ k``) of largest magnitude.
 cofima           fine-tune from the previous merge ``θ*_{k-1}``, then ``θ*_k ← fisher_merge([θ*_{k-1},
                  θ_k], [F*, F_k], weights=(beta, 1 − beta))`` and ``F* ← gamma·F* + F_k``.
+si               ``chain(si(strength, damping), optimizer)``: ``strength/2·Σ Ω·(θ − θ_{k-1})²``, ``Ω`` the
+                 past tasks' path integrals of ``−g·Δθ`` over their squared travel ``+ damping``.
+mas              ``chain(ewc(Ω, strength, anchor=θ_{k-1}), optimizer)``, ``Ω`` the sum over past tasks of
+                 the mean per-example ``|∂‖f(x)‖²/∂θ|`` on their training inputs.
+ewc-offline      ``chain(ewc(S, strength, anchor=θ̄), optimizer)``: one penalty per past task, ``S = Σ_j F_j``
+                 and ``θ̄`` the ``F``-weighted mean of their ends ``θ_j``.
 ================ ========================================================================================
 
 A method of your own is a subclass with a ``name``, its ``hyperparams`` and the hooks it needs;
@@ -74,7 +80,7 @@ __all__ = [
     'Interval', 'UNIT', 'UNIT_OPEN_LOW', 'NON_NEGATIVE', 'Hyperparam', 'Boundary', 'BatchPlan',
     'Method', 'Finetune', 'SFA', 'MultiAnchorSFA', 'AdaptiveSFA', 'L2', 'EWC', 'Replay', 'Joint',
     'WiseFT', 'TaskArithmetic', 'TIES', 'MagMax', 'CoFiMA', 'register_method', 'registered', 'method_class',
-    'make_method',
+    'make_method', 'SI', 'MAS', 'EWCOffline',
 ]
 
 
@@ -144,6 +150,9 @@ class Boundary(NamedTuple):
     total_steps: the task's number of optimizer steps (SFA's ``T``).
     fisher: ``fisher(state) -> tree``, the empirical diagonal Fisher of ``state.params`` on this
       task's training data, computed by the engine with its model and loss (EWC uses it).
+    mas_importance: ``mas_importance(state) -> tree``, MAS's importance of ``state.params`` on this
+      task's training inputs (:func:`sfa_jax.fisher.mas_importance`), computed by the engine with
+      its model (MAS uses it); ``None`` where none is given.
 
   Example:
     >>> from sfa_jax.engine import methods
@@ -156,6 +165,7 @@ class Boundary(NamedTuple):
   num_tasks: int
   total_steps: int
   fisher: Callable[[Any], Any]
+  mas_importance: Callable[[Any], Any] | None = None
 
 
 class BatchPlan(NamedTuple):
@@ -1069,6 +1079,220 @@ class CoFiMA(Method):
 
 
 # ------------------------------------------------------------------------------------------------
+# Importance-weighted penalties: SI, MAS and offline EWC.
+
+
+class SI(Method):
+  """Synaptic Intelligence: ``strength/2·Σ Ω·(θ − θ_{k-1})²``, ``Ω`` the tasks' path integrals.
+
+  The chain ``optax.chain(sfa_jax.si(strength, damping), optimizer)``: during each task the
+  transform sums ``ω = −Σ_t g_t·(θ_{t+1} − θ_t)``, the gradient of the task's loss times the step
+  the optimizer took; at the task's end ``Ω ← max(0, Ω + ω / ((θ_k − θ_{k-1})² + damping))``
+  (:func:`sfa_jax.si`). Task 0 trains without the penalty. ``Ω`` is kept in the run's extras, so
+  the optimizer's reset at each task start keeps it.
+
+  Args:
+    strength: λ of the penalty, at least 0 (default 2.0: the paper's ``c = 1``, as
+      ``strength = 2c``).
+    damping: ξ, which bounds Ω where a parameter hardly moved, above 0 (default 0.1).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from sfa_jax.engine import methods
+    >>> from sfa_jax.engine.loop import RunState
+    >>> method = methods.SI(strength=1.0, damping=0.1)
+    >>> tx = method.transform(optax.sgd(0.5))
+    >>> params = {'w': jnp.zeros(2)}
+    >>> extras = method.init_extras(params, {}, 2)
+    >>> state = RunState(params, {}, tx.init(params), extras)
+    >>> for _ in range(2):  # task 0: two steps on the gradient 1
+    ...   grads = {'w': jnp.ones(2)}
+    ...   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    ...   params = optax.apply_updates(state.params, updates)
+    ...   state = state._replace(params=params, opt_state=opt_state)
+    >>> boundary = methods.Boundary(0, num_tasks=2, total_steps=2, fisher=None)
+    >>> state = method.end_task(state, boundary)
+    >>> importance = state.extras['importance']['w']  # ω = 1, Δ = -1: 1 / 1.1
+    >>> [round(x, 4) for x in importance.tolist()]
+    [0.9091, 0.9091]
+
+  References:
+    Zenke, Poole and Ganguli, `Continual learning through synaptic intelligence
+    <https://arxiv.org/abs/1703.04200>`_, 2017
+  """
+
+  name = 'si'
+  hyperparams = {
+      'strength': Hyperparam(2.0, NON_NEGATIVE, doc='λ of the penalty (2c of the paper)'),
+      'damping': Hyperparam(0.1, Interval(0.0, math.inf, low_open=True, high_open=True),
+                            doc='ξ, the damping of the importance'),
+  }
+
+  def transform(self, optimizer):
+    import optax
+
+    from sfa_jax import transforms
+
+    return optax.chain(transforms.si(self['strength'], self['damping'], wait_for_anchor=True), optimizer)
+
+  def init_extras(self, params, model_state, num_tasks):
+    import jax
+    import jax.numpy as jnp
+
+    return {'importance': jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32)),
+                                       params)}
+
+  def prepare_optimizer(self, opt_state, state, boundary):
+    if boundary.task_index == 0:
+      return opt_state
+    from sfa_jax import anchors
+
+    return anchors.reanchor(opt_state, state.params, importance=state.extras['importance'])
+
+  def end_task(self, state, boundary):
+    if boundary.task_index + 1 == boundary.num_tasks:  # the last task's importance has no use
+      return state
+    import jax
+    import optax
+
+    from sfa_jax import anchors
+    from sfa_jax import transforms
+
+    ended = anchors.find_state(anchors.reanchor(state.opt_state, state.params), transforms.SIState).importance
+    is_masked = lambda node: isinstance(node, optax.MaskedNode)  # a frozen leaf (TrainConfig.trainable): zero
+    importance = jax.tree.map(lambda zero, leaf: zero if is_masked(leaf) else leaf, state.extras['importance'], ended,
+                              is_leaf=is_masked)
+    return state._replace(extras={'importance': importance})
+
+
+class MAS(Method):
+  """Memory Aware Synapses: ``strength/2·Σ Ω·(θ − θ_{k-1})²``, ``Ω`` summed over the past tasks.
+
+  ``Ω_j`` is the mean per-example ``|∂‖f(x)‖²/∂θ|`` of the model's output on task ``j``'s training
+  inputs at the task's end (:func:`sfa_jax.fisher.mas_importance`, computed by the engine as EWC's
+  Fisher is, at most :class:`~sfa_jax.engine.TrainConfig`'s ``fisher_examples`` of them); the
+  penalty is :func:`sfa_jax.ewc`'s with ``Ω`` in place of the Fisher. Task 0 trains without it.
+  The paper writes ``λ·Σ Ω·(θ − θ*)²``: its ``λ`` is ``strength / 2``.
+
+  Args:
+    strength: λ of the penalty, at least 0 (default 2.0: the paper's ``λ = 1``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax.engine import methods
+    >>> from sfa_jax.engine.loop import RunState
+    >>> method = methods.MAS(strength=1.0)
+    >>> params = {'w': jnp.ones(2)}
+    >>> state = RunState(params, {}, None, method.init_extras(params, {}, 3))
+    >>> importance = lambda state: {'w': jnp.array([1.0, 0.5])}  # each task's Ω
+    >>> for k in (0, 1):
+    ...   boundary = methods.Boundary(k, num_tasks=3, total_steps=10, fisher=None,
+    ...                               mas_importance=importance)
+    ...   state = method.end_task(state, boundary)
+    >>> state.extras['importance']['w'].tolist()  # summed over tasks 0 and 1
+    [2.0, 1.0]
+
+  References:
+    Aljundi et al, `Memory Aware Synapses: Learning what (not) to forget
+    <https://arxiv.org/abs/1711.09601>`_, 2018
+  """
+
+  name = 'mas'
+  hyperparams = {'strength': Hyperparam(2.0, NON_NEGATIVE, doc='λ of the penalty (2λ of the paper)')}
+
+  def transform(self, optimizer):
+    import optax
+
+    return optax.chain(_ewc_from_zero_fisher(self['strength']), optimizer)
+
+  def init_extras(self, params, model_state, num_tasks):
+    import jax
+    import jax.numpy as jnp
+
+    return {'importance': jax.tree.map(jnp.zeros_like, params)}
+
+  def prepare_optimizer(self, opt_state, state, boundary):
+    if boundary.task_index == 0:
+      return opt_state
+    from sfa_jax import anchors
+
+    return anchors.reanchor(opt_state, state.params, fisher=state.extras['importance'])
+
+  def end_task(self, state, boundary):
+    if boundary.task_index + 1 == boundary.num_tasks:
+      return state
+    from sfa_jax import fisher as fisher_lib
+
+    summed = fisher_lib.online_fisher(state.extras['importance'], boundary.mas_importance(state), 1.0)
+    return state._replace(extras={'importance': summed})
+
+
+class EWCOffline(Method):
+  """Offline EWC: ``strength/2·Σ_j F_j·(θ − θ_j)²``, one penalty per past task ``j``.
+
+  ``F_j`` is the empirical diagonal Fisher of task ``j``'s training data at its end ``θ_j`` (as
+  :class:`EWC`'s). The run keeps ``S = Σ_j F_j`` and the Fisher-weighted mean end ``θ̄``
+  (:func:`sfa_jax.fisher.offline_fisher`), and task ``k`` trains with
+  ``chain(ewc(S, strength, anchor=θ̄), optimizer)``: the same gradient ``strength·Σ_j F_j·(θ − θ_j)``,
+  with two trees of the params' size whatever the number of tasks (:func:`sfa_jax.offline_ewc`).
+
+  Args:
+    strength: λ of the penalty, at least 0 (default 100.0).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax.engine import methods
+    >>> from sfa_jax.engine.loop import RunState
+    >>> method = methods.EWCOffline(strength=10.0)
+    >>> params = {'w': jnp.zeros(1)}
+    >>> state = RunState(params, {}, None, method.init_extras(params, {}, 3))
+    >>> fisher = lambda state: state.params  # F_j = θ_j here
+    >>> for k, end in ((0, 1.0), (1, 3.0)):  # the ends of tasks 0 and 1
+    ...   state = state._replace(params={'w': jnp.full(1, end)})
+    ...   boundary = methods.Boundary(k, num_tasks=3, total_steps=10, fisher=fisher)
+    ...   state = method.end_task(state, boundary)
+    >>> state.extras['fisher']['w'].tolist()  # S = 1 + 3
+    [4.0]
+    >>> state.extras['anchor']['w'].tolist()  # θ̄ = (1·1 + 3·3) / 4
+    [2.5]
+
+  References:
+    Kirkpatrick et al, `Overcoming catastrophic forgetting in neural networks
+    <https://arxiv.org/abs/1612.00796>`_, 2017
+  """
+
+  name = 'ewc-offline'
+  hyperparams = {'strength': Hyperparam(100.0, NON_NEGATIVE, doc='λ of the penalty')}
+
+  def transform(self, optimizer):
+    import optax
+
+    return optax.chain(_ewc_from_zero_fisher(self['strength']), optimizer)
+
+  def init_extras(self, params, model_state, num_tasks):
+    import jax
+    import jax.numpy as jnp
+
+    return {'fisher': jax.tree.map(jnp.zeros_like, params), 'anchor': _copy(params)}
+
+  def prepare_optimizer(self, opt_state, state, boundary):
+    if boundary.task_index == 0:
+      return opt_state
+    from sfa_jax import anchors
+
+    return anchors.reanchor(opt_state, state.extras['anchor'], fisher=state.extras['fisher'])
+
+  def end_task(self, state, boundary):
+    if boundary.task_index + 1 == boundary.num_tasks:
+      return state
+    from sfa_jax import fisher as fisher_lib
+
+    extras = state.extras
+    total, mean = fisher_lib.offline_fisher(extras['fisher'], extras['anchor'], boundary.fisher(state), state.params)
+    return state._replace(extras={'fisher': total, 'anchor': mean})
+
+
+# ------------------------------------------------------------------------------------------------
 # The registry.
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -1106,9 +1330,8 @@ def register_method(cls: type[Method]) -> type[Method]:
   return cls
 
 
-for _cls in (Finetune, SFA, L2, EWC, Replay, WiseFT, TaskArithmetic, TIES, Joint, AdaptiveSFA, MultiAnchorSFA):
-  register_method(_cls)
-for _cls in (MagMax, CoFiMA):
+for _cls in (Finetune, SFA, L2, EWC, Replay, WiseFT, TaskArithmetic, TIES, Joint, AdaptiveSFA, MultiAnchorSFA,
+             MagMax, CoFiMA, SI, MAS, EWCOffline):
   register_method(_cls)
 
 

@@ -30,7 +30,7 @@ from sfa_jax import tasks as tasks_lib
 from sfa_jax.engine import distributed
 from sfa_jax.engine import objectives as objectives_lib
 
-__all__ = ['initializer', 'make_train_step', 'jitted_train_step', 'task_fisher']
+__all__ = ['initializer', 'make_train_step', 'jitted_train_step', 'task_fisher', 'task_mas_importance']
 
 
 def initializer(model, sample: np.ndarray, mesh: Any = None) -> Callable[[int], tuple[Any, Any]]:
@@ -238,6 +238,23 @@ def task_fisher(
     full = fisher_lib.diagonal_fisher(_VariablesLogits(model), variables, (split.x, task_ids), split.y, batch_size=batch_size)
     return models.split_variables(full)[0]
   return _loss_fisher(model, objective, params, model_state, split, task_ids, batch_size, trainable)
+
+
+def task_mas_importance(model, params, model_state, split: tasks_lib.Split, task_index: int, batch_size: int,
+                        trainable: Any = None) -> Any:
+  """MAS's importance of ``params`` on ``split``'s inputs: the mean per-example ``|∂‖f(x)‖²/∂θ|``.
+
+  ``f`` is the model's output in inference mode (:func:`sfa_jax.fisher.mas_importance`, chunks of
+  ``batch_size``); no label is read. With a ``trainable`` mask the frozen leaves' entries are zero.
+  """
+  task_ids = np.full(len(split.y), task_index, np.int32)
+  variables = models.merge_variables(params, model_state)
+  full = fisher_lib.mas_importance(_VariablesLogits(model), variables, (split.x, task_ids), batch_size=batch_size)
+  importance = models.split_variables(full)[0]
+  if trainable is None:
+    return importance
+  train, frozen = partial.split_trainable(importance, trainable)
+  return partial.merge_trainable(train, jax.tree.map(jnp.zeros_like, frozen))
 
 
 def _loss_fisher(model, objective, params, model_state, split, task_ids, batch_size, trainable=None) -> Any:
