@@ -22,6 +22,8 @@ _EXPORTS = {
     'is_averaging_step': 'transforms',
     'l2': 'transforms',
     'sfa': 'transforms',
+    'AGEMState': 'transforms',
+    'agem': 'transforms',
     'check_placement': 'anchors',
     'find_state': 'anchors',
     'find_states': 'anchors',
