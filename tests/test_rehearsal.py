@@ -13,6 +13,7 @@ import pytest
 
 from sfa_jax import engine
 from sfa_jax import models
+from sfa_jax import partial
 from sfa_jax import tasks
 from sfa_jax.cli import command as cli
 from sfa_jax.engine import callbacks
@@ -180,14 +181,15 @@ def test_draw_takes_distinct_filled_rows():
   assert sorted(rows[:2].tolist()) == [0, 1] and valid.tolist() == [True, True, False, False, False]
 
 
-def _mlp_step(method, batch_size=6, tx=None):
+def _mlp_step(method, batch_size=6, tx=None, trainable=None):
   """An MLP of 4 outputs, its variables, the train step of ``method`` and a batch."""
   model = models.make_model('mlp', 4, hidden=(8,))
   rng = np.random.default_rng(0)
   x = rng.normal(size=(batch_size, 8, 8, 1)).astype(np.float32)
   y = (np.arange(batch_size) % 4).astype(np.int32)
   params, model_state = steps.initializer(model, x[:1])(0)
-  step = jax.jit(steps.make_method_step(model, tx or optax.sgd(0.5), method=method))
+  mask = None if trainable is None else partial.path_mask(params, trainable)
+  step = jax.jit(steps.make_method_step(model, tx or optax.sgd(0.5), trainable=mask, method=method))
   return model, params, model_state, step, x, y
 
 
@@ -243,14 +245,20 @@ def _spy():
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def test_the_reference_gradient_reaching_the_transform_is_the_memory_batchs():
-  model, params, model_state, step, x, y = _mlp_step(methods.AGEM(), tx=_spy())
+@pytest.mark.parametrize('trainable', [None, 'head'])
+def test_the_reference_gradient_reaching_the_transform_is_the_memory_batchs(trainable):
+  model, params, model_state, step, x, y = _mlp_step(methods.AGEM(), tx=_spy(), trainable=trainable)
   memory = (x[:3] + 1.0, y[:3], np.zeros(3, np.int32))
   ids, mask = np.zeros(6, np.int32), np.ones(6, bool)
-  _, _, reference, *_ = step(params, model_state, _spy().init(params), None, x, y, mask, ids, memory)
-  memory_loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply({'params': p}, memory[0]), memory[1]).mean()
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), reference, jax.grad(memory_loss)(params))
-  _, _, none, *_ = step(params, model_state, _spy().init(params), None, x, y, mask, ids, None)  # no memory (task 0)
+  trained = params if trainable is None else {'head': params['head']}
+  spied = _spy().init(steps.trainable_part(params, None if trainable is None else partial.path_mask(params, trainable)))
+  _, _, reference, *_ = step(params, model_state, spied, None, x, y, mask, ids, memory)
+  memory_loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({'params': params | p}, memory[0]), memory[1]).mean()
+  expected = jax.grad(memory_loss)(trained)
+  for name in trained:  # the trained leaves' gradients; the frozen ones are not formed
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), reference[name], expected[name])
+  _, _, none, *_ = step(params, model_state, spied, None, x, y, mask, ids, None)  # no memory (task 0)
   assert not any(np.asarray(leaf).any() for leaf in jax.tree.leaves(none))
 
 
@@ -348,7 +356,7 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(domains, tmp_pat
     ('lwf', {'temperature': 0.0}, r'temperature must lie in \(0, inf\)'),
     ('derpp', {'buffer_size': 0.0}, r'buffer_size must lie in \[1, inf\)'),
     ('derpp', {'buffer_size': 2.5}, 'buffer_size must be a whole number; got 2.5'),
-    ('derpp', {'beta': -0.5}, r'beta must lie in \[0, inf\)'),
+    ('derpp', {'beta': 1.5}, r'beta must lie in \[0, 1\]'),
     ('agem', {'memory_per_task': 0.5}, r'memory_per_task must lie in \[1, inf\)'),
     ('agem', {'reference_batch': 1.5}, 'reference_batch must be a whole number'),
 ])
@@ -359,13 +367,13 @@ def test_hyper_parameters_out_of_range_are_refused_naming_them(name, values, mes
 
 def test_the_command_line_takes_their_flags(tmp_path, capsys):
   fast = ['--source', 'digits', '--epochs', '1', '--batch-size', '32', '--no-compile-cache']
-  for method, flags in (('lwf', ['--alpha', '2', '--temperature', '4']), ('derpp', ['--buffer-size', '64', '--beta', '1.5']),
+  for method, flags in (('lwf', ['--alpha', '2', '--temperature', '4']), ('derpp', ['--buffer-size', '64', '--beta', '1']),
                         ('agem', ['--memory-per-task', '100', '--reference-batch', '64'])):
     args = cli.build_parser().parse_args(['run', '--method', method, *flags, '--out', str(tmp_path / method)] + fast)
     cli.check_arguments(args)  # what `run` checks before it trains
     assert {flag[2:].replace('-', '_'): float(value) for flag, value in zip(flags[::2], flags[1::2])} == {
         name: getattr(args, name) for name in args.method.hyperparams if getattr(args, name) is not None}
-  assert cli.main(['run', '--method', 'sfa', '--beta', '1.5', '--out', str(tmp_path / 's')] + fast) == 2
-  assert '--beta: beta must lie in [0, 1]; got 1.5' in capsys.readouterr().err
+  assert cli.main(['run', '--method', 'derpp', '--buffer-size', '0', '--out', str(tmp_path / 's')] + fast) == 2
+  assert 'buffer_size must lie in [1, inf); got 0' in capsys.readouterr().err
   assert cli.main(['run', '--method', 'lwf', '--temperature', '0', '--out', str(tmp_path / 't')] + fast) == 2
   assert 'temperature must lie in (0, inf)' in capsys.readouterr().err

@@ -214,9 +214,9 @@ def _hyperparam_value(name: str, text: str) -> float:
     value = float(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f'{name} must be a number; got {text!r}') from None
-  intervals = _HYPERPARAM_RANGES[name]
-  if not any(value in interval for interval in intervals):
-    raise argparse.ArgumentTypeError(f"{name} must lie in {' or '.join(map(str, intervals))}; got {text}")
+  interval = _HYPERPARAM_RANGES[name]
+  if value not in interval:
+    raise argparse.ArgumentTypeError(f'{name} must lie in {interval}; got {text}')
   return value
 
 
@@ -276,15 +276,12 @@ def _method_list(text: str) -> tuple[type[methods_lib.Method], ...]:
   return _comma_list(text, _method_name, 'finetune,sfa,l2')
 
 
-def _hyperparam_ranges() -> dict[str, tuple[methods_lib.Interval, ...]]:
-  """The ranges of every hyper-parameter of the registered methods, by name (their flags, in
-  order): each distinct range once (SFA's ``beta`` lies in [0, 1], DER++'s in [0, inf)); the
-  method's own is checked once it is known."""
-  ranges: dict[str, tuple[methods_lib.Interval, ...]] = {}
+def _hyperparam_ranges() -> dict[str, methods_lib.Interval]:
+  """The range of every hyper-parameter of the registered methods, by name (their flags, in order)."""
+  ranges: dict[str, methods_lib.Interval] = {}
   for cls in methods_lib.registered().values():
     for name, spec in cls.hyperparams.items():
-      if spec.interval not in ranges.get(name, ()):
-        ranges[name] = ranges.get(name, ()) + (spec.interval,)
+      ranges.setdefault(name, spec.interval)
   return ranges
 
 

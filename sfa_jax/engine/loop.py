@@ -97,7 +97,9 @@ class RunState(NamedTuple):
     params: the model's trainable parameters.
     model_state: its other variables (BatchNorm statistics), ``{}`` for most models.
     opt_state: the state of the method's chain around the optimizer.
-    extras: what the method keeps across tasks (:meth:`Method.init_extras`), e.g. EWC's Fisher.
+    extras: what the method keeps across tasks (:meth:`Method.init_extras`), e.g. EWC's Fisher,
+      and the arrays its train step reads and updates (:meth:`Method.init_step_state`: DER++'s
+      buffer), which go through every chunk of steps with the params.
   """
 
   params: Any

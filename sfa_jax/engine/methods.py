@@ -1208,7 +1208,8 @@ class DERpp(Method):
     buffer_size: the buffer's examples, a whole number at least 1 (default 500); it decides the
       state's shapes, so the configurations of one sweep share it.
     alpha: the weight of the logits' MSE, at least 0 (default 0.2).
-    beta: the weight of the labels' cross-entropy, at least 0 (default 0.5); ``beta = 0`` is DER.
+    beta: the weight of the labels' cross-entropy, in ``[0, 1]`` (default 0.5; the command line's
+      ``--beta`` has one range for every method that takes it); ``beta = 0`` is DER.
 
   Defaults: Mammoth's best arguments for Seq-CIFAR-10 with 500 examples.
 
@@ -1227,7 +1228,7 @@ class DERpp(Method):
       'buffer_size': Hyperparam(500.0, Interval(1.0, math.inf, high_open=True), sweepable=False,
                                 doc="the buffer's examples"),
       'alpha': Hyperparam(0.2, NON_NEGATIVE, doc="weight of the logits' MSE"),
-      'beta': Hyperparam(0.5, NON_NEGATIVE, doc="weight of the labels' cross-entropy"),
+      'beta': Hyperparam(0.5, UNIT, doc="weight of the labels' cross-entropy"),
   }
 
   def __init__(self, **values: float):
