@@ -841,7 +841,7 @@ def agem() -> optax.GradientTransformationExtraArgs:
     >>> params = {'w': jnp.zeros(2)}
     >>> g, reference = {'w': jnp.array([1.0, -1.0])}, {'w': jnp.array([0.0, 1.0])}
     >>> updates, _ = tx.update(g, tx.init(params), params, reference_grads=reference)
-    >>> updates['w'].tolist()  # g·g_ref = -1 < 0: g + g_ref, orthogonal to g_ref; sgd negates
+    >>> updates['w'].tolist()  # g·g_ref = -1 < 0: g + g_ref; sgd negates
     [-1.0, -0.0]
 
   References:

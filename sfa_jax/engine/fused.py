@@ -72,7 +72,7 @@ def make_chunk(
   Example:
     >>> import jax.numpy as jnp, numpy as np
     >>> from sfa_jax.engine import feed, fused
-    >>> def step(w, s, o, m, x, y, mask, ids, memory):  # a sum of the inputs; loss: the mean
+    >>> def step(w, s, o, m, x, y, mask, ids, memory):  # a sum; loss: the mean
     ...   return w + x.sum(), s, o, m, x.mean(), y.mean()
     >>> examples = feed.Examples(np.arange(8.0), np.zeros(8), np.zeros(8, np.int32))
     >>> data = feed.on_device(examples)

@@ -267,8 +267,11 @@ class StepSpec(NamedTuple):
   Example:
     >>> import jax
     >>> from sfa_jax.engine import methods
-    >>> spec = methods.StepSpec(jax.ShapeDtypeStruct((8,), 'float32'), jax.ShapeDtypeStruct((), 'int32'),
-    ...                         jax.ShapeDtypeStruct((4,), 'float32'), ((0, 1), (2, 3)), False, 32, 0)
+    >>> x = jax.ShapeDtypeStruct((8,), 'float32')   # one example's input
+    >>> y = jax.ShapeDtypeStruct((), 'int32')       # its label
+    >>> outputs = jax.ShapeDtypeStruct((4,), 'float32')
+    >>> labels = ((0, 1), (2, 3))                   # two tasks of two classes
+    >>> spec = methods.StepSpec(x, y, outputs, labels, False, batch_size=32, seed=0)
     >>> len(spec.task_labels), spec.outputs.shape
     (2, (4,))
   """
@@ -1282,7 +1285,8 @@ class AGEM(Method):
     >>> from sfa_jax import tasks
     >>> from sfa_jax.engine import methods
     >>> split = tasks.Split(np.zeros((20, 2), np.float32), np.arange(20) % 2)
-    >>> stream = tasks.stream_of('toy', [('a', split, split), ('b', split, split)], num_outputs=2)
+    >>> toy = [('a', split, split), ('b', split, split)]
+    >>> stream = tasks.stream_of('toy', toy, num_outputs=2)
     >>> method = methods.AGEM(memory_per_task=8, reference_batch=4)
     >>> plan = method.batch_plan(list(stream), 1, batch_size=8, seed=0)  # task 1
     >>> len(plan.replay.y), plan.replay_size, plan.task_share(8)  # 8 of task 0; 4 beside 8
