@@ -26,6 +26,8 @@ _EXPORTS = {
     'SIState': 'transforms',
     'offline_ewc': 'transforms',
     'si': 'transforms',
+    'AGEMState': 'transforms',
+    'agem': 'transforms',
     'check_placement': 'anchors',
     'find_state': 'anchors',
     'find_states': 'anchors',

@@ -33,6 +33,7 @@ from sfa_jax import _validation
 __all__ = [
     'SFAState', 'L2State', 'EWCState', 'averaging_period', 'is_averaging_step', 'sfa', 'l2', 'ewc',
     'SIState', 'OfflineEWCState', 'si', 'offline_ewc',
+    'AGEMState', 'agem',
 ]
 
 
@@ -1062,3 +1063,127 @@ def _penalised(
 
   extra = () if weights is None else (weights,)
   return map_float_params(add_penalty, updates, params, anchor, *extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# A-GEM: the gradient projected against a reference gradient from an episodic memory.
+
+
+class AGEMState(NamedTuple):
+  """State of :func:`agem`.
+
+  Attributes:
+    projected: bool scalar, whether the latest update was projected (it conflicted with the
+      reference gradient).
+    projections: int32 scalar, the number of projected updates so far (saturates at the int32
+      maximum).
+
+  Example:
+    >>> import jax.numpy as jnp, sfa_jax
+    >>> tx = sfa_jax.agem()
+    >>> g, reference = {'w': jnp.array([1.0, -1.0])}, {'w': jnp.array([0.0, 1.0])}
+    >>> _, state = tx.update(g, tx.init(g), reference_grads=reference)
+    >>> bool(state.projected), int(state.projections)
+    (True, 1)
+  """
+
+  projected: chex.Array
+  projections: chex.Array
+
+
+def _real_float(leaf: Any) -> bool:
+  return _validation.is_float_leaf(leaf) and bool(jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating))
+
+
+def tree_dot(a: Any, b: Any) -> chex.Array:
+  """``Σ a·b`` over the real floating leaves of two trees of one structure, in float32 at least.
+
+  Args:
+    a: a tree of arrays (gradients, updates).
+    b: a tree of the same structure and shapes.
+
+  Returns:
+    A scalar in the widest of float32 and the leaves' dtypes; 0 without floating leaves.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax import transforms
+    >>> a = {'w': jnp.array([1.0, 2.0]), 'n': jnp.array(3)}
+    >>> float(transforms.tree_dot(a, a))  # the integer leaf is left out
+    5.0
+  """
+  pairs = [(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)) if _real_float(x)]
+  dtype = jnp.result_type(jnp.float32, *(jnp.asarray(x).dtype for x, _ in pairs))
+  return sum((jnp.vdot(jnp.asarray(x, dtype), jnp.asarray(y, dtype)) for x, y in pairs), jnp.zeros((), dtype))
+
+
+def agem() -> optax.GradientTransformationExtraArgs:
+  r"""A-GEM: the gradient projected so that it does not increase the loss on an episodic memory.
+
+  With :math:`g` the incoming gradient and :math:`g_{ref}` the gradient of the loss on a batch
+  from the memory of past tasks, passed to ``update`` as the extra argument ``reference_grads``:
+
+  .. math::
+
+    \tilde g = \begin{cases} g - \frac{g^\top g_{ref}}{g_{ref}^\top g_{ref}}\, g_{ref} &
+    \text{if } g^\top g_{ref} < 0 \\ g & \text{otherwise,} \end{cases}
+
+  the dot products taken over every real floating leaf of the tree at once (one flat vector, as
+  the paper's), in float32 at least; the projected leaves keep their dtypes, other leaves pass
+  through. Without ``reference_grads`` (``None``: the first task, whose memory is empty) ``g``
+  passes through. Chain it *before* the optimizer, on raw gradients:
+  ``optax.chain(sfa_jax.agem(), optax.sgd(lr))``; ``optax.chain`` hands ``reference_grads`` to
+  every transform, and those that take no extra argument ignore it. The engine's
+  :class:`~sfa_jax.engine.methods.AGEM` computes the reference gradient in its train step.
+
+  Mammoth's ``agem`` projects in the same way (its buffer splits a total size between the tasks;
+  the memory here is a number of examples per past task, as in the paper); Avalanche's ``AGEM``
+  projects the same flat gradient.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`AGEMState`; its ``update``
+    takes ``reference_grads``, a tree with the updates' structure and shapes, or ``None``.
+
+  Raises:
+    ValueError: (at ``update``) when ``reference_grads`` does not have the updates' structure or
+      shapes (the leaf is named).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sfa_jax
+    >>> tx = optax.chain(sfa_jax.agem(), optax.sgd(1.0))
+    >>> params = {'w': jnp.zeros(2)}
+    >>> g, reference = {'w': jnp.array([1.0, -1.0])}, {'w': jnp.array([0.0, 1.0])}
+    >>> updates, _ = tx.update(g, tx.init(params), params, reference_grads=reference)
+    >>> updates['w'].tolist()  # g·g_ref = -1 < 0: g + g_ref; sgd negates
+    [-1.0, -0.0]
+
+  References:
+    Chaudhry et al, `Efficient Lifelong Learning with A-GEM <https://arxiv.org/abs/1812.00420>`_,
+    2019
+  """
+
+  def init_fn(params: optax.Params) -> AGEMState:
+    del params
+    return AGEMState(jnp.zeros((), jnp.bool_), jnp.zeros((), jnp.int32))
+
+  def update_fn(updates: optax.Updates, state: AGEMState, params: optax.Params | None = None, *,
+                reference_grads: optax.Updates | None = None, **extra_args: Any) -> tuple[optax.Updates, AGEMState]:
+    del params, extra_args
+    if reference_grads is None:
+      return updates, state._replace(projected=jnp.zeros((), jnp.bool_))
+    _validation.check_matching_tree(updates, reference_grads, reference_name='updates', other_name='reference_grads',
+                                    check_dtypes=False)
+    dot, norm = tree_dot(updates, reference_grads), tree_dot(reference_grads, reference_grads)
+    conflict = dot < 0
+    scale = jnp.where(conflict, dot / jnp.where(norm > 0, norm, 1), 0)
+
+    def project(g, r):
+      if not _real_float(g):
+        return g
+      projected = (jnp.asarray(g, scale.dtype) - scale * jnp.asarray(r, scale.dtype)).astype(jnp.asarray(g).dtype)
+      return jnp.where(conflict, projected, g)
+
+    count = jnp.where(state.projections < jnp.iinfo(jnp.int32).max, state.projections + conflict, state.projections)
+    return jax.tree.map(project, updates, reference_grads), AGEMState(conflict, count.astype(jnp.int32))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

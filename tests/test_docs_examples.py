@@ -227,6 +227,12 @@ def _check_huggingface(ns):
   assert all(isinstance(leaf, optax.MaskedNode) for leaf in jax.tree.leaves(anchor['layers'], is_leaf=lambda n: isinstance(n, optax.MaskedNode)))
 
 
+def _check_replay_methods(ns):
+  kept = ns['kept']
+  assert all(kept[name] > kept['finetune'] for name in ('lwf', 'derpp', 'agem')), kept
+  np.testing.assert_allclose(ns['params']['w'], [-0.1, 0.0])  # the projected gradient's step
+
+
 def _check_api_reference(ns):
   assert len(ns['result'].accuracy_matrix) == 2 and ns['result'].method == 'sfa(beta=0.25, p=0.25)'
 
@@ -250,6 +256,7 @@ CHECKS = {
     'guides/merges.md': _check_merges,
     'guides/regularisers.md': _check_regularisers,
     'guides/engine.md': _check_engine,
+    'guides/replay_methods.md': _check_replay_methods,
     'guides/sweeps.md': _check_sweeps,
     'guides/checkpoints.md': _check_checkpoints,
     'guides/huggingface.md': _check_huggingface,

@@ -61,8 +61,8 @@ def task_rows(plan: methods_lib.BatchPlan, batch_size: int, seed: int, total_ste
   """The rows of a task's ``total_steps`` steps: shuffled epochs, the last one cut where the budget ends.
 
   Each epoch is :func:`sfa_jax.tasks.epoch_indices` of the task's examples (the ragged end
-  dropped) with ``B - R`` examples a batch; with a replay memory, each batch's last ``R`` examples
-  are :func:`replay_order`'s rows of it.
+  dropped) with ``B - R`` examples a batch (``B`` when the memory is kept apart); with a replay
+  memory, each batch's last ``R`` examples are :func:`replay_order`'s rows of it.
 
   Args:
     plan: the lane's :class:`~sfa_jax.engine.methods.BatchPlan` for the task.
@@ -82,7 +82,7 @@ def task_rows(plan: methods_lib.BatchPlan, batch_size: int, seed: int, total_ste
     >>> rows.data.shape, rows.replay
     ((5, 4), None)
   """
-  current = batch_size - plan.replay_size
+  current = plan.task_share(batch_size)
   per_epoch = tasks_lib.num_batches(len(plan.data.y), current)
   data, replay = [], []
   for epoch in range(-(-total_steps // per_epoch)):
@@ -157,6 +157,9 @@ class Layout(NamedTuple):
     replay: the replay memory: ``0`` per lane, ``None`` shared or absent.
     rows: each step's rows of the task's examples: ``0`` per lane, ``None`` shared.
     replay_rows: each step's rows of the memory: ``0`` per lane, ``None`` shared.
+    apart: how many of the last examples of each gathered batch are the memory's batch of its own
+      (:attr:`sfa_jax.engine.methods.BatchPlan.memory_apart`), 0 when the memory is a share of
+      the batch or there is none.
   """
 
   lanes: bool = False
@@ -164,6 +167,7 @@ class Layout(NamedTuple):
   replay: int | None = None
   rows: int | None = None
   replay_rows: int | None = None
+  apart: int = 0
 
 
 class Block(NamedTuple):
@@ -247,17 +251,18 @@ def task_feed(
   per_example = max(1, data.nbytes // max(1, len(data.y)))
   width = rows[0].data.shape[1] + (0 if rows[0].replay is None else rows[0].replay.shape[1])
   length = padded_length(max(min_rows, max(len(part.y) for part, _ in groups)))
+  apart = plans[0].replay_size if plans[0].memory_apart and plans[0].replay is not None else 0
   if length * per_example * (1 if shared else len(groups)) <= budget:
     memory_width = width - rows[0].data.shape[1]
     block = MAX_CHUNK_STEPS if not memory_width else _steps_within(budget, per_example * memory_width * len(groups))
     several_memories = 0 if several and groups[0][1] is not None else None
-    layout = Layout(lanes, None if shared or not several else 0, several_memories, 0 if several else None, None)
+    layout = Layout(lanes, None if shared or not several else 0, several_memories, 0 if several else None, None, apart)
     pad = lambda part: Examples(*(_padded(leaf, length) for leaf in part))
     device = on_device(pad(data), placement) if shared or not several else on_device(
         Examples(*(np.stack(leaves) for leaves in zip(*(pad(part) for part, _ in groups)))), placement)
     return TaskFeed(layout, groups, list(rows), device, block)
   block = _steps_within(budget, per_example * width * len(groups))
-  return TaskFeed(Layout(lanes, 0 if several else None, None, None, None), groups, list(rows), None, block)
+  return TaskFeed(Layout(lanes, 0 if several else None, None, None, None, apart), groups, list(rows), None, block)
 
 
 def _steps_within(budget: int, bytes_per_step: int) -> int:

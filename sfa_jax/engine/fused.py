@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfa_jax import tasks as tasks_lib
+from sfa_jax.engine.feed import Examples
 from sfa_jax.engine.feed import Layout
 
 __all__ = ['make_chunk', 'make_scorer']
@@ -44,8 +45,10 @@ def make_chunk(
   """A jitted ``chunk(state, data, replay, rows, replay_rows, count)`` running ``count`` train steps.
 
   Args:
-    step: ``(params, model_state, opt_state, x, y, mask, task_ids) -> (params, model_state,
-      opt_state, loss, metric)``, unjitted (:func:`sfa_jax.engine.steps.make_train_step`).
+    step: ``(params, model_state, opt_state, step_state, x, y, mask, task_ids, memory) ->
+      (params, model_state, opt_state, step_state, loss, metric)``, unjitted
+      (:func:`sfa_jax.engine.steps.make_method_step`); ``memory`` is ``None`` unless the layout
+      keeps the memory's examples apart (:attr:`Layout.apart`).
     layout: the lanes' :class:`Layout`.
     averaged: ``averaged(opt_state)``, whether the latest update averaged (a method whose averages
       are decided on the device); ``None``: never (the flags come back False).
@@ -57,7 +60,8 @@ def make_chunk(
       (:func:`loops_slowly`).
 
   Returns:
-    ``chunk``: ``state`` is ``(params, model_state, opt_state)`` (donated); ``data`` and
+    ``chunk``: ``state`` is ``(params, model_state, opt_state, step_state)`` (donated; the step
+    state of :meth:`~sfa_jax.engine.methods.Method.init_step_state`, ``None`` for most methods); ``data`` and
     ``replay`` are :class:`sfa_jax.engine.feed.Examples` on the device (``replay`` may be
     ``None``); ``rows`` is int32 ``(S, ...)``, the rows of ``S`` steps into ``data`` (``S`` the
     block size, rows past ``count`` unused), ``replay_rows`` the same into ``replay`` or
@@ -68,20 +72,20 @@ def make_chunk(
   Example:
     >>> import jax.numpy as jnp, numpy as np
     >>> from sfa_jax.engine import feed, fused
-    >>> def step(w, s, o, x, y, mask, ids):  # a sum of the inputs; loss: the batch's mean
-    ...   return w + x.sum(), s, o, x.mean(), y.mean()
+    >>> def step(w, s, o, m, x, y, mask, ids, memory):  # a sum; loss: the mean
+    ...   return w + x.sum(), s, o, m, x.mean(), y.mean()
     >>> examples = feed.Examples(np.arange(8.0), np.zeros(8), np.zeros(8, np.int32))
     >>> data = feed.on_device(examples)
     >>> chunk = fused.make_chunk(step)
     >>> rows = np.array([[0, 1], [2, 3], [0, 0]], np.int32)
-    >>> state = (jnp.float32(0), {}, {})
-    >>> (w, _, _), losses, _, _, done = chunk(state, data, None, rows, None, 2)
+    >>> state = (jnp.float32(0), {}, {}, None)
+    >>> (w, _, _, _), losses, _, _, done = chunk(state, data, None, rows, None, 2)
     >>> float(w), losses[:2].tolist(), int(done)
     (6.0, [0.5, 2.5], 2)
   """
-  lane_step = functools.partial(_lane_step, step, batch_sharding)
+  lane_step = functools.partial(_lane_step, step, batch_sharding, layout.apart)
   if layout.lanes:
-    lane_step = jax.vmap(lane_step, in_axes=(0, 0, 0, layout.data, layout.replay, layout.rows, layout.replay_rows))
+    lane_step = jax.vmap(lane_step, in_axes=(0, 0, 0, 0, layout.data, layout.replay, layout.rows, layout.replay_rows))
 
   def one_step(state, data, replay, rows, replay_rows):
     return lane_step(*state, data, replay, rows, replay_rows)
@@ -90,7 +94,7 @@ def make_chunk(
     size = rows.shape[0]
     at = lambda block, i: None if block is None else block[i]
     shapes = jax.eval_shape(one_step, state, data, replay, at(rows, 0), at(replay_rows, 0))
-    loss_shape, metric_shape = shapes[3], shapes[4]
+    loss_shape, metric_shape = shapes[4], shapes[5]
 
     def flag_of(opt_state):
       if averaged is None:
@@ -99,10 +103,11 @@ def make_chunk(
 
     def body(carry):
       i, state, losses, metrics, flags, _ = carry
-      params, model_state, opt_state, loss, metric = one_step(state, data, replay, at(rows, i), at(replay_rows, i))
+      params, model_state, opt_state, step_state, loss, metric = one_step(state, data, replay, at(rows, i),
+                                                                          at(replay_rows, i))
       flag = flag_of(opt_state)
       stop = jnp.any(flag) if stop_on_average else jnp.bool_(False)
-      return (i + 1, (params, model_state, opt_state), losses.at[i].set(loss), metrics.at[i].set(metric),
+      return (i + 1, (params, model_state, opt_state, step_state), losses.at[i].set(loss), metrics.at[i].set(metric),
               flags.at[i].set(flag), stop)
 
     def more(carry):
@@ -121,16 +126,21 @@ def make_chunk(
   return jax.jit(chunk, donate_argnums=(0,))
 
 
-def _lane_step(step, batch_sharding, params, model_state, opt_state, data, replay, rows, replay_rows):
-  """One lane's step on the batch its rows gather: the task's examples, then the memory's."""
+def _lane_step(step, batch_sharding, apart, params, model_state, opt_state, step_state, data, replay, rows, replay_rows):
+  """One lane's step on the batch its rows gather: the task's examples, then the memory's (its
+  last ``apart`` examples a batch of their own, when the memory is kept apart)."""
   x, y, ids = data.x[rows], data.y[rows], data.ids[rows]
   if replay is not None:
     x = jnp.concatenate([x, replay.x[replay_rows]])
     y = jnp.concatenate([y, replay.y[replay_rows]])
     ids = jnp.concatenate([ids, replay.ids[replay_rows]])
+  memory = None
+  if apart:
+    memory = Examples(x[-apart:], y[-apart:], ids[-apart:])
+    x, y, ids = x[:-apart], y[:-apart], ids[:-apart]
   if batch_sharding is not None:
     x, y, ids = (jax.lax.with_sharding_constraint(leaf, batch_sharding) for leaf in (x, y, ids))
-  return step(params, model_state, opt_state, x, y, jnp.ones(len(ids), bool), ids)
+  return step(params, model_state, opt_state, step_state, x, y, jnp.ones(len(ids), bool), ids, memory)
 
 
 class TestBatches(NamedTuple):

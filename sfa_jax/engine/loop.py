@@ -97,7 +97,9 @@ class RunState(NamedTuple):
     params: the model's trainable parameters.
     model_state: its other variables (BatchNorm statistics), ``{}`` for most models.
     opt_state: the state of the method's chain around the optimizer.
-    extras: what the method keeps across tasks (:meth:`Method.init_extras`), e.g. EWC's Fisher.
+    extras: what the method keeps across tasks (:meth:`Method.init_extras`), e.g. EWC's Fisher,
+      and the arrays its train step reads and updates (:meth:`Method.init_step_state`: DER++'s
+      buffer), which go through every chunk of steps with the params.
   """
 
   params: Any
@@ -253,8 +255,8 @@ def task_steps(plan: methods_lib.BatchPlan, config: Any, task_index: int) -> int
   """The optimizer steps of task ``task_index`` trained on ``plan``'s examples under ``config``.
 
   ``config.steps_per_task`` (one number, or this task's entry), or ``epochs_per_task`` whole epochs
-  of the task's share of each batch (``batch_size`` less the plan's replayed examples; the ragged
-  end of each epoch dropped).
+  of the task's share of each batch (``batch_size`` less the plan's replayed examples, unless it
+  keeps them apart; the ragged end of each epoch dropped).
 
   Args:
     plan: the method's :class:`~sfa_jax.engine.methods.BatchPlan` for the task.
@@ -267,7 +269,7 @@ def task_steps(plan: methods_lib.BatchPlan, config: Any, task_index: int) -> int
   Raises:
     ValueError: when the task's examples make no batch.
   """
-  num_examples, batch_size = len(plan.data.y), config.batch_size - plan.replay_size
+  num_examples, batch_size = len(plan.data.y), plan.task_share(config.batch_size)
   per_epoch = tasks_lib.num_batches(num_examples, batch_size)
   if per_epoch == 0:
     raise ValueError(f'{num_examples} training examples make no batch of {batch_size}: lower batch_size.')
@@ -364,6 +366,9 @@ class _Lanes:
       self._init = steps.initializer(model, sample, mesh)
     else:
       self._init = steps.starting_point(model, sample, initial, mesh)
+    self.spec = None  # what a method's step state is shaped by, found on lane 0's initial model
+    if type(self.methods[0]).init_step_state is not methods_lib.Method.init_step_state:
+      self.spec = steps.step_spec(model, *self._init(self.configs[0].seed), all_tasks, shared.batch_size, 0)
     self.trainable = steps.trainable_mask(model, sample, shared.trainable)
     optimizer = shared.make_optimizer()
     self.txs = [method.transform(optimizer) for method in self.methods]
@@ -387,7 +392,16 @@ class _Lanes:
   def _fresh_lane(self, i: int) -> RunState:
     params, model_state = self._init(self.configs[i].seed)
     extras = self.methods[i].init_extras(params, model_state, self._num_tasks)
+    step_state = self.init_step_state(i, params, model_state)
+    if step_state is not None:
+      extras = methods_lib.with_step_state(extras, step_state)
     return RunState(params, model_state, self.init_opt[i](params), extras)
+
+  def init_step_state(self, i: int, params: Any, model_state: Any) -> Any:
+    """Lane ``i``'s :meth:`~sfa_jax.engine.methods.Method.init_step_state` (``None`` for a method without one)."""
+    if self.spec is None:
+      return None
+    return self.methods[i].init_step_state(params, model_state, self.spec._replace(seed=self.configs[i].seed))
 
   def start_task(self, at: methods_lib.Boundary) -> None:
     """Each lane's :meth:`~sfa_jax.engine.methods.Method.start_task`, optimizer reset and
@@ -405,11 +419,17 @@ class _Lanes:
     self._join([self.methods[i].end_task(lane, at) for i, lane in enumerate(self._split())])
 
   def advance(self, program: Callable[..., Any], block: feed_lib.Block, n: int) -> list[Any]:
-    """Runs ``n`` steps of the chunk ``program`` on ``block``; its outputs ``[losses, metrics, flags, done]``."""
+    """Runs ``n`` steps of the chunk ``program`` on ``block``; its outputs ``[losses, metrics, flags, done]``.
+
+    The method's step state (:func:`~sfa_jax.engine.methods.step_state` of the extras) goes
+    through the steps with the params and comes back into the extras.
+    """
     state = self.state
-    (params, model_state, opt_state), *outputs = program(
-        (state.params, state.model_state, state.opt_state), *block, np.int32(n))
-    self.state = state._replace(params=params, model_state=model_state, opt_state=opt_state)
+    step_state = methods_lib.step_state(state.extras)
+    (params, model_state, opt_state, step_state), *outputs = program(
+        (state.params, state.model_state, state.opt_state, step_state), *block, np.int32(n))
+    extras = state.extras if step_state is None else methods_lib.with_step_state(state.extras, step_state)
+    self.state = state._replace(params=params, model_state=model_state, opt_state=opt_state, extras=extras)
     return outputs
 
   def _split(self) -> list[RunState]:
@@ -437,9 +457,10 @@ def _optimizer_inits(txs: Sequence[Any], trainable: Any, model: Any, config: Any
 
 def _chunk_programs(model: Any, lanes: _Lanes, task: tasks_lib.Task, mesh: Any) -> programs.ChunkPrograms:
   """The lanes' chunk programs, for the shapes of their state (traced once per process: the jitted
-  init and optimizer init)."""
+  init and optimizer init); the state's ``extras`` are the step state's shapes."""
   variables = steps.variable_shapes(model, task.train.x[:1])
-  abstract = RunState(*variables, jax.eval_shape(lanes.init_opt[0], variables[0]), None)
+  step_state = jax.eval_shape(functools.partial(lanes.init_step_state, 0), *variables)
+  abstract = RunState(*variables, jax.eval_shape(lanes.init_opt[0], variables[0]), step_state)
   return programs.ChunkPrograms(model, lanes.txs[0], lanes.methods[0], lanes.configs[0], lanes.trainable, abstract, task,
                                 count=lanes.count, stacked=lanes.stacked, mesh=mesh)
 

@@ -2,10 +2,12 @@
 
 A method is an Optax chain around the user's optimizer (:meth:`Method.transform`) plus, at most,
 rules at the task boundaries (:meth:`Method.start_task`, :meth:`Method.prepare_optimizer`,
-:meth:`Method.end_task`), a rule on the batches (:meth:`Method.batch_plan`: replay, joint) and the
-arrays it keeps across tasks (:meth:`Method.init_extras`). The engine (:mod:`sfa_jax.engine.run`,
-:mod:`sfa_jax.engine.sweep`, :mod:`sfa_jax.engine.lm`, the command line) calls only these hooks: it never asks
-a method's name.
+:meth:`Method.end_task`), a rule on the batches (:meth:`Method.batch_plan`: replay, joint), the
+arrays it keeps across tasks (:meth:`Method.init_extras`), and what the compiled train step
+computes beside the loss (:meth:`Method.step_loss`, :meth:`Method.reference_loss`,
+:meth:`Method.after_step`, on the arrays of :meth:`Method.init_step_state`: LwF, DER++, A-GEM).
+The engine (:mod:`sfa_jax.engine.run`, :mod:`sfa_jax.engine.sweep`, :mod:`sfa_jax.engine.lm`,
+the command line) calls only these hooks: it never asks a method's name.
 
 ================ ========================================================================================
 method           what happens on task ``k`` (tasks counted from 0; task 0 is always plain training)
@@ -37,6 +39,12 @@ mas              ``chain(ewc(Ω, strength, anchor=θ_{k-1}), optimizer)``, ``Ω`
                  the mean per-example ``|∂‖f(x)‖²/∂θ|`` on their training inputs.
 ewc-offline      ``chain(ewc(S, strength, anchor=θ̄), optimizer)``: one penalty per past task, ``S = Σ_j F_j``
                  and ``θ̄`` the ``F``-weighted mean of their ends ``θ_j``.
+lwf              the loss adds ``alpha`` times the distillation of ``θ_{k-1}``'s softened outputs on
+                 the batch (temperature ``T``).
+derpp            the loss adds ``alpha·MSE`` to the logits and ``beta·CE`` to the labels of two draws
+                 from a reservoir buffer of ``buffer_size`` examples, filled in the step.
+agem             ``chain(agem(), optimizer)``: each gradient projected against the gradient of a
+                 reference batch from ``memory_per_task`` examples of every past task.
 ================ ========================================================================================
 
 A method of your own is a subclass with a ``name``, its ``hyperparams`` and the hooks it needs;
@@ -81,6 +89,8 @@ __all__ = [
     'Method', 'Finetune', 'SFA', 'MultiAnchorSFA', 'AdaptiveSFA', 'L2', 'EWC', 'Replay', 'Joint',
     'WiseFT', 'TaskArithmetic', 'TIES', 'MagMax', 'CoFiMA', 'register_method', 'registered', 'method_class',
     'make_method', 'SI', 'MAS', 'EWCOffline',
+    'StepBatch', 'StepModel', 'StepSpec', 'step_state', 'with_step_state', 'has_step_hooks', 'LwF', 'DERpp',
+    'AGEM',
 ]
 
 
@@ -177,6 +187,9 @@ class BatchPlan(NamedTuple):
     replay: the memory's examples, or ``None``.
     replay_ids: the memory's task ids, or ``None``.
     replay_size: how many examples of each batch come from the memory (0 without one).
+    memory_apart: the memory's ``replay_size`` examples are a batch of their own, drawn beside the
+      task's whole batch (A-GEM's reference batch), not a share of it: the step gets them as
+      :attr:`StepBatch.memory` and trains on ``batch_size`` examples of the task.
 
   Example:
     >>> import numpy as np
@@ -193,6 +206,138 @@ class BatchPlan(NamedTuple):
   replay: Any = None
   replay_ids: Any = None
   replay_size: int = 0
+  memory_apart: bool = False
+
+  def task_share(self, batch_size: int) -> int:
+    """How many of the task's examples each step of ``batch_size`` trains on."""
+    return batch_size if self.memory_apart else batch_size - self.replay_size
+
+
+class StepBatch(NamedTuple):
+  """A train step's batch as a method's step hooks see it (:meth:`Method.step_loss`).
+
+  Attributes:
+    x: the inputs the step trains on.
+    y: their targets.
+    mask: bool, the valid examples.
+    task_ids: int32, each example's task.
+    memory: ``(x, y, task_ids)`` of the memory's batch drawn beside it when the method's
+      :class:`BatchPlan` keeps its memory apart (A-GEM's reference batch), else ``None``.
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax.engine import methods
+    >>> batch = methods.StepBatch(np.zeros((4, 2)), np.zeros(4, np.int32), np.ones(4, bool),
+    ...                           np.zeros(4, np.int32))
+    >>> batch.memory is None
+    True
+  """
+
+  x: Any
+  y: Any
+  mask: Any
+  task_ids: Any
+  memory: Any = None
+
+
+class StepModel(NamedTuple):
+  """The model and the objective as pure functions, for a method's step hooks.
+
+  Attributes:
+    apply: ``apply(params, x, task_ids) -> outputs``: the model in training mode with the step's
+      model state (what it would update, BatchNorm's statistics, is dropped).
+    evaluate: ``evaluate(params, model_state, x, task_ids) -> outputs``: the model in evaluation
+      mode (another model's outputs: LwF's previous one).
+    loss: the objective's ``loss(outputs, targets, mask) -> (loss, metric)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from sfa_jax.engine import methods, objectives
+    >>> linear = lambda params, x, ids: x @ params
+    >>> model = methods.StepModel(linear, None, objectives.CLASSIFICATION.loss)
+    >>> outputs = model.apply(jnp.eye(2), jnp.array([[3.0, 0.0]]), None)
+    >>> round(float(model.loss(outputs, jnp.array([0]), jnp.ones(1, bool))[0]), 4)
+    0.0486
+  """
+
+  apply: Callable[..., Any]
+  evaluate: Callable[..., Any]
+  loss: Callable[..., Any]
+
+
+class StepSpec(NamedTuple):
+  """What :meth:`Method.init_step_state` knows of a run: the shapes of its data and outputs.
+
+  Attributes:
+    x: one example's input (a ``jax.ShapeDtypeStruct``, without the batch axis).
+    y: one example's target.
+    outputs: the model's output for one example.
+    task_labels: each task's labels (:attr:`sfa_jax.tasks.Task.labels`; empty where a task has
+      none, e.g. text).
+    task_heads: whether the model's outputs depend on the task id (one head per task, the
+      task-incremental setting), as found on the initial model.
+    batch_size: examples per batch.
+    seed: the run's seed (a sweep's lane's).
+
+  Example:
+    >>> import jax
+    >>> from sfa_jax.engine import methods
+    >>> x = jax.ShapeDtypeStruct((8,), 'float32')   # one example's input
+    >>> y = jax.ShapeDtypeStruct((), 'int32')       # its label
+    >>> outputs = jax.ShapeDtypeStruct((4,), 'float32')
+    >>> labels = ((0, 1), (2, 3))                   # two tasks of two classes
+    >>> spec = methods.StepSpec(x, y, outputs, labels, False, batch_size=32, seed=0)
+    >>> len(spec.task_labels), spec.outputs.shape
+    (2, (4,))
+  """
+
+  x: Any
+  y: Any
+  outputs: Any
+  task_labels: tuple[tuple[int, ...], ...]
+  task_heads: bool
+  batch_size: int
+  seed: int
+
+
+STEP_STATE = 'step_state'
+"""The key of a method's extras (a dict) that holds its step state (:meth:`Method.init_step_state`)."""
+
+
+def step_state(extras: Any) -> Any:
+  """The step state kept in a method's ``extras`` (:data:`STEP_STATE`), or ``None``.
+
+  Example:
+    >>> step_state({'fisher': 1.0}), step_state({'fisher': 1.0, 'step_state': 2.0})
+    (None, 2.0)
+  """
+  return extras.get(STEP_STATE) if isinstance(extras, Mapping) else None
+
+
+def with_step_state(extras: Any, state: Any) -> dict[str, Any]:
+  """``extras`` with its step state replaced by ``state``.
+
+  Raises:
+    TypeError: when ``extras`` is not a dict (a method with a step state keeps its extras in one).
+
+  Example:
+    >>> with_step_state({'fisher': 1.0}, 2.0)
+    {'fisher': 1.0, 'step_state': 2.0}
+  """
+  if not isinstance(extras, Mapping):
+    raise TypeError(f'a method with a step state keeps its extras in a dict; got {type(extras).__name__}.')
+  return {**extras, STEP_STATE: state}
+
+
+def has_step_hooks(method: Method) -> bool:
+  """Whether ``method`` overrides a train-step hook (its steps are its own program).
+
+  Example:
+    >>> has_step_hooks(Finetune()), has_step_hooks(LwF())
+    (False, True)
+  """
+  hooks = ('init_step_state', 'step_loss', 'reference_loss', 'after_step')
+  return any(getattr(type(method), hook) is not getattr(Method, hook) for hook in hooks)
 
 
 def _hyperparam_signature(hyperparams: Mapping[str, Hyperparam]) -> inspect.Signature:
@@ -362,6 +507,44 @@ class Method:
   def averaged(self, opt_state: Any) -> Any:
     """Whether the latest update averaged, from the state (only called when the schedule is ``None``)."""
     raise NotImplementedError(f'{type(self).__name__} returns no averaging schedule, so it must define averaged().')
+
+  # -- train-step hooks: what the compiled step computes beside the loss (LwF, DER++, A-GEM) ------
+  # Traced once per program and shared by a sweep's lanes: the hyper-parameters they use are
+  # arrays of the step state, never Python numbers of ``self``.
+
+  def init_step_state(self, params: Any, model_state: Any, spec: StepSpec) -> Any:
+    """The arrays the train step reads and updates, or ``None`` (the default: it reads none).
+
+    Kept in the extras (:func:`step_state`, checkpointed with them, one structure for the whole
+    run): the loop passes them into every compiled step and keeps what :meth:`after_step` returns.
+    The boundary hooks may replace them (:func:`with_step_state`).
+    """
+    return None
+
+  def step_loss(self, params: Any, outputs: Any, batch: StepBatch, step_state: Any, model: StepModel) -> Any:
+    """A term added to the step's loss and differentiated with it, or ``None`` (the default).
+
+    Args:
+      params: the params being differentiated (all of them, the frozen ones merged in).
+      outputs: the model's outputs on ``batch.x`` (a function of ``params``).
+      batch: the step's :class:`StepBatch`.
+      step_state: the step state.
+      model: the :class:`StepModel`.
+
+    The step reports the objective's loss on the batch alone, as for the penalties of the
+    transforms (L2, EWC).
+    """
+    return None
+
+  def reference_loss(self, params: Any, batch: StepBatch, step_state: Any, model: StepModel) -> Any:
+    """A loss whose gradient reaches the transform as the extra argument ``reference_grads``, or
+    ``None`` (the default: no extra argument). A-GEM's: the loss on the memory's batch."""
+    return None
+
+  def after_step(self, step_state: Any, batch: StepBatch, outputs: Any) -> Any:
+    """The step state after the step; ``outputs`` are the batch's outputs before the update
+    (DER++ stores them in its buffer). The default returns it unchanged."""
+    return step_state
 
 
 def checked_schedule(method: Method, task_index: int, total_steps: int) -> np.ndarray | None:
@@ -1293,6 +1476,245 @@ class EWCOffline(Method):
 
 
 # ------------------------------------------------------------------------------------------------
+# Methods that train on outputs or memories inside the step (their arrays: sfa_jax.engine.rehearsal).
+
+
+def _check_whole(method: Method, *names: str) -> None:
+  """Raises ``ValueError`` naming the first of ``names`` whose value is not a whole number."""
+  for name in names:
+    if not float(method[name]).is_integer():
+      raise ValueError(f'{name} must be a whole number; got {method[name]}.')
+
+
+class LwF(Method):
+  r"""Learning without Forgetting: distillation toward the previous task's model on the current batch.
+
+  On task ``k ≥ 1`` the loss adds ``alpha`` times the cross-entropy of the model's outputs to the
+  previous model's ``θ_{k-1}`` (at the end of task ``k-1``, in evaluation mode), both softened by
+  the temperature ``T`` (:func:`sfa_jax.engine.rehearsal.distillation`):
+  :math:`-\frac{1}{N}\sum_n \sum_c \mathrm{softmax}(z^{old}_n/T)_c \log
+  \mathrm{softmax}(z_n/T)_c`, over the outputs of the past tasks' labels. With one head per task
+  (the task-incremental setting) each past task's head is distilled under its task id and the
+  losses are averaged over the past tasks. Task 0 trains without it.
+
+  As the paper (and Mammoth's ``lwf``), without Hinton's ``T²`` factor; Avalanche's ``LwF`` takes
+  the KL divergence, which differs by the old outputs' entropy (a constant: the same gradients),
+  and sums the heads' losses where this averages them. The previous model is kept in the step
+  state; the paper's warm-up of the new head alone is not done.
+
+  Args:
+    alpha: the weight ``λ_o`` of the distillation loss, at least 0 (default 1.0, the paper's).
+    temperature: ``T > 0`` (default 2.0, the paper's).
+
+  Example:
+    >>> from sfa_jax.engine import methods
+    >>> method = methods.LwF(alpha=0.5)
+    >>> method, methods.has_step_hooks(method)
+    (LwF(alpha=0.5, temperature=2), True)
+
+    Train it with :func:`~sfa_jax.engine.run_sequence` (or ``engine.make_method('lwf')``).
+
+  References:
+    Li & Hoiem, `Learning without Forgetting <https://arxiv.org/abs/1606.09282>`_, 2016
+  """
+
+  name = 'lwf'
+  hyperparams = {
+      'alpha': Hyperparam(1.0, NON_NEGATIVE, doc='weight of the distillation loss'),
+      'temperature': Hyperparam(2.0, Interval(0.0, math.inf, low_open=True, high_open=True),
+                                doc='temperature of the softened outputs'),
+  }
+
+  def init_step_state(self, params, model_state, spec):
+    import jax.numpy as jnp
+    import numpy as np
+
+    num_tasks = len(spec.task_labels)
+    classes = np.zeros((num_tasks, spec.outputs.shape[-1] if spec.outputs.shape else 1), bool)
+    for k, labels in enumerate(spec.task_labels):
+      classes[k, [label for label in labels if 0 <= label < classes.shape[1]]] = True
+    state = {
+        'previous': _copy((params, model_state)), 'alpha': jnp.float32(self['alpha']),
+        'temperature': jnp.float32(self['temperature']), 'classes': jnp.asarray(classes if classes.any() else ~classes),
+        'past': jnp.zeros(num_tasks, bool),
+    }
+    if spec.task_heads:
+      state['heads'] = jnp.arange(num_tasks, dtype=jnp.int32)
+    return state
+
+  def start_task(self, state, boundary):
+    if boundary.task_index == 0:
+      return state
+    import jax.numpy as jnp
+
+    previous = _copy((state.params, state.model_state))
+    past = jnp.arange(boundary.num_tasks) < boundary.task_index
+    step = step_state(state.extras) | {'previous': previous, 'past': past}
+    return state._replace(extras=with_step_state(state.extras, step))
+
+  def step_loss(self, params, outputs, batch, step_state, model):
+    from sfa_jax.engine import rehearsal
+
+    return rehearsal.lwf_loss(params, outputs, batch, step_state, model)
+
+
+class DERpp(Method):
+  r"""Dark Experience Replay++: a reservoir of inputs, labels and logits replayed in every step.
+
+  The loss adds ``alpha·MSE(f(x'), z')`` and ``beta·CE(f(x''), y'')`` on two independent draws
+  from a buffer of ``buffer_size`` examples (each of the batch's size, without replacement),
+  ``z'`` the logits stored with ``x'``. The buffer is filled by reservoir sampling inside the
+  compiled step, as Mammoth's ``derpp`` does it after each step: every example of the stream
+  (task 0 included) enters with probability ``buffer_size / (n + 1)`` (``n`` counted from 0),
+  with its logits *at insertion* (the step's outputs, before its update); replay starts at the
+  second step. Its arrays, a PRNG key from the run's seed and the count ``n`` live in the step
+  state (:mod:`sfa_jax.engine.rehearsal`), so a resumed run draws what an uninterrupted one draws.
+
+  Forward passes on the buffer run in training mode; their BatchNorm statistics are dropped
+  (Mammoth's update them, the batch's own only here). Mammoth's ``minibatch_size`` is the
+  batch's size here.
+
+  Args:
+    buffer_size: the buffer's examples, a whole number at least 1 (default 500); it decides the
+      state's shapes, so the configurations of one sweep share it.
+    alpha: the weight of the logits' MSE, at least 0 (default 0.2).
+    beta: the weight of the labels' cross-entropy, in ``[0, 1]`` (default 0.5; the command line's
+      ``--beta`` has one range for every method that takes it); ``beta = 0`` is DER.
+
+  Defaults: Mammoth's best arguments for Seq-CIFAR-10 with 500 examples.
+
+  Example:
+    >>> from sfa_jax.engine import methods
+    >>> methods.DERpp(buffer_size=200, alpha=0.1).label
+    'derpp(alpha=0.1, beta=0.5, buffer_size=200)'
+
+  References:
+    Buzzega et al, `Dark Experience for General Continual Learning: a Strong, Simple Baseline
+    <https://arxiv.org/abs/2004.07211>`_, 2020
+  """
+
+  name = 'derpp'
+  hyperparams = {
+      'buffer_size': Hyperparam(500.0, Interval(1.0, math.inf, high_open=True), sweepable=False,
+                                doc="the buffer's examples"),
+      'alpha': Hyperparam(0.2, NON_NEGATIVE, doc="weight of the logits' MSE"),
+      'beta': Hyperparam(0.5, UNIT, doc="weight of the labels' cross-entropy"),
+  }
+
+  def __init__(self, **values: float):
+    super().__init__(**values)
+    _check_whole(self, 'buffer_size')
+
+  def init_step_state(self, params, model_state, spec):
+    import jax
+    import jax.numpy as jnp
+
+    size = int(self['buffer_size'])
+    zeros = lambda like, dtype=None: jnp.zeros((size, *like.shape), dtype or like.dtype)
+    key = jax.random.key_data(jax.random.fold_in(jax.random.key(spec.seed), 1))
+    return {
+        'x': zeros(spec.x), 'y': zeros(spec.y), 'task_ids': jnp.zeros(size, jnp.int32), 'logits': zeros(spec.outputs),
+        'seen': jnp.int32(0), 'key': key, 'alpha': jnp.float32(self['alpha']), 'beta': jnp.float32(self['beta']),
+    }
+
+  def step_loss(self, params, outputs, batch, step_state, model):
+    from sfa_jax.engine import rehearsal
+
+    return rehearsal.derpp_loss(params, batch, step_state, model)
+
+  def after_step(self, step_state, batch, outputs):
+    from sfa_jax.engine import rehearsal
+
+    return rehearsal.derpp_insert(step_state, batch, outputs)
+
+
+class AGEM(Method):
+  r"""Averaged GEM: each gradient projected so that it does not conflict with the memory's.
+
+  The chain ``optax.chain(sfa_jax.agem(), optimizer)``. From task 1 on, every step draws a
+  reference batch of ``reference_batch`` examples from an episodic memory of ``memory_per_task``
+  random examples of each past task (beside the task's whole batch), and the gradient of the
+  loss on it reaches :func:`sfa_jax.agem` as ``reference_grads``: the batch's gradient ``g`` is
+  replaced by ``g − (g·g_ref / g_ref·g_ref)·g_ref`` when ``g·g_ref < 0``. Task 0 trains plainly.
+
+  Mammoth's ``agem`` fills a buffer of a total size split evenly between the tasks (its
+  ``buffer_size / n_tasks`` per task) and draws a reference batch of its ``minibatch_size``; the
+  paper, as here, keeps a number of examples per task.
+
+  Args:
+    memory_per_task: the examples kept of each past task, a whole number at least 1 (default
+      256); configurations of one sweep may differ in it.
+    reference_batch: the reference batch's examples, a whole number at least 1 (default 256,
+      the paper's); it decides the step's shapes, so the configurations of one sweep share it.
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax import tasks
+    >>> from sfa_jax.engine import methods
+    >>> split = tasks.Split(np.zeros((20, 2), np.float32), np.arange(20) % 2)
+    >>> toy = [('a', split, split), ('b', split, split)]
+    >>> stream = tasks.stream_of('toy', toy, num_outputs=2)
+    >>> method = methods.AGEM(memory_per_task=8, reference_batch=4)
+    >>> plan = method.batch_plan(list(stream), 1, batch_size=8, seed=0)  # task 1
+    >>> len(plan.replay.y), plan.replay_size, plan.task_share(8)  # 8 of task 0; 4 beside 8
+    (8, 4, 8)
+
+  References:
+    Chaudhry et al, `Efficient Lifelong Learning with A-GEM <https://arxiv.org/abs/1812.00420>`_, 2019
+  """
+
+  name = 'agem'
+  hyperparams = {
+      'memory_per_task': Hyperparam(256.0, Interval(1.0, math.inf, high_open=True),
+                                    doc='examples kept of each past task'),
+      'reference_batch': Hyperparam(256.0, Interval(1.0, math.inf, high_open=True), sweepable=False,
+                                    doc="the reference batch's examples"),
+  }
+
+  def __init__(self, **values: float):
+    super().__init__(**values)
+    _check_whole(self, 'memory_per_task', 'reference_batch')
+
+  def transform(self, optimizer):
+    import optax
+
+    from sfa_jax import transforms
+
+    return optax.chain(transforms.agem(), optimizer)
+
+  def batch_plan(self, tasks, task_index, batch_size, seed):
+    plan = _own_data(tasks[task_index])
+    if task_index == 0:
+      return plan
+    memory = [_own_data(dataclasses.replace(t, train=_random_examples(t.train, int(self['memory_per_task']),
+                                                                       task_seed(seed, t.index))))
+              for t in tasks[:task_index]]
+    replay, replay_ids = _concat(memory)
+    return plan._replace(replay=replay, replay_ids=replay_ids, replay_size=int(self['reference_batch']),
+                         memory_apart=True)
+
+  def data_key(self):
+    return self['memory_per_task']
+
+  def reference_loss(self, params, batch, step_state, model):
+    from sfa_jax.engine import rehearsal
+
+    return rehearsal.memory_loss(params, batch, model)
+
+
+def _random_examples(split: Any, count: int, seed: int) -> Any:
+  """``count`` examples of ``split`` drawn uniformly without replacement (all if it has fewer),
+  in their order."""
+  import numpy as np
+
+  from sfa_jax import tasks as tasks_lib
+
+  n = len(split.y)
+  kept = np.sort(np.random.default_rng(seed).choice(n, min(n, count), replace=False))
+  return tasks_lib.Split(split.x[kept], split.y[kept])
+
+
+# ------------------------------------------------------------------------------------------------
 # The registry.
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -1331,7 +1753,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 for _cls in (Finetune, SFA, L2, EWC, Replay, WiseFT, TaskArithmetic, TIES, Joint, AdaptiveSFA, MultiAnchorSFA,
-             MagMax, CoFiMA, SI, MAS, EWCOffline):
+             MagMax, CoFiMA, SI, MAS, EWCOffline, LwF, DERpp, AGEM):
   register_method(_cls)
 
 

@@ -137,7 +137,9 @@ class ChunkPrograms:
     method: the first lane's method.
     config: the lanes' shared settings.
     trainable: the mask of the trained params (:func:`sfa_jax.engine.steps.trainable_mask`), or ``None``.
-    abstract: one lane's :class:`~sfa_jax.engine.loop.RunState` as shapes (its ``extras`` unused).
+    abstract: one lane's :class:`~sfa_jax.engine.loop.RunState` as shapes, its ``extras`` those of
+      the method's step state (:meth:`~sfa_jax.engine.methods.Method.init_step_state`, ``None``
+      for most).
     task: the first task (the shapes of its examples).
     count: the number of lanes.
     stacked: whether the lanes are stacked (a sweep).
@@ -155,7 +157,7 @@ class ChunkPrograms:
   def __init__(self, model: Any, tx: optax.GradientTransformation, method: methods_lib.Method, config: Any,
                trainable: Any, abstract: Any, task: tasks_lib.Task, *, count: int, stacked: bool, mesh: Any):
     self._model, self._tx, self._objective, self._trainable = model, tx, config.objective, trainable
-    self._averaged = method.averaged
+    self._method, self._averaged = method, method.averaged
     sample = task.train.x
     trained = steps.trainable_part(abstract.params, trainable)
     # XLA's CPU backend runs a convolution in a loop several times slower: such steps go one a call.
@@ -171,7 +173,9 @@ class ChunkPrograms:
       # hyper-parameters in the state); a method that bakes them into its update gets its own.
       digest = reused(('update_program', method, config.optimizer_key(), config.trainable, model, sample.shape[1:],
                        str(sample.dtype)), lambda: update_program(tx, abstract.opt_state, trained))
-      self._key = ('train_step', model, config.optimizer_key(), config.objective, config.trainable, digest, mesh)
+      # A method with train-step hooks computes its own steps: its programs are its own.
+      hooks = method if methods_lib.has_step_hooks(method) else None
+      self._key = ('train_step', model, config.optimizer_key(), config.objective, config.trainable, digest, mesh, hooks)
       self.abstract = abstract
     # A single run of a method whose averaging schedule is exact may run the steps between its
     # averages without the averaging arithmetic (``may_average=False``) and each average alone.
@@ -185,7 +189,8 @@ class ChunkPrograms:
     key = (layout, skip, on_device, stop_on_average)
     if key not in self._programs:
       build = lambda: fused.make_chunk(
-          steps.make_train_step(self._model, self._tx, self._objective, self._trainable, may_average=not skip), layout,
+          steps.make_method_step(self._model, self._tx, self._objective, self._trainable, method=self._method,
+                                 may_average=not skip), layout,
           averaged=self._averaged if on_device else None, stop_on_average=stop_on_average,
           batch_sharding=self._batch_sharding, looped=self.looped)
       self._programs[key] = build() if self._key is None else reused(self._key + key, build)
@@ -197,7 +202,7 @@ class ChunkPrograms:
     """Compiles the program for ``block``'s shapes in the background, by running it on zeros for no step
     (an unlooped program runs its one step on them); :meth:`chunk` waits for it."""
     program = self.chunk(layout, skip, on_device, stop_on_average)
-    state = (self.abstract.params, self.abstract.model_state, self.abstract.opt_state)
+    state = (self.abstract.params, self.abstract.model_state, self.abstract.opt_state, self.abstract.extras)
     self._warming[(layout, skip, on_device, stop_on_average)] = compile_in_background(program, state, *block, np.int32(0))
 
 

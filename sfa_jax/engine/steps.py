@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -28,9 +28,11 @@ from sfa_jax import models
 from sfa_jax import partial
 from sfa_jax import tasks as tasks_lib
 from sfa_jax.engine import distributed
+from sfa_jax.engine import methods as methods_lib
 from sfa_jax.engine import objectives as objectives_lib
 
-__all__ = ['initializer', 'make_train_step', 'jitted_train_step', 'task_fisher', 'task_mas_importance']
+__all__ = ['initializer', 'make_train_step', 'make_method_step', 'jitted_train_step', 'task_fisher',
+           'task_mas_importance']
 
 
 def initializer(model, sample: np.ndarray, mesh: Any = None) -> Callable[[int], tuple[Any, Any]]:
@@ -158,10 +160,76 @@ def make_train_step(model, tx: optax.GradientTransformation, objective: objectiv
   ``may_average=False`` the update is ``tx.update(..., may_average=False)``: a step known not to
   average (SFA then skips its anchor, :func:`sfa_jax.sfa`).
 
-  :func:`jitted_train_step` compiles it alone; :func:`sfa_jax.engine.loop.train_stream` fuses it into chunks of steps
+  :func:`jitted_train_step` compiles it alone; :func:`sfa_jax.engine.loop.train_stream` fuses the
+  step of :func:`make_method_step` (this one with a method's hooks) into chunks of steps
   (:func:`sfa_jax.engine.fused.make_chunk`), vmapped for a sweep.
   """
+  full = make_method_step(model, tx, objective, trainable, may_average=may_average)
+
+  def step(params, model_state, opt_state, x, y, mask, task_ids):
+    params, model_state, opt_state, _, loss, metric = full(params, model_state, opt_state, None, x, y, mask, task_ids)
+    return params, model_state, opt_state, loss, metric
+
+  return step
+
+
+def make_method_step(model, tx: optax.GradientTransformation,
+                     objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION, trainable: Any = None, *,
+                     method: methods_lib.Method | None = None, may_average: bool = True):
+  """:func:`make_train_step` with a method's train-step hooks, unjitted.
+
+  The step is ``(params, model_state, opt_state, step_state, x, y, mask, task_ids, memory=None)
+  -> (params, model_state, opt_state, step_state, loss, metric)``: the loss differentiated adds
+  :meth:`~sfa_jax.engine.methods.Method.step_loss` (the loss reported is the objective's alone),
+  the gradient of :meth:`~sfa_jax.engine.methods.Method.reference_loss` reaches ``tx.update`` as
+  ``reference_grads=`` (:func:`sfa_jax.agem`), and the step state comes back through
+  :meth:`~sfa_jax.engine.methods.Method.after_step`. ``memory`` is ``(x, y, task_ids)`` of a
+  memory batch kept apart (:attr:`~sfa_jax.engine.methods.BatchPlan.memory_apart`). A method
+  without hooks (``None``, and every method that overrides none) computes what
+  :func:`make_train_step` computes.
+
+  Args:
+    model, tx, objective, trainable, may_average: as for :func:`make_train_step`.
+    method: the :class:`~sfa_jax.engine.methods.Method` whose hooks the step runs.
+
+  Returns:
+    The step.
+  """
   hint = {} if may_average else {'may_average': False}
+  method = methods_lib.Finetune() if method is None else method
+  apply, evaluate = _train_apply(model), _evaluate_apply(model)
+
+  def step(params, model_state, opt_state, step_state, x, y, mask, task_ids, memory=None):
+    batch = methods_lib.StepBatch(x, y, mask, task_ids, memory)
+    hooks = methods_lib.StepModel(lambda p, inputs, ids: apply(p, model_state, inputs, ids)[0], evaluate, objective.loss)
+
+    def loss_fn(p):
+      outputs, new_state = apply(p, model_state, x, task_ids)
+      loss, metric = objective.loss(outputs, y, mask)
+      extra = method.step_loss(p, outputs, batch, step_state, hooks)
+      return (loss if extra is None else loss + extra), (new_state, metric, loss, outputs)
+
+    reference = lambda p: method.reference_loss(p, batch, step_state, hooks)
+    references = jax.eval_shape(reference, params) is not None
+    if trainable is None:
+      (_, (new_state, metric, loss, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      extra_args = {'reference_grads': jax.grad(reference)(params)} if references else {}
+      updates, opt_state = tx.update(grads, opt_state, params, **hint, **extra_args)
+      params = optax.apply_updates(params, updates)
+    else:
+      train, frozen = partial.split_trainable(params, trainable)
+      (_, (new_state, metric, loss, outputs)), grads = partial.trainable_value_and_grad(loss_fn, has_aux=True)(train, frozen)
+      extra_args = {'reference_grads': partial.trainable_value_and_grad(reference)(train, frozen)[1]} if references else {}
+      updates, opt_state = tx.update(grads, opt_state, train, **hint, **extra_args)
+      params = partial.merge_trainable(optax.apply_updates(train, updates), frozen)
+    step_state = method.after_step(step_state, batch, jax.lax.stop_gradient(outputs))
+    return params, new_state, opt_state, step_state, loss, metric
+
+  return step
+
+
+def _train_apply(model) -> Callable[..., Any]:
+  """``apply(params, model_state, x, task_ids) -> (outputs, new model state)``, in training mode."""
 
   def apply(params, model_state, x, task_ids):
     variables = models.merge_variables(params, model_state)
@@ -169,22 +237,39 @@ def make_train_step(model, tx: optax.GradientTransformation, objective: objectiv
       return _call(model, model.apply, variables, x, task_ids, train=True), model_state
     return _call(model, model.apply, variables, x, task_ids, train=True, mutable=list(model_state))
 
-  def step(params, model_state, opt_state, x, y, mask, task_ids):
-    def loss_fn(p):
-      logits, new_state = apply(p, model_state, x, task_ids)
-      loss, accuracy = objective.loss(logits, y, mask)
-      return loss, (new_state, accuracy)
+  return apply
 
-    if trainable is None:
-      (loss, (new_state, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params, **hint)
-      return optax.apply_updates(params, updates), new_state, opt_state, loss, accuracy
-    train, frozen = partial.split_trainable(params, trainable)
-    (loss, (new_state, accuracy)), grads = partial.trainable_value_and_grad(loss_fn, has_aux=True)(train, frozen)
-    updates, opt_state = tx.update(grads, opt_state, train, **hint)
-    return partial.merge_trainable(optax.apply_updates(train, updates), frozen), new_state, opt_state, loss, accuracy
 
-  return step
+def _evaluate_apply(model) -> Callable[..., Any]:
+  """``evaluate(params, model_state, x, task_ids) -> outputs``, in evaluation mode."""
+  return lambda params, model_state, x, task_ids: _call(
+      model, model.apply, models.merge_variables(params, model_state), x, task_ids, train=False)
+
+
+def step_spec(model, params: Any, model_state: Any, tasks: Sequence[tasks_lib.Task], batch_size: int,
+              seed: int) -> methods_lib.StepSpec:
+  """The :class:`~sfa_jax.engine.methods.StepSpec` of a run: its data's and outputs' shapes.
+
+  The model runs on the first training example under task ids 0 and 1: outputs that differ
+  mean one head per task.
+
+  Args:
+    model: the Flax module.
+    params, model_state: its initial variables.
+    tasks: the stream's tasks.
+    batch_size: examples per batch.
+    seed: the run's seed.
+
+  Returns:
+    The spec.
+  """
+  train = tasks[0].train
+  one = lambda array: jax.ShapeDtypeStruct(np.shape(array)[1:], np.asarray(array[:1]).dtype)
+  outputs = jax.jit(_evaluate_apply(model))
+  first = outputs(params, model_state, train.x[:1], np.zeros(1, np.int32))
+  heads = len(tasks) > 1 and not np.array_equal(first, outputs(params, model_state, train.x[:1], np.ones(1, np.int32)))
+  labels = tuple(tuple(int(label) for label in task.labels) for task in tasks)
+  return methods_lib.StepSpec(one(train.x), one(train.y), one(first), labels, bool(heads), batch_size, seed)
 
 
 def jitted_train_step(model, tx: optax.GradientTransformation, objective: objectives_lib.Objective = objectives_lib.CLASSIFICATION,
