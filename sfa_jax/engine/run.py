@@ -1,7 +1,8 @@
 """One continual-learning run: a method trained on a stream of tasks, every task evaluated after each.
 
-The methods (finetune, sfa, l2, ewc, replay, wise-ft, task-arithmetic, ties, joint, adaptive-sfa,
-multi-anchor-sfa, magmax, cofima, and yours) are the classes of :mod:`sfa_jax.engine.methods`; the loop is
+The methods (finetune, sfa, l2, ewc, ewc-offline, si, mas, replay, lwf, derpp, agem, wise-ft,
+task-arithmetic, ties, magmax, cofima, joint, adaptive-sfa, multi-anchor-sfa, and yours) are the
+classes of :mod:`sfa_jax.engine.methods`; the loop is
 :func:`sfa_jax.engine.loop.train_stream`, which :mod:`sfa_jax.engine.sweep` shares; the settings
 are a :class:`~sfa_jax.engine.config.TrainConfig`. This module holds :func:`run_sequence`, its
 :class:`SequenceResult`, and the fingerprint that ties a run to its checkpoints.
