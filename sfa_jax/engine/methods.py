@@ -828,7 +828,40 @@ class L2(Method):
     return anchors.reanchor(opt_state, state.params)
 
 
-class EWC(Method):
+class _WeightedPenalty(Method):
+  """The methods whose penalty is ``strength/2·Σ w·(θ − θ_a)²``, with ``w`` kept in the run's extras.
+
+  From task 1 on, a task trains with ``chain(ewc(w, strength, anchor=θ_a), optimizer)``: ``w`` is
+  the extras' :attr:`weights_key` tree (EWC's Fisher, MAS's importance, offline EWC's Fisher sum),
+  filled by the subclass's ``end_task``, and ``θ_a`` is :meth:`_anchor` (the params at the task's
+  start unless the subclass keeps another).
+  """
+
+  weights_key: ClassVar[str] = 'fisher'
+
+  def transform(self, optimizer):
+    import optax
+
+    return optax.chain(_ewc_from_zero_fisher(self['strength']), optimizer)
+
+  def init_extras(self, params, model_state, num_tasks):
+    import jax
+    import jax.numpy as jnp
+
+    return {self.weights_key: jax.tree.map(jnp.zeros_like, params)}
+
+  def _anchor(self, state):
+    return state.params
+
+  def prepare_optimizer(self, opt_state, state, boundary):
+    if boundary.task_index == 0:
+      return opt_state
+    from sfa_jax import anchors
+
+    return anchors.reanchor(opt_state, self._anchor(state), fisher=state.extras[self.weights_key])
+
+
+class EWC(_WeightedPenalty):
   """Online EWC: ``strength/2·Σ F·(θ − θ_{k-1})²`` with ``F ← γ·F + F_{k-1}`` after each task.
 
   ``F_{k-1}`` is the empirical diagonal Fisher (per-example squared gradients) of the task just
@@ -863,24 +896,6 @@ class EWC(Method):
       'strength': Hyperparam(100.0, NON_NEGATIVE, doc='λ of the penalty'),
       'gamma': Hyperparam(1.0, UNIT, doc='decay of the past Fisher'),
   }
-
-  def transform(self, optimizer):
-    import optax
-
-    return optax.chain(_ewc_from_zero_fisher(self['strength']), optimizer)
-
-  def init_extras(self, params, model_state, num_tasks):
-    import jax
-    import jax.numpy as jnp
-
-    return {'fisher': jax.tree.map(jnp.zeros_like, params)}
-
-  def prepare_optimizer(self, opt_state, state, boundary):
-    if boundary.task_index == 0:
-      return opt_state
-    from sfa_jax import anchors
-
-    return anchors.reanchor(opt_state, state.params, fisher=state.extras['fisher'])
 
   def end_task(self, state, boundary):
     k = boundary.task_index
@@ -1348,7 +1363,7 @@ class SI(Method):
     return state._replace(extras={'importance': importance})
 
 
-class MAS(Method):
+class MAS(_WeightedPenalty):
   """Memory Aware Synapses: ``strength/2·Σ Ω·(θ − θ_{k-1})²``, ``Ω`` summed over the past tasks.
 
   ``Ω_j`` is the mean per-example ``|∂‖f(x)‖²/∂θ|`` of the model's output on task ``j``'s training
@@ -1383,23 +1398,7 @@ class MAS(Method):
   name = 'mas'
   hyperparams = {'strength': Hyperparam(2.0, NON_NEGATIVE, doc='λ of the penalty (2λ of the paper)')}
 
-  def transform(self, optimizer):
-    import optax
-
-    return optax.chain(_ewc_from_zero_fisher(self['strength']), optimizer)
-
-  def init_extras(self, params, model_state, num_tasks):
-    import jax
-    import jax.numpy as jnp
-
-    return {'importance': jax.tree.map(jnp.zeros_like, params)}
-
-  def prepare_optimizer(self, opt_state, state, boundary):
-    if boundary.task_index == 0:
-      return opt_state
-    from sfa_jax import anchors
-
-    return anchors.reanchor(opt_state, state.params, fisher=state.extras['importance'])
+  weights_key = 'importance'
 
   def end_task(self, state, boundary):
     if boundary.task_index + 1 == boundary.num_tasks:
@@ -1410,7 +1409,7 @@ class MAS(Method):
     return state._replace(extras={'importance': summed})
 
 
-class EWCOffline(Method):
+class EWCOffline(_WeightedPenalty):
   """Offline EWC: ``strength/2·Σ_j F_j·(θ − θ_j)²``, one penalty per past task ``j``.
 
   ``F_j`` is the empirical diagonal Fisher of task ``j``'s training data at its end ``θ_j`` (as
@@ -1447,23 +1446,11 @@ class EWCOffline(Method):
   name = 'ewc-offline'
   hyperparams = {'strength': Hyperparam(100.0, NON_NEGATIVE, doc='λ of the penalty')}
 
-  def transform(self, optimizer):
-    import optax
-
-    return optax.chain(_ewc_from_zero_fisher(self['strength']), optimizer)
-
   def init_extras(self, params, model_state, num_tasks):
-    import jax
-    import jax.numpy as jnp
+    return super().init_extras(params, model_state, num_tasks) | {'anchor': _copy(params)}
 
-    return {'fisher': jax.tree.map(jnp.zeros_like, params), 'anchor': _copy(params)}
-
-  def prepare_optimizer(self, opt_state, state, boundary):
-    if boundary.task_index == 0:
-      return opt_state
-    from sfa_jax import anchors
-
-    return anchors.reanchor(opt_state, state.extras['anchor'], fisher=state.extras['fisher'])
+  def _anchor(self, state):
+    return state.extras['anchor']
 
   def end_task(self, state, boundary):
     if boundary.task_index + 1 == boundary.num_tasks:
