@@ -332,7 +332,8 @@ def _stop_in_task_1(event):
     raise _Stop
 
 
-@pytest.mark.parametrize('name', ['derpp', 'lwf', 'agem'])
+@pytest.mark.parametrize('name', ['derpp', pytest.param('lwf', marks=pytest.mark.slow),
+                                  pytest.param('agem', marks=pytest.mark.slow)])
 def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(domains, tmp_path, name):
   method, _ = SWEEPS[name][1]
   config = dataclasses.replace(CONFIG, eval_every=9)
