@@ -56,6 +56,7 @@ LINKED = {
                       'sfa_jax.engine.methods.Replay', 'sfa_jax.tasks.make_stream'],
     'guides/sweeps': ['sfa_jax.engine.run_sweep', 'sfa_jax.engine.grid'],
     'guides/checkpoints': ['sfa_jax.engine.Checkpointer', 'sfa_jax.engine.make_method'],
+    'guides/tunix': ['sfa_jax.engine.tunix.train_task', 'sfa_jax.engine.tunix.nnx_fisher', 'sfa_jax.sfa'],
 }
 
 

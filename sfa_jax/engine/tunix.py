@@ -30,6 +30,7 @@ from flax import nnx
 
 from sfa_jax import _validation
 from sfa_jax import anchors
+from sfa_jax import transforms
 
 
 def train_task(
@@ -72,7 +73,8 @@ def train_task(
     eval_ds: evaluation batches, passed to ``trainer.train``.
     fisher: for EWC, its new Fisher (a tree like the optimizer's params, e.g. from
       :func:`nnx_fisher`), or a function of no arguments that returns it, called only when the
-      task begins (not after a resume into it); ``None`` keeps the state's.
+      task begins (not after a resume into it) and the optimizer holds an EWC state (so one loop
+      serves every method); ``None`` keeps the state's.
     restart_optimizer: at the task's start (not the first task's), reset the whole optimizer
       state as a new trainer's would be (moments, step counts, schedules) before re-anchoring;
       EWC's Fisher is then ``fisher``, or the transform's own initial one.
@@ -123,7 +125,8 @@ def _begin_task(trainer: Any, steps: int, *, first: bool, fisher: Any, restart_o
     if has_total_steps:
       anchors.set_hyperparams(optimizer, total_steps=steps)
     return
-  fisher = fisher() if callable(fisher) else fisher
+  if callable(fisher):
+    fisher = fisher() if any(isinstance(state, transforms.EWCState) for state in states) else None
   if restart_optimizer:
     _restart(optimizer, model)
   if states:
@@ -187,13 +190,13 @@ def nnx_fisher(
     (['lora_a', 'lora_b'], (1, 1))
   """
   wrt = nnx.LoRAParam if wrt is None else wrt
-  graphdef, params, rest = nnx.split(model, wrt, ...)
+  params = nnx.state(model, wrt)
   if not jax.tree.leaves(params):
     raise ValueError(f'the model has no leaf that wrt={wrt!r} selects: no LoRA params? (apply LoRA first, '
                      'or pass wrt=nnx.Param for the whole model).')
   total, count = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params), 0
   for batch in batches:
-    squares = _squared_gradients(params, rest, dict(batch), graphdef=graphdef, loss_fn=loss_fn, has_aux=bool(has_aux))
+    squares = _squared_gradients(model, dict(batch), wrt=wrt, loss_fn=loss_fn, has_aux=bool(has_aux))
     total = jax.tree.map(jnp.add, total, squares)
     count += len(jax.tree.leaves(batch)[0])
   if not count:
@@ -201,11 +204,11 @@ def nnx_fisher(
   return jax.tree.map(lambda t, p: (t / count).astype(p.dtype), total, params)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'loss_fn', 'has_aux'))
-def _squared_gradients(params: Any, rest: Any, batch: dict[str, Any], *, graphdef: Any,
-                       loss_fn: Callable[..., Any], has_aux: bool) -> Any:
-  """The sum over a batch's rows of each row's squared gradient (float32), compiled once per model
-  structure, loss function and batch shape."""
+@functools.partial(nnx.jit, static_argnames=('wrt', 'loss_fn', 'has_aux'))
+def _squared_gradients(model: Any, batch: dict[str, Any], *, wrt: Any, loss_fn: Callable[..., Any], has_aux: bool) -> Any:
+  """The sum over a batch's rows of each row's squared gradient of the ``wrt`` leaves (float32),
+  compiled once per model structure, filter, loss function and batch shape."""
+  graphdef, params, rest = nnx.split(model, wrt, ...)
 
   def example_loss(params, example):
     out = loss_fn(nnx.merge(graphdef, params, rest), **jax.tree.map(lambda x: x[None], example))
