@@ -171,9 +171,10 @@ def nnx_fisher(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    An ``nnx.State`` like ``nnx.state(model, wrt)``, of non-negative values: the Fisher that
-    ``sfa_jax.ewc`` and ``sfa_jax.reanchor(..., fisher=...)`` take for an ``nnx.Optimizer`` with
-    the same ``wrt``.
+    An ``nnx.State`` like ``nnx.state(model, wrt)`` (its Variables holding non-negative values):
+    the Fisher that ``sfa_jax.ewc`` and ``sfa_jax.reanchor(..., fisher=...)`` take for an
+    ``nnx.Optimizer`` with the same ``wrt``, and that ``sfa_jax.online_fisher`` adds to another
+    of these (not to ``sfa_jax.find_state(optimizer).fisher``, which holds bare values).
 
   Raises:
     ValueError: when ``model`` has no leaf that ``wrt`` selects, or ``batches`` no example.
