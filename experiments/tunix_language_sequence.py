@@ -286,7 +286,8 @@ def experiment(args) -> scaffold.Outcome:
   base = tunix_llama(params, config)
   difference = check_same_model(base, config, params, domains[0].heldout[:2, :-1])
   setup_seconds = time.perf_counter() - began
-  lora, specs, seeds = QUICK_LORA if args.quick else LORA, QUICK_METHODS if args.quick else METHODS, scaffold.seeds_of(args)
+  lora, specs = (QUICK_LORA, QUICK_METHODS) if args.quick else (LORA, METHODS)
+  seeds = tuple(args.seeds or settings['seeds'])  # the engine experiment's seeds by default
   name = scaffold.output_name(args, 'tunix_language_sequence')
   probe = with_lora(base, settings['top_layers'], lora['rank'], lora['alpha'], 0)
   setting = {
@@ -297,11 +298,12 @@ def experiment(args) -> scaffold.Outcome:
       'seq_len': settings['seq_len'], 'train_sequences': settings['train_sequences'],
       'heldout_sequences': settings['heldout_sequences'], 'num_problems': settings['num_problems'], 'seeds': list(seeds),
       'methods': [[method, hp] for method, hp in specs], 'config': dataclasses.asdict(settings['config']),
-      'sources': {d.name: list(d.sources) for d in domains}, 'logit_difference_to_sfa_jax_llama': difference,
+      'sources': {d.name: list(d.sources) for d in domains},
   }
   evaluate = Evaluator(probe, settings['config'].eval_batch_size)
   initial = evaluate(probe, domains)  # LoRA starts at zero: the pretrained model's row, the same for every run
   setting_id = json.dumps(setting, sort_keys=True, default=repr)
+  setting['logit_difference_to_sfa_jax_llama'] = difference
   runs_path = os.path.join(args.out, name + '.runs.jsonl')
   done = scaffold.load_runs(runs_path, lambda run: run['key'] if run['setting_id'] == setting_id else None)
   results, run_seeds = [], []
