@@ -239,7 +239,7 @@ def test_tunix_language_sequence_quick_beside_the_engine_and_resumed_run_by_run(
   (tmp_path / 'language_sequence_quick.json').write_text(json.dumps({'summaries': data['summaries']}))
   capsys.readouterr()
   _main('tunix_language_sequence')(['--quick', '--out', str(tmp_path)])
-  assert 'seed 0' not in capsys.readouterr().out
+  assert 's seed 0, ' not in capsys.readouterr().out  # no run's progress line
   markdown = (tmp_path / 'tunix_language_sequence_quick.md').read_text()
   assert markdown.count('| ewc(gamma=1, strength=10000) |') == 2 and "Beside the engine's" in markdown
 
