@@ -48,8 +48,8 @@ def train_task(
   The trainer is kept from task to task (its metrics, hooks and checkpoints run through the
   whole sequence), and its ``train_steps`` count the optimizer steps of all tasks so far: a task
   begins where the earlier ones end, ``start = sum of their steps``. When the trainer stands at
-  ``start`` (the task begins), the anchored states of its optimizer (SFA, L2, EWC: see
-  :func:`sfa_jax.find_states`) get the task's ``T = steps`` and, for every task but the first,
+  ``start`` (the task begins), SFA's ``T`` becomes ``steps`` and, for every task but the one at
+  step 0, the anchored states of its optimizer (SFA, L2, EWC: see :func:`sfa_jax.find_states`)
   are re-anchored at the model's current params (``reanchor(trainer.optimizer, trainer.model)``:
   the optimizer's own ``wrt`` leaves, the LoRA ones under LoRA). Then the trainer trains until
   ``train_steps == start + steps``, on ``train_ds`` from its first batch.
