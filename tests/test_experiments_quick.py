@@ -244,6 +244,23 @@ def test_tunix_language_sequence_quick_beside_the_engine_and_resumed_run_by_run(
   assert markdown.count('| ewc(gamma=1, strength=10000) |') == 2 and "Beside the engine's" in markdown
 
 
+@pytest.mark.slow  # one Tunix trainer and one engine run on a tiny Llama: about 1 min on 2 cores
+def test_tunix_on_the_engine_s_parameters_is_the_engine_s_fine_tuning(tmp_path):
+  pytest.importorskip('tunix', reason='google-tunix is not installed: pip install sfa-jax[tunix]')
+  import dataclasses
+
+  from sfa_jax import engine
+  from sfa_jax.engine import lm
+
+  _main('tunix_language_sequence')(['--quick', '--top-blocks', '--seeds', '0', '--out', str(tmp_path)])
+  (run,) = json.loads((tmp_path / 'tunix_language_sequence_top_blocks_quick.json').read_text())['runs']
+  model, params, domains, settings = _main('language_sequence').__globals__['setup'](True)
+  config = dataclasses.replace(settings['config'], seed=0)
+  (result,) = lm.run_lm_sequences(model, params, domains, [engine.make_method('finetune')], config)
+  np.testing.assert_allclose(run['loss_matrix'], result.loss_matrix, atol=1e-5)
+  assert run['exact_match'] == result.exact_match and run['method'] == result.method == 'finetune'
+
+
 def test_three_scenarios_quick(tmp_path):
   # van de Ven & Tolias' split-MNIST protocol in its three scenarios, on the 8x8 digits: the side-by-side
   # table, the budget record, and a rerun that trains nothing (every run is recorded and skipped).
