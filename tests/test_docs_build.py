@@ -58,6 +58,7 @@ LINKED = {
     'guides/merges': ['sfa_jax.magmax', 'sfa_jax.fisher_merge', 'sfa_jax.engine.methods.MagMax',
                       'sfa_jax.engine.methods.CoFiMA'],
     'guides/checkpoints': ['sfa_jax.engine.Checkpointer', 'sfa_jax.engine.make_method'],
+    'guides/tunix': ['sfa_jax.engine.tunix.train_task', 'sfa_jax.engine.tunix.nnx_fisher', 'sfa_jax.sfa'],
 }
 
 

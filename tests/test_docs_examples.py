@@ -94,6 +94,8 @@ def _tiny_hugging_face_checkpoint(folder: pathlib.Path) -> None:
 
 
 SETUP = {'guides/huggingface.md': _tiny_hugging_face_checkpoint}
+# A page's optional package (module, what to install): without it, the page's test skips.
+NEEDS = {'guides/tunix.md': ('tunix', 'google-tunix: pip install sfa-jax[tunix]')}
 
 
 def _check_readme(ns):
@@ -233,6 +235,18 @@ def _check_replay_methods(ns):
   np.testing.assert_allclose(ns['params']['w'], [-0.1, 0.0])  # the projected gradient's step
 
 
+def _check_tunix(ns):
+  import sfa_jax
+
+  (finetune, _), (sfa, sfa_trainer), (l2, _), (ewc, _) = ns['runs'].values()
+  assert finetune[0][0] < 0.8 * np.log(32)  # the first task is learned
+  assert all(losses[1][1] < 0.8 * np.log(32) for losses in (finetune, sfa, l2, ewc))  # and the second
+  assert all(kept[1][0] < finetune[1][0] - 0.5 for kept in (sfa, l2, ewc))  # the first kept better
+  state = sfa_jax.find_state(sfa_trainer.optimizer)
+  assert (int(state.count), int(state.total_steps), bool(state.averaged)) == (20, 20, True)
+  assert ns['resumed'].train_steps == 40 and ns['__printed__'].splitlines()[-1].endswith(': True')
+
+
 def _check_api_reference(ns):
   assert len(ns['result'].accuracy_matrix) == 2 and ns['result'].method == 'sfa(beta=0.25, p=0.25)'
 
@@ -261,6 +275,7 @@ CHECKS = {
     'guides/checkpoints.md': _check_checkpoints,
     'guides/huggingface.md': _check_huggingface,
     'guides/distributed.md': _check_distributed,
+    'guides/tunix.md': _check_tunix,
 }
 
 
@@ -269,6 +284,9 @@ CHECKS = {
 
 @pytest.mark.parametrize('page', _params())
 def test_the_page_examples_run(page: Page, tmp_path, monkeypatch, capsys):
+  if page.name in NEEDS:
+    module, what = NEEDS[page.name]
+    pytest.importorskip(module, reason=f'{page.name} needs {what}')
   monkeypatch.chdir(tmp_path)
   if page.name in SETUP:
     SETUP[page.name](tmp_path)

@@ -225,6 +225,47 @@ def test_language_sequence_quick_over_seeds_and_resumed_run_by_run(tmp_path, cap
   assert json.loads((tmp_path / 'language_sequence_quick.json').read_text())['summaries'] == data['summaries']
 
 
+@pytest.mark.slow  # Tunix trainers of five methods on a tiny Llama, two seeds: about 2 min on 2 cores
+def test_tunix_language_sequence_quick_beside_the_engine_and_resumed_run_by_run(tmp_path, capsys):
+  pytest.importorskip('tunix', reason='google-tunix is not installed: pip install sfa-jax[tunix]')
+  _main('tunix_language_sequence')(['--quick', '--out', str(tmp_path)])
+  data = json.loads((tmp_path / 'tunix_language_sequence_quick.json').read_text())
+  assert data['command'].endswith('--quick --out ' + str(tmp_path)) and data['engine_summaries'] == []
+  assert data['setting']['logit_difference_to_sfa_jax_llama'] < 1e-5 and data['setting']['seeds'] == [0, 1]
+  labels = ['finetune', 'sfa(beta=0.5, p=0.25)', 'replay(fraction=0.1, ratio=0.5)', 'l2(strength=1)', 'ewc(gamma=1, strength=10000)']
+  assert [run['method'] for run in data['runs']] == labels * 2 and [run['seed'] for run in data['runs']] == [0] * 5 + [1] * 5
+  for run in data['runs']:
+    assert len(run['loss_matrix']) == 4 and [len(losses) for losses in run['train_losses']] == [4, 4, 4]
+    assert run['loss_matrix'][1][0] < run['loss_matrix'][0][0]  # math is learned
+  assert data['runs'][1]['averaging_steps'] == list(range(5, 13))  # SFA's, from the second domain on (T = 4, p = 0.25)
+  assert data['runs'][4]['seconds']['fisher'] > 0 and data['runs'][0]['seconds']['fisher'] == 0
+  assert (tmp_path / 'tunix_language_sequence_quick.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # Beside the engine's results (here this run's, as if the engine's): every run recorded, none trains again.
+  (tmp_path / 'language_sequence_quick.json').write_text(json.dumps({'summaries': data['summaries']}))
+  capsys.readouterr()
+  _main('tunix_language_sequence')(['--quick', '--out', str(tmp_path)])
+  assert 's seed 0, ' not in capsys.readouterr().out  # no run's progress line
+  markdown = (tmp_path / 'tunix_language_sequence_quick.md').read_text()
+  assert markdown.count('| ewc(gamma=1, strength=10000) |') == 2 and "Beside the engine's" in markdown
+
+
+@pytest.mark.slow  # one Tunix trainer and one engine run on a tiny Llama: about 1 min on 2 cores
+def test_tunix_on_the_engine_s_parameters_is_the_engine_s_fine_tuning(tmp_path):
+  pytest.importorskip('tunix', reason='google-tunix is not installed: pip install sfa-jax[tunix]')
+  import dataclasses
+
+  from sfa_jax import engine
+  from sfa_jax.engine import lm
+
+  _main('tunix_language_sequence')(['--quick', '--top-blocks', '--seeds', '0', '--out', str(tmp_path)])
+  (run,) = json.loads((tmp_path / 'tunix_language_sequence_top_blocks_quick.json').read_text())['runs']
+  model, params, domains, settings = _main('language_sequence').__globals__['setup'](True)
+  config = dataclasses.replace(settings['config'], seed=0)
+  (result,) = lm.run_lm_sequences(model, params, domains, [engine.make_method('finetune')], config)
+  np.testing.assert_allclose(run['loss_matrix'], result.loss_matrix, atol=1e-5)
+  assert run['exact_match'] == result.exact_match and run['method'] == result.method == 'finetune'
+
+
 def test_three_scenarios_quick(tmp_path):
   # van de Ven & Tolias' split-MNIST protocol in its three scenarios, on the 8x8 digits: the side-by-side
   # table, the budget record, and a rerun that trains nothing (every run is recorded and skipped).

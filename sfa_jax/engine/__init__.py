@@ -28,6 +28,7 @@ One module per idea:
   :mod:`~sfa_jax.engine.distributed` (meshes and several processes),
   :mod:`~sfa_jax.engine.compile_cache` (the persistent compilation cache);
 * :mod:`~sfa_jax.engine.lm`: the same loop on language models;
+* :mod:`~sfa_jax.engine.tunix`: task after task in a Tunix trainer, and the Fisher of LoRA leaves;
 * :mod:`~sfa_jax.engine.budget`: sizing an experiment's steps per task for SFA's ``p`` grid.
 
 Importing this package loads nothing: each name loads its module when first used.
