@@ -288,9 +288,10 @@ def offline_fisher(
     if not _validation.is_float_leaf(new):
       return end
     new_sum = jnp.asarray(old_sum, jnp.float32) + jnp.asarray(new, jnp.float32)
-    share = jnp.where(new_sum > 0, jnp.asarray(new, jnp.float32) / jnp.where(new_sum > 0, new_sum, 1.0), 1.0)
-    old_mean = jnp.asarray(old_mean, jnp.float32)
-    return (old_mean + share * (jnp.asarray(end, jnp.float32) - old_mean)).astype(jnp.result_type(end))
+    share = jnp.asarray(new, jnp.float32) / jnp.where(new_sum > 0, new_sum, 1.0)
+    old_mean, end32 = jnp.asarray(old_mean, jnp.float32), jnp.asarray(end, jnp.float32)
+    moved = old_mean + share * (end32 - old_mean)
+    return jnp.where(new_sum > 0, moved, end32).astype(jnp.result_type(end))  # exactly θ_k where S' = 0
 
   return jax.tree.map(total, fisher_sum, fisher), jax.tree.map(mean, fisher_sum, mean_anchor, fisher, anchor)
 
