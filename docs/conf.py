@@ -98,7 +98,7 @@ API_PAGES = {
     ]),
     'engine': ('``sfa_jax.engine``: methods, runs, sweeps, grids, the loop, meshes, checkpoints', 'sfa_jax.engine', [
         'methods', 'config', 'optimizers', 'run', 'sweep', 'grids', 'budget', 'objectives', 'callbacks', 'loop',
-        'steps', 'programs', 'feed', 'fused', 'distributed', 'checkpoint', 'compile_cache', 'lm', 'tunix',
+        'steps', 'programs', 'feed', 'fused', 'distributed', 'checkpoint', 'compile_cache', 'stored', 'lm', 'tunix',
     ]),
     'tasks': ('``sfa_jax.tasks``: task streams on real data', 'sfa_jax.tasks', [
         'stream', 'catalog', 'registry', 'builders', 'batching', 'source', 'offline', 'idx', 'tfds_data', 'text',

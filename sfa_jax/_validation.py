@@ -8,6 +8,7 @@ are JAX tracers (hyper-parameters injected by ``optax.inject_hyperparams`` and t
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -153,7 +154,7 @@ def check_full_precision(name: str, value: Any) -> None:
 def check_finite_tree(tree: Any, name: str, *, non_negative: bool = False) -> None:
   """Raises ``ValueError`` naming the first floating leaf with a NaN or infinite entry.
 
-  Checked once, eagerly, on device (one reduction a leaf, no host copy of the arrays); traced
+  Checked once, on device, by one program for the whole tree (no host copy of the arrays); traced
   leaves (inside ``jit``) are skipped.
 
   Args:
@@ -163,14 +164,22 @@ def check_finite_tree(tree: Any, name: str, *, non_negative: bool = False) -> No
   """
   leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
             if not is_traced(leaf) and is_float_leaf(leaf)]
+  if not leaves:
+    return
   with jax.ensure_compile_time_eval():  # also when called inside a trace on concrete leaves
-    flags = [(~jnp.all(jnp.isfinite(leaf)), non_negative and jnp.any(jnp.asarray(leaf) < 0)) for _, leaf in leaves]
+    flags = _bad_entries([leaf for _, leaf in leaves], bool(non_negative))
   for (path, _), (bad, negative) in zip(leaves, jax.device_get(flags)):  # one transfer for all leaves
     where = jax.tree_util.keystr(path) or '<root>'
     if bad:
       raise ValueError(f'{name}{where} has NaN or infinite entries.')
     if negative:
       raise ValueError(f'{name}{where} has negative entries.')
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _bad_entries(leaves: list[Any], non_negative: bool) -> list[tuple[jax.Array, jax.Array]]:
+  """For each leaf: whether it holds a NaN or infinite entry, and (``non_negative``) a negative one."""
+  return [(~jnp.all(jnp.isfinite(leaf)), jnp.any(leaf < 0) if non_negative else jnp.bool_(False)) for leaf in leaves]
 
 
 def is_float_leaf(leaf: Any) -> bool:
@@ -281,6 +290,11 @@ def _dtype(leaf: Any) -> Any:
 def copy_tree(tree: Any) -> Any:
   """A copy of every array leaf, so that the copy and the original can both be donated.
 
-  Sharding is kept: ``jnp.copy`` of a committed array returns an array with the same sharding.
+  One program for the whole tree. Sharding is kept: the copy of a committed array has its sharding.
   """
+  return _copies(tree)
+
+
+@jax.jit
+def _copies(tree: Any) -> Any:
   return jax.tree.map(jnp.copy, tree)

@@ -158,8 +158,7 @@ def diagonal_fisher(
 
   batch_size, num_samples = int(batch_size), int(num_samples)
   leaves, treedef = jax.tree.flatten(params)
-  sums = [jnp.zeros_like(leaf, jnp.float32) for leaf in leaves if _validation.is_float_leaf(leaf)]
-  carry = (sums, jnp.zeros((), jnp.int32))
+  carry = _zero_sums([leaf for leaf in leaves if _validation.is_float_leaf(leaf)])
   for start in range(0, num_examples, batch_size):
     carry = _accumulate(
         carry,
@@ -180,13 +179,21 @@ def diagonal_fisher(
         f'{int(num_bad_labels)} labels lie outside [0, classes), where classes is the last '
         'dimension of the logits of logits_fn.'
     )
+  return treedef.unflatten(_means(sums, leaves, num_examples))
+
+
+@jax.jit
+def _zero_sums(float_leaves: list[chex.Array]) -> tuple[list[chex.Array], chex.Array]:
+  """:func:`_accumulate`'s first carry: float32 zeros like each float leaf, and no bad label."""
+  return [jnp.zeros(jnp.shape(leaf), jnp.float32) for leaf in float_leaves], jnp.zeros((), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _means(sums: list[chex.Array], leaves: list[chex.Array], num_examples: int) -> list[chex.Array]:
+  """Each float leaf's sum over ``num_examples``, in its dtype; zeros for the other leaves."""
   sums = iter(sums)
-  return treedef.unflatten([
-      (next(sums) / num_examples).astype(jnp.result_type(leaf))
-      if _validation.is_float_leaf(leaf)
-      else jnp.zeros_like(leaf)
-      for leaf in leaves
-  ])
+  return [(next(sums) / num_examples).astype(jnp.result_type(leaf)) if _validation.is_float_leaf(leaf)
+          else jnp.zeros_like(leaf) for leaf in leaves]
 
 
 def online_fisher(
@@ -228,6 +235,13 @@ def online_fisher(
   )
   _validation.check_finite_tree(previous, 'previous', non_negative=True)
   _validation.check_finite_tree(current, 'current', non_negative=True)
+
+  return _online_sum(previous, current, gamma)
+
+
+@jax.jit
+def _online_sum(previous: chex.ArrayTree, current: chex.ArrayTree, gamma: chex.Numeric) -> chex.ArrayTree:
+  """:math:`\\gamma F_{\\mathrm{previous}} + F_{\\mathrm{current}}` in float32, cast to ``current``'s dtypes."""
 
   def combine(old: chex.Array, new: chex.Array) -> chex.Array:
     if not _validation.is_float_leaf(new):

@@ -33,13 +33,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 __all__ = ['CheckpointError', 'CheckpointWarning', 'Checkpointer']
 
 _CHECKSUMS = 'array_checksums'  # the record's key for the arrays' checksums
-_ORBAX_DIR = os.path.dirname(ocp.__file__)
+
+
+class _Orbax:
+  """``orbax.checkpoint``, imported on first use: a run without checkpoints does not pay its import (~0.3 s)."""
+
+  def __getattr__(self, name: str) -> Any:
+    import orbax.checkpoint  # pylint: disable=import-outside-toplevel
+    return getattr(orbax.checkpoint, name)
+
+
+ocp = _Orbax()
 
 
 class CheckpointError(RuntimeError):
@@ -457,7 +466,7 @@ class _OrbaxFailureLogs(logging.Filter):
     if _from_tensorstore(error):  # set on an asyncio future from C++: it may carry no traceback
       return False
     frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info else []
-    return not any(path.startswith(_ORBAX_DIR) for path in [record.pathname, *(frame.filename for frame in frames)])
+    return not any(path.startswith(os.path.dirname(ocp.__file__)) for path in [record.pathname, *(frame.filename for frame in frames)])
 
 
 def _from_tensorstore(error: BaseException | None) -> bool:

@@ -58,6 +58,7 @@ from sfa_jax.engine import fused
 from sfa_jax.engine import methods as methods_lib
 from sfa_jax.engine import programs
 from sfa_jax.engine import steps
+from sfa_jax.engine import stored
 
 __all__ = ['DivergedError', 'RunState', 'CurvePoint', 'train_stream']
 
@@ -450,17 +451,21 @@ def _optimizer_inits(txs: Sequence[Any], trainable: Any, model: Any, config: Any
   """
   if stacked:
     return [lambda params, tx=tx: tx.init(steps.trainable_part(params, trainable)) for tx in txs]
-  tx = txs[0]
-  return [programs.reused(('opt_init', method, config.optimizer_key(), model, config.trainable),
-                          lambda: jax.jit(lambda params: tx.init(steps.trainable_part(params, trainable))))]
+  tx, key = txs[0], ('opt_init', method, config.optimizer_key(), model, config.trainable)
+  return [programs.reused(key, lambda: stored.StoredProgram(
+      key, lambda: jax.jit(lambda params: tx.init(steps.trainable_part(params, trainable)))))]
 
 
 def _chunk_programs(model: Any, lanes: _Lanes, task: tasks_lib.Task, mesh: Any) -> programs.ChunkPrograms:
   """The lanes' chunk programs, for the shapes of their state (traced once per process: the jitted
   init and optimizer init); the state's ``extras`` are the step state's shapes."""
   variables = steps.variable_shapes(model, task.train.x[:1])
-  step_state = jax.eval_shape(functools.partial(lanes.init_step_state, 0), *variables)
-  abstract = RunState(*variables, jax.eval_shape(lanes.init_opt[0], variables[0]), step_state)
+  config = lanes.configs[0]
+  step_state = stored.remembered(('step_state_shapes', lanes.methods[0], lanes.spec, variables),
+                                 lambda: jax.eval_shape(functools.partial(lanes.init_step_state, 0), *variables))
+  opt_state = stored.remembered(('opt_state_shapes', lanes.methods[0], config.optimizer_key(), config.trainable, variables),
+                                lambda: jax.eval_shape(lanes.init_opt[0], variables[0]))
+  abstract = RunState(*variables, opt_state, step_state)
   return programs.ChunkPrograms(model, lanes.txs[0], lanes.methods[0], lanes.configs[0], lanes.trainable, abstract, task,
                                 count=lanes.count, stacked=lanes.stacked, mesh=mesh)
 
@@ -473,7 +478,8 @@ def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _Prepared
   """
   warmed_init = None
   if warm and not lanes.stacked:  # the optimizer's init is needed first, right after the model's
-    warmed_init = programs.compile_in_background(lanes.init_opt[0], chunks.abstract.params)
+    if not programs.prepare_in_background(lanes.init_opt[0], chunks.abstract.params):
+      warmed_init = programs.compile_in_background(lanes.init_opt[0], chunks.abstract.params)
   if warm:
     on_device = methods_lib.checked_schedule(lanes.methods[0], 0, first.total_steps) is None
     variants = [True, False] if chunks.skips_between_averages and not on_device else [False]
@@ -617,7 +623,7 @@ class _TaskRunner:
     """Raises :class:`DivergedError` when a lane's params or model state hold a NaN or infinite
     entry at the position (in task ``k``): a divergence of the latest step, whose loss no step shows yet."""
     state = self._lanes.state
-    finite = np.asarray(_finite_leaves((state.params, state.model_state), self._lanes.stacked))
+    finite = np.asarray(_FINITE_LEAVES((state.params, state.model_state), self._lanes.stacked))
     if finite.all():
       return
     paths = _float_leaf_paths((state.params, state.model_state), ('params', 'model_state'))
@@ -749,6 +755,11 @@ def _finite_leaves(tree: Any, stacked: bool) -> jax.Array:
   return jnp.stack(flags) if flags else jnp.ones((0, 1), bool)
 
 
+# Booleans, exact at any optimisation level: level 0 compiles it several times faster.
+_FINITE_LEAVES = stored.StoredProgram(('finite_leaves',), lambda: _finite_leaves, static_argnums=(1,),
+                                      compiler_options={'xla_backend_optimization_level': 0})
+
+
 def _float_leaf_paths(tree: Any, names: Sequence[str]) -> list[str]:
   """The paths of the floating leaves of the tuple ``tree``, in :func:`_finite_leaves`' order, its
   entries called ``names``."""
@@ -796,8 +807,9 @@ class _Evaluator:
 
   def __init__(self, model: Any, all_tasks: Sequence[tasks_lib.Task], config: Any, *, stacked: bool, placement: Any):
     objective = config.objective
-    self._scorer = programs.reused(('scorer', model, objective, stacked),
-                                   lambda: fused.make_scorer(steps.make_score(model, objective), stacked=stacked))
+    key = ('scorer', model, objective, stacked)
+    self._scorer = programs.reused(key, lambda: stored.StoredProgram(
+        key, lambda: fused.make_scorer(steps.make_score(model, objective), stacked=stacked), static_argnums=(3,)))
     self._sizes = np.array([len(t.test.y) for t in all_tasks])
     batches = fused.test_batches([t.test for t in all_tasks], [t.index for t in all_tasks], config.eval_batch_size)
     self._groups = _test_groups(batches, config.device_data_bytes, placement)

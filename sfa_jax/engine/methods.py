@@ -72,6 +72,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import math
@@ -610,6 +611,29 @@ def _copy(tree: Any) -> Any:
   return _validation.copy_tree(tree)
 
 
+def _zeros_like(tree: Any) -> Any:
+  """Zeros like every leaf of ``tree``, by one program (not one per leaf shape)."""
+  return _zeros_program()(tree)
+
+
+@functools.cache
+def _zeros_program() -> Callable[[Any], Any]:
+  import jax  # imports JAX: only when a method's extras are made
+  import jax.numpy as jnp
+
+  return jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree))
+
+
+@functools.cache
+def _schedule_program() -> Callable[..., Any]:
+  """:func:`sfa_jax.is_averaging_step` as one program, not one per operation (``p`` is checked when the method is made)."""
+  import jax
+
+  from sfa_jax import transforms
+
+  return jax.jit(transforms.is_averaging_step)
+
+
 def task_seed(seed: int, task_index: int) -> int:
   """The seed of task ``task_index``'s data order and memory, for a run seeded ``seed``."""
   return seed * 1000 + task_index
@@ -690,12 +714,10 @@ class SFA(Method):
   def averaging_schedule(self, task_index, total_steps):
     import numpy as np
 
-    from sfa_jax import transforms
-
     steps = np.arange(total_steps + 2)
     if task_index == 0:
       return np.zeros(len(steps), bool)
-    return np.asarray(transforms.is_averaging_step(steps, self['p'], total_steps))
+    return np.asarray(_schedule_program()(steps, self['p'], total_steps))
 
 
 class MultiAnchorSFA(SFA):
@@ -845,10 +867,7 @@ class _WeightedPenalty(Method):
     return optax.chain(_ewc_from_zero_fisher(self['strength']), optimizer)
 
   def init_extras(self, params, model_state, num_tasks):
-    import jax
-    import jax.numpy as jnp
-
-    return {self.weights_key: jax.tree.map(jnp.zeros_like, params)}
+    return {self.weights_key: _zeros_like(params)}
 
   def _anchor(self, state):
     return state.params
@@ -1246,10 +1265,7 @@ class CoFiMA(Method):
   }
 
   def init_extras(self, params, model_state, num_tasks):
-    import jax
-    import jax.numpy as jnp
-
-    return {'start': _copy((params, model_state)), 'fisher': jax.tree.map(jnp.zeros_like, params)}
+    return {'start': _copy((params, model_state)), 'fisher': _zeros_like(params)}
 
   def start_task(self, state, boundary):
     return state._replace(extras={**state.extras, 'start': _copy((state.params, state.model_state))})

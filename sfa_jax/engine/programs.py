@@ -29,6 +29,7 @@ from sfa_jax.engine import feed as feed_lib
 from sfa_jax.engine import fused
 from sfa_jax.engine import methods as methods_lib
 from sfa_jax.engine import steps
+from sfa_jax.engine import stored
 
 __all__ = ['reused']
 
@@ -113,6 +114,15 @@ def compile_in_background(function: Callable[..., Any], shapes: Any, *args: Any)
   return _COMPILER.submit(_zeros_call, function, shapes, *args)
 
 
+def prepare_in_background(program: Any, *args: Any) -> bool:
+  """Loads or compiles a :class:`~sfa_jax.engine.stored.StoredProgram` for these shapes in the
+  background thread of :func:`compile_in_background` (its next call waits for it); ``False`` when
+  ``program`` is not stored (the store off, or its key without a stable description)."""
+  if not isinstance(program, stored.StoredProgram):
+    return False
+  return program.prepare_in_background(_COMPILER, *args)
+
+
 def _zeros_call(function: Callable[..., Any], shapes: Any, *args: Any) -> None:
   """``function(zeros shaped like shapes, *args)``, for its compilation alone."""
   if any(not isinstance(leaf.dtype, np.dtype) for leaf in jax.tree.leaves(shapes)):
@@ -161,18 +171,20 @@ class ChunkPrograms:
     sample = task.train.x
     trained = steps.trainable_part(abstract.params, trainable)
     # XLA's CPU backend runs a convolution in a loop several times slower: such steps go one a call.
-    self.looped = not reused(
-        ('loops_slowly', model, config.objective, config.trainable, sample.shape[1:], str(sample.dtype), config.batch_size),
-        lambda: fused.loops_slowly(steps.make_train_step(model, tx, config.objective, trainable), abstract.params,
-                                   abstract.model_state, abstract.opt_state, *_abstract_batch(task, config.batch_size)))
+    slow_key = ('loops_slowly', model, config.objective, config.trainable, sample.shape[1:], str(sample.dtype),
+                config.batch_size)
+    self.looped = not reused(slow_key, lambda: stored.remembered(slow_key, lambda: fused.loops_slowly(steps.make_train_step(model, tx, config.objective, trainable), abstract.params,
+                                   abstract.model_state, abstract.opt_state, *_abstract_batch(task, config.batch_size))))
     if stacked:
       self._key = None  # a sweep's programs are its own
       self.abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((count,) + leaf.shape, leaf.dtype), abstract)
     else:
       # Runs of one process share compiled programs when their updates are one program (the
       # hyper-parameters in the state); a method that bakes them into its update gets its own.
-      digest = reused(('update_program', method, config.optimizer_key(), config.trainable, model, sample.shape[1:],
-                       str(sample.dtype)), lambda: update_program(tx, abstract.opt_state, trained))
+      digest_key = ('update_program', method, config.optimizer_key(), config.trainable, model, sample.shape[1:],
+                    str(sample.dtype))
+      digest = reused(digest_key, lambda: stored.remembered(
+          digest_key, lambda: update_program(tx, abstract.opt_state, trained)))
       # A method with train-step hooks computes its own steps: its programs are its own.
       hooks = method if methods_lib.has_step_hooks(method) else None
       self._key = ('train_step', model, config.optimizer_key(), config.objective, config.trainable, digest, mesh, hooks)
@@ -193,7 +205,8 @@ class ChunkPrograms:
                                  may_average=not skip), layout,
           averaged=self._averaged if on_device else None, stop_on_average=stop_on_average,
           batch_sharding=self._batch_sharding, looped=self.looped)
-      self._programs[key] = build() if self._key is None else reused(self._key + key, build)
+      self._programs[key] = build() if self._key is None else reused(
+          self._key + key, lambda: stored.StoredProgram(self._key + key, build))
     if key in self._warming:  # compiling in the background: wait for it rather than compile it twice
       self._warming.pop(key).result()
     return self._programs[key]
@@ -203,7 +216,8 @@ class ChunkPrograms:
     (an unlooped program runs its one step on them); :meth:`chunk` waits for it."""
     program = self.chunk(layout, skip, on_device, stop_on_average)
     state = (self.abstract.params, self.abstract.model_state, self.abstract.opt_state, self.abstract.extras)
-    self._warming[(layout, skip, on_device, stop_on_average)] = compile_in_background(program, state, *block, np.int32(0))
+    if not prepare_in_background(program, state, *block, np.int32(0)):
+      self._warming[(layout, skip, on_device, stop_on_average)] = compile_in_background(program, state, *block, np.int32(0))
 
 
 def _abstract_batch(task: tasks_lib.Task, batch_size: int) -> tuple[Any, ...]:

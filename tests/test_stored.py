@@ -1,0 +1,186 @@
+"""The program store: a later process neither traces nor compiles, and nothing is trusted across a mismatch."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sfa_jax import models
+from sfa_jax.engine import stored
+from sfa_jax.engine import steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def store(tmp_path):
+  previous = stored._state['directory']
+  stored.set_directory(str(tmp_path / 'programs'))
+  yield tmp_path / 'programs'
+  stored.set_directory(previous)
+
+
+def _python(code: str, env: dict[str, str] | None = None) -> dict:
+  """Runs ``code`` in a fresh interpreter; returns the JSON it prints last."""
+  result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT, env=os.environ | {'JAX_PLATFORMS': 'cpu'} | (env or {}))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+_RUN = """
+import json, sys
+import jax, jax.monitoring
+from sfa_jax.engine import compile_cache
+compile_cache.enable_compilation_cache(sys.argv[1] if len(sys.argv) > 1 else {cache!r})
+traced = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: traced.append(event) if event.endswith('jaxpr_trace_duration') else None)
+import logging, re
+names = []
+class Names(logging.Handler):
+  def emit(self, record):
+    found = re.match(r'Finished tracing (\\S+) for jit', record.getMessage())
+    if found: names.append(found.group(1))
+jax.config.update('jax_log_compiles', True)
+logging.getLogger('jax').addHandler(Names())
+from sfa_jax import engine, tasks
+stream = tasks.make_stream('permuted-mnist', source='digits', num_tasks=2)
+config = engine.TrainConfig(model='mlp', epochs_per_task=1, batch_size=32, learning_rate=1e-3, seed=0)
+result = engine.run_sequence(stream, engine.make_method({method!r}, **{values!r}), config)
+print(json.dumps({{'matrix': result.accuracy_matrix, 'traced': names}}))
+"""
+
+
+@pytest.mark.parametrize('method, values', [('finetune', {}), ('sfa', {'p': 0.5, 'beta': 0.25})])
+def test_a_second_process_traces_none_of_the_engines_programs_and_computes_the_same(tmp_path, method, values):
+  code = _RUN.format(cache=str(tmp_path / 'cache'), method=method, values=values)
+  cold, warm = _python(code), _python(code)
+  assert warm['matrix'] == cold['matrix']
+  engine_programs = {'chunk', 'one_lane', '_init_variables', '_finite_leaves', '<lambda>', 'step'}
+  assert engine_programs & set(cold['traced']), cold['traced']
+  assert not engine_programs & set(warm['traced']), warm['traced']
+
+
+def test_an_executable_that_jax_loaded_from_its_own_cache_is_stored_runnable(tmp_path):
+  """XLA:CPU serializes an executable loaded from JAX's persistent cache without some kernels;
+  the store compiles afresh, so a third process runs what the second stored."""
+  code = f"""
+  import json, sys
+  import jax, jax.numpy as jnp
+  from jax.experimental.compilation_cache import compilation_cache
+  from sfa_jax.engine import stored
+  jax.config.update('jax_compilation_cache_dir', {str(tmp_path / 'jax')!r})
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  compilation_cache.reset_cache()
+  if sys.argv[1:] != ['jax-only']:
+    stored.set_directory({str(tmp_path / 'programs')!r})
+  zeros = stored.StoredProgram(('zeros like',), lambda: jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree)))
+  out = zeros({{'a': jnp.ones((64, 32)), 'b': jnp.ones(32)}})
+  print(json.dumps({{'sum': float(out['a'].sum() + out['b'].sum())}}))
+  """
+  run = lambda *argv: subprocess.run([sys.executable, '-c', textwrap.dedent(code), *argv], capture_output=True,
+                                     text=True, timeout=300, cwd=ROOT, env=os.environ | {'JAX_PLATFORMS': 'cpu'})
+  for argv in (['jax-only'], [], []):  # JAX's cache first, then the store's entry written, then read
+    result = run(*argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {'sum': 0.0}
+  assert len(list((tmp_path / 'programs').glob('*.program'))) == 1
+
+
+def test_a_damaged_entry_is_rebuilt_not_trusted(store):
+  key = ('double', 2)
+  program = stored.StoredProgram(key, lambda: jax.jit(lambda x: 2 * x))
+  assert program(jnp.arange(3.0)).tolist() == [0.0, 2.0, 4.0]
+  [entry] = store.glob('*.program')
+  whole = entry.read_bytes()
+  for damaged in (whole[:len(whole) // 2], whole[:100] + bytes([whole[100] ^ 1]) + whole[101:], b''):
+    entry.write_bytes(damaged)
+    again = stored.StoredProgram(key, lambda: jax.jit(lambda x: 2 * x))
+    assert again(jnp.arange(3.0)).tolist() == [0.0, 2.0, 4.0]
+    assert again._cache_size() == 1 and entry.read_bytes() != damaged  # compiled and written again
+
+
+def test_an_entry_of_another_description_is_never_loaded(store, monkeypatch):
+  """Two keys never share an entry, nor do other shapes, other static values or another installation."""
+  triple = stored.StoredProgram(('scale', 3), lambda: jax.jit(lambda x: 3 * x))
+  double = stored.StoredProgram(('scale', 2), lambda: jax.jit(lambda x: 2 * x))
+  assert triple(jnp.ones(2)).tolist() == [3.0, 3.0] and double(jnp.ones(2)).tolist() == [2.0, 2.0]
+  assert double(jnp.ones(3)).tolist() == [2.0] * 3
+  assert len(list(store.glob('*.program'))) == 3
+  monkeypatch.setattr(stored, '_installation', lambda: 'jax=another version')
+  quadruple = stored.StoredProgram(('scale', 2), lambda: jax.jit(lambda x: 4 * x))  # same key, other installation
+  assert quadruple(jnp.ones(2)).tolist() == [4.0, 4.0]
+  assert len(list(store.glob('*.program'))) == 4
+  # An entry written for one description and placed under another's name is refused by its text.
+  entries = sorted(store.glob('*.program'), key=os.path.getmtime)
+  entries[0].write_bytes(entries[-1].read_bytes())
+  monkeypatch.undo()
+  assert stored.StoredProgram(('scale', 3), lambda: jax.jit(lambda x: 3 * x))(jnp.ones(2)).tolist() == [3.0, 3.0]
+
+
+def test_static_arguments_select_their_own_programs(store):
+  power = stored.StoredProgram(('power',), lambda: jax.jit(lambda x, n: x ** n, static_argnums=1), static_argnums=(1,))
+  assert power(jnp.full(2, 2.0), 3).tolist() == [8.0, 8.0]
+  assert power(jnp.full(2, 2.0), 2).tolist() == [4.0, 4.0]
+  assert power._cache_size() == 2
+
+
+def test_a_folder_others_may_write_is_not_used(tmp_path):
+  folder = tmp_path / 'shared'
+  previous = stored._state['directory']
+  try:
+    stored.set_directory(str(folder))
+    os.chmod(folder, 0o777)
+    with pytest.warns(UserWarning, match='others may write'):
+      assert stored.directory() is None
+    program = stored.StoredProgram(('double',), lambda: jax.jit(lambda x: 2 * x))
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      assert program(jnp.ones(2)).tolist() == [2.0, 2.0]
+    assert not list(folder.iterdir())
+  finally:
+    stored.set_directory(previous)
+
+
+def test_inside_a_transformation_the_jitted_function_is_traced_in(store):
+  double = stored.StoredProgram(('double',), lambda: jax.jit(lambda x: 2 * x))
+  assert jax.grad(lambda x: double(x).sum())(jnp.ones(2)).tolist() == [2.0, 2.0]
+  assert jax.eval_shape(double, jax.ShapeDtypeStruct((4,), jnp.float32)).shape == (4,)
+
+
+def test_remembered_facts_come_back_from_disk(store):
+  calls = []
+  compute = lambda: calls.append(1) or {'shape': (2, 3)}
+  assert stored.remembered(('fact',), compute) == {'shape': (2, 3)}
+  stored._FACTS.clear()  # as in a new process
+  assert stored.remembered(('fact',), compute) == {'shape': (2, 3)}
+  assert len(calls) == 1
+
+
+def test_descriptions_are_stable_and_refuse_addresses():
+  assert stored.describe((1, 'a', np.float32(2))) == stored.describe((1, 'a', np.float32(2)))
+  assert stored.describe(models.make_model('mlp', 10)) != stored.describe(models.make_model('mlp', 5))
+  scale = lambda factor: (lambda x: factor * x)
+  assert stored.describe(scale(2)) != stored.describe(scale(3))  # closures by their values
+  assert stored.describe(np.ones(3)) != stored.describe(np.zeros(3))
+  with pytest.raises(stored.Unstable):
+    stored.describe(object())
+  assert 'sfa_jax.models.mlp:' in stored.describe(models.make_model('mlp', 10))  # its module's source
+
+
+@pytest.mark.parametrize('name, shape', [('mlp', (1, 28, 28, 1)), ('cnn', (1, 28, 28, 1))])
+def test_the_initialisation_compiled_quickly_is_bit_for_bit_the_default_one(name, shape):
+  model, sample, key = models.make_model(name, 10), np.zeros(shape, np.float32), jax.random.key(7)
+  fast = steps.initializer(model, sample)(7)
+  default = jax.jit(lambda k, x: steps._init_variables(model, k, x)).lower(key, sample).compile()(key, sample)
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
