@@ -24,6 +24,11 @@ recorded too).
   compilation included) and **warm** (the cache filled by the cold run).
 * **Sweep**: 8 EWC strengths as one ``sfa_jax.engine.sweep.run_sweep`` program (cold and warm) against 8
   Avalanche EWC runs with the same strengths (Avalanche's λ is half of ours: it omits the 1/2).
+* **Whole processes** (``--processes``): each method as a user starts it, the wall time of the
+  whole process from the shell: ``sfa-jax run --stream split-mnist --method ewc --strength 1e4
+  --epochs 5 --out DIR`` (its defaults: a checkpoint at each task end, the results table, JSON
+  and two figures), cold (an empty cache) then warm, against Avalanche's worker running that
+  one strategy in its own process (interpreter, imports, data, training and evaluations).
 
 Differences that remain: sfa_jax drops the ragged end of each shuffled epoch (12 steps of 64 per
 epoch on 800 examples, Avalanche 13 with a last batch of 32); Avalanche's EWC squares minibatch
@@ -46,6 +51,12 @@ VENV = os.path.join(ROOT, 'benchmarks', '.avalanche-venv')
 WORKER = os.path.join(ROOT, 'benchmarks', '_avalanche_worker.py')
 PINS = ('torch==2.14.1', 'torchvision==0.29.1', 'avalanche-lib==0.6.0')
 
+CLI_FLAGS = {
+    'finetune': [],
+    'ewc': ['--strength', '1e4'],
+    'replay': ['--fraction', '0.1', '--ratio', '0.5'],
+    'sfa': ['--p', '0.25', '--beta', '0.25'],
+}
 JAX_METHODS = {
     'finetune': {},
     'ewc': {'strength': 1e4},
@@ -132,6 +143,38 @@ def jax_worker(spec_path: str, out_path: str) -> None:
         {'label': r.method, 'accuracy_matrix': r.accuracy_matrix} for r in results]}, f)
 
 
+def _process_seconds(command: list[str], env: dict[str, str] | None = None) -> float:
+  """The wall time of ``command`` as a whole process (it must succeed)."""
+  begin = time.perf_counter()
+  result = subprocess.run(command, env=env, capture_output=True, text=True)
+  if result.returncode != 0:
+    raise RuntimeError(f'{command[:4]} failed:\n{result.stderr[-3000:]}')
+  return time.perf_counter() - begin
+
+
+def whole_processes(python: str, data: str, settings: dict, runs: list[dict], work: str) -> list[dict]:
+  """Each method's whole process: Avalanche's worker on one strategy, ``sfa-jax run`` cold then warm."""
+  command = os.path.join(os.path.dirname(sys.executable), 'sfa-jax')
+  rows = []
+  for method in JAX_METHODS:
+    row = {'method': method, 'avalanche_process_s': None}
+    peer = [run for run in runs if run['label'] == method]
+    if peer:
+      spec_path, out = os.path.join(work, f'process-{method}.json'), os.path.join(work, f'process-{method}-out.json')
+      with open(spec_path, 'w') as f:
+        json.dump({'settings': settings, 'runs': peer}, f)
+      row['avalanche_process_s'] = _process_seconds([python, '-W', 'ignore', WORKER, data, spec_path, out])
+    env = dict(os.environ, JAX_PLATFORMS='cpu', SFA_JAX_CACHE_DIR=os.path.join(work, f'cli-cache-{method}'))
+    for phase in ('cold', 'warm'):
+      row[f'{phase}_process_s'] = _process_seconds(
+          [command, 'run', '--stream', settings['stream'], '--method', method, *CLI_FLAGS[method], '--epochs',
+           str(settings['epochs']), '--batch-size', '64', '--lr', '1e-3', '--seeds', str(settings['seed']),
+           '--out', os.path.join(work, f'cli-{method}-{phase}')], env)
+    print(f"processes {method}: {row}", file=sys.stderr)
+    rows.append(row)
+  return rows
+
+
 def final_accuracy(matrix: list[list[float]]) -> float:
   return sum(matrix[-1]) / len(matrix[-1])
 
@@ -142,6 +185,7 @@ def main() -> None:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--stream', choices=STREAMS, default='split-mnist')
   parser.add_argument('--json', help='also write the figures here')
+  parser.add_argument('--processes', action='store_true', help='also time whole processes (sfa-jax run, Avalanche)')
   parser.add_argument('--jax-worker', nargs=2, metavar=('SPEC', 'OUT'), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.jax_worker:
@@ -215,6 +259,8 @@ def main() -> None:
       'methods': rows,
       'sweep': sweep,
   }
+  if args.processes:
+    results['processes'] = whole_processes(python, data, settings, runs, work)
   print(markdown(results))
   if args.json:
     with open(args.json, 'w') as f:
@@ -245,6 +291,13 @@ def markdown(results: dict) -> str:
       f"{s['avalanche_s'] / s['cold_s']:.2f}× | {s['warm_s']:.2f} s | {s['avalanche_s'] / s['warm_s']:.2f}× | "
       f"{max(s['avalanche_acc']):.3f} | {max(s['acc']):.3f} |",
   ]
+  if results.get('processes'):
+    lines += ['', '| whole process | Avalanche s | sfa-jax run cold s | ÷ | sfa-jax run warm s | ÷ |', '|---|---:|---:|---:|---:|---:|']
+    for r in results['processes']:
+      peer = r['avalanche_process_s']
+      ratio = lambda s: f'{peer / s:.2f}×' if peer else ''
+      lines.append(f"| {r['method']} | {f'{peer:.2f}' if peer else '—'} | {r['cold_process_s']:.2f} | "
+                   f"{ratio(r['cold_process_s'])} | {r['warm_process_s']:.2f} | {ratio(r['warm_process_s'])} |")
   return '\n'.join(lines)
 
 

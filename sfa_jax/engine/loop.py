@@ -186,8 +186,8 @@ def train_stream(
   lanes = _Lanes(configurations, all_tasks, model, stacked=stacked, mesh=mesh, initial=initial)
   chunks = _chunk_programs(model, lanes, all_tasks[0], mesh)
   prepare = _TaskPreparer(all_tasks, lanes.methods, lanes.configs, stacked=stacked, placement=placement)
-  lanes.state = _fresh_state(lanes, chunks, prepare.ahead(0), warm=mesh is None)
   evaluator = _Evaluator(model, all_tasks, shared, stacked=stacked, placement=placement)
+  lanes.state = _fresh_state(lanes, chunks, prepare.ahead(0), evaluator, warm=mesh is None)
   record = _Record(fingerprint, lanes.count, checkpointer, emit, evaluate_state)
   lanes.state = record.start(lanes.state)
   boundaries = _Boundaries(model, all_tasks, shared, lanes.trainable, record)
@@ -333,14 +333,16 @@ class _TaskPreparer:
 # The lanes' state and the methods' hooks.
 
 
-@jax.jit
-def _stack(trees: list[Any]) -> Any:
+def _stacked(trees: list[Any]) -> Any:
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack(tree: Any, count: int) -> list[Any]:
+def _unstacked(tree: Any, count: int) -> list[Any]:
   return [jax.tree.map(lambda leaf: leaf[i], tree) for i in range(count)]
+
+
+_stack = stored.StoredProgram(('stack',), lambda: jax.jit(_stacked))
+_unstack = stored.StoredProgram(('unstack',), lambda: jax.jit(_unstacked, static_argnums=1), static_argnums=(1,))
 
 
 class _Lanes:
@@ -387,7 +389,8 @@ class _Lanes:
     if not self.stacked:
       return fresh[0]
     programs.check_one_update_rule(self.methods, self.txs, [lane.opt_state for lane in fresh],
-                                   steps.trainable_part(fresh[0].params, self.trainable))
+                                   steps.trainable_part(fresh[0].params, self.trainable),
+                                   optimizer_key=self.configs[0].optimizer_key())
     return _stack(fresh)
 
   def _fresh_lane(self, i: int) -> RunState:
@@ -470,11 +473,12 @@ def _chunk_programs(model: Any, lanes: _Lanes, task: tasks_lib.Task, mesh: Any) 
                                 count=lanes.count, stacked=lanes.stacked, mesh=mesh)
 
 
-def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _PreparedTask, *, warm: bool) -> RunState:
-  """The lanes' starting state; with ``warm``, the first task's train programs compile meanwhile.
+def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _PreparedTask, evaluator: _Evaluator, *,
+                 warm: bool) -> RunState:
+  """The lanes' starting state; with ``warm``, the run's programs compile (or load) meanwhile.
 
-  Cold, compiling is most of a small run: the train programs compile in the background while the
-  model's initialisation compiles here (on the first task's shapes).
+  Cold, compiling is most of a small run: the first task's train programs, then the evaluation
+  and the finite check, compile in the background while the model's initialisation compiles here.
   """
   warmed_init = None
   if warm and not lanes.stacked:  # the optimizer's init is needed first, right after the model's
@@ -486,6 +490,8 @@ def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _Prepared
     stop_on_average = on_device and bool(lanes.configs[0].eval_every)
     for skip in variants:
       chunks.warm(first.feed.layout, skip, on_device, stop_on_average, first.feed.block(0, 1))
+    evaluator.warm(chunks.abstract)
+    programs.prepare_in_background(_FINITE_LEAVES, (chunks.abstract.params, chunks.abstract.model_state), lanes.stacked)
   if warmed_init is not None:
     warmed_init.result()
   return lanes.fresh()
@@ -813,6 +819,11 @@ class _Evaluator:
     self._sizes = np.array([len(t.test.y) for t in all_tasks])
     batches = fused.test_batches([t.test for t in all_tasks], [t.index for t in all_tasks], config.eval_batch_size)
     self._groups = _test_groups(batches, config.device_data_bytes, placement)
+
+  def warm(self, abstract: RunState) -> None:
+    """Compiles (or loads) the scorer for these shapes in the background, if it is stored."""
+    for group in self._groups[:1]:  # the groups share their shapes but the last one's
+      programs.prepare_in_background(self._scorer, abstract.params, abstract.model_state, group, len(self._sizes))
 
   def __call__(self, state: RunState) -> np.ndarray:
     """The ``(lanes, tasks)`` accuracies of ``state`` (one row for a single run)."""

@@ -78,22 +78,37 @@ def update_program(tx: optax.GradientTransformation, opt_state: Any, params: Any
 
 
 def check_one_update_rule(methods: Sequence[methods_lib.Method], txs: Sequence[optax.GradientTransformation],
-                          opt_states: Sequence[Any], params: Any) -> None:
+                          opt_states: Sequence[Any], params: Any, *, optimizer_key: Any = None) -> None:
   """Raises unless every lane's transform updates by one program, its hyper-parameters read from its state.
 
   A sweep advances all lanes with the first lane's update: a method whose transform bakes a
   hyper-parameter into its update function (a Python number in a closure, not a field of the
   state) would silently train every lane with the first lane's value.
 
+  Args:
+    methods: the lanes' methods.
+    txs: their transforms.
+    opt_states: their optimizer states.
+    params: the trained params (shapes suffice).
+    optimizer_key: what decides the optimizer (:meth:`~sfa_jax.engine.TrainConfig.optimizer_key`):
+      with it, each digest is remembered in the program store (:func:`sfa_jax.engine.stored.remembered`).
+
   Raises:
     ValueError: naming the method and the first lane whose update program differs.
   """
-  reference, seen = update_program(txs[0], opt_states[0], params), {methods[0]}
+  def digest(i: int) -> str:
+    compute = lambda: update_program(txs[i], opt_states[i], params)
+    if optimizer_key is None:
+      return compute()
+    shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype), (opt_states[i], params))
+    return stored.remembered(('update_program_of_lane', methods[i], optimizer_key, shapes), compute)
+
+  reference, seen = digest(0), {methods[0]}
   for i in range(1, len(methods)):
     if methods[i] in seen:
       continue
     seen.add(methods[i])
-    if update_program(txs[i], opt_states[i], params) != reference:
+    if digest(i) != reference:
       raise ValueError(
           f'{methods[i].label} (configuration {i}) updates by another program than {methods[0].label}: its '
           'transform bakes a hyper-parameter into its update. Keep hyper-parameters in the optimizer state '
@@ -176,7 +191,9 @@ class ChunkPrograms:
     self.looped = not reused(slow_key, lambda: stored.remembered(slow_key, lambda: fused.loops_slowly(steps.make_train_step(model, tx, config.objective, trainable), abstract.params,
                                    abstract.model_state, abstract.opt_state, *_abstract_batch(task, config.batch_size))))
     if stacked:
-      self._key = None  # a sweep's programs are its own
+      # A sweep's programs are its own (not shared with the process's other runs), kept in the
+      # store under the first lane's method: every lane updates by its program.
+      self._key = ('sweep_step', model, config.optimizer_key(), config.objective, config.trainable, method, count)
       self.abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((count,) + leaf.shape, leaf.dtype), abstract)
     else:
       # Runs of one process share compiled programs when their updates are one program (the
@@ -205,8 +222,8 @@ class ChunkPrograms:
                                  may_average=not skip), layout,
           averaged=self._averaged if on_device else None, stop_on_average=stop_on_average,
           batch_sharding=self._batch_sharding, looped=self.looped)
-      self._programs[key] = build() if self._key is None else reused(
-          self._key + key, lambda: stored.StoredProgram(self._key + key, build))
+      program = lambda: stored.StoredProgram(self._key + key, build)
+      self._programs[key] = program() if self._key[0] == 'sweep_step' else reused(self._key + key, program)
     if key in self._warming:  # compiling in the background: wait for it rather than compile it twice
       self._warming.pop(key).result()
     return self._programs[key]
