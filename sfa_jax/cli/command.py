@@ -45,11 +45,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import importlib.util
 import json
 import os
 import re
 import shutil
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -683,10 +686,14 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
     CheckpointError: a checkpoint that cannot be saved, or no usable one to resume.
   """
   check_arguments(args)
+  # matplotlib (~0.7 s) is imported while the runs compile and train; the figures wait for it.
+  if importlib.util.find_spec('matplotlib') is None:  # before any training, not after it
+    raise ModuleNotFoundError("the figures need matplotlib: pip install 'sfa-jax[engine]'", name='matplotlib')
+  plotting = threading.Thread(target=importlib.import_module, args=('sfa_jax.cli.plots',), daemon=True)
+  plotting.start()
   import jax
 
   from sfa_jax import engine
-  from sfa_jax.cli import plots
   from sfa_jax.cli import report
   from sfa_jax.engine import checkpoint
   from sfa_jax.engine import compile_cache
@@ -722,6 +729,9 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
       run = finished.result.to_json() | {'seed': finished.config.seed}
       results['runs'].append(run)
       if finished.config.seed == seeds[0]:
+        plotting.join()
+        from sfa_jax.cli import plots
+
         plots.accuracy_heatmap(run, os.path.join(args.out, f'accuracy_matrix_{slug(finished.method.label)}.png'))
         plots.accuracy_curves(run, os.path.join(args.out, f'accuracy_curves_{slug(finished.method.label)}.png'))
       results['table'] = engine.summarize_runs(results['runs'])
