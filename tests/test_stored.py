@@ -184,3 +184,19 @@ def test_the_initialisation_compiled_quickly_is_bit_for_bit_the_default_one(name
   default = jax.jit(lambda k, x: steps._init_variables(model, k, x)).lower(key, sample).compile()(key, sample)
   for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_what_a_notebook_defines_is_never_stored(store):
+  """A class or function of a module without a source file (a notebook, ``python -c``) can change
+  under the same name: it is traced and compiled as if the store were off."""
+  namespace = {}
+  exec('def scale(x):\n  return 2 * x\n', {'__name__': '__main__notebook__'}, namespace)
+  sys.modules['__main__notebook__'] = type(sys)('__main__notebook__')  # a module without __file__
+  try:
+    with pytest.raises(stored.Unstable, match='no source file'):
+      stored.describe(namespace['scale'])
+    program = stored.StoredProgram(('scale', namespace['scale']), lambda: jax.jit(namespace['scale']))
+    assert program(jnp.ones(2)).tolist() == [2.0, 2.0]
+    assert not list(store.glob('*.program'))
+  finally:
+    del sys.modules['__main__notebook__']

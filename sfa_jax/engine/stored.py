@@ -96,11 +96,16 @@ def describe(obj: Any) -> str:
   class and function also by the source file of the module defining it.
 
   Raises:
-    Unstable: for an object described only by its memory address.
+    Unstable: for an object described only by its memory address, or defined where no source file
+      tells when it changes (a notebook, ``python -c``).
   """
   sources: set[str] = set()
   text = _describe(obj, sources, 0)
-  return text + ''.join(f'\n{name}:{_file_digest(name)}' for name in sorted(sources))
+  digests = {name: _file_digest(name) for name in sorted(sources)}
+  unknown = [name for name, digest in digests.items() if digest == '-' and name != 'builtins']
+  if unknown:
+    raise Unstable(f'{unknown[0]} has no source file to tell when it changes')
+  return text + ''.join(f'\n{name}:{digest}' for name, digest in digests.items())
 
 
 def _describe(obj: Any, sources: set[str], depth: int) -> str:
