@@ -200,3 +200,10 @@ def test_what_a_notebook_defines_is_never_stored(store):
     assert not list(store.glob('*.program'))
   finally:
     del sys.modules['__main__notebook__']
+
+
+def test_a_build_that_makes_a_plain_callable_is_called_as_it_is(store):
+  calls = []
+  program = stored.StoredProgram(('wrapped',), lambda: lambda x: calls.append(1) or 2 * x)
+  assert program(jnp.ones(2)).tolist() == [2.0, 2.0] and calls == [1]
+  assert not list(store.glob('*.program'))

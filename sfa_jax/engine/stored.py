@@ -287,7 +287,8 @@ class StoredProgram:
 
   Args:
     key: what decides the function besides its arguments (the model, transform, objective...).
-    build: makes the ``jax.jit`` function (called at most once, when first needed).
+    build: makes the ``jax.jit`` function (called at most once, when first needed); any other
+      callable it makes is called as it is.
     static_argnums: the positions of the static arguments, as given to ``jax.jit``.
     compiler_options: XLA options for its compilation, e.g. a lower optimisation level for a
       program that runs once (its results must not depend on them).
@@ -364,6 +365,8 @@ class StoredProgram:
     """What selects a compiled program among this function's, or ``None`` to call the jitted function."""
     if not self._options and (directory() is None or self._description() is None):
       return None
+    if not hasattr(self.jitted, 'lower'):
+      return None  # ``build`` made another callable (a wrapper): it is called as it is
     leaves, tree = jax.tree.flatten([arg for i, arg in enumerate(args) if i not in self._static])
     shapes = []
     for leaf in leaves:
