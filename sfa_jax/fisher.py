@@ -283,8 +283,8 @@ def offline_fisher(
   Example:
     >>> import jax.numpy as jnp, sfa_jax.fisher
     >>> total, mean = {'w': jnp.array([1.0, 0.0])}, {'w': jnp.array([2.0, 2.0])}
-    >>> total, mean = sfa_jax.fisher.offline_fisher(total, mean, {'w': jnp.array([3.0, 0.0])},
-    ...                                             {'w': jnp.array([6.0, 5.0])})
+    >>> fisher, end = {'w': jnp.array([3.0, 0.0])}, {'w': jnp.array([6.0, 5.0])}
+    >>> total, mean = sfa_jax.fisher.offline_fisher(total, mean, fisher, end)
     >>> total['w'].tolist(), mean['w'].tolist()  # (1·2 + 3·6) / 4; no Fisher: the new end
     ([4.0, 0.0], [5.0, 5.0])
   """
