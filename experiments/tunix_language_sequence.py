@@ -296,11 +296,12 @@ def setup(quick: bool):
   return config, params, domains, settings
 
 
-def beside_engine(summaries: list, engine_summaries: list) -> str:
-  """A markdown table of the mean final loss, math exact match and forgetting of both stacks, method by method."""
+def beside_engine(summaries: list, engine_summaries: list, stack: str) -> str:
+  """A markdown table of the mean final loss, math exact match and forgetting of both stacks, method by method
+  (``stack`` names this script's side)."""
   engine_rows = {row['method']: row for row in engine_summaries}
   cell = lambda row, key, sign='': f"{row['mean'][key]:{sign}.3f} ± {row['std'][key]:.3f}" if row else '–'
-  lines = ['| method | Tunix LoRA: mean loss | forgetting | math exact match | engine (top 4 blocks): mean loss | '
+  lines = [f'| method | {stack}: mean loss | forgetting | math exact match | engine (top 4 blocks): mean loss | '
            'forgetting | math exact match |', '|---|---|---|---|---|---|---|']
   for row in summaries:
     other = engine_rows.get(row['method'])
@@ -372,7 +373,8 @@ def experiment(args) -> scaffold.Outcome:
               f"since learned): mean ± std over seeds {', '.join(map(str, seeds))}. The plot shows seed {seeds[0]}.\n\n"
               f"{report.lm_seed_table(results)}\n\n![stages]({os.path.basename(name)}.png)\n")
   if engine_summaries:
-    markdown += f"\n## Beside the engine's language sequence (the same data, batches and steps)\n\n{beside_engine(summaries, engine_summaries)}\n"
+    stack = "Tunix, the engine's parameters" if args.top_blocks else 'Tunix LoRA'
+    markdown += f"\n## Beside the engine's language sequence (the same data, batches and steps)\n\n{beside_engine(summaries, engine_summaries, stack)}\n"
   payload = {'setting': setting, 'summaries': summaries, 'engine_summaries': engine_summaries,
              'runs': [r.to_json() | {'seed': s} for s, r in zip(run_seeds, results)]}
   return scaffold.Outcome(name, payload, markdown)
