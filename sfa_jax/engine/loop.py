@@ -455,8 +455,10 @@ def _optimizer_inits(txs: Sequence[Any], trainable: Any, model: Any, config: Any
   if stacked:
     return [lambda params, tx=tx: tx.init(steps.trainable_part(params, trainable)) for tx in txs]
   tx, key = txs[0], ('opt_init', method, config.optimizer_key(), model, config.trainable)
+  # Zeros and copies, once a task: XLA's level 1 compiles it faster, the same values (as the model's init).
   return [programs.reused(key, lambda: stored.StoredProgram(
-      key, lambda: jax.jit(lambda params: tx.init(steps.trainable_part(params, trainable)))))]
+      key, lambda: jax.jit(lambda params: tx.init(steps.trainable_part(params, trainable))),
+      compiler_options={'xla_backend_optimization_level': 1}))]
 
 
 def _chunk_programs(model: Any, lanes: _Lanes, task: tasks_lib.Task, mesh: Any) -> programs.ChunkPrograms:

@@ -186,10 +186,11 @@ class ChunkPrograms:
     sample = task.train.x
     trained = steps.trainable_part(abstract.params, trainable)
     # XLA's CPU backend runs a convolution in a loop several times slower: such steps go one a call.
-    slow_key = ('loops_slowly', model, config.objective, config.trainable, sample.shape[1:], str(sample.dtype),
-                config.batch_size)
-    self.looped = not reused(slow_key, lambda: stored.remembered(slow_key, lambda: fused.loops_slowly(steps.make_train_step(model, tx, config.objective, trainable), abstract.params,
-                                   abstract.model_state, abstract.opt_state, *_abstract_batch(task, config.batch_size))))
+    # Whether the model convolves: its forward pass tells (traced once, then remembered).
+    slow_key = ('loops_slowly', model, sample.shape[1:], str(sample.dtype), config.batch_size)
+    x, _, _, task_ids = _abstract_batch(task, config.batch_size)
+    self.looped = not reused(slow_key, lambda: stored.remembered(slow_key, lambda: fused.loops_slowly(
+        steps.training_forward(model), abstract.params, abstract.model_state, x, task_ids)))
     if stacked:
       # A sweep's programs are its own (not shared with the process's other runs), kept in the
       # store under the first lane's method: every lane updates by its program.

@@ -32,7 +32,7 @@ from sfa_jax.engine import methods as methods_lib
 from sfa_jax.engine import objectives as objectives_lib
 from sfa_jax.engine import stored
 
-__all__ = ['initializer', 'make_train_step', 'make_method_step', 'jitted_train_step', 'task_fisher',
+__all__ = ['initializer', 'make_train_step', 'make_method_step', 'jitted_train_step', 'training_forward', 'task_fisher',
            'task_mas_importance']
 
 
@@ -206,7 +206,7 @@ def make_method_step(model, tx: optax.GradientTransformation,
   """
   hint = {} if may_average else {'may_average': False}
   method = methods_lib.Finetune() if method is None else method
-  apply, evaluate = _train_apply(model), _evaluate_apply(model)
+  apply, evaluate = training_forward(model), _evaluate_apply(model)
 
   def step(params, model_state, opt_state, step_state, x, y, mask, task_ids, memory=None):
     batch = methods_lib.StepBatch(x, y, mask, task_ids, memory)
@@ -237,8 +237,8 @@ def make_method_step(model, tx: optax.GradientTransformation,
   return step
 
 
-def _train_apply(model) -> Callable[..., Any]:
-  """``apply(params, model_state, x, task_ids) -> (outputs, new model state)``, in training mode."""
+def training_forward(model) -> Callable[..., Any]:
+  """``apply(params, model_state, x, task_ids) -> (outputs, new model state)``: ``model``'s forward pass in training mode."""
 
   def apply(params, model_state, x, task_ids):
     variables = models.merge_variables(params, model_state)
