@@ -59,6 +59,7 @@ def test_sweep_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, caps
   assert not (tmp_path / 'x').exists()  # every check comes before the first write
 
 
+@pytest.mark.slow  # about 8 s (a run's SIGKILL and resume: test_continual)
 def test_an_interrupted_sweep_resumes_to_the_same_results(tmp_path, capsys, monkeypatch):
   """A sweep is checkpointed as one run: stopped mid-task, `--resume` finishes it with the same numbers."""
   from sfa_jax.engine import callbacks

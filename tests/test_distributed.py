@@ -138,6 +138,7 @@ def _run_on_eight_devices(accuracy_methods, check_steps):
   assert 'DISTRIBUTED OK' in result.stdout
 
 
+@pytest.mark.slow  # a fresh Python on 8 simulated devices: about 20 s (shardings: test_transforms_integration)
 def test_eight_simulated_devices():
   """SFA's accuracy matrix; the sharding rule; state shardings and HLO of SFA, L2 and EWC steps."""
   _run_on_eight_devices(('sfa',), check_steps=True)

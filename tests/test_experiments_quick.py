@@ -56,6 +56,7 @@ def test_mnist_pair_tradeoff_quick(tmp_path):
   assert set(point) == {'label', 'hyperparams', 'mean', 'std'} and len(point['mean']) == 2
 
 
+@pytest.mark.slow  # three scripts, about 10 s
 def test_long_stream_scripts_quick(tmp_path):
   # The three scripts on the same tiny stream (permuted 8x8 digits, 3 tasks): one test, so the
   # stream's data and the compiled steps are shared.
@@ -118,6 +119,7 @@ def test_many_tasks_quick(tmp_path):
   assert {row['method'] for row in data['short']['table']} == {'sfa(beta=0.25, p=0.5)', 'replay(fraction=0.1, ratio=0.5)'}
 
 
+@pytest.mark.slow  # pretraining, then two continual stages: about 35 s
 def test_pretrained_continual_quick(tmp_path):
   # Pretraining (scikit-learn's 8x8 digits in quick mode: the shape of the quick streams), then the
   # continual stage from that backbone and from scratch.
@@ -170,6 +172,7 @@ def _fashion_idx_folder(folder, train_per_class=32, test_per_class=4):
   return folder
 
 
+@pytest.mark.slow  # a SmallCNN pretrained, then a continual stage from it: about 16 s
 def test_split_fashion_mnist_from_an_mnist_backbone(tmp_path):
   # The real-shape path (not --quick): a SmallCNN pretrained on the bundled MNIST, then split Fashion-MNIST
   # (here tiny IDX files) continual from it, task-incremental.
@@ -266,6 +269,7 @@ def test_tunix_on_the_engine_s_parameters_is_the_engine_s_fine_tuning(tmp_path):
   assert run['exact_match'] == result.exact_match and run['method'] == result.method == 'finetune'
 
 
+@pytest.mark.slow  # three scenarios of several methods, then a rerun: about 33 s
 def test_three_scenarios_quick(tmp_path):
   # van de Ven & Tolias' split-MNIST protocol in its three scenarios, on the 8x8 digits: the side-by-side
   # table, the budget record, and a rerun that trains nothing (every run is recorded and skipped).

@@ -264,7 +264,8 @@ def _flax_models():
 
 @pytest.mark.parametrize(
     'name, kind',
-    [(name, 'empirical') for name in _flax_models()] + [('mlp-heads', 'sampled'), ('cnn', 'expected')],
+    [pytest.param(name, 'empirical', marks=[pytest.mark.slow] if name == 'convolutions' else []) for name in _flax_models()]
+    + [('mlp-heads', 'sampled'), ('cnn', 'expected')],
 )
 def test_layerwise_equals_the_per_example_loop(name, kind):
   model, heads = _flax_models()[name]

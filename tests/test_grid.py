@@ -125,6 +125,7 @@ def test_run_grid_runs_every_configuration_and_seed(pair):
   json.dumps(runs)  # plain JSON
 
 
+@pytest.mark.slow  # about 10 s
 def test_run_grid_as_sweeps_gives_the_runs_one_after_another_in_order(pair):
   """Sweeps group the configurations by method class (and by what a sweep cannot vary); the runs come
   back in the order given, each the same as its own run."""

@@ -82,6 +82,7 @@ def tiny():
   return model, params, domains
 
 
+@pytest.mark.slow  # about 5 s
 def test_exact_match_equals_greedy_decoding(tiny):
   model, params, _ = tiny
   # Completions that are the model's own greedy continuation (hits) or one token off (misses).

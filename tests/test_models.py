@@ -119,6 +119,7 @@ def test_resnet18_has_cifar_layout():
 # BatchNorm: training mode updates the running statistics, evaluation mode uses them.
 
 
+@pytest.mark.slow  # ResNet-18 compiled in train mode: about 5 s
 def test_resnet18_train_mode_updates_batch_stats(resnet):
   variables, x, train, _ = resnet
   params, state = split_variables(variables)

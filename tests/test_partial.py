@@ -295,6 +295,7 @@ def test_partial_sfa_costs_one_copy_of_the_trainable_params_in_the_anchor_dtype(
   assert rows['top', 'f32', 'finetune']['opt_state_bytes'] == 2 * top['trainable_bytes'] + 4  # Adam: 2 moments, a count
 
 
+@pytest.mark.slow  # a fresh Python on 8 simulated devices: about 7 s
 def test_the_benchmark_checks_the_claim_on_8_shards():
   """The script itself, on 8 simulated devices (its own process: JAX fixes the device count at start-up)."""
   code = (

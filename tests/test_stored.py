@@ -59,7 +59,7 @@ print(json.dumps({{'matrix': result.accuracy_matrix, 'traced': names}}))
 """
 
 
-@pytest.mark.parametrize('method, values', [('finetune', {}), ('sfa', {'p': 0.5, 'beta': 0.25})])
+@pytest.mark.parametrize('method, values', [('finetune', {}), pytest.param('sfa', {'p': 0.5, 'beta': 0.25}, marks=pytest.mark.slow)])
 def test_a_second_process_traces_none_of_the_engines_programs_and_computes_the_same(tmp_path, method, values):
   code = _RUN.format(cache=str(tmp_path / 'cache'), method=method, values=values)
   cold, warm = _python(code), _python(code)
