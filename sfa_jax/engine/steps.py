@@ -50,7 +50,11 @@ def initializer(model, sample: np.ndarray, mesh: Any = None) -> Callable[[int], 
     mesh: optional ``jax.sharding.Mesh`` from :func:`sfa_jax.engine.distributed.make_mesh`.
 
   Returns:
-    The function of the seed.
+    The function of the seed, an integer in ``[0, 2**32)`` (the key is made inside the program:
+    ``jax.random.key(seed)``'s bits, without a program of its own).
+
+  Raises:
+    ValueError: from the function, for a seed outside ``[0, 2**32)``.
 
   Example:
     >>> import numpy as np
@@ -63,7 +67,7 @@ def initializer(model, sample: np.ndarray, mesh: Any = None) -> Callable[[int], 
     ['Dense_0', 'Dense_1', 'head']
   """
   if mesh is None:
-    return lambda seed: _INIT_VARIABLES(model, jax.random.key(seed), sample)
+    return lambda seed: _INIT_FROM_SEED(model, _seed(seed), sample)
   shapes = jax.eval_shape(_init_variables, model, jax.random.key(0), sample)
   sharded = jax.jit(
       lambda key: _init_variables(model, key, sample), out_shardings=distributed.tree_shardings(shapes, mesh)
@@ -77,10 +81,21 @@ def _init_variables(model, key: jax.Array, sample: jax.Array) -> tuple[Any, Any]
   return models.split_variables(variables)
 
 
+def _init_from_seed(model, seed: jax.Array, sample: jax.Array) -> tuple[Any, Any]:
+  return _init_variables(model, jax.random.key(seed), sample)
+
+
+def _seed(seed: int) -> np.uint32:
+  """``seed`` as the uint32 the init program takes (``jax.random.key`` of it inside is that of the int)."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ValueError(f'seed must be an integer in [0, 2**32); got {seed!r}.')
+  return np.uint32(seed)
+
+
 # It runs once: XLA's optimisation level 1 compiles it 2.5-3x faster (the MLP's, SmallCNN's and
 # ResNet-18's), bit for bit the same values (tests/test_stored.py).
-_INIT_VARIABLES = stored.StoredProgram(('init_variables',), lambda: _init_variables, static_argnums=(0,),
-                                       compiler_options={'xla_backend_optimization_level': 1})
+_INIT_FROM_SEED = stored.StoredProgram(('init_variables',), lambda: jax.jit(_init_from_seed, static_argnums=0),
+                                       static_argnums=(0,), compiler_options={'xla_backend_optimization_level': 1})
 
 
 def variable_shapes(model, sample: np.ndarray) -> tuple[Any, Any]:
