@@ -35,6 +35,28 @@ def test_every_built_in_method_is_one_registered_class():
     assert all(spec.default in spec.interval for spec in cls.hyperparams.values()), name
 
 
+@pytest.mark.parametrize('name', sorted(methods.registered()))
+def test_the_estimates_a_method_takes_at_task_ends_are_the_ones_it_names(name):
+  """The engine compiles the estimates of ``boundary_uses`` while the first task trains: a built-in
+  method names exactly those its ``end_task`` calls."""
+  import jax.numpy as jnp
+  import optax
+  from sfa_jax.engine.loop import RunState
+
+  method = methods.registered()[name]()
+  params = {'w': jnp.ones(2)}
+  called = set()
+
+  def estimate(kind):
+    return lambda state: called.add(kind) or {'w': jnp.full(2, 2.0)}
+
+  state = RunState(params, {}, method.transform(optax.sgd(0.1)).init(params), method.init_extras(params, {}, 3))
+  for k in (0, 1):
+    boundary = methods.Boundary(k, 3, 10, fisher=estimate('fisher'), mas_importance=estimate('mas_importance'))
+    state = method.end_task(state, boundary)
+  assert called == type(method).boundary_uses
+
+
 def test_a_method_is_immutable_labelled_and_replaced_with_checks():
   method = methods.make_method('sfa', p=0.5)
   assert method.label == 'sfa(beta=0.25, p=0.5)' and repr(method) == 'SFA(beta=0.25, p=0.5)'

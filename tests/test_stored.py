@@ -207,3 +207,19 @@ def test_a_build_that_makes_a_plain_callable_is_called_as_it_is(store):
   program = stored.StoredProgram(('wrapped',), lambda: lambda x: calls.append(1) or 2 * x)
   assert program(jnp.ones(2)).tolist() == [2.0, 2.0] and calls == [1]
   assert not list(store.glob('*.program'))
+
+
+def test_what_the_background_thread_has_not_started_the_waiting_thread_compiles(store):
+  import concurrent.futures
+  import threading
+
+  busy = threading.Event()
+  executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  executor.submit(busy.wait)  # the background thread compiles something else
+  triple = stored.StoredProgram(('triple',), lambda: jax.jit(lambda x: 3 * x))
+  assert triple.prepare_in_background(executor, jax.ShapeDtypeStruct((2,), jnp.float32))
+  triple.prepare_queued_here()
+  assert triple._cache_size() == 1  # compiled here, while the background thread is still busy
+  busy.set()
+  executor.shutdown()
+  assert triple(jnp.ones(2)).tolist() == [3.0, 3.0] and triple._cache_size() == 1

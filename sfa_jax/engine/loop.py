@@ -39,6 +39,7 @@ the results and the position, and saves and restores the checkpoints.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -187,10 +188,10 @@ def train_stream(
   chunks = _chunk_programs(model, lanes, all_tasks[0], mesh)
   prepare = _TaskPreparer(all_tasks, lanes.methods, lanes.configs, stacked=stacked, placement=placement)
   evaluator = _Evaluator(model, all_tasks, shared, stacked=stacked, placement=placement)
-  lanes.state = _fresh_state(lanes, chunks, prepare.ahead(0), evaluator, warm=mesh is None)
   record = _Record(fingerprint, lanes.count, checkpointer, emit, evaluate_state)
-  lanes.state = record.start(lanes.state)
   boundaries = _Boundaries(model, all_tasks, shared, lanes.trainable, record)
+  lanes.state = _fresh_state(lanes, chunks, prepare.ahead(0), evaluator, boundaries, warm=mesh is None)
+  lanes.state = record.start(lanes.state)
   runner = _TaskRunner(lanes, chunks, evaluator, record, shared, every_step=callbacks_lib.wants_every_step(callbacks),
                        emit=emit)
   while record.position.task < len(all_tasks):
@@ -475,12 +476,14 @@ def _chunk_programs(model: Any, lanes: _Lanes, task: tasks_lib.Task, mesh: Any) 
                                 count=lanes.count, stacked=lanes.stacked, mesh=mesh)
 
 
-def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _PreparedTask, evaluator: _Evaluator, *,
-                 warm: bool) -> RunState:
+def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _PreparedTask, evaluator: _Evaluator,
+                 boundaries: _Boundaries, *, warm: bool) -> RunState:
   """The lanes' starting state; with ``warm``, the run's programs compile (or load) meanwhile.
 
-  Cold, compiling is most of a small run: the first task's train programs, then the evaluation
-  and the finite check, compile in the background while the model's initialisation compiles here.
+  Cold, compiling is most of a small run: the first task's train programs, then the evaluation,
+  the finite check and the estimates the method takes at task ends (its Fisher), compile in the
+  background while the model's initialisation compiles here; once it is done, this thread
+  compiles the stored programs the background thread has not started.
   """
   warmed_init = None
   if warm and not lanes.stacked:  # the optimizer's init is needed first, right after the model's
@@ -494,9 +497,12 @@ def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _Prepared
       chunks.warm(first.feed.layout, skip, on_device, stop_on_average, first.feed.block(0, 1))
     evaluator.warm(chunks.abstract)
     programs.prepare_in_background(_FINITE_LEAVES, (chunks.abstract.params, chunks.abstract.model_state), lanes.stacked)
+    boundaries.warm(type(lanes.methods[0]).boundary_uses, chunks.abstract)
   if warmed_init is not None:
     warmed_init.result()
-  return lanes.fresh()
+  state = lanes.fresh()
+  programs.prepare_queued_here()  # the model's init is done: this thread takes what waits behind the train programs
+  return state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,22 +514,37 @@ class _Boundaries:
   config: Any
   trainable: Any
   record: _Record
+  _warming: dict[str, concurrent.futures.Future] = dataclasses.field(default_factory=dict)
 
   def of(self, k: int, total_steps: int) -> methods_lib.Boundary:
     """Task ``k``'s boundary; its ``fisher(lane)`` and ``mas_importance(lane)`` are the lane's Fisher
     and MAS importance on the task's training examples."""
 
-    def fisher(lane: RunState) -> Any:
+    def estimate(name: str, lane: RunState) -> Any:
       with self.record.timed('fisher'):
-        return steps.task_fisher(self.model, lane.params, lane.model_state, self._examples(k), k,
-                                 self.config.eval_batch_size, self.config.objective, self.trainable)
+        if name in self._warming:  # compiling in the background: wait for it rather than trace it twice
+          self._warming.pop(name).result()
+        return self._estimate(name, k, lane.params, lane.model_state)
 
-    def mas_importance(lane: RunState) -> Any:
-      with self.record.timed('fisher'):
-        return steps.task_mas_importance(self.model, lane.params, lane.model_state, self._examples(k), k,
-                                         self.config.eval_batch_size, self.trainable)
+    fisher = functools.partial(estimate, 'fisher')
+    mas_importance = functools.partial(estimate, 'mas_importance')
 
     return methods_lib.Boundary(k, len(self.tasks), total_steps, fisher, mas_importance)
+
+  def warm(self, uses: frozenset[str], abstract: RunState) -> None:
+    """Compiles, in the background, the programs of the estimates a method ``uses``
+    (:attr:`~sfa_jax.engine.methods.Method.boundary_uses`) for one lane's shapes, on zeros."""
+    for name in sorted(uses & {'fisher', 'mas_importance'}):
+      self._warming[name] = programs.compile_in_background(
+          lambda variables, name=name: self._estimate(name, 0, *variables), (abstract.params, abstract.model_state))
+
+  def _estimate(self, name: str, k: int, params: Any, model_state: Any) -> Any:
+    """The Fisher (``name='fisher'``) or MAS's importance of ``params`` on task ``k``'s examples."""
+    if name == 'fisher':
+      return steps.task_fisher(self.model, params, model_state, self._examples(k), k, self.config.eval_batch_size,
+                               self.config.objective, self.trainable)
+    return steps.task_mas_importance(self.model, params, model_state, self._examples(k), k,
+                                     self.config.eval_batch_size, self.trainable)
 
   def _examples(self, k: int) -> tasks_lib.Split:
     """Task ``k``'s training examples, at most ``fisher_examples`` of them."""

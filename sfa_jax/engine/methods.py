@@ -405,6 +405,10 @@ class Method:
   """True when :meth:`averaging_schedule` lists exactly the steps on which the :meth:`transform`
   averages: a single run then trains the other steps with ``tx.update(..., may_average=False)``
   (:func:`sfa_jax.sfa` skips reading its anchor). Leave it False unless that holds."""
+  boundary_uses: ClassVar[frozenset[str]] = frozenset()
+  """The estimates of :class:`Boundary` that the hooks call (``'fisher'``, ``'mas_importance'``): the
+  engine compiles their programs while the first task trains. A method that calls one it does not
+  name gets the same values, its first call compiling them."""
 
   def __init_subclass__(cls, **kwargs: Any):
     super().__init_subclass__(**kwargs)
@@ -621,7 +625,9 @@ def _zeros_program() -> Callable[[Any], Any]:
   import jax  # imports JAX: only when a method's extras are made
   import jax.numpy as jnp
 
-  return jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree))
+  from sfa_jax.engine import stored
+
+  return stored.StoredProgram(('zeros_like',), lambda: jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree)))
 
 
 @functools.cache
@@ -860,6 +866,7 @@ class _WeightedPenalty(Method):
   """
 
   weights_key: ClassVar[str] = 'fisher'
+  boundary_uses = frozenset({'fisher'})
 
   def transform(self, optimizer):
     import optax
@@ -1263,6 +1270,7 @@ class CoFiMA(Method):
       'beta': Hyperparam(0.6, UNIT, doc="weight of the previous model (CoFiMA's 1 − α)"),
       'gamma': Hyperparam(0.0, UNIT, doc='decay of the past Fisher'),
   }
+  boundary_uses = frozenset({'fisher'})
 
   def init_extras(self, params, model_state, num_tasks):
     return {'start': _copy((params, model_state)), 'fisher': _zeros_like(params)}
@@ -1415,6 +1423,7 @@ class MAS(_WeightedPenalty):
   hyperparams = {'strength': Hyperparam(2.0, NON_NEGATIVE, doc='λ of the penalty (2λ of the paper)')}
 
   weights_key = 'importance'
+  boundary_uses = frozenset({'mas_importance'})
 
   def end_task(self, state, boundary):
     if boundary.task_index + 1 == boundary.num_tasks:

@@ -135,7 +135,22 @@ def prepare_in_background(program: Any, *args: Any) -> bool:
   ``program`` is not stored (the store off, or its key without a stable description)."""
   if not isinstance(program, stored.StoredProgram):
     return False
-  return program.prepare_in_background(_COMPILER, *args)
+  if program.prepare_in_background(_COMPILER, *args):
+    _QUEUED.append(program)
+    return True
+  return False
+
+
+_QUEUED: list[stored.StoredProgram] = []
+"""The programs given to :func:`prepare_in_background` since the last :func:`prepare_queued_here`."""
+
+
+def prepare_queued_here() -> None:
+  """Loads or compiles here, in order, the programs queued by :func:`prepare_in_background` that the
+  background thread has not started, so that a caller that is about to wait for them works meanwhile:
+  on two cores, the second compiles beside the background thread instead of after it."""
+  while _QUEUED:
+    _QUEUED.pop(0).prepare_queued_here()
 
 
 def _zeros_call(function: Callable[..., Any], shapes: Any, *args: Any) -> None:

@@ -307,7 +307,7 @@ class StoredProgram:
     self._options = dict(compiler_options or {})
     self._jitted = None
     self._compiled: dict[Any, Any] = {}
-    self._pending: dict[Any, concurrent.futures.Future] = {}
+    self._pending: dict[Any, tuple[concurrent.futures.Future, Sequence[Any]]] = {}
     self._text: str | None | bool = False  # not described yet
 
   @property
@@ -323,7 +323,7 @@ class StoredProgram:
       return self.jitted(*args)
     compiled = self._compiled.get(signature)
     if compiled is None:
-      pending = self._pending.pop(signature, None)
+      pending, _ = self._pending.pop(signature, (None, None))
       try:
         compiled = pending.result() if pending is not None else None
       except Exception:  # pylint: disable=broad-except  (compiled again here, where the error is reported)
@@ -345,8 +345,16 @@ class StoredProgram:
     if signature is None:
       return False
     if signature not in self._compiled and signature not in self._pending:
-      self._pending[signature] = executor.submit(self._load_or_compile, signature, args)
+      self._pending[signature] = executor.submit(self._load_or_compile, signature, args), args
     return True
+
+  def prepare_queued_here(self) -> None:
+    """Loads or compiles, in the calling thread, what :meth:`prepare_in_background` queued and its
+    executor has not started: a thread that would otherwise wait for the executor does it instead."""
+    for signature, (future, args) in list(self._pending.items()):
+      if future.cancel():
+        del self._pending[signature]
+        self._load_or_compile(signature, args)
 
   def _cache_size(self) -> int:
     """How many programs this function holds compiled (as ``jax.jit``'s ``_cache_size``)."""
