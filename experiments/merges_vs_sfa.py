@@ -13,20 +13,20 @@ each method with its own small hyper-parameter search:
   replay            5 % and 10 % of each past task kept (half of each batch from the memory)
   finetune, joint   (lower and upper reference)
 
-EWC runs separately, with --ewc (strength in {1e2, 1e3, 1e4}; writes merges_vs_sfa_ewc.*): its
-diagonal Fisher (per-example gradients, once per task, 9 per run) costs far more than training here.
-CoFiMA, which needs the same Fisher at every task end (10 per run), runs separately too, with --cofima
-(beta in {0.4, 0.6, 0.8} x gamma in {0, 1}; writes merges_vs_sfa_cofima.*).
+EWC runs only alone, with --family ewc (strength in {1e2, 1e3, 1e4}): its diagonal Fisher
+(per-example gradients, once per task, 9 per run) costs far more than training here. So does CoFiMA,
+which needs the same Fisher at every task end (10 per run): --family cofima (beta in {0.4, 0.6, 0.8} x
+gamma in {0, 1}). Any other family of the grid runs alone the same way (--family magmax).
 
 Each family is represented by its best configuration (highest mean final average accuracy). There is no
 validation split: the choice is made on the test accuracies, alike for every family.
 
-  python experiments/merges_vs_sfa.py              # full run
-  python experiments/merges_vs_sfa.py --quick      # digits 8x8, 3 tasks, one seed, one config each
-  python experiments/merges_vs_sfa.py --ewc        # the EWC family alone
-  python experiments/merges_vs_sfa.py --cofima     # the CoFiMA family alone
+  python experiments/merges_vs_sfa.py                  # the grid above, EWC and CoFiMA aside
+  python experiments/merges_vs_sfa.py --quick          # digits 8x8, 3 tasks, one seed, one config each
+  python experiments/merges_vs_sfa.py --family ewc     # one family alone
 
-Writes experiments/results/merges_vs_sfa.{json,md} and merges_vs_sfa_average.png.
+Writes experiments/results/merges_vs_sfa.{json,md} and merges_vs_sfa_average.png; a family alone writes
+merges_vs_sfa_<family>.*.
 """
 
 import os
@@ -52,26 +52,30 @@ QUICK_GRID = [
     ('sfa', {'p': (0.5,), 'beta': (0.5,)}), ('wise-ft', {'beta': (0.5,)}), ('ties', {'density': (0.2,), 'scaling': (1.0,)}),
     ('replay', {'fraction': (0.1,)}), ('magmax', {'scaling': (0.5,)}),
 ]
-EWC_GRID = [('ewc', {'strength': (1e2, 1e3, 1e4)})]
-QUICK_EWC_GRID = [('ewc', {'strength': (1e2,)})]
-COFIMA_GRID = [('cofima', {'beta': (0.4, 0.6, 0.8), 'gamma': (0.0, 1.0)})]
-QUICK_COFIMA_GRID = [('cofima', {'beta': (0.6,)})]
-SEPARATE = {'ewc': (EWC_GRID, QUICK_EWC_GRID), 'cofima': (COFIMA_GRID, QUICK_COFIMA_GRID)}
-"""The families that need a Fisher per task, each run alone by its flag: ``{flag: (grid, quick grid)}``."""
+ALONE = {
+    'ewc': ([('ewc', {'strength': (1e2, 1e3, 1e4)})], [('ewc', {'strength': (1e2,)})]),
+    'cofima': ([('cofima', {'beta': (0.4, 0.6, 0.8), 'gamma': (0.0, 1.0)})], [('cofima', {'beta': (0.6,)})]),
+}
+"""The families that need a Fisher per task, run only alone: ``{family: (grid, quick grid)}``."""
 
 
 def grid_of(args) -> tuple[str | None, list]:
-  """The family run alone (``None``: the main grid) and its grid, from the flags.
+  """The family run alone (``None``: the main grid) and its grid, from ``--family`` and ``--quick``.
 
   Example:
     >>> import argparse
-    >>> grid_of(argparse.Namespace(quick=True, ewc=False, cofima=True))
+    >>> grid_of(argparse.Namespace(quick=True, family='cofima'))
     ('cofima', [('cofima', {'beta': (0.6,)})])
+    >>> grid_of(argparse.Namespace(quick=False, family='magmax'))
+    ('magmax', [('magmax', {'scaling': (0.3, 0.5, 0.7, 1.0)})])
   """
-  for flag, (grid, quick_grid) in SEPARATE.items():
-    if getattr(args, flag):
-      return flag, quick_grid if args.quick else grid
-  return None, QUICK_GRID if args.quick else GRID
+  if args.family is None:
+    return None, QUICK_GRID if args.quick else GRID
+  if args.family in ALONE:
+    grid, quick_grid = ALONE[args.family]
+    return args.family, quick_grid if args.quick else grid
+  grid = [entry for entry in (QUICK_GRID if args.quick else GRID) if entry[0] == args.family]
+  return args.family, grid or [entry for entry in GRID if entry[0] == args.family]
 
 
 def experiment(args) -> scaffold.Outcome:
@@ -101,9 +105,8 @@ def experiment(args) -> scaffold.Outcome:
 def main(argv=None) -> None:
   parser = scaffold.experiment_parser(__doc__)
   scaffold.add_stream_arguments(parser)
-  alone = parser.add_mutually_exclusive_group()
-  alone.add_argument('--ewc', action='store_true', help='run the EWC family alone (merges_vs_sfa_ewc.*)')
-  alone.add_argument('--cofima', action='store_true', help='run the CoFiMA family alone (merges_vs_sfa_cofima.*)')
+  parser.add_argument('--family', choices=sorted({name for name, _ in GRID} | set(ALONE)),
+                      help='run one family alone (merges_vs_sfa_<family>.*); EWC and CoFiMA run only so')
   scaffold.run_script(__file__, parser, argv, experiment)
 
 

@@ -79,11 +79,11 @@ def test_long_stream_scripts_quick(tmp_path):
   assert {row['family'] for row in data['best']} == {run['method_name'] for run in data['runs']}
   assert 'magmax(scaling=0.5)' in {run['method'] for run in data['runs']}
 
-  _main('merges_vs_sfa')(['--ewc', '--quick', '--out', str(tmp_path)])
+  _main('merges_vs_sfa')(['--family', 'ewc', '--quick', '--out', str(tmp_path)])
   data = _load(tmp_path, 'merges_vs_sfa_ewc_quick', ['merges_vs_sfa_ewc_quick_average.png'])
   assert [run['method'] for run in data['runs']] == ['ewc(gamma=1, strength=100)']
 
-  _main('merges_vs_sfa')(['--cofima', '--quick', '--out', str(tmp_path)])
+  _main('merges_vs_sfa')(['--family', 'cofima', '--quick', '--out', str(tmp_path)])
   data = _load(tmp_path, 'merges_vs_sfa_cofima_quick', ['merges_vs_sfa_cofima_quick_average.png'])
   assert [run['method'] for run in data['runs']] == ['cofima(beta=0.6, gamma=0)']
 
