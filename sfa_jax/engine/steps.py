@@ -102,7 +102,8 @@ def variable_shapes(model, sample: np.ndarray) -> tuple[Any, Any]:
   """The shapes and dtypes of ``model``'s ``(params, model_state)``, traced once (nothing runs) and
   remembered in the program store (:mod:`sfa_jax.engine.stored`)."""
   key = ('variable_shapes', model, np.shape(sample), str(np.asarray(sample).dtype))
-  return stored.remembered(key, lambda: jax.eval_shape(_init_variables, model, jax.random.key(0), sample))
+  # The key is made inside the trace: an eager jax.random.key would compile a program of its own.
+  return stored.remembered(key, lambda: jax.eval_shape(lambda x: _init_variables(model, jax.random.key(0), x), sample))
 
 
 def starting_point(model, sample: np.ndarray, initial: Any, mesh: Any = None) -> Callable[[int], tuple[Any, Any]]:
