@@ -299,7 +299,7 @@ def test_budget_audit_quick(tmp_path):
   assert row['check']['ok'] == (max(row['check']['steps_to_fraction']) <= row['check']['steps_per_task'])
 
 
-@pytest.mark.slow  # four rows in two scenarios on the 8x8 digits, then a rerun: about 25 s
+@pytest.mark.slow  # four rows in two scenarios on the 8x8 digits, then a rerun: 25-45 s on 2 shared cores
 def test_sequential_mnist_quick(tmp_path):
   # Buzzega et al's Seq-MNIST rows: Class-IL and Task-IL runs of each row, and a rerun that trains nothing.
   _main('sequential_mnist')(['--quick', '--out', str(tmp_path)])
