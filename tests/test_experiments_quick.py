@@ -297,3 +297,38 @@ def test_budget_audit_quick(tmp_path):
   assert row['section'] == '§1' and row['check']['p_values'] == [0.25, 1.0] and row['check']['min_steps_for_p'] == 8
   assert len(row['converged_accuracy']) == 2 and len(row['check']['steps_to_fraction']) == 2
   assert row['check']['ok'] == (max(row['check']['steps_to_fraction']) <= row['check']['steps_per_task'])
+
+
+@pytest.mark.slow  # four rows in two scenarios on the 8x8 digits, then a rerun: 25-45 s on 2 shared cores
+def test_sequential_mnist_quick(tmp_path):
+  # Buzzega et al's Seq-MNIST rows: Class-IL and Task-IL runs of each row, and a rerun that trains nothing.
+  _main('sequential_mnist')(['--quick', '--out', str(tmp_path)])
+  data = _load(tmp_path, 'sequential_mnist_quick')
+  assert {(run['scenario'], run['row'], run['buffer']) for run in data['runs']} == {
+      (s, r, b) for s in ('Class-IL', 'Task-IL') for r, b in (('SGD', None), ('ER', 200), ('A-GEM', 200), ('DER++', 200))}
+  # Task-IL is the Class-IL model scored among its task's two outputs: trained alike, it is right wherever
+  # the Class-IL model is, so every entry of its accuracy matrix is at least the Class-IL one.
+  by_row = {(run['scenario'], run['row']): np.asarray(run['accuracy_matrix']) for run in data['runs']}
+  for row in ('SGD', 'ER', 'A-GEM', 'DER++'):
+    assert np.all(by_row['Task-IL', row] >= by_row['Class-IL', row] - 1e-9), row
+  assert by_row['Task-IL', 'SGD'][-1, 0] > by_row['Class-IL', 'SGD'][-1, 0]  # fine-tuning forgets task 0 in Class-IL only
+  md = (tmp_path / 'sequential_mnist_quick.md').read_text()
+  assert '| DER++ | 200 | not found |' in md and 'Buffer 5120 is not run' in md
+  lines = (tmp_path / 'sequential_mnist_quick.runs.jsonl').read_text().splitlines()
+  _main('sequential_mnist')(['--quick', '--out', str(tmp_path)])
+  assert (tmp_path / 'sequential_mnist_quick.runs.jsonl').read_text().splitlines() == lines
+
+
+def test_sequential_mnist_task_il_score_masks_the_other_tasks():
+  # Mammoth's mask_classes: the other tasks' outputs at -inf, then the argmax (the task of label y is y // 2).
+  import jax.numpy as jnp
+
+  spec = importlib.util.spec_from_file_location('sequential_mnist', os.path.join(EXPERIMENTS, 'sequential_mnist.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  logits = jnp.array([[0.0, 1.0, 9.0, 0.0], [5.0, 0.0, 0.0, 2.0], [0.0, 0.0, 1.0, 3.0]])
+  labels = jnp.array([1, 3, 2])
+  mask = jnp.ones(3, bool)
+  assert int(module.TASK_IL_OBJECTIVE.score(logits, labels, mask)) == 2  # 1 among {0, 1}; 3 among {2, 3}; not 2
+  assert int(module.OBJECTIVE['Class-IL'].score(logits, labels, mask)) == 0  # 2, 0 and 3 win among all four
+  assert module.TASK_IL_OBJECTIVE.loss is module.OBJECTIVE['Class-IL'].loss  # the same training
