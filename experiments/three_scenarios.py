@@ -23,16 +23,21 @@ Methods the engine has, and their rows in the paper's Tables 4-5:
                 penalty included
   replay        no row in the 2019 tables (their memory-based row is iCaRL, budget 2000, class-IL); run with
                 25 % of each past task kept (200 images per task, 100 per class) and half of each batch replayed
+  lwf           "LwF", as they train it (`VanDeVenLwF`, a subclass of the engine's LwF written here): on task k
+                (from 1) the loss is (1/k)·CE + (1 - 1/k)·T²·KD with T = 2, KD the soft cross-entropy of the
+                model's softened outputs to the previous model's; per scenario the classes distilled are theirs
+                (each past task's head, averaged; the shared head; the previous model's classes against the
+                model's softmax over every class seen so far, the current task's included)
 
-LwF, DGR, DGR+distill, iCaRL and XdG are not in the engine: their rows are shown, not run.
+DGR, DGR+distill, iCaRL and XdG are not in the engine: their rows are shown, not run.
 
 What differs from the paper, beyond the methods: the bundled 5000 MNIST images (4000 train, 1000 test:
 800 / 200 per split-MNIST task) instead of 60 000 / 10 000; permuted MNIST permutes the 28x28 pixels (theirs:
 zero-padded to 32x32) and uses the 4000 training images per task; 3 seeds instead of 20; EWC's Fisher uses
 the true labels (theirs: the model's predicted labels); class-incremental trains the full 10-way head
-(theirs: the softmax over the classes seen so far).
+(theirs: the softmax over the classes seen so far; LwF's distillation does take their softmax).
 
-  python experiments/three_scenarios.py --protocols split            # 3 scenarios x 6 methods x 3 seeds
+  python experiments/three_scenarios.py --protocols split            # 3 scenarios x 7 methods x 3 seeds
   python experiments/three_scenarios.py --protocols permuted --scenarios domain-incremental --seeds 0
   python experiments/three_scenarios.py --quick                      # 8x8 digits, few steps
 
@@ -48,12 +53,15 @@ import math
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sfa_jax import engine
 from sfa_jax import tasks
 from sfa_jax.engine import budget
 from sfa_jax.engine import compile_cache
+from sfa_jax.engine import methods
 
 import scaffold
 
@@ -97,6 +105,93 @@ OFFLINE_EWC = {
 }
 REPLAY_FRACTION = 0.25
 
+
+def soft_cross_entropy(old, new, teacher, student, temperature, mask):
+  r"""van de Ven's distillation loss (``utils.loss_fn_kd``), without its ``T²``: ``-mean_n Σ_c q_{n,c} log p_{n,c}``.
+
+  ``q = softmax(old / T)`` over the ``teacher`` classes and 0 elsewhere (their zero padding of the previous
+  model's probabilities), ``p = softmax(new / T)`` over the ``student`` classes (a superset of ``teacher``);
+  the mean over the examples ``mask`` selects. With ``student == teacher`` it is the engine's
+  :func:`sfa_jax.engine.rehearsal.distillation`.
+
+  Example:
+    >>> z = jnp.array([[1.0, 2.0, 9.0]])
+    >>> teacher, student = jnp.array([True, True, False]), jnp.array([True, True, True])
+    >>> round(float(soft_cross_entropy(z, z, teacher, teacher, 1.0, jnp.ones(1))), 4)  # the entropy of softmax([1, 2])
+    0.5822
+    >>> round(float(soft_cross_entropy(z, z, teacher, student, 1.0, jnp.ones(1))), 4)  # the third class takes p's mass
+    7.2702
+  """
+  q = jax.nn.softmax(jnp.where(teacher, old / temperature, -jnp.inf), axis=-1)
+  log_p = jnp.where(student, jax.nn.log_softmax(jnp.where(student, new / temperature, -jnp.inf), axis=-1), 0.0)
+  per_example = -jnp.sum(jnp.where(teacher, q * log_p, 0.0), axis=-1)
+  mask = mask.astype(per_example.dtype)
+  return (per_example * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+class VanDeVenLwF(methods.LwF):
+  r"""LwF as van de Ven & Tolias train it: the engine's :class:`~sfa_jax.engine.methods.LwF`, reweighted per task.
+
+  On task ``k`` (counted from 1) the loss is
+
+  .. math::  \frac{1}{k} L_{CE} + \alpha \left(1 - \frac{1}{k}\right) T^2 L_{KD}
+
+  with ``alpha = 1`` theirs, ``T = 2`` and ``L_KD`` :func:`soft_cross_entropy` toward the previous task's model
+  (evaluation mode) on the current batch: with one head per task (Task-IL), each past task's head under its
+  task id, averaged over the past tasks; with a shared head, the previous model's softmax over the past tasks'
+  classes against the model's over the classes seen so far, the current task's included (Domain-IL: the two
+  shared outputs on both sides; Class-IL: ``2(k-1)`` against ``2k`` classes). The engine's LwF takes
+  ``L_CE + alpha·L_KD`` with the same softmax on both sides; here the step's extra loss is
+  ``(1/k - 1)·L_CE + alpha·(1 - 1/k)·T²·L_KD``, so the total is their weighted sum exactly (Adam, not reset
+  between tasks, sees their loss scale). The weight ``1/k`` and the classes seen are arrays of the step state,
+  set at each task's start.
+
+  Read in GMvandeVen/continual-learning at commit 9945f84 (2019-12-19, the version with ``param_values.py``):
+  ``_compare.py`` (LwF is ``--replay=current --distill``; ``main.py``: ``--temp`` 2), ``train.py`` (``rnt=1./task``;
+  the previous model ``copy.deepcopy(model).eval()``; replay of the current batch, its target scores per past
+  task's slice for Task-IL, ``[:, :classes_per_task*(task-1)]`` for Class-IL, all for Domain-IL; active
+  classes: the current task's for Task-IL, ``range(classes_per_task*task)`` for Class-IL),
+  ``encoder.py`` ``Classifier.train_a_batch`` (``loss_total = rnt*loss_cur + (1-rnt)*loss_replay``,
+  ``loss_replay`` the mean over the past tasks' replays, ``y_hat_all[:, active_classes[replay_id]]``) and
+  ``utils.py`` ``loss_fn_kd`` (``log_softmax(scores/T)``, ``softmax(target_scores/T)`` padded with zeros to
+  the scores' classes, summed over classes, averaged over the batch, times ``T**2``).
+  """
+
+  name = 'lwf-vandeven'
+
+  def init_step_state(self, params, model_state, spec):
+    state = super().init_step_state(params, model_state, spec)
+    return state | {'current_weight': jnp.float32(1.0), 'seen': state['classes'][0]}
+
+  def start_task(self, state, boundary):
+    state = super().start_task(state, boundary)
+    k = boundary.task_index + 1
+    step = methods.step_state(state.extras)
+    step = step | {'current_weight': jnp.float32(1.0 / k), 'seen': jnp.any(step['classes'][:k], axis=0)}
+    return state._replace(extras=methods.with_step_state(state.extras, step))
+
+  def step_loss(self, params, outputs, batch, step_state, model):
+    previous_params, previous_state = step_state['previous']
+    past = step_state['past']
+    teacher = jnp.any(step_state['classes'] & past[:, None], axis=0)
+    teacher = jnp.where(jnp.any(teacher), teacher, True)  # task 1: no past class; its weight 1 - 1/k is 0
+    student = step_state['seen'] | teacher
+    temperature = step_state['temperature']
+    previous = lambda ids: jax.lax.stop_gradient(model.evaluate(previous_params, previous_state, batch.x, ids))
+    if 'heads' not in step_state:
+      distill = soft_cross_entropy(previous(batch.task_ids), outputs, teacher, student, temperature, batch.mask)
+    else:
+      def head(j):
+        ids = jnp.full_like(batch.task_ids, j)
+        return soft_cross_entropy(previous(ids), model.apply(params, batch.x, ids), teacher, student, temperature,
+                                  batch.mask)
+
+      weights = past.astype(jnp.float32)
+      distill = (jax.vmap(head)(step_state['heads']) * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    task_loss, _ = model.loss(outputs, batch.y, batch.mask)
+    weight = step_state['current_weight']
+    return (weight - 1.0) * task_loss + step_state['alpha'] * (1.0 - weight) * temperature ** 2 * distill
+
 # The paper's Tables 4 (split MNIST) and 5 (permuted MNIST): mean over 20 seeds, in %, with the spread it
 # reports (± SEM). Task-IL / Domain-IL / Class-IL. "verified": the mean was found, to the first decimal,
 # in a stored copy of the paper's numbers (a course page quoting Tables 4-5; the paper's own PDF is not
@@ -132,19 +227,19 @@ VERIFIED = {
     'split': {(row, s) for row in PUBLISHED['split'] for s in range(3)},
     'permuted': {('EWC', 2), ('SI', 2), ('Online EWC', 2), ('DGR', 2), ('DGR+distill', 2), ('iCaRL (budget 2000)', 2)},
 }
-ROW_OF = {'finetune': 'None', 'joint': 'Offline', 'ewc': 'Online EWC', 'ewc-offline': 'EWC', 'si': 'SI'}
+ROW_OF = {'finetune': 'None', 'joint': 'Offline', 'ewc': 'Online EWC', 'ewc-offline': 'EWC', 'si': 'SI', 'lwf-vandeven': 'LwF'}
 SCENARIO_COLUMN = {tasks.TASK_INCREMENTAL: 0, tasks.DOMAIN_INCREMENTAL: 1, tasks.CLASS_INCREMENTAL: 2}
 SHORT = {tasks.TASK_INCREMENTAL: 'Task-IL', tasks.DOMAIN_INCREMENTAL: 'Domain-IL', tasks.CLASS_INCREMENTAL: 'Class-IL'}
 
 
 def methods_for(protocol, scenario, extra_ewc=()):
-  """``(selector, (method name, {hyper-parameter: (value,)}))``: the six methods, then EWC at the --ewc-strengths
+  """``(selector, (method, {hyper-parameter: (value,)}))``: the seven methods, then EWC at the --ewc-strengths
   (selector 'ewc-tuned'); the second item is a grid entry of :func:`scaffold.configurations`."""
   strength, gamma = ONLINE_EWC[protocol, scenario]
   si = {'strength': (2.0 * SI_C[protocol, scenario],), 'damping': (SI_EPSILON,)}
   return ([('finetune', ('finetune', {})), ('joint', ('joint', {})), ('ewc', ('ewc', {'strength': (strength,), 'gamma': (gamma,)})),
            ('ewc-offline', ('ewc-offline', {'strength': (OFFLINE_EWC[protocol, scenario],)})), ('si', ('si', si)),
-           ('replay', ('replay', {'fraction': (REPLAY_FRACTION,)}))]
+           ('replay', ('replay', {'fraction': (REPLAY_FRACTION,)})), ('lwf', (VanDeVenLwF, {}))]
           + [('ewc-tuned', ('ewc', {'strength': (float(x),), 'gamma': (gamma,)})) for x in extra_ewc if float(x) != strength])
 
 
@@ -242,8 +337,8 @@ def main(argv=None) -> None:
   parser = scaffold.experiment_parser(__doc__)
   parser.add_argument('--protocols', default='split,permuted', help='comma-separated: split, permuted')
   parser.add_argument('--scenarios', help='comma-separated settings (default: every scenario of each protocol)')
-  parser.add_argument('--methods', default='finetune,joint,ewc,ewc-offline,si,replay',
-                      help="comma-separated: finetune, joint, ewc, ewc-offline, si (at the paper's strengths), replay, "
+  parser.add_argument('--methods', default='finetune,joint,ewc,ewc-offline,si,replay,lwf',
+                      help="comma-separated: finetune, joint, ewc, ewc-offline, si (at the paper's strengths), replay, lwf, "
                            'ewc-tuned (at --ewc-strengths)')
   parser.add_argument('--ewc-strengths', default='', help='comma-separated EWC strengths run as ewc-tuned (the paper\'s '
                       'strengths do not transfer: on 800 images per task trained for 2000 steps the Fisher is ~1e6 times smaller)')

@@ -278,11 +278,11 @@ def test_three_scenarios_quick(tmp_path):
   data = _load(tmp_path, 'three_scenarios_quick/split')
   assert {(run['scenario'], run['method_name']) for run in data['runs']} == {
       (s, m) for s in ('task-incremental', 'domain-incremental', 'class-incremental')
-      for m in ('finetune', 'joint', 'ewc', 'ewc-offline', 'si', 'replay')}
+      for m in ('finetune', 'joint', 'ewc', 'ewc-offline', 'si', 'replay', 'lwf-vandeven')}
   assert data['budget']['check']['steps_per_task'] == 20 and len(data['budget']['convergence']['tasks']) == 5
   md = (tmp_path / 'three_scenarios_quick' / 'split.md').read_text()
   assert '| None (`finetune`) | 87.19' in md and 'not in the engine' in md
-  assert '| EWC (`ewc-offline`) | 98.64' in md and '| SI (`si`) | 99.09' in md
+  assert '| EWC (`ewc-offline`) | 98.64' in md and '| SI (`si`) | 99.09' in md and '| LwF (`lwf-vandeven`) | 99.57' in md
   lines = (tmp_path / 'three_scenarios_quick' / 'split.runs.jsonl').read_text().splitlines()
   _main('three_scenarios')(['--protocols', 'split', '--quick', '--out', str(tmp_path)])
   assert (tmp_path / 'three_scenarios_quick' / 'split.runs.jsonl').read_text().splitlines() == lines

@@ -1511,7 +1511,12 @@ class LwF(Method):
 
   As the paper (and Mammoth's ``lwf``), without Hinton's ``T²`` factor; Avalanche's ``LwF`` takes
   the KL divergence, which differs by the old outputs' entropy (a constant: the same gradients),
-  and sums the heads' losses where this averages them. The previous model is kept in the step
+  and sums the heads' losses where this averages them. van de Ven & Tolias's LwF
+  (GMvandeVen/continual-learning) takes ``(1/k)·L_task + (1 − 1/k)·T²·L_old`` on task ``k``
+  (counted from 1) and, with one shared head over all classes, the model's softmax over every class
+  seen so far (the current task's included) against the previous model's over the past classes: a
+  subclass that rewrites the step state's weights at each task's start
+  (``experiments/three_scenarios.py``, ``VanDeVenLwF``). The previous model is kept in the step
   state; the paper's warm-up of the new head alone is not done.
 
   Args:
