@@ -43,6 +43,7 @@ def test_mnist_pair_sweep_quick(tmp_path):
   assert [row['method'] for row in data['table']] != [] and len(data['runs']) == 3
 
 
+@pytest.mark.slow  # the trade-off script's quick grid: about 4 s
 def test_mnist_pair_tradeoff_quick(tmp_path):
   _main('mnist_pair_tradeoff')(['--quick', '--out', str(tmp_path)])
   data = _load(tmp_path, 'mnist_pair_tradeoff_quick', ['mnist_pair_tradeoff_quick.png'])
@@ -93,6 +94,7 @@ def test_long_stream_needs_data_for_image_streams(tmp_path):
     _main('p_ablation')(['--quick', '--stream', 'split-cifar100', '--out', str(tmp_path)])
 
 
+@pytest.mark.slow  # the adaptive-p script's quick grid: about 4 s
 def test_adaptive_p_quick(tmp_path):
   _main('adaptive_p')(['--quick', '--out', str(tmp_path)])
   data = _load(tmp_path, 'adaptive_p_quick', ['adaptive_p_quick.png'])
@@ -107,6 +109,7 @@ def test_adaptive_p_quick(tmp_path):
   assert stats['first_at'] == (adaptive['averaging_steps'][0] - start) / total
 
 
+@pytest.mark.slow  # the many-tasks script's quick stream: about 4 s
 def test_many_tasks_quick(tmp_path):
   _main('many_tasks')(['--quick', '--out', str(tmp_path)])
   data = _load(tmp_path, 'many_tasks_quick', ['many_tasks_quick.png', 'many_tasks_quick_10.png'])

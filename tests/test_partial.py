@@ -201,7 +201,7 @@ def _llama(tie_embeddings=True):
   return model, jax.tree.map(jnp.copy, params)
 
 
-@pytest.mark.parametrize('top', [1, 3])
+@pytest.mark.parametrize('top', [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_the_split_llama_is_the_same_model(top):
   model, params = _llama()
   split = split_layers(params, top)

@@ -534,22 +534,26 @@ class _Boundaries:
   def warm(self, uses: frozenset[str], abstract: RunState) -> None:
     """Compiles, in the background, the programs of the estimates a method ``uses``
     (:attr:`~sfa_jax.engine.methods.Method.boundary_uses`) for one lane's shapes, on zeros."""
+    one_chunk = self._examples(0, limit=self.config.eval_batch_size)  # the programs' shapes, one chunk's work
     for name in sorted(uses & {'fisher', 'mas_importance'}):
       self._warming[name] = programs.compile_in_background(
-          lambda variables, name=name: self._estimate(name, 0, *variables), (abstract.params, abstract.model_state))
+          lambda variables, name=name: self._estimate(name, 0, *variables, examples=one_chunk),
+          (abstract.params, abstract.model_state))
 
-  def _estimate(self, name: str, k: int, params: Any, model_state: Any) -> Any:
+  def _estimate(self, name: str, k: int, params: Any, model_state: Any, examples: tasks_lib.Split | None = None) -> Any:
     """The Fisher (``name='fisher'``) or MAS's importance of ``params`` on task ``k``'s examples."""
+    examples = self._examples(k) if examples is None else examples
     if name == 'fisher':
-      return steps.task_fisher(self.model, params, model_state, self._examples(k), k, self.config.eval_batch_size,
+      return steps.task_fisher(self.model, params, model_state, examples, k, self.config.eval_batch_size,
                                self.config.objective, self.trainable)
-    return steps.task_mas_importance(self.model, params, model_state, self._examples(k), k,
-                                     self.config.eval_batch_size, self.trainable)
+    return steps.task_mas_importance(self.model, params, model_state, examples, k, self.config.eval_batch_size,
+                                     self.trainable)
 
-  def _examples(self, k: int) -> tasks_lib.Split:
-    """Task ``k``'s training examples, at most ``fisher_examples`` of them."""
-    split, limit = self.tasks[k].train, self.config.fisher_examples
-    return split if limit is None else tasks_lib.Split(split.x[:limit], split.y[:limit])
+  def _examples(self, k: int, limit: int | None = None) -> tasks_lib.Split:
+    """Task ``k``'s training examples, at most ``fisher_examples`` (and ``limit``) of them."""
+    split = self.tasks[k].train
+    limit = min(n for n in (self.config.fisher_examples, limit, len(split.y)) if n is not None)
+    return split if limit == len(split.y) else tasks_lib.Split(split.x[:limit], split.y[:limit])
 
 
 # ------------------------------------------------------------------------------------------------
