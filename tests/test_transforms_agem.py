@@ -43,6 +43,7 @@ class AGEMTest(chex.TestCase):
 
     @hypothesis.settings(max_examples=40, deadline=None)
     @hypothesis.given(g=vectors, reference=vectors)
+    @hypothesis.example(g=[0.0, 0.0, 2.802596928649634e-45, 0.0, 0.0], reference=[0.0, 0.0, -1.0, 0.0, 0.0])
     def check(g, reference):
       hypothesis.assume(np.linalg.norm(reference) > 1e-3)
       got, state = update(_tree(g), _tree(reference))
@@ -51,7 +52,10 @@ class AGEMTest(chex.TestCase):
       assert int(got['n']) == 3  # the integer leaf passes through
       tolerance = 1e-4 * np.linalg.norm(g) * np.linalg.norm(reference)
       assert float(np.dot(_flat(got), reference)) >= -tolerance - 1e-4
-      assert bool(state.projected) == bool(np.dot(np.float64(g), np.float64(reference)) < 0)
+      dot = float(np.dot(np.float64(g), np.float64(reference)))
+      # float32 decides the sign of a smaller dot: its rounding, and XLA flushes subnormals to zero.
+      if abs(dot) > 1e-6 * np.linalg.norm(g) * np.linalg.norm(reference) + 1e-30:
+        assert bool(state.projected) == (dot < 0)
 
     check()
 
