@@ -16,7 +16,15 @@ each method with its own small hyper-parameter search:
 EWC runs only alone, with --family ewc (strength in {1e2, 1e3, 1e4}): its diagonal Fisher
 (per-example gradients, once per task, 9 per run) costs far more than training here. So does CoFiMA,
 which needs the same Fisher at every task end (10 per run): --family cofima (beta in {0.4, 0.6, 0.8} x
-gamma in {0, 1}). Any other family of the grid runs alone the same way (--family magmax).
+gamma in {0, 1}). The field's other methods run alone too, beside the main grid's results:
+
+  si                strength in {1, 10, 100, 1000}                  (2c of Zenke et al; damping 0.1)
+  mas               strength in {0.01, 0.03, 0.1, 0.3, 1, 10}
+  lwf               alpha in {0.5, 1, 2}                             (temperature 2)
+  derpp             buffer 500, alpha in {0.2, 0.5, 1} x beta 0.5
+  agem              100 and 400 examples of each past task in memory, reference batch 64
+
+Any family of the main grid runs alone the same way (--family magmax).
 
 Each family is represented by its best configuration (highest mean final average accuracy). There is no
 validation split: the choice is made on the test accuracies, alike for every family.
@@ -55,8 +63,16 @@ QUICK_GRID = [
 ALONE = {
     'ewc': ([('ewc', {'strength': (1e2, 1e3, 1e4)})], [('ewc', {'strength': (1e2,)})]),
     'cofima': ([('cofima', {'beta': (0.4, 0.6, 0.8), 'gamma': (0.0, 1.0)})], [('cofima', {'beta': (0.6,)})]),
+    'si': ([('si', {'strength': (1.0, 10.0, 100.0, 1000.0)})], [('si', {'strength': (10.0,)})]),
+    'mas': ([('mas', {'strength': (0.01, 0.03, 0.1, 0.3, 1.0, 10.0)})], [('mas', {'strength': (1.0,)})]),
+    'lwf': ([('lwf', {'alpha': (0.5, 1.0, 2.0)})], [('lwf', {'alpha': (1.0,)})]),
+    'derpp': ([('derpp', {'buffer_size': (500,), 'alpha': (0.2, 0.5, 1.0), 'beta': (0.5,)})],
+              [('derpp', {'buffer_size': (64,), 'alpha': (0.2,)})]),
+    'agem': ([('agem', {'memory_per_task': (100, 400), 'reference_batch': (64,)})],
+             [('agem', {'memory_per_task': (32,), 'reference_batch': (16,)})]),
 }
-"""The families that need a Fisher per task, run only alone: ``{family: (grid, quick grid)}``."""
+"""The families run only alone (a Fisher per task, or the field's methods beside the main grid):
+``{family: (grid, quick grid)}``."""
 
 
 def grid_of(args) -> tuple[str | None, list]:

@@ -88,6 +88,11 @@ def test_long_stream_scripts_quick(tmp_path):
   data = _load(tmp_path, 'merges_vs_sfa_cofima_quick', ['merges_vs_sfa_cofima_quick_average.png'])
   assert [run['method'] for run in data['runs']] == ['cofima(beta=0.6, gamma=0)']
 
+  for family in ('si', 'mas', 'lwf', 'derpp', 'agem'):
+    _main('merges_vs_sfa')(['--family', family, '--quick', '--out', str(tmp_path)])
+    data = _load(tmp_path, f'merges_vs_sfa_{family}_quick', [f'merges_vs_sfa_{family}_quick_average.png'])
+    assert {run['method_name'] for run in data['runs']} == {family}
+
 
 def test_long_stream_needs_data_for_image_streams(tmp_path):
   with pytest.raises(ValueError, match='--data-dir'):
