@@ -195,6 +195,15 @@ def test_jitted_initializer_is_bit_equal_to_eager_init(pair, model_name):
     chex.assert_trees_all_equal(jitted, models.split_variables(eager))
 
 
+def test_the_initializer_traces_under_jit_and_eval_shape_and_refuses_bad_seeds(pair):
+  init = steps.initializer(engine.run.build_model(pair, CONFIG), pair[0].train.x[:1])
+  chex.assert_trees_all_equal(jax.jit(init)(3), init(3), init(np.int64(3)), init(jax.numpy.int32(3)))
+  chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(init, 0), init(0))
+  for bad in (-1, 2**32, 1.5, True):
+    with pytest.raises(ValueError, match=r'seed must be an integer in \[0, 2\*\*32\)'):
+      init(bad)
+
+
 @pytest.mark.parametrize('name, keeps_start', [('finetune', False), ('sfa', False), ('wise-ft', True)])
 def test_only_wise_ft_keeps_a_copy_of_the_task_start(pair, name, keeps_start):
   method = engine.make_method(name)

@@ -85,8 +85,18 @@ def _init_from_seed(model, seed: jax.Array, sample: jax.Array) -> tuple[Any, Any
   return _init_variables(model, jax.random.key(seed), sample)
 
 
-def _seed(seed: int) -> np.uint32:
-  """``seed`` as the uint32 the init program takes (``jax.random.key`` of it inside is that of the int)."""
+def _seed(seed: Any) -> Any:
+  """``seed`` as the uint32 the init program takes (``jax.random.key`` of it inside is that of the int).
+
+  A traced integer scalar (``jax.jit`` or ``jax.eval_shape`` of the initializer) is passed as it
+  is, as ``jax.random.key`` would take it; a concrete one is checked.
+  """
+  if isinstance(seed, jax.core.Tracer):
+    if seed.shape != () or not jnp.issubdtype(seed.dtype, jnp.integer):
+      raise ValueError(f'seed must be an integer scalar; got {seed!r}.')
+    return seed
+  if isinstance(seed, (np.ndarray, jax.Array)) and seed.shape == () and jnp.issubdtype(seed.dtype, jnp.integer):
+    seed = int(seed)
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
     raise ValueError(f'seed must be an integer in [0, 2**32); got {seed!r}.')
   return np.uint32(seed)
