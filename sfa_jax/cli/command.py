@@ -686,11 +686,8 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
     CheckpointError: a checkpoint that cannot be saved, or no usable one to resume.
   """
   check_arguments(args)
-  # matplotlib (~0.7 s) is imported while the runs compile and train; the figures wait for it.
   if importlib.util.find_spec('matplotlib') is None:  # before any training, not after it
     raise ModuleNotFoundError("the figures need matplotlib: pip install 'sfa-jax[engine]'", name='matplotlib')
-  plotting = threading.Thread(target=importlib.import_module, args=('sfa_jax.cli.plots',), daemon=True)
-  plotting.start()
   import jax
 
   from sfa_jax import engine
@@ -698,6 +695,12 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
   from sfa_jax.engine import checkpoint
   from sfa_jax.engine import compile_cache
   from sfa_jax.engine.grids import slug
+
+  # matplotlib (~0.7 s) is imported while the runs compile and train; the figures wait for it. The
+  # thread starts once JAX (and NumPy, which both need) is imported whole: two threads importing one
+  # extension module at once can see it half initialised ("most likely due to a circular import").
+  plotting = threading.Thread(target=importlib.import_module, args=('sfa_jax.cli.plots',), daemon=True)
+  plotting.start()
 
   plan = _plan(args)
   _prepare_output(args, plan)
