@@ -235,6 +235,37 @@ def final_accuracies(runs: Sequence[dict[str, Any]]) -> dict[str, list[tuple[flo
   return {row['method']: row['final_accuracy'] for row in engine.summarize_runs(runs)}
 
 
+def standard_error(values: Sequence[float]) -> float:
+  """The standard error of the mean of ``values`` (sample std, ddof 1, over sqrt(n)); 0 for one value.
+
+  Example:
+    >>> round(standard_error([1.0, 2.0, 3.0]), 4), standard_error([5.0])
+    (0.5774, 0.0)
+  """
+  values = np.asarray(values, np.float64)
+  return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def within_spread(ours: tuple[float, float], published: tuple[float, float]) -> tuple[bool, float, float]:
+  """Whether our mean lies within a published one's spread: |ours − theirs| ≤ 2·sqrt(SEM_ours² + SEM_theirs²).
+
+  Args:
+    ours: ``(mean, standard error)``.
+    published: the paper's ``(mean, standard error)``.
+
+  Returns:
+    ``(within, ours − theirs, the spread)``.
+
+  Example:
+    >>> within, difference, spread = within_spread((98.70, 0.06), (99.57, 0.02))
+    >>> within, round(difference, 2), round(spread, 3)
+    (False, -0.87, 0.126)
+  """
+  (mean, sem), (theirs, their_sem) = ours, published
+  spread = 2.0 * float(np.sqrt(sem ** 2 + their_sem ** 2))
+  return abs(mean - theirs) <= spread, mean - theirs, spread
+
+
 def _check_points(points: Any) -> np.ndarray:
   array = np.asarray(points, dtype=np.float64)
   if array.size == 0:

@@ -68,7 +68,6 @@ Each finished run is appended to <out>/sequential_mnist.runs.jsonl at once and s
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 
@@ -161,14 +160,6 @@ def run_key(regime, scenario, row, buffer, seed):
   return f'{regime}|{scenario}|{row}|{buffer}|{seed}'
 
 
-def verdict(ours, published):
-  """Within the spread or not: |ours − paper| ≤ 2·sqrt(SEM_ours² + SEM_paper²), the paper's SEM its std/sqrt(10)."""
-  mean, sem = ours
-  pub, pub_std = published
-  spread = 2.0 * math.sqrt(sem ** 2 + (pub_std / math.sqrt(PAPER_RUNS)) ** 2)
-  return abs(mean - pub) <= spread, mean - pub, spread
-
-
 def summarize(runs):
   """(regime, row, buffer, scenario) -> mean, std, SEM (ddof 1) and seeds of the final average accuracy, in %."""
   cells = {}
@@ -178,9 +169,8 @@ def summarize(runs):
   out = {}
   for key, values in cells.items():
     values = np.asarray(values)
-    sem = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
-    out[key] = {'mean': float(values.mean()), 'std': float(values.std(ddof=1)) if len(values) > 1 else 0.0, 'sem': sem,
-                'seeds': len(values)}
+    out[key] = {'mean': float(values.mean()), 'std': float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                'sem': scaffold.standard_error(values), 'seeds': len(values)}
   return out
 
 
@@ -202,7 +192,7 @@ def table(summary, regime, rows):
       if published is None or mine is None:
         cells.append('–')
       else:
-        ok, diff, spread = verdict((mine['mean'], mine['sem']), published)
+        ok, diff, spread = scaffold.within_spread((mine['mean'], mine['sem']), (published[0], published[1] / PAPER_RUNS ** 0.5))
         cells.append(f"{'✓' if ok else '✗'} ({diff:+.2f}; 2σ {spread:.2f})")
     lines.append(f"| {row} | {buffer or '–'} | " + ' | '.join(cells) + ' |')
   return lines

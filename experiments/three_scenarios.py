@@ -49,7 +49,6 @@ and recorded in the results.
 
 import dataclasses
 import json
-import math
 import os
 import time
 
@@ -267,15 +266,6 @@ def load_runs(path):
   return scaffold.load_runs(path, lambda run: run['key'])
 
 
-def verdict(ours, published):
-  """Within the reported spread, or not: |ours - theirs| <= 2 * sqrt(SEM_ours^2 + SEM_theirs^2), both in %."""
-  mean, sem = ours
-  pub, pub_sem = published
-  spread = 2.0 * math.sqrt(sem ** 2 + pub_sem ** 2)
-  diff = mean - pub
-  return abs(diff) <= spread, diff, spread
-
-
 def summarize(protocol, runs):
   """Per scenario and table row: mean and SEM (over seeds) of the final average accuracy, in %.
 
@@ -290,8 +280,8 @@ def summarize(protocol, runs):
   out = {}
   for (scenario, name, label, strength), values in cells.items():
     values = np.asarray(values)
-    sem = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
-    cell = {'label': label, 'mean': float(values.mean()), 'std': float(values.std()), 'sem': sem, 'seeds': len(values)}
+    cell = {'label': label, 'mean': float(values.mean()), 'std': float(values.std()), 'sem': scaffold.standard_error(values),
+            'seeds': len(values)}
     paper_strength = ONLINE_EWC[protocol, scenario][0]
     if name != 'ewc' or strength == paper_strength:
       out[scenario, name] = cell
@@ -326,7 +316,7 @@ def side_by_side(protocol, summary, scenarios):
       if published is None:
         cells.append('no published cell')
       else:
-        ok, diff, spread = verdict((mine['mean'], mine['sem']), published)
+        ok, diff, spread = scaffold.within_spread((mine['mean'], mine['sem']), published)
         cells.append(f"{'within' if ok else '**not within**'} ({diff:+.2f}; 2σ {spread:.2f})")
     label = f'{row} (`{name}`)' if name else row
     lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
