@@ -396,12 +396,19 @@ def main(argv=None) -> None:
           f"(measured over {budget_record['convergence']['reference_steps']} steps per task on "
           f"{budget_record['convergence']['stream']}): {budget_record['check']['steps_to_fraction']}; "
           f"rule {'met' if budget_record['check']['ok'] else 'FAILED: ' + '; '.join(budget_record['check']['problems'])}.", '',
-          '| scenario | method | final avg acc (mean ± std) | forgetting | seeds | train s per run |', '|---|---|---:|---:|---:|---:|']
+          'Learning against keeping: *right after training* is the accuracy on each of tasks 2–5 just after it '
+          'was trained, *past at the end* the final accuracy on tasks 1–4 (`scaffold.stability_plasticity`), '
+          'means over seeds, %. A method below fine-tuning in the first learns less; one at fine-tuning\'s '
+          'level in the second does not protect the past.', '',
+          '| scenario | method | final avg acc (mean ± std) | forgetting | right after training | past at the end | seeds | '
+          'train s per run |', '|---|---|---:|---:|---:|---:|---:|---:|']
     for scenario in PROTOCOLS[protocol]['scenarios']:
       mine = [r for r in runs.values() if r['scenario'] == scenario]
       for row in engine.summarize_runs(mine):
+        stability, plasticity = 100.0 * np.mean([scaffold.stability_plasticity(r) for r in mine if r['method'] == row['method']], axis=0)
         md.append(f"| {scenario} | {row['method']} | {row['average_accuracy'][0]:.4f} ± {row['average_accuracy'][1]:.4f} | "
-                  f"{row['forgetting'][0]:.4f} ± {row['forgetting'][1]:.4f} | {row['seeds']} | {row['train_seconds'][0]:.0f} |")
+                  f"{row['forgetting'][0]:.4f} ± {row['forgetting'][1]:.4f} | {plasticity:.2f} | {stability:.2f} | "
+                  f"{row['seeds']} | {row['train_seconds'][0]:.0f} |")
     payload = {'protocol': protocol, 'settings': {**{k: v for k, v in PROTOCOLS[protocol].items() if k != 'scenarios'},
                                                   'batch_size': BATCH, 'online_ewc': {f'{p}|{s}': v for (p, s), v in ONLINE_EWC.items() if p == protocol},
                                                   'offline_ewc': {f'{p}|{s}': v for (p, s), v in OFFLINE_EWC.items() if p == protocol},

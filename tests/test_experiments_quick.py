@@ -9,6 +9,8 @@ import pytest
 
 from sfa_jax.engine.budget import BudgetWarning
 
+import scaffold
+
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments')
 
 
@@ -291,6 +293,11 @@ def test_three_scenarios_quick(tmp_path):
   md = (tmp_path / 'three_scenarios_quick' / 'split.md').read_text()
   assert '| None (`finetune`) | 87.19' in md and 'not in the engine' in md
   assert '| EWC (`ewc-offline`) | 98.64' in md and '| SI (`si`) | 99.09' in md and '| LwF (`lwf-vandeven`) | 99.57' in md
+  # Learning against keeping: each row's accuracy right after training and on the past at the end, over its seeds.
+  finetune = [r for r in data['runs'] if (r['scenario'], r['method_name']) == ('task-incremental', 'finetune')]
+  stability, plasticity = 100 * np.mean([scaffold.stability_plasticity(r) for r in finetune], axis=0)
+  [row] = [line for line in md.splitlines() if line.startswith('| task-incremental | finetune |')]
+  assert row.split(' | ')[4:6] == [f'{plasticity:.2f}', f'{stability:.2f}']
   lines = (tmp_path / 'three_scenarios_quick' / 'split.runs.jsonl').read_text().splitlines()
   _main('three_scenarios')(['--protocols', 'split', '--quick', '--out', str(tmp_path)])
   assert (tmp_path / 'three_scenarios_quick' / 'split.runs.jsonl').read_text().splitlines() == lines
