@@ -31,6 +31,11 @@ too).
   and two figures), cold (an empty cache) then warm, against Avalanche's worker running that
   one strategy in its own process (interpreter, imports, data, training and evaluations).
 
+Every measurement is repeated in ``--rounds`` interleaved rounds (default 3: Avalanche, then each
+sfa_jax method cold and warm with a fresh cache, then the next round): the tables give medians with
+their range, and each ratio is the median of the ratios measured side by side within a round (a
+single measurement moved by up to 30 % between two runs on an idle 2-core machine, on both sides).
+
 Differences that remain: sfa_jax drops the ragged end of each shuffled epoch (12 steps of 64 per
 epoch on 800 examples, Avalanche 13 with a last batch of 32); Avalanche's EWC squares minibatch
 gradients for its Fisher, sfa_jax uses per-example gradients; Avalanche's replay adds a memory
@@ -42,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -190,6 +196,9 @@ def main() -> None:
   parser.add_argument('--stream', choices=STREAMS, default='split-mnist')
   parser.add_argument('--json', help='also write the figures here')
   parser.add_argument('--processes', action='store_true', help='also time whole processes (sfa-jax run, Avalanche)')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='interleaved rounds of every measurement; the tables give medians (range) and the median of '
+                           "each round's ratio")
   parser.add_argument('--jax-worker', nargs=2, metavar=('SPEC', 'OUT'), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.jax_worker:
@@ -208,13 +217,66 @@ def main() -> None:
           for name, (strategy, kwargs) in AVALANCHE_RUNS.items()]
   runs += [{'label': f'ewc-sweep-{s:g}', 'strategy': 'EWC', 'kwargs': {'ewc_lambda': s / 2, 'mode': 'online', 'decay_factor': 1.0}}
            for s in SWEEP_STRENGTHS]
+  rounds = [measure_round(python, data, settings, runs, args, os.path.join(work, f'round-{r}')) for r in range(args.rounds)]
+  first = rounds[0]
+  rows = []
+  for method in JAX_METHODS:
+    peer = method in first['avalanche']
+    cold, warm = first['jax'][method, 'cold'], first['jax'][method, 'warm']
+    row = {'sfa_jax': cold['runs'][0]['label'], 'avalanche': AVALANCHE_RUNS[method][0] if peer else None,
+           'acc': final_accuracy(cold['runs'][0]['accuracy_matrix']),
+           'acc_warm': final_accuracy(warm['runs'][0]['accuracy_matrix']),
+           'avalanche_acc': final_accuracy(first['avalanche'][method]['accuracy_matrix']) if peer else None}
+    row |= _spread('avalanche_s', [r['avalanche'][method]['seconds'] for r in rounds] if peer else None)
+    for phase in ('cold', 'warm'):
+      row |= _spread(f'{phase}_s', [r['jax'][method, phase]['seconds'] for r in rounds])
+      row |= _spread(f'{phase}_process_s', [r['jax'][method, phase]['process_seconds'] for r in rounds])
+      if peer:
+        row |= _spread(f'{phase}_ratio', [r['avalanche'][method]['seconds'] / r['jax'][method, phase]['seconds'] for r in rounds])
+    rows.append(row)
+  sweep_peers = [f'ewc-sweep-{s:g}' for s in SWEEP_STRENGTHS]
+  avalanche_sweep = [sum(r['avalanche'][label]['seconds'] for label in sweep_peers) for r in rounds]
+  sweep = {'strengths': list(SWEEP_STRENGTHS),
+           'avalanche_acc': [final_accuracy(first['avalanche'][label]['accuracy_matrix']) for label in sweep_peers],
+           'acc': [final_accuracy(run['accuracy_matrix']) for run in first['jax']['sweep', 'cold']['runs']]}
+  sweep |= _spread('avalanche_s', avalanche_sweep)
+  for phase in ('cold', 'warm'):
+    seconds = [r['jax']['sweep', phase]['seconds'] for r in rounds]
+    sweep |= _spread(f'{phase}_s', seconds) | _spread(f'{phase}_ratio', [a / s for a, s in zip(avalanche_sweep, seconds)])
+  results = {
+      'command': ' '.join(sys.argv),
+      'settings': settings,
+      'rounds': args.rounds,
+      'loadavg_before': load,
+      'loadavg_after': os.getloadavg(),
+      'versions': {'jax': first['jax']['sweep', 'cold']['jax'], 'torch': first['torch'], 'torch_threads': first['torch_threads'],
+                   'avalanche_pins': list(PINS)},
+      'methods': rows,
+      'sweep': sweep,
+  }
+  if args.processes:
+    per_round = [r['processes'] for r in rounds]
+    results['processes'] = [
+        {'method': rows_of_method[0]['method']}
+        | (_spread('avalanche_process_s', [row['avalanche_process_s'] for row in rows_of_method])
+           if rows_of_method[0]['avalanche_process_s'] is not None else {'avalanche_process_s': None})
+        | _spread('cold_process_s', [row['cold_process_s'] for row in rows_of_method])
+        | _spread('warm_process_s', [row['warm_process_s'] for row in rows_of_method])
+        for rows_of_method in zip(*per_round)]
+  print(markdown(results))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+def measure_round(python: str, data: str, settings: dict, runs: list[dict], args: argparse.Namespace, work: str) -> dict:
+  """One round: Avalanche's runs in one process, then each sfa_jax method cold (a fresh, empty
+  cache) and warm, each in a fresh process; with ``--processes``, the whole processes too."""
+  os.makedirs(work)
   spec_path, out = os.path.join(work, 'avalanche.json'), os.path.join(work, 'avalanche_out.json')
   with open(spec_path, 'w') as f:
     json.dump({'settings': settings, 'runs': runs}, f)
   avalanche = _run_json([python, '-W', 'ignore', WORKER, data, spec_path, out], out)
-  by_label = {run['label']: run for run in avalanche['runs']}
-
-  # sfa_jax: every method and the sweep, cold (empty cache) then warm, each in a fresh process.
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   measured = {}
   for method in (*JAX_METHODS, 'sweep'):
@@ -225,83 +287,58 @@ def main() -> None:
         json.dump({'method': method, 'stream': args.stream, 'epochs': args.epochs, 'seed': args.seed, 'cache_dir': cache}, f)
       measured[method, phase] = _run_json([sys.executable, __file__, '--jax-worker', spec_path, out], out, env)
       print(f'sfa_jax {method} {phase}: {measured[method, phase]["seconds"]:.2f} s', file=sys.stderr)
+  return {'avalanche': {run['label']: run for run in avalanche['runs']}, 'torch': avalanche['torch'],
+          'torch_threads': avalanche['torch_threads'], 'jax': measured,
+          'processes': whole_processes(python, data, settings, runs, work) if args.processes else None}
 
-  rows = []
-  for method in JAX_METHODS:
-    peer = by_label.get(method)
-    cold, warm = measured[method, 'cold'], measured[method, 'warm']
-    rows.append({
-        'sfa_jax': cold['runs'][0]['label'],
-        'avalanche': AVALANCHE_RUNS[method][0] if peer else None,
-        'avalanche_s': peer['seconds'] if peer else None,
-        'avalanche_acc': final_accuracy(peer['accuracy_matrix']) if peer else None,
-        'cold_s': cold['seconds'],
-        'warm_s': warm['seconds'],
-        'acc': final_accuracy(cold['runs'][0]['accuracy_matrix']),
-        'acc_warm': final_accuracy(warm['runs'][0]['accuracy_matrix']),
-        'cold_process_s': cold['process_seconds'],
-        'warm_process_s': warm['process_seconds'],
-    })
-  sweep_peers = [by_label[f'ewc-sweep-{s:g}'] for s in SWEEP_STRENGTHS]
-  sweep_cold, sweep_warm = measured['sweep', 'cold'], measured['sweep', 'warm']
-  sweep = {
-      'strengths': list(SWEEP_STRENGTHS),
-      'avalanche_s': sum(r['seconds'] for r in sweep_peers),
-      'avalanche_acc': [final_accuracy(r['accuracy_matrix']) for r in sweep_peers],
-      'cold_s': sweep_cold['seconds'],
-      'warm_s': sweep_warm['seconds'],
-      'acc': [final_accuracy(r['accuracy_matrix']) for r in sweep_cold['runs']],
-  }
-  results = {
-      'command': ' '.join(sys.argv),
-      'settings': settings,
-      'loadavg_before': load,
-      'loadavg_after': os.getloadavg(),
-      'versions': {'jax': sweep_cold['jax'], 'torch': avalanche['torch'], 'torch_threads': avalanche['torch_threads'],
-                   'avalanche_pins': list(PINS)},
-      'avalanche_process_s': avalanche['process_seconds'],
-      'methods': rows,
-      'sweep': sweep,
-  }
-  if args.processes:
-    results['processes'] = whole_processes(python, data, settings, runs, work)
-  print(markdown(results))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=1)
+
+def _spread(name: str, values: list[float] | None) -> dict:
+  """``{name: median, name_range: [min, max], name_rounds: values}`` (``{name: None}`` without values)."""
+  if values is None:
+    return {name: None}
+  return {name: statistics.median(values), f'{name}_range': [min(values), max(values)], f'{name}_rounds': list(values)}
 
 
 def markdown(results: dict) -> str:
-  """The side-by-side tables of :func:`main`'s results."""
+  """The side-by-side tables of :func:`main`'s results: medians over the rounds (min–max), and the
+  median of the ratios each round measured side by side."""
+
+  def cell(row: dict, name: str, unit: str = '') -> str:
+    if row.get(name) is None:
+      return '—'
+    low, high = row[f'{name}_range']
+    spread = f' ({low:.2f}–{high:.2f})' if results['rounds'] > 1 else ''
+    return f'{row[name]:.2f}{unit}{spread}'
+
   lines = [
+      f"Medians of {results['rounds']} interleaved rounds (min–max); ÷: the median of each round's Avalanche ÷ sfa_jax.", '',
       '| sfa_jax method | Avalanche | Avalanche s | cold s | ÷ | warm s | ÷ | final acc. Avalanche | final acc. sfa_jax |',
       '|---|---|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for r in results['methods']:
-    if r['avalanche']:
-      speed = lambda s: f"{r['avalanche_s'] / s:.2f}×"
-      lines.append(
-          f"| {r['sfa_jax']} | {r['avalanche']} | {r['avalanche_s']:.2f} | {r['cold_s']:.2f} | {speed(r['cold_s'])} | "
-          f"{r['warm_s']:.2f} | {speed(r['warm_s'])} | {r['avalanche_acc']:.3f} | {r['acc']:.3f} |"
-      )
-    else:
-      lines.append(f"| {r['sfa_jax']} | — | — | {r['cold_s']:.2f} | | {r['warm_s']:.2f} | | — | {r['acc']:.3f} |")
+    peer = f"{r['avalanche_acc']:.3f}" if r['avalanche'] else '—'
+    lines.append(
+        f"| {r['sfa_jax']} | {r['avalanche'] or '—'} | {cell(r, 'avalanche_s')} | {cell(r, 'cold_s')} | {cell(r, 'cold_ratio', '×')} | "
+        f"{cell(r, 'warm_s')} | {cell(r, 'warm_ratio', '×')} | {peer} | {r['acc']:.3f} |"
+    )
   s = results['sweep']
   lines += [
       '',
-      '| 8 EWC strengths | Avalanche (8 runs) | sfa_jax sweep cold | ÷ | sfa_jax sweep warm | ÷ | best final acc. Avalanche | best final acc. sfa_jax |',
+      '| 8 EWC strengths | Avalanche (8 runs) s | sfa_jax sweep cold s | ÷ | sfa_jax sweep warm s | ÷ | best final acc. Avalanche | best final acc. sfa_jax |',
       '|---|---:|---:|---:|---:|---:|---:|---:|',
-      f"| {', '.join(f'{v:g}' for v in s['strengths'])} | {s['avalanche_s']:.2f} s | {s['cold_s']:.2f} s | "
-      f"{s['avalanche_s'] / s['cold_s']:.2f}× | {s['warm_s']:.2f} s | {s['avalanche_s'] / s['warm_s']:.2f}× | "
+      f"| {', '.join(f'{v:g}' for v in s['strengths'])} | {cell(s, 'avalanche_s')} | {cell(s, 'cold_s')} | "
+      f"{cell(s, 'cold_ratio', '×')} | {cell(s, 'warm_s')} | {cell(s, 'warm_ratio', '×')} | "
       f"{max(s['avalanche_acc']):.3f} | {max(s['acc']):.3f} |",
   ]
   if results.get('processes'):
     lines += ['', '| whole process | Avalanche s | sfa-jax run cold s | ÷ | sfa-jax run warm s | ÷ |', '|---|---:|---:|---:|---:|---:|']
     for r in results['processes']:
-      peer = r['avalanche_process_s']
-      ratio = lambda s: f'{peer / s:.2f}×' if peer else ''
-      lines.append(f"| {r['method']} | {f'{peer:.2f}' if peer else '—'} | {r['cold_process_s']:.2f} | "
-                   f"{ratio(r['cold_process_s'])} | {r['warm_process_s']:.2f} | {ratio(r['warm_process_s'])} |")
+      ratios = {}
+      for phase in ('cold', 'warm'):
+        if r['avalanche_process_s'] is not None:
+          ratios[phase] = f"{statistics.median(a / b for a, b in zip(r['avalanche_process_s_rounds'], r[f'{phase}_process_s_rounds'])):.2f}×"
+      lines.append(f"| {r['method']} | {cell(r, 'avalanche_process_s')} | {cell(r, 'cold_process_s')} | "
+                   f"{ratios.get('cold', '')} | {cell(r, 'warm_process_s')} | {ratios.get('warm', '')} |")
   return '\n'.join(lines)
 
 
