@@ -57,6 +57,14 @@ def test_mnist_pair_tradeoff_quick(tmp_path):
   assert data['frontier_areas']['sfa'] >= max(data['frontier_areas']['sfa (p = 1)'], data['frontier_areas']['sfa (p < 1)'])
   point = data['families']['sfa'][0]
   assert set(point) == {'label', 'hyperparams', 'mean', 'std'} and len(point['mean']) == 2
+  # Each run is logged as it finishes; a rerun trains nothing and writes the same results.
+  log = tmp_path / 'mnist_pair_tradeoff_quick.runs.jsonl'
+  lines = log.read_text().splitlines()
+  assert len(lines) == len(data['runs'])
+  _main('mnist_pair_tradeoff')(['--quick', '--out', str(tmp_path)])
+  assert log.read_text().splitlines() == lines
+  again = json.loads((tmp_path / 'mnist_pair_tradeoff_quick.json').read_text())
+  assert again['runs'] == data['runs'] and again['frontier_areas'] == data['frontier_areas']
 
 
 @pytest.mark.slow  # three scripts, about 10 s
