@@ -31,8 +31,8 @@ too).
   and two figures), cold (an empty cache) then warm, against Avalanche's worker running that
   one strategy in its own process (interpreter, imports, data, training and evaluations).
 
-Every measurement is repeated in ``--rounds`` interleaved rounds (default 3: Avalanche, then each
-sfa_jax method cold and warm with a fresh cache, then the next round): the tables give medians with
+Every measurement is repeated in ``--rounds`` interleaved rounds (default 3; each runs Avalanche,
+then every sfa_jax method cold with a fresh cache and warm): the tables give medians with
 their range, and each ratio is the median of the ratios measured side by side within a round (a
 single measurement moved by up to 30 % between two runs on an idle 2-core machine, on both sides).
 
