@@ -255,14 +255,7 @@ def main() -> None:
       'sweep': sweep,
   }
   if args.processes:
-    per_round = [r['processes'] for r in rounds]
-    results['processes'] = [
-        {'method': rows_of_method[0]['method']}
-        | (_spread('avalanche_process_s', [row['avalanche_process_s'] for row in rows_of_method])
-           if rows_of_method[0]['avalanche_process_s'] is not None else {'avalanche_process_s': None})
-        | _spread('cold_process_s', [row['cold_process_s'] for row in rows_of_method])
-        | _spread('warm_process_s', [row['warm_process_s'] for row in rows_of_method])
-        for rows_of_method in zip(*per_round)]
+    results['processes'] = [_process_row(per_round) for per_round in zip(*(r['processes'] for r in rounds))]
   print(markdown(results))
   if args.json:
     with open(args.json, 'w') as f:
@@ -290,6 +283,18 @@ def measure_round(python: str, data: str, settings: dict, runs: list[dict], args
   return {'avalanche': {run['label']: run for run in avalanche['runs']}, 'torch': avalanche['torch'],
           'torch_threads': avalanche['torch_threads'], 'jax': measured,
           'processes': whole_processes(python, data, settings, runs, work) if args.processes else None}
+
+
+def _process_row(per_round: list[dict]) -> dict:
+  """One method's whole processes over the rounds (:func:`whole_processes`' rows): the spread of
+  each time and, beside Avalanche, of each round's ratio."""
+  peer = [row['avalanche_process_s'] for row in per_round] if per_round[0]['avalanche_process_s'] is not None else None
+  row = {'method': per_round[0]['method']} | _spread('avalanche_process_s', peer)
+  for phase in ('cold', 'warm'):
+    seconds = [r[f'{phase}_process_s'] for r in per_round]
+    row |= _spread(f'{phase}_process_s', seconds)
+    row |= _spread(f'{phase}_process_ratio', [a / b for a, b in zip(peer, seconds)] if peer else None)
+  return row
 
 
 def _spread(name: str, values: list[float] | None) -> dict:
@@ -333,12 +338,8 @@ def markdown(results: dict) -> str:
   if results.get('processes'):
     lines += ['', '| whole process | Avalanche s | sfa-jax run cold s | ÷ | sfa-jax run warm s | ÷ |', '|---|---:|---:|---:|---:|---:|']
     for r in results['processes']:
-      ratios = {}
-      for phase in ('cold', 'warm'):
-        if r['avalanche_process_s'] is not None:
-          ratios[phase] = f"{statistics.median(a / b for a, b in zip(r['avalanche_process_s_rounds'], r[f'{phase}_process_s_rounds'])):.2f}×"
       lines.append(f"| {r['method']} | {cell(r, 'avalanche_process_s')} | {cell(r, 'cold_process_s')} | "
-                   f"{ratios.get('cold', '')} | {cell(r, 'warm_process_s')} | {ratios.get('warm', '')} |")
+                   f"{cell(r, 'cold_process_ratio', '×')} | {cell(r, 'warm_process_s')} | {cell(r, 'warm_process_ratio', '×')} |")
   return '\n'.join(lines)
 
 
