@@ -8,7 +8,6 @@ are JAX tracers (hyper-parameters injected by ``optax.inject_hyperparams`` and t
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -16,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from sfa_jax import _programs
 
 
 def is_traced(value: Any) -> bool:
@@ -177,7 +178,7 @@ def check_finite_tree(tree: Any, name: str, *, non_negative: bool = False) -> No
 
 
 # Booleans, exact at any optimisation level: XLA's level 0 compiles it several times faster.
-@functools.partial(jax.jit, static_argnums=1, compiler_options={'xla_backend_optimization_level': 0})
+@_programs.jit(static_argnums=1, compiler_options={'xla_backend_optimization_level': 0})
 def _bad_entries(leaves: list[Any], non_negative: bool) -> list[tuple[jax.Array, jax.Array]]:
   """For each leaf: whether it holds a NaN or infinite entry, and (``non_negative``) a negative one."""
   return [(~jnp.all(jnp.isfinite(leaf)), jnp.any(leaf < 0) if non_negative else jnp.bool_(False)) for leaf in leaves]
@@ -296,6 +297,6 @@ def copy_tree(tree: Any) -> Any:
   return _copies(tree)
 
 
-@jax.jit
+@_programs.jit
 def _copies(tree: Any) -> Any:
   return jax.tree.map(jnp.copy, tree)

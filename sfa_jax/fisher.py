@@ -25,7 +25,6 @@ Its numbers (and so its EWC strengths) are not comparable with ours.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import sys
 from typing import Any, Callable
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfa_jax import _programs
 from sfa_jax import _validation
 
 
@@ -182,13 +182,13 @@ def diagonal_fisher(
   return treedef.unflatten(_means(sums, leaves, num_examples))
 
 
-@jax.jit
+@_programs.jit
 def _zero_sums(float_leaves: list[chex.Array]) -> tuple[list[chex.Array], chex.Array]:
   """:func:`_accumulate`'s first carry: float32 zeros like each float leaf, and no bad label."""
   return [jnp.zeros(jnp.shape(leaf), jnp.float32) for leaf in float_leaves], jnp.zeros((), jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=2)
+@_programs.jit(static_argnums=2)
 def _means(sums: list[chex.Array], leaves: list[chex.Array], num_examples: int) -> list[chex.Array]:
   """Each float leaf's sum over ``num_examples``, in its dtype; zeros for the other leaves."""
   sums = iter(sums)
@@ -239,7 +239,7 @@ def online_fisher(
   return _online_sum(previous, current, gamma)
 
 
-@jax.jit
+@_programs.jit
 def _online_sum(previous: chex.ArrayTree, current: chex.ArrayTree, gamma: chex.Numeric) -> chex.ArrayTree:
   """:math:`\\gamma F_{\\mathrm{previous}} + F_{\\mathrm{current}}` in float32, cast to ``current``'s dtypes."""
 
@@ -382,7 +382,7 @@ def mas_importance(
   ])
 
 
-@functools.partial(jax.jit, static_argnames=('apply_fn',), donate_argnums=0)
+@_programs.jit(static_argnames=('apply_fn',), donate_argnums=0)
 def _add_output_gradients(sums: list[chex.Array], params: chex.ArrayTree, inputs: chex.ArrayTree, num_valid: chex.Array, *,
                           apply_fn: Callable[[Any, Any], Any]) -> list[chex.Array]:
   """Adds ``|∂‖f(x_i)‖²/∂θ|`` of the chunk's first ``num_valid`` examples to the float32 ``sums`` (one per float leaf)."""
@@ -432,21 +432,23 @@ def _check_labels(labels: chex.Array, num_examples: int) -> None:
 
 
 def _chunk(tree: chex.ArrayTree, start: int, size: int) -> chex.ArrayTree:
-  """Rows ``start`` to ``start + size`` of every leaf, zero-padded to ``size`` rows at the end."""
+  """Rows ``start`` to ``start + size`` of every leaf, zero-padded to ``size`` rows at the end.
+
+  A NumPy leaf is padded by NumPy (no device program); a JAX array where it lies.
+  """
 
   def rows(leaf: chex.Array) -> chex.Array:
     part = leaf[start : start + size]
     missing = size - part.shape[0]
     if missing:
-      part = jnp.pad(part, [(0, missing)] + [(0, 0)] * (part.ndim - 1))
+      pad = np.pad if isinstance(part, np.ndarray) else jnp.pad
+      part = pad(part, [(0, missing)] + [(0, 0)] * (part.ndim - 1))
     return part
 
   return jax.tree.map(rows, tree)
 
 
-@functools.partial(
-    jax.jit, static_argnames=('logits_fn', 'kind', 'num_samples', 'layerwise'), donate_argnums=0
-)
+@_programs.jit(static_argnames=('logits_fn', 'kind', 'num_samples', 'layerwise'), donate_argnums=0)
 def _accumulate(
     carry: tuple[list[chex.Array], chex.Array],
     params: chex.ArrayTree,

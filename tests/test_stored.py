@@ -59,14 +59,20 @@ print(json.dumps({{'matrix': result.accuracy_matrix, 'traced': names}}))
 """
 
 
-@pytest.mark.parametrize('method, values', [('finetune', {}), pytest.param('sfa', {'p': 0.5, 'beta': 0.25}, marks=pytest.mark.slow)])
+@pytest.mark.parametrize('method, values', [('ewc', {'strength': 100.0}),
+                                            pytest.param('finetune', {}, marks=pytest.mark.slow),
+                                            pytest.param('sfa', {'p': 0.5, 'beta': 0.25}, marks=pytest.mark.slow)])
 def test_a_second_process_traces_none_of_the_engines_programs_and_computes_the_same(tmp_path, method, values):
   code = _RUN.format(cache=str(tmp_path / 'cache'), method=method, values=values)
   cold, warm = _python(code), _python(code)
   assert warm['matrix'] == cold['matrix']
   engine_programs = {'chunk', 'one_lane', '_init_variables', '_finite_leaves', '<lambda>', 'step'}
+  # The core's helpers (sfa_jax._programs.jit): the Fisher's chunk sums and means, online EWC's sum, the checks.
+  core_helpers = {'_accumulate', '_zero_sums', '_means', '_online_sum', '_bad_entries', '_copies'}
   assert engine_programs & set(cold['traced']), cold['traced']
-  assert not engine_programs & set(warm['traced']), warm['traced']
+  if method == 'ewc':
+    assert {'_accumulate', '_means', '_bad_entries'} <= set(cold['traced']), cold['traced']
+  assert not (engine_programs | core_helpers) & set(warm['traced']), warm['traced']
 
 
 def test_an_executable_that_jax_loaded_from_its_own_cache_is_stored_runnable(tmp_path):
@@ -132,6 +138,29 @@ def test_static_arguments_select_their_own_programs(store):
   assert power(jnp.full(2, 2.0), 3).tolist() == [8.0, 8.0]
   assert power(jnp.full(2, 2.0), 2).tolist() == [4.0, 4.0]
   assert power._cache_size() == 2
+
+
+def test_static_keyword_arguments_select_their_own_programs_and_dynamic_ones_are_passed(store):
+  build = lambda: jax.jit(lambda x, *, n, shift: x ** n + shift, static_argnames='n')
+  power = stored.StoredProgram(('power_kw',), build, static_argnames=('n',))
+  assert power(jnp.full(2, 2.0), n=3, shift=1.0).tolist() == [9.0, 9.0]
+  assert power(jnp.full(2, 2.0), n=2, shift=jnp.float32(1.0)).tolist() == [5.0, 5.0]
+  assert power._cache_size() == 2
+  again = stored.StoredProgram(('power_kw',), build, static_argnames=('n',))  # a later process: from disk
+  assert again(jnp.full(2, 2.0), n=3, shift=1.0).tolist() == [9.0, 9.0]
+  assert again._jitted is None or again.jitted._cache_size() == 0
+
+
+def test_the_cores_helpers_are_kept_in_the_store_while_it_is_on(store):
+  from sfa_jax import fisher
+
+  logits = lambda params, x: x @ params['w']
+  params, inputs, labels = {'w': jnp.arange(6.0).reshape(3, 2) / 6}, jnp.eye(3), jnp.array([0, 1, 1])
+  stored_fisher = fisher.diagonal_fisher(logits, params, inputs, labels, batch_size=2)
+  assert any(path.suffix == '.program' for path in store.iterdir())
+  stored.set_directory(None)
+  plain = fisher.diagonal_fisher(logits, params, inputs, labels, batch_size=2)
+  np.testing.assert_array_equal(stored_fisher['w'], plain['w'])
 
 
 def test_a_folder_others_may_write_is_not_used(tmp_path):

@@ -497,7 +497,7 @@ def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _Prepared
       chunks.warm(first.feed.layout, skip, on_device, stop_on_average, first.feed.block(0, 1))
     evaluator.warm(chunks.abstract)
     programs.prepare_in_background(_FINITE_LEAVES, (chunks.abstract.params, chunks.abstract.model_state), lanes.stacked)
-    boundaries.warm(type(lanes.methods[0]).boundary_uses, chunks.abstract)
+    boundaries.warm(type(lanes.methods[0]).boundary_uses, chunks.lane)  # estimated lane by lane
   if warmed_init is not None:
     warmed_init.result()
   state = lanes.fresh()

@@ -187,6 +187,7 @@ class ChunkPrograms:
 
   Attributes:
     abstract: the run state's shapes, the lanes stacked on a leading axis in a sweep.
+    lane: one lane's state's shapes (``abstract`` itself outside a sweep).
     looped: whether a chunk loops over its steps (``False``: one step a call,
       :func:`sfa_jax.engine.fused.loops_slowly`).
     skips_between_averages: whether the steps between averages run with ``may_average=False``
@@ -199,6 +200,7 @@ class ChunkPrograms:
     self._model, self._tx, self._objective, self._trainable = model, tx, config.objective, trainable
     self._method, self._averaged = method, method.averaged
     sample = task.train.x
+    self.lane = abstract
     trained = steps.trainable_part(abstract.params, trainable)
     # XLA's CPU backend runs a convolution in a loop several times slower: such steps go one a call.
     # Whether the model convolves: its forward pass tells (traced once, then remembered).

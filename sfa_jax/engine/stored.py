@@ -41,6 +41,8 @@ import numpy as np
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 
+from sfa_jax import _programs
+
 __all__ = ['StoredProgram', 'remembered', 'set_directory', 'directory', 'describe', 'environment', 'Unstable']
 
 _FORMAT = 1
@@ -51,6 +53,8 @@ _FACTS: dict[str, Any] = {}
 
 def set_directory(folder: str | None) -> None:
   """Keeps compiled programs and traced facts in ``folder`` (created if missing); ``None`` keeps none.
+
+  The core's jitted helpers (:mod:`sfa_jax._programs`) are kept there too.
 
   Example:
     >>> import tempfile
@@ -63,6 +67,13 @@ def set_directory(folder: str | None) -> None:
   if folder is not None:
     os.makedirs(folder, mode=0o700, exist_ok=True)
   _state['directory'] = folder
+  _programs.install(None if folder is None else _core_program)
+
+
+def _core_program(function: Callable[..., Any], jitted: Any, static_argnums: tuple[int, ...],
+                  static_argnames: tuple[str, ...], compiler_options: dict[str, Any]) -> StoredProgram:
+  """A helper of the core (:func:`sfa_jax._programs.jit`: the Fisher's chunk sums, the finite checks...) kept in the store."""
+  return StoredProgram(('core', function), lambda: jitted, static_argnums, compiler_options, static_argnames)
 
 
 def directory() -> str | None:
@@ -290,6 +301,7 @@ class StoredProgram:
     build: makes the ``jax.jit`` function (called at most once, when first needed); any other
       callable it makes is called as it is.
     static_argnums: the positions of the static arguments, as given to ``jax.jit``.
+    static_argnames: the names of the static keyword arguments, as given to ``jax.jit``.
     compiler_options: XLA options for its compilation, e.g. a lower optimisation level for a
       program that runs once (its results must not depend on them).
 
@@ -302,8 +314,9 @@ class StoredProgram:
   """
 
   def __init__(self, key: Any, build: Callable[[], Any], static_argnums: Sequence[int] = (),
-               compiler_options: dict[str, Any] | None = None):
+               compiler_options: dict[str, Any] | None = None, static_argnames: Sequence[str] = ()):
     self._key, self._build, self._static = key, build, tuple(static_argnums)
+    self._static_names = tuple(static_argnames)
     self._options = dict(compiler_options or {})
     self._jitted = None
     self._compiled: dict[Any, Any] = {}
@@ -317,10 +330,10 @@ class StoredProgram:
       self._jitted = self._build()
     return self._jitted
 
-  def __call__(self, *args: Any) -> Any:
-    signature = self._signature(args)
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    signature = self._signature(args, kwargs)
     if signature is None:
-      return self.jitted(*args)
+      return self.jitted(*args, **kwargs)
     compiled = self._compiled.get(signature)
     if compiled is None:
       pending, _ = self._pending.pop(signature, (None, None))
@@ -329,8 +342,8 @@ class StoredProgram:
       except Exception:  # pylint: disable=broad-except  (compiled again here, where the error is reported)
         compiled = None
       if compiled is None:
-        compiled = self._load_or_compile(signature, args)
-    return compiled(*(arg for i, arg in enumerate(args) if i not in self._static))
+        compiled = self._load_or_compile(signature, args, kwargs)
+    return compiled(*self._dynamic(args), **self._dynamic_kwargs(kwargs))
 
   def prepare(self, *args: Any) -> None:
     """Loads or compiles the program for these arguments (shapes suffice: ``jax.ShapeDtypeStruct``) without running it."""
@@ -369,13 +382,20 @@ class StoredProgram:
         self._text = None
     return self._text
 
-  def _signature(self, args: Sequence[Any]) -> Any:
+  def _dynamic(self, args: Sequence[Any]) -> list[Any]:
+    return [arg for i, arg in enumerate(args) if i not in self._static]
+
+  def _dynamic_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in kwargs.items() if name not in self._static_names}
+
+  def _signature(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> Any:
     """What selects a compiled program among this function's, or ``None`` to call the jitted function."""
     if not self._options and (directory() is None or self._description() is None):
       return None
     if not hasattr(self.jitted, 'lower'):
       return None  # ``build`` made another callable (a wrapper): it is called as it is
-    leaves, tree = jax.tree.flatten([arg for i, arg in enumerate(args) if i not in self._static])
+    kwargs = kwargs or {}
+    leaves, tree = jax.tree.flatten([self._dynamic(args), self._dynamic_kwargs(kwargs)])
     shapes = []
     for leaf in leaves:
       if isinstance(leaf, jax.core.Tracer):
@@ -389,11 +409,12 @@ class StoredProgram:
         shapes.append(type(leaf).__name__)  # a Python scalar: weakly typed
     try:
       statics = tuple(describe(args[i]) for i in self._static if i < len(args))
+      statics += tuple(f'{name}={describe(kwargs[name])}' for name in sorted(kwargs) if name in self._static_names)
     except Unstable:
       return None
     return (str(tree), tuple(shapes), statics)
 
-  def _load_or_compile(self, signature: Any, args: Sequence[Any]) -> Any:
+  def _load_or_compile(self, signature: Any, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> Any:
     if signature in self._compiled:
       return self._compiled[signature]
     description = self._description()
@@ -408,7 +429,7 @@ class StoredProgram:
         compiled = None
     if compiled is None:
       with _fresh_compilation() if path else contextlib.nullcontext():
-        compiled = self.jitted.lower(*args).compile(compiler_options=self._options or None)
+        compiled = self.jitted.lower(*args, **(kwargs or {})).compile(compiler_options=self._options or None)
       if path:
         try:
           payload = serialize_executable.serialize(compiled)
