@@ -168,20 +168,21 @@ def check_finite_tree(tree: Any, name: str, *, non_negative: bool = False) -> No
   if not leaves:
     return
   with jax.ensure_compile_time_eval():  # also when called inside a trace on concrete leaves
-    flags = _bad_entries([leaf for _, leaf in leaves], bool(non_negative))
+    flags = _bad_entries([leaf for _, leaf in leaves])
   for (path, _), (bad, negative) in zip(leaves, jax.device_get(flags)):  # one transfer for all leaves
     where = jax.tree_util.keystr(path) or '<root>'
     if bad:
       raise ValueError(f'{name}{where} has NaN or infinite entries.')
-    if negative:
+    if negative and non_negative:
       raise ValueError(f'{name}{where} has negative entries.')
 
 
-# Booleans, exact at any optimisation level: XLA's level 0 compiles it several times faster.
-@_programs.jit(static_argnums=1, compiler_options={'xla_backend_optimization_level': 0})
-def _bad_entries(leaves: list[Any], non_negative: bool) -> list[tuple[jax.Array, jax.Array]]:
-  """For each leaf: whether it holds a NaN or infinite entry, and (``non_negative``) a negative one."""
-  return [(~jnp.all(jnp.isfinite(leaf)), jnp.any(leaf < 0) if non_negative else jnp.bool_(False)) for leaf in leaves]
+# Booleans, exact at any optimisation level: XLA's level 0 compiles it several times faster. Both
+# flags always: one program serves both kinds of check.
+@_programs.jit(compiler_options={'xla_backend_optimization_level': 0})
+def _bad_entries(leaves: list[Any]) -> list[tuple[jax.Array, jax.Array]]:
+  """For each leaf: whether it holds a NaN or infinite entry, and whether it holds a negative one."""
+  return [(~jnp.all(jnp.isfinite(leaf)), jnp.any(leaf < 0)) for leaf in leaves]
 
 
 def is_float_leaf(leaf: Any) -> bool:

@@ -179,18 +179,19 @@ def diagonal_fisher(
         f'{int(num_bad_labels)} labels lie outside [0, classes), where classes is the last '
         'dimension of the logits of logits_fn.'
     )
-  return treedef.unflatten(_means(sums, leaves, num_examples))
+  return treedef.unflatten(_means(sums, leaves, np.int32(num_examples)))
 
 
 @_programs.jit
 def _zero_sums(float_leaves: list[chex.Array]) -> tuple[list[chex.Array], chex.Array]:
-  """:func:`_accumulate`'s first carry: float32 zeros like each float leaf, and no bad label."""
+  """:func:`_accumulate`'s first carry: float32 zeros like each float leaf, and no bad label (MAS's sums: the zeros)."""
   return [jnp.zeros(jnp.shape(leaf), jnp.float32) for leaf in float_leaves], jnp.zeros((), jnp.int32)
 
 
-@_programs.jit(static_argnums=2)
-def _means(sums: list[chex.Array], leaves: list[chex.Array], num_examples: int) -> list[chex.Array]:
-  """Each float leaf's sum over ``num_examples``, in its dtype; zeros for the other leaves."""
+@_programs.jit
+def _means(sums: list[chex.Array], leaves: list[chex.Array], num_examples: chex.Array) -> list[chex.Array]:
+  """Each float leaf's sum over ``num_examples`` (traced: one program for every ``N``), in its dtype;
+  zeros for the other leaves."""
   sums = iter(sums)
   return [(next(sums) / num_examples).astype(jnp.result_type(leaf)) if _validation.is_float_leaf(leaf)
           else jnp.zeros_like(leaf) for leaf in leaves]
@@ -371,15 +372,11 @@ def mas_importance(
   _validation.check_int('batch_size', batch_size)
   num_examples, batch_size = _num_examples(inputs), int(batch_size)
   leaves, treedef = jax.tree.flatten(params)
-  sums = [jnp.zeros_like(leaf, jnp.float32) for leaf in leaves if _validation.is_float_leaf(leaf)]
+  sums, _ = _zero_sums([leaf for leaf in leaves if _validation.is_float_leaf(leaf)])
   for start in range(0, num_examples, batch_size):
     sums = _add_output_gradients(sums, params, _chunk(inputs, start, batch_size),
                                  np.int32(min(batch_size, num_examples - start)), apply_fn=apply_fn)
-  sums = iter(sums)
-  return treedef.unflatten([
-      (next(sums) / num_examples).astype(jnp.result_type(leaf)) if _validation.is_float_leaf(leaf) else jnp.zeros_like(leaf)
-      for leaf in leaves
-  ])
+  return treedef.unflatten(_means(sums, leaves, np.int32(num_examples)))
 
 
 @_programs.jit(static_argnames=('apply_fn',), donate_argnums=0)
