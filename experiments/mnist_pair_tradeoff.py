@@ -86,11 +86,9 @@ def train_logged(stream, grid, config, seeds, as_sweep, runs_path):
   settings_id = json.dumps([stream.name, stream.source, engine.run.describe_config(config)], sort_keys=True)
   done = scaffold.load_runs(runs_path, lambda run: (run['method'], run['seed']) if run['settings_id'] == settings_id else None)
   configurations = scaffold.configurations(grid, config, seeds)
-  todo = [(method, run_config) for method, run_config in configurations if (method.label, run_config.seed) not in done]
-  for finished in engine.run_grid(stream, todo, as_sweep=as_sweep, log=lambda line: print(line, flush=True)) if todo else ():
-    run = finished.to_json() | {'settings_id': settings_id}
-    done[run['method'], run['seed']] = run
-    scaffold.append_run(runs_path, run)  # at once: a stopped run loses one run
+  list(scaffold.train_missing(stream, configurations, done, runs_path, lambda label, seed: (label, seed),
+                              fields=lambda finished, seconds: {'settings_id': settings_id}, keep_curve=True,
+                              as_sweep=as_sweep, log=lambda line: print(line, flush=True)))
   return [{k: v for k, v in done[method.label, run_config.seed].items() if k != 'settings_id'}
           for method, run_config in configurations]
 

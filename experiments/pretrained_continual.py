@@ -385,12 +385,10 @@ def main(argv=None) -> None:
       for regime in regimes:
         initial_for = (lambda seed: initial_of(stream, config, (params, model_state), seed)) if regime == 'pretrained' else None
         t0 = time.perf_counter()
-        todo = [(m, c) for m, c in configurations if m == method and (key, regime, m.label, c.seed) not in done_runs]
-        for finished in engine.run_grid(stream, todo, as_sweep=args.sweep, initial=initial_for) if todo else ():
-          run = {k: v for k, v in finished.to_json().items() if k != 'curve'} | {
-              'stream': key, 'regime': regime, 'loadavg': os.getloadavg()}
-          done_runs[key, regime, method.label, run['seed']] = run
-          scaffold.append_run(runs_path, run)  # at once: a stopped run loses one run
+        list(scaffold.train_missing(
+            stream, [(m, c) for m, c in configurations if m == method], done_runs, runs_path,
+            lambda label, seed: (key, regime, label, seed), as_sweep=args.sweep, initial=initial_for,
+            fields=lambda finished, seconds: {'stream': key, 'regime': regime, 'loadavg': os.getloadavg()}))
         group = [done_runs[key, regime, method.label, seed] for seed in seeds]
         runs += group
         runs_before, seconds_before = seconds_by_group.get((key, regime, method.name), (0, 0.0))

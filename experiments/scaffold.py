@@ -28,7 +28,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -97,6 +97,71 @@ def train(
   """
   runs = engine.run_grid(stream, configurations(grid, config, seeds), as_sweep=as_sweep, log=lambda line: print(line, flush=True))
   return [run.to_json() for run in runs]
+
+
+def train_missing(
+    stream: tasks.TaskStream,
+    configurations: Sequence[tuple[engine.Method, engine.TrainConfig]],
+    runs: dict[Any, dict[str, Any]],
+    runs_path: str,
+    key: Callable[[str, int], Any],
+    *,
+    fields: Callable[[Any, float], Mapping[str, Any]] | None = None,
+    keep_curve: bool = False,
+    as_sweep: bool | None = None,
+    initial: Callable[[int], Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+  """Trains the ``configurations`` that the run log lacks, appending each run to it as it finishes.
+
+  A long experiment loads its run log once (:func:`load_runs`, keyed as ``key`` keys), trains
+  here what is missing with :func:`sfa_jax.engine.grids.run_grid`, and builds its tables from
+  ``runs``: a stop loses at most the run in progress, and a rerun trains only what is left.
+
+  Args:
+    stream: the tasks.
+    configurations: ``(method, config)`` pairs (:func:`configurations`).
+    runs: the run log's runs by key; each run trained here is added to it.
+    runs_path: the run log (:func:`append_run`).
+    key: ``key(method label, seed)``: a configuration's key in ``runs``.
+    fields: ``fields(finished, seconds)``: what a run records besides
+      :meth:`sfa_jax.engine.grids.GridRun.to_json` (its setting, its key...); ``seconds`` is the
+      wall time since the previous run finished (or since training began).
+    keep_curve: keep the run's learning curve (``'curve'``), which is left out by default.
+    as_sweep: ``--sweep`` (see :func:`train`).
+    initial: ``initial(seed)``: the starting variables of a run (e.g. a pretrained backbone).
+    log: where :func:`~sfa_jax.engine.grids.run_grid` writes its lines (``None``: nowhere).
+
+  Yields:
+    ``(key, run)`` for each run trained, once it is on disk and in ``runs``.
+
+  Example:
+    >>> import os, tempfile
+    >>> from sfa_jax import tasks
+    >>> stream = tasks.make_stream('split-mnist', source='digits', num_tasks=2)
+    >>> config = engine.TrainConfig(model='mlp', epochs_per_task=1, batch_size=32)
+    >>> path, runs = os.path.join(tempfile.mkdtemp(), 'runs.jsonl'), {}
+    >>> todo = configurations([('finetune', {})], config, seeds=(0,))
+    >>> [key for key, _ in train_missing(stream, todo, runs, path, lambda label, seed: (label, seed))]
+    [('finetune', 0)]
+    >>> list(train_missing(stream, todo, load_runs(path, lambda run: (run['method'], run['seed'])), path,
+    ...                    lambda label, seed: (label, seed)))
+    []
+  """
+  todo = [(method, config) for method, config in configurations if key(method.label, config.seed) not in runs]
+  if not todo:
+    return
+  since = time.perf_counter()
+  for finished in engine.run_grid(stream, todo, as_sweep=as_sweep, initial=initial, log=log):
+    run = finished.to_json()
+    if not keep_curve:
+      run.pop('curve', None)
+    run |= dict(fields(finished, time.perf_counter() - since)) if fields else {}
+    since = time.perf_counter()
+    run_key = key(finished.method.label, finished.config.seed)
+    runs[run_key] = run
+    append_run(runs_path, run)  # at once: a stop loses the run in progress only
+    yield run_key, run
 
 
 class RunLogWarning(UserWarning):

@@ -223,17 +223,12 @@ def experiment(args):
       for row, buffer in rows:
         method, learning_rate = ROWS[row, buffer]
         config = config_of(regime, scenario, learning_rate, args.quick)
-        todo = [(method, dataclasses.replace(config, seed=seed)) for seed in seeds
-                if run_key(regime, scenario, row, buffer, seed) not in runs]
-        t0 = time.perf_counter()
-        for finished in engine.run_grid(stream, todo, as_sweep=args.sweep) if todo else ():
-          key = run_key(regime, scenario, row, buffer, finished.config.seed)
-          run = {k: v for k, v in finished.to_json().items() if k != 'curve'} | {
-              'key': key, 'regime': regime, 'scenario': scenario, 'row': row, 'buffer': buffer,
-              'learning_rate': learning_rate, 'wall_seconds': time.perf_counter() - t0, 'loadavg': os.getloadavg()}
-          t0 = time.perf_counter()
-          runs[key] = run
-          scaffold.append_run(runs_path, run)
+        key = lambda label, seed: run_key(regime, scenario, row, buffer, seed)
+        fields = lambda finished, seconds: {
+            'key': run_key(regime, scenario, row, buffer, finished.config.seed), 'regime': regime, 'scenario': scenario, 'row': row, 'buffer': buffer,
+            'learning_rate': learning_rate, 'wall_seconds': seconds, 'loadavg': os.getloadavg()}
+        configurations = [(method, dataclasses.replace(config, seed=seed)) for seed in seeds]
+        for _, run in scaffold.train_missing(stream, configurations, runs, runs_path, key, fields=fields, as_sweep=args.sweep):
           print(f"[{time.perf_counter() - start:6.0f} s] {regime:12s} {scenario:8s} {row:6s} {buffer or '-':>4} "
                 f"seed {run['seed']}: {100 * run['metrics']['average_accuracy']:.2f} % ({run['wall_seconds']:.1f} s)",
                 flush=True)

@@ -371,18 +371,13 @@ def main(argv=None) -> None:
       stream = stream_of(protocol, scenario, args.quick)
       extra = [x for x in args.ewc_strengths.split(',') if x]
       grid = [entry for selector, entry in methods_for(protocol, scenario, extra) if selector in wanted_methods]
-      todo = [(method, run_config) for method, run_config in scaffold.configurations(grid, config, seeds)
-              if run_key(protocol, scenario, method.label, run_config.seed) not in runs]
-      t0 = time.perf_counter()
-      for finished in engine.run_grid(stream, todo, as_sweep=args.sweep) if todo else ():
-        key = run_key(protocol, scenario, finished.method.label, finished.config.seed)
-        run = {k: v for k, v in finished.to_json().items() if k != 'curve'} | {
-            'key': key, 'protocol': protocol, 'scenario': scenario, 'wall_seconds': time.perf_counter() - t0,
-            'loadavg': os.getloadavg()}
-        t0 = time.perf_counter()
-        runs[key] = run
-        scaffold.append_run(runs_path, run)
-        print(f'[{time.perf_counter() - start:6.0f} s] {protocol} {scenario:18s} {finished.method.label:32s} seed {run["seed"]}: '
+      key = lambda label, seed: run_key(protocol, scenario, label, seed)
+      fields = lambda finished, seconds: {
+          'key': key(finished.method.label, finished.config.seed), 'protocol': protocol, 'scenario': scenario,
+          'wall_seconds': seconds, 'loadavg': os.getloadavg()}
+      for _, run in scaffold.train_missing(stream, scaffold.configurations(grid, config, seeds), runs, runs_path, key,
+                                           fields=fields, as_sweep=args.sweep):
+        print(f'[{time.perf_counter() - start:6.0f} s] {protocol} {scenario:18s} {run["method"]:32s} seed {run["seed"]}: '
               f"avg {run['metrics']['average_accuracy']:.4f} ({run['wall_seconds']:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
     runs = load_runs(runs_path)  # with the runs of any other process on this protocol (run side by side)
     summary = summarize(protocol, runs)
