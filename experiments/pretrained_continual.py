@@ -37,7 +37,8 @@ test accuracies alike for every family: there is no validation split).
     python experiments/pretrained_continual.py --streams split-fashion-mnist-ci,split-fashion-mnist-ti
   python experiments/pretrained_continual.py --quick --backbone DIR   # digits 8x8, one seed, a few configs
 
-Results are written as they come (after each method's runs) into experiments/results/pretrained_continual/:
+Results are written when the grid is done (a stop keeps the finished runs in the run log; the rerun writes them)
+into experiments/results/pretrained_continual/:
 <streams>_<regime>.{json,md,runs.jsonl} (e.g. split-mnist-ci_pretrained; split-fashion-mnist for its CI and TI
 streams together; no regime when both ran), <stream>_<regime>.png (stability-plasticity frontiers: the final
 accuracy on the tasks before the last one against each task's accuracy right after training it) and
@@ -204,10 +205,11 @@ def all_configs_table(rows):
   return lines
 
 
-def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, command, start, done, draw=True, note='', budgets=None):
+def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, command, start, note='', budgets=None):
+  """The results files of a finished grid (tables, plots, times); ``'done'`` marks them complete."""
   budgets = budgets or {}
   os.makedirs(os.path.dirname(os.path.join(args.out, name)), exist_ok=True)
-  payload_streams, md = {}, [f'# Continual fine-tuning from a pretrained backbone against from scratch{" (partial)" if not done else ""}', '']
+  payload_streams, md = {}, ['# Continual fine-tuning from a pretrained backbone against from scratch', '']
   md += [f"Backbone: `{backbone_meta['model']}` {backbone_meta['model_kwargs']}, pretrained on {backbone_meta['data']}, "
          f"{backbone_meta['steps']} steps, test accuracy {backbone_meta['test_accuracy']:.4f}. "
          'Best configuration per family by mean final average accuracy over seeds (chosen on test accuracies, '
@@ -225,10 +227,9 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
     for regime, rows in rows_by_regime.items():
       png = scaffold.output_name(args, 'pretrained_continual', key, regime) + '.png'
       families = scaffold.tradeoff_points([r for r in mine if r['regime'] == regime], point=scaffold.stability_plasticity)
-      if draw:
-        plots.tradeoff_plot(families, os.path.join(args.out, png), frontiers=scaffold.family_frontiers(families),
-                            axis_labels=('final accuracy on the tasks before the last', 'accuracy right after training (tasks 1..)'),
-                            title=f'{key}, {regime}')
+      plots.tradeoff_plot(families, os.path.join(args.out, png), frontiers=scaffold.family_frontiers(families),
+                          axis_labels=('final accuracy on the tasks before the last', 'accuracy right after training (tasks 1..)'),
+                          title=f'{key}, {regime}')
       md += [f'### {regime}: every configuration', '', f'![{key} {regime}]({os.path.basename(png)})', ''] + all_configs_table(rows) + ['']
     payload_streams[key] = {'stream': engine.run.describe_stream(stream), 'tables': rows_by_regime,
                             'budget': budgets.get((key, 'pretrained')), 'budget_scratch': budgets.get((key, 'scratch'))}
@@ -236,7 +237,7 @@ def write_all(args, name, streams, runs, backbone_meta, seconds_by_group, comman
     md += [note, '']
   md += ['## Wall time per group (stream, regime, method; seconds)', '', '| stream | regime | method | runs | s |', '|---|---|---|---:|---:|']
   md += [f'| {k[0]} | {k[1]} | {k[2]} | {v[0]} | {v[1]:.0f} |' for k, v in seconds_by_group.items()]
-  payload = {'done': done, 'backbone': backbone_meta, 'seeds': list(scaffold.seeds_of(args)),
+  payload = {'done': True, 'backbone': backbone_meta, 'seeds': list(scaffold.seeds_of(args)),
              'config': engine.run.describe_config(base_config(args, backbone_meta)), 'streams': payload_streams,
              'group_seconds': [{'stream': k[0], 'regime': k[1], 'method': k[2], 'runs': v[0], 'seconds': v[1]}
                                for k, v in seconds_by_group.items()],
@@ -274,7 +275,7 @@ def collect(args, command, start):
   streams = streams_of(args.quick, keys, args.data_dir)
   name = output_name(args, keys, [regime for regime in REGIMES if any(r['regime'] == regime for r in runs)])
   note = 'Collected from runs side by side: ' + '; '.join(commands) + f'. Longest: {wall:.0f} s.'
-  write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True, note=note, budgets=budgets)
+  write_all(args, name, streams, runs, meta, seconds_by_group, command, start, note=note, budgets=budgets)
 
 
 def stream_budget(args, key, stream, config, methods, initial, seed, regime='pretrained'):
@@ -380,7 +381,7 @@ def main(argv=None) -> None:
       initial = initial_of(stream, config, (params, model_state), seeds[0]) if regime == 'pretrained' else None
       budgets[key, regime] = stream_budget(
           args, key, stream, config, methods, initial, seeds[0], regime)
-    # Configuration by configuration in the grid's order (put the most telling first: a stop keeps them).
+    # Configuration by configuration in the grid's order (put the most telling first: a stop keeps them in the run log).
     for method in methods:
       for regime in regimes:
         initial_for = (lambda seed: initial_of(stream, config, (params, model_state), seed)) if regime == 'pretrained' else None
@@ -397,9 +398,7 @@ def main(argv=None) -> None:
         print(f'[{time.perf_counter() - start:6.0f} s] {key:15s} {regime:10s} {method.name:16s} {len(group):3d} runs '
               f'{time.perf_counter() - t0:6.1f} s  best {best["method"]} {_cell(best["average_accuracy"])} '
               f'(load {os.getloadavg()[0]:.1f})', flush=True)
-        write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False, draw=False, budgets=budgets)
-    write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=False, budgets=budgets)  # plots: at each stream's end
-  write_all(args, name, streams, runs, meta, seconds_by_group, command, start, done=True, budgets=budgets)
+  write_all(args, name, streams, runs, meta, seconds_by_group, command, start, budgets=budgets)
   print(open(os.path.join(args.out, f'{name}.md')).read())
 
 
