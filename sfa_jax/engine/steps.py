@@ -300,7 +300,7 @@ def step_spec(model, params: Any, model_state: Any, tasks: Sequence[tasks_lib.Ta
   """
   train = tasks[0].train
   one = lambda array: jax.ShapeDtypeStruct(np.shape(array)[1:], np.asarray(array[:1]).dtype)
-  outputs = jax.jit(_evaluate_apply(model))
+  outputs = stored.StoredProgram(('evaluate_apply', model), lambda: jax.jit(_evaluate_apply(model)))
   first = outputs(params, model_state, train.x[:1], np.zeros(1, np.int32))
   heads = len(tasks) > 1 and not np.array_equal(first, outputs(params, model_state, train.x[:1], np.ones(1, np.int32)))
   labels = tuple(tuple(int(label) for label in task.labels) for task in tasks)
