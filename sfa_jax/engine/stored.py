@@ -322,6 +322,7 @@ class StoredProgram:
     self._compiled: dict[Any, Any] = {}
     self._pending: dict[Any, tuple[concurrent.futures.Future, Sequence[Any]]] = {}
     self._text: str | None | bool = False  # not described yet
+    self._static_texts: dict[int, tuple[Any, str]] = {}  # id -> (static argument, its description)
 
   @property
   def jitted(self) -> Any:
@@ -408,11 +409,23 @@ class StoredProgram:
       else:
         shapes.append(type(leaf).__name__)  # a Python scalar: weakly typed
     try:
-      statics = tuple(describe(args[i]) for i in self._static if i < len(args))
-      statics += tuple(f'{name}={describe(kwargs[name])}' for name in sorted(kwargs) if name in self._static_names)
+      statics = tuple(self._describe_static(args[i]) for i in self._static if i < len(args))
+      statics += tuple(f'{name}={self._describe_static(kwargs[name])}' for name in sorted(kwargs) if name in self._static_names)
     except Unstable:
       return None
     return (str(tree), tuple(shapes), statics)
+
+  def _describe_static(self, value: Any) -> str:
+    """:func:`describe` of a static argument, once per object (``jax.jit`` too tells a static
+    callable by its identity): a function whose closure holds arrays is not hashed at every call."""
+    known = self._static_texts.get(id(value))
+    if known is not None and known[0] is value:
+      return known[1]
+    text = describe(value)
+    if len(self._static_texts) >= 64:
+      self._static_texts.clear()
+    self._static_texts[id(value)] = (value, text)
+    return text
 
   def _load_or_compile(self, signature: Any, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> Any:
     if signature in self._compiled:
