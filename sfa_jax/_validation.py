@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfa_jax import _programs
+from sfa_jax import _lazy
 
 
 def is_traced(value: Any) -> bool:
@@ -179,7 +179,7 @@ def check_finite_tree(tree: Any, name: str, *, non_negative: bool = False) -> No
 
 # Booleans, exact at any optimisation level: XLA's level 0 compiles it several times faster. Both
 # flags always: one program serves both kinds of check.
-@_programs.jit(compiler_options={'xla_backend_optimization_level': 0})
+@_lazy.jit(compiler_options={'xla_backend_optimization_level': 0})
 def _bad_entries(leaves: list[Any]) -> list[tuple[jax.Array, jax.Array]]:
   """For each leaf: whether it holds a NaN or infinite entry, and whether it holds a negative one."""
   return [(~jnp.all(jnp.isfinite(leaf)), jnp.any(leaf < 0)) for leaf in leaves]
@@ -298,6 +298,6 @@ def copy_tree(tree: Any) -> Any:
   return _copies(tree)
 
 
-@_programs.jit
+@_lazy.jit
 def _copies(tree: Any) -> Any:
   return jax.tree.map(jnp.copy, tree)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfa_jax import _programs
+from sfa_jax import _lazy
 from sfa_jax import _validation
 
 
@@ -182,13 +182,13 @@ def diagonal_fisher(
   return treedef.unflatten(_means(sums, leaves, np.int32(num_examples)))
 
 
-@_programs.jit
+@_lazy.jit
 def _zero_sums(float_leaves: list[chex.Array]) -> tuple[list[chex.Array], chex.Array]:
   """:func:`_accumulate`'s first carry: float32 zeros like each float leaf, and no bad label (MAS's sums: the zeros)."""
   return [jnp.zeros(jnp.shape(leaf), jnp.float32) for leaf in float_leaves], jnp.zeros((), jnp.int32)
 
 
-@_programs.jit
+@_lazy.jit
 def _means(sums: list[chex.Array], leaves: list[chex.Array], num_examples: chex.Array) -> list[chex.Array]:
   """Each float leaf's sum over ``num_examples`` (traced: one program for every ``N``), in its dtype;
   zeros for the other leaves."""
@@ -240,7 +240,7 @@ def online_fisher(
   return _online_sum(previous, current, gamma)
 
 
-@_programs.jit
+@_lazy.jit
 def _online_sum(previous: chex.ArrayTree, current: chex.ArrayTree, gamma: chex.Numeric) -> chex.ArrayTree:
   """:math:`\\gamma F_{\\mathrm{previous}} + F_{\\mathrm{current}}` in float32, cast to ``current``'s dtypes."""
 
@@ -379,7 +379,7 @@ def mas_importance(
   return treedef.unflatten(_means(sums, leaves, np.int32(num_examples)))
 
 
-@_programs.jit(static_argnames=('apply_fn',), donate_argnums=0)
+@_lazy.jit(static_argnames=('apply_fn',), donate_argnums=0)
 def _add_output_gradients(sums: list[chex.Array], params: chex.ArrayTree, inputs: chex.ArrayTree, num_valid: chex.Array, *,
                           apply_fn: Callable[[Any, Any], Any]) -> list[chex.Array]:
   """Adds ``|∂‖f(x_i)‖²/∂θ|`` of the chunk's first ``num_valid`` examples to the float32 ``sums`` (one per float leaf)."""
@@ -445,7 +445,7 @@ def _chunk(tree: chex.ArrayTree, start: int, size: int) -> chex.ArrayTree:
   return jax.tree.map(rows, tree)
 
 
-@_programs.jit(static_argnames=('logits_fn', 'kind', 'num_samples', 'layerwise'), donate_argnums=0)
+@_lazy.jit(static_argnames=('logits_fn', 'kind', 'num_samples', 'layerwise'), donate_argnums=0)
 def _accumulate(
     carry: tuple[list[chex.Array], chex.Array],
     params: chex.ArrayTree,

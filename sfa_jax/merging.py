@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sfa_jax import _programs
+from sfa_jax import _lazy
 from sfa_jax import _validation
 
 __all__ = [
@@ -324,7 +324,7 @@ def ties(
   return treedef.unflatten(merged)
 
 
-@_programs.jit(static_argnames='trim')
+@_lazy.jit(static_argnames='trim')
 def _ties_float_leaves(
     base_leaves: list[chex.Array],
     model_leaves: list[list[chex.Array]],
@@ -661,7 +661,7 @@ def _groups(num_arrays: int, trim: str) -> list[list[int]]:
   return [list(range(num_arrays))] if trim == 'global' else [[j] for j in range(num_arrays)]
 
 
-@_programs.jit(static_argnames='trim')
+@_lazy.jit(static_argnames='trim')
 def _trim_to_ranks(deltas: list[chex.Array], ranks: chex.Array, trim: str) -> list[chex.Array]:
   """Zeroes, per model, the entries below the ``ranks[g]``-th largest magnitude of their group.
 

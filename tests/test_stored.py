@@ -67,7 +67,7 @@ def test_a_second_process_traces_none_of_the_engines_programs_and_computes_the_s
   cold, warm = _python(code), _python(code)
   assert warm['matrix'] == cold['matrix']
   engine_programs = {'chunk', 'one_lane', '_init_variables', '_finite_leaves', '<lambda>', 'step'}
-  # The core's helpers (sfa_jax._programs.jit): the Fisher's chunk sums and means, online EWC's sum, the checks.
+  # The core's helpers (sfa_jax._lazy.jit): the Fisher's chunk sums and means, online EWC's sum, the checks.
   core_helpers = {'_accumulate', '_zero_sums', '_means', '_online_sum', '_bad_entries', '_copies'}
   assert engine_programs & set(cold['traced']), cold['traced']
   if method == 'ewc':

@@ -41,7 +41,7 @@ import numpy as np
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 
-from sfa_jax import _programs
+from sfa_jax import _lazy
 
 __all__ = ['StoredProgram', 'remembered', 'set_directory', 'directory', 'describe', 'environment', 'Unstable']
 
@@ -54,7 +54,7 @@ _FACTS: dict[str, Any] = {}
 def set_directory(folder: str | None) -> None:
   """Keeps compiled programs and traced facts in ``folder`` (created if missing); ``None`` keeps none.
 
-  The core's jitted helpers (:mod:`sfa_jax._programs`) are kept there too.
+  The core's jitted helpers (:mod:`sfa_jax._lazy`) are kept there too.
 
   Example:
     >>> import tempfile
@@ -67,12 +67,12 @@ def set_directory(folder: str | None) -> None:
   if folder is not None:
     os.makedirs(folder, mode=0o700, exist_ok=True)
   _state['directory'] = folder
-  _programs.install(None if folder is None else _core_program)
+  _lazy.install(None if folder is None else _core_program)
 
 
 def _core_program(function: Callable[..., Any], jitted: Any, static_argnums: tuple[int, ...],
                   static_argnames: tuple[str, ...], compiler_options: dict[str, Any]) -> StoredProgram:
-  """A helper of the core (:func:`sfa_jax._programs.jit`: the Fisher's chunk sums, the finite checks...) kept in the store."""
+  """A helper of the core (:func:`sfa_jax._lazy.jit`: the Fisher's chunk sums, the finite checks...) kept in the store."""
   return StoredProgram(('core', function), lambda: jitted, static_argnums, compiler_options, static_argnames)
 
 
