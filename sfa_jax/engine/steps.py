@@ -281,6 +281,15 @@ def _evaluate_apply(model) -> Callable[..., Any]:
       model, model.apply, models.merge_variables(params, model_state), x, task_ids, train=False)
 
 
+def _outputs(model, params: Any, model_state: Any, x: Any, task_ids: Any) -> Any:
+  """``model``'s outputs in evaluation mode (:func:`_evaluate_apply`), the model a static argument."""
+  return _evaluate_apply(model)(params, model_state, x, task_ids)
+
+
+# One program per model and shapes for the process's runs (the model static), kept in the store.
+_OUTPUTS = stored.StoredProgram(('evaluate_apply',), lambda: jax.jit(_outputs, static_argnums=0), static_argnums=(0,))
+
+
 def step_spec(model, params: Any, model_state: Any, tasks: Sequence[tasks_lib.Task], batch_size: int,
               seed: int) -> methods_lib.StepSpec:
   """The :class:`~sfa_jax.engine.methods.StepSpec` of a run: its data's and outputs' shapes.
@@ -300,7 +309,7 @@ def step_spec(model, params: Any, model_state: Any, tasks: Sequence[tasks_lib.Ta
   """
   train = tasks[0].train
   one = lambda array: jax.ShapeDtypeStruct(np.shape(array)[1:], np.asarray(array[:1]).dtype)
-  outputs = stored.StoredProgram(('evaluate_apply', model), lambda: jax.jit(_evaluate_apply(model)))
+  outputs = functools.partial(_OUTPUTS, model)
   first = outputs(params, model_state, train.x[:1], np.zeros(1, np.int32))
   heads = len(tasks) > 1 and not np.array_equal(first, outputs(params, model_state, train.x[:1], np.ones(1, np.int32)))
   labels = tuple(tuple(int(label) for label in task.labels) for task in tasks)
