@@ -111,7 +111,7 @@ def train_missing(
     as_sweep: bool | None = None,
     initial: Callable[[int], Any] | None = None,
     log: Callable[[str], None] | None = None,
-) -> Iterator[tuple[Any, dict[str, Any]]]:
+) -> Iterator[dict[str, Any]]:
   """Trains the ``configurations`` that the run log lacks, appending each run to it as it finishes.
 
   A long experiment loads its run log once (:func:`load_runs`, keyed as ``key`` keys), trains
@@ -133,7 +133,7 @@ def train_missing(
     log: where :func:`~sfa_jax.engine.grids.run_grid` writes its lines (``None``: nowhere).
 
   Yields:
-    ``(key, run)`` for each run trained, once it is on disk and in ``runs``.
+    Each run trained, once it is on disk and in ``runs``.
 
   Example:
     >>> import os, tempfile
@@ -142,8 +142,8 @@ def train_missing(
     >>> config = engine.TrainConfig(model='mlp', epochs_per_task=1, batch_size=32)
     >>> path, runs = os.path.join(tempfile.mkdtemp(), 'runs.jsonl'), {}
     >>> todo = configurations([('finetune', {})], config, seeds=(0,))
-    >>> [key for key, _ in train_missing(stream, todo, runs, path, lambda label, seed: (label, seed))]
-    [('finetune', 0)]
+    >>> [run['method'] for run in train_missing(stream, todo, runs, path, lambda label, seed: (label, seed))]
+    ['finetune']
     >>> list(train_missing(stream, todo, load_runs(path, lambda run: (run['method'], run['seed'])), path,
     ...                    lambda label, seed: (label, seed)))
     []
@@ -158,10 +158,9 @@ def train_missing(
       run.pop('curve', None)
     run |= dict(fields(finished, time.perf_counter() - since)) if fields else {}
     since = time.perf_counter()
-    run_key = key(finished.method.label, finished.config.seed)
-    runs[run_key] = run
+    runs[key(finished.method.label, finished.config.seed)] = run
     append_run(runs_path, run)  # at once: a stop loses the run in progress only
-    yield run_key, run
+    yield run
 
 
 class RunLogWarning(UserWarning):

@@ -225,10 +225,10 @@ def experiment(args):
         config = config_of(regime, scenario, learning_rate, args.quick)
         key = lambda label, seed: run_key(regime, scenario, row, buffer, seed)
         fields = lambda finished, seconds: {
-            'key': run_key(regime, scenario, row, buffer, finished.config.seed), 'regime': regime, 'scenario': scenario, 'row': row, 'buffer': buffer,
-            'learning_rate': learning_rate, 'wall_seconds': seconds, 'loadavg': os.getloadavg()}
+            'key': key(finished.method.label, finished.config.seed), 'regime': regime, 'scenario': scenario, 'row': row,
+            'buffer': buffer, 'learning_rate': learning_rate, 'wall_seconds': seconds, 'loadavg': os.getloadavg()}
         configurations = [(method, dataclasses.replace(config, seed=seed)) for seed in seeds]
-        for _, run in scaffold.train_missing(stream, configurations, runs, runs_path, key, fields=fields, as_sweep=args.sweep):
+        for run in scaffold.train_missing(stream, configurations, runs, runs_path, key, fields=fields, as_sweep=args.sweep):
           print(f"[{time.perf_counter() - start:6.0f} s] {regime:12s} {scenario:8s} {row:6s} {buffer or '-':>4} "
                 f"seed {run['seed']}: {100 * run['metrics']['average_accuracy']:.2f} % ({run['wall_seconds']:.1f} s)",
                 flush=True)

@@ -375,7 +375,7 @@ def main(argv=None) -> None:
       fields = lambda finished, seconds: {
           'key': key(finished.method.label, finished.config.seed), 'protocol': protocol, 'scenario': scenario,
           'wall_seconds': seconds, 'loadavg': os.getloadavg()}
-      for _, run in scaffold.train_missing(stream, scaffold.configurations(grid, config, seeds), runs, runs_path, key,
+      for run in scaffold.train_missing(stream, scaffold.configurations(grid, config, seeds), runs, runs_path, key,
                                            fields=fields, as_sweep=args.sweep):
         print(f'[{time.perf_counter() - start:6.0f} s] {protocol} {scenario:18s} {run["method"]:32s} seed {run["seed"]}: '
               f"avg {run['metrics']['average_accuracy']:.4f} ({run['wall_seconds']:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
