@@ -48,7 +48,8 @@ class TrainConfig:
     seed: seeds the model's initialisation, the data order and the replay memory.
     eval_every: also evaluate every task every this many steps, and (SFA) just before and after
       each averaging step (0: only at task ends).
-    eval_batch_size: examples per evaluation batch.
+    eval_batch_size: examples per evaluation batch, at most (no larger than the largest test set:
+      a test set that fits in one batch is scored without padding).
     reset_optimizer: re-initialise the optimizer state (e.g. Adam's moments) at each task start.
     objective: the loss trained on and the metric of the accuracy matrix
       (:mod:`sfa_jax.engine.objectives`; default: cross-entropy and accuracy).

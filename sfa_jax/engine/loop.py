@@ -844,7 +844,9 @@ class _Evaluator:
     self._scorer = programs.reused(key, lambda: stored.StoredProgram(
         key, lambda: fused.make_scorer(steps.make_score(model, objective), stacked=stacked), static_argnums=(3,)))
     self._sizes = np.array([len(t.test.y) for t in all_tasks])
-    batches = fused.test_batches([t.test for t in all_tasks], [t.index for t in all_tasks], config.eval_batch_size)
+    # No batch larger than the largest test set: the same batches per task, no padding scored.
+    batch_size = min(config.eval_batch_size, max(len(t.test.y) for t in all_tasks))
+    batches = fused.test_batches([t.test for t in all_tasks], [t.index for t in all_tasks], batch_size)
     self._groups = _test_groups(batches, config.device_data_bytes, placement)
 
   def warm(self, abstract: RunState) -> None:
