@@ -182,13 +182,13 @@ def diagonal_fisher(
   return treedef.unflatten(_means(sums, leaves, np.int32(num_examples)))
 
 
-@_lazy.jit
+@_lazy.jit(compiler_options=_lazy.EXACT)
 def _zero_sums(float_leaves: list[chex.Array]) -> tuple[list[chex.Array], chex.Array]:
   """:func:`_accumulate`'s first carry: float32 zeros like each float leaf, and no bad label (MAS's sums: the zeros)."""
   return [jnp.zeros(jnp.shape(leaf), jnp.float32) for leaf in float_leaves], jnp.zeros((), jnp.int32)
 
 
-@_lazy.jit
+@_lazy.jit(compiler_options=_lazy.EXACT)  # one division (and cast) per entry: the same at any level
 def _means(sums: list[chex.Array], leaves: list[chex.Array], num_examples: chex.Array) -> list[chex.Array]:
   """Each float leaf's sum over ``num_examples`` (traced: one program for every ``N``), in its dtype;
   zeros for the other leaves."""

@@ -10,8 +10,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from sfa_jax import _lazy
 from sfa_jax import models
 from sfa_jax.engine import stored
 from sfa_jax.engine import steps
@@ -213,6 +215,32 @@ def test_the_initialisation_compiled_quickly_is_bit_for_bit_the_default_one(name
   default = jax.jit(lambda k, x: steps._init_variables(model, k, x)).lower(key, sample).compile()(key, sample)
   for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _bits(tree):
+  return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(tree)]
+
+
+def _means(sums, leaves, n):  # the Fisher's last step: a division and a cast per entry
+  return [(s / n).astype(jnp.result_type(leaf)) for s, leaf in zip(sums, leaves)]
+
+
+_RNG = np.random.default_rng(0)
+_LARGE_AND_SMALL = [jnp.asarray(_RNG.random(4096, np.float32) * 10.0 ** _RNG.uniform(-30, 30, 4096).astype(np.float32))
+                    for _ in range(2)]
+
+
+@pytest.mark.parametrize('options, function, args', [
+    (_lazy.RUNS_ONCE, lambda p: optax.adam(1e-3).init(p), ({'w': jnp.ones((3, 4)), 'b': jnp.ones(4)},)),
+    (_lazy.RUNS_ONCE, lambda p: optax.sgd(0.1, momentum=0.9).init(p), ({'w': jnp.ones((3, 4))},)),
+    (_lazy.EXACT, _means, (_LARGE_AND_SMALL, [jnp.zeros(4096), jnp.zeros(4096, jnp.bfloat16)], jnp.int32(12345))),
+    (_lazy.EXACT, lambda tree: jax.tree.map(jnp.zeros_like, tree), ({'w': jnp.ones((3, 4)), 'n': jnp.ones(2, jnp.int32)},)),
+    (_lazy.EXACT, lambda x: (~jnp.all(jnp.isfinite(x)), jnp.any(x < 0)), (jnp.array([1.0, -jnp.inf]),)),
+], ids=['adam-init', 'momentum-init', 'fisher-means', 'zeros', 'checks'])
+def test_the_quickly_compiled_programs_compute_the_defaults_values_bit_for_bit(options, function, args):
+  quick = jax.jit(function).lower(*args).compile(compiler_options=options)(*args)
+  default = jax.jit(function)(*args)
+  assert _bits(quick) == _bits(default)
 
 
 def test_what_a_notebook_defines_is_never_stored(store):

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfa_jax import _lazy
 from sfa_jax import tasks as tasks_lib
 from sfa_jax.engine import callbacks as callbacks_lib
 from sfa_jax.engine import distributed
@@ -456,10 +457,10 @@ def _optimizer_inits(txs: Sequence[Any], trainable: Any, model: Any, config: Any
   if stacked:
     return [lambda params, tx=tx: tx.init(steps.trainable_part(params, trainable)) for tx in txs]
   tx, key = txs[0], ('opt_init', method, config.optimizer_key(), model, config.trainable)
-  # Zeros and copies, once a task: XLA's level 1 compiles it faster, the same values (as the model's init).
+  # Zeros and copies, once a task: compiled quickly, the same values (as the model's init).
   return [programs.reused(key, lambda: stored.StoredProgram(
       key, lambda: jax.jit(lambda params: tx.init(steps.trainable_part(params, trainable))),
-      compiler_options={'xla_backend_optimization_level': 1}))]
+      compiler_options=_lazy.RUNS_ONCE))]
 
 
 def _chunk_programs(model: Any, lanes: _Lanes, task: tasks_lib.Task, mesh: Any) -> programs.ChunkPrograms:
@@ -788,9 +789,9 @@ def _finite_leaves(tree: Any, stacked: bool) -> jax.Array:
   return jnp.stack(flags) if flags else jnp.ones((0, 1), bool)
 
 
-# Booleans, exact at any optimisation level: level 0 compiles it several times faster.
+# Booleans, exact at any optimisation level: compiled several times faster.
 _FINITE_LEAVES = stored.StoredProgram(('finite_leaves',), lambda: _finite_leaves, static_argnums=(1,),
-                                      compiler_options={'xla_backend_optimization_level': 0})
+                                      compiler_options=_lazy.EXACT)
 
 
 def _float_leaf_paths(tree: Any, names: Sequence[str]) -> list[str]:

@@ -625,9 +625,11 @@ def _zeros_program() -> Callable[[Any], Any]:
   import jax  # imports JAX: only when a method's extras are made
   import jax.numpy as jnp
 
+  from sfa_jax import _lazy
   from sfa_jax.engine import stored
 
-  return stored.StoredProgram(('zeros_like',), lambda: jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree)))
+  return stored.StoredProgram(('zeros_like',), lambda: jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree)),
+                              compiler_options=_lazy.EXACT)
 
 
 @functools.cache

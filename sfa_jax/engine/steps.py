@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sfa_jax import _lazy
 from sfa_jax import _validation
 from sfa_jax import fisher as fisher_lib
 from sfa_jax import models
@@ -102,10 +103,10 @@ def _seed(seed: Any) -> Any:
   return np.uint32(seed)
 
 
-# It runs once: XLA's optimisation level 1 compiles it 2.5-3x faster (the MLP's, SmallCNN's and
-# ResNet-18's), bit for bit the same values (tests/test_stored.py).
+# It runs once: compiled 3.5-4x faster than at XLA's defaults (the MLP's and SmallCNN's; ResNet-18's
+# 2.7x), bit for bit the same values (tests/test_stored.py).
 _INIT_FROM_SEED = stored.StoredProgram(('init_variables',), lambda: jax.jit(_init_from_seed, static_argnums=0),
-                                       static_argnums=(0,), compiler_options={'xla_backend_optimization_level': 1})
+                                       static_argnums=(0,), compiler_options=_lazy.RUNS_ONCE)
 
 
 def variable_shapes(model, sample: np.ndarray) -> tuple[Any, Any]:
