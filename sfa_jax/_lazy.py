@@ -67,7 +67,8 @@ RUNS_ONCE = {'xla_backend_optimization_level': 1, 'xla_cpu_use_fusion_emitters':
 EXACT = {'xla_backend_optimization_level': 0, 'xla_cpu_use_fusion_emitters': False}
 
 # ``factory(function, jitted, static_argnums, static_argnames, compiler_options) -> callable``: called
-# once per helper the first time it runs with this factory installed; the callable replaces ``jitted``.
+# once per helper the first time it runs with this factory installed; the callable replaces ``jitted``
+# (jitted without the options: the factory applies them where it compiles a top-level program).
 Factory = Callable[[Callable[..., Any], Any, tuple[int, ...], tuple[str, ...], dict[str, Any]], Callable[..., Any]]
 
 _installed: dict[str, Factory | None] = {'factory': None}
@@ -104,7 +105,8 @@ def jit(function: Callable[..., Any] | None = None, *, static_argnums: Sequence[
     static_argnums: the positions of its static arguments.
     static_argnames: the names of its static keyword arguments.
     donate_argnums: the positions of the arguments whose buffers it may reuse.
-    compiler_options: XLA options for its compilation.
+    compiler_options: XLA options for its compilation as a top-level program, applied by the
+      installed factory (plain ``jax.jit`` without one, as inside another trace).
 
   Returns:
     A callable like ``jax.jit(function, ...)``; its ``lower`` and other attributes are the jitted
@@ -148,8 +150,10 @@ class _Helper:
 
     self._function, self._static_argnums, self._static_argnames = function, static_argnums, static_argnames
     self._options = compiler_options
+    # JAX takes compiler options on a top-level program only, and a helper may run inside a user's
+    # jit: the options go to the installed factory, which applies them where it compiles one.
     self._jitted = jax.jit(function, static_argnums=static_argnums, static_argnames=static_argnames,
-                           donate_argnums=donate_argnums or None, compiler_options=compiler_options or None)
+                           donate_argnums=donate_argnums or None)
     self._wrapped: tuple[Factory, Callable[..., Any]] | None = None
     functools.update_wrapper(self, function)
 

@@ -298,6 +298,6 @@ def copy_tree(tree: Any) -> Any:
   return _copies(tree)
 
 
-@_lazy.jit
+@_lazy.jit(compiler_options=_lazy.EXACT)  # copies: the same at any optimisation level
 def _copies(tree: Any) -> Any:
   return jax.tree.map(jnp.copy, tree)

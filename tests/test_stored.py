@@ -165,6 +165,24 @@ def test_the_cores_helpers_are_kept_in_the_store_while_it_is_on(store):
   np.testing.assert_array_equal(stored_fisher['w'], plain['w'])
 
 
+@pytest.mark.parametrize('store_on', [False, True])
+def test_a_transforms_init_with_the_cores_quick_helpers_runs_inside_jit_and_eval_shape(store_on, tmp_path):
+  """The core's copies compile with options JAX takes on a top-level program only: inside a user's
+  ``jit`` or ``eval_shape`` they are traced in plainly, with the store on or off."""
+  import sfa_jax
+
+  previous = stored._state['directory']
+  stored.set_directory(str(tmp_path / 'programs') if store_on else None)
+  try:
+    params = {'w': jnp.arange(3.0)}
+    tx = sfa_jax.sfa(p=0.5, beta=0.5, total_steps=10)
+    assert jax.eval_shape(tx.init, params).anchor['w'].shape == (3,)
+    assert jax.jit(tx.init)(params).anchor['w'].tolist() == [0.0, 1.0, 2.0]
+    assert tx.init(params).anchor['w'].tolist() == [0.0, 1.0, 2.0]  # top level: the options apply
+  finally:
+    stored.set_directory(previous)
+
+
 def test_a_folder_others_may_write_is_not_used(tmp_path):
   folder = tmp_path / 'shared'
   previous = stored._state['directory']
