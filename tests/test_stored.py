@@ -235,6 +235,25 @@ def test_the_initialisation_compiled_quickly_is_bit_for_bit_the_default_one(name
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_small_models_initial_variables_are_read_back_from_the_store_bit_for_bit(store, monkeypatch):
+  model, sample = models.make_model('mlp', 10), np.zeros((1, 8, 8, 1), np.float32)
+  computed = steps.initializer(model, sample)(3)
+  facts = set(store.glob('*.fact'))
+  stored._FACTS.clear()  # as in a new process: the values come from disk
+  steps._INIT_FROM_SEED._compiled.clear()
+  monkeypatch.setattr(stored.StoredProgram, '_load_or_compile', lambda *args: pytest.fail('the init program was loaded'))
+  again = steps.initializer(model, sample)(3)
+  assert _bits(again) == _bits(computed)
+  assert {id(a) for a in jax.tree.leaves(again)}.isdisjoint(id(a) for a in jax.tree.leaves(computed))  # fresh arrays
+  monkeypatch.undo()
+  stored.set_directory(None)
+  assert _bits(steps.initializer(model, sample)(3)) == _bits(computed)  # the program's values, store off
+  stored.set_directory(str(store))
+  monkeypatch.setattr(steps, '_REMEMBERED_INIT_BYTES', 0)  # a larger model: its values are not kept
+  steps.initializer(model, sample)(4)
+  assert set(store.glob('*.fact')) == facts
+
+
 def _bits(tree):
   return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(tree)]
 

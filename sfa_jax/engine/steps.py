@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,8 +43,10 @@ def initializer(model, sample: np.ndarray, mesh: Any = None) -> Callable[[int], 
 
   Flax's ``init`` run eagerly dispatches every initializer's operations one by one, and a fresh
   process compiles each of them; jitted, it is one program that the persistent compilation cache
-  keeps. The values are bit-for-bit those of the eager ``init``. With a ``mesh``, every leaf is
-  created where :func:`sfa_jax.engine.distributed.tree_shardings` puts it (FSDP).
+  keeps. The values are bit-for-bit those of the eager ``init``. With the program store on
+  (:mod:`sfa_jax.engine.stored`), a small model's values are kept there and read back by a later
+  process. With a ``mesh``, every leaf is created where
+  :func:`sfa_jax.engine.distributed.tree_shardings` puts it (FSDP).
 
   Args:
     model: a Flax Linen module taking ``(x, task_id=, train=)``.
@@ -68,7 +71,7 @@ def initializer(model, sample: np.ndarray, mesh: Any = None) -> Callable[[int], 
     ['Dense_0', 'Dense_1', 'head']
   """
   if mesh is None:
-    return lambda seed: _INIT_FROM_SEED(model, _seed(seed), sample)
+    return functools.partial(_init_from_store_or_program, model, sample)
   shapes = jax.eval_shape(_init_variables, model, jax.random.key(0), sample)
   sharded = jax.jit(
       lambda key: _init_variables(model, key, sample), out_shardings=distributed.tree_shardings(shapes, mesh)
@@ -107,6 +110,29 @@ def _seed(seed: Any) -> Any:
 # 2.7x), bit for bit the same values (tests/test_stored.py).
 _INIT_FROM_SEED = stored.StoredProgram(('init_variables',), lambda: jax.jit(_init_from_seed, static_argnums=0),
                                        static_argnums=(0,), compiler_options=_lazy.RUNS_ONCE)
+
+
+# A warm process reads a small model's initial variables from the store rather than load the init
+# program (tens of milliseconds to deserialize, against one for the values): up to this many bytes.
+_REMEMBERED_INIT_BYTES = 16 * 2**20
+
+
+def _init_from_store_or_program(model, sample: np.ndarray, seed: Any) -> tuple[Any, Any]:
+  """The init program's ``(params, model_state)`` for ``seed``, remembered in the store when they are small.
+
+  The values are the program's own (computed by it the first time, then read back bit for bit),
+  keyed by the model, the seed and the sample's bytes (an init may read its input). Fresh device
+  arrays at every call: a run may donate them.
+  """
+  seed = _seed(seed)
+  if isinstance(seed, jax.core.Tracer) or stored.directory() is None:
+    return _INIT_FROM_SEED(model, seed, sample)
+  size = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(variable_shapes(model, sample)))
+  if size > _REMEMBERED_INIT_BYTES:
+    return _INIT_FROM_SEED(model, seed, sample)
+  contents = np.ascontiguousarray(sample)
+  key = ('init_values', model, contents.shape, str(contents.dtype), hashlib.sha256(contents.tobytes()).hexdigest(), int(seed))
+  return jax.device_put(stored.remembered(key, lambda: jax.device_get(_INIT_FROM_SEED(model, seed, sample))))
 
 
 def variable_shapes(model, sample: np.ndarray) -> tuple[Any, Any]:
