@@ -254,6 +254,26 @@ def test_a_small_models_initial_variables_are_read_back_from_the_store_bit_for_b
   assert set(store.glob('*.fact')) == facts
 
 
+def test_a_model_holding_a_prng_key_is_read_back_from_the_store_with_its_key(store):
+  import flax.linen as nn
+
+  class WithKey(nn.Module):
+    @nn.compact
+    def __call__(self, x, task_id=None, train=False):
+      self.variable('rng_state', 'key', lambda: jax.random.key(1))
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  model, sample = WithKey(), np.zeros((1, 4), np.float32)
+  computed = steps.initializer(model, sample)(0)
+  stored._FACTS.clear()  # as in a new process: the values come from disk
+  _, model_state = again = steps.initializer(model, sample)(0)
+  assert jax.dtypes.issubdtype(model_state['rng_state']['key'].dtype, jax.dtypes.extended)
+  unkeyed = lambda tree: jax.tree.map(lambda leaf: jax.random.key_data(leaf) if jax.dtypes.issubdtype(
+      leaf.dtype, jax.dtypes.extended) else leaf, tree)
+  assert _bits(unkeyed(again)) == _bits(unkeyed(computed))
+  assert any(store.glob('*.fact'))
+
+
 def _bits(tree):
   return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(tree)]
 
