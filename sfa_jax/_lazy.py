@@ -105,8 +105,8 @@ def jit(function: Callable[..., Any] | None = None, *, static_argnums: Sequence[
     static_argnums: the positions of its static arguments.
     static_argnames: the names of its static keyword arguments.
     donate_argnums: the positions of the arguments whose buffers it may reuse.
-    compiler_options: XLA options for its compilation as a top-level program, applied by the
-      installed factory (plain ``jax.jit`` without one, as inside another trace).
+    compiler_options: XLA options for its compilation as a top-level program (a call on traced
+      arguments is traced in plainly).
 
   Returns:
     A callable like ``jax.jit(function, ...)``; its ``lower`` and other attributes are the jitted
@@ -150,16 +150,23 @@ class _Helper:
 
     self._function, self._static_argnums, self._static_argnames = function, static_argnums, static_argnames
     self._options = compiler_options
-    # JAX takes compiler options on a top-level program only, and a helper may run inside a user's
-    # jit: the options go to the installed factory, which applies them where it compiles one.
-    self._jitted = jax.jit(function, static_argnums=static_argnums, static_argnames=static_argnames,
-                           donate_argnums=donate_argnums or None)
+    jit = functools.partial(jax.jit, function, static_argnums=static_argnums, static_argnames=static_argnames,
+                            donate_argnums=donate_argnums or None)
+    self._jitted = jit()
+    # JAX takes compiler options on a top-level program only: with options, a call on concrete
+    # arguments runs as one (also inside a user's jit, as check_finite_tree does), a traced one plainly.
+    self._top_level = jit(compiler_options=compiler_options) if compiler_options else None
+    self._jax = jax
     self._wrapped: tuple[Factory, Callable[..., Any]] | None = None
     functools.update_wrapper(self, function)
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     factory = _installed['factory']
     if factory is None:
+      jax = self._jax
+      if self._top_level is not None and not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+        with jax.ensure_compile_time_eval():
+          return self._top_level(*args, **kwargs)
       return self._jitted(*args, **kwargs)
     wrapped = self._wrapped
     if wrapped is None or wrapped[0] is not factory:

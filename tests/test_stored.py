@@ -183,6 +183,26 @@ def test_a_transforms_init_with_the_cores_quick_helpers_runs_inside_jit_and_eval
     stored.set_directory(previous)
 
 
+def test_without_the_store_a_helpers_options_compile_its_top_level_program(tmp_path):
+  """A core helper's options apply without the store too (a plain optax loop's first finite check
+  compiles at level 0), on concrete arguments also inside a user's jit; traced ones are traced in."""
+  previous = stored._state['directory']
+  stored.set_directory(None)
+  try:
+    options = {'xla_backend_optimization_level': 0}
+    multiply_add = lambda a, b, c: a * b + c
+    args = [jnp.asarray(np.random.default_rng(k).standard_normal(4096, np.float32)) for k in range(3)]
+    with_options = jax.jit(multiply_add).lower(*args).compile(compiler_options=options)(*args)
+    if np.array_equal(with_options, jax.jit(multiply_add)(*args)):
+      pytest.skip('XLA computes a * b + c the same at level 0 and at its default here: the options cannot be told apart')
+    helper = _lazy.jit(multiply_add, compiler_options=options)
+    assert _bits(helper(*args)) == _bits(with_options)
+    assert _bits(jax.jit(lambda x: helper(*args) + 0 * x)(1.0)) == _bits(with_options)  # concrete inside a jit
+    assert _bits(jax.jit(helper)(*args)) == _bits(jax.jit(multiply_add)(*args))  # traced: plainly
+  finally:
+    stored.set_directory(previous)
+
+
 def test_a_folder_others_may_write_is_not_used(tmp_path):
   folder = tmp_path / 'shared'
   previous = stored._state['directory']
