@@ -259,6 +259,7 @@ def test_a_small_models_initial_variables_are_read_back_from_the_store_bit_for_b
   model, sample = models.make_model('mlp', 10), np.zeros((1, 8, 8, 1), np.float32)
   computed = steps.initializer(model, sample)(3)
   facts = set(store.glob('*.fact'))
+  assert not any('init_values' in text for text in stored._FACTS)  # on disk only: not held for every seed
   stored._FACTS.clear()  # as in a new process: the values come from disk
   steps._INIT_FROM_SEED._compiled.clear()
   monkeypatch.setattr(stored.StoredProgram, '_load_or_compile', lambda *args: pytest.fail('the init program was loaded'))

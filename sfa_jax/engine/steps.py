@@ -132,7 +132,8 @@ def _init_from_store_or_program(model, sample: np.ndarray, seed: Any) -> tuple[A
     return _INIT_FROM_SEED(model, seed, sample)
   contents = np.ascontiguousarray(sample)
   key = ('init_values', model, contents.shape, str(contents.dtype), hashlib.sha256(contents.tobytes()).hexdigest(), int(seed))
-  return jax.device_put(stored.remembered(key, lambda: jax.device_get(_INIT_FROM_SEED(model, seed, sample))))
+  values = stored.remembered(key, lambda: jax.device_get(_INIT_FROM_SEED(model, seed, sample)), in_memory=False)
+  return jax.device_put(values)  # up to 16 MiB a seed: read from disk, not held for every seed of a grid
 
 
 def variable_shapes(model, sample: np.ndarray) -> tuple[Any, Any]:

@@ -261,10 +261,11 @@ def _write(path: str, text: str, payload: Any) -> None:
     warnings.warn(f'could not store a compiled program in {folder}: {error}', stacklevel=3)
 
 
-def remembered(key: Any, compute: Callable[[], Any]) -> Any:
+def remembered(key: Any, compute: Callable[[], Any], *, in_memory: bool = True) -> Any:
   """``compute()``, kept for this process and on disk under ``key`` (a picklable value, e.g. traced shapes).
 
-  Computed afresh when the store is off or ``key`` has no stable description.
+  Computed afresh when the store is off or ``key`` has no stable description. With ``in_memory=False``
+  the process keeps nothing (each call reads the disk): for values too large to hold for every key.
 
   Example:
     >>> from sfa_jax.engine import stored
@@ -283,7 +284,8 @@ def remembered(key: Any, compute: Callable[[], Any]) -> Any:
     value = compute()
     if path:
       _write(path, text, value)
-  _FACTS[text] = value
+  if in_memory:
+    _FACTS[text] = value
   return value
 
 
