@@ -79,9 +79,12 @@ def test_a_second_process_traces_none_of_the_engines_programs_and_computes_the_s
   assert not (engine_programs | core_helpers) & set(warm['traced']), warm['traced']
 
 
-def test_an_executable_that_jax_loaded_from_its_own_cache_is_stored_runnable(tmp_path):
-  """XLA:CPU serializes an executable loaded from JAX's persistent cache without some kernels;
-  the store compiles afresh, so a third process runs what the second stored."""
+@pytest.mark.parametrize('second', ['store on', 'store on after a run'])
+def test_an_executable_that_jax_loaded_from_its_own_cache_is_stored_runnable(tmp_path, second):
+  """XLA:CPU serializes an executable loaded from JAX's persistent cache without some kernels (a
+  later process fails with "Function ... not found"). The store compiles afresh, and does not store
+  what JAX hands back from memory: here the program ran, loaded from JAX's cache, before the store
+  was turned on. A later process runs what the store holds."""
   code = f"""
   import json, sys
   import jax, jax.numpy as jnp
@@ -91,19 +94,38 @@ def test_an_executable_that_jax_loaded_from_its_own_cache_is_stored_runnable(tmp
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
   compilation_cache.reset_cache()
-  if sys.argv[1:] != ['jax-only']:
-    stored.set_directory({str(tmp_path / 'programs')!r})
   zeros = stored.StoredProgram(('zeros like',), lambda: jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree)))
-  out = zeros({{'a': jnp.ones((64, 32)), 'b': jnp.ones(32)}})
+  tree = {{'a': jnp.ones((64, 32)), 'b': jnp.ones(32)}}
+  if sys.argv[1] == 'store on after a run':
+    zeros(tree)
+  if sys.argv[1] != 'jax only':
+    stored.set_directory({str(tmp_path / 'programs')!r})
+  out = zeros(tree)
   print(json.dumps({{'sum': float(out['a'].sum() + out['b'].sum())}}))
   """
-  run = lambda *argv: subprocess.run([sys.executable, '-c', textwrap.dedent(code), *argv], capture_output=True,
-                                     text=True, timeout=300, cwd=ROOT, env=os.environ | {'JAX_PLATFORMS': 'cpu'})
-  for argv in (['jax-only'], [], []):  # JAX's cache first, then the store's entry written, then read
-    result = run(*argv)
+  run = lambda argv: subprocess.run([sys.executable, '-c', textwrap.dedent(code), argv], capture_output=True,
+                                    text=True, timeout=300, cwd=ROOT, env=os.environ | {'JAX_PLATFORMS': 'cpu'})
+  stored_programs = lambda: len(list((tmp_path / 'programs').glob('*.program')))
+  # JAX's cache written; then the store's entry written (or, after a run, left to a later process); then read.
+  for argv, programs in (('jax only', 0), (second, int(second == 'store on')), ('store on', 1), ('store on', 1)):
+    result = run(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {'sum': 0.0}
-  assert len(list((tmp_path / 'programs').glob('*.program'))) == 1
+    assert stored_programs() == programs, argv
+
+
+def test_a_program_whose_tree_pickle_cannot_write_runs_and_is_not_stored(store):
+  """A class defined by ``exec`` (a docs page run as a test, a notebook's generated code) cannot be
+  pickled by name: its program runs from memory, without an entry or a warning."""
+  namespace = {'__name__': 'not_importable'}
+  exec('import typing\nclass Pair(typing.NamedTuple):\n  a: object\n  b: object', namespace)
+  pair = namespace['Pair'](jnp.ones(2), jnp.ones(3))
+  program = stored.StoredProgram(('double a pair',), lambda: jax.jit(lambda p: jax.tree.map(lambda x: 2 * x, p)))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    doubled = program(pair)
+  assert type(doubled) is namespace['Pair'] and doubled.a.tolist() == [2.0, 2.0] and doubled.b.tolist() == [2.0] * 3
+  assert not list(store.glob('*.program'))
 
 
 def test_a_damaged_entry_is_rebuilt_not_trusted(store):

@@ -247,8 +247,15 @@ def _read(path: str, text: str) -> Any:
 
 
 def _write(path: str, text: str, payload: Any) -> None:
-  """Writes the entry whole or not at all (a temporary file renamed over); a failure leaves no entry."""
-  body = pickle.dumps({'description': text, 'payload': payload}, protocol=pickle.HIGHEST_PROTOCOL)
+  """Writes the entry whole or not at all (a temporary file renamed over); a failure leaves no entry.
+
+  A payload that pickle cannot write (its tree holds a class of a module that cannot be imported,
+  such as one defined in code run by ``exec``) is not stored: it stays in this process's memory.
+  """
+  try:
+    body = pickle.dumps({'description': text, 'payload': payload}, protocol=pickle.HIGHEST_PROTOCOL)
+  except (pickle.PicklingError, AttributeError, TypeError):
+    return
   folder = os.path.dirname(path)
   try:
     handle, temporary = tempfile.mkstemp(dir=folder, prefix='.writing-')
@@ -444,8 +451,13 @@ class StoredProgram:
         compiled = None
     if compiled is None:
       with _fresh_compilation() if path else contextlib.nullcontext():
+        compiles = _compiles_here()
         compiled = self.jitted.lower(*args, **(kwargs or {})).compile(compiler_options=self._options or None)
-      if path:
+        # JAX hands back an executable it holds in memory without compiling; one it loaded from its
+        # persistent cache earlier in the process would serialize without some kernels. Store only
+        # what this call compiled (a later process stores the rest).
+        compiled_here = _compiles_here() > compiles
+      if path and compiled_here:
         try:
           payload = serialize_executable.serialize(compiled)
         except Exception:  # pylint: disable=broad-except  (a program XLA cannot serialize: kept in memory only)
@@ -454,6 +466,25 @@ class StoredProgram:
           _write(path, text, payload)
     self._compiled[signature] = compiled
     return compiled
+
+
+_BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+_backend_compiles: dict[int, int] = {}  # thread ident -> XLA compilations run in that thread
+
+
+def _count_backend_compile(event: str, duration: float, **kwargs: Any) -> None:
+  del duration, kwargs
+  if event == _BACKEND_COMPILE_EVENT:
+    thread = threading.get_ident()
+    _backend_compiles[thread] = _backend_compiles.get(thread, 0) + 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
+
+
+def _compiles_here() -> int:
+  """How many programs XLA has compiled (or JAX read from its persistent cache) in this thread."""
+  return _backend_compiles.get(threading.get_ident(), 0)
 
 
 @contextlib.contextmanager
