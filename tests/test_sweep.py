@@ -6,9 +6,7 @@ import logging
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
-from sfa_jax.engine import compile_cache as compile_cache_lib
 from sfa_jax import engine
 from sfa_jax import tasks
 
@@ -18,18 +16,6 @@ CONFIG = engine.TrainConfig(model_kwargs=(('hidden', (32,)),), epochs_per_task=1
 @pytest.fixture(scope='module')
 def pair():
   return tasks.make_stream('mnist-pair', source='digits')
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compile_cache(tmp_path_factory):
-  """The sequential reference runs of one method compile the same programs: cache them (as the CLI does)."""
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs', 'jax_persistent_cache_min_entry_size_bytes')
-  saved = {name: getattr(jax.config, name) for name in names}
-  compile_cache_lib.enable_compilation_cache(str(tmp_path_factory.mktemp('jax_cache')))
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 def _assert_same_as_sequential(stream, configurations, results):
