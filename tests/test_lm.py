@@ -1,5 +1,6 @@
 """The text domains and the language-model sequence trainer, on a tiny random Llama with byte tokens."""
 
+import logging
 import os
 import re
 
@@ -141,8 +142,10 @@ def test_run_lm_sequences_rejects_bad_input(tiny):
     lm.LMConfig(optimizer='rmsprop')
 
 
-def test_a_language_run_is_the_engine_loop_and_resumes_bit_exact(tiny, tmp_path):
-  """The sequence runs on the one loop: checkpointed mid-domain, resumed, the same numbers."""
+def test_a_language_run_is_the_engine_loop_and_resumes_bit_exact(tiny, tmp_path, caplog):
+  """The sequence runs on the one loop: checkpointed mid-domain, resumed, the same numbers. The
+  resumed run compiles no train chunk: its restored state is placed as a fresh one, so the process's
+  program serves it."""
   from sfa_jax.engine.checkpoint import Checkpointer
   from sfa_jax.engine import callbacks
 
@@ -162,6 +165,12 @@ def test_a_language_run_is_the_engine_loop_and_resumes_bit_exact(tiny, tmp_path)
   with pytest.raises(Stop):
     lm.run_lm_sequences(model, params, domains, [method], config, callbacks=stop_in_law,
                         checkpointers=[Checkpointer(tmp_path, every_steps=2)])
-  (resumed,) = lm.run_lm_sequences(model, params, domains, [method], config, checkpointers=[Checkpointer(tmp_path)])
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      (resumed,) = lm.run_lm_sequences(model, params, domains, [method], config, checkpointers=[Checkpointer(tmp_path)])
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  assert not [r.getMessage() for r in caplog.records if 'Finished XLA compilation of jit(chunk)' in r.getMessage()]
   assert resumed.loss_matrix == whole.loss_matrix and resumed.exact_match == whole.exact_match
   assert resumed.averaging_steps == whole.averaging_steps

@@ -210,11 +210,13 @@ class Checkpointer:
       self._check_fingerprint(step, record, fingerprint)
       if not isinstance(record.get(_CHECKSUMS), dict):
         raise _Unusable('its record holds no checksums of the arrays')
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like(record) if callable(like) else like)
+      template = like(record) if callable(like) else like
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
       try:
         arrays = reader.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))['arrays']
       except Exception as error:  # orbax raises many types for unreadable files
         raise _Unusable(f'cannot restore the arrays: {_reason(error)}') from error
+      arrays = jax.tree.map(_placed_like, template, arrays)
     except CheckpointError as error:
       return None, None, (_WRONG_RUN, str(error))
     except _Unusable as problem:
@@ -272,6 +274,17 @@ def _checksum_problem(arrays: Any, checksums: dict[str, str]) -> str | None:
     return None
   more = f' and {len(differ) - 1} more' if len(differ) > 1 else ''
   return f'corrupt: the checksum of {differ[0]}{more} differs'
+
+
+def _placed_like(template: Any, restored: Any) -> Any:
+  """``restored`` uncommitted where ``template`` is (a fresh state's arrays are; Orbax commits what
+  it restores): ``jax.jit`` compiles its programs anew for committed arguments, so a resumed run
+  would compile the programs that its process, or its warm-up, compiled for a fresh start. The
+  arrays go through the host once per resume; an array placed on purpose (a mesh's) stays committed."""
+  if (isinstance(template, jax.Array) and not template.committed and isinstance(restored, jax.Array)
+      and restored.committed and restored.is_fully_addressable and not jax.dtypes.issubdtype(restored.dtype, jax.dtypes.prng_key)):
+    return jax.device_put(np.asarray(restored))
+  return restored
 
 
 class _Unusable(Exception):
