@@ -1,6 +1,7 @@
 """Your model, loss, data and optimizer in the engine: run, sweep and EWC's Fisher through them."""
 
 import dataclasses
+import logging
 
 import chex
 import flax.linen as nn
@@ -305,7 +306,7 @@ def test_replay_of_real_valued_targets_keeps_a_fraction_of_all_examples(stream):
   assert jax.tree.leaves(plan)  # the memory is real data
 
 
-def test_a_run_starts_from_given_params_and_resumes_from_them(tmp_path):
+def test_a_run_starts_from_given_params_and_resumes_from_them(tmp_path, caplog):
   """A pretrained starting point: the run trains from it, a sweep too, and checks its shapes."""
   from sfa_jax.engine.checkpoint import Checkpointer
 
@@ -314,6 +315,16 @@ def test_a_run_starts_from_given_params_and_resumes_from_them(tmp_path):
   model = engine.run.build_model(pair, config)
   seed_one = steps.initializer(model, pair[0].train.x[:1])(1)
   started = engine.run_sequence(pair, methods.SFA(), config, initial=seed_one)
+  # Arrays committed to a device (as Orbax and jax.device_put leave them) start the same run on the
+  # programs this process compiled: no train chunk compiles again.
+  committed = jax.device_put(seed_one, jax.devices()[0])
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      assert engine.run_sequence(pair, methods.SFA(), config, initial=committed).accuracy_matrix == started.accuracy_matrix
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  assert not [r.getMessage() for r in caplog.records if 'Finished XLA compilation of jit(chunk)' in r.getMessage()]
   # Starting from seed 1's initialisation is the seed-0 data order on seed 1's model: not the seed-0 run.
   assert started.accuracy_matrix != engine.run_sequence(pair, methods.SFA(), config).accuracy_matrix
   swept = engine.run_sweep(pair, [(methods.SFA(), config)], initial=seed_one)

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sfa_jax.engine import distributed
+
 __all__ = ['CheckpointError', 'CheckpointWarning', 'Checkpointer']
 
 _CHECKSUMS = 'array_checksums'  # the record's key for the arrays' checksums
@@ -277,13 +279,10 @@ def _checksum_problem(arrays: Any, checksums: dict[str, str]) -> str | None:
 
 
 def _placed_like(template: Any, restored: Any) -> Any:
-  """``restored`` uncommitted where ``template`` is (a fresh state's arrays are; Orbax commits what
-  it restores): ``jax.jit`` compiles its programs anew for committed arguments, so a resumed run
-  would compile the programs that its process, or its warm-up, compiled for a fresh start. The
-  arrays go through the host once per resume; an array placed on purpose (a mesh's) stays committed."""
-  if (isinstance(template, jax.Array) and not template.committed and isinstance(restored, jax.Array)
-      and restored.committed and restored.is_fully_addressable and not jax.dtypes.issubdtype(restored.dtype, jax.dtypes.prng_key)):
-    return jax.device_put(np.asarray(restored))
+  """``restored`` uncommitted where ``template`` is (Orbax commits what it restores,
+  :func:`sfa_jax.engine.distributed.uncommitted`); an array placed on purpose (a mesh's) stays."""
+  if isinstance(template, jax.Array) and not template.committed:
+    return distributed.uncommitted(restored)
   return restored
 
 

@@ -288,6 +288,28 @@ def place(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(_put, tree, shardings)
 
 
+def uncommitted(leaf: Any) -> Any:
+  """``leaf`` as an uncommitted array on the default device when it is a committed one of this process.
+
+  ``jax.jit`` compiles a program anew for committed arguments: a run without a mesh keeps its state
+  uncommitted, as its initialisation makes it, so that the programs compiled for it (in the
+  background, from zeros) serve every start, a restored checkpoint's or a user's arrays. Orbax and
+  ``jax.device_put(x, device)`` commit; the leaf goes through the host once. A typed PRNG key, an
+  array spread over processes and anything else are returned as they are.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from sfa_jax.engine.distributed import uncommitted
+    >>> x = jax.device_put(jnp.arange(3.0), jax.devices()[0])
+    >>> x.committed, uncommitted(x).committed, uncommitted(x).tolist()
+    (True, False, [0.0, 1.0, 2.0])
+  """
+  if (isinstance(leaf, jax.Array) and leaf.committed and leaf.is_fully_addressable
+      and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)):
+    return jax.device_put(np.asarray(leaf))
+  return leaf
+
+
 def shard(tree: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
   """``tree`` (params, model state or optimizer state) placed with its FSDP :func:`tree_shardings`.
 

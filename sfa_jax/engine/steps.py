@@ -165,8 +165,10 @@ def starting_point(model, sample: np.ndarray, initial: Any, mesh: Any = None) ->
   expected = variable_shapes(model, sample)
   for name, given, want in zip(('params', 'model_state'), initial, expected):
     _validation.check_matching_tree(want, given, reference_name=f"the model's {name}", other_name=f'initial {name}')
-  shardings = distributed.tree_shardings(expected, mesh) if mesh is not None else None
-  copy = jax.jit(_validation.copy_tree, out_shardings=shardings)
+  if mesh is None:  # copies uncommitted, as an initialisation's (committed arrays compile other programs)
+    copy = jax.jit(_validation.copy_tree)
+    return lambda seed: jax.tree.map(distributed.uncommitted, copy(tuple(initial)))
+  copy = jax.jit(_validation.copy_tree, out_shardings=distributed.tree_shardings(expected, mesh))
   return lambda seed: copy(tuple(initial))
 
 
