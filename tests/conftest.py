@@ -32,16 +32,11 @@ _CACHE_ENV = 'SFA_JAX_CACHE_DIR'
 
 
 def _use_the_suites_cache() -> None:
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache
-
+  from sfa_jax.engine import compile_cache
   from sfa_jax.engine import stored
 
-  jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_ENV])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-  compilation_cache.reset_cache()
-  stored.set_directory(None)
+  compile_cache.enable_compilation_cache(os.environ[_CACHE_ENV])  # as the command line does, then
+  stored.set_directory(None)  # the store off, as for a library user
 
 
 def pytest_configure(config):
