@@ -49,13 +49,13 @@ def test_every_method_runs_and_fills_the_accuracy_matrix(pair, name):
 
 
 def test_methods_differ_as_the_paper_says(pair):
-  """Fine-tuning forgets task A; SFA, L2, replay and joint training keep some of it."""
+  """Fine-tuning forgets task A; SFA, both replays and joint training keep some of it."""
   final = {
       name: np.asarray(engine.run_sequence(pair, engine.make_method(name), CONFIG).accuracy_matrix)[-1]
-      for name in ('finetune', 'sfa', 'replay', 'joint')
+      for name in ('finetune', 'sfa', 'replay', 'er', 'joint')
   }
   assert final['finetune'][0] < 0.05 and final['finetune'][1] > 0.9
-  for name in ('sfa', 'replay', 'joint'):
+  for name in ('sfa', 'replay', 'er', 'joint'):
     assert final[name][0] > 0.3, name
     assert final[name].mean() > final['finetune'].mean() + 0.1, name
 

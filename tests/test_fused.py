@@ -98,6 +98,32 @@ def test_batches_gathered_on_the_host_equal_the_device_ones(stream, method):
   _same(on_device, on_host)
 
 
+def test_experience_replay_trains_each_step_on_a_whole_batch_and_the_memory_batch_beside_it(stream):
+  all_tasks = list(stream)
+  plan = engine.make_method('er', fraction=0.5, memory_ratio=0.5).batch_plan(all_tasks, 1, CONFIG.batch_size, seed=0)
+  total = loop.task_steps(plan, CONFIG, 1)
+  assert total == loop.task_steps(engine.make_method('finetune').batch_plan(all_tasks, 1, 32, 0), CONFIG, 1)
+  rows = feed.task_rows(plan, CONFIG.batch_size, seed=0, total_steps=total)
+  assert rows.data.shape == (total, 32) and rows.replay.shape == (total, 16)
+
+  def step(params, model_state, opt_state, step_state, x, y, mask, ids, memory):
+    assert memory is None  # trained on with the batch, not kept apart
+    return params, model_state, opt_state, step_state, mask.sum().astype(jnp.float32), (ids == 1).sum().astype(jnp.float32)
+
+  for budget in (2**30, 0):  # examples on the device, and gathered on the host
+    task_feed = feed.task_feed([plan], [rows], lanes=False, budget=budget)
+    n = min(2, task_feed.block_steps)
+    chunk = fused.make_chunk(step, task_feed.layout)
+    _, losses, metrics, _, done = chunk((jnp.float32(0), {}, {}, None), *task_feed.block(0, n), n)
+    assert int(done) == n and losses[:n].tolist() == [48.0] * n and metrics[:n].tolist() == [32.0] * n
+
+
+def test_a_plan_that_keeps_its_memory_apart_and_adds_it_is_refused(stream):
+  plan = engine.make_method('er').batch_plan(list(stream), 1, 32, seed=0)
+  with pytest.raises(ValueError, match='memory_apart.*memory_added'):
+    loop.task_steps(plan._replace(memory_apart=True), CONFIG, 1)
+
+
 def test_a_sweep_of_memories_gathered_on_the_host_equals_its_runs(stream):
   configurations = engine.grid('replay', fraction=(0.1, 0.3), seeds=(0, 1), config=dataclasses.replace(CONFIG, device_data_bytes=0))
   swept = engine.run_sweep(stream, configurations)

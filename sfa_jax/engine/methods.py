@@ -20,6 +20,8 @@ ewc              ``chain(ewc(F, strength, anchor=θ_{k-1}), optimizer)``, ``F`` 
 replay           each batch mixes ``batch_size - r`` examples of task ``k`` with ``r = round(ratio ·
                  batch_size)`` examples of the memory: ``fraction`` of each past task's training set,
                  stratified by class. Task 0 (empty memory) uses whole batches of its own data.
+er               each step trains on ``batch_size`` examples of task ``k`` and ``m = round(memory_ratio ·
+                 batch_size)`` more of the same memory beside them (Chaudhry et al.'s experience replay).
 wise-ft          fine-tune, then at the task's end ``θ_k ← interpolate(θ_{k-1}, θ_k, beta)``.
 task-arithmetic  the model after task 0 is the base ``θ_b``. Task ``k ≥ 1`` is trained from ``θ_b``
                  into ``θ_k``; the model evaluated after task ``k`` is ``θ_b + scaling·Σ_{j≤k}(θ_j − θ_b)``.
@@ -87,7 +89,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     'Interval', 'UNIT', 'UNIT_OPEN_LOW', 'NON_NEGATIVE', 'Hyperparam', 'Boundary', 'BatchPlan',
-    'Method', 'Finetune', 'SFA', 'MultiAnchorSFA', 'AdaptiveSFA', 'L2', 'EWC', 'Replay', 'Joint',
+    'Method', 'Finetune', 'SFA', 'MultiAnchorSFA', 'AdaptiveSFA', 'L2', 'EWC', 'Replay', 'ExperienceReplay', 'Joint',
     'WiseFT', 'TaskArithmetic', 'TIES', 'MagMax', 'CoFiMA', 'register_method', 'registered', 'method_class',
     'make_method', 'SI', 'MAS', 'EWCOffline',
     'StepBatch', 'StepModel', 'StepSpec', 'step_state', 'with_step_state', 'has_step_hooks', 'LwF', 'DERpp',
@@ -191,6 +193,9 @@ class BatchPlan(NamedTuple):
     memory_apart: the memory's ``replay_size`` examples are a batch of their own, drawn beside the
       task's whole batch (A-GEM's reference batch), not a share of it: the step gets them as
       :attr:`StepBatch.memory` and trains on ``batch_size`` examples of the task.
+    memory_added: the memory's ``replay_size`` examples are drawn beside the task's whole batch
+      and trained on with it: each step trains on ``batch_size + replay_size`` examples
+      (:class:`ExperienceReplay`). At most one of ``memory_apart`` and ``memory_added``.
 
   Example:
     >>> import numpy as np
@@ -208,10 +213,18 @@ class BatchPlan(NamedTuple):
   replay_ids: Any = None
   replay_size: int = 0
   memory_apart: bool = False
+  memory_added: bool = False
 
   def task_share(self, batch_size: int) -> int:
-    """How many of the task's examples each step of ``batch_size`` trains on."""
-    return batch_size if self.memory_apart else batch_size - self.replay_size
+    """How many of the task's examples each step of ``batch_size`` trains on.
+
+    Raises:
+      ValueError: when the plan both keeps its memory apart and adds it to the batch.
+    """
+    if self.memory_apart and self.memory_added:
+      raise ValueError('a BatchPlan keeps its memory apart (memory_apart) or trains on it with the batch '
+                       '(memory_added), not both.')
+    return batch_size if self.memory_apart or self.memory_added else batch_size - self.replay_size
 
 
 class StepBatch(NamedTuple):
@@ -995,18 +1008,72 @@ class Replay(Method):
     plan = _own_data(tasks[task_index])
     if task_index == 0:
       return plan
-    from sfa_jax import tasks as tasks_lib
-
-    memory = [
-        _own_data(dataclasses.replace(t, train=tasks_lib.subsample(t.train, self['fraction'], seed=task_seed(seed, t.index))))
-        for t in tasks[:task_index]
-    ]
-    replay, replay_ids = _concat(memory)
+    replay, replay_ids = _stratified_memory(tasks[:task_index], self['fraction'], seed)
     size = min(batch_size - 1, max(1, round(self['ratio'] * batch_size)))
     return plan._replace(replay=replay, replay_ids=replay_ids, replay_size=size)
 
   def data_key(self):
     return self['fraction']
+
+
+class ExperienceReplay(Method):
+  """Experience replay: each step trains on a whole batch of the task and a batch of the memory beside it.
+
+  The memory of task ``k`` holds ``fraction`` of each past task's training set, stratified by
+  class (as :class:`Replay`'s). Each step draws ``m = round(memory_ratio·batch_size)`` examples
+  of it (at least 1) beside the task's ``batch_size`` and trains on the ``batch_size + m``
+  together, so a task takes as many steps as fine-tuning does. With ``memory_ratio=1`` this is
+  the experience replay of Chaudhry et al. and Avalanche's ``Replay`` strategy (a memory batch as
+  large as the task's); :class:`Replay` gives the memory a share of each batch instead. Task 0
+  trains on whole batches of its own.
+
+  Args:
+    fraction: the share of each past task's training set kept, in ``(0, 1]`` (default 0.1).
+    memory_ratio: the memory batch's size over ``batch_size``, above 0 (default 1.0); it decides
+      the step's shapes, so the configurations of one sweep share it.
+
+  Example:
+    >>> import numpy as np
+    >>> from sfa_jax import tasks
+    >>> from sfa_jax.engine import methods
+    >>> split = tasks.Split(np.zeros((20, 2), np.float32), np.arange(20) % 2)
+    >>> toy = [('a', split, split), ('b', split, split)]
+    >>> stream = tasks.stream_of('toy', toy, num_outputs=2)
+    >>> plan = methods.ExperienceReplay(fraction=0.5).batch_plan(list(stream), 1, batch_size=8, seed=0)
+    >>> len(plan.replay.y), plan.replay_size, plan.task_share(8)  # 10 of task 0 kept; 8 beside 8
+    (10, 8, 8)
+
+  References:
+    Chaudhry et al, `On Tiny Episodic Memories in Continual Learning
+    <https://arxiv.org/abs/1902.10486>`_, 2019
+  """
+
+  name = 'er'
+  hyperparams = {
+      'fraction': Hyperparam(0.1, UNIT_OPEN_LOW, doc="share of each past task's training set kept"),
+      'memory_ratio': Hyperparam(1.0, Interval(0.0, math.inf, low_open=True, high_open=True), sweepable=False,
+                                 doc="the memory batch's size over the batch size"),
+  }
+
+  def batch_plan(self, tasks, task_index, batch_size, seed):
+    plan = _own_data(tasks[task_index])
+    if task_index == 0:
+      return plan
+    replay, replay_ids = _stratified_memory(tasks[:task_index], self['fraction'], seed)
+    size = max(1, round(self['memory_ratio'] * batch_size))
+    return plan._replace(replay=replay, replay_ids=replay_ids, replay_size=size, memory_added=True)
+
+  def data_key(self):
+    return self['fraction']
+
+
+def _stratified_memory(past: Sequence[tasks_lib.Task], fraction: float, seed: int) -> tuple[Any, Any]:
+  """The replay memory of the ``past`` tasks: ``fraction`` of each one's training set, stratified
+  by class (:func:`sfa_jax.tasks.subsample`), and its task ids."""
+  from sfa_jax import tasks as tasks_lib
+
+  return _concat([_own_data(dataclasses.replace(t, train=tasks_lib.subsample(t.train, fraction, seed=task_seed(seed, t.index))))
+                  for t in past])
 
 
 class Joint(Method):
@@ -1772,7 +1839,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 for _cls in (Finetune, SFA, L2, EWC, Replay, WiseFT, TaskArithmetic, TIES, Joint, AdaptiveSFA, MultiAnchorSFA,
-             MagMax, CoFiMA, SI, MAS, EWCOffline, LwF, DERpp, AGEM):
+             MagMax, CoFiMA, SI, MAS, EWCOffline, LwF, DERpp, AGEM, ExperienceReplay):
   register_method(_cls)
 
 
