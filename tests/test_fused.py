@@ -1,6 +1,7 @@
 """The engine's fused steps: task data on the device, chunks of steps per dispatch, SFA's skipped anchor."""
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 
 import sfa_jax
 from sfa_jax import engine, tasks
-from sfa_jax.engine import callbacks, feed, fused, loop, methods, programs
+from sfa_jax.engine import callbacks, feed, fused, loop, methods, programs, stored
 
 CONFIG = engine.TrainConfig(epochs_per_task=2, batch_size=32, eval_every=5)
 
@@ -116,6 +117,35 @@ def test_experience_replay_trains_each_step_on_a_whole_batch_and_the_memory_batc
     chunk = fused.make_chunk(step, task_feed.layout)
     _, losses, metrics, _, done = chunk((jnp.float32(0), {}, {}, None), *task_feed.block(0, n), n)
     assert int(done) == n and losses[:n].tolist() == [48.0] * n and metrics[:n].tolist() == [32.0] * n
+
+
+def test_the_second_tasks_program_compiles_in_the_background_while_the_first_task_trains(stream, tmp_path, caplog):
+  """A memory changes the chunk's inputs at task 1: with the store on, that program compiles in
+  the background thread from the run's start (its examples prepared as shapes), not when task 1
+  starts, and the numbers are those of a run without the store."""
+  config = dataclasses.replace(CONFIG, model_kwargs=(('hidden', (24,)),))  # shapes of this test alone
+  method = engine.make_method('er', fraction=0.5)
+  stored.set_directory(str(tmp_path))
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      result = engine.run_sequence(stream, method, config)
+  finally:
+    jax.config.update('jax_log_compiles', False)
+    stored.set_directory(None)
+  threads = [r.threadName for r in caplog.records if 'Finished XLA compilation of jit(chunk)' in r.getMessage()]
+  assert len(threads) == 2 and 'MainThread' not in threads, threads
+  assert result.accuracy_matrix == engine.run_sequence(stream, method, config).accuracy_matrix
+
+
+def test_a_feed_prepared_as_shapes_has_the_placed_feeds_shapes(stream):
+  plan = engine.make_method('er', fraction=0.5).batch_plan(list(stream), 1, 32, seed=0)
+  rows = feed.task_rows(plan, 32, seed=0, total_steps=4)
+  placed, shapes = (feed.task_feed([plan], [rows], lanes=False, budget=2**30, min_rows=500, place=place)
+                    for place in (True, False))
+  assert isinstance(shapes.device.x, jax.ShapeDtypeStruct)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), shapes.device) == jax.tree.map(lambda a: (a.shape, a.dtype), placed.device)
+  assert (shapes.layout, shapes.block_steps) == (placed.layout, placed.block_steps)
 
 
 def test_a_plan_that_keeps_its_memory_apart_and_adds_it_is_refused(stream):

@@ -226,7 +226,7 @@ def _arange(steps: int, width: int) -> np.ndarray:
 
 def task_feed(
     plans: Sequence[methods_lib.BatchPlan], rows: Sequence[TaskRows], *, lanes: bool, budget: int,
-    min_rows: int = 0, placement: Any = None,
+    min_rows: int = 0, placement: Any = None, place: bool = True,
 ) -> TaskFeed:
   """The :class:`TaskFeed` of a task: its examples on the device when they fit in ``budget`` bytes.
 
@@ -240,6 +240,8 @@ def task_feed(
     min_rows: pad the examples on the device to at least this many rows (the stream's largest
       task: every task then has one shape).
     placement: ``None`` (the default device) or the sharding of the examples (a mesh's replicated one).
+    place: put the examples on the device; ``False`` leaves the feed's ``device`` as their shapes
+      (``jax.ShapeDtypeStruct``), to compile the task's programs ahead without a second copy there.
 
   Returns:
     The feed.
@@ -257,6 +259,10 @@ def task_feed(
     block = MAX_CHUNK_STEPS if not memory_width else _steps_within(budget, per_example * memory_width * len(groups))
     several_memories = 0 if several and groups[0][1] is not None else None
     layout = Layout(lanes, None if shared or not several else 0, several_memories, 0 if several else None, None, apart)
+    if not place:
+      lead = () if shared or not several else (len(groups),)
+      shapes = Examples(*(jax.ShapeDtypeStruct(lead + (length,) + np.shape(leaf)[1:], np.asarray(leaf).dtype) for leaf in data))
+      return TaskFeed(layout, groups, list(rows), shapes, block)
     pad = lambda part: Examples(*(_padded(leaf, length) for leaf in part))
     device = on_device(pad(data), placement) if shared or not several else on_device(
         Examples(*(np.stack(leaves) for leaves in zip(*(pad(part) for part, _ in groups)))), placement)

@@ -191,7 +191,10 @@ def train_stream(
   evaluator = _Evaluator(model, all_tasks, shared, stacked=stacked, placement=placement)
   record = _Record(fingerprint, lanes.count, checkpointer, emit, evaluate_state)
   boundaries = _Boundaries(model, all_tasks, shared, lanes.trainable, record)
-  lanes.state = _fresh_state(lanes, chunks, prepare.ahead(0), evaluator, boundaries, warm=mesh is None)
+  # A later task's programs compile ahead only into the store, whose calls wait for their own shapes.
+  ahead = mesh is None and len(all_tasks) > 1 and stored.directory() is not None
+  second = prepare.shapes_ahead(1) if ahead else None
+  lanes.state = _fresh_state(lanes, chunks, prepare.ahead(0), second, evaluator, boundaries, warm=mesh is None)
   lanes.state = record.start(lanes.state)
   runner = _TaskRunner(lanes, chunks, evaluator, record, shared, every_step=callbacks_lib.wants_every_step(callbacks),
                        emit=emit)
@@ -320,14 +323,19 @@ class _TaskPreparer:
     ahead, self._ahead = self._ahead, None
     return ahead if ahead is not None and ahead.task == k else self._prepare(k)
 
-  def _prepare(self, k: int) -> _PreparedTask:
+  def shapes_ahead(self, k: int) -> _PreparedTask:
+    """Task ``k``'s inputs with its examples left as shapes (``task_feed``'s ``place=False``), to
+    compile its programs ahead without a second copy of examples on the device."""
+    return self._prepare(k, place=False)
+
+  def _prepare(self, k: int, place: bool = True) -> _PreparedTask:
     shared, configs = self._configs[0], self._configs
     plans = [self._methods[i].batch_plan(self._tasks, k, configs[i].batch_size, configs[i].seed) for i in self._groups]
     total_steps = task_steps(plans[0], shared, k)
     rows = [feed_lib.task_rows(plans[i], configs[i].batch_size, methods_lib.task_seed(configs[i].seed, k), total_steps)
             for i in self._groups]
     task_feed = feed_lib.task_feed(plans, rows, lanes=self._stacked, budget=shared.device_data_bytes,
-                                   min_rows=self._largest, placement=self._placement)
+                                   min_rows=self._largest, placement=self._placement, place=place)
     return _PreparedTask(k, total_steps, task_feed)
 
 
@@ -477,33 +485,64 @@ def _chunk_programs(model: Any, lanes: _Lanes, task: tasks_lib.Task, mesh: Any) 
                                 count=lanes.count, stacked=lanes.stacked, mesh=mesh)
 
 
-def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _PreparedTask, evaluator: _Evaluator,
-                 boundaries: _Boundaries, *, warm: bool) -> RunState:
+def _fresh_state(lanes: _Lanes, chunks: programs.ChunkPrograms, first: _PreparedTask, second: _PreparedTask | None,
+                 evaluator: _Evaluator, boundaries: _Boundaries, *, warm: bool) -> RunState:
   """The lanes' starting state; with ``warm``, the run's programs compile (or load) meanwhile.
 
   Cold, compiling is most of a small run: the first task's train programs, then the evaluation,
-  the finite check and the estimates the method takes at task ends (its Fisher), compile in the
-  background while the model's initialisation compiles here; once it is done, this thread
-  compiles the stored programs the background thread has not started.
+  the finite check, the estimates the method takes at task ends (its Fisher) and the second
+  task's train programs when its inputs change them (a replay memory: ``second``, prepared as
+  shapes), compile in the background while the model's initialisation compiles here; once it is
+  done, this thread compiles the stored programs the background thread has not started.
   """
   warmed_init = None
   if warm and not lanes.stacked:  # the optimizer's init is needed first, right after the model's
     if not programs.prepare_in_background(lanes.init_opt[0], chunks.abstract.params):
       warmed_init = programs.compile_in_background(lanes.init_opt[0], chunks.abstract.params)
   if warm:
-    on_device = methods_lib.checked_schedule(lanes.methods[0], 0, first.total_steps) is None
-    variants = [True, False] if chunks.skips_between_averages and not on_device else [False]
-    stop_on_average = on_device and bool(lanes.configs[0].eval_every)
-    for skip in variants:
-      chunks.warm(first.feed.layout, skip, on_device, stop_on_average, first.feed.block(0, 1))
+    _warm_chunks(lanes, chunks, first, first.feed.block(0, 1), later=False)
     evaluator.warm(chunks.abstract)
     programs.prepare_in_background(_FINITE_LEAVES, (chunks.abstract.params, chunks.abstract.model_state), lanes.stacked)
     boundaries.warm(type(lanes.methods[0]).boundary_uses, chunks.lane)  # estimated lane by lane
+    block = None if second is None else _block_like(second.feed, first.feed)
+    if block is not None:
+      _warm_chunks(lanes, chunks, second, block, later=True)
   if warmed_init is not None:
     warmed_init.result()
   state = lanes.fresh()
   programs.prepare_queued_here()  # the model's init is done: this thread takes what waits behind the train programs
   return state
+
+
+def _warm_chunks(lanes: _Lanes, chunks: programs.ChunkPrograms, task: _PreparedTask, block: feed_lib.Block, *,
+                 later: bool) -> None:
+  """Compiles, in the background, the chunk programs ``task`` trains with and the run has not
+  asked for yet (:meth:`~sfa_jax.engine.programs.ChunkPrograms.warm`, ``later`` for a task after
+  the first), by the first lane's schedule. A later task's refused schedule compiles nothing
+  here: that task's start reports it."""
+  try:
+    on_device = methods_lib.checked_schedule(lanes.methods[0], task.task, task.total_steps) is None
+  except (TypeError, ValueError):
+    if not later:
+      raise
+    return
+  variants = [True, False] if chunks.skips_between_averages and not on_device else [False]
+  stop_on_average = on_device and bool(lanes.configs[0].eval_every)
+  for skip in variants:
+    chunks.warm(task.feed.layout, skip, on_device, stop_on_average, block, later=later)
+
+
+def _block_like(shapes: feed_lib.TaskFeed, placed: feed_lib.TaskFeed) -> feed_lib.Block | None:
+  """The first chunk call's inputs of the feed ``shapes`` (its examples left as shapes), with
+  ``placed``'s examples on the device in their place (the values do not matter to a compilation);
+  ``None`` when their shapes differ (joint training's growing union)."""
+  block = shapes.block(0, 1)
+  if shapes.device is None:
+    return block
+  if placed.device is None:
+    return None
+  same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, shapes.device, placed.device)
+  return block._replace(data=placed.device) if all(jax.tree.leaves(same)) else None
 
 
 @dataclasses.dataclass(frozen=True)

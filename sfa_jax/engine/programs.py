@@ -129,14 +129,17 @@ def compile_in_background(function: Callable[..., Any], shapes: Any, *args: Any)
   return _COMPILER.submit(_zeros_call, function, shapes, *args)
 
 
-def prepare_in_background(program: Any, *args: Any) -> bool:
+def prepare_in_background(program: Any, *args: Any, later: bool = False) -> bool:
   """Loads or compiles a :class:`~sfa_jax.engine.stored.StoredProgram` for these shapes in the
   background thread of :func:`compile_in_background` (its next call waits for it); ``False`` when
-  ``program`` is not stored (the store off, or its key without a stable description)."""
+  ``program`` is not stored (the store off, or its key without a stable description). A program
+  needed ``later`` (after the first task) is left to that thread: :func:`prepare_queued_here`
+  does not take it."""
   if not isinstance(program, stored.StoredProgram):
     return False
-  if program.prepare_in_background(_COMPILER, *args):
-    _QUEUED.append(program)
+  if program.prepare_in_background(_COMPILER, *args, later=later):
+    if not later:
+      _QUEUED.append(program)
     return True
   return False
 
@@ -230,11 +233,37 @@ class ChunkPrograms:
     self._batch_sharding = None if mesh is None else distributed.batch_sharding(mesh)
     self._programs: dict[Any, Any] = {}
     self._warming: dict[Any, concurrent.futures.Future] = {}
+    self._warmed: set[Any] = set()
 
   def chunk(self, layout: feed_lib.Layout, skip: bool, on_device: bool, stop_on_average: bool) -> Callable[..., Any]:
     """The fused steps for this layout and variant (waiting for its background compilation, if any)."""
     key = (layout, skip, on_device, stop_on_average)
+    program = self._program(key)
+    if key in self._warming:  # compiling in the background: wait for it rather than compile it twice
+      self._warming.pop(key).result()
+    return program
+
+  def warm(self, layout: feed_lib.Layout, skip: bool, on_device: bool, stop_on_average: bool, block: feed_lib.Block,
+           *, later: bool = False) -> None:
+    """Compiles the program for ``block``'s shapes in the background, by running it on zeros for no step
+    (an unlooped program runs its one step on them); :meth:`chunk` waits for it. Nothing when this
+    run warmed it for these shapes already (a later task of the same inputs). ``later``: a later
+    task's program, left to the background thread and compiled ahead only when it is kept in the
+    store (:func:`prepare_in_background`), whose calls wait for their own shapes."""
+    key = (layout, skip, on_device, stop_on_average)
+    warmed = (key, jax.tree.structure(block), str([(np.shape(leaf), leaf.dtype) for leaf in jax.tree.leaves(block)]))
+    if warmed in self._warmed:
+      return
+    self._warmed.add(warmed)
+    program = self._program(key)
+    state = (self.abstract.params, self.abstract.model_state, self.abstract.opt_state, self.abstract.extras)
+    if not prepare_in_background(program, state, *block, np.int32(0), later=later) and not later:
+      self._warming[key] = compile_in_background(program, state, *block, np.int32(0))
+
+  def _program(self, key: tuple[Any, ...]) -> Callable[..., Any]:
+    """The program of ``key`` (layout and variant), built when first asked for."""
     if key not in self._programs:
+      layout, skip, on_device, stop_on_average = key
       build = lambda: fused.make_chunk(
           steps.make_method_step(self._model, self._tx, self._objective, self._trainable, method=self._method,
                                  may_average=not skip), layout,
@@ -242,17 +271,7 @@ class ChunkPrograms:
           batch_sharding=self._batch_sharding, looped=self.looped)
       program = lambda: stored.StoredProgram(self._key + key, build)
       self._programs[key] = program() if self._key[0] == 'sweep_step' else reused(self._key + key, program)
-    if key in self._warming:  # compiling in the background: wait for it rather than compile it twice
-      self._warming.pop(key).result()
     return self._programs[key]
-
-  def warm(self, layout: feed_lib.Layout, skip: bool, on_device: bool, stop_on_average: bool, block: feed_lib.Block) -> None:
-    """Compiles the program for ``block``'s shapes in the background, by running it on zeros for no step
-    (an unlooped program runs its one step on them); :meth:`chunk` waits for it."""
-    program = self.chunk(layout, skip, on_device, stop_on_average)
-    state = (self.abstract.params, self.abstract.model_state, self.abstract.opt_state, self.abstract.extras)
-    if not prepare_in_background(program, state, *block, np.int32(0)):
-      self._warming[(layout, skip, on_device, stop_on_average)] = compile_in_background(program, state, *block, np.int32(0))
 
 
 def _abstract_batch(task: tasks_lib.Task, batch_size: int) -> tuple[Any, ...]:

@@ -329,7 +329,7 @@ class StoredProgram:
     self._options = dict(compiler_options or {})
     self._jitted = None
     self._compiled: dict[Any, Any] = {}
-    self._pending: dict[Any, tuple[concurrent.futures.Future, Sequence[Any]]] = {}
+    self._pending: dict[Any, tuple[concurrent.futures.Future, Sequence[Any], bool]] = {}
     self._text: str | None | bool = False  # not described yet
     self._static_texts: dict[int, tuple[Any, str]] = {}  # id -> (static argument, its description)
 
@@ -346,7 +346,7 @@ class StoredProgram:
       return self.jitted(*args, **kwargs)
     compiled = self._compiled.get(signature)
     if compiled is None:
-      pending, _ = self._pending.pop(signature, (None, None))
+      pending, *_ = self._pending.pop(signature, (None,))
       try:
         compiled = pending.result() if pending is not None else None
       except Exception:  # pylint: disable=broad-except  (compiled again here, where the error is reported)
@@ -361,21 +361,22 @@ class StoredProgram:
     if signature is not None and signature not in self._compiled:
       self._load_or_compile(signature, args)
 
-  def prepare_in_background(self, executor: concurrent.futures.Executor, *args: Any) -> bool:
+  def prepare_in_background(self, executor: concurrent.futures.Executor, *args: Any, later: bool = False) -> bool:
     """:meth:`prepare` in ``executor``; a later call with these shapes waits for it. ``False`` when
-    the program is not compiled ahead (nothing was submitted)."""
+    the program is not compiled ahead (nothing was submitted). What is needed ``later`` is left to
+    ``executor``: :meth:`prepare_queued_here` does not take it."""
     signature = self._signature(args)
     if signature is None:
       return False
     if signature not in self._compiled and signature not in self._pending:
-      self._pending[signature] = executor.submit(self._load_or_compile, signature, args), args
+      self._pending[signature] = executor.submit(self._load_or_compile, signature, args), args, later
     return True
 
   def prepare_queued_here(self) -> None:
     """Loads or compiles, in the calling thread, what :meth:`prepare_in_background` queued and its
     executor has not started: a thread that would otherwise wait for the executor does it instead."""
-    for signature, (future, args) in list(self._pending.items()):
-      if future.cancel():
+    for signature, (future, args, later) in list(self._pending.items()):
+      if not later and future.cancel():
         del self._pending[signature]
         self._load_or_compile(signature, args)
 
