@@ -21,7 +21,8 @@ too).
   needs torchvision, and PyPI's torchvision does not load beside the CPU-only torch 2.13.0 file of
   this machine, so the pair that lies on this disk is used). It is never a dependency of sfa_jax.
 * sfa_jax runs finetune, EWC (online, γ = 1), replay (a tenth of each past task, half of each
-  batch) and SFA, each in a fresh process twice: **cold** (an empty persistent compilation cache:
+  batch), er (the same memory, a batch of 64 of it beside every batch of 64, as Avalanche's
+  Replay trains) and SFA, each in a fresh process twice: **cold** (an empty persistent compilation cache:
   compilation included) and **warm** (the cache filled by the cold run).
 * **Sweep**: 8 EWC strengths as one ``sfa_jax.engine.sweep.run_sweep`` program (cold and warm) against 8
   Avalanche EWC runs with the same strengths (Avalanche's λ is half of ours: it omits the 1/2).
@@ -39,7 +40,8 @@ single measurement moved by up to 30 % between two runs on an idle 2-core machin
 Differences that remain: sfa_jax drops the ragged end of each shuffled epoch (12 steps of 64 per
 epoch on 800 examples, Avalanche 13 with a last batch of 32); Avalanche's EWC squares minibatch
 gradients for its Fisher, sfa_jax uses per-example gradients; Avalanche's replay adds a memory
-batch of 64 to every batch of 64, sfa_jax's replaces half of each batch of 64 with memory.
+batch of 64 to every batch of 64, as sfa_jax's er does, while sfa_jax's replay replaces half of
+each batch of 64 with memory (twice the steps): both rows are set beside Avalanche's Replay.
 """
 
 from __future__ import annotations
@@ -62,12 +64,14 @@ CLI_FLAGS = {
     'finetune': [],
     'ewc': ['--strength', '1e4'],
     'replay': ['--fraction', '0.1', '--ratio', '0.5'],
+    'er': ['--fraction', '0.1'],
     'sfa': ['--p', '0.25', '--beta', '0.25'],
 }
 JAX_METHODS = {
     'finetune': {},
     'ewc': {'strength': 1e4},
     'replay': {'fraction': 0.1, 'ratio': 0.5},
+    'er': {'fraction': 0.1},
     'sfa': {'p': 0.25, 'beta': 0.25},
 }
 AVALANCHE_RUNS = {
@@ -75,6 +79,7 @@ AVALANCHE_RUNS = {
     'ewc': ('EWC', {'ewc_lambda': JAX_METHODS['ewc']['strength'] / 2, 'mode': 'online', 'decay_factor': 1.0}),
     'replay': ('Replay', {}),  # mem_size: set from the stream's task size, see replay_memory_size
 }
+PEERS = {'er': 'replay'}  # the Avalanche run a method is set beside, when not its own name
 STREAMS = ('split-mnist', 'split-fashion-mnist')
 SWEEP_STRENGTHS = (1e1, 3e1, 1e2, 3e2, 1e3, 3e3, 1e4, 3e4)
 
@@ -168,7 +173,7 @@ def whole_processes(python: str, data: str, settings: dict, runs: list[dict], wo
   rows = []
   for method in JAX_METHODS:
     row = {'method': method, 'avalanche_process_s': None}
-    peer = [run for run in runs if run['label'] == method]
+    peer = [run for run in runs if run['label'] == PEERS.get(method, method)]
     if peer:
       spec_path, out = os.path.join(work, f'process-{method}.json'), os.path.join(work, f'process-{method}-out.json')
       with open(spec_path, 'w') as f:
@@ -221,18 +226,19 @@ def main() -> None:
   first = rounds[0]
   rows = []
   for method in JAX_METHODS:
-    peer = method in first['avalanche']
+    label = PEERS.get(method, method)
+    peer = label in first['avalanche']
     cold, warm = first['jax'][method, 'cold'], first['jax'][method, 'warm']
-    row = {'sfa_jax': cold['runs'][0]['label'], 'avalanche': AVALANCHE_RUNS[method][0] if peer else None,
+    row = {'sfa_jax': cold['runs'][0]['label'], 'avalanche': AVALANCHE_RUNS[label][0] if peer else None,
            'acc': final_accuracy(cold['runs'][0]['accuracy_matrix']),
            'acc_warm': final_accuracy(warm['runs'][0]['accuracy_matrix']),
-           'avalanche_acc': final_accuracy(first['avalanche'][method]['accuracy_matrix']) if peer else None}
-    row |= _spread('avalanche_s', [r['avalanche'][method]['seconds'] for r in rounds] if peer else None)
+           'avalanche_acc': final_accuracy(first['avalanche'][label]['accuracy_matrix']) if peer else None}
+    row |= _spread('avalanche_s', [r['avalanche'][label]['seconds'] for r in rounds] if peer else None)
     for phase in ('cold', 'warm'):
       row |= _spread(f'{phase}_s', [r['jax'][method, phase]['seconds'] for r in rounds])
       row |= _spread(f'{phase}_process_s', [r['jax'][method, phase]['process_seconds'] for r in rounds])
       if peer:
-        row |= _spread(f'{phase}_ratio', [r['avalanche'][method]['seconds'] / r['jax'][method, phase]['seconds'] for r in rounds])
+        row |= _spread(f'{phase}_ratio', [r['avalanche'][label]['seconds'] / r['jax'][method, phase]['seconds'] for r in rounds])
     rows.append(row)
   sweep_peers = [f'ewc-sweep-{s:g}' for s in SWEEP_STRENGTHS]
   avalanche_sweep = [sum(r['avalanche'][label]['seconds'] for label in sweep_peers) for r in rounds]
