@@ -148,6 +148,17 @@ def test_a_feed_prepared_as_shapes_has_the_placed_feeds_shapes(stream):
   assert (shapes.layout, shapes.block_steps) == (placed.layout, placed.block_steps)
 
 
+def test_a_memorys_block_holds_no_more_steps_than_the_runs_longest_task(stream):
+  """Its batches are gathered on the host for each chunk: a short task sends no padding."""
+  plan = engine.make_method('er', fraction=0.5).batch_plan(list(stream), 1, 32, seed=0)
+  rows = feed.task_rows(plan, 32, seed=0, total_steps=12)
+  capped = feed.task_feed([plan], [rows], lanes=False, budget=2**30, max_steps=12)
+  assert capped.block_steps == 12 and capped.block(0, 12).replay.y.shape == (12 * 32,)
+  assert feed.task_feed([plan], [rows], lanes=False, budget=2**30).block_steps == feed.MAX_CHUNK_STEPS
+  own = engine.make_method('finetune').batch_plan(list(stream), 1, 32, seed=0)  # no memory: rows alone, not capped
+  assert feed.task_feed([own], [feed.task_rows(own, 32, 0, 12)], lanes=False, budget=2**30, max_steps=12).block_steps == feed.MAX_CHUNK_STEPS
+
+
 def test_a_plan_that_keeps_its_memory_apart_and_adds_it_is_refused(stream):
   plan = engine.make_method('er').batch_plan(list(stream), 1, 32, seed=0)
   with pytest.raises(ValueError, match='memory_apart.*memory_added'):

@@ -226,7 +226,7 @@ def _arange(steps: int, width: int) -> np.ndarray:
 
 def task_feed(
     plans: Sequence[methods_lib.BatchPlan], rows: Sequence[TaskRows], *, lanes: bool, budget: int,
-    min_rows: int = 0, placement: Any = None, place: bool = True,
+    min_rows: int = 0, placement: Any = None, place: bool = True, max_steps: int = MAX_CHUNK_STEPS,
 ) -> TaskFeed:
   """The :class:`TaskFeed` of a task: its examples on the device when they fit in ``budget`` bytes.
 
@@ -242,6 +242,9 @@ def task_feed(
     placement: ``None`` (the default device) or the sharding of the examples (a mesh's replicated one).
     place: put the examples on the device; ``False`` leaves the feed's ``device`` as their shapes
       (``jax.ShapeDtypeStruct``), to compile the task's programs ahead without a second copy there.
+    max_steps: the most steps any task of the run takes: a block of batches gathered on the host
+      (a memory's, or all of them over the budget) holds no more steps than that, so that a short
+      task's chunk gathers and sends no padding (every task keeps one block shape).
 
   Returns:
     The feed.
@@ -256,7 +259,7 @@ def task_feed(
   apart = plans[0].replay_size if plans[0].memory_apart and plans[0].replay is not None else 0
   if length * per_example * (1 if shared else len(groups)) <= budget:
     memory_width = width - rows[0].data.shape[1]
-    block = MAX_CHUNK_STEPS if not memory_width else _steps_within(budget, per_example * memory_width * len(groups))
+    block = MAX_CHUNK_STEPS if not memory_width else min(max_steps, _steps_within(budget, per_example * memory_width * len(groups)))
     several_memories = 0 if several and groups[0][1] is not None else None
     layout = Layout(lanes, None if shared or not several else 0, several_memories, 0 if several else None, None, apart)
     if not place:
@@ -267,7 +270,7 @@ def task_feed(
     device = on_device(pad(data), placement) if shared or not several else on_device(
         Examples(*(np.stack(leaves) for leaves in zip(*(pad(part) for part, _ in groups)))), placement)
     return TaskFeed(layout, groups, list(rows), device, block)
-  block = _steps_within(budget, per_example * width * len(groups))
+  block = min(max_steps, _steps_within(budget, per_example * width * len(groups)))
   return TaskFeed(Layout(lanes, 0 if several else None, None, None, None, apart), groups, list(rows), None, block)
 
 

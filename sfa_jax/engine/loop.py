@@ -285,6 +285,15 @@ def task_steps(plan: methods_lib.BatchPlan, config: Any, task_index: int) -> int
   return budget[task_index] if isinstance(budget, tuple) else budget
 
 
+def _most_steps(plan: methods_lib.BatchPlan, config: Any, largest: int) -> int:
+  """The most steps a task of the run takes with ``plan``'s batches: :func:`task_steps` of a task
+  of ``largest`` examples, or the largest of ``config.steps_per_task``."""
+  budget = config.steps_per_task
+  if budget is not None:
+    return max(budget) if isinstance(budget, tuple) else budget
+  return max(1, tasks_lib.num_batches(largest, plan.task_share(config.batch_size)) * config.epochs_per_task)
+
+
 # ------------------------------------------------------------------------------------------------
 # A task's inputs.
 
@@ -335,7 +344,8 @@ class _TaskPreparer:
     rows = [feed_lib.task_rows(plans[i], configs[i].batch_size, methods_lib.task_seed(configs[i].seed, k), total_steps)
             for i in self._groups]
     task_feed = feed_lib.task_feed(plans, rows, lanes=self._stacked, budget=shared.device_data_bytes,
-                                   min_rows=self._largest, placement=self._placement, place=place)
+                                   min_rows=self._largest, placement=self._placement, place=place,
+                                   max_steps=_most_steps(plans[0], shared, self._largest))
     return _PreparedTask(k, total_steps, task_feed)
 
 
