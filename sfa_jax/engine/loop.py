@@ -279,19 +279,25 @@ def task_steps(plan: methods_lib.BatchPlan, config: Any, task_index: int) -> int
   per_epoch = tasks_lib.num_batches(num_examples, batch_size)
   if per_epoch == 0:
     raise ValueError(f'{num_examples} training examples make no batch of {batch_size}: lower batch_size.')
-  budget = config.steps_per_task
-  if budget is None:
-    return per_epoch * config.epochs_per_task
-  return budget[task_index] if isinstance(budget, tuple) else budget
+  return _budgeted_steps(config, per_epoch, task_index)
 
 
 def _most_steps(plan: methods_lib.BatchPlan, config: Any, largest: int) -> int:
   """The most steps a task of the run takes with ``plan``'s batches: :func:`task_steps` of a task
   of ``largest`` examples, or the largest of ``config.steps_per_task``."""
+  per_epoch = tasks_lib.num_batches(largest, plan.task_share(config.batch_size))
+  return max(1, _budgeted_steps(config, per_epoch, None))
+
+
+def _budgeted_steps(config: Any, per_epoch: int, task_index: int | None) -> int:
+  """``config.epochs_per_task`` epochs of ``per_epoch`` steps, or ``config.steps_per_task`` (its
+  entry for ``task_index``, its largest for ``None``)."""
   budget = config.steps_per_task
-  if budget is not None:
-    return max(budget) if isinstance(budget, tuple) else budget
-  return max(1, tasks_lib.num_batches(largest, plan.task_share(config.batch_size)) * config.epochs_per_task)
+  if budget is None:
+    return per_epoch * config.epochs_per_task
+  if isinstance(budget, tuple):
+    return max(budget) if task_index is None else budget[task_index]
+  return budget
 
 
 # ------------------------------------------------------------------------------------------------

@@ -138,8 +138,7 @@ def prepare_in_background(program: Any, *args: Any, later: bool = False) -> bool
   if not isinstance(program, stored.StoredProgram):
     return False
   if program.prepare_in_background(_COMPILER, *args, later=later):
-    if not later:
-      _QUEUED.append(program)
+    _QUEUED.append(program)
     return True
   return False
 
@@ -233,7 +232,6 @@ class ChunkPrograms:
     self._batch_sharding = None if mesh is None else distributed.batch_sharding(mesh)
     self._programs: dict[Any, Any] = {}
     self._warming: dict[Any, concurrent.futures.Future] = {}
-    self._warmed: set[Any] = set()
 
   def chunk(self, layout: feed_lib.Layout, skip: bool, on_device: bool, stop_on_average: bool) -> Callable[..., Any]:
     """The fused steps for this layout and variant (waiting for its background compilation, if any)."""
@@ -246,15 +244,11 @@ class ChunkPrograms:
   def warm(self, layout: feed_lib.Layout, skip: bool, on_device: bool, stop_on_average: bool, block: feed_lib.Block,
            *, later: bool = False) -> None:
     """Compiles the program for ``block``'s shapes in the background, by running it on zeros for no step
-    (an unlooped program runs its one step on them); :meth:`chunk` waits for it. Nothing when this
-    run warmed it for these shapes already (a later task of the same inputs). ``later``: a later
+    (an unlooped program runs its one step on them); :meth:`chunk` waits for it. ``later``: a later
     task's program, left to the background thread and compiled ahead only when it is kept in the
-    store (:func:`prepare_in_background`), whose calls wait for their own shapes."""
+    store (:func:`prepare_in_background`), whose calls wait for their own shapes and which
+    compiles shapes it holds or is compiling (a later task of the same inputs) no second time."""
     key = (layout, skip, on_device, stop_on_average)
-    warmed = (key, jax.tree.structure(block), str([(np.shape(leaf), leaf.dtype) for leaf in jax.tree.leaves(block)]))
-    if warmed in self._warmed:
-      return
-    self._warmed.add(warmed)
     program = self._program(key)
     state = (self.abstract.params, self.abstract.model_state, self.abstract.opt_state, self.abstract.extras)
     if not prepare_in_background(program, state, *block, np.int32(0), later=later) and not later:
